@@ -1,0 +1,1 @@
+//! Crash-safe, memmap2-backed block volume file (work in progress).

@@ -1,0 +1,1 @@
+//! Sans-IO replica recovery core (work in progress).

@@ -1,0 +1,1 @@
+//! Integration crate (work in progress).

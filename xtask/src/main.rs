@@ -1,0 +1,2 @@
+//! Project tasks (work in progress).
+fn main() {}
