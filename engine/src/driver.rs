@@ -1,0 +1,410 @@
+//! The recovery driver: turns a handshake into a plan, binds every value the executor needs at
+//! plan time, and acquires the pins the plan needs. A plan owns its pins.
+
+use std::sync::Arc;
+
+use crate::adapter::{FullBasePin, RetentionPin, SnapshotPin, StorageAdapter};
+use crate::error::{EngineError, PinKind, Result};
+use crate::history::{ProofReason, RebuildReason, RecoverabilityProof};
+use crate::observe::Event;
+use crate::orchestrator::RecoveryOrchestrator;
+use crate::outcome::Outcome;
+use crate::rebuild::RebuildSource;
+use crate::session::InvalidateReason;
+use crate::types::{Lsn, ReplicaId, ReplicaState, SessionId, SessionKind, SessionPhase};
+
+/// Everything an executor needs, fixed when the plan is made. The executor never re-derives
+/// policy from storage.
+#[derive(Debug)]
+pub struct RecoveryPlan {
+    /// The replica.
+    pub replica_id: ReplicaId,
+    /// The session the plan belongs to; `None` when the plan needed no session afterwards
+    /// (zero gap completed at once, or escalated to rebuild).
+    pub session_id: Option<SessionId>,
+    /// The handshake outcome.
+    pub outcome: Outcome,
+    /// The recoverability proof (catch-up plans).
+    pub proof: Option<RecoverabilityProof>,
+    /// WAL pin: catch-up from `catch_up_start_lsn`, or the tail of a snapshot + tail rebuild.
+    pub retention_pin: Option<RetentionPin>,
+    /// Snapshot pin of a snapshot + tail rebuild.
+    pub snapshot_pin: Option<SnapshotPin>,
+    /// Full-base pin of a full-base rebuild.
+    pub full_base_pin: Option<FullBasePin>,
+    /// The replica's flushed LSN at the handshake.
+    pub catch_up_start_lsn: Option<Lsn>,
+    /// The frozen catch-up target (committed at plan time).
+    pub catch_up_target: Option<Lsn>,
+    /// Truncation point when the replica is ahead of committed.
+    pub truncate_lsn: Option<Lsn>,
+    /// The rebuild source.
+    pub rebuild_source: Option<RebuildSource>,
+    /// The snapshot LSN of a snapshot + tail rebuild.
+    pub rebuild_snapshot_lsn: Option<Lsn>,
+    /// The rebuild target (committed at plan time).
+    pub rebuild_target_lsn: Option<Lsn>,
+    /// Why the rebuild uses its source.
+    pub rebuild_reason: Option<RebuildReason>,
+}
+
+impl RecoveryPlan {
+    fn new(replica_id: ReplicaId, session_id: Option<SessionId>, outcome: Outcome) -> Self {
+        RecoveryPlan {
+            replica_id,
+            session_id,
+            outcome,
+            proof: None,
+            retention_pin: None,
+            snapshot_pin: None,
+            full_base_pin: None,
+            catch_up_start_lsn: None,
+            catch_up_target: None,
+            truncate_lsn: None,
+            rebuild_source: None,
+            rebuild_snapshot_lsn: None,
+            rebuild_target_lsn: None,
+            rebuild_reason: None,
+        }
+    }
+
+    /// How many pins the plan still holds.
+    pub fn pins_held(&self) -> usize {
+        usize::from(self.retention_pin.is_some())
+            + usize::from(self.snapshot_pin.is_some())
+            + usize::from(self.full_base_pin.is_some())
+    }
+
+    /// Drops every pin (WAL, then snapshot, then full base). Safe to call more than once.
+    pub fn release_pins(&mut self) {
+        self.retention_pin = None;
+        self.snapshot_pin = None;
+        self.full_base_pin = None;
+    }
+}
+
+/// Plans recoveries for one volume against its storage.
+pub struct RecoveryDriver {
+    orchestrator: Arc<RecoveryOrchestrator>,
+    storage: Arc<dyn StorageAdapter>,
+}
+
+impl std::fmt::Debug for RecoveryDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecoveryDriver")
+            .field("orchestrator", &self.orchestrator)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecoveryDriver {
+    /// A driver with a fresh orchestrator.
+    pub fn new(storage: Arc<dyn StorageAdapter>) -> Self {
+        Self::with_orchestrator(Arc::new(RecoveryOrchestrator::new()), storage)
+    }
+
+    /// A driver over an existing orchestrator (one orchestrator per volume).
+    pub fn with_orchestrator(
+        orchestrator: Arc<RecoveryOrchestrator>,
+        storage: Arc<dyn StorageAdapter>,
+    ) -> Self {
+        RecoveryDriver {
+            orchestrator,
+            storage,
+        }
+    }
+
+    /// The orchestrator.
+    pub fn orchestrator(&self) -> &Arc<RecoveryOrchestrator> {
+        &self.orchestrator
+    }
+
+    /// The storage adapter.
+    pub fn storage(&self) -> &Arc<dyn StorageAdapter> {
+        &self.storage
+    }
+
+    fn fail_session(
+        &self,
+        id: &ReplicaId,
+        sid: SessionId,
+        reason: InvalidateReason,
+        state: ReplicaState,
+    ) {
+        if let Some(sender) = self.orchestrator.registry().sender(id)
+            && let Some(inv) = sender.invalidate_session_if(sid, reason, state)
+        {
+            self.orchestrator.log_invalidation(&inv);
+        }
+    }
+
+    /// Plans the recovery of a replica that holds up to `replica_flushed`.
+    ///
+    /// Reads one history snapshot and runs the handshake through the orchestrator. A zero gap
+    /// is already complete (nothing pinned). A catch-up binds its range `(F, C]` and pins the
+    /// WAL after F; a replica ahead of C gets a truncation-only plan with no pin. A pin failure
+    /// invalidates the session (`wal_pin_failed`, state `disconnected`) so no live session is
+    /// left without its resources. A needs-rebuild plan holds nothing: a rebuild assignment
+    /// must come first.
+    pub fn plan_recovery(&self, id: &ReplicaId, replica_flushed: Lsn) -> Result<RecoveryPlan> {
+        let history = self
+            .storage
+            .get_retained_history()
+            .map_err(EngineError::HistoryUnavailable)?;
+        let result = self
+            .orchestrator
+            .execute_recovery(id, replica_flushed, &history)?;
+        let sender = self.orchestrator.sender(id)?;
+        let mut plan = RecoveryPlan::new(id.clone(), sender.session_id(), result.outcome);
+        plan.proof = Some(result.proof.clone());
+        if result.outcome != Outcome::CatchUp {
+            return Ok(plan);
+        }
+        let Some(sid) = plan.session_id else {
+            return Err(EngineError::NoSession {
+                replica: id.clone(),
+            });
+        };
+        let committed = history.committed_lsn;
+        plan.catch_up_start_lsn = Some(replica_flushed);
+        plan.catch_up_target = Some(committed);
+        let log = self.orchestrator.log();
+        if matches!(
+            result.proof.reason,
+            ProofReason::ReplicaAheadNeedsTruncation { .. }
+        ) {
+            plan.truncate_lsn = Some(committed);
+            log.record(
+                id,
+                Some(sid),
+                Event::PlanTruncateOnly {
+                    truncate_to: committed,
+                },
+            );
+            return Ok(plan);
+        }
+        match self.storage.pin_wal_retention(replica_flushed) {
+            Ok(pin) => {
+                log.record(
+                    id,
+                    Some(sid),
+                    Event::PlanCatchup {
+                        from: replica_flushed,
+                        to: committed,
+                        pin: pin.pin_id.0,
+                    },
+                );
+                plan.retention_pin = Some(pin);
+                Ok(plan)
+            }
+            Err(e) => {
+                log.record(
+                    id,
+                    Some(sid),
+                    Event::WalPinFailed {
+                        error: e.to_string(),
+                    },
+                );
+                self.fail_session(
+                    id,
+                    sid,
+                    InvalidateReason::WalPinFailed,
+                    ReplicaState::Disconnected,
+                );
+                Err(EngineError::PinFailed {
+                    kind: PinKind::WalRetention,
+                    error: e,
+                })
+            }
+        }
+    }
+
+    /// Plans a rebuild for a replica whose current session is a rebuild session still in
+    /// `init`. Chooses the source from one history snapshot and pins what it needs:
+    /// snapshot + tail pins the snapshot and the WAL after it (releasing the snapshot pin if
+    /// the WAL pin fails); full base pins a base image at committed. Any pin failure
+    /// invalidates the session with the pin's reason and leaves the replica `needs_rebuild`.
+    pub fn plan_rebuild(&self, id: &ReplicaId) -> Result<RecoveryPlan> {
+        let sender = self.orchestrator.sender(id)?;
+        let snap = sender
+            .session_snapshot()
+            .ok_or_else(|| EngineError::NoSession {
+                replica: id.clone(),
+            })?;
+        if snap.kind != SessionKind::Rebuild {
+            return Err(EngineError::WrongSessionKind {
+                session: snap.id,
+                kind: snap.kind,
+                operation: "plan_rebuild",
+            });
+        }
+        if snap.phase != SessionPhase::Init {
+            return Err(EngineError::WrongPhase {
+                session: snap.id,
+                operation: "plan_rebuild",
+                expected: SessionPhase::Init,
+                found: snap.phase,
+            });
+        }
+        let sid = snap.id;
+        let history = self
+            .storage
+            .get_retained_history()
+            .map_err(EngineError::HistoryUnavailable)?;
+        let decision = history.rebuild_source_decision();
+        let committed = history.committed_lsn;
+        let mut plan = RecoveryPlan::new(id.clone(), Some(sid), Outcome::NeedsRebuild);
+        plan.rebuild_source = Some(decision.source);
+        plan.rebuild_snapshot_lsn = decision.snapshot_lsn;
+        plan.rebuild_target_lsn = Some(committed);
+        plan.rebuild_reason = Some(decision.reason.clone());
+        let log = self.orchestrator.log();
+
+        match (decision.source, decision.snapshot_lsn) {
+            (RebuildSource::SnapshotTail, Some(snap_lsn)) => {
+                let snapshot_pin = match self.storage.pin_snapshot(snap_lsn) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        log.record(
+                            id,
+                            Some(sid),
+                            Event::SnapshotPinFailed {
+                                error: e.to_string(),
+                            },
+                        );
+                        self.fail_session(
+                            id,
+                            sid,
+                            InvalidateReason::SnapshotPinFailed,
+                            ReplicaState::NeedsRebuild,
+                        );
+                        return Err(EngineError::PinFailed {
+                            kind: PinKind::Snapshot,
+                            error: e,
+                        });
+                    }
+                };
+                let wal_pin = match self.storage.pin_wal_retention(snap_lsn) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        drop(snapshot_pin);
+                        log.record(
+                            id,
+                            Some(sid),
+                            Event::WalPinFailed {
+                                error: e.to_string(),
+                            },
+                        );
+                        self.fail_session(
+                            id,
+                            sid,
+                            InvalidateReason::WalPinFailedDuringRebuild,
+                            ReplicaState::NeedsRebuild,
+                        );
+                        return Err(EngineError::PinFailed {
+                            kind: PinKind::WalRetention,
+                            error: e,
+                        });
+                    }
+                };
+                plan.snapshot_pin = Some(snapshot_pin);
+                plan.retention_pin = Some(wal_pin);
+                log.record(
+                    id,
+                    Some(sid),
+                    Event::PlanRebuildSnapshotTail {
+                        snapshot: snap_lsn,
+                        target: committed,
+                    },
+                );
+            }
+            _ => match self.storage.pin_full_base(committed) {
+                Ok(p) => {
+                    plan.full_base_pin = Some(p);
+                    log.record(
+                        id,
+                        Some(sid),
+                        Event::PlanRebuildFullBase {
+                            reason: decision.reason,
+                            committed,
+                        },
+                    );
+                }
+                Err(e) => {
+                    log.record(
+                        id,
+                        Some(sid),
+                        Event::FullBasePinFailed {
+                            error: e.to_string(),
+                        },
+                    );
+                    self.fail_session(
+                        id,
+                        sid,
+                        InvalidateReason::FullBasePinFailed,
+                        ReplicaState::NeedsRebuild,
+                    );
+                    return Err(EngineError::PinFailed {
+                        kind: PinKind::FullBase,
+                        error: e,
+                    });
+                }
+            },
+        }
+        Ok(plan)
+    }
+
+    /// Releases the plan's pins and, if the plan's session is still the sender's current
+    /// session, invalidates it (`cancelled: <reason>`, state `disconnected`). A plan without a
+    /// session (a finished zero gap) never touches the sender, so cancelling it cannot demote
+    /// an in-sync replica. Always logs `plan_cancelled`.
+    pub fn cancel_plan(&self, plan: &mut RecoveryPlan, reason: &str) {
+        self.release_plan(plan);
+        if let Some(sid) = plan.session_id {
+            self.fail_session(
+                &plan.replica_id,
+                sid,
+                InvalidateReason::Cancelled(reason.to_owned()),
+                ReplicaState::Disconnected,
+            );
+        }
+        self.orchestrator.log().record(
+            &plan.replica_id,
+            plan.session_id,
+            Event::PlanCancelled {
+                reason: reason.to_owned(),
+            },
+        );
+    }
+
+    /// Cancels a recovery that an executor is running: invalidates the session if it is still
+    /// `session_id`, so the executor stops at its next authority check and releases its pins.
+    /// Returns whether the session was invalidated.
+    pub fn cancel_session(&self, id: &ReplicaId, session_id: SessionId, reason: &str) -> bool {
+        let Some(sender) = self.orchestrator.registry().sender(id) else {
+            return false;
+        };
+        let inv = sender.invalidate_session_if(
+            session_id,
+            InvalidateReason::Cancelled(reason.to_owned()),
+            ReplicaState::Disconnected,
+        );
+        let Some(inv) = inv else {
+            return false;
+        };
+        self.orchestrator.log_invalidation(&inv);
+        self.orchestrator.log().record(
+            id,
+            Some(session_id),
+            Event::PlanCancelled {
+                reason: reason.to_owned(),
+            },
+        );
+        true
+    }
+
+    /// Releases every pin of the plan (WAL, snapshot, full base). Safe to call more than once.
+    pub fn release_plan(&self, plan: &mut RecoveryPlan) {
+        plan.release_pins();
+    }
+}

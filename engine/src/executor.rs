@@ -1,0 +1,916 @@
+//! Executors: run a plan to completion through I/O traits, stepwise.
+//!
+//! Each executor owns its plan, and with it the plan's pins. Transfers happen in bounded
+//! chunks. After every chunk the executor records the progress the I/O actually reported
+//! (validated against the range it asked for), checks the budget, calls the `on_step` hook, and
+//! re-checks the session's authority, so an epoch bump or a cancel done inside the hook (or
+//! from another thread) stops the executor before the next chunk moves any data. Truncation is
+//! executed through the I/O, and completion waits for a durability barrier that reports the
+//! replica's durable LSN.
+//!
+//! Any failure releases every pin, logs `exec_resources_released` with the reason, and
+//! invalidates the session (unless someone else already did), so no session ever keeps running
+//! without its resources. The replica ends `needs_rebuild` when the failure means catch-up
+//! cannot work on this lineage (budget, recycled or damaged WAL, divergence, a failed rebuild)
+//! and `disconnected` otherwise.
+
+use std::fmt;
+
+use crate::adapter::PinId;
+use crate::budget::BudgetViolation;
+use crate::driver::{RecoveryDriver, RecoveryPlan};
+use crate::error::{EngineError, Result, TransferError};
+use crate::observe::Event;
+use crate::outcome::Outcome;
+use crate::rebuild::RebuildSource;
+use crate::sender::Sender;
+use crate::session::InvalidateReason;
+use crate::types::{Lsn, ReplicaId, ReplicaState, SessionId, Tick};
+
+/// What one WAL chunk did on the replica.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct WalChunk {
+    /// The replica's last applied LSN after the chunk.
+    pub applied_to: Lsn,
+    /// Entries applied by this chunk.
+    pub entries: u64,
+    /// Bytes moved by this chunk.
+    pub bytes: u64,
+}
+
+/// The data-transfer operations a catch-up needs. Implementations move real data to the
+/// replica and report what the replica actually did.
+pub trait CatchUpIo {
+    /// Drops every replica entry after `lsn` and returns the replica's head afterwards.
+    fn truncate_after(&mut self, lsn: Lsn) -> std::result::Result<Lsn, TransferError>;
+
+    /// Ships the entries `(after, ..]`, at most `max_entries` of them and none past `up_to`,
+    /// and applies them on the replica in order. Returns what was applied.
+    fn stream_wal_chunk(
+        &mut self,
+        after: Lsn,
+        up_to: Lsn,
+        max_entries: u64,
+    ) -> std::result::Result<WalChunk, TransferError>;
+
+    /// Makes everything the replica holds durable and returns its durable LSN.
+    fn barrier(&mut self, target: Lsn) -> std::result::Result<Lsn, TransferError>;
+}
+
+/// Which base image a rebuild installs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct BaseRequest {
+    /// Snapshot + tail or full base.
+    pub source: RebuildSource,
+    /// The LSN the image represents.
+    pub lsn: Lsn,
+    /// The storage pin that keeps the image alive.
+    pub pin_id: PinId,
+}
+
+/// What one base chunk did.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BaseChunkProgress {
+    /// Bytes of the image covered by this chunk (sent or known to be zero).
+    pub bytes: u64,
+    /// Bytes actually sent over the wire for this chunk.
+    pub bytes_sent: u64,
+    /// True when the image is fully transferred.
+    pub done: bool,
+}
+
+/// The data-transfer operations a rebuild needs, on top of the catch-up ones (used for the
+/// tail after a snapshot, and for the barrier).
+pub trait RebuildIo: CatchUpIo {
+    /// Starts installing the image on the replica; returns the image size in bytes.
+    fn begin_base(&mut self, base: &BaseRequest) -> std::result::Result<u64, TransferError>;
+
+    /// Transfers the next chunk of at most `max_bytes` of the image.
+    fn transfer_base_chunk(
+        &mut self,
+        max_bytes: u64,
+    ) -> std::result::Result<BaseChunkProgress, TransferError>;
+
+    /// Finishes the install; returns the base LSN the replica now holds.
+    fn finish_base(&mut self) -> std::result::Result<Lsn, TransferError>;
+}
+
+/// Where an executor is, as seen by the `on_step` hook.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum StepKind {
+    /// The truncation ran.
+    Truncate,
+    /// A WAL chunk of a catch-up was applied.
+    CatchUpChunk,
+    /// A base chunk was transferred.
+    BaseChunk,
+    /// The base was installed.
+    BaseInstalled,
+    /// A WAL chunk of a rebuild tail was applied.
+    TailChunk,
+}
+
+/// What the `on_step` hook sees after each step.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct StepInfo {
+    /// Step index, from 0.
+    pub step: u64,
+    /// What the step did.
+    pub kind: StepKind,
+    /// The replica's LSN after the step (for base chunks, the base's LSN).
+    pub lsn: Lsn,
+    /// The session the executor runs for.
+    pub session_id: SessionId,
+    /// Tick of the step.
+    pub tick: Tick,
+}
+
+/// Tunables for the executors.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ExecutorOptions {
+    /// Most WAL entries per chunk.
+    pub max_entries_per_chunk: u64,
+    /// Most base-image bytes per chunk.
+    pub max_base_chunk_bytes: u64,
+    /// Tick at which the executor starts; without a clock, step `i` runs at
+    /// `start_tick + i + 1`.
+    pub start_tick: Tick,
+}
+
+impl Default for ExecutorOptions {
+    fn default() -> Self {
+        ExecutorOptions {
+            max_entries_per_chunk: 1024,
+            max_base_chunk_bytes: 4 << 20,
+            start_tick: Tick(0),
+        }
+    }
+}
+
+/// The path a recovery took.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RecoveryPath {
+    /// Nothing to do.
+    ZeroGap,
+    /// WAL replay.
+    CatchUp,
+    /// Truncation of an uncommitted tail, nothing shipped.
+    TruncateOnly,
+    /// Snapshot image plus WAL tail.
+    RebuildSnapshotTail,
+    /// Full base image.
+    RebuildFullBase,
+}
+
+impl RecoveryPath {
+    /// A short name for reports.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RecoveryPath::ZeroGap => "zero_gap",
+            RecoveryPath::CatchUp => "catchup",
+            RecoveryPath::TruncateOnly => "truncate",
+            RecoveryPath::RebuildSnapshotTail => "rebuild_snapshot_tail",
+            RecoveryPath::RebuildFullBase => "rebuild_full_base",
+        }
+    }
+}
+
+impl fmt::Display for RecoveryPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an execution did (also returned, partially filled, with a failure).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecutionReport {
+    /// The replica.
+    pub replica_id: ReplicaId,
+    /// The session.
+    pub session_id: Option<SessionId>,
+    /// The path.
+    pub path: RecoveryPath,
+    /// The frozen target.
+    pub target: Lsn,
+    /// Steps taken (chunks, truncation).
+    pub steps: u64,
+    /// WAL entries applied on the replica.
+    pub entries_applied: u64,
+    /// WAL bytes moved.
+    pub wal_bytes: u64,
+    /// Base-image bytes covered.
+    pub base_bytes: u64,
+    /// Base-image bytes actually sent.
+    pub base_bytes_sent: u64,
+    /// Truncation executed, if any.
+    pub truncated_to: Option<Lsn>,
+    /// Base LSN installed, if any.
+    pub base_lsn: Option<Lsn>,
+    /// The replica's durable LSN from the barrier.
+    pub durable_lsn: Option<Lsn>,
+    /// The replica state at the end.
+    pub final_state: ReplicaState,
+    /// Pins the plan held when the executor started.
+    pub pins_held_at_start: usize,
+}
+
+impl ExecutionReport {
+    fn new(plan: &RecoveryPlan, path: RecoveryPath, target: Lsn) -> Self {
+        ExecutionReport {
+            replica_id: plan.replica_id.clone(),
+            session_id: plan.session_id,
+            path,
+            target,
+            steps: 0,
+            entries_applied: 0,
+            wal_bytes: 0,
+            base_bytes: 0,
+            base_bytes_sent: 0,
+            truncated_to: None,
+            base_lsn: None,
+            durable_lsn: None,
+            final_state: ReplicaState::Disconnected,
+            pins_held_at_start: plan.pins_held(),
+        }
+    }
+
+    /// Total bytes moved (WAL plus base bytes sent).
+    pub fn bytes_transferred(&self) -> u64 {
+        self.wal_bytes + self.base_bytes_sent
+    }
+}
+
+/// Why an executor stopped. The `Display` form is the release reason in the
+/// `exec_resources_released` event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExecFailure {
+    /// The plan cannot be executed by this executor.
+    PlanNotExecutable(String),
+    /// The sender is gone.
+    SenderNotFound,
+    /// `begin_catch_up` was refused.
+    BeginCatchUpFailed(EngineError),
+    /// The replica failed to truncate.
+    TruncateIoFailed(TransferError),
+    /// The replica truncated to a different LSN than asked.
+    TruncateMismatch {
+        /// Asked for.
+        requested: Lsn,
+        /// Reported.
+        reported: Lsn,
+    },
+    /// Recording the truncation was refused.
+    TruncationFailed(EngineError),
+    /// A WAL chunk failed.
+    IoStreamFailed {
+        /// Step index.
+        step: u64,
+        /// What the I/O said.
+        error: TransferError,
+    },
+    /// The I/O reported progress the executor did not ask for.
+    IoProtocol {
+        /// Step index.
+        step: u64,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Recording the reported progress was refused.
+    ProgressAfterIo {
+        /// Step index.
+        step: u64,
+        /// Why.
+        error: EngineError,
+    },
+    /// The budget check failed.
+    BudgetCheckFailed(EngineError),
+    /// The budget was exceeded.
+    BudgetEscalated(BudgetViolation),
+    /// The session lost its authority between steps.
+    SessionInvalidatedMidExecution {
+        /// Step after which it was caught.
+        step: u64,
+        /// The authority error.
+        error: EngineError,
+    },
+    /// The barrier failed.
+    BarrierFailed(TransferError),
+    /// The barrier's durable LSN was refused.
+    BarrierRejected(EngineError),
+    /// Completion was refused.
+    CompletionRejected(EngineError),
+    /// Cancelled by the caller.
+    Cancelled(String),
+    /// Rebuild `begin_connect` was refused.
+    ConnectFailed(EngineError),
+    /// Rebuild handshake was refused.
+    HandshakeFailed(EngineError),
+    /// Rebuild source selection was refused.
+    SourceSelectFailed(EngineError),
+    /// `begin_rebuild_transfer` was refused.
+    TransferFailed(EngineError),
+    /// The base transfer failed.
+    IoBaseFailed(TransferError),
+    /// The replica installed a base at a different LSN than planned.
+    BaseLsnMismatch {
+        /// Planned.
+        expected: Lsn,
+        /// Reported.
+        reported: Lsn,
+    },
+    /// Recording base progress was refused.
+    TransferProgressFailed(EngineError),
+    /// `begin_rebuild_tail_replay` was refused.
+    TailReplayFailed(EngineError),
+    /// A tail chunk failed.
+    IoTailReplayFailed {
+        /// Step index.
+        step: u64,
+        /// What the I/O said.
+        error: TransferError,
+    },
+    /// Recording tail progress was refused.
+    TailProgressFailed(EngineError),
+    /// Rebuild completion was refused.
+    RebuildCompletionFailed(EngineError),
+}
+
+impl ExecFailure {
+    /// True when the failure means the replica can only come back through a rebuild.
+    pub fn requires_rebuild(&self) -> bool {
+        match self {
+            ExecFailure::BudgetEscalated(_) => true,
+            ExecFailure::TruncateIoFailed(e)
+            | ExecFailure::IoStreamFailed { error: e, .. }
+            | ExecFailure::IoTailReplayFailed { error: e, .. }
+            | ExecFailure::IoBaseFailed(e)
+            | ExecFailure::BarrierFailed(e) => e.requires_rebuild(),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for ExecFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExecFailure::PlanNotExecutable(d) => write!(f, "plan_not_executable: {d}"),
+            ExecFailure::SenderNotFound => f.write_str("sender_not_found"),
+            ExecFailure::BeginCatchUpFailed(e) => write!(f, "begin_catchup_failed: {e}"),
+            ExecFailure::TruncateIoFailed(e) => write!(f, "io_truncate_failed: {e}"),
+            ExecFailure::TruncateMismatch {
+                requested,
+                reported,
+            } => write!(
+                f,
+                "io_truncate_mismatch: requested {requested}, replica reports {reported}"
+            ),
+            ExecFailure::TruncationFailed(e) => write!(f, "truncation_failed: {e}"),
+            ExecFailure::IoStreamFailed { step, error } => {
+                write!(f, "io_stream_failed_step_{step}: {error}")
+            }
+            ExecFailure::IoProtocol { step, detail } => {
+                write!(f, "io_protocol_step_{step}: {detail}")
+            }
+            ExecFailure::ProgressAfterIo { step, error } => {
+                write!(f, "progress_after_io_step_{step}: {error}")
+            }
+            ExecFailure::BudgetCheckFailed(e) => write!(f, "budget_check_failed: {e}"),
+            ExecFailure::BudgetEscalated(v) => write!(f, "budget_escalated: {v}"),
+            ExecFailure::SessionInvalidatedMidExecution { step, error } => {
+                write!(
+                    f,
+                    "session_invalidated_mid_execution_after_step_{step}: {error}"
+                )
+            }
+            ExecFailure::BarrierFailed(e) => write!(f, "io_barrier_failed: {e}"),
+            ExecFailure::BarrierRejected(e) => write!(f, "barrier_rejected: {e}"),
+            ExecFailure::CompletionRejected(e) => write!(f, "completion_rejected: {e}"),
+            ExecFailure::Cancelled(r) => write!(f, "cancelled: {r}"),
+            ExecFailure::ConnectFailed(e) => write!(f, "connect_failed: {e}"),
+            ExecFailure::HandshakeFailed(e) => write!(f, "handshake_failed: {e}"),
+            ExecFailure::SourceSelectFailed(e) => write!(f, "source_select_failed: {e}"),
+            ExecFailure::TransferFailed(e) => write!(f, "transfer_failed: {e}"),
+            ExecFailure::IoBaseFailed(e) => write!(f, "io_base_transfer_failed: {e}"),
+            ExecFailure::BaseLsnMismatch { expected, reported } => write!(
+                f,
+                "base_lsn_mismatch: planned {expected}, replica reports {reported}"
+            ),
+            ExecFailure::TransferProgressFailed(e) => {
+                write!(f, "transfer_progress_failed: {e}")
+            }
+            ExecFailure::TailReplayFailed(e) => write!(f, "tail_replay_failed: {e}"),
+            ExecFailure::IoTailReplayFailed { step, error } => {
+                write!(f, "io_tail_replay_failed_step_{step}: {error}")
+            }
+            ExecFailure::TailProgressFailed(e) => write!(f, "tail_progress_failed: {e}"),
+            ExecFailure::RebuildCompletionFailed(e) => {
+                write!(f, "rebuild_completion_failed: {e}")
+            }
+        }
+    }
+}
+
+type StepHook<'a> = Box<dyn FnMut(&StepInfo) + 'a>;
+type Clock<'a> = Box<dyn FnMut() -> Tick + 'a>;
+
+/// State shared by both executors.
+struct Run<'a> {
+    driver: &'a RecoveryDriver,
+    plan: RecoveryPlan,
+    opts: ExecutorOptions,
+    on_step: Option<StepHook<'a>>,
+    clock: Option<Clock<'a>>,
+    report: ExecutionReport,
+}
+
+impl Run<'_> {
+    fn tick(&mut self) -> Tick {
+        match self.clock.as_mut() {
+            Some(c) => c(),
+            None => self.opts.start_tick.plus(self.report.steps + 1),
+        }
+    }
+
+    fn log(&self, event: Event) {
+        self.driver
+            .orchestrator()
+            .log()
+            .record(&self.plan.replica_id, self.plan.session_id, event);
+    }
+
+    /// Releases every pin, logs the reason, invalidates the session if it is still this
+    /// plan's, and builds the error.
+    fn fail(mut self, failure: ExecFailure) -> EngineError {
+        self.plan.release_pins();
+        self.log(Event::ExecResourcesReleased {
+            reason: failure.to_string(),
+        });
+        let target = if failure.requires_rebuild() || self.is_rebuild() {
+            ReplicaState::NeedsRebuild
+        } else {
+            ReplicaState::Disconnected
+        };
+        let orch = self.driver.orchestrator();
+        if let (Some(sid), Ok(sender)) = (self.plan.session_id, orch.sender(&self.plan.replica_id))
+        {
+            if let Some(inv) = sender.invalidate_session_if(
+                sid,
+                InvalidateReason::ExecutionFailed(failure.to_string()),
+                target,
+            ) {
+                orch.log_invalidation(&inv);
+            }
+            self.report.final_state = sender.state();
+        }
+        EngineError::ExecutionFailed {
+            replica: self.plan.replica_id.clone(),
+            failure: Box::new(failure),
+            report: Box::new(self.report),
+        }
+    }
+
+    fn is_rebuild(&self) -> bool {
+        self.plan.outcome == Outcome::NeedsRebuild
+    }
+
+    /// Calls the hook and re-checks authority; the step counter advances.
+    fn after_step(
+        &mut self,
+        sender: &Sender,
+        sid: SessionId,
+        kind: StepKind,
+        lsn: Lsn,
+        tick: Tick,
+    ) -> std::result::Result<(), ExecFailure> {
+        let info = StepInfo {
+            step: self.report.steps,
+            kind,
+            lsn,
+            session_id: sid,
+            tick,
+        };
+        if let Some(hook) = self.on_step.as_mut() {
+            hook(&info);
+        }
+        self.report.steps += 1;
+        sender
+            .check_authority(sid)
+            .map_err(|error| ExecFailure::SessionInvalidatedMidExecution {
+                step: info.step,
+                error,
+            })
+    }
+
+    /// Ships `(from, target]` in chunks; `tail` selects the rebuild-tail bookkeeping.
+    fn stream(
+        &mut self,
+        io: &mut dyn CatchUpIo,
+        sender: &Sender,
+        sid: SessionId,
+        from: Lsn,
+        target: Lsn,
+        tail: bool,
+    ) -> std::result::Result<(), ExecFailure> {
+        let mut recovered = from;
+        while recovered < target {
+            let step = self.report.steps;
+            let tick = self.tick();
+            let chunk = io
+                .stream_wal_chunk(recovered, target, self.opts.max_entries_per_chunk.max(1))
+                .map_err(|error| {
+                    if tail {
+                        ExecFailure::IoTailReplayFailed { step, error }
+                    } else {
+                        ExecFailure::IoStreamFailed { step, error }
+                    }
+                })?;
+            let delta = recovered.distance_to(chunk.applied_to);
+            if chunk.applied_to <= recovered {
+                return Err(ExecFailure::IoProtocol {
+                    step,
+                    detail: format!(
+                        "no progress: asked for ({recovered}, {target}], replica still at {}",
+                        chunk.applied_to
+                    ),
+                });
+            }
+            if chunk.entries != delta {
+                return Err(ExecFailure::IoProtocol {
+                    step,
+                    detail: format!(
+                        "reported {} entries for an LSN advance of {delta} ({recovered} -> {})",
+                        chunk.entries, chunk.applied_to
+                    ),
+                });
+            }
+            if tail {
+                sender
+                    .record_rebuild_tail_progress(sid, chunk.applied_to)
+                    .map_err(ExecFailure::TailProgressFailed)?;
+            } else {
+                sender
+                    .record_catch_up_progress(sid, chunk.applied_to, Some(tick))
+                    .map_err(|error| ExecFailure::ProgressAfterIo { step, error })?;
+            }
+            recovered = chunk.applied_to;
+            self.report.entries_applied += chunk.entries;
+            self.report.wal_bytes += chunk.bytes;
+            if !tail {
+                match sender.check_budget(sid, tick) {
+                    Err(e) => return Err(ExecFailure::BudgetCheckFailed(e)),
+                    Ok(Some(v)) => {
+                        self.log(Event::BudgetEscalated { violation: v });
+                        return Err(ExecFailure::BudgetEscalated(v));
+                    }
+                    Ok(None) => {}
+                }
+            }
+            let kind = if tail {
+                StepKind::TailChunk
+            } else {
+                StepKind::CatchUpChunk
+            };
+            self.after_step(sender, sid, kind, recovered, tick)?;
+        }
+        Ok(())
+    }
+
+    /// Barrier, then the caller's completion.
+    fn barrier(
+        &mut self,
+        io: &mut dyn CatchUpIo,
+        sender: &Sender,
+        sid: SessionId,
+        target: Lsn,
+    ) -> std::result::Result<(), ExecFailure> {
+        let durable = io.barrier(target).map_err(ExecFailure::BarrierFailed)?;
+        sender
+            .record_barrier(sid, durable)
+            .map_err(ExecFailure::BarrierRejected)?;
+        self.report.durable_lsn = Some(durable);
+        self.log(Event::ExecBarrier { durable });
+        Ok(())
+    }
+}
+
+/// Runs a catch-up plan (WAL replay, or truncation of an uncommitted tail).
+pub struct CatchUpExecutor<'a> {
+    run: Run<'a>,
+}
+
+impl<'a> CatchUpExecutor<'a> {
+    /// An executor that takes ownership of `plan` and its pins.
+    pub fn new(driver: &'a RecoveryDriver, plan: RecoveryPlan) -> Self {
+        let path = if plan.outcome == Outcome::ZeroGap {
+            RecoveryPath::ZeroGap
+        } else if plan.truncate_lsn.is_some() {
+            RecoveryPath::TruncateOnly
+        } else {
+            RecoveryPath::CatchUp
+        };
+        let target = plan.catch_up_target.unwrap_or(Lsn::ZERO);
+        let report = ExecutionReport::new(&plan, path, target);
+        CatchUpExecutor {
+            run: Run {
+                driver,
+                plan,
+                opts: ExecutorOptions::default(),
+                on_step: None,
+                clock: None,
+                report,
+            },
+        }
+    }
+
+    /// Sets the tunables.
+    pub fn with_options(mut self, opts: ExecutorOptions) -> Self {
+        self.run.opts = opts;
+        self
+    }
+
+    /// Calls `hook` after each step, before the authority re-check (deterministic fault
+    /// injection: an epoch bump here is caught before the next chunk).
+    pub fn with_on_step(mut self, hook: impl FnMut(&StepInfo) + 'a) -> Self {
+        self.run.on_step = Some(Box::new(hook));
+        self
+    }
+
+    /// Reads ticks from `clock` instead of synthesising `start_tick + step + 1`.
+    pub fn with_clock(mut self, clock: impl FnMut() -> Tick + 'a) -> Self {
+        self.run.clock = Some(Box::new(clock));
+        self
+    }
+
+    /// Pins the plan holds now.
+    pub fn pins_held(&self) -> usize {
+        self.run.plan.pins_held()
+    }
+
+    /// Abandons the plan: releases its pins (logging `cancelled: <reason>`) and invalidates
+    /// its session.
+    pub fn cancel(self, reason: &str) -> EngineError {
+        self.run.fail(ExecFailure::Cancelled(reason.to_owned()))
+    }
+
+    /// Runs the plan to completion. On success the replica is `in_sync`, every pin is
+    /// released, and the report says what moved.
+    pub fn execute(self, io: &mut dyn CatchUpIo) -> Result<ExecutionReport> {
+        let mut run = self.run;
+        if run.plan.outcome == Outcome::ZeroGap {
+            run.report.final_state = run
+                .driver
+                .orchestrator()
+                .sender(&run.plan.replica_id)
+                .map_or(ReplicaState::Disconnected, |s| s.state());
+            return Ok(run.report);
+        }
+        let (Outcome::CatchUp, Some(sid), Some(target)) = (
+            run.plan.outcome,
+            run.plan.session_id,
+            run.plan.catch_up_target,
+        ) else {
+            let detail = format!(
+                "catch-up executor given a {} plan (session {:?})",
+                run.plan.outcome, run.plan.session_id
+            );
+            return Err(run.fail(ExecFailure::PlanNotExecutable(detail)));
+        };
+        let sender = match run.driver.orchestrator().sender(&run.plan.replica_id) {
+            Ok(s) => s,
+            Err(_) => return Err(run.fail(ExecFailure::SenderNotFound)),
+        };
+        let start_tick = run.opts.start_tick;
+        if let Err(e) = sender.begin_catch_up(sid, Some(start_tick)) {
+            return Err(run.fail(ExecFailure::BeginCatchUpFailed(e)));
+        }
+        run.log(Event::ExecCatchupStarted {
+            target,
+            tick: start_tick,
+        });
+        match Self::drive(&mut run, io, &sender, sid, target) {
+            Ok(()) => {
+                run.plan.release_pins();
+                run.log(Event::ExecCompleted);
+                run.report.final_state = sender.state();
+                Ok(run.report)
+            }
+            Err(f) => Err(run.fail(f)),
+        }
+    }
+
+    fn drive(
+        run: &mut Run<'_>,
+        io: &mut dyn CatchUpIo,
+        sender: &Sender,
+        sid: SessionId,
+        target: Lsn,
+    ) -> std::result::Result<(), ExecFailure> {
+        let mut from = run.plan.catch_up_start_lsn.unwrap_or(Lsn::ZERO);
+        if let Some(t) = run.plan.truncate_lsn {
+            let tick = run.tick();
+            let reported = io
+                .truncate_after(t)
+                .map_err(ExecFailure::TruncateIoFailed)?;
+            if reported != t {
+                return Err(ExecFailure::TruncateMismatch {
+                    requested: t,
+                    reported,
+                });
+            }
+            sender
+                .record_truncation(sid, t)
+                .map_err(ExecFailure::TruncationFailed)?;
+            run.report.truncated_to = Some(t);
+            run.log(Event::ExecTruncation { truncated_to: t });
+            run.after_step(sender, sid, StepKind::Truncate, t, tick)?;
+            from = t;
+        }
+        run.stream(io, sender, sid, from, target, false)?;
+        run.barrier(io, sender, sid, target)?;
+        sender
+            .complete_session_by_id(sid)
+            .map_err(ExecFailure::CompletionRejected)
+    }
+}
+
+/// Runs a rebuild plan (snapshot + tail, or full base).
+pub struct RebuildExecutor<'a> {
+    run: Run<'a>,
+}
+
+impl<'a> RebuildExecutor<'a> {
+    /// An executor that takes ownership of `plan` and its pins.
+    pub fn new(driver: &'a RecoveryDriver, plan: RecoveryPlan) -> Self {
+        let path = match plan.rebuild_source {
+            Some(RebuildSource::SnapshotTail) => RecoveryPath::RebuildSnapshotTail,
+            _ => RecoveryPath::RebuildFullBase,
+        };
+        let target = plan.rebuild_target_lsn.unwrap_or(Lsn::ZERO);
+        let report = ExecutionReport::new(&plan, path, target);
+        RebuildExecutor {
+            run: Run {
+                driver,
+                plan,
+                opts: ExecutorOptions::default(),
+                on_step: None,
+                clock: None,
+                report,
+            },
+        }
+    }
+
+    /// Sets the tunables.
+    pub fn with_options(mut self, opts: ExecutorOptions) -> Self {
+        self.run.opts = opts;
+        self
+    }
+
+    /// Calls `hook` after each step, before the authority re-check.
+    pub fn with_on_step(mut self, hook: impl FnMut(&StepInfo) + 'a) -> Self {
+        self.run.on_step = Some(Box::new(hook));
+        self
+    }
+
+    /// Reads ticks from `clock`.
+    pub fn with_clock(mut self, clock: impl FnMut() -> Tick + 'a) -> Self {
+        self.run.clock = Some(Box::new(clock));
+        self
+    }
+
+    /// Pins the plan holds now.
+    pub fn pins_held(&self) -> usize {
+        self.run.plan.pins_held()
+    }
+
+    /// Abandons the plan: releases its pins and invalidates its session.
+    pub fn cancel(self, reason: &str) -> EngineError {
+        self.run.fail(ExecFailure::Cancelled(reason.to_owned()))
+    }
+
+    /// Runs the plan using only plan-bound values (source, snapshot LSN, target, pins); it
+    /// never re-reads storage, so a change in storage after planning cannot switch the source.
+    pub fn execute(self, io: &mut dyn RebuildIo) -> Result<ExecutionReport> {
+        let mut run = self.run;
+        let bound = (
+            run.plan.outcome,
+            run.plan.session_id,
+            run.plan.rebuild_source,
+            run.plan.rebuild_target_lsn,
+        );
+        let (Outcome::NeedsRebuild, Some(sid), Some(source), Some(target)) = bound else {
+            let detail = format!(
+                "rebuild executor given a {} plan without rebuild bindings",
+                run.plan.outcome
+            );
+            return Err(run.fail(ExecFailure::PlanNotExecutable(detail)));
+        };
+        let base = match source {
+            RebuildSource::SnapshotTail => run
+                .plan
+                .rebuild_snapshot_lsn
+                .zip(run.plan.snapshot_pin.as_ref().map(|p| p.pin_id)),
+            RebuildSource::FullBase => {
+                Some(target).zip(run.plan.full_base_pin.as_ref().map(|p| p.pin_id))
+            }
+        };
+        let Some((base_lsn, pin_id)) = base else {
+            let detail = format!("{source} plan holds no image pin");
+            return Err(run.fail(ExecFailure::PlanNotExecutable(detail)));
+        };
+        let sender = match run.driver.orchestrator().sender(&run.plan.replica_id) {
+            Ok(s) => s,
+            Err(_) => return Err(run.fail(ExecFailure::SenderNotFound)),
+        };
+        let req = BaseRequest {
+            source,
+            lsn: base_lsn,
+            pin_id,
+        };
+        match Self::drive(&mut run, io, &sender, sid, &req, target) {
+            Ok(()) => {
+                run.plan.release_pins();
+                run.log(Event::ExecRebuildCompleted);
+                run.report.final_state = sender.state();
+                Ok(run.report)
+            }
+            Err(f) => Err(run.fail(f)),
+        }
+    }
+
+    fn drive(
+        run: &mut Run<'_>,
+        io: &mut dyn RebuildIo,
+        sender: &Sender,
+        sid: SessionId,
+        req: &BaseRequest,
+        target: Lsn,
+    ) -> std::result::Result<(), ExecFailure> {
+        sender
+            .begin_connect(sid)
+            .map_err(ExecFailure::ConnectFailed)?;
+        sender
+            .record_handshake(sid, Lsn::ZERO, target)
+            .map_err(ExecFailure::HandshakeFailed)?;
+        let snapshot = (req.source == RebuildSource::SnapshotTail).then_some(req.lsn);
+        sender
+            .select_rebuild_source(sid, snapshot, snapshot.is_some(), target)
+            .map_err(ExecFailure::SourceSelectFailed)?;
+        run.log(Event::ExecRebuildStarted {
+            source: req.source,
+            target,
+        });
+        sender
+            .begin_rebuild_transfer(sid)
+            .map_err(ExecFailure::TransferFailed)?;
+
+        io.begin_base(req).map_err(ExecFailure::IoBaseFailed)?;
+        loop {
+            let step = run.report.steps;
+            let tick = run.tick();
+            let chunk = io
+                .transfer_base_chunk(run.opts.max_base_chunk_bytes.max(1))
+                .map_err(ExecFailure::IoBaseFailed)?;
+            if chunk.bytes == 0 && !chunk.done {
+                return Err(ExecFailure::IoProtocol {
+                    step,
+                    detail: "base chunk made no progress".to_owned(),
+                });
+            }
+            run.report.base_bytes += chunk.bytes;
+            run.report.base_bytes_sent += chunk.bytes_sent;
+            run.after_step(sender, sid, StepKind::BaseChunk, req.lsn, tick)?;
+            if chunk.done {
+                break;
+            }
+        }
+        let installed = io.finish_base().map_err(ExecFailure::IoBaseFailed)?;
+        if installed != req.lsn {
+            return Err(ExecFailure::BaseLsnMismatch {
+                expected: req.lsn,
+                reported: installed,
+            });
+        }
+        sender
+            .record_rebuild_transfer_progress(sid, installed)
+            .map_err(ExecFailure::TransferProgressFailed)?;
+        run.report.base_lsn = Some(installed);
+        run.log(Event::ExecBaseInstalled {
+            base_lsn: installed,
+            bytes: run.report.base_bytes_sent,
+        });
+        let tick = run.tick();
+        run.after_step(sender, sid, StepKind::BaseInstalled, installed, tick)?;
+
+        if req.source == RebuildSource::SnapshotTail {
+            sender
+                .begin_rebuild_tail_replay(sid)
+                .map_err(ExecFailure::TailReplayFailed)?;
+            run.stream(io, sender, sid, installed, target, true)?;
+        }
+        run.barrier(io, sender, sid, target)?;
+        sender
+            .complete_rebuild(sid)
+            .map_err(ExecFailure::RebuildCompletionFailed)
+    }
+}

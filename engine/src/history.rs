@@ -1,0 +1,364 @@
+//! Retained history: what the primary's storage still holds, and the recovery decisions that
+//! follow from it (recoverability, its proof, and the rebuild source).
+
+use std::fmt;
+
+use crate::outcome::{HandshakeResult, Outcome};
+use crate::rebuild::RebuildSource;
+use crate::types::Lsn;
+
+/// A half-open LSN range `(after, to]`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LsnRange {
+    /// Exclusive start.
+    pub after: Lsn,
+    /// Inclusive end.
+    pub to: Lsn,
+}
+
+impl LsnRange {
+    /// Builds `(after, to]`.
+    pub const fn new(after: Lsn, to: Lsn) -> Self {
+        LsnRange { after, to }
+    }
+
+    /// True when the two ranges share at least one LSN.
+    pub fn intersects(&self, other: &LsnRange) -> bool {
+        self.after < other.to && other.after < self.to
+    }
+}
+
+impl fmt::Display for LsnRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "({}, {}]", self.after, self.to)
+    }
+}
+
+/// A snapshot of the primary's retained WAL and checkpoint, as storage reports it.
+///
+/// Invariants a storage implementation must keep: `tail_lsn <= head_lsn`; every LSN in
+/// `(tail_lsn, head_lsn]` is present except those listed in `missing`; `missing` ranges lie in
+/// `(tail_lsn, head_lsn]`. The engine never assumes contiguity: a hole makes any range that
+/// crosses it unrecoverable.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetainedHistory {
+    /// Highest LSN written.
+    pub head_lsn: Lsn,
+    /// Entries with LSN > tail are retained; entries <= tail are recycled.
+    pub tail_lsn: Lsn,
+    /// The replication layer's committed LSN (not the flusher checkpoint).
+    pub committed_lsn: Lsn,
+    /// The storage checkpoint, `None` when there is none.
+    pub checkpoint_lsn: Option<Lsn>,
+    /// Whether the checkpoint image can be trusted as a rebuild base.
+    pub checkpoint_trusted: bool,
+    /// Holes inside `(tail, head]`; empty when storage proved the retained range contiguous.
+    pub missing: Vec<LsnRange>,
+}
+
+/// Why a replica is or is not recoverable from retained history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProofReason {
+    /// F == C.
+    ZeroGap,
+    /// F > C: the replica holds entries beyond committed and must truncate them.
+    ReplicaAheadNeedsTruncation {
+        /// F.
+        flushed: Lsn,
+        /// C.
+        committed: Lsn,
+    },
+    /// Every entry of `needed` is retained.
+    GapWithinRetention {
+        /// The range to replay.
+        needed: LsnRange,
+        /// The primary's tail.
+        tail: Lsn,
+        /// The primary's head.
+        head: Lsn,
+    },
+    /// The first needed entry was recycled.
+    GapBeyondRetention {
+        /// F + 1.
+        first_needed: Lsn,
+        /// The primary's tail.
+        tail: Lsn,
+    },
+    /// The committed LSN is beyond what the primary's WAL holds.
+    CommittedBeyondHead {
+        /// C.
+        committed: Lsn,
+        /// The primary's head.
+        head: Lsn,
+    },
+    /// A hole inside the retained range crosses the needed range.
+    HoleInRetention {
+        /// The range to replay.
+        needed: LsnRange,
+        /// The first missing range that crosses it.
+        missing: LsnRange,
+    },
+}
+
+impl ProofReason {
+    /// A stable name for the reason (the text before the colon in the reference's strings).
+    pub const fn name(&self) -> &'static str {
+        match self {
+            ProofReason::ZeroGap => "zero_gap",
+            ProofReason::ReplicaAheadNeedsTruncation { .. } => "replica_ahead_needs_truncation",
+            ProofReason::GapWithinRetention { .. } => "gap_within_retention",
+            ProofReason::GapBeyondRetention { .. } => "gap_beyond_retention",
+            ProofReason::CommittedBeyondHead { .. } => "committed_beyond_head",
+            ProofReason::HoleInRetention { .. } => "hole_in_retention",
+        }
+    }
+}
+
+impl fmt::Display for ProofReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProofReason::ZeroGap | ProofReason::ReplicaAheadNeedsTruncation { .. } => {
+                f.write_str(self.name())
+            }
+            ProofReason::GapWithinRetention { needed, tail, head } => write!(
+                f,
+                "gap_within_retention: need {needed}, tail={tail} head={head}"
+            ),
+            ProofReason::GapBeyondRetention { first_needed, tail } => write!(
+                f,
+                "gap_beyond_retention: need LSN {first_needed} but tail={tail}"
+            ),
+            ProofReason::CommittedBeyondHead { committed, head } => write!(
+                f,
+                "committed_beyond_head: committed={committed} head={head}"
+            ),
+            ProofReason::HoleInRetention { needed, missing } => {
+                write!(
+                    f,
+                    "hole_in_retention: need {needed} but {missing} is missing"
+                )
+            }
+        }
+    }
+}
+
+/// An explicit, inspectable answer to "can this replica be recovered without a rebuild?".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoverabilityProof {
+    /// F.
+    pub replica_flushed_lsn: Lsn,
+    /// C.
+    pub committed_lsn: Lsn,
+    /// The primary's tail.
+    pub tail_lsn: Lsn,
+    /// The primary's head.
+    pub head_lsn: Lsn,
+    /// The verdict.
+    pub recoverable: bool,
+    /// Why.
+    pub reason: ProofReason,
+}
+
+impl RecoverabilityProof {
+    /// The outcome this proof implies. The engine derives outcomes from proofs, so the two can
+    /// never disagree (in the reference the classifier ignored the head and holes).
+    pub fn outcome(&self) -> Outcome {
+        match self.reason {
+            ProofReason::ZeroGap => Outcome::ZeroGap,
+            _ if self.recoverable => Outcome::CatchUp,
+            _ => Outcome::NeedsRebuild,
+        }
+    }
+}
+
+/// Why a rebuild uses the source it uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RebuildReason {
+    /// A trusted checkpoint with a replayable tail: snapshot + tail.
+    TrustedCheckpoint {
+        /// The checkpoint LSN.
+        checkpoint: Lsn,
+    },
+    /// No checkpoint exists.
+    NoCheckpoint,
+    /// A checkpoint exists but is not trusted.
+    UntrustedCheckpoint {
+        /// The checkpoint LSN.
+        checkpoint: Lsn,
+    },
+    /// The checkpoint is trusted but the WAL after it cannot be replayed to committed.
+    TrustedCheckpointUnreplayableTail {
+        /// The checkpoint LSN.
+        checkpoint: Lsn,
+        /// The primary's tail.
+        tail: Lsn,
+    },
+    /// The checkpoint is above committed, so its image holds uncommitted data.
+    CheckpointAboveCommitted {
+        /// The checkpoint LSN.
+        checkpoint: Lsn,
+        /// The committed LSN.
+        committed: Lsn,
+    },
+}
+
+impl fmt::Display for RebuildReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RebuildReason::TrustedCheckpoint { checkpoint } => {
+                write!(f, "trusted_checkpoint: checkpoint={checkpoint}")
+            }
+            RebuildReason::NoCheckpoint => f.write_str("no_checkpoint"),
+            RebuildReason::UntrustedCheckpoint { checkpoint } => {
+                write!(f, "untrusted_checkpoint: checkpoint={checkpoint}")
+            }
+            RebuildReason::TrustedCheckpointUnreplayableTail { checkpoint, tail } => write!(
+                f,
+                "trusted_checkpoint_unreplayable_tail: checkpoint={checkpoint} tail={tail}"
+            ),
+            RebuildReason::CheckpointAboveCommitted {
+                checkpoint,
+                committed,
+            } => write!(
+                f,
+                "checkpoint_above_committed: checkpoint={checkpoint} committed={committed}"
+            ),
+        }
+    }
+}
+
+/// The rebuild source chosen from retained history, with its reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebuildDecision {
+    /// The source.
+    pub source: RebuildSource,
+    /// The snapshot LSN for snapshot + tail; `None` for a full base.
+    pub snapshot_lsn: Option<Lsn>,
+    /// Why.
+    pub reason: RebuildReason,
+}
+
+impl RetainedHistory {
+    /// The retention start S = tail + 1.
+    pub fn retention_start(&self) -> Lsn {
+        self.tail_lsn.next()
+    }
+
+    /// The handshake result for a replica that holds up to `replica_flushed`.
+    pub fn make_handshake_result(&self, replica_flushed: Lsn) -> HandshakeResult {
+        HandshakeResult {
+            replica_flushed_lsn: replica_flushed,
+            committed_lsn: self.committed_lsn,
+            retention_start_lsn: self.retention_start(),
+        }
+    }
+
+    /// The first hole that crosses `(after, to]`, if any.
+    fn first_hole_in(&self, needed: LsnRange) -> Option<LsnRange> {
+        self.missing.iter().copied().find(|m| m.intersects(&needed))
+    }
+
+    /// True when every entry of `(after, to]` is retained: the start is not recycled
+    /// (`after >= tail`), the end is written (`to <= head`), and no hole crosses the range.
+    /// An empty range (`to <= after`) needs nothing, so only the first condition applies.
+    pub fn is_recoverable(&self, after: Lsn, to: Lsn) -> bool {
+        if after < self.tail_lsn {
+            return false;
+        }
+        if to <= after {
+            return true;
+        }
+        to <= self.head_lsn && self.first_hole_in(LsnRange::new(after, to)).is_none()
+    }
+
+    /// Explains whether a replica holding up to `replica_flushed` can be recovered without a
+    /// rebuild. Checked in order: zero gap, replica ahead (truncation), range retained, and
+    /// otherwise the first reason the range is not retained.
+    pub fn prove_recoverability(&self, replica_flushed: Lsn) -> RecoverabilityProof {
+        let f = replica_flushed;
+        let c = self.committed_lsn;
+        let (recoverable, reason) = if f == c {
+            (true, ProofReason::ZeroGap)
+        } else if f > c {
+            (
+                true,
+                ProofReason::ReplicaAheadNeedsTruncation {
+                    flushed: f,
+                    committed: c,
+                },
+            )
+        } else {
+            let needed = LsnRange::new(f, c);
+            if self.is_recoverable(f, c) {
+                (
+                    true,
+                    ProofReason::GapWithinRetention {
+                        needed,
+                        tail: self.tail_lsn,
+                        head: self.head_lsn,
+                    },
+                )
+            } else if f < self.tail_lsn {
+                (
+                    false,
+                    ProofReason::GapBeyondRetention {
+                        first_needed: f.next(),
+                        tail: self.tail_lsn,
+                    },
+                )
+            } else if c > self.head_lsn {
+                (
+                    false,
+                    ProofReason::CommittedBeyondHead {
+                        committed: c,
+                        head: self.head_lsn,
+                    },
+                )
+            } else {
+                let missing = self.first_hole_in(needed).unwrap_or(LsnRange::new(f, c));
+                (false, ProofReason::HoleInRetention { needed, missing })
+            }
+        };
+        RecoverabilityProof {
+            replica_flushed_lsn: f,
+            committed_lsn: c,
+            tail_lsn: self.tail_lsn,
+            head_lsn: self.head_lsn,
+            recoverable,
+            reason,
+        }
+    }
+
+    /// Chooses the rebuild source: snapshot + tail when the checkpoint is trusted, not above
+    /// committed, and `(checkpoint, committed]` is recoverable; a full base otherwise.
+    pub fn rebuild_source_decision(&self) -> RebuildDecision {
+        let full_base = |reason| RebuildDecision {
+            source: RebuildSource::FullBase,
+            snapshot_lsn: None,
+            reason,
+        };
+        let Some(cp) = self.checkpoint_lsn else {
+            return full_base(RebuildReason::NoCheckpoint);
+        };
+        if !self.checkpoint_trusted {
+            return full_base(RebuildReason::UntrustedCheckpoint { checkpoint: cp });
+        }
+        if cp > self.committed_lsn {
+            return full_base(RebuildReason::CheckpointAboveCommitted {
+                checkpoint: cp,
+                committed: self.committed_lsn,
+            });
+        }
+        if !self.is_recoverable(cp, self.committed_lsn) {
+            return full_base(RebuildReason::TrustedCheckpointUnreplayableTail {
+                checkpoint: cp,
+                tail: self.tail_lsn,
+            });
+        }
+        RebuildDecision {
+            source: RebuildSource::SnapshotTail,
+            snapshot_lsn: Some(cp),
+            reason: RebuildReason::TrustedCheckpoint { checkpoint: cp },
+        }
+    }
+}

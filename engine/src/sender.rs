@@ -1,0 +1,797 @@
+//! The sender: the single authority over one replica and its (at most one) recovery session.
+//!
+//! Every execution API starts with the same authority check, in this order: the sender is not
+//! stopped; it has a session; the caller's session ID is the current one; the session is
+//! active; and the session's epoch and endpoint version are the sender's current ones. The last
+//! check is defence in depth: epoch and endpoint changes already invalidate and drop the
+//! session, but the session records what it was created under, so a result can never outlive
+//! its authority even if a future code path forgot to invalidate.
+//!
+//! Invariant: the session slot only ever holds an active session. Completing or invalidating a
+//! session drops it in the same critical section.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::budget::BudgetViolation;
+use crate::error::{EngineError, Result};
+use crate::history::{RebuildDecision, RecoverabilityProof, RetainedHistory};
+use crate::outcome::{HandshakeResult, Outcome};
+use crate::rebuild::{RebuildSource, RebuildState};
+use crate::session::{InvalidateReason, Session, SessionIdSource, SessionOptions, SessionSnapshot};
+use crate::types::{
+    Endpoint, Epoch, Lsn, ReplicaId, ReplicaState, SessionId, SessionKind, SessionPhase, Tick,
+};
+
+/// A session that lost its authority, reported so callers can log it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalidation {
+    /// The replica.
+    pub replica_id: ReplicaId,
+    /// The session that was invalidated.
+    pub session_id: SessionId,
+    /// Why.
+    pub reason: InvalidateReason,
+}
+
+#[derive(Debug)]
+struct SenderInner {
+    endpoint: Endpoint,
+    epoch: Epoch,
+    state: ReplicaState,
+    session: Option<Session>,
+    stopped: bool,
+}
+
+/// The authority over one replica. Thread-safe; all methods take `&self`. Each method takes
+/// the sender's one lock once and never calls out while holding it.
+#[derive(Debug)]
+pub struct Sender {
+    replica_id: ReplicaId,
+    ids: Arc<SessionIdSource>,
+    inner: Mutex<SenderInner>,
+}
+
+impl Sender {
+    /// A sender in `disconnected`, not stopped, with no session and its own session-ID source.
+    pub fn new(replica_id: ReplicaId, endpoint: Endpoint, epoch: Epoch) -> Self {
+        Self::with_id_source(
+            replica_id,
+            endpoint,
+            epoch,
+            Arc::new(SessionIdSource::new()),
+        )
+    }
+
+    /// A sender that draws session IDs from a shared source (the registry's).
+    pub fn with_id_source(
+        replica_id: ReplicaId,
+        endpoint: Endpoint,
+        epoch: Epoch,
+        ids: Arc<SessionIdSource>,
+    ) -> Self {
+        Sender {
+            replica_id,
+            ids,
+            inner: Mutex::new(SenderInner {
+                endpoint,
+                epoch,
+                state: ReplicaState::Disconnected,
+                session: None,
+                stopped: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SenderInner> {
+        // No code path panics while holding this lock, so a poisoned lock still guards
+        // consistent state; recover it instead of propagating a panic.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The replica's stable ID.
+    pub fn replica_id(&self) -> &ReplicaId {
+        &self.replica_id
+    }
+    /// The current endpoint.
+    pub fn endpoint(&self) -> Endpoint {
+        self.lock().endpoint.clone()
+    }
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.lock().epoch
+    }
+    /// The replica state.
+    pub fn state(&self) -> ReplicaState {
+        self.lock().state
+    }
+    /// Whether the sender was stopped.
+    pub fn stopped(&self) -> bool {
+        self.lock().stopped
+    }
+    /// A copy of the current session, if any.
+    pub fn session_snapshot(&self) -> Option<SessionSnapshot> {
+        self.lock().session.as_ref().map(Session::snapshot)
+    }
+    /// The current session's ID, if any.
+    pub fn session_id(&self) -> Option<SessionId> {
+        self.lock().session.as_ref().map(|s| s.id)
+    }
+    /// True when a session is present (the slot only holds active sessions).
+    pub fn has_active_session(&self) -> bool {
+        self.lock().session.as_ref().is_some_and(Session::active)
+    }
+
+    /// Everything a status report needs, read under one lock acquisition.
+    pub fn status(&self) -> crate::observe::SenderStatus {
+        let g = self.lock();
+        crate::observe::SenderStatus {
+            replica_id: self.replica_id.clone(),
+            endpoint: g.endpoint.clone(),
+            epoch: g.epoch,
+            state: g.state,
+            stopped: g.stopped,
+            session: g.session.as_ref().map(Session::snapshot),
+        }
+    }
+
+    fn drop_session(&self, g: &mut SenderInner, reason: InvalidateReason) -> Option<Invalidation> {
+        let mut s = g.session.take()?;
+        s.invalidate(reason.clone());
+        Some(Invalidation {
+            replica_id: self.replica_id.clone(),
+            session_id: s.id,
+            reason,
+        })
+    }
+
+    /// Advances the epoch. Ignored when stopped or when `epoch` is not higher. An active
+    /// session from an older epoch is invalidated (`epoch_advanced_<old>_to_<new>`) and
+    /// dropped, and the state becomes `disconnected`. Without a session, a sender that was
+    /// `in_sync` (or connecting / catching up) also becomes `disconnected`: its proof belonged
+    /// to the old epoch (the reference left it `in_sync`).
+    pub fn update_epoch(&self, epoch: Epoch) -> Option<Invalidation> {
+        let mut g = self.lock();
+        if g.stopped || epoch <= g.epoch {
+            return None;
+        }
+        let old = g.epoch;
+        g.epoch = epoch;
+        let stale = g.session.as_ref().is_some_and(|s| s.epoch < epoch);
+        if stale {
+            let inv = self.drop_session(
+                &mut g,
+                InvalidateReason::EpochAdvanced {
+                    from: old,
+                    to: epoch,
+                },
+            );
+            g.state = ReplicaState::Disconnected;
+            return inv;
+        }
+        if matches!(
+            g.state,
+            ReplicaState::InSync | ReplicaState::Connecting | ReplicaState::CatchingUp
+        ) {
+            g.state = ReplicaState::Disconnected;
+        }
+        None
+    }
+
+    /// Replaces the endpoint (always, unless stopped). If it changed, an active session is
+    /// invalidated (`endpoint_changed`) and dropped and the state becomes `disconnected`;
+    /// without a session an `in_sync` sender also becomes `disconnected`, because nothing has
+    /// been proven about the replica at its new address.
+    pub fn update_endpoint(&self, endpoint: Endpoint) -> Option<Invalidation> {
+        let mut g = self.lock();
+        if g.stopped {
+            return None;
+        }
+        let changed = g.endpoint.changed(&endpoint);
+        g.endpoint = endpoint;
+        if !changed {
+            return None;
+        }
+        if g.session.is_some() {
+            let inv = self.drop_session(&mut g, InvalidateReason::EndpointChanged);
+            g.state = ReplicaState::Disconnected;
+            return inv;
+        }
+        if matches!(
+            g.state,
+            ReplicaState::InSync | ReplicaState::Connecting | ReplicaState::CatchingUp
+        ) {
+            g.state = ReplicaState::Disconnected;
+        }
+        None
+    }
+
+    /// Creates a session in `init` at `epoch`, which must be the sender's epoch, when no
+    /// session is active. The replica state is unchanged.
+    pub fn attach_session(
+        &self,
+        epoch: Epoch,
+        kind: SessionKind,
+        opts: SessionOptions,
+    ) -> Result<SessionId> {
+        let mut g = self.lock();
+        if g.stopped {
+            return Err(EngineError::SenderStopped {
+                replica: self.replica_id.clone(),
+            });
+        }
+        if epoch != g.epoch {
+            return Err(EngineError::EpochMismatch {
+                replica: self.replica_id.clone(),
+                requested: epoch,
+                sender: g.epoch,
+            });
+        }
+        if let Some(s) = g.session.as_ref() {
+            return Err(EngineError::SessionStillActive {
+                replica: self.replica_id.clone(),
+                session: s.id,
+            });
+        }
+        let id = self.ids.next_id();
+        let version = g.endpoint.version;
+        let epoch = g.epoch;
+        g.session = Some(Session::new(
+            id,
+            self.replica_id.clone(),
+            epoch,
+            version,
+            kind,
+            opts,
+        ));
+        Ok(id)
+    }
+
+    /// Invalidates the current session (if any) with `reason` and creates a new one at the
+    /// sender's own epoch. Returns the invalidated session (if any) and the new ID, or `None`
+    /// when the sender is stopped.
+    pub fn supersede_session(
+        &self,
+        kind: SessionKind,
+        reason: InvalidateReason,
+        opts: SessionOptions,
+    ) -> Option<(Option<Invalidation>, SessionId)> {
+        let mut g = self.lock();
+        if g.stopped {
+            return None;
+        }
+        let old = self.drop_session(&mut g, reason);
+        let id = self.ids.next_id();
+        let version = g.endpoint.version;
+        let epoch = g.epoch;
+        g.session = Some(Session::new(
+            id,
+            self.replica_id.clone(),
+            epoch,
+            version,
+            kind,
+            opts,
+        ));
+        Some((old, id))
+    }
+
+    /// Stops the sender for good (idempotent): the session is invalidated with
+    /// `sender_stopped` and dropped. The state is unchanged.
+    pub fn stop(&self) -> Option<Invalidation> {
+        let mut g = self.lock();
+        g.stopped = true;
+        self.drop_session(&mut g, InvalidateReason::SenderStopped)
+    }
+
+    /// Invalidates and drops the session if there is one (even when stopped), and always sets
+    /// the state to `target`.
+    pub fn invalidate_session(
+        &self,
+        reason: InvalidateReason,
+        target: ReplicaState,
+    ) -> Option<Invalidation> {
+        let mut g = self.lock();
+        let inv = self.drop_session(&mut g, reason);
+        g.state = target;
+        inv
+    }
+
+    /// Invalidates the session only if it is `id`; used by cancellation so a finished or
+    /// replaced session is never touched. Returns whether it was invalidated.
+    pub fn invalidate_session_if(
+        &self,
+        id: SessionId,
+        reason: InvalidateReason,
+        target: ReplicaState,
+    ) -> Option<Invalidation> {
+        let mut g = self.lock();
+        if g.session.as_ref().map(|s| s.id) != Some(id) {
+            return None;
+        }
+        let inv = self.drop_session(&mut g, reason);
+        g.state = target;
+        inv
+    }
+
+    /// Runs `f` on the session after the authority check.
+    fn with_session<T>(
+        &self,
+        id: SessionId,
+        f: impl FnOnce(&mut SenderInner) -> Result<T>,
+    ) -> Result<T> {
+        let mut g = self.lock();
+        self.authorize(&g, id)?;
+        f(&mut g)
+    }
+
+    fn authorize(&self, g: &SenderInner, id: SessionId) -> Result<()> {
+        if g.stopped {
+            return Err(EngineError::SenderStopped {
+                replica: self.replica_id.clone(),
+            });
+        }
+        let Some(s) = g.session.as_ref() else {
+            return Err(EngineError::NoActiveSession {
+                replica: self.replica_id.clone(),
+            });
+        };
+        if s.id != id {
+            return Err(EngineError::SessionIdMismatch {
+                replica: self.replica_id.clone(),
+                given: id,
+                current: s.id,
+            });
+        }
+        if !s.active() {
+            return Err(EngineError::SessionNotActive {
+                replica: self.replica_id.clone(),
+                session: s.id,
+                phase: s.phase,
+            });
+        }
+        if s.epoch != g.epoch || s.endpoint_version != g.endpoint.version {
+            return Err(EngineError::StaleAuthority {
+                replica: self.replica_id.clone(),
+                session: s.id,
+                session_epoch: s.epoch,
+                sender_epoch: g.epoch,
+                session_endpoint_version: s.endpoint_version,
+                sender_endpoint_version: g.endpoint.version,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that `id` is the current, active, fresh session without changing anything.
+    pub fn check_authority(&self, id: SessionId) -> Result<()> {
+        let g = self.lock();
+        self.authorize(&g, id)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Catch-up APIs
+    // ---------------------------------------------------------------------------------------
+
+    /// `init -> connecting`; the state becomes `connecting`.
+    pub fn begin_connect(&self, id: SessionId) -> Result<()> {
+        self.with_session(id, |g| {
+            session_mut(g).advance(SessionPhase::Connecting)?;
+            g.state = ReplicaState::Connecting;
+            Ok(())
+        })
+    }
+
+    /// `connecting -> handshake` with the range `(start, target]`.
+    pub fn record_handshake(&self, id: SessionId, start: Lsn, target: Lsn) -> Result<()> {
+        self.with_session(id, |g| {
+            if target < start {
+                return Err(EngineError::InvalidRange { start, target });
+            }
+            let s = session_mut(g);
+            s.advance(SessionPhase::Handshake)?;
+            s.set_range(start, target);
+            Ok(())
+        })
+    }
+
+    /// Records a handshake and classifies it (see [`HandshakeResult::classify`]).
+    ///
+    /// - `needs_rebuild`: the session is invalidated (`gap_exceeds_retention`) and dropped and
+    ///   the state becomes `needs_rebuild`; returns `Ok(NeedsRebuild)`.
+    /// - `zero_gap`: handshake with the range `(F, F]`.
+    /// - `catchup`: handshake with `(F, C]`, or, when the replica is ahead (`F > C`), a
+    ///   required truncation to C and the range `(C, C]`.
+    pub fn record_handshake_with_outcome(
+        &self,
+        id: SessionId,
+        hr: &HandshakeResult,
+    ) -> Result<Outcome> {
+        self.apply_handshake(id, hr, hr.classify())
+    }
+
+    fn apply_handshake(
+        &self,
+        id: SessionId,
+        hr: &HandshakeResult,
+        outcome: Outcome,
+    ) -> Result<Outcome> {
+        self.with_session(id, |g| {
+            let s = session_mut(g);
+            if s.phase != SessionPhase::Connecting {
+                return Err(EngineError::WrongPhase {
+                    session: s.id,
+                    operation: "record_handshake_with_outcome",
+                    expected: SessionPhase::Connecting,
+                    found: s.phase,
+                });
+            }
+            let f = hr.replica_flushed_lsn;
+            let c = hr.committed_lsn;
+            match outcome {
+                Outcome::NeedsRebuild => {
+                    self.drop_session(g, InvalidateReason::GapExceedsRetention);
+                    g.state = ReplicaState::NeedsRebuild;
+                }
+                Outcome::ZeroGap => {
+                    s.advance(SessionPhase::Handshake)?;
+                    s.set_range(f, f);
+                }
+                Outcome::CatchUp => {
+                    s.advance(SessionPhase::Handshake)?;
+                    if f > c {
+                        s.truncate_to = Some(c);
+                        s.set_range(c, c);
+                    } else {
+                        s.set_range(f, c);
+                    }
+                }
+            }
+            Ok(outcome)
+        })
+    }
+
+    /// Records a handshake from retained history: builds the proof and the handshake result,
+    /// and takes the outcome from the proof, so holes and a committed LSN beyond the head send
+    /// the replica to rebuild even where the plain classifier would say catch-up.
+    pub fn record_handshake_from_history(
+        &self,
+        id: SessionId,
+        replica_flushed: Lsn,
+        history: &RetainedHistory,
+    ) -> Result<(Outcome, RecoverabilityProof)> {
+        let proof = history.prove_recoverability(replica_flushed);
+        let hr = history.make_handshake_result(replica_flushed);
+        let outcome = self.apply_handshake(id, &hr, proof.outcome())?;
+        Ok((outcome, proof))
+    }
+
+    /// `handshake -> catchup` for non-rebuild sessions; the state becomes `catching_up` and
+    /// the target is frozen (always, budget or not). A start tick, if given, starts the
+    /// budget clock.
+    pub fn begin_catch_up(&self, id: SessionId, start_tick: Option<Tick>) -> Result<()> {
+        self.with_session(id, |g| {
+            let s = session_mut(g);
+            reject_rebuild(s, "begin_catch_up")?;
+            s.advance(SessionPhase::CatchUp)?;
+            s.frozen_target = s.target();
+            if let Some(t) = start_tick {
+                s.tracker.start_tick = Some(t);
+                s.tracker.last_progress_tick = Some(t);
+            }
+            g.state = ReplicaState::CatchingUp;
+            Ok(())
+        })
+    }
+
+    /// Records catch-up progress to `lsn`: strictly above the progress so far and at most the
+    /// frozen target. The entries counted are `lsn - recovered_to`, so the budget sees only
+    /// this session's work. A budget with a progress deadline requires a tick. A refusal
+    /// changes nothing and does not invalidate the session.
+    pub fn record_catch_up_progress(
+        &self,
+        id: SessionId,
+        lsn: Lsn,
+        tick: Option<Tick>,
+    ) -> Result<()> {
+        self.with_session(id, |g| {
+            let s = session_mut(g);
+            reject_rebuild(s, "record_catch_up_progress")?;
+            if s.phase != SessionPhase::CatchUp {
+                return Err(EngineError::WrongPhase {
+                    session: s.id,
+                    operation: "record_catch_up_progress",
+                    expected: SessionPhase::CatchUp,
+                    found: s.phase,
+                });
+            }
+            if lsn <= s.recovered_to {
+                return Err(EngineError::ProgressRegression {
+                    current: s.recovered_to,
+                    proposed: lsn,
+                });
+            }
+            if let Some(frozen) = s.frozen_target
+                && lsn > frozen
+            {
+                return Err(EngineError::ExceedsFrozenTarget {
+                    target: frozen,
+                    proposed: lsn,
+                });
+            }
+            let needs_tick = s
+                .budget
+                .is_some_and(|b| b.progress_deadline_ticks.is_some());
+            if needs_tick && tick.is_none() {
+                return Err(EngineError::TickRequired);
+            }
+            s.tracker.entries_replayed = s
+                .tracker
+                .entries_replayed
+                .saturating_add(s.recovered_to.distance_to(lsn));
+            s.recovered_to = lsn;
+            if let Some(t) = tick {
+                s.tracker.last_progress_tick = Some(t);
+            }
+            Ok(())
+        })
+    }
+
+    /// Records that the replica executed the required truncation to `lsn`. Idempotent; any
+    /// phase.
+    pub fn record_truncation(&self, id: SessionId, lsn: Lsn) -> Result<()> {
+        self.with_session(id, |g| {
+            let s = session_mut(g);
+            let Some(required) = s.truncate_to else {
+                return Err(EngineError::TruncationNotRequired { session: s.id });
+            };
+            if lsn != required {
+                return Err(EngineError::TruncationMismatch {
+                    required,
+                    proposed: lsn,
+                });
+            }
+            s.truncate_recorded = true;
+            Ok(())
+        })
+    }
+
+    /// Records the durable LSN a replica reported from a barrier. It must not exceed the
+    /// session's target: a replica durable beyond the target holds data the recovery did not
+    /// put there, and must not be declared in sync with the target.
+    pub fn record_barrier(&self, id: SessionId, durable: Lsn) -> Result<()> {
+        self.with_session(id, |g| {
+            let s = session_mut(g);
+            let target = barrier_target(s);
+            if let Some(target) = target
+                && durable > target
+            {
+                return Err(EngineError::ExceedsFrozenTarget {
+                    target,
+                    proposed: durable,
+                });
+            }
+            s.durable = Some(s.durable.map_or(durable, |d| d.max(durable)));
+            Ok(())
+        })
+    }
+
+    /// Completes a non-rebuild session and marks the replica `in_sync`. Refused (changing
+    /// nothing) when: the authority check fails; the session is a rebuild; a required
+    /// truncation was not recorded; the session has not converged (in `catchup` progress must
+    /// reach the target, in `handshake` the range must be empty); or the replica did not
+    /// report its data durable at the target. A zero-gap handshake needs no barrier: the
+    /// replica's flushed LSN already is the target.
+    pub fn complete_session_by_id(&self, id: SessionId) -> Result<()> {
+        self.with_session(id, |g| {
+            let s = session_mut(g);
+            reject_rebuild(s, "complete_session_by_id")?;
+            if let Some(required) = s.truncate_to
+                && !s.truncate_recorded
+            {
+                return Err(EngineError::TruncationNotRecorded { required });
+            }
+            let (start, target) = match (s.phase, s.range) {
+                (SessionPhase::CatchUp | SessionPhase::Handshake, Some(r)) => r,
+                (phase, _) => {
+                    return Err(EngineError::WrongPhase {
+                        session: s.id,
+                        operation: "complete_session_by_id",
+                        expected: SessionPhase::CatchUp,
+                        found: phase,
+                    });
+                }
+            };
+            let converged = match s.phase {
+                SessionPhase::CatchUp => s.converged(),
+                _ => start == target,
+            };
+            if !converged {
+                return Err(EngineError::NotConverged {
+                    recovered_to: s.recovered_to,
+                    target,
+                });
+            }
+            let zero_gap = s.phase == SessionPhase::Handshake && s.truncate_to.is_none();
+            if !zero_gap && s.durable.is_none_or(|d| d < target) {
+                return Err(EngineError::BarrierMissing {
+                    target,
+                    durable: s.durable,
+                });
+            }
+            s.advance(SessionPhase::Completed)?;
+            g.session = None;
+            g.state = ReplicaState::InSync;
+            Ok(())
+        })
+    }
+
+    /// Checks the session's budget at `now`. A violation invalidates the session
+    /// (`budget_<violation>`), drops it and sets `needs_rebuild`. Works in any phase.
+    pub fn check_budget(&self, id: SessionId, now: Tick) -> Result<Option<BudgetViolation>> {
+        self.with_session(id, |g| {
+            let s = session_mut(g);
+            let Some(budget) = s.budget else {
+                return Ok(None);
+            };
+            let Some(v) = budget.check(&s.tracker, now) else {
+                return Ok(None);
+            };
+            self.drop_session(g, InvalidateReason::Budget(v));
+            g.state = ReplicaState::NeedsRebuild;
+            Ok(Some(v))
+        })
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Rebuild APIs. A rebuild session stays in phase `handshake` from source selection until
+    // completion; its progress lives in the rebuild state machine.
+    // ---------------------------------------------------------------------------------------
+
+    fn with_rebuild<T>(
+        &self,
+        id: SessionId,
+        operation: &'static str,
+        f: impl FnOnce(&mut RebuildState) -> Result<T>,
+    ) -> Result<T> {
+        self.with_session(id, |g| {
+            let s = session_mut(g);
+            if s.phase != SessionPhase::Handshake {
+                return Err(EngineError::WrongPhase {
+                    session: s.id,
+                    operation,
+                    expected: SessionPhase::Handshake,
+                    found: s.phase,
+                });
+            }
+            let sid = s.id;
+            let rebuild = s
+                .rebuild
+                .as_mut()
+                .ok_or(EngineError::NoRebuildState { session: sid })?;
+            f(rebuild)
+        })
+    }
+
+    /// Selects the rebuild source (rebuild sessions in `handshake` only).
+    pub fn select_rebuild_source(
+        &self,
+        id: SessionId,
+        snapshot_lsn: Option<Lsn>,
+        snapshot_valid: bool,
+        committed: Lsn,
+    ) -> Result<()> {
+        self.with_rebuild(id, "select_rebuild_source", |r| {
+            r.select_source(snapshot_lsn, snapshot_valid, committed)
+        })
+    }
+
+    /// Selects the rebuild source from retained history and returns the decision.
+    pub fn select_rebuild_from_history(
+        &self,
+        id: SessionId,
+        history: &RetainedHistory,
+    ) -> Result<RebuildDecision> {
+        let decision = history.rebuild_source_decision();
+        self.select_rebuild_source(
+            id,
+            decision.snapshot_lsn,
+            decision.source == RebuildSource::SnapshotTail,
+            history.committed_lsn,
+        )?;
+        Ok(decision)
+    }
+
+    /// Starts the base transfer.
+    pub fn begin_rebuild_transfer(&self, id: SessionId) -> Result<()> {
+        self.with_rebuild(id, "begin_rebuild_transfer", RebuildState::begin_transfer)
+    }
+
+    /// Records base progress.
+    pub fn record_rebuild_transfer_progress(&self, id: SessionId, lsn: Lsn) -> Result<()> {
+        self.with_rebuild(id, "record_rebuild_transfer_progress", |r| {
+            r.record_transfer_progress(lsn)
+        })
+    }
+
+    /// Starts the tail replay (snapshot + tail, after the base reached the snapshot).
+    pub fn begin_rebuild_tail_replay(&self, id: SessionId) -> Result<()> {
+        self.with_rebuild(
+            id,
+            "begin_rebuild_tail_replay",
+            RebuildState::begin_tail_replay,
+        )
+    }
+
+    /// Records tail progress.
+    pub fn record_rebuild_tail_progress(&self, id: SessionId, lsn: Lsn) -> Result<()> {
+        self.with_rebuild(id, "record_rebuild_tail_progress", |r| {
+            r.record_tail_replay_progress(lsn)
+        })
+    }
+
+    /// Completes a rebuild session and marks the replica `in_sync`: the rebuild must be ready
+    /// and the replica must have reported its data durable at the target.
+    pub fn complete_rebuild(&self, id: SessionId) -> Result<()> {
+        self.with_session(id, |g| {
+            let s = session_mut(g);
+            let sid = s.id;
+            let durable = s.durable;
+            let rebuild = s
+                .rebuild
+                .as_mut()
+                .ok_or(EngineError::NoRebuildState { session: sid })?;
+            if !rebuild.ready_to_complete() {
+                return Err(EngineError::RebuildNotReady {
+                    phase: rebuild.phase(),
+                });
+            }
+            let target = rebuild.tail_target().unwrap_or(Lsn::ZERO);
+            if durable.is_none_or(|d| d < target) {
+                return Err(EngineError::BarrierMissing { target, durable });
+            }
+            if s.phase != SessionPhase::Handshake {
+                return Err(EngineError::WrongPhase {
+                    session: sid,
+                    operation: "complete_rebuild",
+                    expected: SessionPhase::Handshake,
+                    found: s.phase,
+                });
+            }
+            // Both checks passed, so neither of these can fail now; the state only changes
+            // after both succeed.
+            if let Some(r) = s.rebuild.as_mut() {
+                r.complete()?;
+            }
+            s.advance(SessionPhase::Completed)?;
+            g.session = None;
+            g.state = ReplicaState::InSync;
+            Ok(())
+        })
+    }
+}
+
+/// The session in the slot. Only called after `authorize`, which proved it is there.
+fn session_mut(g: &mut SenderInner) -> &mut Session {
+    g.session
+        .as_mut()
+        .expect("authorize checked that the session slot is occupied")
+}
+
+fn reject_rebuild(s: &Session, operation: &'static str) -> Result<()> {
+    if s.kind == SessionKind::Rebuild {
+        return Err(EngineError::WrongSessionKind {
+            session: s.id,
+            kind: s.kind,
+            operation,
+        });
+    }
+    Ok(())
+}
+
+/// The LSN a barrier must reach: the rebuild target for rebuild sessions, the handshake
+/// target otherwise.
+fn barrier_target(s: &Session) -> Option<Lsn> {
+    match s.rebuild.as_ref() {
+        Some(r) => r.tail_target(),
+        None => s.target(),
+    }
+}
