@@ -1,1 +1,110 @@
-//! Crash-safe, memmap2-backed block volume file (work in progress).
+//! `blockvol`: a crash-safe block volume stored in one preallocated file: a WAL ring, a flat
+//! extent, a flusher, retention pins, base images and the replica side (apply, truncate,
+//! install). It knows nothing of replication policy: the layers above decide *when* to pin,
+//! scan, truncate or install; this crate makes each of those operations exact and durable.
+//!
+//! The byte-level format is documented in `docs/format.md` (kept true by `tests/format_doc.rs`).
+//!
+//! # Modules
+//!
+//! - [`types`]: `Lsn`, `Geometry`, `Role`, `EntryInfo`, `Digest`, options and `Status`.
+//! - [`error`]: the single [`BlockVolError`] enum and the [`Result`] alias.
+//! - [`format`]: every offset, size and magic number; superblock and entry-header codecs.
+//! - [`entry`]: logical entries ([`WalEntry`]) and their self-checking wire form.
+//! - `volume`: the [`Volume`] itself: state, locking, write/read/sync, flusher, recovery,
+//!   fencing, apply and truncation.
+//! - `scan`: [`WalPin`] and [`WalScan`].
+//! - `base`: [`BasePin`], [`BaseReader`], [`BaseChunk`], [`BaseInstall`].
+//! - `walk`: the recovery walk over the ring, shared with [`inspect`].
+//! - [`inspect`]: read-only inspection used by the `blockvol` command line.
+//! - `medium`: the storage under a volume (file or simulated disk); `sys`: the only module
+//!   with `unsafe` (the WAL memory map, `posix_fallocate`, `FALLOC_FL_ZERO_RANGE`).
+//! - `sim` (feature `testing`): [`SimDisk`], a disk that keeps written and synced bytes apart
+//!   and builds crash images.
+//!
+//! # Invariants
+//!
+//! 1. LSNs are contiguous from 1; an LSN exists only if its entry is in the ring. Space is
+//!    reserved *before* the LSN is assigned, in the same critical section as the copy, so a
+//!    failed or timed-out write never burns an LSN.
+//! 2. `tail <= checkpoint <= durable <= head`. The tail is `min(checkpoint, live pins,
+//!    retention)`; it never moves backwards and moves even when nothing is dirty.
+//! 3. The checkpoint is the largest L such that every entry `<= L` is in the extent and the
+//!    extent is synced. It only rises, and only to a durable entry (so a crash can never leave
+//!    the extent ahead of the WAL), and under `FlushGate::Committed` never above `committed`.
+//! 4. In-memory `tail`, `tail_pos` and `checkpoint` equal the persisted ones: they change only
+//!    after the superblock carrying them is durable, so ring space is reused only when no
+//!    recovery can need it.
+//! 5. Only entries stamped with the current generation (salted with the volume id), with valid
+//!    CRCs and the exact expected LSN are ever replayed.
+//! 6. A failed sync poisons the volume: later writes and syncs fail with `Poisoned`.
+//!
+//! # Data flow
+//!
+//! **Write.** The content CRC is computed outside any lock. Under the state mutex the writer
+//! checks role, epoch and poison, reserves ring space (waiting, bounded, for the flusher or a
+//! tail move), assigns `head + 1`, copies header and payload into the mapped ring, and
+//! publishes the entry to the LSN index (a `VecDeque`) and the dirty map (LBA → newest entry).
+//! Nothing else happens under the lock, and nothing is allocated per write beyond amortized
+//! growth of those two maps.
+//!
+//! **Sync.** Group commit: the first waiter becomes the leader, releases the lock and msyncs the
+//! ring range appended since the last sync; every waiter whose LSN it covered returns. Each
+//! entry header records the durable LSN known when it was appended (its *durable hint*),
+//! which lets recovery tell a torn tail from corruption.
+//!
+//! **Flush.** Under the flush lock, the flusher takes the entries in `(checkpoint, limit]`
+//! (limit = durable, gated by committed and by base fences), writes each block unless a newer
+//! entry in the same batch rewrites it, fdatasyncs the extent, persists the new checkpoint and
+//! tail in the other superblock slot, then drops the now-redundant dirty references and pops
+//! recycled entries from the index.
+//!
+//! **Recovery.** Open picks the newest valid superblock slot, walks the ring from the persisted
+//! tail position expecting `tail + 1`, and stops at the first entry that fails. If a later header
+//! of this generation carries a durable hint at or above the failed LSN, that entry had been
+//! synced: the log is corrupt and open fails (or, with `repair`, truncates and marks the
+//! checkpoint untrusted). Otherwise the failure is a torn tail. Recovery zeroes leftover headers
+//! past the end, msyncs the ring and writes a superblock before accepting I/O, so reopening
+//! twice gives the same state.
+//!
+//! **Base images.** `pin_base(at)` flushes exactly to `at` and fences the flusher there: the
+//! extent is the image at `at` while writes continue into the WAL. `BaseReader` streams it in
+//! bounded chunks, skipping zero runs. On the receiver, `begin_base_install` persists an
+//! "install incomplete" mark, zeroes the extent, takes verified chunks straight into it, and
+//! `finish` syncs, resets the WAL with a new generation at checkpoint = head = tail = base LSN
+//! and clears the mark.
+//!
+//! # Locking
+//!
+//! Lock order: `flush_lock` → `extent_rw` → superblock writer → state mutex. The state mutex is
+//! never held across an msync or fdatasync except by truncation (rare, and it must be atomic).
+//! The ring is written only in free space beyond the head (appends, truncation, recovery) and
+//! read only in the retained range, so the mapped bytes are never read and written at once.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod base;
+pub mod entry;
+pub mod error;
+pub mod format;
+pub mod inspect;
+mod medium;
+mod scan;
+#[cfg(any(test, feature = "testing"))]
+pub mod sim;
+mod sys;
+pub mod types;
+mod volume;
+mod walk;
+
+pub use base::{BaseChunk, BaseInstall, BaseInstallSpec, BasePin, BaseReader, MAX_CHUNK_BYTES};
+pub use entry::{EntryKind, WalEntry};
+pub use error::{BlockVolError, Result};
+pub use scan::{WalPin, WalScan};
+#[cfg(any(test, feature = "testing"))]
+pub use sim::{CrashMode, SimDisk, SyncHook, SyncPoint};
+pub use types::{
+    ApplyOutcome, CreateOptions, Digest, EntryInfo, FlushGate, FlusherMode, Geometry, Lsn,
+    OpenOptions, RetentionPolicy, Role, Status,
+};
+pub use volume::Volume;

@@ -1,0 +1,660 @@
+//! Base images: a frozen-flusher point in time on the sending side, a verified install on the
+//! receiving side.
+//!
+//! Consistency argument. `pin_base(at)` flushes exactly up to `at` and then registers a flusher
+//! fence at `at`: while the fence lives no entry above `at` reaches the extent. The extent is
+//! therefore exactly the image at `at` (every entry `<= at` is in it; no later entry is), and it
+//! stays that way while writes continue into the WAL, where reads find them through the dirty
+//! map. The cost: while a base pin lives the WAL absorbs every write, so a long transfer under a
+//! heavy write load can fill the ring; writers then wait (bounded by `wal_full_timeout`) and
+//! fail with `WalFull`. `revoke_wal_pins` releases fences too, and a reader whose fence was
+//! revoked fails with `Revoked` before it can read a changed block.
+
+use std::sync::Arc;
+
+use crate::error::{BlockVolError, Result};
+use crate::format::{
+    CHUNK_HEADER_SIZE, CHUNK_MAGIC, CHUNK_OFF_BLOCKS, CHUNK_OFF_CRC, CHUNK_OFF_DATA_LEN,
+    CHUNK_OFF_LBA, CHUNK_OFF_MAGIC, get_u32, get_u64, put_u32, put_u64,
+};
+use crate::types::{EntryInfo, Geometry, Lsn};
+use crate::volume::{FenceRec, Shared, Volume};
+use crate::walk::wal_stamp;
+
+/// Largest chunk a reader produces.
+pub const MAX_CHUNK_BYTES: usize = 64 << 20;
+
+/// A run of blocks of a base image, with a CRC32 over its address and data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseChunk {
+    /// First block.
+    pub lba: u64,
+    /// Number of blocks.
+    pub blocks: u32,
+    /// `blocks` blocks of data.
+    pub data: Vec<u8>,
+    /// CRC32 over lba (u64 LE), blocks (u32 LE) and data.
+    pub crc: u32,
+}
+
+fn chunk_crc(lba: u64, blocks: u32, data: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&lba.to_le_bytes());
+    h.update(&blocks.to_le_bytes());
+    h.update(data);
+    h.finalize()
+}
+
+impl BaseChunk {
+    /// A chunk with its CRC computed.
+    pub fn new(lba: u64, blocks: u32, data: Vec<u8>) -> BaseChunk {
+        let crc = chunk_crc(lba, blocks, &data);
+        BaseChunk {
+            lba,
+            blocks,
+            data,
+            crc,
+        }
+    }
+
+    /// Checks the CRC.
+    pub fn verify(&self) -> Result<()> {
+        let found = chunk_crc(self.lba, self.blocks, &self.data);
+        if found != self.crc {
+            return Err(BlockVolError::ChunkChecksum {
+                lba: self.lba,
+                expected: self.crc,
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Wire form: a 24-byte header (see docs/format.md) then the data.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let len = u32::try_from(self.data.len())
+            .map_err(|_| BlockVolError::InvalidArgument("chunk data too large".into()))?;
+        let mut out = vec![0u8; CHUNK_HEADER_SIZE];
+        out[CHUNK_OFF_MAGIC..CHUNK_OFF_MAGIC + 4].copy_from_slice(&CHUNK_MAGIC);
+        put_u32(&mut out, CHUNK_OFF_BLOCKS, self.blocks);
+        put_u64(&mut out, CHUNK_OFF_LBA, self.lba);
+        put_u32(&mut out, CHUNK_OFF_DATA_LEN, len);
+        put_u32(&mut out, CHUNK_OFF_CRC, self.crc);
+        out.extend_from_slice(&self.data);
+        Ok(out)
+    }
+
+    /// Decodes exactly one encoded chunk and verifies its CRC.
+    pub fn decode(buf: &[u8]) -> Result<BaseChunk> {
+        if buf.len() < CHUNK_HEADER_SIZE {
+            return Err(BlockVolError::decode(
+                "base chunk",
+                format!(
+                    "{} bytes is shorter than the {CHUNK_HEADER_SIZE}-byte header",
+                    buf.len()
+                ),
+            ));
+        }
+        if buf[CHUNK_OFF_MAGIC..CHUNK_OFF_MAGIC + 4] != CHUNK_MAGIC {
+            return Err(BlockVolError::decode("base chunk", "bad magic"));
+        }
+        let len = get_u32(buf, CHUNK_OFF_DATA_LEN) as usize;
+        if buf.len() != CHUNK_HEADER_SIZE + len {
+            return Err(BlockVolError::decode(
+                "base chunk",
+                format!(
+                    "header says {len} data bytes, buffer holds {}",
+                    buf.len() - CHUNK_HEADER_SIZE
+                ),
+            ));
+        }
+        let c = BaseChunk {
+            lba: get_u64(buf, CHUNK_OFF_LBA),
+            blocks: get_u32(buf, CHUNK_OFF_BLOCKS),
+            data: buf[CHUNK_HEADER_SIZE..].to_vec(),
+            crc: get_u32(buf, CHUNK_OFF_CRC),
+        };
+        c.verify()?;
+        Ok(c)
+    }
+}
+
+/// A base image held at one LSN: the extent is frozen at `lsn()` while this lives.
+///
+/// `Send + Sync`; dropping it releases the fence and its WAL pin.
+pub struct BasePin {
+    shared: Arc<Shared>,
+    fence_id: u64,
+    pin_id: u64,
+    lsn: Lsn,
+    info: EntryInfo,
+}
+
+impl std::fmt::Debug for BasePin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BasePin(at {})", self.lsn)
+    }
+}
+
+impl BasePin {
+    /// The LSN the image represents.
+    pub fn lsn(&self) -> Lsn {
+        self.lsn
+    }
+
+    /// Identity of the entry at `lsn()` (the receiver's new tail entry).
+    pub fn entry_info(&self) -> EntryInfo {
+        self.info
+    }
+
+    /// The geometry of the image.
+    pub fn geometry(&self) -> Geometry {
+        self.shared.geo
+    }
+
+    /// Whether the fence was revoked (reading then fails).
+    pub fn is_revoked(&self) -> bool {
+        let st = self.shared.lock_state();
+        st.fences.get(&self.fence_id).is_none_or(|f| f.revoked)
+    }
+
+    /// A chunked reader over the whole image; `chunk_bytes` is rounded to whole blocks.
+    pub fn reader(&self, chunk_bytes: usize) -> BaseReader<'_> {
+        let bs = self.shared.geo.block_size as usize;
+        let chunk_blocks = (chunk_bytes.min(MAX_CHUNK_BYTES) / bs).max(1) as u64;
+        BaseReader {
+            pin: self,
+            next_lba: 0,
+            chunk_blocks,
+            window: Vec::new(),
+            win_lba: 0,
+            win_blocks: 0,
+            cursor: 0,
+            bytes_scanned: 0,
+            bytes_sent: 0,
+            failed: false,
+        }
+    }
+
+    /// A spec a receiver can install this image with.
+    pub fn install_spec(&self) -> BaseInstallSpec {
+        BaseInstallSpec {
+            base_lsn: self.lsn,
+            base_entry: self.info,
+            geometry: self.shared.geo,
+        }
+    }
+}
+
+impl Drop for BasePin {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock_state();
+        st.fences.remove(&self.fence_id);
+        st.pins.remove(&self.pin_id);
+        self.shared.wake_flusher(&mut st);
+        self.shared.cond.notify_all();
+    }
+}
+
+/// Reads a base image in chunks, skipping runs of all-zero blocks.
+///
+/// Memory is bounded by two chunk buffers regardless of the volume size.
+pub struct BaseReader<'a> {
+    pin: &'a BasePin,
+    next_lba: u64,
+    chunk_blocks: u64,
+    window: Vec<u8>,
+    win_lba: u64,
+    win_blocks: u64,
+    cursor: u64,
+    bytes_scanned: u64,
+    bytes_sent: u64,
+    failed: bool,
+}
+
+impl std::fmt::Debug for BaseReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BaseReader(next lba {})", self.next_lba)
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // Compare eight bytes at a time; block sizes are multiples of 512, so the remainder is
+    // empty in practice.
+    let mut words = b.chunks_exact(8);
+    let body = words
+        .by_ref()
+        .all(|c| u64::from_ne_bytes(<[u8; 8]>::try_from(c).unwrap_or([1; 8])) == 0);
+    body && words.remainder().iter().all(|x| *x == 0)
+}
+
+impl BaseReader<'_> {
+    /// Extent bytes read so far.
+    pub fn bytes_scanned(&self) -> u64 {
+        self.bytes_scanned
+    }
+
+    /// Data bytes emitted in chunks so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    fn load_window(&mut self) -> Result<bool> {
+        let s = &self.pin.shared;
+        let vb = s.geo.volume_blocks;
+        if self.next_lba >= vb {
+            return Ok(false);
+        }
+        let bs = u64::from(s.geo.block_size);
+        let n = self.chunk_blocks.min(vb - self.next_lba);
+        self.window.resize((n * bs) as usize, 0);
+        // The extent lock keeps the flusher out while the fence check and the read happen, so
+        // a revoked fence is noticed before any block past the image can be read.
+        let _r = s.extent_read();
+        {
+            let st = s.lock_state();
+            if st.closed {
+                return Err(BlockVolError::Closed);
+            }
+            match st.fences.get(&self.pin.fence_id) {
+                Some(f) if !f.revoked => {}
+                _ => {
+                    return Err(BlockVolError::Revoked {
+                        reason: st.revoke_reason.clone(),
+                    });
+                }
+            }
+        }
+        let off = s.extent_offset + self.next_lba * bs;
+        s.medium
+            .read_at(off, &mut self.window)
+            .map_err(|e| BlockVolError::io("read extent", format!("file offset {off}"), e))?;
+        self.win_lba = self.next_lba;
+        self.win_blocks = n;
+        self.cursor = 0;
+        self.next_lba += n;
+        self.bytes_scanned += n * bs;
+        Ok(true)
+    }
+
+    fn next_chunk(&mut self) -> Result<Option<BaseChunk>> {
+        let bs = self.pin.shared.geo.block_size as usize;
+        loop {
+            let block = |w: &Vec<u8>, i: u64| -> bool {
+                is_zero(&w[i as usize * bs..(i as usize + 1) * bs])
+            };
+            while self.cursor < self.win_blocks && block(&self.window, self.cursor) {
+                self.cursor += 1;
+            }
+            if self.cursor < self.win_blocks {
+                let first = self.cursor;
+                while self.cursor < self.win_blocks && !block(&self.window, self.cursor) {
+                    self.cursor += 1;
+                }
+                let data = self.window[first as usize * bs..self.cursor as usize * bs].to_vec();
+                self.bytes_sent += data.len() as u64;
+                return Ok(Some(BaseChunk::new(
+                    self.win_lba + first,
+                    (self.cursor - first) as u32,
+                    data,
+                )));
+            }
+            if !self.load_window()? {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+impl Iterator for BaseReader<'_> {
+    type Item = Result<BaseChunk>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match self.next_chunk() {
+            Ok(c) => c.map(Ok),
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// What a receiver needs to install a base image.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct BaseInstallSpec {
+    /// The LSN the image represents.
+    pub base_lsn: Lsn,
+    /// Identity of the sender's entry at `base_lsn` (becomes the receiver's tail entry).
+    pub base_entry: EntryInfo,
+    /// The sender's geometry; must equal the receiver's.
+    pub geometry: Geometry,
+}
+
+/// An install in progress. `finish` makes it the volume's state; dropping it without
+/// finishing leaves the volume marked incomplete.
+pub struct BaseInstall {
+    shared: Arc<Shared>,
+    spec: BaseInstallSpec,
+    finished: bool,
+    bytes_written: u64,
+}
+
+impl std::fmt::Debug for BaseInstall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BaseInstall(at {})", self.spec.base_lsn)
+    }
+}
+
+impl BaseInstall {
+    /// Data bytes written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    /// Verifies the chunk's CRC, then writes it straight into the extent.
+    pub fn write_chunk(&mut self, chunk: &BaseChunk) -> Result<()> {
+        chunk.verify()?;
+        let s = &self.shared;
+        let g = s.geo;
+        let bs = u64::from(g.block_size);
+        if chunk.blocks == 0
+            || chunk
+                .lba
+                .checked_add(u64::from(chunk.blocks))
+                .is_none_or(|e| e > g.volume_blocks)
+        {
+            return Err(BlockVolError::OutOfRange {
+                lba: chunk.lba,
+                blocks: u64::from(chunk.blocks),
+                volume_blocks: g.volume_blocks,
+            });
+        }
+        if chunk.data.len() as u64 != u64::from(chunk.blocks) * bs {
+            return Err(BlockVolError::InvalidArgument(format!(
+                "chunk at lba {} has {} bytes for {} blocks of {bs}",
+                chunk.lba,
+                chunk.data.len(),
+                chunk.blocks
+            )));
+        }
+        {
+            let st = s.lock_state();
+            s.check_usable(&st)?;
+        }
+        let off = s.extent_offset + chunk.lba * bs;
+        s.medium
+            .write_at(off, &chunk.data)
+            .map_err(|e| BlockVolError::io("write extent", format!("file offset {off}"), e))?;
+        self.bytes_written += chunk.data.len() as u64;
+        Ok(())
+    }
+
+    /// Syncs the extent, resets the WAL with a new generation, sets checkpoint = head = tail =
+    /// base LSN and clears the incomplete mark, all durably.
+    pub fn finish(mut self) -> Result<()> {
+        let s = self.shared.clone();
+        if let Err(e) = s.medium.sync_range(s.extent_offset, s.extent_len()) {
+            let err = BlockVolError::io("fdatasync extent", s.medium.describe(), e);
+            let mut st = s.lock_state();
+            s.poison(&mut st, err.to_string());
+            return Err(err);
+        }
+        let base = self.spec.base_lsn.0;
+        let info = self.spec.base_entry;
+        let mut w = s.sb_writer();
+        let generation = s.lock_state().generation + 1;
+        s.persist_with(&mut w, |st| {
+            let mut sb = s.sb_from_state(st);
+            sb.flags = 0;
+            sb.install_lsn = 0;
+            sb.generation = generation;
+            sb.checkpoint = base;
+            sb.tail_lsn = base;
+            sb.tail_pos = 0;
+            sb.tail_epoch = info.epoch;
+            sb.tail_crc = info.content_crc;
+            sb.head_hint = base;
+            sb
+        })?;
+        let mut st = s.lock_state();
+        st.generation = generation;
+        st.stamp = wal_stamp(&s.volume_id, generation);
+        st.head = base;
+        st.tail = base;
+        st.checkpoint = base;
+        st.durable = base;
+        st.head_pos = 0;
+        st.tail_pos = 0;
+        st.synced_pos = 0;
+        st.tail_info = info;
+        st.index.clear();
+        st.dirty.clear();
+        st.installing = false;
+        st.install_incomplete = false;
+        st.install_lsn = 0;
+        st.repaired = false;
+        st.lineage += 1;
+        s.cond.notify_all();
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for BaseInstall {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut st = self.shared.lock_state();
+            st.installing = false;
+            self.shared.cond.notify_all();
+        }
+    }
+}
+
+impl Volume {
+    fn register_base(&self, at: u64) -> Result<(u64, u64)> {
+        let s = &self.shared;
+        let mut st = s.lock_state();
+        let pin_id = s.add_pin(&mut st, at)?;
+        st.next_pin_id += 1;
+        let fence_id = st.next_pin_id;
+        st.fences.insert(fence_id, FenceRec { at, revoked: false });
+        Ok((fence_id, pin_id))
+    }
+
+    fn drop_base(&self, fence_id: u64, pin_id: u64) {
+        let mut st = self.shared.lock_state();
+        st.fences.remove(&fence_id);
+        st.pins.remove(&pin_id);
+        self.shared.cond.notify_all();
+    }
+
+    /// Holds a full base image exactly at `at` while writes continue.
+    ///
+    /// Requires `checkpoint <= at <= head` and `at` within the flush gate; flushes up to exactly
+    /// `at`, then fences the flusher there. `BaseUnavailable` when the checkpoint has already
+    /// passed `at` (the extent cannot be rewound) or another base pin holds the flusher lower.
+    pub fn pin_base(&self, at: Lsn) -> Result<BasePin> {
+        let s = &self.shared;
+        let unavailable =
+            |st: &crate::volume::State, reason: String| BlockVolError::BaseUnavailable {
+                requested: at,
+                checkpoint: Lsn(st.checkpoint),
+                head: Lsn(st.head),
+                reason,
+            };
+        let needs_sync = {
+            let st = s.lock_state();
+            s.check_usable(&st)?;
+            s.check_installed(&st, "pin_base")?;
+            if at.0 > st.head {
+                return Err(BlockVolError::BeyondHead {
+                    requested: at,
+                    head: Lsn(st.head),
+                });
+            }
+            at.0 > st.durable
+        };
+        if needs_sync {
+            s.sync()?;
+        }
+        let _f = s.flush_guard();
+        {
+            let st = s.lock_state();
+            s.check_usable(&st)?;
+            s.check_installed(&st, "pin_base")?;
+            if at.0 < st.checkpoint {
+                return Err(unavailable(
+                    &st,
+                    "the checkpoint has already passed it".into(),
+                ));
+            }
+            let gate = s.gate_limit(&st);
+            if at.0 > gate {
+                return Err(unavailable(
+                    &st,
+                    format!("it is beyond the flush gate limit {gate}"),
+                ));
+            }
+            if let Some(f) = st
+                .fences
+                .values()
+                .filter(|f| !f.revoked)
+                .map(|f| f.at)
+                .min()
+                && f < at.0
+            {
+                return Err(unavailable(
+                    &st,
+                    format!("another base pin holds the flusher at {f}"),
+                ));
+            }
+        }
+        let (fence_id, pin_id) = self.register_base(at.0)?;
+        let cp = match s.flush_locked(at.0) {
+            Ok(cp) => cp,
+            Err(e) => {
+                self.drop_base(fence_id, pin_id);
+                return Err(e);
+            }
+        };
+        if cp != at.0 {
+            self.drop_base(fence_id, pin_id);
+            let st = s.lock_state();
+            return Err(unavailable(&st, format!("the flush stopped at {cp}")));
+        }
+        let info = match self.entry_info(at) {
+            Ok(i) => i,
+            Err(e) => {
+                self.drop_base(fence_id, pin_id);
+                return Err(e);
+            }
+        };
+        Ok(BasePin {
+            shared: s.clone(),
+            fence_id,
+            pin_id,
+            lsn: at,
+            info,
+        })
+    }
+
+    /// Holds the image at the current checkpoint (no flush), and pins the WAL after it, for a
+    /// snapshot + tail rebuild.
+    pub fn pin_snapshot(&self) -> Result<BasePin> {
+        let s = &self.shared;
+        let _f = s.flush_guard();
+        let at = {
+            let st = s.lock_state();
+            s.check_usable(&st)?;
+            s.check_installed(&st, "pin_snapshot")?;
+            st.checkpoint
+        };
+        let (fence_id, pin_id) = self.register_base(at)?;
+        let info = match self.entry_info(Lsn(at)) {
+            Ok(i) => i,
+            Err(e) => {
+                self.drop_base(fence_id, pin_id);
+                return Err(e);
+            }
+        };
+        Ok(BasePin {
+            shared: s.clone(),
+            fence_id,
+            pin_id,
+            lsn: Lsn(at),
+            info,
+        })
+    }
+
+    /// Starts installing a base image: persists an "install in progress" mark first, pauses
+    /// this volume's flusher, refuses I/O, and zeroes the extent.
+    pub fn begin_base_install(&self, spec: BaseInstallSpec) -> Result<BaseInstall> {
+        let s = &self.shared;
+        if spec.geometry != s.geo {
+            return Err(BlockVolError::GeometryMismatch {
+                expected: s.geo.to_string(),
+                found: spec.geometry.to_string(),
+            });
+        }
+        if spec.base_entry.lsn != spec.base_lsn {
+            return Err(BlockVolError::InvalidArgument(format!(
+                "base entry names lsn {}, base is at {}",
+                spec.base_entry.lsn, spec.base_lsn
+            )));
+        }
+        let _f = s.flush_guard();
+        let mut w = s.sb_writer();
+        {
+            let mut st = s.lock_state();
+            s.check_usable(&st)?;
+            if st.installing {
+                return Err(BlockVolError::InstallInProgress);
+            }
+            if st.fences.values().any(|f| !f.revoked) {
+                return Err(BlockVolError::Busy(
+                    "base pins are outstanding on this volume".into(),
+                ));
+            }
+            st.installing = true;
+        }
+        let r = s.persist_with(&mut w, |st| {
+            let mut sb = s.sb_from_state(st);
+            sb.flags |= crate::format::SB_FLAG_INSTALL_INCOMPLETE;
+            sb.install_lsn = spec.base_lsn.0;
+            sb
+        });
+        {
+            let mut st = s.lock_state();
+            if let Err(e) = r {
+                st.installing = false;
+                return Err(e);
+            }
+            st.install_incomplete = true;
+            st.install_lsn = spec.base_lsn.0;
+            st.lineage += 1;
+            st.index.clear();
+            st.dirty.clear();
+            // The old lineage's pins can no longer be honoured.
+            for p in st.pins.values_mut() {
+                p.revoked = true;
+            }
+            st.revoke_reason = "base install started".into();
+            s.cond.notify_all();
+        }
+        drop(w);
+        let install = BaseInstall {
+            shared: s.clone(),
+            spec,
+            finished: false,
+            bytes_written: 0,
+        };
+        s.medium
+            .zero_range(s.extent_offset, s.extent_len())
+            .map_err(|e| BlockVolError::io("zero extent", s.medium.describe(), e))?;
+        Ok(install)
+    }
+}

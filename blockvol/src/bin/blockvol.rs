@@ -1,0 +1,359 @@
+//! `blockvol`: create, inspect and poke volume files.
+//!
+//! Exit codes: 0 success (for `check`: clean), 1 corruption found by `check`, 2 usage or I/O
+//! error.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use blockvol::inspect::{Inspection, inspect};
+use blockvol::{CreateOptions, OpenOptions, Volume};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "blockvol",
+    about = "Create, inspect and poke blockvol volume files"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new, preallocated volume file.
+    Create {
+        path: PathBuf,
+        /// Extent size in bytes.
+        #[arg(long)]
+        size: u64,
+        /// WAL ring size in bytes.
+        #[arg(long = "wal-size")]
+        wal_size: u64,
+        /// Block size in bytes.
+        #[arg(long = "block-size", default_value_t = 4096)]
+        block_size: u32,
+    },
+    /// Print the superblock and WAL summary.
+    Info {
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every checksum (exit 0 clean, 1 corrupt, 2 error).
+    Check { path: PathBuf },
+    /// Write whole blocks read from stdin at an LBA.
+    Write {
+        path: PathBuf,
+        #[arg(long)]
+        lba: u64,
+        /// Sync the WAL before exiting.
+        #[arg(long)]
+        sync: bool,
+    },
+    /// Read blocks to stdout.
+    Read {
+        path: PathBuf,
+        #[arg(long)]
+        lba: u64,
+        #[arg(long)]
+        blocks: u64,
+    },
+    /// List WAL entries.
+    DumpWal {
+        path: PathBuf,
+        /// First LSN to list.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the xxh3-128 digest of the visible contents.
+    Digest { path: PathBuf },
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("blockvol: {msg}");
+    ExitCode::from(2)
+}
+
+fn manual() -> OpenOptions {
+    OpenOptions::manual()
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn info(path: &Path, json: bool) -> ExitCode {
+    let ins = match inspect(path) {
+        Ok(i) => i,
+        Err(e) => return fail(e),
+    };
+    let Some((slot, sb)) = &ins.chosen else {
+        return fail("no valid superblock (run `blockvol check` for details)");
+    };
+    let wal = ins.wal.as_ref();
+    let head = wal.map(|w| w.head).unwrap_or(sb.checkpoint);
+    let slot_name = if *slot == 0 { "A" } else { "B" };
+    if json {
+        println!(
+            "{{\"path\":{},\"volume_id\":\"{}\",\"slot\":\"{slot_name}\",\"seq\":{},\"block_size\":{},\"volume_blocks\":{},\"volume_bytes\":{},\"wal_size\":{},\"generation\":{},\"checkpoint\":{},\"tail\":{},\"head\":{},\"entries\":{},\"epoch\":{},\"role\":{},\"install_incomplete\":{},\"repaired\":{},\"corrupt\":{}}}",
+            json_str(&path.display().to_string()),
+            hex(&sb.volume_id),
+            sb.seq,
+            sb.block_size,
+            sb.volume_blocks,
+            sb.volume_blocks * u64::from(sb.block_size),
+            sb.wal_size,
+            sb.generation,
+            sb.checkpoint,
+            sb.tail_lsn,
+            head,
+            wal.map(|w| w.entries.len()).unwrap_or(0),
+            sb.epoch,
+            json_str(sb.role.name()),
+            sb.flags & blockvol::format::SB_FLAG_INSTALL_INCOMPLETE != 0,
+            sb.flags & blockvol::format::SB_FLAG_REPAIRED != 0,
+            ins.is_corrupt(),
+        );
+    } else {
+        println!("path:        {}", path.display());
+        println!("volume id:   {}", hex(&sb.volume_id));
+        println!("superblock:  slot {slot_name}, seq {}", sb.seq);
+        println!(
+            "geometry:    {} blocks of {} bytes ({} bytes), WAL {} bytes",
+            sb.volume_blocks,
+            sb.block_size,
+            sb.volume_blocks * u64::from(sb.block_size),
+            sb.wal_size
+        );
+        println!("generation:  {}", sb.generation);
+        println!(
+            "lsns:        tail {} checkpoint {} head {}",
+            sb.tail_lsn, sb.checkpoint, head
+        );
+        println!("role:        {} (epoch {})", sb.role.name(), sb.epoch);
+        if sb.flags & blockvol::format::SB_FLAG_INSTALL_INCOMPLETE != 0 {
+            println!(
+                "state:       base install incomplete (target lsn {})",
+                sb.install_lsn
+            );
+        }
+        if sb.flags & blockvol::format::SB_FLAG_REPAIRED != 0 {
+            println!("state:       repaired (checkpoint untrusted)");
+        }
+        if ins.is_corrupt() {
+            println!("corrupt:     yes (run `blockvol check` for details)");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn report_check(path: &Path, ins: &Inspection) -> ExitCode {
+    let mut corrupt = false;
+    for (name, s) in ["A", "B"].iter().zip(ins.slots.iter()) {
+        match &s.result {
+            Ok(sb) => println!(
+                "superblock slot {name} (offset {}): ok, seq {}",
+                s.offset, sb.seq
+            ),
+            Err(e) => {
+                corrupt = true;
+                println!("superblock slot {name} (offset {}): CORRUPT: {e}", s.offset);
+            }
+        }
+    }
+    let Some((_, sb)) = &ins.chosen else {
+        println!("{}: CORRUPT: no valid superblock", path.display());
+        return ExitCode::from(1);
+    };
+    if sb.file_len() > ins.file_len {
+        corrupt = true;
+        println!(
+            "file: CORRUPT: {} bytes, the superblock describes {}",
+            ins.file_len,
+            sb.file_len()
+        );
+    }
+    match &ins.wal {
+        None => println!("wal: not checked (base install incomplete)"),
+        Some(w) => {
+            println!(
+                "wal: {} entries verified (lsn {}..={}), log ends at file offset {}: {}",
+                w.entries.len(),
+                sb.tail_lsn + 1,
+                w.head,
+                w.end_offset,
+                w.end_detail
+            );
+            if w.leftovers > 0 && w.corruption.is_none() {
+                println!(
+                    "wal: {} torn-tail leftovers past the end (recovery discards them)",
+                    w.leftovers
+                );
+            }
+            if let Some(c) = &w.corruption {
+                corrupt = true;
+                println!("wal: CORRUPT: {c}");
+            }
+        }
+    }
+    if corrupt {
+        println!("{}: CORRUPT", path.display());
+        ExitCode::from(1)
+    } else {
+        println!("{}: clean", path.display());
+        ExitCode::SUCCESS
+    }
+}
+
+fn dump_wal(path: &Path, from: Option<u64>, json: bool) -> ExitCode {
+    let ins = match inspect(path) {
+        Ok(i) => i,
+        Err(e) => return fail(e),
+    };
+    let Some(w) = &ins.wal else {
+        return fail("no readable WAL (no valid superblock or an incomplete install)");
+    };
+    let from = from.unwrap_or(0);
+    let items: Vec<_> = w.entries.iter().filter(|e| e.lsn >= from).collect();
+    let mut out = std::io::stdout().lock();
+    let r = (|| -> std::io::Result<()> {
+        if json {
+            write!(out, "[")?;
+            for (i, e) in items.iter().enumerate() {
+                if i > 0 {
+                    write!(out, ",")?;
+                }
+                write!(
+                    out,
+                    "{{\"lsn\":{},\"kind\":\"{}\",\"epoch\":{},\"lba\":{},\"blocks\":{},\"content_crc\":\"{:08x}\",\"file_offset\":{}}}",
+                    e.lsn, e.kind, e.epoch, e.lba, e.blocks, e.content_crc, e.file_offset
+                )?;
+            }
+            writeln!(out, "]")?;
+        } else {
+            for e in &items {
+                writeln!(
+                    out,
+                    "lsn {:>8}  {:<7}  epoch {:>4}  lba {:>10}  blocks {:>6}  crc {:08x}  offset {}",
+                    e.lsn, e.kind, e.epoch, e.lba, e.blocks, e.content_crc, e.file_offset
+                )?;
+            }
+        }
+        Ok(())
+    })();
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.cmd {
+        Cmd::Create {
+            path,
+            size,
+            wal_size,
+            block_size,
+        } => {
+            let opts = CreateOptions {
+                volume_size_bytes: size,
+                wal_size_bytes: wal_size,
+                block_size,
+            };
+            match Volume::create(&path, &opts, &manual()).and_then(|v| v.close()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Info { path, json } => info(&path, json),
+        Cmd::Check { path } => match inspect(&path) {
+            Ok(ins) => report_check(&path, &ins),
+            Err(e) => fail(e),
+        },
+        Cmd::Write { path, lba, sync } => {
+            let mut data = Vec::new();
+            if let Err(e) = std::io::stdin().read_to_end(&mut data) {
+                return fail(e);
+            }
+            let r = Volume::open(&path, &manual()).and_then(|v| {
+                let lsn = v.write(lba, &data)?;
+                if sync {
+                    v.sync()?;
+                }
+                v.close()?;
+                Ok(lsn)
+            });
+            match r {
+                Ok(lsn) => {
+                    eprintln!("wrote {} bytes at lba {lba} as lsn {lsn}", data.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Read { path, lba, blocks } => {
+            let r = Volume::open(&path, &manual()).and_then(|v| {
+                let d = v.read(lba, blocks)?;
+                v.close()?;
+                Ok(d)
+            });
+            match r {
+                Ok(d) => match std::io::stdout().lock().write_all(&d) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(e),
+                },
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::DumpWal { path, from, json } => dump_wal(&path, from, json),
+        Cmd::Digest { path } => {
+            let r = Volume::open(&path, &manual()).and_then(|v| {
+                let d = v.digest()?;
+                v.close()?;
+                Ok(d)
+            });
+            match r {
+                Ok(d) => {
+                    println!("{d}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}

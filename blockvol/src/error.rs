@@ -1,0 +1,279 @@
+//! The crate's single error type.
+//!
+//! Every variant carries the values that explain it (offsets, expected and found LSNs, the region
+//! that failed) so a log line or a test failure says what was wrong without a debugger.
+
+use crate::types::{EntryInfo, Lsn, Role};
+
+/// Result alias used throughout the crate.
+pub type Result<T> = std::result::Result<T, BlockVolError>;
+
+/// Everything that can go wrong in a volume, its codecs or its command line.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum BlockVolError {
+    /// An operating-system call failed.
+    #[error("I/O error during {op} at {context}: {source}")]
+    Io {
+        /// The operation that failed (`"pwrite extent"`, `"msync wal"`, ...).
+        op: &'static str,
+        /// Where: a path, a region name or a file offset.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A caller passed an argument that can never be valid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A block range leaves the volume.
+    #[error(
+        "block range lba {lba} + {blocks} blocks is outside the volume of {volume_blocks} blocks"
+    )]
+    OutOfRange {
+        /// First block of the request.
+        lba: u64,
+        /// Number of blocks requested.
+        blocks: u64,
+        /// Size of the volume in blocks.
+        volume_blocks: u64,
+    },
+    /// A byte length is not a positive multiple of the block size.
+    #[error("length {len} bytes is not a positive multiple of the block size {block_size}")]
+    Misaligned {
+        /// The length that was passed.
+        len: u64,
+        /// The volume's block size.
+        block_size: u32,
+    },
+    /// One entry would be larger than half the WAL, so it could never be placed.
+    #[error("entry of {bytes} bytes exceeds the largest WAL entry of {max} bytes")]
+    EntryTooLarge {
+        /// Encoded size of the entry.
+        bytes: u64,
+        /// Largest entry the ring accepts (half the WAL).
+        max: u64,
+    },
+    /// The WAL had no room within the admission timeout. No LSN was consumed.
+    #[error("WAL full: needed {needed} bytes, {free} free after waiting {waited_ms} ms")]
+    WalFull {
+        /// Bytes the entry (plus padding) needed.
+        needed: u64,
+        /// Bytes free when the wait gave up.
+        free: u64,
+        /// How long the writer waited.
+        waited_ms: u64,
+    },
+    /// A sync failed earlier; the volume refuses further writes until it is reopened.
+    #[error("volume poisoned by an earlier failure: {first_failure}")]
+    Poisoned {
+        /// The first failure, as text.
+        first_failure: String,
+    },
+    /// The volume was closed.
+    #[error("volume is closed")]
+    Closed,
+    /// The volume's role does not allow this operation.
+    #[error("{op} refused in role {role:?} (epoch {epoch})")]
+    WrongRole {
+        /// What was attempted.
+        op: &'static str,
+        /// The current role.
+        role: Role,
+        /// The current epoch.
+        epoch: u64,
+    },
+    /// A write named an epoch that is not the volume's current epoch.
+    #[error("stale epoch: write at epoch {given}, volume is at epoch {current}")]
+    StaleEpoch {
+        /// The epoch the caller wrote under.
+        given: u64,
+        /// The volume's epoch.
+        current: u64,
+    },
+    /// An assignment tried to lower the epoch.
+    #[error(
+        "epoch regression refused: volume is at epoch {current}, assignment asked for {requested}"
+    )]
+    EpochRegression {
+        /// The persisted epoch.
+        current: u64,
+        /// The epoch that was asked for.
+        requested: u64,
+    },
+    /// A replicated entry carries an epoch newer than the replica's own.
+    #[error(
+        "entry {lsn} carries epoch {entry_epoch}, newer than the volume's epoch {volume_epoch}"
+    )]
+    EntryEpochAhead {
+        /// LSN of the entry.
+        lsn: Lsn,
+        /// Epoch stamped on the entry.
+        entry_epoch: u64,
+        /// The volume's epoch.
+        volume_epoch: u64,
+    },
+    /// `apply` got an entry beyond `head + 1`.
+    #[error("gap: expected lsn {expected}, found {found}")]
+    Gap {
+        /// The next LSN the volume can accept.
+        expected: Lsn,
+        /// The LSN that arrived.
+        found: Lsn,
+    },
+    /// `apply` got an entry the volume already holds but can no longer compare (recycled).
+    #[error(
+        "duplicate lsn {lsn} is older than the retained start {retained_start}; content cannot be compared"
+    )]
+    Duplicate {
+        /// LSN of the entry.
+        lsn: Lsn,
+        /// First LSN still retained.
+        retained_start: Lsn,
+    },
+    /// `apply` got an entry at an LSN the volume holds with different content.
+    #[error("divergent entry at lsn {lsn}: local {local:?}, incoming {incoming:?}")]
+    Divergent {
+        /// The LSN where the logs differ.
+        lsn: Lsn,
+        /// What the volume holds.
+        local: EntryInfo,
+        /// What arrived.
+        incoming: EntryInfo,
+    },
+    /// The requested LSN range has already been recycled from the WAL.
+    #[error("lsn {requested} is recycled; the WAL retains from lsn {retained_start}")]
+    Recycled {
+        /// The first LSN the caller needed.
+        requested: Lsn,
+        /// The first LSN still present.
+        retained_start: Lsn,
+    },
+    /// The requested LSN is beyond the head.
+    #[error("lsn {requested} is beyond the head {head}")]
+    BeyondHead {
+        /// The LSN asked for.
+        requested: Lsn,
+        /// The current head.
+        head: Lsn,
+    },
+    /// A scan found its range truncated or reset underneath it.
+    #[error("scan invalidated at lsn {at}: the log was truncated or reset while the scan was open")]
+    ScanInvalidated {
+        /// The next LSN the scan would have yielded.
+        at: Lsn,
+    },
+    /// Stored bytes failed a checksum or structural check.
+    #[error("corrupt {region} at file offset {offset}: {detail}")]
+    Corrupt {
+        /// The region: `"superblock"`, `"wal"`, `"wire entry"`, `"base chunk"`.
+        region: &'static str,
+        /// File (or buffer) offset of the damaged structure.
+        offset: u64,
+        /// The LSN involved, when known.
+        lsn: Option<Lsn>,
+        /// What check failed.
+        detail: String,
+    },
+    /// A buffer could not be decoded (wire forms: entries, base chunks).
+    #[error("cannot decode {what}: {detail}")]
+    Decode {
+        /// The structure being decoded.
+        what: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Neither superblock slot holds a valid superblock.
+    #[error("no valid superblock: slot A: {slot_a}; slot B: {slot_b}")]
+    NoValidSuperblock {
+        /// Why slot A was rejected.
+        slot_a: String,
+        /// Why slot B was rejected.
+        slot_b: String,
+    },
+    /// Two geometries that must match do not.
+    #[error("geometry mismatch: expected {expected}, found {found}")]
+    GeometryMismatch {
+        /// The geometry required.
+        expected: String,
+        /// The geometry found.
+        found: String,
+    },
+    /// `truncate_after` below the checkpoint: flushed entries cannot be un-flushed.
+    #[error("cannot truncate after lsn {requested}: below the checkpoint {checkpoint}")]
+    BelowCheckpoint {
+        /// The LSN asked for.
+        requested: Lsn,
+        /// The volume's checkpoint.
+        checkpoint: Lsn,
+    },
+    /// A base image at the requested LSN cannot be produced.
+    #[error(
+        "base image at lsn {requested} unavailable: {reason} (checkpoint {checkpoint}, head {head})"
+    )]
+    BaseUnavailable {
+        /// The LSN asked for.
+        requested: Lsn,
+        /// The volume's checkpoint.
+        checkpoint: Lsn,
+        /// The volume's head.
+        head: Lsn,
+        /// Why.
+        reason: String,
+    },
+    /// The volume holds a partial base install; it must be reinstalled before use.
+    #[error("volume holds an incomplete base install (target lsn {base_lsn}); {op} refused")]
+    InstallIncomplete {
+        /// What was attempted.
+        op: &'static str,
+        /// The base LSN of the interrupted install.
+        base_lsn: Lsn,
+    },
+    /// Another base install is running on this volume.
+    #[error("a base install is already in progress")]
+    InstallInProgress,
+    /// A base chunk failed its checksum on arrival.
+    #[error(
+        "base chunk at lba {lba} failed its checksum: stored {expected:#010x}, computed {found:#010x}"
+    )]
+    ChunkChecksum {
+        /// First block of the chunk.
+        lba: u64,
+        /// The CRC carried by the chunk.
+        expected: u32,
+        /// The CRC of the bytes received.
+        found: u32,
+    },
+    /// The volume file is locked by another opener.
+    #[error("volume {path} is locked by another process or handle")]
+    Locked {
+        /// The path (or simulated disk) that is locked.
+        path: String,
+    },
+    /// The pin backing this operation was revoked.
+    #[error("pin revoked: {reason}")]
+    Revoked {
+        /// The reason given to `revoke_wal_pins`.
+        reason: String,
+    },
+    /// The operation conflicts with something outstanding.
+    #[error("busy: {0}")]
+    Busy(String),
+}
+
+impl BlockVolError {
+    pub(crate) fn io(op: &'static str, context: impl Into<String>, source: std::io::Error) -> Self {
+        BlockVolError::Io {
+            op,
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn decode(what: &'static str, detail: impl Into<String>) -> Self {
+        BlockVolError::Decode {
+            what,
+            detail: detail.into(),
+        }
+    }
+}

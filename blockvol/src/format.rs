@@ -1,0 +1,531 @@
+//! On-disk and wire layouts: every offset, size and magic number, and the codecs that use them.
+//!
+//! `docs/format.md` documents these structures byte by byte; `tests/format_doc.rs` parses the
+//! tables in that document and compares them with the constants here, so the two cannot drift.
+//! All integers are little-endian. Decoders never panic: every input yields a value or a typed
+//! error.
+
+use crate::error::{BlockVolError, Result};
+use crate::types::Role;
+
+/// Current format version, stored in each superblock slot.
+pub const FORMAT_VERSION: u32 = 1;
+
+// ---- File regions -------------------------------------------------------------------------
+
+/// Size of one superblock slot.
+pub const SB_SLOT_SIZE: u64 = 4096;
+/// File offset of superblock slot A (slot B follows it).
+pub const SB_SLOT_A_OFFSET: u64 = 0;
+/// File offset of superblock slot B.
+pub const SB_SLOT_B_OFFSET: u64 = 4096;
+/// File offset of the WAL ring.
+pub const WAL_OFFSET: u64 = 8192;
+/// The WAL size must be a multiple of this (the page size, so the ring maps cleanly).
+pub const WAL_SIZE_ALIGN: u64 = 4096;
+/// Smallest WAL accepted at creation.
+pub const MIN_WAL_SIZE: u64 = 64 * 1024;
+/// Smallest block size.
+pub const MIN_BLOCK_SIZE: u32 = 512;
+/// Largest block size.
+pub const MAX_BLOCK_SIZE: u32 = 65536;
+
+// ---- Superblock slot ----------------------------------------------------------------------
+
+/// Magic at the start of each superblock slot.
+pub const SB_MAGIC: [u8; 8] = *b"BLKVOLSB";
+/// Offset of the 8-byte magic.
+pub const SB_OFF_MAGIC: usize = 0;
+/// Offset of the u32 format version.
+pub const SB_OFF_VERSION: usize = 8;
+/// Offset of the u32 flags.
+pub const SB_OFF_FLAGS: usize = 12;
+/// Offset of the u64 sequence number (the newest valid slot wins).
+pub const SB_OFF_SEQ: usize = 16;
+/// Offset of the 16-byte volume id (random at creation).
+pub const SB_OFF_VOLUME_ID: usize = 24;
+/// Offset of the u32 block size.
+pub const SB_OFF_BLOCK_SIZE: usize = 40;
+/// Offset of a reserved u32 (zero).
+pub const SB_OFF_RESERVED: usize = 44;
+/// Offset of the u64 number of extent blocks.
+pub const SB_OFF_VOLUME_BLOCKS: usize = 48;
+/// Offset of the u64 WAL file offset.
+pub const SB_OFF_WAL_OFFSET: usize = 56;
+/// Offset of the u64 WAL size.
+pub const SB_OFF_WAL_SIZE: usize = 64;
+/// Offset of the u64 extent file offset.
+pub const SB_OFF_EXTENT_OFFSET: usize = 72;
+/// Offset of the u64 WAL generation.
+pub const SB_OFF_GENERATION: usize = 80;
+/// Offset of the u64 checkpoint LSN.
+pub const SB_OFF_CHECKPOINT: usize = 88;
+/// Offset of the u64 tail LSN (last recycled entry).
+pub const SB_OFF_TAIL_LSN: usize = 96;
+/// Offset of the u64 logical WAL position where entry `tail + 1` starts.
+pub const SB_OFF_TAIL_POS: usize = 104;
+/// Offset of the u64 epoch of the tail entry.
+pub const SB_OFF_TAIL_EPOCH: usize = 112;
+/// Offset of the u32 content CRC of the tail entry.
+pub const SB_OFF_TAIL_CRC: usize = 120;
+/// Offset of the u32 role code.
+pub const SB_OFF_ROLE: usize = 124;
+/// Offset of the u64 fencing epoch.
+pub const SB_OFF_EPOCH: usize = 128;
+/// Offset of the u64 advisory head LSN (never trusted by recovery).
+pub const SB_OFF_HEAD_HINT: usize = 136;
+/// Offset of the u64 base LSN of an install in progress (0 otherwise).
+pub const SB_OFF_INSTALL_LSN: usize = 144;
+/// First byte after the fields; bytes up to the CRC must be zero.
+pub const SB_FIELDS_END: usize = 152;
+/// Offset of the u32 CRC32 over bytes `[0, SB_OFF_CRC)` of the slot.
+pub const SB_OFF_CRC: usize = 4092;
+
+/// Superblock flag: a base install started and has not finished.
+pub const SB_FLAG_INSTALL_INCOMPLETE: u32 = 1 << 0;
+/// Superblock flag: recovery repaired mid-log corruption; the checkpoint is untrusted.
+pub const SB_FLAG_REPAIRED: u32 = 1 << 1;
+/// Every flag this version understands.
+pub const SB_KNOWN_FLAGS: u32 = SB_FLAG_INSTALL_INCOMPLETE | SB_FLAG_REPAIRED;
+
+// ---- WAL entry header ---------------------------------------------------------------------
+
+/// Magic of an entry stored in the WAL ring.
+pub const ENTRY_MAGIC_DISK: [u8; 4] = *b"BVWE";
+/// Magic of an entry in its wire form (`WalEntry::encode`).
+pub const ENTRY_MAGIC_WIRE: [u8; 4] = *b"BVWX";
+/// Size of an entry header.
+pub const ENTRY_HEADER_SIZE: usize = 64;
+/// Entries start and end on this alignment.
+pub const ENTRY_ALIGN: u64 = 8;
+/// Offset of the 4-byte magic.
+pub const ENTRY_OFF_MAGIC: usize = 0;
+/// Offset of the u8 kind.
+pub const ENTRY_OFF_KIND: usize = 4;
+/// Offset of the u8 flags (zero).
+pub const ENTRY_OFF_FLAGS: usize = 5;
+/// Offset of a reserved u16 (zero).
+pub const ENTRY_OFF_RESERVED: usize = 6;
+/// Offset of the u64 WAL generation (zero in the wire form).
+pub const ENTRY_OFF_GENERATION: usize = 8;
+/// Offset of the u64 LSN.
+pub const ENTRY_OFF_LSN: usize = 16;
+/// Offset of the u64 epoch.
+pub const ENTRY_OFF_EPOCH: usize = 24;
+/// Offset of the u64 first block.
+pub const ENTRY_OFF_LBA: usize = 32;
+/// Offset of the u32 block count.
+pub const ENTRY_OFF_BLOCKS: usize = 40;
+/// Offset of the u32 payload length in bytes.
+pub const ENTRY_OFF_PAYLOAD_LEN: usize = 44;
+/// Offset of the u64 durable hint (the writer's durable LSN at append; zero in the wire form).
+pub const ENTRY_OFF_DURABLE_HINT: usize = 48;
+/// Offset of the u32 content CRC.
+pub const ENTRY_OFF_CONTENT_CRC: usize = 56;
+/// Offset of the u32 header CRC over bytes `[0, 60)`.
+pub const ENTRY_OFF_HEADER_CRC: usize = 60;
+
+/// Entry kind: write `blocks` blocks of payload at `lba`.
+pub const KIND_WRITE: u8 = 1;
+/// Entry kind: zero `blocks` blocks at `lba`.
+pub const KIND_TRIM: u8 = 2;
+/// Entry kind: a no-op that consumes an LSN (for example to open an epoch).
+pub const KIND_BARRIER: u8 = 3;
+/// Entry kind: filler up to the end of the ring; consumes no LSN.
+pub const KIND_PADDING: u8 = 0xFE;
+
+// ---- Base chunk wire form -----------------------------------------------------------------
+
+/// Magic of an encoded base chunk.
+pub const CHUNK_MAGIC: [u8; 4] = *b"BVBC";
+/// Size of a base chunk header.
+pub const CHUNK_HEADER_SIZE: usize = 24;
+/// Offset of the 4-byte magic.
+pub const CHUNK_OFF_MAGIC: usize = 0;
+/// Offset of the u32 block count.
+pub const CHUNK_OFF_BLOCKS: usize = 4;
+/// Offset of the u64 first block.
+pub const CHUNK_OFF_LBA: usize = 8;
+/// Offset of the u32 data length.
+pub const CHUNK_OFF_DATA_LEN: usize = 16;
+/// Offset of the u32 CRC over lba, blocks and data.
+pub const CHUNK_OFF_CRC: usize = 20;
+
+// ---- Little-endian helpers ----------------------------------------------------------------
+
+pub(crate) fn get_u32(buf: &[u8], off: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&buf[off..off + 4]);
+    u32::from_le_bytes(b)
+}
+
+pub(crate) fn get_u64(buf: &[u8], off: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[off..off + 8]);
+    u64::from_le_bytes(b)
+}
+
+pub(crate) fn put_u32(buf: &mut [u8], off: usize, v: u32) {
+    buf[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+pub(crate) fn put_u64(buf: &mut [u8], off: usize, v: u64) {
+    buf[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Rounds `n` up to the entry alignment.
+pub(crate) fn align_up(n: u64) -> u64 {
+    n.div_ceil(ENTRY_ALIGN) * ENTRY_ALIGN
+}
+
+/// Bytes an entry with `payload_len` bytes of payload occupies in the ring.
+pub fn entry_size(payload_len: u64) -> u64 {
+    align_up(ENTRY_HEADER_SIZE as u64 + payload_len)
+}
+
+/// CRC32 identifying an entry's content, independent of block size and WAL placement:
+/// kind (u8), lba (u64), `count` (u64: payload bytes for a write, blocks for a trim, zero for a
+/// barrier), then the payload.
+pub fn content_crc(kind: u8, lba: u64, count: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[kind]);
+    h.update(&lba.to_le_bytes());
+    h.update(&count.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+/// The `count` field of [`content_crc`] for a header.
+pub(crate) fn header_count(h: &EntryHeader) -> u64 {
+    if h.kind == KIND_WRITE {
+        u64::from(h.payload_len)
+    } else {
+        u64::from(h.blocks)
+    }
+}
+
+// ---- Superblock ---------------------------------------------------------------------------
+
+/// The decoded contents of one superblock slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    /// Flags (`SB_FLAG_*`).
+    pub flags: u32,
+    /// Sequence number; the newest valid slot wins.
+    pub seq: u64,
+    /// Random identity chosen at creation.
+    pub volume_id: [u8; 16],
+    /// Bytes per block.
+    pub block_size: u32,
+    /// Blocks in the extent.
+    pub volume_blocks: u64,
+    /// File offset of the WAL ring.
+    pub wal_offset: u64,
+    /// Size of the WAL ring.
+    pub wal_size: u64,
+    /// File offset of the extent.
+    pub extent_offset: u64,
+    /// WAL generation: only entries stamped with it are replayed.
+    pub generation: u64,
+    /// Every entry `<= checkpoint` is in the extent.
+    pub checkpoint: u64,
+    /// Last recycled LSN.
+    pub tail_lsn: u64,
+    /// Logical ring position where entry `tail_lsn + 1` starts.
+    pub tail_pos: u64,
+    /// Epoch of entry `tail_lsn`.
+    pub tail_epoch: u64,
+    /// Content CRC of entry `tail_lsn`.
+    pub tail_crc: u32,
+    /// Persisted role.
+    pub role: Role,
+    /// Persisted epoch.
+    pub epoch: u64,
+    /// Advisory head at the time of writing.
+    pub head_hint: u64,
+    /// Base LSN of an install in progress.
+    pub install_lsn: u64,
+}
+
+impl Superblock {
+    /// Encodes the slot, including its CRC.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SB_SLOT_SIZE as usize];
+        b[SB_OFF_MAGIC..SB_OFF_MAGIC + 8].copy_from_slice(&SB_MAGIC);
+        put_u32(&mut b, SB_OFF_VERSION, FORMAT_VERSION);
+        put_u32(&mut b, SB_OFF_FLAGS, self.flags);
+        put_u64(&mut b, SB_OFF_SEQ, self.seq);
+        b[SB_OFF_VOLUME_ID..SB_OFF_VOLUME_ID + 16].copy_from_slice(&self.volume_id);
+        put_u32(&mut b, SB_OFF_BLOCK_SIZE, self.block_size);
+        put_u64(&mut b, SB_OFF_VOLUME_BLOCKS, self.volume_blocks);
+        put_u64(&mut b, SB_OFF_WAL_OFFSET, self.wal_offset);
+        put_u64(&mut b, SB_OFF_WAL_SIZE, self.wal_size);
+        put_u64(&mut b, SB_OFF_EXTENT_OFFSET, self.extent_offset);
+        put_u64(&mut b, SB_OFF_GENERATION, self.generation);
+        put_u64(&mut b, SB_OFF_CHECKPOINT, self.checkpoint);
+        put_u64(&mut b, SB_OFF_TAIL_LSN, self.tail_lsn);
+        put_u64(&mut b, SB_OFF_TAIL_POS, self.tail_pos);
+        put_u64(&mut b, SB_OFF_TAIL_EPOCH, self.tail_epoch);
+        put_u32(&mut b, SB_OFF_TAIL_CRC, self.tail_crc);
+        put_u32(&mut b, SB_OFF_ROLE, self.role.code());
+        put_u64(&mut b, SB_OFF_EPOCH, self.epoch);
+        put_u64(&mut b, SB_OFF_HEAD_HINT, self.head_hint);
+        put_u64(&mut b, SB_OFF_INSTALL_LSN, self.install_lsn);
+        let crc = crc32fast::hash(&b[..SB_OFF_CRC]);
+        put_u32(&mut b, SB_OFF_CRC, crc);
+        b
+    }
+
+    /// Decodes and validates one slot. `offset` only labels errors.
+    pub fn decode(buf: &[u8], offset: u64) -> Result<Superblock> {
+        let bad = |detail: String| BlockVolError::Corrupt {
+            region: "superblock",
+            offset,
+            lsn: None,
+            detail,
+        };
+        if buf.len() != SB_SLOT_SIZE as usize {
+            return Err(bad(format!(
+                "slot is {} bytes, expected {SB_SLOT_SIZE}",
+                buf.len()
+            )));
+        }
+        if buf[SB_OFF_MAGIC..SB_OFF_MAGIC + 8] != SB_MAGIC {
+            return Err(bad("bad magic".into()));
+        }
+        let stored = get_u32(buf, SB_OFF_CRC);
+        let computed = crc32fast::hash(&buf[..SB_OFF_CRC]);
+        if stored != computed {
+            return Err(bad(format!(
+                "checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
+            )));
+        }
+        let version = get_u32(buf, SB_OFF_VERSION);
+        if version != FORMAT_VERSION {
+            return Err(bad(format!("unsupported format version {version}")));
+        }
+        let flags = get_u32(buf, SB_OFF_FLAGS);
+        if flags & !SB_KNOWN_FLAGS != 0 {
+            return Err(bad(format!("unknown flags {flags:#x}")));
+        }
+        let role_code = get_u32(buf, SB_OFF_ROLE);
+        let role = Role::from_code(role_code)
+            .ok_or_else(|| bad(format!("unknown role code {role_code}")))?;
+        let mut volume_id = [0u8; 16];
+        volume_id.copy_from_slice(&buf[SB_OFF_VOLUME_ID..SB_OFF_VOLUME_ID + 16]);
+        let sb = Superblock {
+            flags,
+            seq: get_u64(buf, SB_OFF_SEQ),
+            volume_id,
+            block_size: get_u32(buf, SB_OFF_BLOCK_SIZE),
+            volume_blocks: get_u64(buf, SB_OFF_VOLUME_BLOCKS),
+            wal_offset: get_u64(buf, SB_OFF_WAL_OFFSET),
+            wal_size: get_u64(buf, SB_OFF_WAL_SIZE),
+            extent_offset: get_u64(buf, SB_OFF_EXTENT_OFFSET),
+            generation: get_u64(buf, SB_OFF_GENERATION),
+            checkpoint: get_u64(buf, SB_OFF_CHECKPOINT),
+            tail_lsn: get_u64(buf, SB_OFF_TAIL_LSN),
+            tail_pos: get_u64(buf, SB_OFF_TAIL_POS),
+            tail_epoch: get_u64(buf, SB_OFF_TAIL_EPOCH),
+            tail_crc: get_u32(buf, SB_OFF_TAIL_CRC),
+            role,
+            epoch: get_u64(buf, SB_OFF_EPOCH),
+            head_hint: get_u64(buf, SB_OFF_HEAD_HINT),
+            install_lsn: get_u64(buf, SB_OFF_INSTALL_LSN),
+        };
+        sb.validate().map_err(bad)?;
+        Ok(sb)
+    }
+
+    /// Structural checks that hold for every superblock this version writes.
+    fn validate(&self) -> std::result::Result<(), String> {
+        if !self.block_size.is_power_of_two()
+            || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size)
+        {
+            return Err(format!("invalid block size {}", self.block_size));
+        }
+        if self.volume_blocks == 0 {
+            return Err("volume has zero blocks".into());
+        }
+        if self.wal_offset != WAL_OFFSET {
+            return Err(format!(
+                "wal offset {} is not {WAL_OFFSET}",
+                self.wal_offset
+            ));
+        }
+        if self.wal_size < MIN_WAL_SIZE || !self.wal_size.is_multiple_of(WAL_SIZE_ALIGN) {
+            return Err(format!("invalid wal size {}", self.wal_size));
+        }
+        if self.extent_offset
+            != self
+                .wal_offset
+                .checked_add(self.wal_size)
+                .ok_or("wal end overflows")?
+        {
+            return Err(format!(
+                "extent offset {} is not wal offset + wal size",
+                self.extent_offset
+            ));
+        }
+        self.volume_blocks
+            .checked_mul(u64::from(self.block_size))
+            .and_then(|b| b.checked_add(self.extent_offset))
+            .ok_or("volume size overflows")?;
+        if self.tail_lsn > self.checkpoint {
+            return Err(format!(
+                "tail lsn {} is beyond the checkpoint {}",
+                self.tail_lsn, self.checkpoint
+            ));
+        }
+        if !self.tail_pos.is_multiple_of(ENTRY_ALIGN) {
+            return Err(format!("tail position {} is not aligned", self.tail_pos));
+        }
+        if self.generation == 0 {
+            return Err("generation 0 is never written".into());
+        }
+        Ok(())
+    }
+
+    /// Total file length this superblock describes.
+    pub fn file_len(&self) -> u64 {
+        self.extent_offset + self.volume_blocks * u64::from(self.block_size)
+    }
+}
+
+/// Which slot to use, given the decode results of slots A and B: the valid one with the
+/// highest sequence number.
+pub fn choose_superblock(
+    a: &Result<Superblock>,
+    b: &Result<Superblock>,
+) -> Option<(usize, Superblock)> {
+    match (a, b) {
+        (Ok(x), Ok(y)) => {
+            if y.seq > x.seq {
+                Some((1, y.clone()))
+            } else {
+                Some((0, x.clone()))
+            }
+        }
+        (Ok(x), Err(_)) => Some((0, x.clone())),
+        (Err(_), Ok(y)) => Some((1, y.clone())),
+        (Err(_), Err(_)) => None,
+    }
+}
+
+// ---- Entry header -------------------------------------------------------------------------
+
+/// A decoded entry header (the on-disk and the wire forms share this layout).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct EntryHeader {
+    /// `KIND_*`.
+    pub kind: u8,
+    /// WAL generation (zero on the wire).
+    pub generation: u64,
+    /// The entry's LSN (for padding: the LSN of the entry that follows it).
+    pub lsn: u64,
+    /// Epoch under which the entry was written.
+    pub epoch: u64,
+    /// First block.
+    pub lba: u64,
+    /// Block count.
+    pub blocks: u32,
+    /// Payload bytes following the header.
+    pub payload_len: u32,
+    /// Writer's durable LSN at append time (zero on the wire).
+    pub durable_hint: u64,
+    /// CRC of kind, lba, blocks and payload (zero for padding).
+    pub content_crc: u32,
+}
+
+impl EntryHeader {
+    /// Writes the header, with its CRC, into `out[..64]`.
+    pub fn encode_into(&self, magic: [u8; 4], out: &mut [u8]) {
+        let b = &mut out[..ENTRY_HEADER_SIZE];
+        b[ENTRY_OFF_MAGIC..ENTRY_OFF_MAGIC + 4].copy_from_slice(&magic);
+        b[ENTRY_OFF_KIND] = self.kind;
+        b[ENTRY_OFF_FLAGS] = 0;
+        b[ENTRY_OFF_RESERVED] = 0;
+        b[ENTRY_OFF_RESERVED + 1] = 0;
+        put_u64(b, ENTRY_OFF_GENERATION, self.generation);
+        put_u64(b, ENTRY_OFF_LSN, self.lsn);
+        put_u64(b, ENTRY_OFF_EPOCH, self.epoch);
+        put_u64(b, ENTRY_OFF_LBA, self.lba);
+        put_u32(b, ENTRY_OFF_BLOCKS, self.blocks);
+        put_u32(b, ENTRY_OFF_PAYLOAD_LEN, self.payload_len);
+        put_u64(b, ENTRY_OFF_DURABLE_HINT, self.durable_hint);
+        put_u32(b, ENTRY_OFF_CONTENT_CRC, self.content_crc);
+        let crc = crc32fast::hash(&b[..ENTRY_OFF_HEADER_CRC]);
+        put_u32(b, ENTRY_OFF_HEADER_CRC, crc);
+    }
+
+    /// Decodes a header, checking the magic, the header CRC, the reserved bytes and the
+    /// kind-specific shape (payload length versus block count). The payload is not checked.
+    pub fn decode(buf: &[u8], magic: [u8; 4]) -> std::result::Result<EntryHeader, String> {
+        if buf.len() < ENTRY_HEADER_SIZE {
+            return Err(format!(
+                "header needs {ENTRY_HEADER_SIZE} bytes, have {}",
+                buf.len()
+            ));
+        }
+        if buf[ENTRY_OFF_MAGIC..ENTRY_OFF_MAGIC + 4] != magic {
+            return Err("bad magic".into());
+        }
+        let stored = get_u32(buf, ENTRY_OFF_HEADER_CRC);
+        let computed = crc32fast::hash(&buf[..ENTRY_OFF_HEADER_CRC]);
+        if stored != computed {
+            return Err(format!(
+                "header checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
+            ));
+        }
+        if buf[ENTRY_OFF_FLAGS] != 0
+            || buf[ENTRY_OFF_RESERVED] != 0
+            || buf[ENTRY_OFF_RESERVED + 1] != 0
+        {
+            return Err("nonzero flags or reserved bytes".into());
+        }
+        let h = EntryHeader {
+            kind: buf[ENTRY_OFF_KIND],
+            generation: get_u64(buf, ENTRY_OFF_GENERATION),
+            lsn: get_u64(buf, ENTRY_OFF_LSN),
+            epoch: get_u64(buf, ENTRY_OFF_EPOCH),
+            lba: get_u64(buf, ENTRY_OFF_LBA),
+            blocks: get_u32(buf, ENTRY_OFF_BLOCKS),
+            payload_len: get_u32(buf, ENTRY_OFF_PAYLOAD_LEN),
+            durable_hint: get_u64(buf, ENTRY_OFF_DURABLE_HINT),
+            content_crc: get_u32(buf, ENTRY_OFF_CONTENT_CRC),
+        };
+        match h.kind {
+            KIND_WRITE => {
+                if h.blocks == 0 || h.payload_len == 0 || !h.payload_len.is_multiple_of(h.blocks) {
+                    return Err(format!(
+                        "write entry with {} blocks and {} payload bytes",
+                        h.blocks, h.payload_len
+                    ));
+                }
+            }
+            KIND_TRIM => {
+                if h.blocks == 0 || h.payload_len != 0 {
+                    return Err(format!(
+                        "trim entry with {} blocks and {} payload bytes",
+                        h.blocks, h.payload_len
+                    ));
+                }
+            }
+            KIND_BARRIER => {
+                if h.blocks != 0 || h.payload_len != 0 || h.lba != 0 {
+                    return Err("barrier entry with a block range or payload".into());
+                }
+            }
+            KIND_PADDING => {
+                if h.blocks != 0 || h.lba != 0 || h.content_crc != 0 {
+                    return Err("padding entry with a block range or content crc".into());
+                }
+            }
+            k => return Err(format!("unknown entry kind {k:#04x}")),
+        }
+        if h.lba.checked_add(u64::from(h.blocks)).is_none() {
+            return Err("block range overflows".into());
+        }
+        Ok(h)
+    }
+}

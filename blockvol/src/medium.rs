@@ -1,0 +1,191 @@
+//! The storage medium under a volume: a preallocated, locked, partly mapped file in
+//! production, or a simulated disk in crash tests.
+//!
+//! The volume addresses the medium by absolute file offset. The medium decides how each region
+//! is reached: the WAL ring through the memory map (one copy per append), the superblock slots
+//! and the extent through positioned reads and writes.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{BlockVolError, Result};
+use crate::sys::{self, MappedRegion};
+
+/// What the volume needs from its storage. Failures are plain `io::Error`s; the volume decides
+/// which ones poison it.
+pub(crate) trait Medium: Send + Sync {
+    /// Total bytes.
+    fn len(&self) -> u64;
+    /// Reads `buf.len()` bytes at `off`.
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `data` at `off` (not yet durable).
+    fn write_at(&self, off: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes `[off, off + len)` durable.
+    fn sync_range(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Zeroes `[off, off + len)` (not yet durable).
+    fn zero_range(&self, off: u64, len: u64) -> io::Result<()>;
+    /// A name for error messages.
+    fn describe(&self) -> String;
+}
+
+/// A real volume file: exclusively locked, preallocated, WAL region mapped.
+pub(crate) struct FileMedium {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    wal: MappedRegion,
+    wal_offset: u64,
+    wal_len: u64,
+}
+
+impl FileMedium {
+    /// Opens (`create == false`) or creates a file and maps its WAL region. `len` is the total
+    /// length the superblock describes; a created file is preallocated to it.
+    pub(crate) fn open(
+        path: &Path,
+        create: bool,
+        len: u64,
+        wal_offset: u64,
+        wal_len: u64,
+    ) -> Result<FileMedium> {
+        let ctx = || path.display().to_string();
+        let file = if create {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|e| BlockVolError::io("create", ctx(), e))?
+        } else {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| BlockVolError::io("open", ctx(), e))?
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(BlockVolError::Locked { path: ctx() });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(BlockVolError::io("lock", ctx(), e));
+            }
+        }
+        if create {
+            sys::preallocate(&file, len).map_err(|e| BlockVolError::io("fallocate", ctx(), e))?;
+        }
+        let actual = file
+            .metadata()
+            .map_err(|e| BlockVolError::io("stat", ctx(), e))?
+            .len();
+        if actual < len {
+            return Err(BlockVolError::GeometryMismatch {
+                expected: format!("file of at least {len} bytes"),
+                found: format!("{actual} bytes"),
+            });
+        }
+        let wal_usize = usize::try_from(wal_len).map_err(|_| {
+            BlockVolError::InvalidArgument(format!("wal of {wal_len} bytes cannot be mapped"))
+        })?;
+        let wal = MappedRegion::map(&file, wal_offset, wal_usize)
+            .map_err(|e| BlockVolError::io("mmap wal", ctx(), e))?;
+        Ok(FileMedium {
+            file,
+            path: path.to_path_buf(),
+            len,
+            wal,
+            wal_offset,
+            wal_len,
+        })
+    }
+
+    /// The file, for syncing its directory entry after creation.
+    pub(crate) fn sync_file(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+
+    /// Which part of `[off, off + len)` is in the WAL: `Some(map offset)` when the whole range
+    /// is, `None` when none of it is; a straddling range is refused.
+    fn wal_part(&self, off: u64, len: u64) -> io::Result<Option<usize>> {
+        let end = off
+            .checked_add(len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range overflows"))?;
+        if end > self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("range {off}+{len} beyond the file end {}", self.len),
+            ));
+        }
+        let wal_end = self.wal_offset + self.wal_len;
+        if off >= self.wal_offset && end <= wal_end {
+            Ok(Some((off - self.wal_offset) as usize))
+        } else if end <= self.wal_offset || off >= wal_end {
+            Ok(None)
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("range {off}+{len} straddles the WAL boundary"),
+            ))
+        }
+    }
+}
+
+impl Medium for FileMedium {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self.wal_part(off, buf.len() as u64)? {
+            Some(m) => self.wal.read(m, buf),
+            None => self.file.read_exact_at(buf, off),
+        }
+    }
+
+    fn write_at(&self, off: u64, data: &[u8]) -> io::Result<()> {
+        match self.wal_part(off, data.len() as u64)? {
+            Some(m) => self.wal.write(m, data),
+            None => self.file.write_all_at(data, off),
+        }
+    }
+
+    fn sync_range(&self, off: u64, len: u64) -> io::Result<()> {
+        match self.wal_part(off, len)? {
+            Some(m) => self.wal.flush_range(m, len as usize),
+            // fdatasync covers every dirty page of the file, including the range asked for.
+            None => self.file.sync_data(),
+        }
+    }
+
+    fn zero_range(&self, off: u64, len: u64) -> io::Result<()> {
+        if let Some(m) = self.wal_part(off, len)? {
+            // The WAL is mapped: zero through the map so the map and the file agree.
+            let zeros = vec![0u8; len.min(1 << 20) as usize];
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(zeros.len() as u64) as usize;
+                self.wal.write(m + done as usize, &zeros[..n])?;
+                done += n as u64;
+            }
+            return Ok(());
+        }
+        if sys::zero_range(&self.file, off, len)? {
+            return Ok(());
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], off + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}

@@ -1,0 +1,119 @@
+//! The only module allowed to use `unsafe`: the WAL memory map and two `libc` calls.
+//!
+//! Everything else in the crate is `#![deny(unsafe_code)]`. The map is a `MmapRaw` (a raw
+//! pointer and a length), never turned into a long-lived `&[u8]` or `&mut [u8]`, because other
+//! threads write other parts of the ring at the same time. Copies in and out are bounds-checked
+//! here; *which* bytes may be touched concurrently is the volume's locking protocol (see the
+//! crate docs): appends write only free space beyond the head, under the state lock; readers
+//! copy only retained entries, which nobody writes until the persisted tail has passed them.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// A shared, writable mapping of one region of the volume file.
+pub(crate) struct MappedRegion {
+    map: MmapRaw,
+    len: usize,
+}
+
+impl MappedRegion {
+    /// Maps `len` bytes of `file` starting at `offset` (page-aligned) for shared read/write.
+    ///
+    /// The file is preallocated before mapping, so no access through the map can fault on a
+    /// hole (SIGBUS) or run out of space; the map is never shrunk while it lives.
+    pub(crate) fn map(file: &File, offset: u64, len: usize) -> io::Result<MappedRegion> {
+        let map = MmapOptions::new().offset(offset).len(len).map_raw(file)?;
+        Ok(MappedRegion { map, len })
+    }
+
+    fn check(&self, off: usize, len: usize) -> io::Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("map access {off}+{len} outside a map of {} bytes", self.len),
+            )),
+        }
+    }
+
+    /// Copies `buf.len()` bytes at `off` out of the map.
+    pub(crate) fn read(&self, off: usize, buf: &mut [u8]) -> io::Result<()> {
+        self.check(off, buf.len())?;
+        // SAFETY: `check` proved `off + buf.len() <= self.len`, so the source lies inside the
+        // live mapping owned by `self.map`, which outlives this call. `buf` is a distinct Rust
+        // allocation, so the ranges cannot overlap. The volume's locking protocol guarantees no
+        // other thread writes these map bytes during the copy (readers only copy retained
+        // entries; writers only write free space).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), buf.as_mut_ptr(), buf.len());
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into the map at `off`.
+    pub(crate) fn write(&self, off: usize, data: &[u8]) -> io::Result<()> {
+        self.check(off, data.len())?;
+        // SAFETY: `check` proved the destination lies inside the live, writable shared mapping.
+        // `data` is a distinct allocation, so the ranges cannot overlap. The volume's locking
+        // protocol guarantees that no other thread reads or writes these bytes meanwhile
+        // (appends, truncation and recovery write only space outside the retained range, under
+        // the state lock or before the volume is shared).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.map.as_mut_ptr().add(off),
+                data.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `msync(MS_SYNC)` of a byte range of the map (rounded out to pages by memmap2).
+    pub(crate) fn flush_range(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.map.flush_range(off, len)
+    }
+}
+
+/// Allocates real blocks for `[0, len)` of the file, so the file has no holes.
+pub(crate) fn preallocate(file: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
+    // SAFETY: `posix_fallocate` only reads its integer arguments; the descriptor is owned by
+    // `file`, which is borrowed for the duration of the call.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Zeroes `[off, off + len)` with `FALLOC_FL_ZERO_RANGE`, keeping the blocks allocated.
+/// Returns `Ok(false)` when the file system does not support it (the caller writes zeros).
+pub(crate) fn zero_range(file: &File, off: u64, len: u64) -> io::Result<bool> {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range too large",
+        ));
+    };
+    // SAFETY: `fallocate` only reads its integer arguments; the descriptor is owned by `file`,
+    // which is borrowed for the duration of the call.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, off, len) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
+        _ => Err(err),
+    }
+}

@@ -1,0 +1,1886 @@
+//! The volume: state, locking protocol, write/read/sync, flusher, retention, recovery, fencing
+//! and the replica side. See the crate docs for the architecture and invariants.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::entry::{EntryKind, WalEntry};
+use crate::error::{BlockVolError, Result};
+use crate::format::{
+    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, KIND_BARRIER, KIND_PADDING, KIND_TRIM,
+    KIND_WRITE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_WAL_SIZE, SB_FLAG_INSTALL_INCOMPLETE,
+    SB_FLAG_REPAIRED, SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET, SB_SLOT_SIZE, Superblock, WAL_OFFSET,
+    WAL_SIZE_ALIGN, choose_superblock, content_crc, entry_size,
+};
+use crate::medium::{FileMedium, Medium};
+use crate::types::{
+    ApplyOutcome, CreateOptions, Digest, EntryInfo, FlushGate, FlusherMode, Geometry, Lsn,
+    OpenOptions, RetentionPolicy, Role, Status,
+};
+use crate::walk::{IndexEntry, WalkParams, wal_stamp, walk};
+
+/// Marks a dirty-map entry that reads as zeros (a trim).
+const TRIM_SRC: u64 = u64::MAX;
+/// Largest buffer the flusher, digest and zeroing use at once.
+const IO_CHUNK: usize = 1 << 20;
+/// Longest a writer sleeps between re-checks while it waits for WAL space.
+const SPACE_POLL: Duration = Duration::from_millis(20);
+
+/// A cheap hasher for block addresses: the dirty map is hit on every write and read.
+#[derive(Default)]
+pub(crate) struct LbaHasher(u64);
+
+impl Hasher for LbaHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    }
+}
+
+type DirtyMap = HashMap<u64, DirtyRef, BuildHasherDefault<LbaHasher>>;
+
+/// Where the newest not-yet-checkpointed version of a block lives.
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct DirtyRef {
+    /// LSN of the entry holding it.
+    pub lsn: u64,
+    /// Logical WAL position of the block's bytes, or `TRIM_SRC` for zeros.
+    pub src: u64,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct PinRec {
+    /// Entries with LSN > `after` are kept.
+    pub after: u64,
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct FenceRec {
+    /// No entry above `at` reaches the extent while the fence lives.
+    pub at: u64,
+    pub revoked: bool,
+}
+
+/// Everything protected by the state mutex.
+///
+/// Invariants (checked by the tests, relied on everywhere):
+/// - `tail <= checkpoint <= durable <= head`, except that `durable` may trail `checkpoint`
+///   never: the flusher moves only durable entries.
+/// - `index` holds exactly the entries `tail+1 ..= head`, in order, contiguous.
+/// - `tail_pos` is where entry `tail+1` starts; `head_pos` is just past entry `head`;
+///   `head_pos - tail_pos <= wal_size`.
+/// - The in-memory `tail`/`tail_pos` and `checkpoint` equal the persisted ones: they change only
+///   after the superblock carrying them is durable, so the ring space they free is never reused
+///   before a crash could still need it.
+/// - `dirty` maps each block written by an entry in `checkpoint+1 ..= head` to the newest such
+///   entry.
+pub(crate) struct State {
+    pub head: u64,
+    pub head_pos: u64,
+    pub tail: u64,
+    pub tail_pos: u64,
+    pub tail_info: EntryInfo,
+    pub index: VecDeque<IndexEntry>,
+    pub dirty: DirtyMap,
+    pub checkpoint: u64,
+    pub durable: u64,
+    pub synced_pos: u64,
+    pub committed: u64,
+    pub epoch: u64,
+    pub role: Role,
+    pub generation: u64,
+    pub stamp: u64,
+    pub pins: HashMap<u64, PinRec>,
+    pub fences: HashMap<u64, FenceRec>,
+    pub next_pin_id: u64,
+    pub revoke_reason: String,
+    pub retention: RetentionPolicy,
+    pub installing: bool,
+    pub install_incomplete: bool,
+    pub install_lsn: u64,
+    pub repaired: bool,
+    pub poisoned: Option<String>,
+    pub closed: bool,
+    pub stop_flusher: bool,
+    pub flush_wanted: bool,
+    pub syncing: bool,
+    pub space_waiters: usize,
+    /// Bumped by truncation and base installs; open scans compare it.
+    pub lineage: u64,
+    /// A tail the flusher is persisting; pins below it are refused.
+    pub tail_moving_to: Option<u64>,
+}
+
+impl State {
+    /// The index entry for `lsn` (which must be in `tail+1 ..= head`).
+    pub(crate) fn entry(&self, lsn: u64) -> Option<&IndexEntry> {
+        if lsn <= self.tail {
+            return None;
+        }
+        self.index.get((lsn - self.tail - 1) as usize)
+    }
+
+    /// Identity of entry `lsn`, for `lsn` in `[tail, head]`.
+    pub(crate) fn info_of(&self, lsn: u64) -> Option<EntryInfo> {
+        if lsn == self.tail {
+            return Some(self.tail_info);
+        }
+        self.entry(lsn).map(|e| EntryInfo {
+            lsn: Lsn(e.lsn),
+            epoch: e.epoch,
+            content_crc: e.content_crc,
+        })
+    }
+
+    /// Where entry `t + 1` starts and the identity of entry `t`, for `t` in `[tail, head]`.
+    fn tail_position(&self, t: u64) -> (u64, EntryInfo) {
+        if t == self.tail {
+            return (self.tail_pos, self.tail_info);
+        }
+        match self.entry(t) {
+            Some(e) => (
+                e.end,
+                EntryInfo {
+                    lsn: Lsn(e.lsn),
+                    epoch: e.epoch,
+                    content_crc: e.content_crc,
+                },
+            ),
+            None => (self.tail_pos, self.tail_info),
+        }
+    }
+
+    fn live_pins(&self) -> usize {
+        self.pins.values().filter(|p| !p.revoked).count()
+    }
+
+    fn min_fence(&self) -> Option<u64> {
+        self.fences
+            .values()
+            .filter(|f| !f.revoked)
+            .map(|f| f.at)
+            .min()
+    }
+
+    fn put_dirty(&mut self, e: &IndexEntry, block_size: u32) {
+        let bs = u64::from(block_size);
+        match e.kind {
+            KIND_WRITE => {
+                let data = e.pos + ENTRY_HEADER_SIZE as u64;
+                for i in 0..u64::from(e.blocks) {
+                    self.dirty.insert(
+                        e.lba + i,
+                        DirtyRef {
+                            lsn: e.lsn,
+                            src: data + i * bs,
+                        },
+                    );
+                }
+            }
+            KIND_TRIM => {
+                for i in 0..u64::from(e.blocks) {
+                    self.dirty.insert(
+                        e.lba + i,
+                        DirtyRef {
+                            lsn: e.lsn,
+                            src: TRIM_SRC,
+                        },
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Drops dirty references made redundant by a checkpoint move from `old` to `new`.
+    fn clean_dirty(&mut self, old: u64, new: u64) {
+        let mut lsn = old + 1;
+        while lsn <= new {
+            let Some(e) = self.entry(lsn).copied() else {
+                break;
+            };
+            if e.kind == KIND_WRITE || e.kind == KIND_TRIM {
+                for i in 0..u64::from(e.blocks) {
+                    if self.dirty.get(&(e.lba + i)).is_some_and(|d| d.lsn <= new) {
+                        self.dirty.remove(&(e.lba + i));
+                    }
+                }
+            }
+            lsn += 1;
+        }
+    }
+
+    /// Rebuilds the dirty map from the index (after a truncation).
+    fn rebuild_dirty(&mut self, block_size: u32) {
+        self.dirty.clear();
+        let from = self.checkpoint;
+        let entries: Vec<IndexEntry> = self
+            .index
+            .iter()
+            .filter(|e| e.lsn > from)
+            .copied()
+            .collect();
+        for e in &entries {
+            self.put_dirty(e, block_size);
+        }
+    }
+
+    /// Moves the in-memory tail to `t` (already persisted).
+    fn set_tail(&mut self, t: u64) {
+        if t <= self.tail {
+            return;
+        }
+        let (pos, info) = self.tail_position(t);
+        while self.index.front().is_some_and(|e| e.lsn <= t) {
+            self.index.pop_front();
+        }
+        self.tail = t;
+        self.tail_pos = pos;
+        self.tail_info = info;
+    }
+}
+
+/// Which append is being made.
+pub(crate) enum AppendMode {
+    /// A client write; `epoch` is the caller's epoch when it asked for a fenced write.
+    Client { epoch: Option<u64> },
+    /// A replicated entry with its primary's LSN and epoch.
+    Apply {
+        lsn: u64,
+        epoch: u64,
+        info: EntryInfo,
+    },
+}
+
+/// Holds `(seq, slot)` of the last superblock written; its mutex serializes superblock writes.
+pub(crate) struct SbWriter {
+    seq: u64,
+    slot: usize,
+}
+
+/// One flush operation on the extent.
+enum FlushOp {
+    Copy { src: u64, lba: u64, blocks: u64 },
+    Zero { lba: u64, blocks: u64 },
+}
+
+/// The part of a volume shared with its flusher thread, pins, scans and base handles.
+pub(crate) struct Shared {
+    pub medium: Arc<dyn Medium>,
+    pub geo: Geometry,
+    pub extent_offset: u64,
+    pub volume_id: [u8; 16],
+    pub gate: FlushGate,
+    pub wal_full_timeout: Duration,
+    pub state: Mutex<State>,
+    /// Signalled whenever durable, tail, checkpoint, pins or flags change.
+    pub cond: Condvar,
+    /// Wakes the background flusher.
+    pub flusher_cond: Condvar,
+    /// Serializes flush cycles with truncation, base pins and base installs.
+    pub flush_lock: Mutex<()>,
+    /// Readers of the extent share it; the flusher takes it exclusively per extent write.
+    pub extent_rw: RwLock<()>,
+    pub sb: Mutex<SbWriter>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned std mutex means a panic elsewhere; the data it guards is still consistent
+    // because every critical section updates state only after its fallible I/O succeeded.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn lock_state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    pub(crate) fn extent_read(&self) -> RwLockReadGuard<'_, ()> {
+        self.extent_rw.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn extent_write(&self) -> RwLockWriteGuard<'_, ()> {
+        self.extent_rw.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn flush_guard(&self) -> MutexGuard<'_, ()> {
+        lock(&self.flush_lock)
+    }
+
+    pub(crate) fn wal_size(&self) -> u64 {
+        self.geo.wal_size_bytes
+    }
+
+    fn block_size(&self) -> u64 {
+        u64::from(self.geo.block_size)
+    }
+
+    pub(crate) fn extent_len(&self) -> u64 {
+        self.geo.volume_bytes()
+    }
+
+    pub(crate) fn max_entry(&self) -> u64 {
+        self.wal_size() / 2
+    }
+
+    /// File offset of a logical WAL position.
+    pub(crate) fn wal_file_off(&self, logical: u64) -> u64 {
+        WAL_OFFSET + logical % self.wal_size()
+    }
+
+    pub(crate) fn read_wal(&self, logical: u64, buf: &mut [u8]) -> Result<()> {
+        let off = self.wal_file_off(logical);
+        self.medium
+            .read_at(off, buf)
+            .map_err(|e| BlockVolError::io("read wal", format!("file offset {off}"), e))
+    }
+
+    /// Records the first failure; later writes and syncs are refused.
+    pub(crate) fn poison(&self, st: &mut State, what: String) {
+        if st.poisoned.is_none() {
+            log::error!("volume {} poisoned: {what}", self.medium.describe());
+            st.poisoned = Some(what);
+        }
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn check_usable(&self, st: &State) -> Result<()> {
+        if st.closed {
+            return Err(BlockVolError::Closed);
+        }
+        if let Some(p) = &st.poisoned {
+            return Err(BlockVolError::Poisoned {
+                first_failure: p.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_installed(&self, st: &State, op: &'static str) -> Result<()> {
+        if st.installing || st.install_incomplete {
+            return Err(BlockVolError::InstallIncomplete {
+                op,
+                base_lsn: Lsn(st.install_lsn),
+            });
+        }
+        Ok(())
+    }
+
+    /// Wakes the background flusher (a no-op with a manual flusher).
+    pub(crate) fn wake_flusher(&self, st: &mut State) {
+        st.flush_wanted = true;
+        self.flusher_cond.notify_all();
+    }
+
+    // ---- Superblock ------------------------------------------------------------------------
+
+    /// The superblock describing the persisted state (the in-memory state equals it).
+    pub(crate) fn sb_from_state(&self, st: &State) -> Superblock {
+        let mut flags = 0;
+        if st.install_incomplete {
+            flags |= SB_FLAG_INSTALL_INCOMPLETE;
+        }
+        if st.repaired {
+            flags |= SB_FLAG_REPAIRED;
+        }
+        Superblock {
+            flags,
+            seq: 0,
+            volume_id: self.volume_id,
+            block_size: self.geo.block_size,
+            volume_blocks: self.geo.volume_blocks,
+            wal_offset: WAL_OFFSET,
+            wal_size: self.wal_size(),
+            extent_offset: self.extent_offset,
+            generation: st.generation,
+            checkpoint: st.checkpoint,
+            tail_lsn: st.tail,
+            tail_pos: st.tail_pos,
+            tail_epoch: st.tail_info.epoch,
+            tail_crc: st.tail_info.content_crc,
+            role: st.role,
+            epoch: st.epoch,
+            head_hint: st.head,
+            install_lsn: if st.install_incomplete {
+                st.install_lsn
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Writes `sb` into the slot not holding the newest superblock and syncs it.
+    pub(crate) fn write_sb(&self, w: &mut SbWriter, mut sb: Superblock) -> Result<()> {
+        sb.seq = w.seq + 1;
+        let slot = 1 - w.slot;
+        let off = if slot == 0 {
+            SB_SLOT_A_OFFSET
+        } else {
+            SB_SLOT_B_OFFSET
+        };
+        let bytes = sb.encode();
+        self.medium.write_at(off, &bytes).map_err(|e| {
+            BlockVolError::io("write superblock", format!("slot at offset {off}"), e)
+        })?;
+        self.medium.sync_range(off, SB_SLOT_SIZE).map_err(|e| {
+            BlockVolError::io("sync superblock", format!("slot at offset {off}"), e)
+        })?;
+        w.seq = sb.seq;
+        w.slot = slot;
+        Ok(())
+    }
+
+    pub(crate) fn sb_writer(&self) -> MutexGuard<'_, SbWriter> {
+        lock(&self.sb)
+    }
+
+    /// Writes a superblock built from the state by `f`, poisoning the volume on failure.
+    pub(crate) fn persist_with(
+        &self,
+        w: &mut SbWriter,
+        f: impl FnOnce(&State) -> Superblock,
+    ) -> Result<()> {
+        let sb = {
+            let st = self.lock_state();
+            self.check_usable(&st)?;
+            f(&st)
+        };
+        if let Err(e) = self.write_sb(w, sb) {
+            let mut st = self.lock_state();
+            self.poison(&mut st, e.to_string());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    // ---- Retention and the tail ------------------------------------------------------------
+
+    fn retention_target(&self, st: &State, cp: u64) -> u64 {
+        let by_entries = cp.saturating_sub(st.retention.keep_entries);
+        let by_bytes = if st.retention.keep_bytes == 0 {
+            cp
+        } else {
+            let mut acc = 0u64;
+            let mut t = st.tail;
+            let mut lsn = cp;
+            while lsn > st.tail {
+                let Some(e) = st.entry(lsn) else { break };
+                acc += e.end - e.start;
+                if acc >= st.retention.keep_bytes {
+                    t = lsn - 1;
+                    break;
+                }
+                lsn -= 1;
+            }
+            t
+        };
+        by_entries.min(by_bytes)
+    }
+
+    /// `min(checkpoint, live pins, retention)`, never below the current tail.
+    fn tail_target(&self, st: &State, cp: u64) -> u64 {
+        let mut t = cp.min(st.head);
+        for p in st.pins.values().filter(|p| !p.revoked) {
+            t = t.min(p.after);
+        }
+        if st.space_waiters == 0 {
+            t = t.min(self.retention_target(st, cp));
+        }
+        t.max(st.tail)
+    }
+
+    /// Persists a new checkpoint (if given) and whatever tail the retention rules now allow,
+    /// then applies both in memory. Safe to call from any thread; a no-op when nothing moves.
+    pub(crate) fn persist_progress(&self, new_cp: Option<u64>) -> Result<()> {
+        let mut w = self.sb_writer();
+        let (sb, cp, t) = {
+            let mut st = self.lock_state();
+            self.check_usable(&st)?;
+            if st.installing || st.install_incomplete {
+                return Ok(());
+            }
+            let cp = new_cp.unwrap_or(st.checkpoint).max(st.checkpoint);
+            let t = self.tail_target(&st, cp);
+            if t == st.tail && cp == st.checkpoint {
+                return Ok(());
+            }
+            st.tail_moving_to = Some(t);
+            let (tail_pos, tail_info) = st.tail_position(t);
+            let mut sb = self.sb_from_state(&st);
+            sb.checkpoint = cp;
+            sb.tail_lsn = t;
+            sb.tail_pos = tail_pos;
+            sb.tail_epoch = tail_info.epoch;
+            sb.tail_crc = tail_info.content_crc;
+            (sb, cp, t)
+        };
+        let r = self.write_sb(&mut w, sb);
+        let mut st = self.lock_state();
+        st.tail_moving_to = None;
+        if let Err(e) = r {
+            self.poison(&mut st, e.to_string());
+            return Err(e);
+        }
+        if cp > st.checkpoint {
+            let old = st.checkpoint;
+            st.clean_dirty(old, cp);
+            st.checkpoint = cp;
+        }
+        st.set_tail(t);
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    // ---- Append ----------------------------------------------------------------------------
+
+    /// `(bytes skipped or padded before the entry, total bytes needed)` for an entry of
+    /// `size` bytes placed at `head_pos`.
+    fn placement(&self, head_pos: u64, size: u64) -> (u64, u64) {
+        let w = self.wal_size();
+        let rem = w - head_pos % w;
+        let skip = if rem < ENTRY_HEADER_SIZE as u64 || size > rem {
+            rem
+        } else {
+            0
+        };
+        (skip, skip + size)
+    }
+
+    /// Appends one entry, waiting (bounded) for space. The LSN is assigned only once the space
+    /// is reserved, in the same critical section as the copy, so a failed append never
+    /// consumes an LSN.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn append(
+        &self,
+        kind: u8,
+        lba: u64,
+        blocks: u32,
+        payload: &[u8],
+        crc: u32,
+        mode: AppendMode,
+    ) -> Result<(u64, ApplyOutcome)> {
+        let size = entry_size(payload.len() as u64);
+        if size > self.max_entry() {
+            return Err(BlockVolError::EntryTooLarge {
+                bytes: size,
+                max: self.max_entry(),
+            });
+        }
+        let mut waiting_since: Option<Instant> = None;
+        let mut st = self.lock_state();
+        loop {
+            self.check_usable(&st)?;
+            self.check_installed(&st, "append")?;
+            let (lsn, epoch) = match &mode {
+                AppendMode::Client { epoch } => {
+                    if !st.role.is_writable() {
+                        return Err(BlockVolError::WrongRole {
+                            op: "write",
+                            role: st.role,
+                            epoch: st.epoch,
+                        });
+                    }
+                    if let Some(e) = epoch
+                        && *e != st.epoch
+                    {
+                        return Err(BlockVolError::StaleEpoch {
+                            given: *e,
+                            current: st.epoch,
+                        });
+                    }
+                    (st.head + 1, st.epoch)
+                }
+                AppendMode::Apply { lsn, epoch, info } => {
+                    if !st.role.accepts_apply() {
+                        return Err(BlockVolError::WrongRole {
+                            op: "apply",
+                            role: st.role,
+                            epoch: st.epoch,
+                        });
+                    }
+                    if *lsn <= st.head {
+                        return match st.info_of(*lsn) {
+                            Some(local) if local == *info => Ok((*lsn, ApplyOutcome::Duplicate)),
+                            Some(local) => Err(BlockVolError::Divergent {
+                                lsn: Lsn(*lsn),
+                                local,
+                                incoming: *info,
+                            }),
+                            None => Err(BlockVolError::Duplicate {
+                                lsn: Lsn(*lsn),
+                                retained_start: Lsn(st.tail + 1),
+                            }),
+                        };
+                    }
+                    if *lsn != st.head + 1 {
+                        return Err(BlockVolError::Gap {
+                            expected: Lsn(st.head + 1),
+                            found: Lsn(*lsn),
+                        });
+                    }
+                    if *epoch > st.epoch {
+                        return Err(BlockVolError::EntryEpochAhead {
+                            lsn: Lsn(*lsn),
+                            entry_epoch: *epoch,
+                            volume_epoch: st.epoch,
+                        });
+                    }
+                    (*lsn, *epoch)
+                }
+            };
+            let (skip, need) = self.placement(st.head_pos, size);
+            let free = self.wal_size() - (st.head_pos - st.tail_pos);
+            if need <= free {
+                self.append_locked(
+                    &mut st, kind, lba, blocks, payload, crc, lsn, epoch, skip, size,
+                )?;
+                return Ok((lsn, ApplyOutcome::Applied));
+            }
+            let since = *waiting_since.get_or_insert_with(Instant::now);
+            let waited = since.elapsed();
+            if waited >= self.wal_full_timeout {
+                return Err(BlockVolError::WalFull {
+                    needed: need,
+                    free,
+                    waited_ms: waited.as_millis() as u64,
+                });
+            }
+            // Free space by moving the tail (needs no flush when pins or retention were the
+            // only reason it stood still), and ask the flusher for a checkpoint.
+            st.space_waiters += 1;
+            self.wake_flusher(&mut st);
+            drop(st);
+            let r = self.persist_progress(None);
+            st = self.lock_state();
+            if r.is_ok() {
+                let (_, need) = self.placement(st.head_pos, size);
+                let free = self.wal_size() - (st.head_pos - st.tail_pos);
+                if need > free {
+                    let left = self.wal_full_timeout.saturating_sub(since.elapsed());
+                    st = self
+                        .cond
+                        .wait_timeout(st, left.min(SPACE_POLL))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+            st.space_waiters -= 1;
+            r?;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_locked(
+        &self,
+        st: &mut State,
+        kind: u8,
+        lba: u64,
+        blocks: u32,
+        payload: &[u8],
+        crc: u32,
+        lsn: u64,
+        epoch: u64,
+        skip: u64,
+        size: u64,
+    ) -> Result<()> {
+        let header = ENTRY_HEADER_SIZE as u64;
+        let start = st.head_pos;
+        let mut pos = start;
+        let hint = st.durable;
+        let mut hdr = [0u8; ENTRY_HEADER_SIZE];
+        let r = (|| -> std::io::Result<()> {
+            if skip >= header {
+                EntryHeader {
+                    kind: KIND_PADDING,
+                    generation: st.stamp,
+                    lsn,
+                    epoch,
+                    lba: 0,
+                    blocks: 0,
+                    payload_len: (skip - header) as u32,
+                    durable_hint: hint,
+                    content_crc: 0,
+                }
+                .encode_into(ENTRY_MAGIC_DISK, &mut hdr);
+                self.medium.write_at(self.wal_file_off(pos), &hdr)?;
+            }
+            pos += skip;
+            EntryHeader {
+                kind,
+                generation: st.stamp,
+                lsn,
+                epoch,
+                lba,
+                blocks,
+                payload_len: payload.len() as u32,
+                durable_hint: hint,
+                content_crc: crc,
+            }
+            .encode_into(ENTRY_MAGIC_DISK, &mut hdr);
+            self.medium.write_at(self.wal_file_off(pos), &hdr)?;
+            if !payload.is_empty() {
+                self.medium
+                    .write_at(self.wal_file_off(pos + header), payload)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            let err = BlockVolError::io("write wal", format!("logical position {pos}"), e);
+            self.poison(st, err.to_string());
+            return Err(err);
+        }
+        let e = IndexEntry {
+            start,
+            pos,
+            end: pos + size,
+            lsn,
+            kind,
+            lba,
+            blocks,
+            payload_len: payload.len() as u32,
+            epoch,
+            content_crc: crc,
+        };
+        st.put_dirty(&e, self.geo.block_size);
+        st.index.push_back(e);
+        st.head = lsn;
+        st.head_pos = pos + size;
+        Ok(())
+    }
+
+    // ---- Sync ------------------------------------------------------------------------------
+
+    /// msyncs the logical range `[from, to)` of the ring.
+    fn sync_wal(&self, from: u64, to: u64) -> std::io::Result<()> {
+        if to <= from {
+            return Ok(());
+        }
+        let w = self.wal_size();
+        let len = to - from;
+        if len >= w {
+            return self.medium.sync_range(WAL_OFFSET, w);
+        }
+        let p = from % w;
+        if p + len <= w {
+            self.medium.sync_range(WAL_OFFSET + p, len)
+        } else {
+            self.medium.sync_range(WAL_OFFSET + p, w - p)?;
+            self.medium.sync_range(WAL_OFFSET, len - (w - p))
+        }
+    }
+
+    /// Group commit: one msync covers every waiter; returns the durable LSN.
+    pub(crate) fn sync(&self) -> Result<u64> {
+        let mut st = self.lock_state();
+        self.check_usable(&st)?;
+        let target = st.head;
+        loop {
+            self.check_usable(&st)?;
+            if st.durable >= target.min(st.head) {
+                return Ok(st.durable);
+            }
+            if st.syncing {
+                st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.syncing = true;
+            let (to_lsn, from, to, lineage) = (st.head, st.synced_pos, st.head_pos, st.lineage);
+            drop(st);
+            let r = self.sync_wal(from, to);
+            st = self.lock_state();
+            st.syncing = false;
+            match r {
+                Ok(()) => {
+                    if st.lineage == lineage {
+                        st.durable = st.durable.max(to_lsn.min(st.head));
+                        st.synced_pos = st.synced_pos.max(to.min(st.head_pos));
+                    }
+                }
+                Err(e) => {
+                    let err =
+                        BlockVolError::io("msync wal", format!("logical range {from}..{to}"), e);
+                    self.poison(&mut st, err.to_string());
+                    self.cond.notify_all();
+                    return Err(err);
+                }
+            }
+            self.cond.notify_all();
+        }
+    }
+
+    // ---- Flush -----------------------------------------------------------------------------
+
+    /// The highest LSN the flusher may move now.
+    pub(crate) fn gate_limit(&self, st: &State) -> u64 {
+        match self.gate {
+            FlushGate::Durable => st.durable,
+            FlushGate::Committed => st.durable.min(st.committed),
+        }
+    }
+
+    fn flush_limit(&self, st: &State) -> u64 {
+        let mut l = self.gate_limit(st);
+        if let Some(f) = st.min_fence() {
+            l = l.min(f);
+        }
+        l
+    }
+
+    fn collect_ops(&self, st: &State, limit: u64) -> Vec<FlushOp> {
+        let bs = self.block_size();
+        let mut ops = Vec::new();
+        let mut lsn = st.checkpoint + 1;
+        while lsn <= limit {
+            let Some(e) = st.entry(lsn) else { break };
+            if e.kind == KIND_WRITE || e.kind == KIND_TRIM {
+                // Write a block unless a newer entry that this flush also covers rewrites it:
+                // the extent must end up exactly at the image of `limit`.
+                let mut run: Option<(u64, u64)> = None;
+                let flush_run = |run: (u64, u64), ops: &mut Vec<FlushOp>| {
+                    let (first, n) = run;
+                    if e.kind == KIND_WRITE {
+                        ops.push(FlushOp::Copy {
+                            src: e.pos + ENTRY_HEADER_SIZE as u64 + first * bs,
+                            lba: e.lba + first,
+                            blocks: n,
+                        });
+                    } else {
+                        ops.push(FlushOp::Zero {
+                            lba: e.lba + first,
+                            blocks: n,
+                        });
+                    }
+                };
+                for i in 0..u64::from(e.blocks) {
+                    let keep = match st.dirty.get(&(e.lba + i)) {
+                        Some(d) => d.lsn == e.lsn || d.lsn > limit,
+                        None => true,
+                    };
+                    run = match (run, keep) {
+                        (Some((f, n)), true) => Some((f, n + 1)),
+                        (None, true) => Some((i, 1)),
+                        (Some(r), false) => {
+                            flush_run(r, &mut ops);
+                            None
+                        }
+                        (None, false) => None,
+                    };
+                }
+                if let Some(r) = run {
+                    flush_run(r, &mut ops);
+                }
+            }
+            lsn += 1;
+        }
+        ops
+    }
+
+    fn apply_ops(&self, ops: &[FlushOp]) -> Result<()> {
+        let bs = self.block_size();
+        let mut buf = Vec::new();
+        for op in ops {
+            let _w = self.extent_write();
+            match *op {
+                FlushOp::Copy { src, lba, blocks } => {
+                    let total = blocks * bs;
+                    let mut done = 0u64;
+                    while done < total {
+                        let n = (total - done).min(IO_CHUNK as u64);
+                        buf.resize(n as usize, 0);
+                        self.read_wal(src + done, &mut buf)?;
+                        let off = self.extent_offset + lba * bs + done;
+                        self.medium.write_at(off, &buf).map_err(|e| {
+                            BlockVolError::io("write extent", format!("file offset {off}"), e)
+                        })?;
+                        done += n;
+                    }
+                }
+                FlushOp::Zero { lba, blocks } => {
+                    let off = self.extent_offset + lba * bs;
+                    self.medium.zero_range(off, blocks * bs).map_err(|e| {
+                        BlockVolError::io("zero extent", format!("file offset {off}"), e)
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One flush cycle up to `limit_req` (caller holds `flush_lock`). Returns the checkpoint.
+    pub(crate) fn flush_locked(&self, limit_req: u64) -> Result<u64> {
+        let (ops, limit, old_cp) = {
+            let st = self.lock_state();
+            self.check_usable(&st)?;
+            self.check_installed(&st, "flush")?;
+            let limit = self.flush_limit(&st).min(limit_req).min(st.head);
+            if limit <= st.checkpoint {
+                (Vec::new(), st.checkpoint, st.checkpoint)
+            } else {
+                (self.collect_ops(&st, limit), limit, st.checkpoint)
+            }
+        };
+        if limit > old_cp {
+            if !ops.is_empty() {
+                let r = self.apply_ops(&ops).and_then(|()| {
+                    self.medium
+                        .sync_range(self.extent_offset, self.extent_len())
+                        .map_err(|e| {
+                            BlockVolError::io("fdatasync extent", self.medium.describe(), e)
+                        })
+                });
+                if let Err(e) = r {
+                    let mut st = self.lock_state();
+                    self.poison(&mut st, e.to_string());
+                    return Err(e);
+                }
+            }
+            self.persist_progress(Some(limit))?;
+        } else {
+            // Nothing to move, but pins may have been released or retention changed: the tail
+            // must advance anyway, or a full WAL would stay full.
+            self.persist_progress(None)?;
+        }
+        Ok(self.lock_state().checkpoint)
+    }
+
+    /// Sync, then flush up to `limit`.
+    pub(crate) fn force_flush_to(&self, limit: u64) -> Result<u64> {
+        self.sync()?;
+        let _f = self.flush_guard();
+        self.flush_locked(limit)
+    }
+
+    // ---- Pins ------------------------------------------------------------------------------
+
+    /// Registers a WAL pin keeping entries `> after` (caller holds the state lock).
+    pub(crate) fn add_pin(&self, st: &mut State, after: u64) -> Result<u64> {
+        let floor = st.tail.max(st.tail_moving_to.unwrap_or(0));
+        if after < floor {
+            return Err(BlockVolError::Recycled {
+                requested: Lsn(after + 1),
+                retained_start: Lsn(floor + 1),
+            });
+        }
+        st.next_pin_id += 1;
+        let id = st.next_pin_id;
+        st.pins.insert(
+            id,
+            PinRec {
+                after,
+                revoked: false,
+            },
+        );
+        Ok(id)
+    }
+
+    pub(crate) fn remove_pin(&self, id: u64) {
+        let mut st = self.lock_state();
+        st.pins.remove(&id);
+        self.wake_flusher(&mut st);
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn pin_revoked(&self, id: u64) -> bool {
+        let st = self.lock_state();
+        st.pins.get(&id).is_none_or(|p| p.revoked)
+    }
+}
+
+/// A block volume: WAL ring, extent, flusher, pins and the replica side.
+///
+/// `Send + Sync`; every method takes `&self`. Share it with `Arc<Volume>`.
+pub struct Volume {
+    pub(crate) shared: Arc<Shared>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Volume({})", self.shared.medium.describe())
+    }
+}
+
+/// Checks creation options and derives the geometry.
+fn validate_create(o: &CreateOptions) -> Result<Geometry> {
+    let bs = o.block_size;
+    if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+        return Err(BlockVolError::InvalidArgument(format!(
+            "block size {bs} must be a power of two in {MIN_BLOCK_SIZE}..={MAX_BLOCK_SIZE}"
+        )));
+    }
+    if o.volume_size_bytes == 0 || !o.volume_size_bytes.is_multiple_of(u64::from(bs)) {
+        return Err(BlockVolError::InvalidArgument(format!(
+            "volume size {} must be a positive multiple of the block size {bs}",
+            o.volume_size_bytes
+        )));
+    }
+    if o.wal_size_bytes < MIN_WAL_SIZE || !o.wal_size_bytes.is_multiple_of(WAL_SIZE_ALIGN) {
+        return Err(BlockVolError::InvalidArgument(format!(
+            "wal size {} must be a multiple of {WAL_SIZE_ALIGN} and at least {MIN_WAL_SIZE}",
+            o.wal_size_bytes
+        )));
+    }
+    if o.wal_size_bytes / 2 < ENTRY_HEADER_SIZE as u64 + u64::from(bs) {
+        return Err(BlockVolError::InvalidArgument(format!(
+            "wal size {} cannot hold a one-block entry in half the ring",
+            o.wal_size_bytes
+        )));
+    }
+    WAL_OFFSET
+        .checked_add(o.wal_size_bytes)
+        .and_then(|x| x.checked_add(o.volume_size_bytes))
+        .ok_or_else(|| BlockVolError::InvalidArgument("volume file size overflows".into()))?;
+    Ok(Geometry {
+        block_size: bs,
+        volume_blocks: o.volume_size_bytes / u64::from(bs),
+        wal_size_bytes: o.wal_size_bytes,
+    })
+}
+
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        if f.read_exact(&mut id).is_ok() {
+            return id;
+        }
+    }
+    // No entropy source: the id only needs to differ between volumes on one machine.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let seed = t ^ (u128::from(std::process::id()) << 64);
+    xxhash_rust::xxh3::xxh3_128(&seed.to_le_bytes()).to_le_bytes()
+}
+
+/// The superblock of a freshly created volume.
+fn initial_superblock(geo: &Geometry, volume_id: [u8; 16]) -> Superblock {
+    Superblock {
+        flags: 0,
+        seq: 0,
+        volume_id,
+        block_size: geo.block_size,
+        volume_blocks: geo.volume_blocks,
+        wal_offset: WAL_OFFSET,
+        wal_size: geo.wal_size_bytes,
+        extent_offset: WAL_OFFSET + geo.wal_size_bytes,
+        generation: 1,
+        checkpoint: 0,
+        tail_lsn: 0,
+        tail_pos: 0,
+        tail_epoch: 0,
+        tail_crc: 0,
+        role: Role::None,
+        epoch: 0,
+        head_hint: 0,
+        install_lsn: 0,
+    }
+}
+
+/// Writes both slots (seq 1 in A, seq 2 in B) so a new volume has two valid superblocks.
+fn format_superblocks(m: &dyn Medium, sb: &Superblock) -> Result<()> {
+    for (seq, off) in [(1u64, SB_SLOT_A_OFFSET), (2, SB_SLOT_B_OFFSET)] {
+        let mut s = sb.clone();
+        s.seq = seq;
+        m.write_at(off, &s.encode())
+            .map_err(|e| BlockVolError::io("write superblock", m.describe(), e))?;
+        m.sync_range(off, SB_SLOT_SIZE)
+            .map_err(|e| BlockVolError::io("sync superblock", m.describe(), e))?;
+    }
+    Ok(())
+}
+
+fn read_slots(
+    read: &dyn Fn(u64, &mut [u8]) -> std::io::Result<()>,
+    what: &str,
+) -> Result<[Vec<u8>; 2]> {
+    let mut a = vec![0u8; SB_SLOT_SIZE as usize];
+    let mut b = vec![0u8; SB_SLOT_SIZE as usize];
+    read(SB_SLOT_A_OFFSET, &mut a)
+        .map_err(|e| BlockVolError::io("read superblock", what.to_string(), e))?;
+    read(SB_SLOT_B_OFFSET, &mut b)
+        .map_err(|e| BlockVolError::io("read superblock", what.to_string(), e))?;
+    Ok([a, b])
+}
+
+/// Decodes both slots and picks the newest valid one.
+pub(crate) fn pick_superblock(slots: &[Vec<u8>; 2]) -> Result<(usize, Superblock)> {
+    let a = Superblock::decode(&slots[0], SB_SLOT_A_OFFSET);
+    let b = Superblock::decode(&slots[1], SB_SLOT_B_OFFSET);
+    choose_superblock(&a, &b).ok_or_else(|| BlockVolError::NoValidSuperblock {
+        slot_a: a.err().map(|e| e.to_string()).unwrap_or_default(),
+        slot_b: b.err().map(|e| e.to_string()).unwrap_or_default(),
+    })
+}
+
+impl Volume {
+    /// Creates a new volume file (which must not exist), preallocated and locked, and opens it.
+    pub fn create(
+        path: impl AsRef<Path>,
+        create: &CreateOptions,
+        open: &OpenOptions,
+    ) -> Result<Volume> {
+        let path = path.as_ref();
+        let geo = validate_create(create)?;
+        let sb = initial_superblock(&geo, random_id());
+        let medium = FileMedium::open(path, true, sb.file_len(), WAL_OFFSET, geo.wal_size_bytes)?;
+        let r = (|| {
+            format_superblocks(&medium, &sb)?;
+            medium
+                .sync_file()
+                .map_err(|e| BlockVolError::io("fsync", path.display().to_string(), e))?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                // Make the new directory entry durable too; failure here is not fatal to data
+                // already synced, but report it.
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| {
+                        BlockVolError::io("fsync directory", dir.display().to_string(), e)
+                    })?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            drop(medium);
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        let slots = read_slots(&|o, b| medium.read_at(o, b), &path.display().to_string())?;
+        Volume::open_medium(Arc::new(medium), &slots, open)
+    }
+
+    /// Opens an existing volume: recovery replays the WAL from the persisted tail and persists
+    /// its result before the volume accepts I/O.
+    pub fn open(path: impl AsRef<Path>, open: &OpenOptions) -> Result<Volume> {
+        let path = path.as_ref();
+        let ctx = path.display().to_string();
+        // Read the superblock through a plain handle to learn the geometry, then open the
+        // locked, mapped medium and read it again under the lock.
+        let probe =
+            std::fs::File::open(path).map_err(|e| BlockVolError::io("open", ctx.clone(), e))?;
+        let slots = {
+            use std::os::unix::fs::FileExt;
+            read_slots(&|o, b| probe.read_exact_at(b, o), &ctx)?
+        };
+        drop(probe);
+        let (_, sb) = pick_superblock(&slots)?;
+        let medium = FileMedium::open(path, false, sb.file_len(), WAL_OFFSET, sb.wal_size)?;
+        let slots = read_slots(&|o, b| medium.read_at(o, b), &ctx)?;
+        Volume::open_medium(Arc::new(medium), &slots, open)
+    }
+
+    pub(crate) fn open_medium(
+        medium: Arc<dyn Medium>,
+        slots: &[Vec<u8>; 2],
+        opts: &OpenOptions,
+    ) -> Result<Volume> {
+        let (slot, sb) = pick_superblock(slots)?;
+        if medium.len() < sb.file_len() {
+            return Err(BlockVolError::GeometryMismatch {
+                expected: format!("medium of at least {} bytes", sb.file_len()),
+                found: format!("{} bytes", medium.len()),
+            });
+        }
+        let geo = Geometry {
+            block_size: sb.block_size,
+            volume_blocks: sb.volume_blocks,
+            wal_size_bytes: sb.wal_size,
+        };
+        let stamp = wal_stamp(&sb.volume_id, sb.generation);
+        let install_incomplete = sb.flags & SB_FLAG_INSTALL_INCOMPLETE != 0;
+        let mut repaired = sb.flags & SB_FLAG_REPAIRED != 0;
+        let tail_info = EntryInfo {
+            lsn: Lsn(sb.tail_lsn),
+            epoch: sb.tail_epoch,
+            content_crc: sb.tail_crc,
+        };
+        let mut st = State {
+            head: sb.checkpoint,
+            head_pos: sb.tail_pos,
+            tail: sb.tail_lsn,
+            tail_pos: sb.tail_pos,
+            tail_info,
+            index: VecDeque::new(),
+            dirty: DirtyMap::default(),
+            checkpoint: sb.checkpoint,
+            durable: sb.checkpoint,
+            synced_pos: sb.tail_pos,
+            committed: 0,
+            epoch: sb.epoch,
+            // A primary that restarts comes back fenced: another primary may have been
+            // promoted meanwhile, so writes wait for a fresh assignment.
+            role: if sb.role == Role::Primary {
+                Role::Stale
+            } else {
+                sb.role
+            },
+            generation: sb.generation,
+            stamp,
+            pins: HashMap::new(),
+            fences: HashMap::new(),
+            next_pin_id: 0,
+            revoke_reason: String::new(),
+            retention: opts.retention,
+            installing: false,
+            install_incomplete,
+            install_lsn: sb.install_lsn,
+            repaired,
+            poisoned: None,
+            closed: false,
+            stop_flusher: false,
+            flush_wanted: false,
+            syncing: false,
+            space_waiters: 0,
+            lineage: 0,
+            tail_moving_to: None,
+        };
+        let wal_size = sb.wal_size;
+        if !install_incomplete {
+            let params = WalkParams {
+                wal_size,
+                stamp,
+                tail_lsn: sb.tail_lsn,
+                tail_pos: sb.tail_pos,
+                block_size: sb.block_size,
+                volume_blocks: sb.volume_blocks,
+            };
+            let reader = |phys: u64, buf: &mut [u8]| medium.read_at(WAL_OFFSET + phys, buf);
+            let res = walk(&params, &reader)
+                .map_err(|e| BlockVolError::io("read wal", medium.describe(), e))?;
+            let below_checkpoint = res.head < sb.checkpoint;
+            if res.evidence.is_some() || below_checkpoint {
+                let detail = match (&res.evidence, below_checkpoint) {
+                    (Some(ev), _) => format!(
+                        "{}; entry {} (durable hint {}) found later proves lsn {} had been synced",
+                        res.end_detail,
+                        ev.lsn,
+                        ev.durable_hint,
+                        res.head + 1
+                    ),
+                    (None, _) => format!(
+                        "{}; the log ends at lsn {} below the checkpoint {}",
+                        res.end_detail, res.head, sb.checkpoint
+                    ),
+                };
+                if !opts.repair {
+                    return Err(BlockVolError::Corrupt {
+                        region: "wal",
+                        offset: WAL_OFFSET + res.end_pos % wal_size,
+                        lsn: Some(Lsn(res.head + 1)),
+                        detail,
+                    });
+                }
+                log::warn!(
+                    "repairing {}: truncating the log: {detail}",
+                    medium.describe()
+                );
+                repaired = true;
+            }
+            if below_checkpoint {
+                // The extent holds everything up to the checkpoint; the log past it is gone.
+                st.head = sb.checkpoint;
+                st.tail = sb.checkpoint;
+                st.tail_pos = res.end_pos;
+                st.head_pos = res.end_pos;
+                st.tail_info = EntryInfo {
+                    lsn: Lsn(sb.checkpoint),
+                    epoch: 0,
+                    content_crc: 0,
+                };
+            } else {
+                st.head = res.head;
+                st.head_pos = res.head_pos;
+                st.index = res.entries;
+                let entries: Vec<IndexEntry> = st
+                    .index
+                    .iter()
+                    .filter(|e| e.lsn > sb.checkpoint)
+                    .copied()
+                    .collect();
+                for e in &entries {
+                    st.put_dirty(e, sb.block_size);
+                }
+            }
+            // Neutralize leftovers of a torn tail (and, under repair, everything after the
+            // corruption) so no later recovery can mistake them for evidence or splice them in.
+            let zeros = [0u8; ENTRY_HEADER_SIZE];
+            for l in &res.leftovers {
+                medium
+                    .write_at(WAL_OFFSET + l.pos % wal_size, &zeros)
+                    .map_err(|e| BlockVolError::io("write wal", medium.describe(), e))?;
+            }
+            // The recovered entries may still be only in the page cache (a process crash):
+            // make them, and the zeroed leftovers, durable before acknowledging anything.
+            medium
+                .sync_range(WAL_OFFSET, wal_size)
+                .map_err(|e| BlockVolError::io("msync wal", medium.describe(), e))?;
+            st.durable = st.head;
+            st.synced_pos = st.head_pos;
+            st.repaired = repaired;
+        }
+        let shared = Arc::new(Shared {
+            medium,
+            geo,
+            extent_offset: sb.extent_offset,
+            volume_id: sb.volume_id,
+            gate: opts.flush_gate,
+            wal_full_timeout: opts.wal_full_timeout,
+            state: Mutex::new(st),
+            cond: Condvar::new(),
+            flusher_cond: Condvar::new(),
+            flush_lock: Mutex::new(()),
+            extent_rw: RwLock::new(()),
+            sb: Mutex::new(SbWriter { seq: sb.seq, slot }),
+        });
+        {
+            let mut w = shared.sb_writer();
+            shared.persist_with(&mut w, |st| shared.sb_from_state(st))?;
+        }
+        let vol = Volume {
+            shared,
+            flusher: Mutex::new(None),
+        };
+        if let FlusherMode::Background { interval } = opts.flusher {
+            let s = vol.shared.clone();
+            let h = std::thread::Builder::new()
+                .name("blockvol-flusher".into())
+                .spawn(move || flusher_main(s, interval))
+                .map_err(|e| BlockVolError::io("spawn flusher", "thread", e))?;
+            *lock(&vol.flusher) = Some(h);
+        }
+        Ok(vol)
+    }
+
+    /// The volume's fixed shape.
+    pub fn geometry(&self) -> Geometry {
+        self.shared.geo
+    }
+
+    fn check_range(&self, lba: u64, blocks: u64) -> Result<()> {
+        let vb = self.shared.geo.volume_blocks;
+        if blocks == 0 || lba.checked_add(blocks).is_none_or(|e| e > vb) {
+            return Err(BlockVolError::OutOfRange {
+                lba,
+                blocks,
+                volume_blocks: vb,
+            });
+        }
+        Ok(())
+    }
+
+    fn blocks_of(&self, len: usize) -> Result<u64> {
+        let bs = self.shared.geo.block_size;
+        if len == 0 || !(len as u64).is_multiple_of(u64::from(bs)) {
+            return Err(BlockVolError::Misaligned {
+                len: len as u64,
+                block_size: bs,
+            });
+        }
+        Ok(len as u64 / u64::from(bs))
+    }
+
+    fn write_impl(&self, epoch: Option<u64>, lba: u64, data: &[u8]) -> Result<Lsn> {
+        let blocks = self.blocks_of(data.len())?;
+        self.check_range(lba, blocks)?;
+        let blocks32 = u32::try_from(blocks).map_err(|_| {
+            BlockVolError::InvalidArgument(format!("write of {blocks} blocks is too large"))
+        })?;
+        // The checksum is computed before taking the lock, so the critical section is only the
+        // copy into the map.
+        let crc = content_crc(KIND_WRITE, lba, data.len() as u64, data);
+        let (lsn, _) = self.shared.append(
+            KIND_WRITE,
+            lba,
+            blocks32,
+            data,
+            crc,
+            AppendMode::Client { epoch },
+        )?;
+        Ok(Lsn(lsn))
+    }
+
+    fn trim_impl(&self, epoch: Option<u64>, lba: u64, blocks: u64) -> Result<Lsn> {
+        self.check_range(lba, blocks)?;
+        let blocks32 = u32::try_from(blocks).map_err(|_| {
+            BlockVolError::InvalidArgument(format!("trim of {blocks} blocks is too large"))
+        })?;
+        let crc = content_crc(KIND_TRIM, lba, blocks, &[]);
+        let (lsn, _) = self.shared.append(
+            KIND_TRIM,
+            lba,
+            blocks32,
+            &[],
+            crc,
+            AppendMode::Client { epoch },
+        )?;
+        Ok(Lsn(lsn))
+    }
+
+    /// Writes one or more whole blocks at `lba`; returns the entry's LSN. Not durable until a
+    /// later `sync` returns.
+    pub fn write(&self, lba: u64, data: &[u8]) -> Result<Lsn> {
+        self.write_impl(None, lba, data)
+    }
+
+    /// `write`, refused with `StaleEpoch` unless `epoch` is the volume's current epoch.
+    pub fn write_in_epoch(&self, epoch: u64, lba: u64, data: &[u8]) -> Result<Lsn> {
+        self.write_impl(Some(epoch), lba, data)
+    }
+
+    /// Zeroes `blocks` blocks at `lba` (at least one).
+    pub fn trim(&self, lba: u64, blocks: u64) -> Result<Lsn> {
+        self.trim_impl(None, lba, blocks)
+    }
+
+    /// `trim`, refused with `StaleEpoch` unless `epoch` is the volume's current epoch.
+    pub fn trim_in_epoch(&self, epoch: u64, lba: u64, blocks: u64) -> Result<Lsn> {
+        self.trim_impl(Some(epoch), lba, blocks)
+    }
+
+    /// Appends a no-op entry (for example to open a new epoch in the log).
+    pub fn barrier(&self) -> Result<Lsn> {
+        let crc = content_crc(KIND_BARRIER, 0, 0, &[]);
+        let (lsn, _) = self.shared.append(
+            KIND_BARRIER,
+            0,
+            0,
+            &[],
+            crc,
+            AppendMode::Client { epoch: None },
+        )?;
+        Ok(Lsn(lsn))
+    }
+
+    /// Reads `blocks` blocks at `lba`.
+    pub fn read(&self, lba: u64, blocks: u64) -> Result<Vec<u8>> {
+        self.check_range(lba, blocks)?;
+        let len = blocks
+            .checked_mul(self.shared.block_size())
+            .and_then(|l| usize::try_from(l).ok())
+            .ok_or_else(|| {
+                BlockVolError::InvalidArgument(format!("read of {blocks} blocks is too large"))
+            })?;
+        let mut buf = vec![0u8; len];
+        self.read_into(lba, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads `buf.len()` bytes (whole blocks) at `lba`: newest data from the dirty map (the
+    /// WAL), everything else from the extent.
+    pub fn read_into(&self, lba: u64, buf: &mut [u8]) -> Result<()> {
+        let blocks = self.blocks_of(buf.len())?;
+        self.check_range(lba, blocks)?;
+        let s = &self.shared;
+        let bs = s.block_size() as usize;
+        // Holding the extent read lock across the lookup and the extent read keeps the flusher
+        // from rewriting a block between the two.
+        let _r = s.extent_read();
+        let mut misses: Vec<(usize, usize)> = Vec::new();
+        {
+            let st = s.lock_state();
+            if st.closed {
+                return Err(BlockVolError::Closed);
+            }
+            s.check_installed(&st, "read")?;
+            for i in 0..blocks as usize {
+                let dst = &mut buf[i * bs..(i + 1) * bs];
+                match st.dirty.get(&(lba + i as u64)) {
+                    Some(d) if d.src == TRIM_SRC => dst.fill(0),
+                    Some(d) => s.read_wal(d.src, dst)?,
+                    None => match misses.last_mut() {
+                        Some((f, n)) if *f + *n == i => *n += 1,
+                        _ => misses.push((i, 1)),
+                    },
+                }
+            }
+        }
+        for (first, n) in misses {
+            let off = s.extent_offset + (lba + first as u64) * bs as u64;
+            s.medium
+                .read_at(off, &mut buf[first * bs..(first + n) * bs])
+                .map_err(|e| BlockVolError::io("read extent", format!("file offset {off}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Makes every appended entry durable (group commit); returns the durable LSN.
+    pub fn sync(&self) -> Result<Lsn> {
+        self.shared.sync().map(Lsn)
+    }
+
+    /// Syncs, then flushes everything the gate allows; returns the checkpoint.
+    pub fn force_flush(&self) -> Result<Lsn> {
+        self.shared.force_flush_to(u64::MAX).map(Lsn)
+    }
+
+    /// Syncs, then flushes at most up to `lsn`; returns the checkpoint.
+    pub fn force_flush_to(&self, lsn: Lsn) -> Result<Lsn> {
+        self.shared.force_flush_to(lsn.0).map(Lsn)
+    }
+
+    /// Records the replication layer's committed LSN (gates the flusher under
+    /// `FlushGate::Committed`).
+    pub fn set_committed(&self, lsn: Lsn) {
+        let mut st = self.shared.lock_state();
+        st.committed = lsn.0;
+        self.shared.wake_flusher(&mut st);
+    }
+
+    /// Replaces the retention policy and moves the tail if the new policy allows it.
+    pub fn set_retention(&self, policy: RetentionPolicy) {
+        {
+            let mut st = self.shared.lock_state();
+            st.retention = policy;
+        }
+        if let Err(e) = self.shared.persist_progress(None) {
+            log::warn!("tail move after a retention change failed: {e}");
+        }
+    }
+
+    /// Persists a new role and epoch. An epoch below the current one is refused.
+    pub fn assign(&self, role: Role, epoch: u64) -> Result<()> {
+        let s = &self.shared;
+        let mut w = s.sb_writer();
+        {
+            let st = s.lock_state();
+            s.check_usable(&st)?;
+            if epoch < st.epoch {
+                return Err(BlockVolError::EpochRegression {
+                    current: st.epoch,
+                    requested: epoch,
+                });
+            }
+        }
+        s.persist_with(&mut w, |st| {
+            let mut sb = s.sb_from_state(st);
+            sb.role = role;
+            sb.epoch = epoch;
+            sb
+        })?;
+        let mut st = s.lock_state();
+        st.role = role;
+        st.epoch = epoch;
+        s.cond.notify_all();
+        Ok(())
+    }
+
+    /// One consistent snapshot of the volume's state.
+    pub fn status(&self) -> Status {
+        let s = &self.shared;
+        let st = s.lock_state();
+        Status {
+            head: Lsn(st.head),
+            durable: Lsn(st.durable),
+            retained_start: Lsn(st.tail + 1),
+            tail: Lsn(st.tail),
+            checkpoint: Lsn(st.checkpoint),
+            committed: Lsn(st.committed),
+            checkpoint_trusted: !st.repaired && !st.install_incomplete,
+            epoch: st.epoch,
+            role: st.role,
+            generation: st.generation,
+            pins_outstanding: st.live_pins() + st.fences.values().filter(|f| !f.revoked).count(),
+            wal_used_bytes: st.head_pos - st.tail_pos,
+            wal_size_bytes: s.wal_size(),
+            install_incomplete: st.install_incomplete,
+            poisoned: st.poisoned.is_some(),
+        }
+    }
+
+    /// Identity of entry `lsn`, for `lsn` in `[tail, head]`; `Lsn(0)` is the origin.
+    pub fn entry_info(&self, lsn: Lsn) -> Result<EntryInfo> {
+        if lsn.0 == 0 {
+            return Ok(EntryInfo::ORIGIN);
+        }
+        let st = self.shared.lock_state();
+        self.shared.check_installed(&st, "entry_info")?;
+        if lsn.0 > st.head {
+            return Err(BlockVolError::BeyondHead {
+                requested: lsn,
+                head: Lsn(st.head),
+            });
+        }
+        st.info_of(lsn.0).ok_or(BlockVolError::Recycled {
+            requested: lsn,
+            retained_start: Lsn(st.tail + 1),
+        })
+    }
+
+    /// xxh3-128 over every block as `read` returns it, in LBA order.
+    pub fn digest(&self) -> Result<Digest> {
+        let g = self.shared.geo;
+        let per = (IO_CHUNK as u64 / u64::from(g.block_size)).max(1);
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = Vec::new();
+        let mut lba = 0;
+        while lba < g.volume_blocks {
+            let n = per.min(g.volume_blocks - lba);
+            buf.resize((n * u64::from(g.block_size)) as usize, 0);
+            self.read_into(lba, &mut buf)?;
+            h.update(&buf);
+            lba += n;
+        }
+        Ok(Digest(h.digest128()))
+    }
+
+    /// Applies a replicated entry: only `lsn == head + 1` is appended (keeping the entry's LSN
+    /// and epoch); an identical duplicate is acknowledged; anything else is a typed error.
+    pub fn apply(&self, entry: &WalEntry) -> Result<ApplyOutcome> {
+        if entry.lsn.0 == 0 {
+            return Err(BlockVolError::InvalidArgument(
+                "lsn 0 is never an entry".into(),
+            ));
+        }
+        let info = entry.info();
+        let (kind, lba, blocks, payload): (u8, u64, u32, &[u8]) = match &entry.kind {
+            EntryKind::Write { lba, data } => {
+                let b = self.blocks_of(data.len())?;
+                self.check_range(*lba, b)?;
+                let b = u32::try_from(b).map_err(|_| {
+                    BlockVolError::InvalidArgument(format!("entry of {b} blocks is too large"))
+                })?;
+                (KIND_WRITE, *lba, b, data.as_slice())
+            }
+            EntryKind::Trim { lba, blocks } => {
+                self.check_range(*lba, *blocks)?;
+                let b = u32::try_from(*blocks).map_err(|_| {
+                    BlockVolError::InvalidArgument(format!("trim of {blocks} blocks is too large"))
+                })?;
+                (KIND_TRIM, *lba, b, &[][..])
+            }
+            EntryKind::Barrier => (KIND_BARRIER, 0, 0, &[][..]),
+        };
+        let (_, outcome) = self.shared.append(
+            kind,
+            lba,
+            blocks,
+            payload,
+            info.content_crc,
+            AppendMode::Apply {
+                lsn: entry.lsn.0,
+                epoch: entry.epoch,
+                info,
+            },
+        )?;
+        Ok(outcome)
+    }
+
+    /// Drops every entry above `lsn`, durably. Below the checkpoint it is refused with
+    /// `BelowCheckpoint` and nothing changes.
+    pub fn truncate_after(&self, lsn: Lsn) -> Result<()> {
+        let s = &self.shared;
+        let _f = s.flush_guard();
+        let mut st = s.lock_state();
+        s.check_usable(&st)?;
+        s.check_installed(&st, "truncate")?;
+        if lsn.0 < st.checkpoint {
+            return Err(BlockVolError::BelowCheckpoint {
+                requested: lsn,
+                checkpoint: Lsn(st.checkpoint),
+            });
+        }
+        if lsn.0 >= st.head {
+            return Ok(());
+        }
+        if let Some(f) = st.min_fence().filter(|f| *f > lsn.0) {
+            return Err(BlockVolError::Busy(format!(
+                "a base pin at lsn {f} covers entries that truncation after {lsn} would drop"
+            )));
+        }
+        let new_head_pos = if lsn.0 == st.tail {
+            st.tail_pos
+        } else {
+            st.entry(lsn.0).map(|e| e.end).unwrap_or(st.head_pos)
+        };
+        // Zero the discarded bytes durably first: a crash must not bring the dropped suffix back.
+        let r = (|| -> std::io::Result<()> {
+            let w = s.wal_size();
+            let zeros = vec![0u8; IO_CHUNK];
+            let mut p = new_head_pos;
+            while p < st.head_pos {
+                let phys = p % w;
+                let n = (st.head_pos - p).min(w - phys).min(IO_CHUNK as u64);
+                s.medium.write_at(WAL_OFFSET + phys, &zeros[..n as usize])?;
+                p += n;
+            }
+            s.sync_wal(new_head_pos, st.head_pos)
+        })();
+        if let Err(e) = r {
+            let err =
+                BlockVolError::io("zero truncated wal", format!("logical {new_head_pos}.."), e);
+            s.poison(&mut st, err.to_string());
+            return Err(err);
+        }
+        while st.index.back().is_some_and(|e| e.lsn > lsn.0) {
+            st.index.pop_back();
+        }
+        st.head = lsn.0;
+        st.head_pos = new_head_pos;
+        st.durable = st.durable.min(lsn.0);
+        st.synced_pos = st.synced_pos.min(new_head_pos);
+        st.lineage += 1;
+        st.rebuild_dirty(s.geo.block_size);
+        s.cond.notify_all();
+        Ok(())
+    }
+
+    /// Revokes every live pin (WAL pins, scan pins, base pins): they stop holding the tail and
+    /// the flusher. Returns how many were revoked.
+    pub fn revoke_wal_pins(&self, reason: &str) -> usize {
+        let s = &self.shared;
+        let n = {
+            let mut st = s.lock_state();
+            let mut n = 0;
+            for p in st.pins.values_mut().filter(|p| !p.revoked) {
+                p.revoked = true;
+                n += 1;
+            }
+            for f in st.fences.values_mut().filter(|f| !f.revoked) {
+                f.revoked = true;
+                n += 1;
+            }
+            st.revoke_reason = reason.to_string();
+            s.wake_flusher(&mut st);
+            s.cond.notify_all();
+            n
+        };
+        log::warn!("revoked {n} pins: {reason}");
+        if let Err(e) = s.persist_progress(None) {
+            log::warn!("tail move after revoking pins failed: {e}");
+        }
+        n
+    }
+
+    fn stop_flusher(&self) {
+        {
+            let mut st = self.shared.lock_state();
+            st.stop_flusher = true;
+            self.shared.flusher_cond.notify_all();
+        }
+        if let Some(h) = lock(&self.flusher).take()
+            && h.join().is_err()
+        {
+            log::error!("flusher thread panicked");
+        }
+    }
+
+    /// Stops the flusher, syncs the WAL and writes a final superblock.
+    pub fn close(self) -> Result<()> {
+        self.stop_flusher();
+        let s = &self.shared;
+        let r = {
+            let incomplete = {
+                let st = s.lock_state();
+                st.installing || st.install_incomplete
+            };
+            if incomplete { Ok(0) } else { s.sync() }
+        };
+        let r2 = {
+            let mut w = s.sb_writer();
+            s.persist_with(&mut w, |st| s.sb_from_state(st))
+        };
+        s.lock_state().closed = true;
+        r?;
+        r2
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        self.stop_flusher();
+        let mut st = self.shared.lock_state();
+        st.closed = true;
+        self.shared.cond.notify_all();
+    }
+}
+
+/// One background cycle: make appended entries durable, then flush what the gate allows.
+fn background_cycle(s: &Shared) -> Result<()> {
+    let needs_sync = {
+        let st = s.lock_state();
+        if st.poisoned.is_some() || st.installing || st.install_incomplete {
+            return Ok(());
+        }
+        st.head > st.durable
+    };
+    if needs_sync {
+        s.sync()?;
+    }
+    let _f = s.flush_guard();
+    s.flush_locked(u64::MAX).map(|_| ())
+}
+
+fn flusher_main(s: Arc<Shared>, interval: Duration) {
+    loop {
+        {
+            let mut st = s.lock_state();
+            if !st.flush_wanted && !st.stop_flusher && !st.closed {
+                st = s
+                    .flusher_cond
+                    .wait_timeout(st, interval)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            if st.stop_flusher || st.closed {
+                return;
+            }
+            st.flush_wanted = false;
+        }
+        if let Err(e) = background_cycle(&s) {
+            log::warn!("flush cycle on {} failed: {e}", s.medium.describe());
+        }
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl Volume {
+    /// Creates a volume on a new simulated disk (feature `testing`).
+    pub fn create_sim(
+        create: &CreateOptions,
+        open: &OpenOptions,
+    ) -> Result<(Volume, crate::sim::SimDisk)> {
+        let geo = validate_create(create)?;
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&geo.volume_blocks.to_le_bytes());
+        id[8..12].copy_from_slice(&geo.block_size.to_le_bytes());
+        id[12] = 0x5A;
+        let sb = initial_superblock(&geo, id);
+        let disk = crate::sim::SimDisk::new(sb.file_len());
+        {
+            if !disk.claim() {
+                return Err(BlockVolError::Locked {
+                    path: "simulated disk".into(),
+                });
+            }
+            let m = crate::sim::SimMedium::new(disk.clone());
+            format_superblocks(&m, &sb)?;
+        }
+        let v = Volume::open_sim(&disk, open)?;
+        Ok((v, disk))
+    }
+
+    /// Opens a volume on a simulated disk (feature `testing`), running recovery.
+    pub fn open_sim(disk: &crate::sim::SimDisk, open: &OpenOptions) -> Result<Volume> {
+        if !disk.claim() {
+            return Err(BlockVolError::Locked {
+                path: "simulated disk".into(),
+            });
+        }
+        let m = crate::sim::SimMedium::new(disk.clone());
+        let slots = read_slots(&|o, b| m.read_at(o, b), "simulated disk")?;
+        Volume::open_medium(Arc::new(m), &slots, open)
+    }
+}
