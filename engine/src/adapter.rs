@@ -9,7 +9,7 @@
 use std::fmt;
 
 use crate::error::StorageError;
-use crate::history::RetainedHistory;
+use crate::history::{EntryId, RetainedHistory};
 use crate::types::Lsn;
 
 /// A storage-assigned pin identifier, unique per storage instance.
@@ -136,10 +136,15 @@ impl FullBasePin {
 /// - `pin_snapshot(lsn)` keeps an immutable image of the trusted checkpoint at `lsn` (never the
 ///   live extent) until dropped; it fails if no trusted checkpoint is at `lsn`.
 /// - `pin_full_base(lsn)` keeps an immutable image exactly at `lsn` until dropped.
+/// - `entry_id(lsn)` identifies the primary's entry at `lsn` for every LSN in
+///   `[tail, head]` (the tail entry's identity must survive its recycling) and `Lsn(0)`
+///   (the origin); `None` when it cannot vouch for that LSN.
 /// - Dropping a pin releases it; releasing never fails.
 pub trait StorageAdapter: Send + Sync {
     /// The retained history now.
     fn get_retained_history(&self) -> Result<RetainedHistory, StorageError>;
+    /// The identity of the primary's entry at `lsn`, if storage can vouch for it.
+    fn entry_id(&self, lsn: Lsn) -> Result<Option<EntryId>, StorageError>;
     /// Pins the checkpoint image at `checkpoint_lsn`.
     fn pin_snapshot(&self, checkpoint_lsn: Lsn) -> Result<SnapshotPin, StorageError>;
     /// Pins every WAL entry after `after`.

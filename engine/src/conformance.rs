@@ -20,6 +20,7 @@ use crate::executor::{
     CatchUpExecutor, ExecFailure, ExecutionReport, ExecutorOptions, RebuildExecutor, RebuildIo,
     RecoveryPath, StepInfo,
 };
+use crate::history::ReplicaHandshake;
 use crate::outcome::Outcome;
 use crate::rebuild::RebuildSource;
 use crate::registry::{AssignmentIntent, ReplicaAssignment};
@@ -44,8 +45,8 @@ pub trait Harness {
     fn add_replica(&mut self, name: &str, prefix: Lsn) -> Result<(), String>;
     /// Appends `n` uncommitted entries the primary never wrote; returns the replica's head.
     fn replica_append_divergent(&mut self, name: &str, n: u64) -> Result<Lsn, String>;
-    /// The replica's flushed LSN, as its handshake would report it.
-    fn replica_flushed(&mut self, name: &str) -> Result<Lsn, String>;
+    /// What the replica reports at a handshake: its flushed LSN and the identity of its tip.
+    fn replica_handshake(&mut self, name: &str) -> Result<ReplicaHandshake, String>;
     /// I/O from the primary to this replica.
     fn io(&mut self, name: &str) -> Result<Self::Io, String>;
     /// Makes the next pin of `kind` fail once.
@@ -158,10 +159,13 @@ impl<H: Harness> Ctx<H> {
     }
 
     fn plan(&mut self, name: &str) -> Result<RecoveryPlan, String> {
-        let f = self.h.replica_flushed(name)?;
+        let hs = self.h.replica_handshake(name)?;
+        ensure(hs.tip.is_some(), || {
+            format!("{name} reported no tip identity")
+        })?;
         self.driver
-            .plan_recovery(&replica_id(name), f)
-            .map_err(|e| format!("plan_recovery({name}, F={f}): {e}"))
+            .plan_recovery(&replica_id(name), hs)
+            .map_err(|e| format!("plan_recovery({name}, F={}): {e}", hs.flushed))
     }
 
     fn record(&mut self, r: &ExecutionReport) {
@@ -429,7 +433,7 @@ pub fn epoch_bump_mid_execution<H: Harness>(h: H) -> Result<ScenarioReport, Stri
     ensure(c.state("r1")? == ReplicaState::Disconnected, || {
         "r1 not disconnected after the bump".into()
     })?;
-    let f = c.h.replica_flushed("r1")?;
+    let f = c.h.replica_handshake("r1")?.flushed;
     ensure(f == Lsn(60), || format!("replica at {f}, expected 60"))?;
     c.assign(2, &[("r1", 1)], &[("r1", SessionKind::CatchUp)], None)?;
     let plan = c.plan("r1")?;

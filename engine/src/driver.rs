@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::adapter::{FullBasePin, RetentionPin, SnapshotPin, StorageAdapter};
 use crate::error::{EngineError, PinKind, Result};
-use crate::history::{ProofReason, RebuildReason, RecoverabilityProof};
+use crate::history::{EntryId, ProofReason, RebuildReason, RecoverabilityProof, ReplicaHandshake};
 use crate::observe::Event;
 use crate::orchestrator::RecoveryOrchestrator;
 use crate::outcome::Outcome;
@@ -38,6 +38,12 @@ pub struct RecoveryPlan {
     pub catch_up_target: Option<Lsn>,
     /// Truncation point when the replica is ahead of committed.
     pub truncate_lsn: Option<Lsn>,
+    /// Whether the replica reported its tip identity, so its log is matched against the
+    /// primary's (at the handshake for catch-up, after the truncation for truncate plans).
+    pub verified: bool,
+    /// The primary's entry at the truncation point: the replica's tip after truncating must
+    /// be this entry (checked when `verified`).
+    pub truncate_anchor: Option<EntryId>,
     /// The rebuild source.
     pub rebuild_source: Option<RebuildSource>,
     /// The snapshot LSN of a snapshot + tail rebuild.
@@ -61,6 +67,8 @@ impl RecoveryPlan {
             catch_up_start_lsn: None,
             catch_up_target: None,
             truncate_lsn: None,
+            verified: false,
+            truncate_anchor: None,
             rebuild_source: None,
             rebuild_snapshot_lsn: None,
             rebuild_target_lsn: None,
@@ -138,25 +146,47 @@ impl RecoveryDriver {
         }
     }
 
-    /// Plans the recovery of a replica that holds up to `replica_flushed`.
+    /// Plans the recovery of a replica that reports `replica` at its handshake (a plain `Lsn`
+    /// converts to an unverified handshake).
     ///
-    /// Reads one history snapshot and runs the handshake through the orchestrator. A zero gap
+    /// Reads one history snapshot and runs the handshake through the orchestrator. When the
+    /// replica reported its tip identity, the primary's entry at F is looked up and the two
+    /// logs are matched: a replica whose tip differs is not recoverable by catch-up (even at a
+    /// zero gap) and escalates to rebuild. A zero gap
     /// is already complete (nothing pinned). A catch-up binds its range `(F, C]` and pins the
     /// WAL after F; a replica ahead of C gets a truncation-only plan with no pin. A pin failure
     /// invalidates the session (`wal_pin_failed`, state `disconnected`) so no live session is
     /// left without its resources. A needs-rebuild plan holds nothing: a rebuild assignment
     /// must come first.
-    pub fn plan_recovery(&self, id: &ReplicaId, replica_flushed: Lsn) -> Result<RecoveryPlan> {
+    pub fn plan_recovery(
+        &self,
+        id: &ReplicaId,
+        replica: impl Into<ReplicaHandshake>,
+    ) -> Result<RecoveryPlan> {
+        let replica = replica.into();
+        let replica_flushed = replica.flushed;
         let history = self
             .storage
             .get_retained_history()
             .map_err(EngineError::HistoryUnavailable)?;
-        let result = self
-            .orchestrator
-            .execute_recovery(id, replica_flushed, &history)?;
+        let verified = replica.tip.is_some();
+        let primary_at_flushed = if verified && replica_flushed <= history.committed_lsn {
+            self.storage
+                .entry_id(replica_flushed)
+                .map_err(EngineError::HistoryUnavailable)?
+        } else {
+            None
+        };
+        let result = self.orchestrator.execute_recovery_with_anchor(
+            id,
+            &replica,
+            &history,
+            primary_at_flushed,
+        )?;
         let sender = self.orchestrator.sender(id)?;
         let mut plan = RecoveryPlan::new(id.clone(), sender.session_id(), result.outcome);
         plan.proof = Some(result.proof.clone());
+        plan.verified = verified;
         if result.outcome != Outcome::CatchUp {
             return Ok(plan);
         }
@@ -174,6 +204,20 @@ impl RecoveryDriver {
             ProofReason::ReplicaAheadNeedsTruncation { .. }
         ) {
             plan.truncate_lsn = Some(committed);
+            if verified {
+                match self.storage.entry_id(committed) {
+                    Ok(anchor) => plan.truncate_anchor = anchor,
+                    Err(e) => {
+                        self.fail_session(
+                            id,
+                            sid,
+                            InvalidateReason::HandshakeFailed,
+                            ReplicaState::Disconnected,
+                        );
+                        return Err(EngineError::HistoryUnavailable(e));
+                    }
+                }
+            }
             log.record(
                 id,
                 Some(sid),

@@ -20,6 +20,7 @@ use crate::adapter::PinId;
 use crate::budget::BudgetViolation;
 use crate::driver::{RecoveryDriver, RecoveryPlan};
 use crate::error::{EngineError, Result, TransferError};
+use crate::history::EntryId;
 use crate::observe::Event;
 use crate::outcome::Outcome;
 use crate::rebuild::RebuildSource;
@@ -41,8 +42,9 @@ pub struct WalChunk {
 /// The data-transfer operations a catch-up needs. Implementations move real data to the
 /// replica and report what the replica actually did.
 pub trait CatchUpIo {
-    /// Drops every replica entry after `lsn` and returns the replica's head afterwards.
-    fn truncate_after(&mut self, lsn: Lsn) -> std::result::Result<Lsn, TransferError>;
+    /// Drops every replica entry after `lsn` and returns the identity of the replica's last
+    /// entry afterwards (its new tip).
+    fn truncate_after(&mut self, lsn: Lsn) -> std::result::Result<EntryId, TransferError>;
 
     /// Ships the entries `(after, ..]`, at most `max_entries` of them and none past `up_to`,
     /// and applies them on the replica in order. Returns what was applied.
@@ -260,6 +262,14 @@ pub enum ExecFailure {
         /// Reported.
         reported: Lsn,
     },
+    /// After truncating, the replica's tip is not the primary's entry at that LSN: its log
+    /// diverged below the truncation point.
+    TruncateDiverged {
+        /// The primary's entry at the truncation point, if it could vouch for it.
+        expected: Option<EntryId>,
+        /// The replica's tip after truncating.
+        reported: EntryId,
+    },
     /// Recording the truncation was refused.
     TruncationFailed(EngineError),
     /// A WAL chunk failed.
@@ -340,7 +350,7 @@ impl ExecFailure {
     /// True when the failure means the replica can only come back through a rebuild.
     pub fn requires_rebuild(&self) -> bool {
         match self {
-            ExecFailure::BudgetEscalated(_) => true,
+            ExecFailure::BudgetEscalated(_) | ExecFailure::TruncateDiverged { .. } => true,
             ExecFailure::TruncateIoFailed(e)
             | ExecFailure::IoStreamFailed { error: e, .. }
             | ExecFailure::IoTailReplayFailed { error: e, .. }
@@ -365,6 +375,13 @@ impl fmt::Display for ExecFailure {
                 f,
                 "io_truncate_mismatch: requested {requested}, replica reports {reported}"
             ),
+            ExecFailure::TruncateDiverged { expected, reported } => match expected {
+                Some(x) => write!(f, "truncate_diverged: replica tip {reported}, primary {x}"),
+                None => write!(
+                    f,
+                    "truncate_diverged: replica tip {reported}, primary cannot vouch for it"
+                ),
+            },
             ExecFailure::TruncationFailed(e) => write!(f, "truncation_failed: {e}"),
             ExecFailure::IoStreamFailed { step, error } => {
                 write!(f, "io_stream_failed_step_{step}: {error}")
@@ -709,13 +726,19 @@ impl<'a> CatchUpExecutor<'a> {
         let mut from = run.plan.catch_up_start_lsn.unwrap_or(Lsn::ZERO);
         if let Some(t) = run.plan.truncate_lsn {
             let tick = run.tick();
-            let reported = io
+            let tip = io
                 .truncate_after(t)
                 .map_err(ExecFailure::TruncateIoFailed)?;
-            if reported != t {
+            if tip.lsn != t {
                 return Err(ExecFailure::TruncateMismatch {
                     requested: t,
-                    reported,
+                    reported: tip.lsn,
+                });
+            }
+            if run.plan.verified && run.plan.truncate_anchor != Some(tip) {
+                return Err(ExecFailure::TruncateDiverged {
+                    expected: run.plan.truncate_anchor,
+                    reported: tip,
                 });
             }
             sender

@@ -5,7 +5,7 @@ use std::fmt;
 
 use crate::outcome::{HandshakeResult, Outcome};
 use crate::rebuild::RebuildSource;
-use crate::types::Lsn;
+use crate::types::{Epoch, Lsn};
 
 /// A half-open LSN range `(after, to]`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -32,6 +32,70 @@ impl fmt::Display for LsnRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "({}, {}]", self.after, self.to)
     }
+}
+
+/// The identity of one WAL entry: its LSN, the epoch it was written under, and a checksum of
+/// its content. Two logs that hold the same `EntryId` at an LSN hold the same entry; because
+/// replicas only ever extend their log contiguously from a verified anchor, they then agree on
+/// every earlier entry too (log matching).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EntryId {
+    /// The entry's LSN.
+    pub lsn: Lsn,
+    /// The epoch of the primary that wrote it.
+    pub epoch: Epoch,
+    /// A checksum of the entry's content (what it writes where), independent of where it is
+    /// stored.
+    pub checksum: u32,
+}
+
+impl EntryId {
+    /// The position before the first entry, which every log shares.
+    pub const ORIGIN: EntryId = EntryId {
+        lsn: Lsn::ZERO,
+        epoch: Epoch(0),
+        checksum: 0,
+    };
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "lsn={} epoch={} crc={:08x}",
+            self.lsn, self.epoch, self.checksum
+        )
+    }
+}
+
+/// What a replica reports at the handshake: the last LSN it holds and, when it can, the
+/// identity of the entry there. Without `tip` the engine can only trust the LSN (the
+/// reference's behaviour); with it, a replica whose entries differ from the primary's at the
+/// same LSNs is detected instead of being declared in sync.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaHandshake {
+    /// F: the replica's last held (and durable) LSN.
+    pub flushed: Lsn,
+    /// The identity of the replica's entry at `flushed`.
+    pub tip: Option<EntryId>,
+}
+
+impl From<Lsn> for ReplicaHandshake {
+    fn from(flushed: Lsn) -> Self {
+        ReplicaHandshake { flushed, tip: None }
+    }
+}
+
+/// Whether the replica's log was checked against the primary's at the anchor LSN.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum AnchorCheck {
+    /// The replica gave no tip identity: only LSNs were compared.
+    NotChecked,
+    /// The replica's entry at F is the primary's entry at F.
+    Matched(EntryId),
+    /// The replica is ahead of committed; after truncating to C its new tip must be the
+    /// primary's entry at C, which the executor checks.
+    AfterTruncation,
 }
 
 /// A snapshot of the primary's retained WAL and checkpoint, as storage reports it.
@@ -91,6 +155,14 @@ pub enum ProofReason {
         /// The primary's head.
         head: Lsn,
     },
+    /// The replica's entry at F is not the primary's entry at F: its log diverged (for
+    /// example an old primary's uncommitted writes), so no catch-up on top of it is safe.
+    Divergent {
+        /// The replica's tip.
+        replica: EntryId,
+        /// The primary's entry at that LSN, if the primary knows it.
+        primary: Option<EntryId>,
+    },
     /// A hole inside the retained range crosses the needed range.
     HoleInRetention {
         /// The range to replay.
@@ -109,6 +181,7 @@ impl ProofReason {
             ProofReason::GapWithinRetention { .. } => "gap_within_retention",
             ProofReason::GapBeyondRetention { .. } => "gap_beyond_retention",
             ProofReason::CommittedBeyondHead { .. } => "committed_beyond_head",
+            ProofReason::Divergent { .. } => "divergent_history",
             ProofReason::HoleInRetention { .. } => "hole_in_retention",
         }
     }
@@ -132,6 +205,17 @@ impl fmt::Display for ProofReason {
                 f,
                 "committed_beyond_head: committed={committed} head={head}"
             ),
+            ProofReason::Divergent { replica, primary } => match primary {
+                Some(p) => write!(
+                    f,
+                    "divergent_history: replica has {replica}, primary has {p}"
+                ),
+                None => write!(
+                    f,
+                    "divergent_history: replica has {replica}, primary cannot vouch for LSN {}",
+                    replica.lsn
+                ),
+            },
             ProofReason::HoleInRetention { needed, missing } => {
                 write!(
                     f,
@@ -157,6 +241,8 @@ pub struct RecoverabilityProof {
     pub recoverable: bool,
     /// Why.
     pub reason: ProofReason,
+    /// Whether the replica's log was matched against the primary's.
+    pub anchor: AnchorCheck,
 }
 
 impl RecoverabilityProof {
@@ -326,7 +412,44 @@ impl RetainedHistory {
             head_lsn: self.head_lsn,
             recoverable,
             reason,
+            anchor: AnchorCheck::NotChecked,
         }
+    }
+
+    /// Like [`prove_recoverability`](Self::prove_recoverability), and also matches the
+    /// replica's log against the primary's. `primary_at_flushed` is the primary's entry at the
+    /// replica's F (from [`StorageAdapter::entry_id`](crate::StorageAdapter::entry_id)).
+    ///
+    /// For `F <= C` (zero gap or catch-up) the replica's tip must equal the primary's entry at
+    /// F; otherwise the replica is not recoverable (`divergent_history`) and only a rebuild is
+    /// safe. A replica ahead of C is checked after its truncation instead. Without a tip the
+    /// proof is the LSN-only one.
+    pub fn prove_with_anchor(
+        &self,
+        replica: &ReplicaHandshake,
+        primary_at_flushed: Option<EntryId>,
+    ) -> RecoverabilityProof {
+        let mut proof = self.prove_recoverability(replica.flushed);
+        let Some(tip) = replica.tip else {
+            return proof;
+        };
+        if replica.flushed > self.committed_lsn {
+            proof.anchor = AnchorCheck::AfterTruncation;
+            return proof;
+        }
+        if !proof.recoverable {
+            return proof;
+        }
+        if tip.lsn == replica.flushed && primary_at_flushed == Some(tip) {
+            proof.anchor = AnchorCheck::Matched(tip);
+        } else {
+            proof.recoverable = false;
+            proof.reason = ProofReason::Divergent {
+                replica: tip,
+                primary: primary_at_flushed,
+            };
+        }
+        proof
     }
 
     /// Chooses the rebuild source: snapshot + tail when the checkpoint is trusted, not above

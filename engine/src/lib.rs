@@ -51,7 +51,8 @@ pub use executor::{
     ExecutorOptions, RebuildExecutor, RebuildIo, RecoveryPath, StepInfo, StepKind, WalChunk,
 };
 pub use history::{
-    LsnRange, ProofReason, RebuildDecision, RebuildReason, RecoverabilityProof, RetainedHistory,
+    AnchorCheck, EntryId, LsnRange, ProofReason, RebuildDecision, RebuildReason,
+    RecoverabilityProof, ReplicaHandshake, RetainedHistory,
 };
 pub use observe::{Event, RecoveryEvent, RecoveryLog, RegistryStatus, SenderStatus};
 #[cfg(feature = "testing")]

@@ -2,7 +2,7 @@
 //! change them (assignments, handshakes, epoch changes), each of which logs what it decided.
 
 use crate::error::{EngineError, Result};
-use crate::history::{RecoverabilityProof, RetainedHistory};
+use crate::history::{EntryId, RecoverabilityProof, ReplicaHandshake, RetainedHistory};
 use crate::observe::{Event, RecoveryLog};
 use crate::outcome::Outcome;
 use crate::registry::{AssignmentIntent, AssignmentResult, Registry};
@@ -121,8 +121,21 @@ impl RecoveryOrchestrator {
     pub fn execute_recovery(
         &self,
         id: &ReplicaId,
-        replica_flushed: Lsn,
+        replica: impl Into<ReplicaHandshake>,
         history: &RetainedHistory,
+    ) -> Result<RecoveryResult> {
+        self.execute_recovery_with_anchor(id, &replica.into(), history, None)
+    }
+
+    /// [`execute_recovery`](Self::execute_recovery) with the primary's entry at the replica's
+    /// flushed LSN, so the handshake also matches the two logs (see
+    /// [`RetainedHistory::prove_with_anchor`]).
+    pub fn execute_recovery_with_anchor(
+        &self,
+        id: &ReplicaId,
+        replica: &ReplicaHandshake,
+        history: &RetainedHistory,
+        primary_at_flushed: Option<EntryId>,
     ) -> Result<RecoveryResult> {
         let sender = self.sender(id)?;
         let sid = sender.session_id().ok_or_else(|| EngineError::NoSession {
@@ -140,27 +153,27 @@ impl RecoveryOrchestrator {
         }
         self.log.record(id, Some(sid), Event::Connected);
 
-        let (outcome, proof) =
-            match sender.record_handshake_from_history(sid, replica_flushed, history) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.log.record(
-                        id,
-                        Some(sid),
-                        Event::HandshakeFailed {
-                            error: e.to_string(),
-                        },
-                    );
-                    if let Some(inv) = sender.invalidate_session_if(
-                        sid,
-                        InvalidateReason::HandshakeFailed,
-                        ReplicaState::Disconnected,
-                    ) {
-                        self.log_invalidation(&inv);
-                    }
-                    return Err(e);
+        let proof = history.prove_with_anchor(replica, primary_at_flushed);
+        let outcome = match sender.record_handshake_with_proof(sid, history, &proof) {
+            Ok(v) => v,
+            Err(e) => {
+                self.log.record(
+                    id,
+                    Some(sid),
+                    Event::HandshakeFailed {
+                        error: e.to_string(),
+                    },
+                );
+                if let Some(inv) = sender.invalidate_session_if(
+                    sid,
+                    InvalidateReason::HandshakeFailed,
+                    ReplicaState::Disconnected,
+                ) {
+                    self.log_invalidation(&inv);
                 }
-            };
+                return Err(e);
+            }
+        };
         self.log.record(id, Some(sid), Event::Handshake { outcome });
 
         match outcome {

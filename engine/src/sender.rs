@@ -459,9 +459,21 @@ impl Sender {
         history: &RetainedHistory,
     ) -> Result<(Outcome, RecoverabilityProof)> {
         let proof = history.prove_recoverability(replica_flushed);
-        let hr = history.make_handshake_result(replica_flushed);
-        let outcome = self.apply_handshake(id, &hr, proof.outcome())?;
+        let outcome = self.record_handshake_with_proof(id, history, &proof)?;
         Ok((outcome, proof))
+    }
+
+    /// Records a handshake whose proof the caller built (for example with
+    /// [`RetainedHistory::prove_with_anchor`], which also matches the replica's log). The
+    /// outcome is the proof's.
+    pub fn record_handshake_with_proof(
+        &self,
+        id: SessionId,
+        history: &RetainedHistory,
+        proof: &RecoverabilityProof,
+    ) -> Result<Outcome> {
+        let hr = history.make_handshake_result(proof.replica_flushed_lsn);
+        self.apply_handshake(id, &hr, proof.outcome())
     }
 
     /// `handshake -> catchup` for non-rebuild sessions; the state becomes `catching_up` and

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crate::adapter::StorageAdapter;
 use crate::conformance::Harness;
 use crate::error::PinKind;
+use crate::history::ReplicaHandshake;
 use crate::testing::replica::{ModelIo, ModelReplica};
 use crate::testing::storage::MemStorage;
 use crate::types::{Epoch, Lsn};
@@ -75,10 +76,10 @@ impl Harness for MemHarness {
         Ok(g.append_divergent(n, Epoch(1)))
     }
 
-    fn replica_flushed(&mut self, name: &str) -> Result<Lsn, String> {
+    fn replica_handshake(&mut self, name: &str) -> Result<ReplicaHandshake, String> {
         let r = self.replica(name)?;
         let g = r.lock().unwrap_or_else(PoisonError::into_inner);
-        Ok(g.head())
+        Ok(g.handshake())
     }
 
     fn io(&mut self, name: &str) -> Result<ModelIo, String> {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::history::LsnRange;
+use crate::history::{EntryId, LsnRange};
 use crate::outcome::HandshakeResult;
 use crate::types::{Epoch, Lsn};
 
@@ -27,6 +27,20 @@ pub struct ModelEntry {
 impl ModelEntry {
     /// Bytes one model entry stands for when transfer sizes are reported.
     pub const WIRE_BYTES: u64 = 32;
+
+    /// The entry's identity: LSN, epoch and a checksum of what it writes where.
+    pub fn id(&self) -> EntryId {
+        let mix = self
+            .block
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(17)
+            ^ self.value.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        EntryId {
+            lsn: self.lsn,
+            epoch: self.epoch,
+            checksum: (mix ^ (mix >> 32)) as u32,
+        }
+    }
 }
 
 /// A refusal by the model history.

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::error::TransferError;
 use crate::executor::{BaseChunkProgress, BaseRequest, CatchUpIo, RebuildIo, WalChunk};
+use crate::history::{EntryId, ReplicaHandshake};
 use crate::testing::history::{BlockState, ModelEntry};
 use crate::testing::storage::MemStorage;
 use crate::types::{Epoch, Lsn};
@@ -15,6 +16,8 @@ use crate::types::{Epoch, Lsn};
 pub struct ModelReplica {
     base: BlockState,
     base_lsn: Lsn,
+    /// Identity of the entry at `base_lsn` (the origin for an empty replica).
+    base_tip: Option<EntryId>,
     log: Vec<ModelEntry>,
     durable: Lsn,
     /// Entries at or below this LSN are "flushed" into the base and cannot be truncated.
@@ -37,6 +40,7 @@ impl ModelReplica {
         let r = ModelReplica {
             base: BlockState::new(),
             base_lsn: Lsn::ZERO,
+            base_tip: Some(EntryId::ORIGIN),
             log,
             durable: prefix,
             checkpoint: Lsn::ZERO,
@@ -48,6 +52,32 @@ impl ModelReplica {
     /// The last LSN held.
     pub fn head(&self) -> Lsn {
         self.log.last().map_or(self.base_lsn, |e| e.lsn)
+    }
+
+    /// The identity of the entry at `lsn`, if the replica still knows it (its log, or the
+    /// entry its base was installed at).
+    pub fn entry_id(&self, lsn: Lsn) -> Option<EntryId> {
+        if lsn == self.base_lsn {
+            return if lsn == Lsn::ZERO {
+                Some(EntryId::ORIGIN)
+            } else {
+                self.base_tip
+            };
+        }
+        self.entry(lsn).map(|e| e.id())
+    }
+
+    /// The identity of the last entry held.
+    pub fn tip(&self) -> Option<EntryId> {
+        self.entry_id(self.head())
+    }
+
+    /// What this replica reports at a handshake: its head and the identity of its tip.
+    pub fn handshake(&self) -> ReplicaHandshake {
+        ReplicaHandshake {
+            flushed: self.head(),
+            tip: self.tip(),
+        }
     }
 
     /// The last LSN made durable by a barrier.
@@ -130,6 +160,9 @@ impl ModelReplica {
     /// go below it.
     pub fn flush_to(&mut self, lsn: Lsn) {
         let lsn = lsn.min(self.head());
+        if lsn > self.base_lsn {
+            self.base_tip = self.entry_id(lsn);
+        }
         for e in self.log.iter().filter(|e| e.lsn <= lsn) {
             self.base.insert(e.block, e.value);
         }
@@ -138,8 +171,8 @@ impl ModelReplica {
         self.checkpoint = self.checkpoint.max(lsn);
     }
 
-    /// Drops entries after `lsn`; refused below the checkpoint.
-    pub fn truncate_after(&mut self, lsn: Lsn) -> Result<Lsn, TransferError> {
+    /// Drops entries after `lsn`; refused below the checkpoint. Returns the new tip.
+    pub fn truncate_after(&mut self, lsn: Lsn) -> Result<EntryId, TransferError> {
         if lsn < self.checkpoint {
             return Err(TransferError::TruncateBelowCheckpoint {
                 requested: lsn,
@@ -148,7 +181,9 @@ impl ModelReplica {
         }
         self.log.retain(|e| e.lsn <= lsn);
         self.durable = self.durable.min(self.head());
-        Ok(self.head())
+        self.tip().ok_or_else(|| TransferError::Storage {
+            detail: format!("replica lost the identity of its entry at {}", self.head()),
+        })
     }
 }
 
@@ -219,10 +254,10 @@ impl ModelIo {
 }
 
 impl CatchUpIo for ModelIo {
-    fn truncate_after(&mut self, lsn: Lsn) -> Result<Lsn, TransferError> {
-        let head = self.replica().truncate_after(lsn)?;
+    fn truncate_after(&mut self, lsn: Lsn) -> Result<EntryId, TransferError> {
+        let tip = self.replica().truncate_after(lsn)?;
         self.stats.truncations += 1;
-        Ok(head)
+        Ok(tip)
     }
 
     fn stream_wal_chunk(
@@ -387,6 +422,12 @@ impl RebuildIo for ModelIo {
         };
         r.base = image;
         r.base_lsn = lsn;
+        r.base_tip = self
+            .primary
+            .reference_history()
+            .entry(lsn)
+            .map(|e| e.id())
+            .or((lsn == Lsn::ZERO).then_some(EntryId::ORIGIN));
         r.log.clear();
         r.checkpoint = lsn;
         r.durable = lsn;
@@ -423,10 +464,14 @@ impl ScriptedIo {
 }
 
 impl CatchUpIo for ScriptedIo {
-    fn truncate_after(&mut self, lsn: Lsn) -> Result<Lsn, TransferError> {
+    fn truncate_after(&mut self, lsn: Lsn) -> Result<EntryId, TransferError> {
         self.truncations.push(lsn);
         self.last = lsn;
-        Ok(lsn)
+        Ok(EntryId {
+            lsn,
+            epoch: Epoch(0),
+            checksum: 0,
+        })
     }
 
     fn stream_wal_chunk(

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::adapter::{FullBasePin, PinGuard, PinId, RetentionPin, SnapshotPin, StorageAdapter};
 use crate::error::{PinKind, StorageError};
-use crate::history::RetainedHistory;
+use crate::history::{EntryId, RetainedHistory};
 use crate::testing::history::{BlockState, ModelEntry, ModelError, WalHistory};
 use crate::types::{Epoch, Lsn};
 
@@ -218,6 +218,19 @@ impl StorageAdapter for MemStorage {
             checkpoint_trusted: g.checkpoint_trusted,
             missing: g.history.missing_ranges(),
         })
+    }
+
+    fn entry_id(&self, lsn: Lsn) -> Result<Option<EntryId>, StorageError> {
+        let g = self.lock();
+        if lsn == Lsn::ZERO {
+            return Ok(Some(EntryId::ORIGIN));
+        }
+        // A real store keeps the identity of its tail entry when recycling it; the model reads
+        // it from the never-recycled reference history. Below the tail it cannot vouch.
+        if lsn < g.history.tail() || lsn > g.history.head() {
+            return Ok(None);
+        }
+        Ok(g.reference.entry(lsn).map(|e| e.id()))
     }
 
     fn pin_snapshot(&self, checkpoint_lsn: Lsn) -> Result<SnapshotPin, StorageError> {
