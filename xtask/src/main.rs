@@ -1,2 +1,86 @@
-//! Project tasks (work in progress).
-fn main() {}
+//! Project tasks: `cargo xtask chain-test` (the main job). Run `cargo xtask help` for the list.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use swblock::chain::{self, ChainOptions};
+
+const HELP: &str = "\
+usage: cargo xtask <task> [options]
+
+tasks:
+  chain-test [--scenario NAME] [--json PATH]
+      Run every recovery scenario end to end (assignment -> plan -> executor -> store ->
+      verified replica) and print one row per scenario. Writes the same as JSON to
+      target/chain-report.json (or PATH). Exits 1 if any scenario fails.
+  help
+      Print this text.
+";
+
+fn workspace_root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn chain_test(args: &[String]) -> Result<ExitCode, String> {
+    let mut opts = ChainOptions::default();
+    let mut json_path = workspace_root().join("target").join("chain-report.json");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--scenario" => {
+                opts.scenario = Some(it.next().ok_or("--scenario needs a name")?.clone());
+            }
+            "--json" => {
+                json_path = PathBuf::from(it.next().ok_or("--json needs a path")?);
+            }
+            other => return Err(format!("chain-test: unknown option {other}")),
+        }
+    }
+    let rows = chain::run(&opts);
+    if rows.is_empty() {
+        return Err(format!(
+            "no scenario matches {}",
+            opts.scenario.as_deref().unwrap_or("(all)")
+        ));
+    }
+    print!("{}", chain::table(&rows));
+    if let Some(dir) = json_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    std::fs::write(&json_path, chain::json(&rows))
+        .map_err(|e| format!("write {}: {e}", json_path.display()))?;
+    println!("report: {}", json_path.display());
+    let failed = rows.iter().filter(|r| !r.report.passed).count();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((task, rest)) = args.split_first() else {
+        eprint!("{HELP}");
+        return ExitCode::from(2);
+    };
+    let result = match task.as_str() {
+        "chain-test" => chain_test(rest),
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(format!("unknown task {other}\n{HELP}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
