@@ -98,8 +98,8 @@ pub fn table(rows: &[ChainRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<40} {:<26} {:<48} {:>8} {:>10} {:>8} {:>4} {:<6} {}",
-        "scenario", "outcome", "path", "entries", "bytes", "MB/s", "pins", "data", "result"
+        "{:<40} {:<26} {:<48} {:>8} {:>10} {:>8} {:>4} {:<6} result",
+        "scenario", "outcome", "path", "entries", "bytes", "MB/s", "pins", "data"
     );
     for r in rows {
         let rep = &r.report;
