@@ -24,7 +24,7 @@ use crate::history::ReplicaHandshake;
 use crate::outcome::Outcome;
 use crate::rebuild::RebuildSource;
 use crate::registry::{AssignmentIntent, ReplicaAssignment};
-use crate::types::{Endpoint, Epoch, Lsn, ReplicaId, ReplicaState, SessionKind};
+use crate::types::{Endpoint, Epoch, Lsn, ReplicaId, ReplicaState, SessionId, SessionKind};
 
 /// What a storage + I/O implementation provides to run the suite.
 pub trait Harness {
@@ -47,8 +47,9 @@ pub trait Harness {
     fn replica_append_divergent(&mut self, name: &str, n: u64) -> Result<Lsn, String>;
     /// What the replica reports at a handshake: its flushed LSN and the identity of its tip.
     fn replica_handshake(&mut self, name: &str) -> Result<ReplicaHandshake, String>;
-    /// I/O from the primary to this replica.
-    fn io(&mut self, name: &str) -> Result<Self::Io, String>;
+    /// I/O from the primary to this replica, for the session `session` at `epoch` (the
+    /// replica fences requests from older sessions).
+    fn io(&mut self, name: &str, epoch: Epoch, session: SessionId) -> Result<Self::Io, String>;
     /// Makes the next pin of `kind` fail once.
     fn fail_next_pin(&mut self, kind: PinKind);
     /// Pins currently held on the primary.
@@ -168,6 +169,19 @@ impl<H: Harness> Ctx<H> {
             .map_err(|e| format!("plan_recovery({name}, F={}): {e}", hs.flushed))
     }
 
+    /// I/O for the plan's session, at the sender's epoch.
+    fn io_for(&mut self, name: &str, plan: &RecoveryPlan) -> Result<H::Io, String> {
+        let sender = self
+            .driver
+            .orchestrator()
+            .sender(&replica_id(name))
+            .map_err(|e| e.to_string())?;
+        let session = plan
+            .session_id
+            .ok_or_else(|| format!("plan for {name} has no session"))?;
+        self.h.io(name, sender.epoch(), session)
+    }
+
     fn record(&mut self, r: &ExecutionReport) {
         self.paths.push(r.path.as_str());
         self.entries += r.entries_applied;
@@ -180,7 +194,7 @@ impl<H: Harness> Ctx<H> {
         plan: RecoveryPlan,
         opts: ExecutorOptions,
     ) -> Result<ExecutionReport, String> {
-        let mut io = self.h.io(name)?;
+        let mut io = self.io_for(name, &plan)?;
         let r = CatchUpExecutor::new(&self.driver, plan)
             .with_options(opts)
             .execute(&mut io)
@@ -194,7 +208,7 @@ impl<H: Harness> Ctx<H> {
             .driver
             .plan_rebuild(&replica_id(name))
             .map_err(|e| format!("plan_rebuild({name}): {e}"))?;
-        let mut io = self.h.io(name)?;
+        let mut io = self.io_for(name, &plan)?;
         let r = RebuildExecutor::new(&self.driver, plan)
             .with_options(opts)
             .execute(&mut io)
@@ -404,7 +418,7 @@ pub fn epoch_bump_mid_execution<H: Harness>(h: H) -> Result<ScenarioReport, Stri
     c.h.add_replica("r1", Lsn(40))?;
     c.assign(1, &[("r1", 1)], &[("r1", SessionKind::CatchUp)], None)?;
     let plan = c.plan("r1")?;
-    let mut io = c.h.io("r1")?;
+    let mut io = c.io_for("r1", &plan)?;
     let orch = Arc::clone(c.driver.orchestrator());
     let result = CatchUpExecutor::new(&c.driver, plan)
         .with_options(chunked(10))
@@ -460,7 +474,7 @@ pub fn endpoint_change_mid_execution<H: Harness>(h: H) -> Result<ScenarioReport,
         .sender(&replica_id("r1"))
         .map_err(|e| e.to_string())?;
     let plan = c.plan("r1")?;
-    let mut io = c.h.io("r1")?;
+    let mut io = c.io_for("r1", &plan)?;
     let driver = &c.driver;
     let mut moved = Ok(());
     let result = CatchUpExecutor::new(driver, plan)
@@ -613,7 +627,7 @@ pub fn budget_escalation<H: Harness>(h: H) -> Result<ScenarioReport, String> {
         Some(budget),
     )?;
     let plan = c.plan("r1")?;
-    let mut io = c.h.io("r1")?;
+    let mut io = c.io_for("r1", &plan)?;
     let result = CatchUpExecutor::new(&c.driver, plan)
         .with_options(chunked(16))
         .execute(&mut io);

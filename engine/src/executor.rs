@@ -894,7 +894,7 @@ impl<'a> RebuildExecutor<'a> {
             let chunk = io
                 .transfer_base_chunk(run.opts.max_base_chunk_bytes.max(1))
                 .map_err(ExecFailure::IoBaseFailed)?;
-            if chunk.bytes == 0 && !chunk.done {
+            if chunk.bytes == 0 && chunk.bytes_sent == 0 && !chunk.done {
                 return Err(ExecFailure::IoProtocol {
                     step,
                     detail: "base chunk made no progress".to_owned(),

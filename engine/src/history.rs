@@ -78,11 +78,38 @@ pub struct ReplicaHandshake {
     pub flushed: Lsn,
     /// The identity of the replica's entry at `flushed`.
     pub tip: Option<EntryId>,
+    /// The replica's store is not a valid copy (for example a base install was interrupted):
+    /// whatever it holds cannot be built on, so only a rebuild can restore it.
+    pub incomplete: bool,
+}
+
+impl ReplicaHandshake {
+    /// A replica at `flushed` whose entry there is `tip`.
+    pub fn new(flushed: Lsn, tip: EntryId) -> Self {
+        ReplicaHandshake {
+            flushed,
+            tip: Some(tip),
+            incomplete: false,
+        }
+    }
+
+    /// A replica whose store is not a valid copy.
+    pub fn incomplete(flushed: Lsn) -> Self {
+        ReplicaHandshake {
+            flushed,
+            tip: None,
+            incomplete: true,
+        }
+    }
 }
 
 impl From<Lsn> for ReplicaHandshake {
     fn from(flushed: Lsn) -> Self {
-        ReplicaHandshake { flushed, tip: None }
+        ReplicaHandshake {
+            flushed,
+            tip: None,
+            incomplete: false,
+        }
     }
 }
 
@@ -163,6 +190,8 @@ pub enum ProofReason {
         /// The primary's entry at that LSN, if the primary knows it.
         primary: Option<EntryId>,
     },
+    /// The replica's store is not a valid copy (an interrupted base install).
+    ReplicaIncomplete,
     /// A hole inside the retained range crosses the needed range.
     HoleInRetention {
         /// The range to replay.
@@ -182,6 +211,7 @@ impl ProofReason {
             ProofReason::GapBeyondRetention { .. } => "gap_beyond_retention",
             ProofReason::CommittedBeyondHead { .. } => "committed_beyond_head",
             ProofReason::Divergent { .. } => "divergent_history",
+            ProofReason::ReplicaIncomplete => "replica_incomplete",
             ProofReason::HoleInRetention { .. } => "hole_in_retention",
         }
     }
@@ -190,9 +220,9 @@ impl ProofReason {
 impl fmt::Display for ProofReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProofReason::ZeroGap | ProofReason::ReplicaAheadNeedsTruncation { .. } => {
-                f.write_str(self.name())
-            }
+            ProofReason::ZeroGap
+            | ProofReason::ReplicaAheadNeedsTruncation { .. }
+            | ProofReason::ReplicaIncomplete => f.write_str(self.name()),
             ProofReason::GapWithinRetention { needed, tail, head } => write!(
                 f,
                 "gap_within_retention: need {needed}, tail={tail} head={head}"
@@ -430,6 +460,11 @@ impl RetainedHistory {
         primary_at_flushed: Option<EntryId>,
     ) -> RecoverabilityProof {
         let mut proof = self.prove_recoverability(replica.flushed);
+        if replica.incomplete {
+            proof.recoverable = false;
+            proof.reason = ProofReason::ReplicaIncomplete;
+            return proof;
+        }
         let Some(tip) = replica.tip else {
             return proof;
         };

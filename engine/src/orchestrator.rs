@@ -8,7 +8,7 @@ use crate::outcome::Outcome;
 use crate::registry::{AssignmentIntent, AssignmentResult, Registry};
 use crate::sender::{Invalidation, Sender};
 use crate::session::InvalidateReason;
-use crate::types::{Epoch, Lsn, ReplicaId, ReplicaState};
+use crate::types::{Epoch, ReplicaId, ReplicaState};
 
 /// The result of [`RecoveryOrchestrator::execute_recovery`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -250,7 +250,7 @@ impl RecoveryOrchestrator {
 #[cfg(feature = "testing")]
 mod manual {
     use super::*;
-    use crate::types::Tick;
+    use crate::types::{Lsn, Tick};
 
     /// Options for [`RecoveryOrchestrator::complete_catch_up`].
     #[derive(Clone, Debug, Default)]

@@ -10,7 +10,7 @@ use crate::error::PinKind;
 use crate::history::ReplicaHandshake;
 use crate::testing::replica::{ModelIo, ModelReplica};
 use crate::testing::storage::MemStorage;
-use crate::types::{Epoch, Lsn};
+use crate::types::{Epoch, Lsn, SessionId};
 
 /// A primary [`MemStorage`] and named model replicas.
 #[derive(Default)]
@@ -82,7 +82,7 @@ impl Harness for MemHarness {
         Ok(g.handshake())
     }
 
-    fn io(&mut self, name: &str) -> Result<ModelIo, String> {
+    fn io(&mut self, name: &str, _epoch: Epoch, _session: SessionId) -> Result<ModelIo, String> {
         Ok(ModelIo::new(self.primary.clone(), self.replica(name)?))
     }
 

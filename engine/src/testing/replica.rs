@@ -74,9 +74,13 @@ impl ModelReplica {
 
     /// What this replica reports at a handshake: its head and the identity of its tip.
     pub fn handshake(&self) -> ReplicaHandshake {
+        if self.installing.is_some() {
+            return ReplicaHandshake::incomplete(self.head());
+        }
         ReplicaHandshake {
             flushed: self.head(),
             tip: self.tip(),
+            incomplete: false,
         }
     }
 
