@@ -418,6 +418,7 @@ impl BaseInstall {
             sb.tail_epoch = info.epoch;
             sb.tail_crc = info.content_crc;
             sb.head_hint = base;
+            sb.durable_mark = base;
             sb
         })?;
         let mut st = s.lock_state();

@@ -76,8 +76,11 @@ pub const SB_OFF_EPOCH: usize = 128;
 pub const SB_OFF_HEAD_HINT: usize = 136;
 /// Offset of the u64 base LSN of an install in progress (0 otherwise).
 pub const SB_OFF_INSTALL_LSN: usize = 144;
+/// Offset of the u64 durable mark: an LSN known durable when the slot was written. Recovery
+/// that ends below it has lost synced entries (corruption, not a torn tail).
+pub const SB_OFF_DURABLE_MARK: usize = 152;
 /// First byte after the fields; bytes up to the CRC must be zero.
-pub const SB_FIELDS_END: usize = 152;
+pub const SB_FIELDS_END: usize = 160;
 /// Offset of the u32 CRC32 over bytes `[0, SB_OFF_CRC)` of the slot.
 pub const SB_OFF_CRC: usize = 4092;
 
@@ -245,6 +248,8 @@ pub struct Superblock {
     pub head_hint: u64,
     /// Base LSN of an install in progress.
     pub install_lsn: u64,
+    /// An LSN known durable when the slot was written.
+    pub durable_mark: u64,
 }
 
 impl Superblock {
@@ -271,6 +276,7 @@ impl Superblock {
         put_u64(&mut b, SB_OFF_EPOCH, self.epoch);
         put_u64(&mut b, SB_OFF_HEAD_HINT, self.head_hint);
         put_u64(&mut b, SB_OFF_INSTALL_LSN, self.install_lsn);
+        put_u64(&mut b, SB_OFF_DURABLE_MARK, self.durable_mark);
         let crc = crc32fast::hash(&b[..SB_OFF_CRC]);
         put_u32(&mut b, SB_OFF_CRC, crc);
         b
@@ -332,7 +338,11 @@ impl Superblock {
             epoch: get_u64(buf, SB_OFF_EPOCH),
             head_hint: get_u64(buf, SB_OFF_HEAD_HINT),
             install_lsn: get_u64(buf, SB_OFF_INSTALL_LSN),
+            durable_mark: get_u64(buf, SB_OFF_DURABLE_MARK),
         };
+        if buf[SB_FIELDS_END..SB_OFF_CRC].iter().any(|b| *b != 0) {
+            return Err(bad("nonzero bytes after the fields".into()));
+        }
         sb.validate().map_err(bad)?;
         Ok(sb)
     }
@@ -379,6 +389,12 @@ impl Superblock {
         }
         if !self.tail_pos.is_multiple_of(ENTRY_ALIGN) {
             return Err(format!("tail position {} is not aligned", self.tail_pos));
+        }
+        if self.durable_mark < self.checkpoint && self.durable_mark != 0 {
+            return Err(format!(
+                "durable mark {} is below the checkpoint {}",
+                self.durable_mark, self.checkpoint
+            ));
         }
         if self.generation == 0 {
             return Err("generation 0 is never written".into());

@@ -142,10 +142,13 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 ev.lsn,
                 WAL_OFFSET + ev.pos % sb.wal_size
             ))
-        } else if res.head < sb.checkpoint {
+        } else if res.head < sb.checkpoint.max(sb.durable_mark) {
             Some(format!(
-                "WAL ends at lsn {} (file offset {end_offset}: {}) below the checkpoint {}",
-                res.head, res.end_detail, sb.checkpoint
+                "WAL ends at lsn {} (file offset {end_offset}: {}) below the synced lsn {} (checkpoint {})",
+                res.head,
+                res.end_detail,
+                sb.checkpoint.max(sb.durable_mark),
+                sb.checkpoint
             ))
         } else {
             None

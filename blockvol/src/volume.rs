@@ -270,10 +270,12 @@ pub(crate) struct SbWriter {
     slot: usize,
 }
 
-/// One flush operation on the extent.
-enum FlushOp {
-    Copy { src: u64, lba: u64, blocks: u64 },
-    Zero { lba: u64, blocks: u64 },
+/// One entry to move into the extent: the runs of its blocks that no newer entry in the same
+/// flush rewrites.
+struct FlushItem {
+    entry: IndexEntry,
+    /// `(first block within the entry, block count)`.
+    runs: Vec<(u64, u64)>,
 }
 
 /// The part of a volume shared with its flusher thread, pins, scans and base handles.
@@ -418,6 +420,7 @@ impl Shared {
             } else {
                 0
             },
+            durable_mark: st.durable,
         }
     }
 
@@ -838,79 +841,89 @@ impl Shared {
         l
     }
 
-    fn collect_ops(&self, st: &State, limit: u64) -> Vec<FlushOp> {
-        let bs = self.block_size();
-        let mut ops = Vec::new();
+    fn collect_ops(&self, st: &State, limit: u64) -> Vec<FlushItem> {
+        let mut items = Vec::new();
         let mut lsn = st.checkpoint + 1;
         while lsn <= limit {
             let Some(e) = st.entry(lsn) else { break };
             if e.kind == KIND_WRITE || e.kind == KIND_TRIM {
                 // Write a block unless a newer entry that this flush also covers rewrites it:
                 // the extent must end up exactly at the image of `limit`.
-                let mut run: Option<(u64, u64)> = None;
-                let flush_run = |run: (u64, u64), ops: &mut Vec<FlushOp>| {
-                    let (first, n) = run;
-                    if e.kind == KIND_WRITE {
-                        ops.push(FlushOp::Copy {
-                            src: e.pos + ENTRY_HEADER_SIZE as u64 + first * bs,
-                            lba: e.lba + first,
-                            blocks: n,
-                        });
-                    } else {
-                        ops.push(FlushOp::Zero {
-                            lba: e.lba + first,
-                            blocks: n,
-                        });
-                    }
-                };
+                let mut runs: Vec<(u64, u64)> = Vec::new();
                 for i in 0..u64::from(e.blocks) {
                     let keep = match st.dirty.get(&(e.lba + i)) {
                         Some(d) => d.lsn == e.lsn || d.lsn > limit,
                         None => true,
                     };
-                    run = match (run, keep) {
-                        (Some((f, n)), true) => Some((f, n + 1)),
-                        (None, true) => Some((i, 1)),
-                        (Some(r), false) => {
-                            flush_run(r, &mut ops);
-                            None
+                    if keep {
+                        match runs.last_mut() {
+                            Some((f, n)) if *f + *n == i => *n += 1,
+                            _ => runs.push((i, 1)),
                         }
-                        (None, false) => None,
-                    };
+                    }
                 }
-                if let Some(r) = run {
-                    flush_run(r, &mut ops);
+                if !runs.is_empty() {
+                    items.push(FlushItem { entry: *e, runs });
                 }
             }
             lsn += 1;
         }
-        ops
+        items
     }
 
-    fn apply_ops(&self, ops: &[FlushOp]) -> Result<()> {
+    /// Reads an entry back from the ring and checks it before anything reaches the extent:
+    /// a damaged entry stops the flush with `Corrupt` instead of being skipped or copied.
+    fn read_verified(&self, e: &IndexEntry, stamp: u64, buf: &mut Vec<u8>) -> Result<()> {
+        buf.resize(ENTRY_HEADER_SIZE + e.payload_len as usize, 0);
+        self.read_wal(e.pos, buf)?;
+        let off = self.wal_file_off(e.pos);
+        let corrupt = |detail: String| BlockVolError::Corrupt {
+            region: "wal",
+            offset: off,
+            lsn: Some(Lsn(e.lsn)),
+            detail,
+        };
+        let h = EntryHeader::decode(buf, ENTRY_MAGIC_DISK).map_err(&corrupt)?;
+        if h.generation != stamp || h.lsn != e.lsn || h.kind != e.kind || h.lba != e.lba {
+            return Err(corrupt("header does not match the index".into()));
+        }
+        let crc = content_crc(
+            h.kind,
+            h.lba,
+            crate::format::header_count(&h),
+            &buf[ENTRY_HEADER_SIZE..],
+        );
+        if crc != h.content_crc {
+            return Err(corrupt(format!(
+                "content checksum mismatch: stored {:#010x}, computed {crc:#010x}",
+                h.content_crc
+            )));
+        }
+        Ok(())
+    }
+
+    fn apply_ops(&self, items: &[FlushItem], stamp: u64) -> Result<()> {
         let bs = self.block_size();
         let mut buf = Vec::new();
-        for op in ops {
+        for it in items {
+            let e = &it.entry;
+            if e.kind == KIND_WRITE {
+                // One read per entry, however many of its blocks are written (no N-times
+                // amplification for multi-block entries).
+                self.read_verified(e, stamp, &mut buf)?;
+            }
             let _w = self.extent_write();
-            match *op {
-                FlushOp::Copy { src, lba, blocks } => {
-                    let total = blocks * bs;
-                    let mut done = 0u64;
-                    while done < total {
-                        let n = (total - done).min(IO_CHUNK as u64);
-                        buf.resize(n as usize, 0);
-                        self.read_wal(src + done, &mut buf)?;
-                        let off = self.extent_offset + lba * bs + done;
-                        self.medium.write_at(off, &buf).map_err(|e| {
-                            BlockVolError::io("write extent", format!("file offset {off}"), e)
-                        })?;
-                        done += n;
-                    }
-                }
-                FlushOp::Zero { lba, blocks } => {
-                    let off = self.extent_offset + lba * bs;
-                    self.medium.zero_range(off, blocks * bs).map_err(|e| {
-                        BlockVolError::io("zero extent", format!("file offset {off}"), e)
+            for &(first, n) in &it.runs {
+                let off = self.extent_offset + (e.lba + first) * bs;
+                if e.kind == KIND_WRITE {
+                    let a = ENTRY_HEADER_SIZE + (first * bs) as usize;
+                    let b = a + (n * bs) as usize;
+                    self.medium.write_at(off, &buf[a..b]).map_err(|err| {
+                        BlockVolError::io("write extent", format!("file offset {off}"), err)
+                    })?;
+                } else {
+                    self.medium.zero_range(off, n * bs).map_err(|err| {
+                        BlockVolError::io("zero extent", format!("file offset {off}"), err)
                     })?;
                 }
             }
@@ -920,20 +933,20 @@ impl Shared {
 
     /// One flush cycle up to `limit_req` (caller holds `flush_lock`). Returns the checkpoint.
     pub(crate) fn flush_locked(&self, limit_req: u64) -> Result<u64> {
-        let (ops, limit, old_cp) = {
+        let (ops, limit, old_cp, stamp) = {
             let st = self.lock_state();
             self.check_usable(&st)?;
             self.check_installed(&st, "flush")?;
             let limit = self.flush_limit(&st).min(limit_req).min(st.head);
             if limit <= st.checkpoint {
-                (Vec::new(), st.checkpoint, st.checkpoint)
+                (Vec::new(), st.checkpoint, st.checkpoint, st.stamp)
             } else {
-                (self.collect_ops(&st, limit), limit, st.checkpoint)
+                (self.collect_ops(&st, limit), limit, st.checkpoint, st.stamp)
             }
         };
         if limit > old_cp {
             if !ops.is_empty() {
-                let r = self.apply_ops(&ops).and_then(|()| {
+                let r = self.apply_ops(&ops, stamp).and_then(|()| {
                     self.medium
                         .sync_range(self.extent_offset, self.extent_len())
                         .map_err(|e| {
@@ -941,6 +954,9 @@ impl Shared {
                         })
                 });
                 if let Err(e) = r {
+                    // Part of the batch may already be in the extent, beyond the checkpoint:
+                    // the volume cannot promise truncation any more, so any flush failure
+                    // (a failed write or sync, or a damaged WAL entry) poisons it.
                     let mut st = self.lock_state();
                     self.poison(&mut st, e.to_string());
                     return Err(e);
@@ -1087,6 +1103,7 @@ fn initial_superblock(geo: &Geometry, volume_id: [u8; 16]) -> Superblock {
         epoch: 0,
         head_hint: 0,
         install_lsn: 0,
+        durable_mark: 0,
     }
 }
 
@@ -1260,9 +1277,13 @@ impl Volume {
             let reader = |phys: u64, buf: &mut [u8]| medium.read_at(WAL_OFFSET + phys, buf);
             let res = walk(&params, &reader)
                 .map_err(|e| BlockVolError::io("read wal", medium.describe(), e))?;
+            // Everything up to the checkpoint, and up to the durable mark, was synced: a log
+            // that ends earlier has lost acknowledged entries.
+            let must_reach = sb.checkpoint.max(sb.durable_mark);
             let below_checkpoint = res.head < sb.checkpoint;
-            if res.evidence.is_some() || below_checkpoint {
-                let detail = match (&res.evidence, below_checkpoint) {
+            let below_mark = res.head < must_reach;
+            if res.evidence.is_some() || below_mark {
+                let detail = match (&res.evidence, below_mark) {
                     (Some(ev), _) => format!(
                         "{}; entry {} (durable hint {}) found later proves lsn {} had been synced",
                         res.end_detail,
@@ -1271,7 +1292,7 @@ impl Volume {
                         res.head + 1
                     ),
                     (None, _) => format!(
-                        "{}; the log ends at lsn {} below the checkpoint {}",
+                        "{}; the log ends at lsn {} below the synced lsn {must_reach} (checkpoint {})",
                         res.end_detail, res.head, sb.checkpoint
                     ),
                 };
@@ -1683,6 +1704,7 @@ impl Volume {
     pub fn truncate_after(&self, lsn: Lsn) -> Result<()> {
         let s = &self.shared;
         let _f = s.flush_guard();
+        let mut w = s.sb_writer();
         let mut st = s.lock_state();
         s.check_usable(&st)?;
         s.check_installed(&st, "truncate")?;
@@ -1705,7 +1727,16 @@ impl Volume {
         } else {
             st.entry(lsn.0).map(|e| e.end).unwrap_or(st.head_pos)
         };
-        // Zero the discarded bytes durably first: a crash must not bring the dropped suffix back.
+        // First lower the superblock's durable mark (it may name an entry about to be
+        // dropped, and recovery would then call the missing suffix lost data), then zero the
+        // discarded bytes durably so a crash cannot bring the dropped suffix back. The state
+        // lock is held throughout: truncation is rare and must be atomic for appenders.
+        let mut sb = s.sb_from_state(&st);
+        sb.durable_mark = st.durable.min(lsn.0);
+        if let Err(e) = s.write_sb(&mut w, sb) {
+            s.poison(&mut st, e.to_string());
+            return Err(e);
+        }
         let r = (|| -> std::io::Result<()> {
             let w = s.wal_size();
             let zeros = vec![0u8; IO_CHUNK];
@@ -1870,6 +1901,18 @@ impl Volume {
         }
         let v = Volume::open_sim(&disk, open)?;
         Ok((v, disk))
+    }
+
+    /// File offset of the header of retained entry `lsn` (feature `testing`, for fault
+    /// injection).
+    pub fn entry_file_offset(&self, lsn: Lsn) -> Result<u64> {
+        let st = self.shared.lock_state();
+        st.entry(lsn.0)
+            .map(|e| self.shared.wal_file_off(e.pos))
+            .ok_or(BlockVolError::Recycled {
+                requested: lsn,
+                retained_start: Lsn(st.tail + 1),
+            })
     }
 
     /// Opens a volume on a simulated disk (feature `testing`), running recovery.
