@@ -50,6 +50,25 @@ impl FileMedium {
         wal_offset: u64,
         wal_len: u64,
     ) -> Result<FileMedium> {
+        let r = FileMedium::open_inner(path, create, len, wal_offset, wal_len);
+        if create
+            && let Err(e) = &r
+            && !matches!(e, BlockVolError::Io { op: "create", .. })
+        {
+            // The file was created by this call but could not be prepared: do not leave a
+            // half-made volume behind.
+            let _ = std::fs::remove_file(path);
+        }
+        r
+    }
+
+    fn open_inner(
+        path: &Path,
+        create: bool,
+        len: u64,
+        wal_offset: u64,
+        wal_len: u64,
+    ) -> Result<FileMedium> {
         let ctx = || path.display().to_string();
         let file = if create {
             std::fs::OpenOptions::new()
