@@ -8,7 +8,7 @@ use crate::outcome::Outcome;
 use crate::registry::{AssignmentIntent, AssignmentResult, Registry};
 use crate::sender::{Invalidation, Sender};
 use crate::session::InvalidateReason;
-use crate::types::{Epoch, ReplicaId, ReplicaState};
+use crate::types::{Epoch, ReplicaId, ReplicaState, SessionKind};
 
 /// The result of [`RecoveryOrchestrator::execute_recovery`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,9 +138,21 @@ impl RecoveryOrchestrator {
         primary_at_flushed: Option<EntryId>,
     ) -> Result<RecoveryResult> {
         let sender = self.sender(id)?;
-        let sid = sender.session_id().ok_or_else(|| EngineError::NoSession {
-            replica: id.clone(),
-        })?;
+        let snap = sender
+            .session_snapshot()
+            .ok_or_else(|| EngineError::NoSession {
+                replica: id.clone(),
+            })?;
+        let sid = snap.id;
+        // A rebuild session is driven by `plan_rebuild`, never by a handshake; refuse before
+        // touching it so it stays usable.
+        if snap.kind == SessionKind::Rebuild {
+            return Err(EngineError::WrongSessionKind {
+                session: sid,
+                kind: snap.kind,
+                operation: "execute_recovery",
+            });
+        }
         if let Err(e) = sender.begin_connect(sid) {
             self.log.record(
                 id,

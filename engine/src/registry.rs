@@ -277,10 +277,18 @@ impl Registry {
             .count()
     }
 
-    /// Fences every active session whose epoch is below `current`
-    /// (`invalidate_session("epoch_bump", disconnected)`). Sender epochs are not raised.
-    /// Returns the sessions invalidated, in replica order.
+    /// Raises the registry's fence epoch (never lowers it): intents below it are refused.
+    pub fn raise_epoch(&self, epoch: Epoch) {
+        let mut g = self.write();
+        g.epoch = g.epoch.max(epoch);
+    }
+
+    /// Fences every active session whose epoch is below `current` (`epoch_bump`; the sender
+    /// becomes `disconnected`, or stays `needs_rebuild`), and raises the registry's fence to
+    /// `current` so a late intent from an older epoch can no longer change anything. Sender
+    /// epochs are not raised. Returns the sessions invalidated, in replica order.
     pub fn invalidate_epoch(&self, current: Epoch) -> Vec<Invalidation> {
+        self.raise_epoch(current);
         self.all()
             .iter()
             .filter_map(|s| {
@@ -288,11 +296,7 @@ impl Registry {
                 if snap.epoch >= current {
                     return None;
                 }
-                s.invalidate_session_if(
-                    snap.id,
-                    InvalidateReason::EpochBump,
-                    ReplicaState::Disconnected,
-                )
+                s.fence_session_if(snap.id, InvalidateReason::EpochBump)
             })
             .collect()
     }

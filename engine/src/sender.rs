@@ -134,6 +134,21 @@ impl Sender {
         }
     }
 
+    /// The state a sender falls to when its session loses its authority: `needs_rebuild` if it
+    /// already needed one or the lost session was a rebuild (the replica may hold a partial
+    /// image), `disconnected` otherwise.
+    fn fenced_state(g: &SenderInner) -> ReplicaState {
+        let rebuilding = g
+            .session
+            .as_ref()
+            .is_some_and(|s| s.kind == SessionKind::Rebuild);
+        if rebuilding || g.state == ReplicaState::NeedsRebuild {
+            ReplicaState::NeedsRebuild
+        } else {
+            ReplicaState::Disconnected
+        }
+    }
+
     fn drop_session(&self, g: &mut SenderInner, reason: InvalidateReason) -> Option<Invalidation> {
         let mut s = g.session.take()?;
         s.invalidate(reason.clone());
@@ -146,7 +161,8 @@ impl Sender {
 
     /// Advances the epoch. Ignored when stopped or when `epoch` is not higher. An active
     /// session from an older epoch is invalidated (`epoch_advanced_<old>_to_<new>`) and
-    /// dropped, and the state becomes `disconnected`. Without a session, a sender that was
+    /// dropped, and the state becomes `disconnected` (`needs_rebuild` when the sender needed a
+    /// rebuild or the session was one). Without a session, a sender that was
     /// `in_sync` (or connecting / catching up) also becomes `disconnected`: its proof belonged
     /// to the old epoch (the reference left it `in_sync`).
     pub fn update_epoch(&self, epoch: Epoch) -> Option<Invalidation> {
@@ -158,6 +174,7 @@ impl Sender {
         g.epoch = epoch;
         let stale = g.session.as_ref().is_some_and(|s| s.epoch < epoch);
         if stale {
+            let fenced = Self::fenced_state(&g);
             let inv = self.drop_session(
                 &mut g,
                 InvalidateReason::EpochAdvanced {
@@ -165,7 +182,7 @@ impl Sender {
                     to: epoch,
                 },
             );
-            g.state = ReplicaState::Disconnected;
+            g.state = fenced;
             return inv;
         }
         if matches!(
@@ -192,8 +209,9 @@ impl Sender {
             return None;
         }
         if g.session.is_some() {
+            let fenced = Self::fenced_state(&g);
             let inv = self.drop_session(&mut g, InvalidateReason::EndpointChanged);
-            g.state = ReplicaState::Disconnected;
+            g.state = fenced;
             return inv;
         }
         if matches!(
@@ -309,6 +327,24 @@ impl Sender {
         }
         let inv = self.drop_session(&mut g, reason);
         g.state = target;
+        inv
+    }
+
+    /// Fences the session `id` (if it is still current) with `reason`; the state becomes
+    /// `disconnected`, or `needs_rebuild` when the sender needed a rebuild or the session was
+    /// one.
+    pub fn fence_session_if(
+        &self,
+        id: SessionId,
+        reason: InvalidateReason,
+    ) -> Option<Invalidation> {
+        let mut g = self.lock();
+        if g.session.as_ref().map(|s| s.id) != Some(id) {
+            return None;
+        }
+        let fenced = Self::fenced_state(&g);
+        let inv = self.drop_session(&mut g, reason);
+        g.state = fenced;
         inv
     }
 

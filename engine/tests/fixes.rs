@@ -898,3 +898,77 @@ fn divergence_below_the_truncation_point_escalates() {
     assert_eq!(s.state(), ReplicaState::NeedsRebuild);
     assert_eq!(storage.pins_outstanding(), 0);
 }
+
+// Found by the port of the reference tests: after a failover bump (`advance_epoch`) the
+// registry's fence stayed at the old epoch, so a late intent from that epoch could still remove
+// and re-address senders.
+#[test]
+fn late_intent_after_an_epoch_bump_is_refused() {
+    let orch = RecoveryOrchestrator::new();
+    orch.process_assignment(&intent(1, &[("r1", "a", 1), ("r2", "b", 1)], &[]))
+        .unwrap();
+    orch.advance_epoch(Epoch(2));
+    let late = intent(1, &[("r1", "z", 9)], &[]);
+    assert!(matches!(
+        orch.process_assignment(&late),
+        Err(EngineError::StaleIntent { .. })
+    ));
+    assert_eq!(orch.registry().len(), 2);
+    assert_eq!(orch.sender(&rid("r1")).unwrap().endpoint(), ep("a", 1));
+    // The same holds after `invalidate_epoch` alone.
+    let orch = RecoveryOrchestrator::new();
+    orch.process_assignment(&intent(1, &[("r1", "a", 1)], &[]))
+        .unwrap();
+    orch.invalidate_epoch(Epoch(3));
+    assert!(orch.process_assignment(&intent(2, &[], &[])).is_err());
+    assert_eq!(orch.registry().len(), 1);
+}
+
+// Found by the port: a handshake on a rebuild session failed only after connecting it, leaving
+// it stuck in `handshake`, so `plan_rebuild` then refused it.
+#[test]
+fn handshake_on_a_rebuild_session_is_refused_without_touching_it() {
+    let (_storage, driver) = primary(10);
+    driver
+        .orchestrator()
+        .process_assignment(&intent(
+            1,
+            &[("r1", "a", 1)],
+            &[("r1", SessionKind::Rebuild)],
+        ))
+        .unwrap();
+    let err = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap_err();
+    assert!(matches!(err, EngineError::WrongSessionKind { .. }));
+    let snap = driver
+        .orchestrator()
+        .sender(&rid("r1"))
+        .unwrap()
+        .session_snapshot()
+        .unwrap();
+    assert_eq!(snap.phase, SessionPhase::Init);
+    assert!(driver.plan_rebuild(&rid("r1")).is_ok());
+}
+
+// A replica that needs a rebuild keeps needing one when the epoch or endpoint changes under
+// its rebuild session: the session is fenced, but the replica may hold a partial image.
+#[test]
+fn fencing_a_rebuild_session_keeps_needs_rebuild() {
+    let (_storage, driver) = primary(10);
+    let orch = driver.orchestrator();
+    orch.process_assignment(&intent(
+        1,
+        &[("r1", "a", 1), ("r2", "b", 1)],
+        &[("r1", SessionKind::Rebuild), ("r2", SessionKind::Rebuild)],
+    ))
+    .unwrap();
+    let r1 = orch.sender(&rid("r1")).unwrap();
+    let r2 = orch.sender(&rid("r2")).unwrap();
+    r1.begin_connect(r1.session_id().unwrap()).unwrap();
+    assert_eq!(r1.state(), ReplicaState::Connecting);
+    orch.advance_epoch(Epoch(2));
+    r2.update_endpoint(ep("b2", 2));
+    assert_eq!(r1.state(), ReplicaState::NeedsRebuild);
+    assert_eq!(r2.state(), ReplicaState::NeedsRebuild);
+    assert!(!r1.has_active_session() && !r2.has_active_session());
+    assert_eq!(orch.registry().status().rebuilding, 2);
+}
