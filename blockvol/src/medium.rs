@@ -28,6 +28,16 @@ pub(crate) trait Medium: Send + Sync {
     fn zero_range(&self, off: u64, len: u64) -> io::Result<()>;
     /// A name for error messages.
     fn describe(&self) -> String;
+    /// The first offset at or after `off` that may hold nonzero data (`None`: only zeros
+    /// follow). Lets base readers skip unwritten regions without reading them.
+    fn next_data(&self, off: u64) -> io::Result<Option<u64>> {
+        Ok(Some(off))
+    }
+    /// The first offset at or after `off` that is known to read as zeros up to the next data
+    /// (`u64::MAX` when unknown).
+    fn next_hole(&self, _off: u64) -> io::Result<u64> {
+        Ok(u64::MAX)
+    }
 }
 
 /// A real volume file: exclusively locked, preallocated, WAL region mapped.
@@ -206,5 +216,13 @@ impl Medium for FileMedium {
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn next_data(&self, off: u64) -> io::Result<Option<u64>> {
+        sys::seek_data(&self.file, off)
+    }
+
+    fn next_hole(&self, off: u64) -> io::Result<u64> {
+        sys::seek_hole(&self.file, off)
     }
 }

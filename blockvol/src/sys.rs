@@ -117,3 +117,45 @@ pub(crate) fn zero_range(file: &File, off: u64, len: u64) -> io::Result<bool> {
         _ => Err(err),
     }
 }
+
+/// The offset of the first byte at or after `off` that may hold data (`lseek(SEEK_DATA)`), or
+/// `None` when only holes follow. File systems may report holes conservatively (as data), never
+/// the reverse, and a hole always reads as zeros: skipping holes is therefore always safe.
+/// Unsupported file systems report `Some(off)`.
+pub(crate) fn seek_data(file: &File, off: u64) -> io::Result<Option<u64>> {
+    let Ok(o) = libc::off_t::try_from(off) else {
+        return Ok(Some(off));
+    };
+    // SAFETY: `lseek` only reads its integer arguments; the descriptor is owned by `file`,
+    // which is borrowed for the duration of the call. The volume uses positioned I/O only, so
+    // moving the descriptor's file offset affects nothing else.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), o, libc::SEEK_DATA) };
+    if rc >= 0 {
+        return Ok(Some(rc as u64));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(off)),
+        _ => Err(err),
+    }
+}
+
+/// The offset of the first hole at or after `off` (`lseek(SEEK_HOLE)`; the file end counts as a
+/// hole). Unsupported file systems report `u64::MAX` (all data).
+pub(crate) fn seek_hole(file: &File, off: u64) -> io::Result<u64> {
+    let Ok(o) = libc::off_t::try_from(off) else {
+        return Ok(u64::MAX);
+    };
+    // SAFETY: as in `seek_data`: integer arguments only, a borrowed descriptor, and the
+    // descriptor's offset is not used by anything else.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), o, libc::SEEK_HOLE) };
+    if rc >= 0 {
+        return Ok(rc as u64);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENXIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(u64::MAX),
+        _ => Err(err),
+    }
+}
