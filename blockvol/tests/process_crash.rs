@@ -2,6 +2,10 @@
 //! stdout, and the parent kills it (SIGKILL) at an arbitrary point, then reopens the file and
 //! checks that every acknowledged write is there and the contents are a prefix state. Only a
 //! real process death shows what happens to mmap'd writes that were never msynced.
+//!
+//! This file has its own `main` (`harness = false`): the same executable is the parent and, with
+//! `BLOCKVOL_CRASH_CHILD_PATH` set, the child. Running the steps in sequence also keeps other
+//! threads from forking while a volume is open (a forked child briefly shares the file lock).
 
 mod common;
 
@@ -70,14 +74,8 @@ fn workload(path: &Path, limit: u64, report: &mut dyn Write) {
     v.close().expect("child close");
 }
 
-/// The child half of `killed_writer_process_loses_no_acknowledged_write` when `CHILD_ENV` is
-/// set; otherwise it runs the same workload in-process to completion and checks the result.
-#[test]
-fn process_crash_child() {
-    if let Some(path) = std::env::var_os(CHILD_ENV) {
-        workload(Path::new(&path), u64::MAX, &mut std::io::stdout());
-        return;
-    }
+/// The workload run in-process to completion: the baseline the killed runs are compared with.
+fn in_process_workload_completes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("inproc.vol");
     Volume::create(&path, &geometry(), &manual())
@@ -92,7 +90,6 @@ fn process_crash_child() {
     assert_eq!(v.digest().expect("digest"), expected(120).digest());
 }
 
-#[test]
 fn killed_writer_process_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("killed.vol");
@@ -155,4 +152,15 @@ fn killed_writer_process_loses_no_acknowledged_write() {
         last_head = s.head.0;
         v.close().expect("close");
     }
+}
+
+fn main() {
+    if let Some(path) = std::env::var_os(CHILD_ENV) {
+        workload(Path::new(&path), u64::MAX, &mut std::io::stdout());
+        return;
+    }
+    in_process_workload_completes();
+    println!("test in_process_workload_completes ... ok");
+    killed_writer_process_loses_no_acknowledged_write();
+    println!("test killed_writer_process_loses_no_acknowledged_write ... ok");
 }
