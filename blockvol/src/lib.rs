@@ -9,7 +9,7 @@
 //!
 //! - [`types`]: `Lsn`, `Geometry`, `Role`, `EntryInfo`, `Digest`, options and `Status`.
 //! - [`error`]: the single [`BlockVolError`] enum and the [`Result`] alias.
-//! - [`format`]: every offset, size and magic number; superblock and entry-header codecs.
+//! - [`format`](mod@format): every offset, size and magic number; superblock and entry-header codecs.
 //! - [`entry`]: logical entries ([`WalEntry`]) and their self-checking wire form.
 //! - `volume`: the [`Volume`] itself: state, locking, write/read/sync, flusher, recovery,
 //!   fencing, apply and truncation.
@@ -19,7 +19,7 @@
 //! - [`inspect`]: read-only inspection used by the `blockvol` command line.
 //! - `medium`: the storage under a volume (file or simulated disk); `sys`: the only module
 //!   with `unsafe` (the WAL memory map, `posix_fallocate`, `FALLOC_FL_ZERO_RANGE`).
-//! - `sim` (feature `testing`): [`SimDisk`], a disk that keeps written and synced bytes apart
+//! - `sim` (feature `testing`): `SimDisk`, a disk that keeps written and synced bytes apart
 //!   and builds crash images.
 //!
 //! # Invariants
@@ -108,3 +108,19 @@ pub use types::{
     OpenOptions, RetentionPolicy, Role, Status,
 };
 pub use volume::Volume;
+
+#[cfg(test)]
+mod tests {
+    /// The handles the bridge layer shares across threads must stay `Send + Sync`.
+    #[test]
+    fn shared_handles_are_send_and_sync() {
+        fn both<T: Send + Sync>() {}
+        both::<crate::Volume>();
+        both::<crate::WalPin>();
+        both::<crate::BasePin>();
+        both::<crate::WalScan>();
+        both::<crate::BaseInstall>();
+        both::<crate::BaseReader<'static>>();
+        both::<crate::SimDisk>();
+    }
+}

@@ -305,3 +305,81 @@ fn c1_scan_under_flusher_and_wrap_is_contiguous_or_typed_error() {
         "{s:?}"
     );
 }
+
+#[test]
+fn base_pins_fence_the_flusher_at_the_lowest_and_refuse_what_they_cannot_hold() {
+    let o = tiny();
+    let gate = OpenOptions {
+        flush_gate: blockvol::FlushGate::Committed,
+        ..manual()
+    };
+    let (v, _d) = Volume::create_sim(&o, &gate).expect("create");
+    written(&v, 10, o.block_size);
+    v.set_committed(Lsn(8));
+    // Beyond the committed gate: refused with a reason.
+    assert!(matches!(
+        v.pin_base(Lsn(9)),
+        Err(BlockVolError::BaseUnavailable { .. })
+    ));
+    assert!(matches!(
+        v.pin_base(Lsn(11)),
+        Err(BlockVolError::BeyondHead { .. })
+    ));
+    let a = v.pin_base(Lsn(4)).expect("base at 4");
+    assert_eq!(
+        v.status().checkpoint,
+        Lsn(4),
+        "pin_base flushes exactly to its LSN"
+    );
+    let b = v.pin_snapshot().expect("a snapshot at the same point");
+    assert_eq!(b.lsn(), Lsn(4));
+    assert_eq!(a.entry_info(), b.entry_info());
+    // A higher base cannot be made while a lower fence holds the flusher.
+    assert!(matches!(
+        v.pin_base(Lsn(6)),
+        Err(BlockVolError::BaseUnavailable { .. })
+    ));
+    assert_eq!(v.force_flush().expect("flush"), Lsn(4), "the fence holds");
+    drop(a);
+    assert_eq!(
+        v.force_flush().expect("flush"),
+        Lsn(4),
+        "the other fence still holds"
+    );
+    drop(b);
+    assert_eq!(
+        v.force_flush().expect("flush"),
+        Lsn(8),
+        "then the gate is the limit"
+    );
+    // The checkpoint has passed 4: an exact base there no longer exists.
+    match v.pin_base(Lsn(4)) {
+        Err(BlockVolError::BaseUnavailable {
+            requested,
+            checkpoint,
+            ..
+        }) => {
+            assert_eq!((requested, checkpoint), (Lsn(4), Lsn(8)));
+        }
+        r => panic!("expected BaseUnavailable, got {r:?}"),
+    }
+    assert_eq!(v.status().pins_outstanding, 0);
+}
+
+#[test]
+fn base_reader_skips_zero_runs_and_reports_both_counts() {
+    let o = tiny();
+    let (v, _d) = Volume::create_sim(&o, &manual()).expect("create");
+    v.write(10, &data(1, 3, o.block_size)).expect("write");
+    v.write(40, &data(2, 1, o.block_size)).expect("write");
+    let base = v.pin_base(Lsn(2)).expect("pin");
+    let mut r = base.reader(8 * 512);
+    let chunks: Vec<blockvol::BaseChunk> = r.by_ref().map(|c| c.expect("chunk")).collect();
+    let spans: Vec<(u64, u32)> = chunks.iter().map(|c| (c.lba, c.blocks)).collect();
+    assert_eq!(spans, vec![(10, 3), (40, 1)]);
+    for c in &chunks {
+        c.verify().expect("crc");
+    }
+    assert_eq!(r.bytes_scanned(), 64 * 512);
+    assert_eq!(r.bytes_sent(), 4 * 512);
+}
