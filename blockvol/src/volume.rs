@@ -1613,7 +1613,8 @@ impl Volume {
             epoch: st.epoch,
             role: st.role,
             generation: st.generation,
-            pins_outstanding: st.live_pins() + st.fences.values().filter(|f| !f.revoked).count(),
+            // Every pin kind (WAL pin, scan, base pin) owns exactly one pin record.
+            pins_outstanding: st.live_pins(),
             wal_used_bytes: st.head_pos - st.tail_pos,
             wal_size_bytes: s.wal_size(),
             install_incomplete: st.install_incomplete,

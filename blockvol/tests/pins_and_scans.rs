@@ -333,6 +333,7 @@ fn base_pins_fence_the_flusher_at_the_lowest_and_refuse_what_they_cannot_hold() 
     );
     let b = v.pin_snapshot().expect("a snapshot at the same point");
     assert_eq!(b.lsn(), Lsn(4));
+    assert_eq!(v.status().pins_outstanding, 2, "each base pin counts once");
     assert_eq!(a.entry_info(), b.entry_info());
     // A higher base cannot be made while a lower fence holds the flusher.
     assert!(matches!(
