@@ -160,10 +160,49 @@ impl BasePin {
 
     /// A chunked reader over the whole image; `chunk_bytes` is rounded to whole blocks.
     pub fn reader(&self, chunk_bytes: usize) -> BaseReader<'_> {
-        let bs = self.shared.geo.block_size as usize;
+        BaseReader::new(PinRef::Borrowed(self), chunk_bytes)
+    }
+
+    /// A reader that owns a share of the pin, so it can outlive the caller's borrow (a
+    /// transfer that reads one chunk per call keeps it between calls). The image stays pinned
+    /// until both the reader and every other share are dropped.
+    pub fn reader_owned(pin: Arc<BasePin>, chunk_bytes: usize) -> BaseReader<'static> {
+        BaseReader::new(PinRef::Owned(pin), chunk_bytes)
+    }
+
+    /// A spec a receiver can install this image with.
+    pub fn install_spec(&self) -> BaseInstallSpec {
+        BaseInstallSpec {
+            base_lsn: self.lsn,
+            base_entry: self.info,
+            geometry: self.shared.geo,
+        }
+    }
+}
+
+/// The pin a reader reads through: borrowed, or a shared owner.
+enum PinRef<'a> {
+    Borrowed(&'a BasePin),
+    Owned(Arc<BasePin>),
+}
+
+impl std::ops::Deref for PinRef<'_> {
+    type Target = BasePin;
+
+    fn deref(&self) -> &BasePin {
+        match self {
+            PinRef::Borrowed(p) => p,
+            PinRef::Owned(p) => p,
+        }
+    }
+}
+
+impl<'a> BaseReader<'a> {
+    fn new(pin: PinRef<'a>, chunk_bytes: usize) -> Self {
+        let bs = pin.shared.geo.block_size as usize;
         let chunk_blocks = (chunk_bytes.min(MAX_CHUNK_BYTES) / bs).max(1) as u64;
         BaseReader {
-            pin: self,
+            pin,
             next_lba: 0,
             chunk_blocks,
             window: Vec::new(),
@@ -173,15 +212,6 @@ impl BasePin {
             bytes_scanned: 0,
             bytes_sent: 0,
             failed: false,
-        }
-    }
-
-    /// A spec a receiver can install this image with.
-    pub fn install_spec(&self) -> BaseInstallSpec {
-        BaseInstallSpec {
-            base_lsn: self.lsn,
-            base_entry: self.info,
-            geometry: self.shared.geo,
         }
     }
 }
@@ -200,7 +230,7 @@ impl Drop for BasePin {
 ///
 /// Memory is bounded by two chunk buffers regardless of the volume size.
 pub struct BaseReader<'a> {
-    pin: &'a BasePin,
+    pin: PinRef<'a>,
     next_lba: u64,
     chunk_blocks: u64,
     window: Vec<u8>,

@@ -1622,6 +1622,31 @@ impl Volume {
         }
     }
 
+    /// The holes in the retained range `(tail, head]`, as `(after, to]` ranges of missing LSNs.
+    ///
+    /// This is the contiguity proof recovery decisions rest on, read off the in-memory LSN
+    /// index in O(1): the index is appended only at `head + 1` and popped only at its ends, so
+    /// it is contiguous exactly when it holds `head - tail` entries starting at `tail + 1`. A
+    /// violation (which would be a bug) is reported as one hole covering the whole range, so a
+    /// caller can never plan a catch-up across it.
+    pub fn retained_gaps(&self) -> Vec<(Lsn, Lsn)> {
+        let st = self.shared.lock_state();
+        let expected = st.head.saturating_sub(st.tail);
+        let first_ok = st.index.front().is_none_or(|e| e.lsn == st.tail + 1);
+        let last_ok = st.index.back().is_none_or(|e| e.lsn == st.head);
+        if st.index.len() as u64 == expected && first_ok && last_ok {
+            Vec::new()
+        } else {
+            log::error!(
+                "LSN index inconsistent: {} entries for ({}, {}]",
+                st.index.len(),
+                st.tail,
+                st.head
+            );
+            vec![(Lsn(st.tail), Lsn(st.head))]
+        }
+    }
+
     /// Identity of entry `lsn`, for `lsn` in `[tail, head]`; `Lsn(0)` is the origin.
     pub fn entry_info(&self, lsn: Lsn) -> Result<EntryInfo> {
         if lsn.0 == 0 {

@@ -1,0 +1,82 @@
+//! Conversions between blockvol's and the engine's vocabularies. The two crates define their
+//! own `Lsn` on purpose (neither knows the other); this is the only place that maps them.
+
+use blockvol::{BlockVolError, EntryInfo};
+use engine::{EntryId, Epoch, Lsn, StorageError, TransferError};
+
+/// blockvol LSN to engine LSN.
+pub fn to_engine(lsn: blockvol::Lsn) -> Lsn {
+    Lsn(lsn.0)
+}
+
+/// Engine LSN to blockvol LSN.
+pub fn to_blockvol(lsn: Lsn) -> blockvol::Lsn {
+    blockvol::Lsn(lsn.get())
+}
+
+/// blockvol's entry identity as the engine's.
+pub fn entry_id(info: EntryInfo) -> EntryId {
+    EntryId {
+        lsn: to_engine(info.lsn),
+        epoch: Epoch(info.epoch),
+        checksum: info.content_crc,
+    }
+}
+
+/// The engine's entry identity as blockvol's.
+pub fn entry_info(id: EntryId) -> EntryInfo {
+    EntryInfo {
+        lsn: to_blockvol(id.lsn),
+        epoch: id.epoch.get(),
+        content_crc: id.checksum,
+    }
+}
+
+/// A blockvol failure on the primary side, as the engine's storage error.
+pub fn storage_error(e: BlockVolError) -> StorageError {
+    match e {
+        BlockVolError::Recycled {
+            requested,
+            retained_start,
+        } => StorageError::Recycled {
+            requested: to_engine(requested),
+            retained_start: to_engine(retained_start),
+        },
+        other => StorageError::Backend(other.to_string()),
+    }
+}
+
+/// A blockvol failure while reading the primary for a transfer, as a transfer error.
+pub fn primary_transfer_error(e: BlockVolError, from: Lsn) -> TransferError {
+    match e {
+        BlockVolError::Recycled { retained_start, .. } => TransferError::Recycled {
+            from,
+            retained_start: to_engine(retained_start),
+        },
+        BlockVolError::Gap { expected, found } => TransferError::Gap {
+            expected: to_engine(expected),
+            found: to_engine(found),
+        },
+        e @ BlockVolError::Corrupt { .. } => TransferError::Corrupt {
+            lsn: None,
+            detail: e.to_string(),
+        },
+        // A revoked pin no longer protects the range: to the engine the entries are gone.
+        BlockVolError::Revoked { reason } => {
+            log::info!("primary pin revoked during a transfer from {from}: {reason}");
+            TransferError::Recycled {
+                from,
+                retained_start: from,
+            }
+        }
+        e @ (BlockVolError::ScanInvalidated { .. } | BlockVolError::Decode { .. }) => {
+            TransferError::Corrupt {
+                lsn: None,
+                detail: e.to_string(),
+            }
+        }
+        other => TransferError::Storage {
+            detail: format!("primary: {other}"),
+        },
+    }
+}

@@ -1,0 +1,203 @@
+//! The engine's [`StorageAdapter`] on a primary blockvol volume.
+//!
+//! - History: one `Volume::status()` snapshot (head, tail, committed, checkpoint, trust), plus
+//!   the contiguity proof of blockvol's LSN index (`Volume::retained_gaps`).
+//! - WAL pins are blockvol `WalPin`s: while the engine holds one, blockvol's tail cannot pass
+//!   it (the check against the tail and the registration are one step inside blockvol).
+//! - Snapshot and full-base pins are blockvol `BasePin`s: a flusher fence that keeps the
+//!   extent exactly at the pinned LSN while writes continue into the WAL. The bridge keeps each
+//!   image in a registry under the engine's pin ID, so the rebuild I/O can read the very image
+//!   the plan pinned. Dropping the engine's pin removes it from the registry; the image is
+//!   released when the last reader is done with it too.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use blockvol::{BasePin, Volume};
+use engine::{
+    EntryId, FullBasePin, LsnRange, PinGuard, PinId, RetainedHistory, RetentionPin, SnapshotPin,
+    StorageAdapter, StorageError,
+};
+
+use crate::convert::{entry_id, storage_error, to_blockvol, to_engine};
+
+type Images = Arc<Mutex<HashMap<PinId, Arc<BasePin>>>>;
+
+fn lock_images(images: &Images) -> MutexGuard<'_, HashMap<PinId, Arc<BasePin>>> {
+    images.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The primary's storage, as the engine sees it.
+pub struct BlockVolStorage {
+    vol: Arc<Volume>,
+    images: Images,
+    next_pin: AtomicU64,
+    #[cfg(feature = "testing")]
+    fail_next: Mutex<Vec<engine::PinKind>>,
+}
+
+impl std::fmt::Debug for BlockVolStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockVolStorage")
+            .field("volume", &self.vol)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlockVolStorage {
+    /// Storage over the primary volume `vol`.
+    pub fn new(vol: Arc<Volume>) -> Self {
+        BlockVolStorage {
+            vol,
+            images: Arc::new(Mutex::new(HashMap::new())),
+            next_pin: AtomicU64::new(0),
+            #[cfg(feature = "testing")]
+            fail_next: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The primary volume.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.vol
+    }
+
+    /// The base image a snapshot or full-base pin holds, while the engine holds the pin.
+    pub fn image(&self, pin: PinId) -> Option<Arc<BasePin>> {
+        lock_images(&self.images).get(&pin).cloned()
+    }
+
+    /// Images currently registered (engine snapshot and full-base pins alive).
+    pub fn images_held(&self) -> usize {
+        lock_images(&self.images).len()
+    }
+
+    fn next_id(&self) -> PinId {
+        PinId(self.next_pin.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Makes the next pin of `kind` fail once (fault injection for tests).
+    #[cfg(feature = "testing")]
+    pub fn fail_next_pin(&self, kind: engine::PinKind) {
+        self.fail_next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(kind);
+    }
+
+    #[cfg(feature = "testing")]
+    fn injected(&self, kind: engine::PinKind) -> Result<(), StorageError> {
+        let mut g = self
+            .fail_next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match g.iter().position(|k| *k == kind) {
+            Some(i) => {
+                g.remove(i);
+                Err(StorageError::Backend(format!(
+                    "injected {kind} pin failure"
+                )))
+            }
+            None => Ok(()),
+        }
+    }
+
+    #[cfg(not(feature = "testing"))]
+    fn injected(&self, _kind: engine::PinKind) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// Registers an image under a new engine pin ID; the guard unregisters it.
+    fn register(&self, pin: BasePin) -> (PinId, PinGuard) {
+        let id = self.next_id();
+        lock_images(&self.images).insert(id, Arc::new(pin));
+        let images = Arc::clone(&self.images);
+        let guard = PinGuard::on_release(move || {
+            lock_images(&images).remove(&id);
+        });
+        (id, guard)
+    }
+}
+
+impl StorageAdapter for BlockVolStorage {
+    fn get_retained_history(&self) -> Result<RetainedHistory, StorageError> {
+        let st = self.vol.status();
+        if st.install_incomplete {
+            return Err(StorageError::Backend(
+                "volume holds an incomplete base install; it is not a valid primary".into(),
+            ));
+        }
+        let missing = self
+            .vol
+            .retained_gaps()
+            .into_iter()
+            .map(|(after, to)| LsnRange::new(to_engine(after), to_engine(to)))
+            .collect();
+        Ok(RetainedHistory {
+            head_lsn: to_engine(st.head),
+            tail_lsn: to_engine(st.tail),
+            committed_lsn: to_engine(st.committed),
+            // blockvol reports checkpoint 0 when nothing was ever flushed: no checkpoint.
+            checkpoint_lsn: (st.checkpoint.0 > 0).then(|| to_engine(st.checkpoint)),
+            checkpoint_trusted: st.checkpoint_trusted,
+            missing,
+        })
+    }
+
+    fn entry_id(&self, lsn: engine::Lsn) -> Result<Option<EntryId>, StorageError> {
+        match self.vol.entry_info(to_blockvol(lsn)) {
+            Ok(info) => Ok(Some(entry_id(info))),
+            Err(
+                blockvol::BlockVolError::Recycled { .. }
+                | blockvol::BlockVolError::BeyondHead { .. },
+            ) => Ok(None),
+            Err(e) => Err(storage_error(e)),
+        }
+    }
+
+    fn pin_snapshot(&self, checkpoint_lsn: engine::Lsn) -> Result<SnapshotPin, StorageError> {
+        self.injected(engine::PinKind::Snapshot)?;
+        let st = self.vol.status();
+        if !st.checkpoint_trusted || to_engine(st.checkpoint) != checkpoint_lsn {
+            return Err(StorageError::SnapshotUnavailable {
+                requested: checkpoint_lsn,
+                checkpoint: Some(to_engine(st.checkpoint)),
+                trusted: st.checkpoint_trusted,
+            });
+        }
+        let pin = self.vol.pin_snapshot().map_err(storage_error)?;
+        if to_engine(pin.lsn()) != checkpoint_lsn {
+            // The checkpoint moved between the status read and the fence; the image is not the
+            // one the plan chose.
+            return Err(StorageError::SnapshotUnavailable {
+                requested: checkpoint_lsn,
+                checkpoint: Some(to_engine(pin.lsn())),
+                trusted: true,
+            });
+        }
+        let (id, guard) = self.register(pin);
+        Ok(SnapshotPin::new(checkpoint_lsn, id, guard))
+    }
+
+    fn pin_wal_retention(&self, after: engine::Lsn) -> Result<RetentionPin, StorageError> {
+        self.injected(engine::PinKind::WalRetention)?;
+        let pin = self
+            .vol
+            .pin_wal(to_blockvol(after))
+            .map_err(storage_error)?;
+        let id = self.next_id();
+        Ok(RetentionPin::new(after, id, PinGuard::hold(pin)))
+    }
+
+    fn pin_full_base(&self, committed_lsn: engine::Lsn) -> Result<FullBasePin, StorageError> {
+        self.injected(engine::PinKind::FullBase)?;
+        let pin = self.vol.pin_base(to_blockvol(committed_lsn)).map_err(|e| {
+            StorageError::BaseUnavailable {
+                requested: committed_lsn,
+                detail: e.to_string(),
+            }
+        })?;
+        let (id, guard) = self.register(pin);
+        Ok(FullBasePin::new(committed_lsn, id, guard))
+    }
+}

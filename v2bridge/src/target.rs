@@ -1,0 +1,414 @@
+//! The replica side of a transfer, as messages.
+//!
+//! [`ReplicaTarget`] is the seam for a network transport: every request and reply is an owned
+//! value, WAL entries and base chunks travel in their self-checking encoded form (length and
+//! CRC), and the receiver decodes and verifies them. [`LocalReplica`] is the in-process
+//! implementation over a replica blockvol volume.
+//!
+//! Every mutating request carries its [`Lineage`] (the recovery session's epoch and ID). The
+//! replica refuses a lineage older than the newest it accepted, so a superseded executor can
+//! never change a replica that a newer session is recovering, and an epoch below the volume's
+//! persisted epoch is refused outright.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use blockvol::{
+    ApplyOutcome, BaseChunk, BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Geometry, Lsn,
+    Role, Volume, WalEntry,
+};
+
+/// The recovery session a request belongs to. Ordered by epoch, then session ID.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lineage {
+    /// The session's epoch.
+    pub epoch: u64,
+    /// The session's ID.
+    pub session: u64,
+}
+
+/// The replica's answer to a handshake.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct HandshakeReply {
+    /// The last LSN held (made durable before replying).
+    pub head: Lsn,
+    /// The identity of the entry at `head`.
+    pub tip: EntryInfo,
+    /// Entries at or below this are in the replica's extent and cannot be truncated.
+    pub checkpoint: Lsn,
+    /// The replica's persisted epoch.
+    pub epoch: u64,
+    /// A base install was interrupted: the replica is not a valid copy.
+    pub install_incomplete: bool,
+}
+
+/// Apply a run of WAL entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyRequest {
+    /// The session.
+    pub lineage: Lineage,
+    /// The primary's committed LSN for this recovery (gates the replica's flusher).
+    pub committed: Lsn,
+    /// The entry the run builds on: the replica must hold exactly this entry at its LSN.
+    pub anchor: EntryInfo,
+    /// Number of entries in `frames`.
+    pub count: u32,
+    /// The entries, each in `WalEntry` wire form, back to back.
+    pub frames: Vec<u8>,
+}
+
+/// What an apply did.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ApplyReply {
+    /// The replica's head afterwards.
+    pub applied_to: Lsn,
+    /// Entries appended.
+    pub applied: u64,
+    /// Entries the replica already held, identical (acknowledged idempotently).
+    pub duplicates: u64,
+}
+
+/// Drop every entry after `after`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct TruncateRequest {
+    /// The session.
+    pub lineage: Lineage,
+    /// The truncation point.
+    pub after: Lsn,
+    /// The primary's committed LSN.
+    pub committed: Lsn,
+}
+
+/// Start installing a base image.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct BaseBeginRequest {
+    /// The session.
+    pub lineage: Lineage,
+    /// The image's LSN.
+    pub base_lsn: Lsn,
+    /// The primary's entry at `base_lsn` (the replica's new tail entry).
+    pub base_entry: EntryInfo,
+    /// The primary's geometry.
+    pub geometry: Geometry,
+}
+
+/// One chunk of a base image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseChunkRequest {
+    /// The session.
+    pub lineage: Lineage,
+    /// The chunk in `BaseChunk` wire form (checksummed).
+    pub frame: Vec<u8>,
+}
+
+/// Make everything durable and report how far.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct BarrierRequest {
+    /// The session.
+    pub lineage: Lineage,
+    /// The LSN the sender expects the replica to hold.
+    pub target: Lsn,
+    /// The primary's committed LSN.
+    pub committed: Lsn,
+}
+
+/// The replica's durable position.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct BarrierReply {
+    /// The durable LSN.
+    pub durable: Lsn,
+    /// The identity of the entry at `durable`.
+    pub tip: EntryInfo,
+}
+
+/// Why a replica refused or failed a request.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// A stale lineage or epoch.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// An entry that is not the replica's head + 1.
+    #[error("gap: replica expected lsn {expected}, got {found}")]
+    Gap {
+        /// The next LSN the replica accepts.
+        expected: Lsn,
+        /// The LSN sent.
+        found: Lsn,
+    },
+    /// The replica's entry differs from the sender's at the same LSN.
+    #[error("divergent at lsn {lsn}: {detail}")]
+    Divergent {
+        /// Where.
+        lsn: Lsn,
+        /// What differed.
+        detail: String,
+    },
+    /// Truncation below the replica's checkpoint.
+    #[error("cannot truncate to {requested}: replica checkpoint is {checkpoint}")]
+    BelowCheckpoint {
+        /// Requested point.
+        requested: Lsn,
+        /// The replica's checkpoint.
+        checkpoint: Lsn,
+    },
+    /// A frame failed its checksum or did not decode.
+    #[error("bad frame: {0}")]
+    BadFrame(String),
+    /// The replica's storage failed.
+    #[error("replica storage: {0}")]
+    Storage(String),
+    /// The request does not fit the replica's state (no install in progress, and so on).
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// A replica, reached through messages.
+pub trait ReplicaTarget: Send {
+    /// Makes the replica's log durable and reports where it stands.
+    fn handshake(&mut self) -> Result<HandshakeReply, TargetError>;
+    /// Applies a run of entries on top of `anchor`.
+    fn apply(&mut self, req: ApplyRequest) -> Result<ApplyReply, TargetError>;
+    /// Truncates; returns the identity of the new tip.
+    fn truncate(&mut self, req: TruncateRequest) -> Result<EntryInfo, TargetError>;
+    /// Starts a base install.
+    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError>;
+    /// Writes one base chunk.
+    fn base_chunk(&mut self, req: BaseChunkRequest) -> Result<(), TargetError>;
+    /// Finishes the install; returns the base LSN now held.
+    fn finish_base(&mut self, lineage: Lineage) -> Result<Lsn, TargetError>;
+    /// Makes everything durable.
+    fn barrier(&mut self, req: BarrierRequest) -> Result<BarrierReply, TargetError>;
+}
+
+fn storage(e: BlockVolError) -> TargetError {
+    match e {
+        BlockVolError::Gap { expected, found } => TargetError::Gap { expected, found },
+        BlockVolError::Divergent {
+            lsn,
+            local,
+            incoming,
+        } => TargetError::Divergent {
+            lsn,
+            detail: format!("replica holds {local:?}, sender sent {incoming:?}"),
+        },
+        BlockVolError::BelowCheckpoint {
+            requested,
+            checkpoint,
+        } => TargetError::BelowCheckpoint {
+            requested,
+            checkpoint,
+        },
+        e @ (BlockVolError::ChunkChecksum { .. } | BlockVolError::Decode { .. }) => {
+            TargetError::BadFrame(e.to_string())
+        }
+        e @ (BlockVolError::StaleEpoch { .. }
+        | BlockVolError::EpochRegression { .. }
+        | BlockVolError::WrongRole { .. }) => TargetError::Fenced(e.to_string()),
+        other => TargetError::Storage(other.to_string()),
+    }
+}
+
+struct Node {
+    vol: Arc<Volume>,
+    newest: Lineage,
+    install: Option<BaseInstall>,
+}
+
+/// An in-process replica over a blockvol volume (opened with `FlushGate::Committed`, so it can
+/// always truncate above the committed point it was told). Cheap to clone; clones share the
+/// volume, the newest accepted lineage and an install in progress.
+#[derive(Clone)]
+pub struct LocalReplica {
+    node: Arc<Mutex<Node>>,
+}
+
+impl std::fmt::Debug for LocalReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalReplica")
+    }
+}
+
+impl LocalReplica {
+    /// A replica over `vol`.
+    pub fn new(vol: Arc<Volume>) -> Self {
+        LocalReplica {
+            node: Arc::new(Mutex::new(Node {
+                vol,
+                newest: Lineage::default(),
+                install: None,
+            })),
+        }
+    }
+
+    /// The replica's volume.
+    pub fn volume(&self) -> Arc<Volume> {
+        Arc::clone(&self.lock().vol)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Node> {
+        self.node.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Node {
+    /// Accepts `lineage` if it is not older than the newest accepted one; a newer epoch is
+    /// persisted on the volume (the primary's session is the authority for its epoch).
+    fn admit(&mut self, lineage: Lineage) -> Result<(), TargetError> {
+        let st = self.vol.status();
+        if lineage.epoch < st.epoch {
+            return Err(TargetError::Fenced(format!(
+                "request at epoch {}, replica is at epoch {}",
+                lineage.epoch, st.epoch
+            )));
+        }
+        if lineage < self.newest {
+            return Err(TargetError::Fenced(format!(
+                "session {:?} is older than session {:?} already accepted",
+                lineage, self.newest
+            )));
+        }
+        if lineage.epoch > st.epoch {
+            let role = if st.role.accepts_apply() {
+                st.role
+            } else {
+                Role::Replica
+            };
+            self.vol.assign(role, lineage.epoch).map_err(storage)?;
+        } else if !st.role.accepts_apply() {
+            self.vol.assign(Role::Replica, st.epoch).map_err(storage)?;
+        }
+        if lineage > self.newest {
+            // A newer session abandons whatever an older one left half-done.
+            self.install = None;
+        }
+        self.newest = lineage;
+        Ok(())
+    }
+
+    fn tip(&self, lsn: Lsn) -> Result<EntryInfo, TargetError> {
+        self.vol.entry_info(lsn).map_err(storage)
+    }
+}
+
+impl ReplicaTarget for LocalReplica {
+    fn handshake(&mut self) -> Result<HandshakeReply, TargetError> {
+        let node = self.lock();
+        let st = node.vol.status();
+        if st.install_incomplete {
+            return Ok(HandshakeReply {
+                head: st.head,
+                tip: EntryInfo::ORIGIN,
+                checkpoint: st.checkpoint,
+                epoch: st.epoch,
+                install_incomplete: true,
+            });
+        }
+        let durable = node.vol.sync().map_err(storage)?;
+        Ok(HandshakeReply {
+            head: durable,
+            tip: node.tip(durable)?,
+            checkpoint: node.vol.status().checkpoint,
+            epoch: st.epoch,
+            install_incomplete: false,
+        })
+    }
+
+    fn apply(&mut self, req: ApplyRequest) -> Result<ApplyReply, TargetError> {
+        let mut node = self.lock();
+        node.admit(req.lineage)?;
+        node.vol.set_committed(req.committed);
+        let held = node.tip(req.anchor.lsn).map_err(|e| match e {
+            TargetError::Storage(d) => TargetError::Divergent {
+                lsn: req.anchor.lsn,
+                detail: format!("replica cannot vouch for the anchor: {d}"),
+            },
+            other => other,
+        })?;
+        if held != req.anchor {
+            return Err(TargetError::Divergent {
+                lsn: req.anchor.lsn,
+                detail: format!("replica holds {held:?}, sender builds on {:?}", req.anchor),
+            });
+        }
+        let mut rest = req.frames.as_slice();
+        let (mut applied, mut duplicates) = (0u64, 0u64);
+        for _ in 0..req.count {
+            let (entry, used) =
+                WalEntry::decode_prefix(rest).map_err(|e| TargetError::BadFrame(e.to_string()))?;
+            rest = &rest[used..];
+            match node.vol.apply(&entry).map_err(storage)? {
+                ApplyOutcome::Applied => applied += 1,
+                ApplyOutcome::Duplicate => duplicates += 1,
+            }
+        }
+        if !rest.is_empty() {
+            return Err(TargetError::BadFrame(format!(
+                "{} bytes left after {} entries",
+                rest.len(),
+                req.count
+            )));
+        }
+        Ok(ApplyReply {
+            applied_to: node.vol.status().head,
+            applied,
+            duplicates,
+        })
+    }
+
+    fn truncate(&mut self, req: TruncateRequest) -> Result<EntryInfo, TargetError> {
+        let mut node = self.lock();
+        node.admit(req.lineage)?;
+        node.vol.set_committed(req.committed);
+        node.vol.truncate_after(req.after).map_err(storage)?;
+        let head = node.vol.status().head;
+        node.tip(head)
+    }
+
+    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError> {
+        let mut node = self.lock();
+        node.admit(req.lineage)?;
+        // Abandon an older half-finished install before starting over.
+        node.install = None;
+        let spec = BaseInstallSpec {
+            base_lsn: req.base_lsn,
+            base_entry: req.base_entry,
+            geometry: req.geometry,
+        };
+        let install = node.vol.begin_base_install(spec).map_err(storage)?;
+        node.install = Some(install);
+        Ok(())
+    }
+
+    fn base_chunk(&mut self, req: BaseChunkRequest) -> Result<(), TargetError> {
+        let mut node = self.lock();
+        node.admit(req.lineage)?;
+        let chunk = BaseChunk::decode(&req.frame).map_err(storage)?;
+        let install = node
+            .install
+            .as_mut()
+            .ok_or_else(|| TargetError::Protocol("base chunk without an install".into()))?;
+        install.write_chunk(&chunk).map_err(storage)
+    }
+
+    fn finish_base(&mut self, lineage: Lineage) -> Result<Lsn, TargetError> {
+        let mut node = self.lock();
+        node.admit(lineage)?;
+        let install = node
+            .install
+            .take()
+            .ok_or_else(|| TargetError::Protocol("finish without an install".into()))?;
+        install.finish().map_err(storage)?;
+        Ok(node.vol.status().head)
+    }
+
+    fn barrier(&mut self, req: BarrierRequest) -> Result<BarrierReply, TargetError> {
+        let mut node = self.lock();
+        node.admit(req.lineage)?;
+        node.vol.set_committed(req.committed);
+        let durable = node.vol.sync().map_err(storage)?;
+        Ok(BarrierReply {
+            durable,
+            tip: node.tip(durable)?,
+        })
+    }
+}
