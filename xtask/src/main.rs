@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use swblock::chain::{self, ChainOptions};
 
+mod bench;
+
 const HELP: &str = "\
 usage: cargo xtask <task> [options]
 
@@ -13,6 +15,9 @@ tasks:
       Run every recovery scenario end to end (assignment -> plan -> executor -> store ->
       verified replica) and print one row per scenario. Writes the same as JSON to
       target/chain-report.json (or PATH). Exits 1 if any scenario fails.
+  bench [--quick]
+      Measure the store, recovery and rebuild against baselines measured in the same run
+      (release build); prints a table and writes target/bench-report.json.
   help
       Print this text.
 ";
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
     };
     let result = match task.as_str() {
         "chain-test" => chain_test(rest),
+        "bench" => bench::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(ExitCode::SUCCESS)
