@@ -277,10 +277,7 @@ impl Harness for BlockVolHarness {
         Ok(BridgeIo::new(
             Arc::clone(&self.storage),
             target,
-            Lineage {
-                epoch: epoch.get(),
-                session: session.get(),
-            },
+            Lineage::new("harness-primary", epoch.get(), session.get()),
             committed,
         ))
     }

@@ -5,11 +5,15 @@
 //! CRC), and the receiver decodes and verifies them. [`LocalReplica`] is the in-process
 //! implementation over a replica blockvol volume.
 //!
-//! Every mutating request carries its [`Lineage`] (the recovery session's epoch and ID). The
-//! replica refuses a lineage older than the newest it accepted, so a superseded executor can
-//! never change a replica that a newer session is recovering, and an epoch below the volume's
-//! persisted epoch is refused outright.
+//! Every mutating request carries its [`Lineage`]: the driving engine (a stable tag of the
+//! server whose registry owns the session), the session's epoch and its ID. The replica refuses
+//! a lineage older than the newest it accepted from the same driver, so a superseded executor
+//! can never change a replica that a newer session is recovering; an epoch below the volume's
+//! persisted epoch is refused whatever the driver. (Session IDs are only ordered within one
+//! registry, which is why the driver is part of the lineage: a primary pushes catch-ups, a
+//! rebuilding replica pulls its own rebuild.)
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use blockvol::{
@@ -17,13 +21,34 @@ use blockvol::{
     Role, Volume, WalEntry,
 };
 
-/// The recovery session a request belongs to. Ordered by epoch, then session ID.
+/// The recovery session a request belongs to. Within one driver, ordered by epoch, then
+/// session ID.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lineage {
     /// The session's epoch.
     pub epoch: u64,
-    /// The session's ID.
+    /// The session's ID, unique within the driver's registry.
     pub session: u64,
+    /// A stable tag of the engine driving the session (see [`Lineage::driver_tag`]).
+    pub driver: u64,
+}
+
+impl Lineage {
+    /// A lineage for `session` at `epoch`, driven by the server `driver`.
+    pub fn new(driver: &str, epoch: u64, session: u64) -> Self {
+        Lineage {
+            epoch,
+            session,
+            driver: Self::driver_tag(driver),
+        }
+    }
+
+    /// A stable 64-bit tag of a server ID (FNV-1a), so lineages stay `Copy`.
+    pub fn driver_tag(driver: &str) -> u64 {
+        driver.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
 }
 
 /// The replica's answer to a handshake.
@@ -210,7 +235,8 @@ fn storage(e: BlockVolError) -> TargetError {
 
 struct Node {
     vol: Arc<Volume>,
-    newest: Lineage,
+    /// The newest lineage accepted from each driver.
+    newest: BTreeMap<u64, Lineage>,
     install: Option<BaseInstall>,
 }
 
@@ -234,7 +260,7 @@ impl LocalReplica {
         LocalReplica {
             node: Arc::new(Mutex::new(Node {
                 vol,
-                newest: Lineage::default(),
+                newest: BTreeMap::new(),
                 install: None,
             })),
         }
@@ -261,10 +287,12 @@ impl Node {
                 lineage.epoch, st.epoch
             )));
         }
-        if lineage < self.newest {
+        let newest = self.newest.get(&lineage.driver).copied();
+        if let Some(newest) = newest
+            && lineage < newest
+        {
             return Err(TargetError::Fenced(format!(
-                "session {:?} is older than session {:?} already accepted",
-                lineage, self.newest
+                "session {lineage:?} is older than session {newest:?} already accepted"
             )));
         }
         if lineage.epoch > st.epoch {
@@ -277,11 +305,11 @@ impl Node {
         } else if !st.role.accepts_apply() {
             self.vol.assign(Role::Replica, st.epoch).map_err(storage)?;
         }
-        if lineage > self.newest {
-            // A newer session abandons whatever an older one left half-done.
+        if newest != Some(lineage) {
+            // A different session abandons whatever another one left half-done.
             self.install = None;
         }
-        self.newest = lineage;
+        self.newest.insert(lineage.driver, lineage);
         Ok(())
     }
 
