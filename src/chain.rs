@@ -6,12 +6,20 @@ use std::time::{Duration, Instant};
 
 use engine::conformance::{self, Harness, ScenarioReport};
 use engine::testing::MemHarness;
+use v2bridge::harness::BlockVolHarness;
+
+use crate::scenarios;
 
 /// Which store a row ran on.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Store {
     /// The engine's in-memory reference store and model replicas.
     Memory,
+    /// The conformance scenarios on real blockvol volume files through v2bridge.
+    Blockvol,
+    /// The chain-closure scenarios (failure replays, control-plane driven, concurrent writer)
+    /// on real volume files.
+    Chain,
 }
 
 impl Store {
@@ -19,6 +27,8 @@ impl Store {
     pub const fn as_str(self) -> &'static str {
         match self {
             Store::Memory => "memory",
+            Store::Blockvol => "blockvol",
+            Store::Chain => "chain",
         }
     }
 }
@@ -55,6 +65,8 @@ impl ChainRow {
 pub struct ChainOptions {
     /// Run only scenarios whose name (`store/scenario` or `scenario`) equals this.
     pub scenario: Option<String>,
+    /// Keep the volume files (see [`scenarios::kept_dirs`]).
+    pub keep: bool,
 }
 
 fn selected(opts: &ChainOptions, store: Store, name: &str) -> bool {
@@ -86,10 +98,55 @@ fn run_store<H: Harness>(
     }
 }
 
+/// A failed row for a scenario whose harness could not even be built.
+fn setup_failure(name: &'static str, failure: String) -> ScenarioReport {
+    ScenarioReport {
+        name,
+        outcome: "failed".into(),
+        path: String::new(),
+        entries_applied: 0,
+        bytes_transferred: 0,
+        pins_outstanding: 0,
+        digest_match: false,
+        passed: false,
+        failure: Some(failure),
+    }
+}
+
 /// Runs the selected scenarios on every store.
 pub fn run(opts: &ChainOptions) -> Vec<ChainRow> {
+    scenarios::set_keep(opts.keep);
     let mut rows = Vec::new();
     run_store(opts, Store::Memory, |_| MemHarness::new(), &mut rows);
+    for (name, _) in conformance::scenarios::<BlockVolHarness>() {
+        if !selected(opts, Store::Blockvol, name) {
+            continue;
+        }
+        let start = Instant::now();
+        let report = match scenarios::harness() {
+            Ok(h) => conformance::run_scenario(name, h)
+                .unwrap_or_else(|| setup_failure(name, "unknown scenario".into())),
+            Err(e) => setup_failure(name, e),
+        };
+        rows.push(ChainRow {
+            store: Store::Blockvol,
+            report,
+            elapsed: start.elapsed(),
+        });
+    }
+    for (name, _) in scenarios::all() {
+        if !selected(opts, Store::Chain, name) {
+            continue;
+        }
+        let start = Instant::now();
+        if let Some(report) = scenarios::run(name) {
+            rows.push(ChainRow {
+                store: Store::Chain,
+                report,
+                elapsed: start.elapsed(),
+            });
+        }
+    }
     rows
 }
 
@@ -98,14 +155,14 @@ pub fn table(rows: &[ChainRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<40} {:<26} {:<48} {:>8} {:>10} {:>8} {:>4} {:<6} result",
+        "{:<48} {:<44} {:<56} {:>8} {:>10} {:>8} {:>4} {:<6} result",
         "scenario", "outcome", "path", "entries", "bytes", "MB/s", "pins", "data"
     );
     for r in rows {
         let rep = &r.report;
         let _ = writeln!(
             out,
-            "{:<40} {:<26} {:<48} {:>8} {:>10} {:>8.1} {:>4} {:<6} {}",
+            "{:<48} {:<44} {:<56} {:>8} {:>10} {:>8.1} {:>4} {:<6} {}",
             r.name(),
             rep.outcome,
             rep.path,
@@ -189,11 +246,13 @@ mod tests {
     fn scenario_filter_accepts_bare_and_qualified_names() {
         let opts = ChainOptions {
             scenario: Some("catch_up".into()),
+            keep: false,
         };
         assert!(selected(&opts, Store::Memory, "catch_up"));
         assert!(!selected(&opts, Store::Memory, "zero_gap"));
         let opts = ChainOptions {
             scenario: Some("memory/zero_gap".into()),
+            keep: false,
         };
         assert!(selected(&opts, Store::Memory, "zero_gap"));
     }

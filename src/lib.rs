@@ -7,3 +7,5 @@
 #![warn(missing_docs)]
 
 pub mod chain;
+pub mod cluster;
+pub mod scenarios;

@@ -134,6 +134,23 @@ impl BlockVolHarness {
         image
     }
 
+    /// Simulates a crash of a replica's process: every handle the harness holds is dropped
+    /// (an unfinished base install is abandoned) and the file is opened again from disk. I/O
+    /// objects created before must have been dropped, or the file stays locked.
+    pub fn crash_replica(&mut self, name: &str) -> Result<(), String> {
+        let old = self
+            .replicas
+            .remove(name)
+            .ok_or_else(|| format!("no replica {name}"))?;
+        drop(old);
+        let path = self.dir.path().join(format!("{name}.vol"));
+        let vol = Volume::open(&path, &volume_options(FlushGate::Committed))
+            .map_err(|e| format!("reopen {}: {e}", path.display()))?;
+        self.replicas
+            .insert(name.to_owned(), LocalReplica::new(Arc::new(vol)));
+        Ok(())
+    }
+
     /// A replica volume's digest.
     pub fn replica_digest(&self, name: &str) -> Result<Digest, String> {
         self.replica(name)?

@@ -11,10 +11,13 @@ const HELP: &str = "\
 usage: cargo xtask <task> [options]
 
 tasks:
-  chain-test [--scenario NAME] [--json PATH]
+  chain-test [--scenario NAME] [--keep] [--json PATH]
       Run every recovery scenario end to end (assignment -> plan -> executor -> store ->
-      verified replica) and print one row per scenario. Writes the same as JSON to
-      target/chain-report.json (or PATH). Exits 1 if any scenario fails.
+      verified replica): the conformance scenarios on the in-memory reference store and on
+      real volume files, then the chain scenarios on real volume files. Prints one row per
+      scenario and writes the same as JSON to target/chain-report.json (or PATH). NAME is
+      `store/scenario` or a bare scenario name. --keep keeps the volume files and prints
+      where. Exits 1 if any scenario fails.
   bench [--quick]
       Measure the store, recovery and rebuild against baselines measured in the same run
       (release build); prints a table and writes target/bench-report.json.
@@ -39,6 +42,7 @@ fn chain_test(args: &[String]) -> Result<ExitCode, String> {
             "--scenario" => {
                 opts.scenario = Some(it.next().ok_or("--scenario needs a name")?.clone());
             }
+            "--keep" => opts.keep = true,
             "--json" => {
                 json_path = PathBuf::from(it.next().ok_or("--json needs a path")?);
             }
@@ -59,6 +63,11 @@ fn chain_test(args: &[String]) -> Result<ExitCode, String> {
     std::fs::write(&json_path, chain::json(&rows))
         .map_err(|e| format!("write {}: {e}", json_path.display()))?;
     println!("report: {}", json_path.display());
+    if opts.keep {
+        for d in swblock::scenarios::kept_dirs() {
+            println!("kept: {}", d.display());
+        }
+    }
     let failed = rows.iter().filter(|r| !r.report.passed).count();
     Ok(if failed == 0 {
         ExitCode::SUCCESS

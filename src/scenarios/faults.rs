@@ -1,0 +1,489 @@
+//! Failure replays on real volume files: an epoch bump at every chunk boundary of a catch-up
+//! and of both kinds of rebuild, the WAL recycled under a catch-up, a cancel mid-execution, and
+//! a replica crash in the middle of a base install.
+
+use std::sync::Arc;
+
+use blockvol::EntryInfo;
+use engine::conformance::{Harness, ScenarioReport, replica_id};
+use engine::{
+    CatchUpExecutor, Epoch, ExecFailure, Lsn, Outcome, RebuildExecutor, RecoveryDriver,
+    ReplicaState, SessionKind, StepInfo, TransferError,
+};
+use v2bridge::harness::BlockVolHarness;
+use v2bridge::{
+    ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
+    BridgeIo, HandshakeReply, Lineage, LocalReplica, ReplicaTarget, TargetError, TruncateRequest,
+};
+
+use super::{Tally, assign, chunked, ensure, expect_failure, state_of};
+
+const BASE_CHUNK: u64 = 64 << 10;
+
+/// Brings `name` back to in sync at `epoch` whatever state a fault left it in: handshake and
+/// catch-up when its log allows, otherwise a rebuild assignment and a rebuild.
+fn recover_fully(
+    h: &mut BlockVolHarness,
+    driver: &RecoveryDriver,
+    tally: &mut Tally,
+    name: &str,
+    epoch: u64,
+) -> Result<(), String> {
+    assign(driver, epoch, &[(name, SessionKind::CatchUp)])?;
+    let hs = h.replica_handshake(name)?;
+    let plan = driver
+        .plan_recovery(&replica_id(name), hs)
+        .map_err(|e| format!("plan after the fault: {e}"))?;
+    match plan.outcome {
+        Outcome::ZeroGap => tally.add_path("zero_gap"),
+        Outcome::CatchUp => {
+            let sid = plan.session_id.ok_or("catch-up plan without session")?;
+            let mut io = h.io(name, Epoch(epoch), sid)?;
+            let r = CatchUpExecutor::new(driver, plan)
+                .with_options(chunked(16, BASE_CHUNK))
+                .execute(&mut io)
+                .map_err(|e| format!("catch-up after the fault: {e}"))?;
+            tally.add(&r);
+        }
+        Outcome::NeedsRebuild => {
+            assign(driver, epoch, &[(name, SessionKind::Rebuild)])?;
+            let plan = driver
+                .plan_rebuild(&replica_id(name))
+                .map_err(|e| format!("plan_rebuild after the fault: {e}"))?;
+            let sid = plan.session_id.ok_or("rebuild plan without session")?;
+            let mut io = h.io(name, Epoch(epoch), sid)?;
+            let r = RebuildExecutor::new(driver, plan)
+                .with_options(chunked(16, BASE_CHUNK))
+                .execute(&mut io)
+                .map_err(|e| format!("rebuild after the fault: {e}"))?;
+            tally.add(&r);
+        }
+    }
+    ensure(state_of(driver, name)? == ReplicaState::InSync, || {
+        format!("{name} not in sync after recovery")
+    })
+}
+
+fn no_pins(h: &BlockVolHarness, when: &str) -> Result<(), String> {
+    let n = h.pins_outstanding();
+    ensure(n == 0, || format!("{n} pins held {when}"))
+}
+
+/// Never in sync with different bytes: whenever the sender says in sync, the data must match.
+fn never_in_sync_with_other_bytes(
+    h: &mut BlockVolHarness,
+    driver: &RecoveryDriver,
+    name: &str,
+    target: Lsn,
+) -> Result<(), String> {
+    if state_of(driver, name)? == ReplicaState::InSync {
+        ensure(h.replica_matches_primary(name, target)?, || {
+            format!("{name} is in sync with bytes that differ from the primary's")
+        })?;
+    }
+    Ok(())
+}
+
+/// An epoch bump after every chunk of a catch-up, in turn: each is caught before the next chunk
+/// moves data, every pin is released, and a recovery at the new epoch completes with equal
+/// bytes.
+pub fn epoch_bump_every_chunk_catch_up() -> Result<ScenarioReport, String> {
+    let mut tally = Tally::default();
+    let mut all_match = true;
+    let mut pins = 0;
+    // 60 entries in chunks of 10: steps 0 to 5.
+    for k in 0u64..6 {
+        let mut h = super::harness()?;
+        let head = h.primary_write(100)?;
+        h.primary_commit(head)?;
+        h.add_replica("r1", Lsn(40))?;
+        let driver = RecoveryDriver::new(h.storage());
+        assign(&driver, 1, &[("r1", SessionKind::CatchUp)])?;
+        let hs = h.replica_handshake("r1")?;
+        let plan = driver
+            .plan_recovery(&replica_id("r1"), hs)
+            .map_err(|e| e.to_string())?;
+        let sid = plan.session_id.ok_or("no session")?;
+        let mut io = h.io("r1", Epoch(1), sid)?;
+        let orch = Arc::clone(driver.orchestrator());
+        let result = CatchUpExecutor::new(&driver, plan)
+            .with_options(chunked(10, BASE_CHUNK))
+            .with_on_step(|s: &StepInfo| {
+                if s.step == k {
+                    orch.advance_epoch(Epoch(2));
+                }
+            })
+            .execute(&mut io);
+        let (failure, report) = expect_failure(result)?;
+        ensure(
+            matches!(failure, ExecFailure::SessionInvalidatedMidExecution { step, .. } if step == k),
+            || format!("bump after step {k}: failure {failure}"),
+        )?;
+        ensure(report.entries_applied == 10 * (k + 1), || {
+            format!(
+                "bump after step {k}: {} entries applied, the next chunk ran",
+                report.entries_applied
+            )
+        })?;
+        ensure(io.stats.wal_chunks == k + 1, || {
+            format!(
+                "bump after step {k}: {} chunks shipped",
+                io.stats.wal_chunks
+            )
+        })?;
+        tally.add(&report);
+        drop(io);
+        no_pins(&h, "after the bump")?;
+        ensure(state_of(&driver, "r1")? != ReplicaState::InSync, || {
+            "in sync after a fenced catch-up".into()
+        })?;
+        recover_fully(&mut h, &driver, &mut tally, "r1", 2)?;
+        never_in_sync_with_other_bytes(&mut h, &driver, "r1", head)?;
+        no_pins(&h, "after recovery")?;
+        all_match &= h.replica_matches_primary("r1", head)?;
+        pins += h.pins_outstanding();
+    }
+    ensure(all_match, || "a replica's bytes differ".into())?;
+    Ok(tally.report(
+        "epoch_bump_every_chunk_catch_up",
+        "6 bumps fenced -> in_sync",
+        pins,
+        all_match,
+    ))
+}
+
+/// Runs one rebuild with an epoch bump after step `bump` (or none); returns the steps the
+/// executor took.
+fn rebuild_with_bump(
+    snapshot: bool,
+    bump: Option<u64>,
+    tally: &mut Tally,
+) -> Result<(u64, bool), String> {
+    let mut h = super::harness()?;
+    let head = h.primary_write(100)?;
+    h.primary_commit(head)?;
+    h.add_replica("r1", Lsn(0))?;
+    if snapshot {
+        h.primary_checkpoint(Lsn(50), Lsn(50))?;
+    }
+    let driver = RecoveryDriver::new(h.storage());
+    assign(&driver, 1, &[("r1", SessionKind::Rebuild)])?;
+    let plan = driver
+        .plan_rebuild(&replica_id("r1"))
+        .map_err(|e| e.to_string())?;
+    let sid = plan.session_id.ok_or("no session")?;
+    let mut io = h.io("r1", Epoch(1), sid)?;
+    let orch = Arc::clone(driver.orchestrator());
+    let mut steps = 0u64;
+    let result = RebuildExecutor::new(&driver, plan)
+        .with_options(chunked(10, BASE_CHUNK))
+        .with_on_step(|s: &StepInfo| {
+            steps = s.step + 1;
+            if Some(s.step) == bump {
+                orch.advance_epoch(Epoch(2));
+            }
+        })
+        .execute(&mut io);
+    drop(io);
+    match bump {
+        None => {
+            let r = result.map_err(|e| format!("rebuild without a bump: {e}"))?;
+            let want = if snapshot {
+                "rebuild_snapshot_tail"
+            } else {
+                "rebuild_full_base"
+            };
+            ensure(r.path.as_str() == want, || format!("path {}", r.path))?;
+            tally.add(&r);
+        }
+        Some(k) => {
+            let (failure, report) = expect_failure(result)?;
+            ensure(
+                matches!(failure, ExecFailure::SessionInvalidatedMidExecution { step, .. } if step == k),
+                || format!("bump after rebuild step {k}: failure {failure}"),
+            )?;
+            tally.add(&report);
+            no_pins(&h, "after the bump")?;
+            ensure(
+                state_of(&driver, "r1")? == ReplicaState::NeedsRebuild,
+                || format!("bump after rebuild step {k}: replica not needs_rebuild"),
+            )?;
+            recover_fully(&mut h, &driver, tally, "r1", 2)?;
+        }
+    }
+    never_in_sync_with_other_bytes(&mut h, &driver, "r1", head)?;
+    no_pins(&h, "after the rebuild")?;
+    let matched = h.replica_matches_primary("r1", head)?;
+    Ok((steps, matched))
+}
+
+/// An epoch bump after every step of a full-base rebuild and of a snapshot + tail rebuild
+/// (base chunks, install, tail chunks), in turn.
+pub fn epoch_bump_every_chunk_rebuild() -> Result<ScenarioReport, String> {
+    let mut tally = Tally::default();
+    let mut all_match = true;
+    let mut bumps = 0;
+    for snapshot in [false, true] {
+        let (steps, m) = rebuild_with_bump(snapshot, None, &mut tally)?;
+        all_match &= m;
+        ensure(steps >= 3, || format!("only {steps} rebuild steps"))?;
+        for k in 0..steps {
+            let (_, m) = rebuild_with_bump(snapshot, Some(k), &mut tally)?;
+            all_match &= m;
+            bumps += 1;
+        }
+    }
+    ensure(all_match, || "a replica's bytes differ".into())?;
+    Ok(tally.report(
+        "epoch_bump_every_chunk_rebuild",
+        &format!("{bumps} bumps fenced -> in_sync"),
+        0,
+        all_match,
+    ))
+}
+
+/// The primary recycles the WAL under a catch-up (its pins revoked under pressure): the next
+/// chunk reports the range recycled, the executor escalates to rebuild, and the rebuild
+/// completes.
+pub fn wal_recycled_under_catch_up() -> Result<ScenarioReport, String> {
+    let mut tally = Tally::default();
+    let mut h = super::harness()?;
+    let head = h.primary_write(100)?;
+    h.primary_commit(head)?;
+    h.add_replica("r1", Lsn(20))?;
+    h.primary_checkpoint(Lsn(30), Lsn(10))?;
+    let driver = RecoveryDriver::new(h.storage());
+    assign(&driver, 1, &[("r1", SessionKind::CatchUp)])?;
+    let hs = h.replica_handshake("r1")?;
+    let plan = driver
+        .plan_recovery(&replica_id("r1"), hs)
+        .map_err(|e| e.to_string())?;
+    ensure(plan.outcome == Outcome::CatchUp, || "not a catch-up".into())?;
+    let sid = plan.session_id.ok_or("no session")?;
+    let mut io = h.io("r1", Epoch(1), sid)?;
+    let primary = Arc::clone(h.primary());
+    let mut recycled = Ok(());
+    let result = CatchUpExecutor::new(&driver, plan)
+        .with_options(chunked(10, BASE_CHUNK))
+        .with_on_step(|s: &StepInfo| {
+            if s.step == 0 {
+                let revoked = primary.revoke_wal_pins("wal pressure");
+                primary.set_retention(blockvol::RetentionPolicy::default());
+                recycled = match primary.force_flush() {
+                    Ok(_) if primary.status().tail.0 >= 90 && revoked > 0 => Ok(()),
+                    Ok(_) => Err(format!(
+                        "primary did not recycle: tail {} after revoking {revoked} pins",
+                        primary.status().tail
+                    )),
+                    Err(e) => Err(e.to_string()),
+                };
+            }
+        })
+        .execute(&mut io);
+    drop(io);
+    recycled?;
+    let (failure, report) = expect_failure(result)?;
+    ensure(
+        matches!(
+            failure,
+            ExecFailure::IoStreamFailed {
+                error: TransferError::Recycled { .. },
+                ..
+            }
+        ),
+        || format!("failure {failure} is not a recycled range"),
+    )?;
+    tally.add(&report);
+    ensure(
+        state_of(&driver, "r1")? == ReplicaState::NeedsRebuild,
+        || "not escalated to needs_rebuild".into(),
+    )?;
+    no_pins(&h, "after the escalation")?;
+    recover_fully(&mut h, &driver, &mut tally, "r1", 1)?;
+    no_pins(&h, "after the rebuild")?;
+    let m = h.replica_matches_primary("r1", head)?;
+    ensure(m, || "replica differs after the rebuild".into())?;
+    Ok(tally.report(
+        "wal_recycled_under_catch_up",
+        "recycled -> needs_rebuild -> in_sync",
+        h.pins_outstanding(),
+        m,
+    ))
+}
+
+/// A cancel while the executor runs: it stops at its next authority check, releases its pins,
+/// and a later recovery completes.
+pub fn cancel_mid_execution() -> Result<ScenarioReport, String> {
+    let mut tally = Tally::default();
+    let mut h = super::harness()?;
+    let head = h.primary_write(100)?;
+    h.primary_commit(head)?;
+    h.add_replica("r1", Lsn(30))?;
+    let driver = RecoveryDriver::new(h.storage());
+    assign(&driver, 1, &[("r1", SessionKind::CatchUp)])?;
+    let hs = h.replica_handshake("r1")?;
+    let plan = driver
+        .plan_recovery(&replica_id("r1"), hs)
+        .map_err(|e| e.to_string())?;
+    let sid = plan.session_id.ok_or("no session")?;
+    let mut io = h.io("r1", Epoch(1), sid)?;
+    let d = &driver;
+    let mut cancelled = false;
+    let result = CatchUpExecutor::new(&driver, plan)
+        .with_options(chunked(10, BASE_CHUNK))
+        .with_on_step(|s: &StepInfo| {
+            if s.step == 1 {
+                cancelled = d.cancel_session(&replica_id("r1"), s.session_id, "operator");
+            }
+        })
+        .execute(&mut io);
+    drop(io);
+    ensure(cancelled, || {
+        "cancel_session did not find the session".into()
+    })?;
+    let (failure, report) = expect_failure(result)?;
+    ensure(
+        matches!(
+            failure,
+            ExecFailure::SessionInvalidatedMidExecution { step: 1, .. }
+        ),
+        || format!("failure {failure}"),
+    )?;
+    ensure(report.entries_applied == 20, || {
+        format!(
+            "{} entries applied after the cancel",
+            report.entries_applied
+        )
+    })?;
+    tally.add(&report);
+    no_pins(&h, "after the cancel")?;
+    ensure(
+        state_of(&driver, "r1")? == ReplicaState::Disconnected,
+        || "not disconnected after the cancel".into(),
+    )?;
+    ensure(
+        driver.orchestrator().log().contains("plan_cancelled"),
+        || "plan_cancelled not logged".into(),
+    )?;
+    recover_fully(&mut h, &driver, &mut tally, "r1", 1)?;
+    let m = h.replica_matches_primary("r1", head)?;
+    ensure(m, || "replica differs".into())?;
+    Ok(tally.report(
+        "cancel_mid_execution",
+        "cancelled -> in_sync",
+        h.pins_outstanding(),
+        m,
+    ))
+}
+
+/// A replica that dies after `chunks_before_crash` base chunks.
+struct CrashAfter {
+    inner: LocalReplica,
+    chunks_left: u32,
+}
+
+impl ReplicaTarget for CrashAfter {
+    fn handshake(&mut self) -> Result<HandshakeReply, TargetError> {
+        self.inner.handshake()
+    }
+    fn apply(&mut self, req: ApplyRequest) -> Result<ApplyReply, TargetError> {
+        self.inner.apply(req)
+    }
+    fn truncate(&mut self, req: TruncateRequest) -> Result<EntryInfo, TargetError> {
+        self.inner.truncate(req)
+    }
+    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError> {
+        self.inner.begin_base(req)
+    }
+    fn base_chunk(&mut self, req: BaseChunkRequest) -> Result<(), TargetError> {
+        if self.chunks_left == 0 {
+            return Err(TargetError::Storage("replica process died".into()));
+        }
+        self.chunks_left -= 1;
+        self.inner.base_chunk(req)
+    }
+    fn finish_base(&mut self, lineage: Lineage) -> Result<blockvol::Lsn, TargetError> {
+        self.inner.finish_base(lineage)
+    }
+    fn barrier(&mut self, req: BarrierRequest) -> Result<BarrierReply, TargetError> {
+        self.inner.barrier(req)
+    }
+}
+
+/// The replica dies in the middle of a base install and is reopened from its file: it must not
+/// look valid (install incomplete, handshake says so, the engine sends it to rebuild), and the
+/// rebuild that follows completes.
+pub fn replica_crash_mid_base_install() -> Result<ScenarioReport, String> {
+    let mut tally = Tally::default();
+    let mut h = super::harness()?;
+    let head = h.primary_write(100)?;
+    h.primary_commit(head)?;
+    h.add_replica("r1", Lsn(0))?;
+    let driver = RecoveryDriver::new(h.storage());
+    assign(&driver, 1, &[("r1", SessionKind::Rebuild)])?;
+    let plan = driver
+        .plan_rebuild(&replica_id("r1"))
+        .map_err(|e| e.to_string())?;
+    let sid = plan.session_id.ok_or("no session")?;
+    let target = CrashAfter {
+        inner: h.replica("r1")?.clone(),
+        chunks_left: 2,
+    };
+    let mut io = BridgeIo::new(
+        Arc::clone(h.storage_adapter()),
+        target,
+        Lineage::new("harness-primary", 1, sid.get()),
+        head,
+    );
+    let result = RebuildExecutor::new(&driver, plan)
+        .with_options(chunked(10, 16 << 10))
+        .execute(&mut io);
+    let sent = io.stats.base_chunks;
+    drop(io);
+    let (failure, report) = expect_failure(result)?;
+    ensure(matches!(failure, ExecFailure::IoBaseFailed(_)), || {
+        format!("failure {failure}")
+    })?;
+    ensure(sent == 2, || {
+        format!("{sent} chunks arrived before the crash")
+    })?;
+    tally.add(&report);
+    no_pins(&h, "after the crash")?;
+
+    h.crash_replica("r1")?;
+    let st = h.replica("r1")?.volume().status();
+    ensure(st.install_incomplete && !st.checkpoint_trusted, || {
+        format!("reopened replica looks valid: {st:?}")
+    })?;
+    ensure(!h.replica_matches_primary("r1", head)?, || {
+        "a half-installed replica matched".into()
+    })?;
+    let hs = h.replica_handshake("r1")?;
+    ensure(hs.incomplete, || {
+        "handshake hides the incomplete install".into()
+    })?;
+    assign(&driver, 1, &[("r1", SessionKind::CatchUp)])?;
+    let plan = driver
+        .plan_recovery(&replica_id("r1"), hs)
+        .map_err(|e| e.to_string())?;
+    let reason = plan.proof.as_ref().map(|p| p.reason.name()).unwrap_or("");
+    ensure(
+        plan.outcome == Outcome::NeedsRebuild && reason == "replica_incomplete",
+        || {
+            format!(
+                "half-installed replica planned as {} ({reason})",
+                plan.outcome
+            )
+        },
+    )?;
+    drop(plan);
+    recover_fully(&mut h, &driver, &mut tally, "r1", 1)?;
+    let m = h.replica_matches_primary("r1", head)?;
+    ensure(m, || "replica differs after the rebuild".into())?;
+    Ok(tally.report(
+        "replica_crash_mid_base_install",
+        "crashed -> incomplete -> rebuilt",
+        h.pins_outstanding(),
+        m,
+    ))
+}

@@ -1,0 +1,263 @@
+//! Chain-closure scenarios on real volume files, beyond the engine's conformance suite:
+//! failure replays at every chunk boundary, recycling under a catch-up, cancellation, a replica
+//! crash mid-install, control-plane driven recoveries across servers, and recovery while a
+//! writer keeps writing. Each returns a [`ScenarioReport`] and asserts, as it goes, that the
+//! path it names ran, that no pin is left, that a replica is never in sync with different
+//! bytes, and that the replica's digest equals the primary's at the target.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use blockvol::{Digest, Volume};
+use engine::conformance::{ScenarioReport, replica_id};
+use engine::{
+    AssignmentIntent, Endpoint, EngineError, Epoch, ExecFailure, ExecutionReport, ExecutorOptions,
+    RecoveryDriver, ReplicaAssignment, ReplicaState, SessionKind,
+};
+
+mod faults;
+mod service;
+mod writer;
+
+pub use faults::{
+    cancel_mid_execution, epoch_bump_every_chunk_catch_up, epoch_bump_every_chunk_rebuild,
+    replica_crash_mid_base_install, wal_recycled_under_catch_up,
+};
+pub use service::{gap_beyond_retention_rebuild_assignment, three_replicas_three_outcomes};
+pub use writer::recovery_with_concurrent_writer;
+
+/// A chain scenario: a name and the function that runs it.
+pub type ChainScenario = (&'static str, fn() -> Result<ScenarioReport, String>);
+
+/// Every chain scenario, in the order the chain test prints them.
+pub fn all() -> Vec<ChainScenario> {
+    vec![
+        (
+            "epoch_bump_every_chunk_catch_up",
+            epoch_bump_every_chunk_catch_up,
+        ),
+        (
+            "epoch_bump_every_chunk_rebuild",
+            epoch_bump_every_chunk_rebuild,
+        ),
+        ("wal_recycled_under_catch_up", wal_recycled_under_catch_up),
+        ("cancel_mid_execution", cancel_mid_execution),
+        (
+            "replica_crash_mid_base_install",
+            replica_crash_mid_base_install,
+        ),
+        (
+            "gap_beyond_retention_rebuild_assignment",
+            gap_beyond_retention_rebuild_assignment,
+        ),
+        (
+            "three_replicas_three_outcomes",
+            three_replicas_three_outcomes,
+        ),
+        (
+            "recovery_with_concurrent_writer",
+            recovery_with_concurrent_writer,
+        ),
+    ]
+}
+
+/// Runs one chain scenario by name; a failure becomes a failed report.
+pub fn run(name: &str) -> Option<ScenarioReport> {
+    let (n, f) = all().into_iter().find(|(n, _)| *n == name)?;
+    Some(f().unwrap_or_else(|failure| ScenarioReport {
+        name: n,
+        outcome: "failed".into(),
+        path: String::new(),
+        entries_applied: 0,
+        bytes_transferred: 0,
+        pins_outstanding: 0,
+        digest_match: false,
+        passed: false,
+        failure: Some(failure),
+    }))
+}
+
+static KEEP: AtomicBool = AtomicBool::new(false);
+static KEPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Keep the volume files of every scenario that runs from now on (`chain-test --keep`).
+pub fn set_keep(keep: bool) {
+    KEEP.store(keep, Ordering::Relaxed);
+}
+
+/// Directories kept so far.
+pub fn kept_dirs() -> Vec<PathBuf> {
+    KEPT.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+fn note_kept(path: &Path) {
+    KEPT.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(path.to_path_buf());
+}
+
+/// A scratch directory, kept at the end when `--keep` asked for it.
+pub(crate) struct Scratch(Option<tempfile::TempDir>);
+
+impl Scratch {
+    pub(crate) fn new(prefix: &str) -> Result<Self, String> {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .map_err(|e| format!("temporary directory: {e}"))?;
+        Ok(Scratch(Some(dir)))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new("."), |d| d.path())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if KEEP.load(Ordering::Relaxed)
+            && let Some(d) = self.0.take()
+        {
+            note_kept(&d.keep());
+        }
+    }
+}
+
+/// A fresh real-volume harness, kept at the end when `--keep` asked for it.
+pub(crate) fn harness() -> Result<v2bridge::harness::BlockVolHarness, String> {
+    let mut h = v2bridge::harness::BlockVolHarness::new()?;
+    if KEEP.load(Ordering::Relaxed) {
+        note_kept(&h.keep_files());
+    }
+    Ok(h)
+}
+
+pub(crate) type Check = Result<(), String>;
+
+pub(crate) fn ensure(cond: bool, what: impl FnOnce() -> String) -> Check {
+    if cond { Ok(()) } else { Err(what()) }
+}
+
+/// What a scenario moved, accumulated over its executions.
+#[derive(Default)]
+pub(crate) struct Tally {
+    paths: Vec<String>,
+    entries: u64,
+    bytes: u64,
+}
+
+impl Tally {
+    pub(crate) fn add(&mut self, r: &ExecutionReport) {
+        self.paths.push(r.path.as_str().to_owned());
+        self.entries += r.entries_applied;
+        self.bytes += r.bytes_transferred();
+    }
+
+    pub(crate) fn add_path(&mut self, p: &str) {
+        self.paths.push(p.to_owned());
+    }
+
+    /// Paths with runs of the same path collapsed (`catchup x6`).
+    fn path(&self) -> String {
+        let mut out: Vec<String> = Vec::new();
+        let mut i = 0;
+        while i < self.paths.len() {
+            let mut j = i;
+            while j < self.paths.len() && self.paths[j] == self.paths[i] {
+                j += 1;
+            }
+            let n = j - i;
+            out.push(if n > 1 {
+                format!("{}x{n}", self.paths[i])
+            } else {
+                self.paths[i].clone()
+            });
+            i = j;
+        }
+        out.join("+")
+    }
+
+    pub(crate) fn report(
+        &self,
+        name: &'static str,
+        outcome: &str,
+        pins: usize,
+        digest_match: bool,
+    ) -> ScenarioReport {
+        ScenarioReport {
+            name,
+            outcome: outcome.to_owned(),
+            path: self.path(),
+            entries_applied: self.entries,
+            bytes_transferred: self.bytes,
+            pins_outstanding: pins,
+            digest_match,
+            passed: true,
+            failure: None,
+        }
+    }
+}
+
+/// The failure and partial report of an execution that must fail.
+pub(crate) fn expect_failure(
+    r: Result<ExecutionReport, EngineError>,
+) -> Result<(ExecFailure, ExecutionReport), String> {
+    match r {
+        Ok(r) => Err(format!("execution succeeded but should have failed: {r:?}")),
+        Err(EngineError::ExecutionFailed {
+            failure, report, ..
+        }) => Ok((*failure, *report)),
+        Err(e) => Err(format!("unexpected error: {e}")),
+    }
+}
+
+/// Applies an intent at `epoch` giving each replica `name` (endpoint version 1) a target.
+pub(crate) fn assign(
+    driver: &RecoveryDriver,
+    epoch: u64,
+    targets: &[(&str, SessionKind)],
+) -> Check {
+    let intent = AssignmentIntent {
+        replicas: targets
+            .iter()
+            .map(|(n, _)| ReplicaAssignment {
+                replica_id: replica_id(n),
+                endpoint: Endpoint::new(format!("{n}:3260"), format!("{n}:3261"), 1),
+            })
+            .collect(),
+        epoch: Epoch(epoch),
+        recovery_targets: targets
+            .iter()
+            .map(|(n, k)| (replica_id(n), *k))
+            .collect::<BTreeMap<_, _>>(),
+        catch_up_budget: None,
+    };
+    driver
+        .orchestrator()
+        .process_assignment(&intent)
+        .map(|_| ())
+        .map_err(|e| format!("assignment at epoch {epoch}: {e}"))
+}
+
+pub(crate) fn state_of(driver: &RecoveryDriver, name: &str) -> Result<ReplicaState, String> {
+    driver
+        .orchestrator()
+        .sender(&replica_id(name))
+        .map(|s| s.state())
+        .map_err(|e| e.to_string())
+}
+
+pub(crate) fn chunked(entries: u64, base_bytes: u64) -> ExecutorOptions {
+    ExecutorOptions {
+        max_entries_per_chunk: entries,
+        max_base_chunk_bytes: base_bytes,
+        ..ExecutorOptions::default()
+    }
+}
+
+/// A volume's digest, as a scenario error on failure.
+pub(crate) fn digest(vol: &Arc<Volume>, what: &str) -> Result<Digest, String> {
+    vol.digest().map_err(|e| format!("digest of {what}: {e}"))
+}

@@ -1,0 +1,13 @@
+//! Chain scenario `three_replicas_three_outcomes` on real volume files (see `swblock::scenarios`).
+
+#[test]
+fn three_replicas_three_outcomes() {
+    let r = swblock::scenarios::run("three_replicas_three_outcomes").expect("known scenario");
+    assert!(r.passed, "{}: {:?}", r.name, r.failure);
+    assert_eq!(r.pins_outstanding, 0, "pins left on the primary");
+    assert!(
+        r.digest_match,
+        "replica bytes differ from the primary's at the target"
+    );
+    assert!(!r.path.is_empty(), "no recovery path ran");
+}
