@@ -178,6 +178,11 @@ pub fn table(rows: &[ChainRow]) -> String {
         }
     }
     let passed = rows.iter().filter(|r| r.report.passed).count();
+    let _ = writeln!(
+        out,
+        "MB/s: bytes moved over the scenario's wall time, including volume creation and \
+         fsyncs; `cargo xtask bench` measures throughput."
+    );
     let _ = writeln!(out, "{} scenarios, {passed} passed", rows.len());
     out
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::adapter::{FullBasePin, RetentionPin, SnapshotPin, StorageAdapter};
-use crate::error::{EngineError, PinKind, Result};
+use crate::error::{EngineError, PinKind, Result, StorageError};
 use crate::history::{EntryId, ProofReason, RebuildReason, RecoverabilityProof, ReplicaHandshake};
 use crate::observe::Event;
 use crate::orchestrator::RecoveryOrchestrator;
@@ -156,7 +156,8 @@ impl RecoveryDriver {
     /// is already complete (nothing pinned). A catch-up binds its range `(F, C]` and pins the
     /// WAL after F; a replica ahead of C gets a truncation-only plan with no pin. A pin failure
     /// invalidates the session (`wal_pin_failed`, state `disconnected`) so no live session is
-    /// left without its resources. A needs-rebuild plan holds nothing: a rebuild assignment
+    /// left without its resources (`needs_rebuild` when the range was recycled between the history
+    /// read and the pin, `disconnected` otherwise). A needs-rebuild plan holds nothing: a rebuild assignment
     /// must come first.
     pub fn plan_recovery(
         &self,
@@ -249,12 +250,15 @@ impl RecoveryDriver {
                         error: e.to_string(),
                     },
                 );
-                self.fail_session(
-                    id,
-                    sid,
-                    InvalidateReason::WalPinFailed,
-                    ReplicaState::Disconnected,
-                );
+                // The history said the range was retained, but the storage recycled it before
+                // the pin could be taken (a race with the flusher): the replica is now beyond
+                // retention and only a rebuild can help. Any other pin failure is transient.
+                let state = if matches!(e, StorageError::Recycled { .. }) {
+                    ReplicaState::NeedsRebuild
+                } else {
+                    ReplicaState::Disconnected
+                };
+                self.fail_session(id, sid, InvalidateReason::WalPinFailed, state);
                 Err(EngineError::PinFailed {
                     kind: PinKind::WalRetention,
                     error: e,

@@ -972,3 +972,54 @@ fn fencing_a_rebuild_session_keeps_needs_rebuild() {
     assert!(!r1.has_active_session() && !r2.has_active_session());
     assert_eq!(orch.registry().status().rebuilding, 2);
 }
+
+// Found by the concurrent-writer chain scenario: the primary's flusher recycled the replica's
+// range between the history snapshot and the WAL pin. The plan fails closed, and the replica,
+// now beyond retention, is marked as needing a rebuild rather than merely disconnected.
+#[test]
+fn wal_recycled_between_history_and_pin_escalates() {
+    struct RacingStorage(MemStorage);
+    impl StorageAdapter for RacingStorage {
+        fn get_retained_history(&self) -> std::result::Result<RetainedHistory, StorageError> {
+            self.0.get_retained_history()
+        }
+        fn entry_id(&self, lsn: Lsn) -> std::result::Result<Option<EntryId>, StorageError> {
+            self.0.entry_id(lsn)
+        }
+        fn pin_snapshot(&self, lsn: Lsn) -> std::result::Result<SnapshotPin, StorageError> {
+            self.0.pin_snapshot(lsn)
+        }
+        fn pin_wal_retention(&self, after: Lsn) -> std::result::Result<RetentionPin, StorageError> {
+            // The flusher wins the race.
+            self.0.advance_tail(Lsn(90));
+            self.0.pin_wal_retention(after)
+        }
+        fn pin_full_base(&self, lsn: Lsn) -> std::result::Result<FullBasePin, StorageError> {
+            self.0.pin_full_base(lsn)
+        }
+    }
+    let storage = MemStorage::new();
+    let head = storage.write_n(100);
+    storage.commit(head).unwrap();
+    let driver = RecoveryDriver::new(Arc::new(RacingStorage(storage.clone())));
+    driver
+        .orchestrator()
+        .process_assignment(&intent(
+            1,
+            &[("r1", "a", 1)],
+            &[("r1", SessionKind::CatchUp)],
+        ))
+        .unwrap();
+    let err = driver.plan_recovery(&rid("r1"), Lsn(50)).unwrap_err();
+    assert!(matches!(
+        err,
+        EngineError::PinFailed {
+            kind: PinKind::WalRetention,
+            error: StorageError::Recycled { .. }
+        }
+    ));
+    let s = driver.orchestrator().sender(&rid("r1")).unwrap();
+    assert_eq!(s.state(), ReplicaState::NeedsRebuild);
+    assert!(!s.has_active_session());
+    assert_eq!(storage.pins_outstanding(), 0);
+}

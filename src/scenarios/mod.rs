@@ -159,24 +159,24 @@ impl Tally {
         self.paths.push(p.to_owned());
     }
 
-    /// Paths with runs of the same path collapsed (`catchup x6`).
+    /// The paths in order, or, when there are many, each distinct path with its count in
+    /// first-seen order (`catchup x11, zero_gap x1`).
     fn path(&self) -> String {
-        let mut out: Vec<String> = Vec::new();
-        let mut i = 0;
-        while i < self.paths.len() {
-            let mut j = i;
-            while j < self.paths.len() && self.paths[j] == self.paths[i] {
-                j += 1;
-            }
-            let n = j - i;
-            out.push(if n > 1 {
-                format!("{}x{n}", self.paths[i])
-            } else {
-                self.paths[i].clone()
-            });
-            i = j;
+        if self.paths.len() <= 4 {
+            return self.paths.join("+");
         }
-        out.join("+")
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for p in &self.paths {
+            match counts.iter_mut().find(|(q, _)| *q == p.as_str()) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((p.as_str(), 1)),
+            }
+        }
+        counts
+            .iter()
+            .map(|(p, n)| format!("{p} x{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     pub(crate) fn report(

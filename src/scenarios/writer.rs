@@ -53,9 +53,11 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
     primary
         .assign(Role::Primary, 1)
         .map_err(|e| e.to_string())?;
-    // Keep a little history behind the checkpoint, as a live primary would.
+    // Keep enough history behind the checkpoint that the chase never falls beyond retention
+    // (the WAL holds all of it): this scenario is about chasing a moving head, not about
+    // escalation, which `wal_recycled_under_catch_up` covers.
     primary.set_retention(RetentionPolicy {
-        keep_entries: 64,
+        keep_entries: WRITES,
         keep_bytes: 0,
     });
     let replica_vol = Arc::new(
@@ -79,16 +81,25 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
     primary.set_committed(blockvol::Lsn(200));
 
     let written = Arc::new(AtomicU64::new(200));
+    let exited = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(2));
     let writer = {
-        let (primary, written, stop, start) = (
+        let (primary, written, stop, start, exited) = (
             Arc::clone(&primary),
             Arc::clone(&written),
             Arc::clone(&stop),
             Arc::clone(&start),
+            Arc::clone(&exited),
         );
         thread::spawn(move || -> Result<u64, String> {
+            struct Exit(Arc<AtomicBool>);
+            impl Drop for Exit {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Release);
+                }
+            }
+            let _exit = Exit(exited);
             start.wait();
             let mut head = 200;
             while head < WRITES && !stop.load(Ordering::Relaxed) {
@@ -145,18 +156,19 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
                 target,
             );
             let seen = Arc::clone(&written);
+            let writer_exited = Arc::clone(&exited);
             let report = CatchUpExecutor::new(&driver, plan)
                 .with_options(chunked(64, 1 << 20))
                 .with_on_step(|s: &StepInfo| {
                     // On the first round, make sure the writer really writes during the
-                    // catch-up: wait (bounded) until it has moved 100 entries past this step.
+                    // catch-up: wait until it has moved 100 entries past this step (or has
+                    // stopped, which fails the scenario below).
                     if first_target.is_none() && s.step == 0 {
-                        let want = seen.load(Ordering::Acquire) + 100;
-                        for _ in 0..20_000 {
-                            if seen.load(Ordering::Acquire) >= want.min(WRITES) {
-                                break;
-                            }
-                            thread::yield_now();
+                        let want = (seen.load(Ordering::Acquire) + 100).min(WRITES);
+                        while seen.load(Ordering::Acquire) < want
+                            && !writer_exited.load(Ordering::Acquire)
+                        {
+                            thread::sleep(std::time::Duration::from_micros(200));
                         }
                     }
                 })
