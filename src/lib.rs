@@ -9,3 +9,4 @@
 pub mod chain;
 pub mod cluster;
 pub mod scenarios;
+pub mod sim;

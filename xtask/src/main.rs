@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use swblock::chain::{self, ChainOptions};
 
 mod bench;
+mod fuzz;
+mod sim;
 
 const HELP: &str = "\
 usage: cargo xtask <task> [options]
@@ -21,6 +23,10 @@ tasks:
   bench [--quick]
       Measure the store, recovery and rebuild against baselines measured in the same run
       (release build); prints a table and writes target/bench-report.json.
+  sim [--seeds N] [--steps M] [--seed S]
+      Deterministic simulation of a primary, replicas and faults on real volumes.
+  fuzz TARGET [--secs N]
+      Run a cargo-fuzz target from fuzz/ (outside the workspace).
   help
       Print this text.
 ";
@@ -85,6 +91,8 @@ fn main() -> ExitCode {
     let result = match task.as_str() {
         "chain-test" => chain_test(rest),
         "bench" => bench::run(rest),
+        "sim" => sim::run(rest),
+        "fuzz" => fuzz::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(ExitCode::SUCCESS)
