@@ -520,3 +520,181 @@ impl RetainedHistory {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    fn h(tail: u64, head: u64, committed: u64) -> RetainedHistory {
+        RetainedHistory {
+            head_lsn: Lsn(head),
+            tail_lsn: Lsn(tail),
+            committed_lsn: Lsn(committed),
+            ..RetainedHistory::default()
+        }
+    }
+
+    #[rstest]
+    // The reference's boundary table.
+    #[case(50, 100, 50, 100, true)]
+    #[case(50, 100, 49, 100, false)]
+    #[case(30, 100, 50, 100, true)]
+    #[case(60, 100, 50, 100, false)]
+    #[case(0, 80, 0, 100, false)]
+    // End exactly at the head, and one past it.
+    #[case(0, 100, 0, 100, true)]
+    #[case(0, 100, 0, 101, false)]
+    // An empty range needs nothing, but its start still must not be recycled.
+    #[case(10, 20, 20, 20, true)]
+    #[case(10, 20, 25, 20, true)]
+    #[case(10, 20, 5, 5, false)]
+    fn is_recoverable_boundaries(
+        #[case] tail: u64,
+        #[case] head: u64,
+        #[case] after: u64,
+        #[case] to: u64,
+        #[case] expected: bool,
+    ) {
+        assert_eq!(
+            h(tail, head, head).is_recoverable(Lsn(after), Lsn(to)),
+            expected
+        );
+    }
+
+    #[rstest]
+    // A hole at 41..=45 blocks any range that crosses it, and only those.
+    #[case(30, 100, false)]
+    #[case(40, 100, false)]
+    #[case(44, 50, false)]
+    #[case(45, 100, true)]
+    #[case(30, 40, true)]
+    fn holes_block_crossing_ranges(#[case] after: u64, #[case] to: u64, #[case] expected: bool) {
+        let mut hist = h(10, 100, 100);
+        hist.missing = vec![LsnRange::new(Lsn(40), Lsn(45))];
+        assert_eq!(hist.is_recoverable(Lsn(after), Lsn(to)), expected);
+    }
+
+    #[rstest]
+    // The reference's decision table, plus the cases it could not express.
+    #[case(
+        30,
+        100,
+        Some(50),
+        true,
+        RebuildSource::SnapshotTail,
+        "trusted_checkpoint"
+    )]
+    #[case(
+        80,
+        100,
+        Some(50),
+        true,
+        RebuildSource::FullBase,
+        "trusted_checkpoint_unreplayable_tail"
+    )]
+    #[case(
+        60,
+        100,
+        Some(40),
+        true,
+        RebuildSource::FullBase,
+        "trusted_checkpoint_unreplayable_tail"
+    )]
+    #[case(
+        50,
+        0,
+        Some(40),
+        true,
+        RebuildSource::FullBase,
+        "checkpoint_above_committed"
+    )]
+    #[case(
+        30,
+        100,
+        Some(50),
+        false,
+        RebuildSource::FullBase,
+        "untrusted_checkpoint"
+    )]
+    #[case(30, 100, None, true, RebuildSource::FullBase, "no_checkpoint")]
+    #[case(
+        30,
+        100,
+        Some(120),
+        true,
+        RebuildSource::FullBase,
+        "checkpoint_above_committed"
+    )]
+    #[case(
+        100,
+        100,
+        Some(100),
+        true,
+        RebuildSource::SnapshotTail,
+        "trusted_checkpoint"
+    )]
+    fn rebuild_source_decisions(
+        #[case] tail: u64,
+        #[case] committed: u64,
+        #[case] checkpoint: Option<u64>,
+        #[case] trusted: bool,
+        #[case] source: RebuildSource,
+        #[case] reason: &str,
+    ) {
+        let hist = RetainedHistory {
+            head_lsn: Lsn(200),
+            tail_lsn: Lsn(tail),
+            committed_lsn: Lsn(committed),
+            checkpoint_lsn: checkpoint.map(Lsn),
+            checkpoint_trusted: trusted,
+            missing: Vec::new(),
+        };
+        let d = hist.rebuild_source_decision();
+        assert_eq!(d.source, source);
+        assert!(d.reason.to_string().starts_with(reason), "{}", d.reason);
+        assert_eq!(
+            d.snapshot_lsn.is_some(),
+            source == RebuildSource::SnapshotTail
+        );
+    }
+
+    #[rstest]
+    #[case(100, "zero_gap", true)]
+    #[case(105, "replica_ahead_needs_truncation", true)]
+    #[case(70, "gap_within_retention", true)]
+    #[case(30, "gap_within_retention", true)]
+    #[case(29, "gap_beyond_retention", false)]
+    fn proof_reasons(#[case] f: u64, #[case] reason: &str, #[case] recoverable: bool) {
+        let p = h(30, 100, 100).prove_recoverability(Lsn(f));
+        assert_eq!(p.reason.name(), reason);
+        assert_eq!(p.recoverable, recoverable);
+    }
+
+    #[test]
+    fn anchor_mismatch_is_divergent_and_match_is_recorded() {
+        let hist = h(0, 100, 100);
+        let tip = EntryId {
+            lsn: Lsn(70),
+            epoch: Epoch(1),
+            checksum: 7,
+        };
+        let other = EntryId { checksum: 8, ..tip };
+        let ok = hist.prove_with_anchor(&ReplicaHandshake::new(Lsn(70), tip), Some(tip));
+        assert_eq!(ok.anchor, AnchorCheck::Matched(tip));
+        assert!(ok.recoverable);
+        let bad = hist.prove_with_anchor(&ReplicaHandshake::new(Lsn(70), tip), Some(other));
+        assert!(!bad.recoverable);
+        assert_eq!(bad.reason.name(), "divergent_history");
+        let unknown = hist.prove_with_anchor(&ReplicaHandshake::new(Lsn(70), tip), None);
+        assert!(
+            !unknown.recoverable,
+            "a tip the primary cannot vouch for is not trusted"
+        );
+        let ahead = hist.prove_with_anchor(&ReplicaHandshake::new(Lsn(105), tip), None);
+        assert_eq!(ahead.anchor, AnchorCheck::AfterTruncation);
+        let incomplete = hist.prove_with_anchor(&ReplicaHandshake::incomplete(Lsn(100)), None);
+        assert_eq!(incomplete.reason, ProofReason::ReplicaIncomplete);
+        assert_eq!(incomplete.outcome(), Outcome::NeedsRebuild);
+    }
+}
