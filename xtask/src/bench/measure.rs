@@ -1,0 +1,175 @@
+//! Repetition, medians and the metric record every measurement produces.
+
+use std::time::{Duration, Instant};
+
+/// How a ratio is compared with its target.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub enum Target {
+    /// The ratio must be at least this.
+    AtLeast(f64),
+    /// The ratio must be at most this.
+    AtMost(f64),
+}
+
+impl Target {
+    pub fn met(self, ratio: f64) -> bool {
+        match self {
+            Target::AtLeast(t) => ratio >= t,
+            Target::AtMost(t) => ratio <= t,
+        }
+    }
+
+    pub fn op(self) -> &'static str {
+        match self {
+            Target::AtLeast(_) => ">=",
+            Target::AtMost(_) => "<=",
+        }
+    }
+
+    pub fn value(self) -> f64 {
+        match self {
+            Target::AtLeast(t) | Target::AtMost(t) => t,
+        }
+    }
+}
+
+/// One row of the report.
+#[derive(Clone, Debug)]
+pub struct Metric {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub value: f64,
+    /// `None` when the metric has no baseline (rebuild_heap).
+    pub baseline: Option<f64>,
+    /// The quantity compared with the target (value / baseline, or the value itself).
+    pub ratio: f64,
+    pub target: Target,
+    /// What was measured.
+    pub what: String,
+    /// What the baseline does.
+    pub baseline_what: String,
+    /// Sizes, repetitions, spread and anything else a reader needs.
+    pub detail: String,
+}
+
+impl Metric {
+    pub fn met(&self) -> bool {
+        self.ratio.is_finite() && self.target.met(self.ratio)
+    }
+}
+
+/// The median of `xs` (the mean of the two middle values for an even count).
+pub fn median(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `min..max` of the samples, for the detail column.
+pub fn spread(xs: &[f64]) -> String {
+    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{}..{}", fmt_num(lo), fmt_num(hi))
+}
+
+/// A number with three significant digits or so.
+pub fn fmt_num(x: f64) -> String {
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    let a = x.abs();
+    if a >= 1000.0 {
+        format!("{x:.0}")
+    } else if a >= 100.0 {
+        format!("{x:.1}")
+    } else if a >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+/// Runs a timed closure.
+pub fn timed<T>(f: impl FnOnce() -> Result<T, String>) -> Result<(Duration, T), String> {
+    let t = Instant::now();
+    let r = f()?;
+    Ok((t.elapsed(), r))
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub const MIB: u64 = 1 << 20;
+
+/// MiB per second for `bytes` moved in `d`.
+pub fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / d.as_secs_f64()
+}
+
+/// Warm-up and repetition counts.
+#[derive(Copy, Clone, Debug)]
+pub struct Plan {
+    pub warmup: usize,
+    pub reps: usize,
+}
+
+/// Runs `base` and `subject` alternately (`warmup` unrecorded rounds, then `reps` recorded
+/// ones), so drift in the machine affects both sides alike. Each closure returns its own
+/// sample (a time or a rate); returns `(baseline samples, subject samples)`.
+pub fn interleaved(
+    plan: Plan,
+    mut base: impl FnMut() -> Result<f64, String>,
+    mut subject: impl FnMut() -> Result<f64, String>,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    for _ in 0..plan.warmup {
+        base()?;
+        subject()?;
+    }
+    let mut b = Vec::with_capacity(plan.reps);
+    let mut s = Vec::with_capacity(plan.reps);
+    for _ in 0..plan.reps {
+        b.push(base()?);
+        s.push(subject()?);
+    }
+    Ok((b, s))
+}
+
+/// Runs one closure `warmup` times unrecorded, then `reps` times recorded.
+pub fn repeated(
+    plan: Plan,
+    mut f: impl FnMut() -> Result<f64, String>,
+) -> Result<Vec<f64>, String> {
+    for _ in 0..plan.warmup {
+        f()?;
+    }
+    (0..plan.reps).map(|_| f()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn targets_compare_in_their_direction() {
+        assert!(Target::AtLeast(0.5).met(0.5));
+        assert!(!Target::AtLeast(0.5).met(0.49));
+        assert!(Target::AtMost(1.2).met(1.0));
+        assert!(!Target::AtMost(1.2).met(1.3));
+    }
+}
