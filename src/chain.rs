@@ -98,21 +98,6 @@ fn run_store<H: Harness>(
     }
 }
 
-/// A failed row for a scenario whose harness could not even be built.
-fn setup_failure(name: &'static str, failure: String) -> ScenarioReport {
-    ScenarioReport {
-        name,
-        outcome: "failed".into(),
-        path: String::new(),
-        entries_applied: 0,
-        bytes_transferred: 0,
-        pins_outstanding: 0,
-        digest_match: false,
-        passed: false,
-        failure: Some(failure),
-    }
-}
-
 /// Runs the selected scenarios on every store.
 pub fn run(opts: &ChainOptions) -> Vec<ChainRow> {
     scenarios::set_keep(opts.keep);
@@ -125,8 +110,8 @@ pub fn run(opts: &ChainOptions) -> Vec<ChainRow> {
         let start = Instant::now();
         let report = match scenarios::harness() {
             Ok(h) => conformance::run_scenario(name, h)
-                .unwrap_or_else(|| setup_failure(name, "unknown scenario".into())),
-            Err(e) => setup_failure(name, e),
+                .unwrap_or_else(|| ScenarioReport::failed(name, "unknown scenario".into())),
+            Err(e) => ScenarioReport::failed(name, e),
         };
         rows.push(ChainRow {
             store: Store::Blockvol,

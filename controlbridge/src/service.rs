@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use engine::{
     CatchUpExecutor, Endpoint, EngineError, Epoch, ExecutionReport, ExecutorOptions, Outcome,
-    RebuildExecutor, RebuildIo, RecoveryDriver, RecoveryOrchestrator, ReplicaHandshake, ReplicaId,
-    ReplicaState, SessionId, SessionKind, StorageAdapter,
+    RebuildExecutor, RebuildIo, RecoveryDriver, RecoveryOrchestrator, RecoveryPlan,
+    ReplicaHandshake, ReplicaId, ReplicaState, SessionId, SessionKind, StorageAdapter,
 };
 
 use crate::assignment::{
@@ -320,24 +320,15 @@ impl<B: VolumeBackend> BlockService<B> {
             Outcome::ZeroGap => RecoveryRecord::ZeroGap,
             Outcome::NeedsRebuild => RecoveryRecord::NeedsRebuild,
             Outcome::CatchUp => {
-                let Some(sid) = plan.session_id else {
-                    return RecoveryRecord::Failed("catch-up plan without a session".into());
-                };
+                let mut plan = plan;
                 let route = Route::Push { endpoint };
-                let mut io = match self.backend.transfer_io(volume, route, sender.epoch(), sid) {
-                    Ok(io) => io,
-                    Err(e) => {
-                        let mut plan = plan;
-                        driver.cancel_plan(&mut plan, "transport_unavailable");
-                        return RecoveryRecord::Failed(e.to_string());
-                    }
-                };
-                match CatchUpExecutor::new(&driver, plan)
-                    .with_options(self.options)
-                    .execute(&mut io)
-                {
-                    Ok(r) => RecoveryRecord::Recovered(Box::new(r)),
-                    Err(e) => RecoveryRecord::Failed(e.to_string()),
+                match self.plan_io(&driver, volume, route, sender.epoch(), &mut plan) {
+                    Ok(mut io) => executed(
+                        CatchUpExecutor::new(&driver, plan)
+                            .with_options(self.options)
+                            .execute(&mut io),
+                    ),
+                    Err(rec) => rec,
                 }
             }
         }
@@ -359,29 +350,47 @@ impl<B: VolumeBackend> BlockService<B> {
             Err(e) => return RecoveryRecord::Failed(e.to_string()),
         };
         let driver = RecoveryDriver::with_orchestrator(Arc::clone(orch), storage);
-        let plan = match driver.plan_rebuild(id) {
+        let mut plan = match driver.plan_rebuild(id) {
             Ok(p) => p,
             Err(e) => return RecoveryRecord::Failed(e.to_string()),
         };
-        let Some(sid) = plan.session_id else {
-            return RecoveryRecord::Failed("rebuild plan without a session".into());
-        };
         let route = Route::Pull { rebuild_addr };
-        let mut io = match self.backend.transfer_io(volume, route, sender.epoch(), sid) {
-            Ok(io) => io,
-            Err(e) => {
-                let mut plan = plan;
-                driver.cancel_plan(&mut plan, "transport_unavailable");
-                return RecoveryRecord::Failed(e.to_string());
-            }
-        };
-        match RebuildExecutor::new(&driver, plan)
-            .with_options(self.options)
-            .execute(&mut io)
-        {
-            Ok(r) => RecoveryRecord::Recovered(Box::new(r)),
-            Err(e) => RecoveryRecord::Failed(e.to_string()),
+        match self.plan_io(&driver, volume, route, sender.epoch(), &mut plan) {
+            Ok(mut io) => executed(
+                RebuildExecutor::new(&driver, plan)
+                    .with_options(self.options)
+                    .execute(&mut io),
+            ),
+            Err(rec) => rec,
         }
+    }
+
+    /// The I/O for the plan's session. When the transport cannot provide one, the plan is
+    /// cancelled (pins released, session invalidated) rather than left half-alive.
+    fn plan_io(
+        &mut self,
+        driver: &RecoveryDriver,
+        volume: &str,
+        route: Route<'_>,
+        epoch: Epoch,
+        plan: &mut RecoveryPlan,
+    ) -> Result<B::Io, RecoveryRecord> {
+        let Some(sid) = plan.session_id else {
+            return Err(RecoveryRecord::Failed("plan without a session".into()));
+        };
+        self.backend
+            .transfer_io(volume, route, epoch, sid)
+            .map_err(|e| {
+                driver.cancel_plan(plan, "transport_unavailable");
+                RecoveryRecord::Failed(e.to_string())
+            })
+    }
+}
+
+fn executed(r: Result<ExecutionReport, EngineError>) -> RecoveryRecord {
+    match r {
+        Ok(r) => RecoveryRecord::Recovered(Box::new(r)),
+        Err(e) => RecoveryRecord::Failed(e.to_string()),
     }
 }
 

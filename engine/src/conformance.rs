@@ -81,6 +81,23 @@ pub struct ScenarioReport {
     pub failure: Option<String>,
 }
 
+impl ScenarioReport {
+    /// The report of a scenario that failed with `failure` before it could report anything.
+    pub fn failed(name: &'static str, failure: String) -> Self {
+        ScenarioReport {
+            name,
+            outcome: "failed".into(),
+            path: String::new(),
+            entries_applied: 0,
+            bytes_transferred: 0,
+            pins_outstanding: 0,
+            digest_match: false,
+            passed: false,
+            failure: Some(failure),
+        }
+    }
+}
+
 type Check = Result<(), String>;
 
 fn ensure(cond: bool, what: impl FnOnce() -> String) -> Check {
@@ -675,20 +692,7 @@ pub fn scenarios<H: Harness>() -> Vec<Scenario<H>> {
 /// Runs one scenario by name on a harness; `None` for an unknown name.
 pub fn run_scenario<H: Harness>(name: &str, h: H) -> Option<ScenarioReport> {
     let (n, f) = scenarios::<H>().into_iter().find(|(n, _)| *n == name)?;
-    Some(match f(h) {
-        Ok(r) => r,
-        Err(failure) => ScenarioReport {
-            name: n,
-            outcome: "failed".into(),
-            path: String::new(),
-            entries_applied: 0,
-            bytes_transferred: 0,
-            pins_outstanding: 0,
-            digest_match: false,
-            passed: false,
-            failure: Some(failure),
-        },
-    })
+    Some(f(h).unwrap_or_else(|failure| ScenarioReport::failed(n, failure)))
 }
 
 /// Runs every scenario, each on a fresh harness from `make`.

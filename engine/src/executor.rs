@@ -441,7 +441,32 @@ struct Run<'a> {
     report: ExecutionReport,
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(
+        driver: &'a RecoveryDriver,
+        plan: RecoveryPlan,
+        path: RecoveryPath,
+        target: Lsn,
+    ) -> Self {
+        let report = ExecutionReport::new(&plan, path, target);
+        Run {
+            driver,
+            plan,
+            opts: ExecutorOptions::default(),
+            on_step: None,
+            clock: None,
+            report,
+        }
+    }
+
+    /// Releases the pins (no release event: nothing went wrong) and logs completion.
+    fn succeed(mut self, event: Event, sender: &Sender) -> ExecutionReport {
+        self.plan.release_pins();
+        self.log(event);
+        self.report.final_state = sender.state();
+        self.report
+    }
+
     fn tick(&mut self) -> Tick {
         match self.clock.as_mut() {
             Some(c) => c(),
@@ -611,6 +636,41 @@ impl Run<'_> {
     }
 }
 
+/// The builder methods both executors share.
+macro_rules! executor_builders {
+    () => {
+        /// Sets the tunables.
+        pub fn with_options(mut self, opts: ExecutorOptions) -> Self {
+            self.run.opts = opts;
+            self
+        }
+
+        /// Calls `hook` after each step, before the authority re-check (deterministic fault
+        /// injection: an epoch bump here is caught before the next chunk moves data).
+        pub fn with_on_step(mut self, hook: impl FnMut(&StepInfo) + 'a) -> Self {
+            self.run.on_step = Some(Box::new(hook));
+            self
+        }
+
+        /// Reads ticks from `clock` instead of synthesising `start_tick + step + 1`.
+        pub fn with_clock(mut self, clock: impl FnMut() -> Tick + 'a) -> Self {
+            self.run.clock = Some(Box::new(clock));
+            self
+        }
+
+        /// Pins the plan holds now.
+        pub fn pins_held(&self) -> usize {
+            self.run.plan.pins_held()
+        }
+
+        /// Abandons the plan: releases its pins (logging `cancelled: <reason>`) and
+        /// invalidates its session.
+        pub fn cancel(self, reason: &str) -> EngineError {
+            self.run.fail(ExecFailure::Cancelled(reason.to_owned()))
+        }
+    };
+}
+
 /// Runs a catch-up plan (WAL replay, or truncation of an uncommitted tail).
 pub struct CatchUpExecutor<'a> {
     run: Run<'a>,
@@ -627,48 +687,12 @@ impl<'a> CatchUpExecutor<'a> {
             RecoveryPath::CatchUp
         };
         let target = plan.catch_up_target.unwrap_or(Lsn::ZERO);
-        let report = ExecutionReport::new(&plan, path, target);
         CatchUpExecutor {
-            run: Run {
-                driver,
-                plan,
-                opts: ExecutorOptions::default(),
-                on_step: None,
-                clock: None,
-                report,
-            },
+            run: Run::new(driver, plan, path, target),
         }
     }
 
-    /// Sets the tunables.
-    pub fn with_options(mut self, opts: ExecutorOptions) -> Self {
-        self.run.opts = opts;
-        self
-    }
-
-    /// Calls `hook` after each step, before the authority re-check (deterministic fault
-    /// injection: an epoch bump here is caught before the next chunk).
-    pub fn with_on_step(mut self, hook: impl FnMut(&StepInfo) + 'a) -> Self {
-        self.run.on_step = Some(Box::new(hook));
-        self
-    }
-
-    /// Reads ticks from `clock` instead of synthesising `start_tick + step + 1`.
-    pub fn with_clock(mut self, clock: impl FnMut() -> Tick + 'a) -> Self {
-        self.run.clock = Some(Box::new(clock));
-        self
-    }
-
-    /// Pins the plan holds now.
-    pub fn pins_held(&self) -> usize {
-        self.run.plan.pins_held()
-    }
-
-    /// Abandons the plan: releases its pins (logging `cancelled: <reason>`) and invalidates
-    /// its session.
-    pub fn cancel(self, reason: &str) -> EngineError {
-        self.run.fail(ExecFailure::Cancelled(reason.to_owned()))
-    }
+    executor_builders!();
 
     /// Runs the plan to completion. On success the replica is `in_sync`, every pin is
     /// released, and the report says what moved.
@@ -706,12 +730,7 @@ impl<'a> CatchUpExecutor<'a> {
             tick: start_tick,
         });
         match Self::drive(&mut run, io, &sender, sid, target) {
-            Ok(()) => {
-                run.plan.release_pins();
-                run.log(Event::ExecCompleted);
-                run.report.final_state = sender.state();
-                Ok(run.report)
-            }
+            Ok(()) => Ok(run.succeed(Event::ExecCompleted, &sender)),
             Err(f) => Err(run.fail(f)),
         }
     }
@@ -770,46 +789,12 @@ impl<'a> RebuildExecutor<'a> {
             _ => RecoveryPath::RebuildFullBase,
         };
         let target = plan.rebuild_target_lsn.unwrap_or(Lsn::ZERO);
-        let report = ExecutionReport::new(&plan, path, target);
         RebuildExecutor {
-            run: Run {
-                driver,
-                plan,
-                opts: ExecutorOptions::default(),
-                on_step: None,
-                clock: None,
-                report,
-            },
+            run: Run::new(driver, plan, path, target),
         }
     }
 
-    /// Sets the tunables.
-    pub fn with_options(mut self, opts: ExecutorOptions) -> Self {
-        self.run.opts = opts;
-        self
-    }
-
-    /// Calls `hook` after each step, before the authority re-check.
-    pub fn with_on_step(mut self, hook: impl FnMut(&StepInfo) + 'a) -> Self {
-        self.run.on_step = Some(Box::new(hook));
-        self
-    }
-
-    /// Reads ticks from `clock`.
-    pub fn with_clock(mut self, clock: impl FnMut() -> Tick + 'a) -> Self {
-        self.run.clock = Some(Box::new(clock));
-        self
-    }
-
-    /// Pins the plan holds now.
-    pub fn pins_held(&self) -> usize {
-        self.run.plan.pins_held()
-    }
-
-    /// Abandons the plan: releases its pins and invalidates its session.
-    pub fn cancel(self, reason: &str) -> EngineError {
-        self.run.fail(ExecFailure::Cancelled(reason.to_owned()))
-    }
+    executor_builders!();
 
     /// Runs the plan using only plan-bound values (source, snapshot LSN, target, pins); it
     /// never re-reads storage, so a change in storage after planning cannot switch the source.
@@ -851,12 +836,7 @@ impl<'a> RebuildExecutor<'a> {
             pin_id,
         };
         match Self::drive(&mut run, io, &sender, sid, &req, target) {
-            Ok(()) => {
-                run.plan.release_pins();
-                run.log(Event::ExecRebuildCompleted);
-                run.report.final_state = sender.state();
-                Ok(run.report)
-            }
+            Ok(()) => Ok(run.succeed(Event::ExecRebuildCompleted, &sender)),
             Err(f) => Err(run.fail(f)),
         }
     }

@@ -314,20 +314,14 @@ impl Sender {
     }
 
     /// Invalidates the session only if it is `id`; used by cancellation so a finished or
-    /// replaced session is never touched. Returns whether it was invalidated.
+    /// replaced session is never touched. Sets the state to `target` when it did.
     pub fn invalidate_session_if(
         &self,
         id: SessionId,
         reason: InvalidateReason,
         target: ReplicaState,
     ) -> Option<Invalidation> {
-        let mut g = self.lock();
-        if g.session.as_ref().map(|s| s.id) != Some(id) {
-            return None;
-        }
-        let inv = self.drop_session(&mut g, reason);
-        g.state = target;
-        inv
+        self.drop_if(id, reason, |_| target)
     }
 
     /// Fences the session `id` (if it is still current) with `reason`; the state becomes
@@ -338,13 +332,22 @@ impl Sender {
         id: SessionId,
         reason: InvalidateReason,
     ) -> Option<Invalidation> {
+        self.drop_if(id, reason, Self::fenced_state)
+    }
+
+    fn drop_if(
+        &self,
+        id: SessionId,
+        reason: InvalidateReason,
+        state: impl FnOnce(&SenderInner) -> ReplicaState,
+    ) -> Option<Invalidation> {
         let mut g = self.lock();
         if g.session.as_ref().map(|s| s.id) != Some(id) {
             return None;
         }
-        let fenced = Self::fenced_state(&g);
+        let next = state(&g);
         let inv = self.drop_session(&mut g, reason);
-        g.state = fenced;
+        g.state = next;
         inv
     }
 

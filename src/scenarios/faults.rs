@@ -8,7 +8,7 @@ use blockvol::EntryInfo;
 use engine::conformance::{Harness, ScenarioReport, replica_id};
 use engine::{
     CatchUpExecutor, Epoch, ExecFailure, Lsn, Outcome, RebuildExecutor, RecoveryDriver,
-    ReplicaState, SessionKind, StepInfo, TransferError,
+    RecoveryPlan, ReplicaState, SessionKind, StepInfo, TransferError,
 };
 use v2bridge::harness::BlockVolHarness;
 use v2bridge::{
@@ -84,6 +84,44 @@ fn never_in_sync_with_other_bytes(
     Ok(())
 }
 
+/// A primary with 100 committed entries, replica `r1` at `prefix`, an optional checkpoint
+/// `(checkpoint, tail)`, and a planned catch-up of `r1` with its I/O.
+struct CatchUpSetup {
+    h: BlockVolHarness,
+    driver: RecoveryDriver,
+    head: Lsn,
+    plan: RecoveryPlan,
+    io: BridgeIo<LocalReplica>,
+}
+
+fn catch_up_setup(prefix: u64, checkpoint: Option<(u64, u64)>) -> Result<CatchUpSetup, String> {
+    let mut h = super::harness()?;
+    let head = h.primary_write(100)?;
+    h.primary_commit(head)?;
+    h.add_replica("r1", Lsn(prefix))?;
+    if let Some((cp, tail)) = checkpoint {
+        h.primary_checkpoint(Lsn(cp), Lsn(tail))?;
+    }
+    let driver = RecoveryDriver::new(h.storage());
+    assign(&driver, 1, &[("r1", SessionKind::CatchUp)])?;
+    let hs = h.replica_handshake("r1")?;
+    let plan = driver
+        .plan_recovery(&replica_id("r1"), hs)
+        .map_err(|e| e.to_string())?;
+    ensure(plan.outcome == Outcome::CatchUp, || {
+        format!("planned {} instead of a catch-up", plan.outcome)
+    })?;
+    let sid = plan.session_id.ok_or("catch-up plan without session")?;
+    let io = h.io("r1", Epoch(1), sid)?;
+    Ok(CatchUpSetup {
+        h,
+        driver,
+        head,
+        plan,
+        io,
+    })
+}
+
 /// An epoch bump after every chunk of a catch-up, in turn: each is caught before the next chunk
 /// moves data, every pin is released, and a recovery at the new epoch completes with equal
 /// bytes.
@@ -93,18 +131,13 @@ pub fn epoch_bump_every_chunk_catch_up() -> Result<ScenarioReport, String> {
     let mut pins = 0;
     // 60 entries in chunks of 10: steps 0 to 5.
     for k in 0u64..6 {
-        let mut h = super::harness()?;
-        let head = h.primary_write(100)?;
-        h.primary_commit(head)?;
-        h.add_replica("r1", Lsn(40))?;
-        let driver = RecoveryDriver::new(h.storage());
-        assign(&driver, 1, &[("r1", SessionKind::CatchUp)])?;
-        let hs = h.replica_handshake("r1")?;
-        let plan = driver
-            .plan_recovery(&replica_id("r1"), hs)
-            .map_err(|e| e.to_string())?;
-        let sid = plan.session_id.ok_or("no session")?;
-        let mut io = h.io("r1", Epoch(1), sid)?;
+        let CatchUpSetup {
+            mut h,
+            driver,
+            head,
+            plan,
+            mut io,
+        } = catch_up_setup(40, None)?;
         let orch = Arc::clone(driver.orchestrator());
         let result = CatchUpExecutor::new(&driver, plan)
             .with_options(chunked(10, BASE_CHUNK))
@@ -247,20 +280,13 @@ pub fn epoch_bump_every_chunk_rebuild() -> Result<ScenarioReport, String> {
 /// completes.
 pub fn wal_recycled_under_catch_up() -> Result<ScenarioReport, String> {
     let mut tally = Tally::default();
-    let mut h = super::harness()?;
-    let head = h.primary_write(100)?;
-    h.primary_commit(head)?;
-    h.add_replica("r1", Lsn(20))?;
-    h.primary_checkpoint(Lsn(30), Lsn(10))?;
-    let driver = RecoveryDriver::new(h.storage());
-    assign(&driver, 1, &[("r1", SessionKind::CatchUp)])?;
-    let hs = h.replica_handshake("r1")?;
-    let plan = driver
-        .plan_recovery(&replica_id("r1"), hs)
-        .map_err(|e| e.to_string())?;
-    ensure(plan.outcome == Outcome::CatchUp, || "not a catch-up".into())?;
-    let sid = plan.session_id.ok_or("no session")?;
-    let mut io = h.io("r1", Epoch(1), sid)?;
+    let CatchUpSetup {
+        mut h,
+        driver,
+        head,
+        plan,
+        mut io,
+    } = catch_up_setup(20, Some((30, 10)))?;
     let primary = Arc::clone(h.primary());
     let mut recycled = Ok(());
     let result = CatchUpExecutor::new(&driver, plan)
@@ -315,18 +341,13 @@ pub fn wal_recycled_under_catch_up() -> Result<ScenarioReport, String> {
 /// and a later recovery completes.
 pub fn cancel_mid_execution() -> Result<ScenarioReport, String> {
     let mut tally = Tally::default();
-    let mut h = super::harness()?;
-    let head = h.primary_write(100)?;
-    h.primary_commit(head)?;
-    h.add_replica("r1", Lsn(30))?;
-    let driver = RecoveryDriver::new(h.storage());
-    assign(&driver, 1, &[("r1", SessionKind::CatchUp)])?;
-    let hs = h.replica_handshake("r1")?;
-    let plan = driver
-        .plan_recovery(&replica_id("r1"), hs)
-        .map_err(|e| e.to_string())?;
-    let sid = plan.session_id.ok_or("no session")?;
-    let mut io = h.io("r1", Epoch(1), sid)?;
+    let CatchUpSetup {
+        mut h,
+        driver,
+        head,
+        plan,
+        mut io,
+    } = catch_up_setup(30, None)?;
     let d = &driver;
     let mut cancelled = false;
     let result = CatchUpExecutor::new(&driver, plan)

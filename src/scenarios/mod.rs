@@ -66,17 +66,7 @@ pub fn all() -> Vec<ChainScenario> {
 /// Runs one chain scenario by name; a failure becomes a failed report.
 pub fn run(name: &str) -> Option<ScenarioReport> {
     let (n, f) = all().into_iter().find(|(n, _)| *n == name)?;
-    Some(f().unwrap_or_else(|failure| ScenarioReport {
-        name: n,
-        outcome: "failed".into(),
-        path: String::new(),
-        entries_applied: 0,
-        bytes_transferred: 0,
-        pins_outstanding: 0,
-        digest_match: false,
-        passed: false,
-        failure: Some(failure),
-    }))
+    Some(f().unwrap_or_else(|failure| ScenarioReport::failed(n, failure)))
 }
 
 static KEEP: AtomicBool = AtomicBool::new(false);
