@@ -196,11 +196,13 @@ impl<T: ReplicaTarget> CatchUpIo for BridgeIo<T> {
     }
 
     fn barrier(&mut self, target: Lsn) -> Result<Lsn, TransferError> {
+        let expected_tip = self.primary_anchor(target)?;
         let reply = self
             .target
             .barrier(BarrierRequest {
                 lineage: self.lineage,
                 target: to_blockvol(target),
+                expected_tip,
                 committed: to_blockvol(self.committed),
             })
             .map_err(transfer_error)?;
@@ -281,26 +283,36 @@ impl<T: ReplicaTarget> RebuildIo for BridgeIo<T> {
         // One non-zero run per call at most `chunk_bytes` long; zero runs are skipped by the
         // reader and only counted as covered bytes.
         let next = reader.next();
+        let next_was_chunk = matches!(next, Some(Ok(_)));
         let scanned = reader.bytes_scanned() - scanned_before;
         let sent = reader.bytes_sent() - sent_before;
-        match next {
+        let sent_chunk = match next {
             None => {
                 base.done = true;
+                Ok(())
             }
-            Some(Err(e)) => {
-                return Err(TransferError::BaseUnavailable {
-                    detail: format!("reading the image at {}: {e}", base.lsn),
-                });
-            }
-            Some(Ok(chunk)) => {
-                let frame = chunk.encode().map_err(|e| TransferError::BaseUnavailable {
+            Some(Err(e)) => Err(TransferError::BaseUnavailable {
+                detail: format!("reading the image at {}: {e}", base.lsn),
+            }),
+            Some(Ok(chunk)) => chunk
+                .encode()
+                .map_err(|e| TransferError::BaseUnavailable {
                     detail: e.to_string(),
-                })?;
-                self.target
-                    .base_chunk(BaseChunkRequest { lineage, frame })
-                    .map_err(transfer_error)?;
-                self.stats.base_chunks += 1;
-            }
+                })
+                .and_then(|frame| {
+                    self.target
+                        .base_chunk(BaseChunkRequest { lineage, frame })
+                        .map_err(transfer_error)
+                }),
+        };
+        if let Err(e) = sent_chunk {
+            // A failed transfer lets go of the image at once, so the primary's flusher is not
+            // kept fenced until this I/O object happens to be dropped.
+            self.base = None;
+            return Err(e);
+        }
+        if next_was_chunk {
+            self.stats.base_chunks += 1;
         }
         self.stats.base_bytes_scanned += scanned;
         self.stats.base_bytes_sent += sent;

@@ -47,6 +47,11 @@ impl std::fmt::Debug for BlockVolStorage {
 
 impl BlockVolStorage {
     /// Storage over the primary volume `vol`.
+    ///
+    /// The volume should be opened with `FlushGate::Committed`: with `FlushGate::Durable` its
+    /// checkpoint can pass the committed LSN, and a full base at committed (which the engine
+    /// plans when there is no usable checkpoint) then cannot be pinned (`pin_base` refuses an
+    /// LSN below the checkpoint), so such a primary can only rebuild replicas from snapshots.
     pub fn new(vol: Arc<Volume>) -> Self {
         BlockVolStorage {
             vol,
@@ -158,10 +163,12 @@ impl StorageAdapter for BlockVolStorage {
     fn pin_snapshot(&self, checkpoint_lsn: engine::Lsn) -> Result<SnapshotPin, StorageError> {
         self.injected(engine::PinKind::Snapshot)?;
         let st = self.vol.status();
-        if !st.checkpoint_trusted || to_engine(st.checkpoint) != checkpoint_lsn {
+        // Checkpoint 0 means nothing was ever flushed: there is no snapshot to pin.
+        let checkpoint = (st.checkpoint.0 > 0).then(|| to_engine(st.checkpoint));
+        if !st.checkpoint_trusted || checkpoint != Some(checkpoint_lsn) {
             return Err(StorageError::SnapshotUnavailable {
                 requested: checkpoint_lsn,
-                checkpoint: Some(to_engine(st.checkpoint)),
+                checkpoint,
                 trusted: st.checkpoint_trusted,
             });
         }
@@ -181,10 +188,15 @@ impl StorageAdapter for BlockVolStorage {
 
     fn pin_wal_retention(&self, after: engine::Lsn) -> Result<RetentionPin, StorageError> {
         self.injected(engine::PinKind::WalRetention)?;
-        let pin = self
-            .vol
-            .pin_wal(to_blockvol(after))
-            .map_err(storage_error)?;
+        let pin = self.vol.pin_wal(to_blockvol(after)).map_err(|e| match e {
+            // blockvol names the first LSN that is gone; the engine's contract names the
+            // exclusive start that was asked for.
+            blockvol::BlockVolError::Recycled { retained_start, .. } => StorageError::Recycled {
+                requested: after,
+                retained_start: to_engine(retained_start),
+            },
+            other => storage_error(other),
+        })?;
         let id = self.next_id();
         Ok(RetentionPin::new(after, id, PinGuard::hold(pin)))
     }

@@ -132,6 +132,9 @@ pub struct BarrierRequest {
     pub lineage: Lineage,
     /// The LSN the sender expects the replica to hold.
     pub target: Lsn,
+    /// The sender's entry at `target`: the replica raises its committed point only when it
+    /// holds exactly this entry there.
+    pub expected_tip: EntryInfo,
     /// The primary's committed LSN.
     pub committed: Lsn,
 }
@@ -203,6 +206,14 @@ pub trait ReplicaTarget: Send {
     fn finish_base(&mut self, lineage: Lineage) -> Result<Lsn, TargetError>;
     /// Makes everything durable.
     fn barrier(&mut self, req: BarrierRequest) -> Result<BarrierReply, TargetError>;
+}
+
+/// Raises (never lowers) the replica's committed point: it gates the replica's flusher, and
+/// lowering it could only strand entries the flusher already holds back.
+fn raise_committed(vol: &Volume, lsn: Lsn) {
+    if lsn > vol.status().committed {
+        vol.set_committed(lsn);
+    }
 }
 
 fn storage(e: BlockVolError) -> TargetError {
@@ -344,7 +355,6 @@ impl ReplicaTarget for LocalReplica {
     fn apply(&mut self, req: ApplyRequest) -> Result<ApplyReply, TargetError> {
         let mut node = self.lock();
         node.admit(req.lineage)?;
-        node.vol.set_committed(req.committed);
         let held = node.tip(req.anchor.lsn).map_err(|e| match e {
             TargetError::Storage(d) => TargetError::Divergent {
                 lsn: req.anchor.lsn,
@@ -376,8 +386,13 @@ impl ReplicaTarget for LocalReplica {
                 req.count
             )));
         }
+        // Only now is the log verified up to its head (anchor matched, every entry applied or
+        // identical): the flusher may move entries up to the sender's committed point, but
+        // never past what was verified, so a divergent tail always stays truncatable.
+        let head = node.vol.status().head;
+        raise_committed(&node.vol, req.committed.min(head));
         Ok(ApplyReply {
-            applied_to: node.vol.status().head,
+            applied_to: head,
             applied,
             duplicates,
         })
@@ -386,9 +401,10 @@ impl ReplicaTarget for LocalReplica {
     fn truncate(&mut self, req: TruncateRequest) -> Result<EntryInfo, TargetError> {
         let mut node = self.lock();
         node.admit(req.lineage)?;
-        node.vol.set_committed(req.committed);
         node.vol.truncate_after(req.after).map_err(storage)?;
         let head = node.vol.status().head;
+        // The tip has not been matched against the sender's yet (the sender checks the reply),
+        // so the committed point is not raised here.
         node.tip(head)
     }
 
@@ -432,11 +448,11 @@ impl ReplicaTarget for LocalReplica {
     fn barrier(&mut self, req: BarrierRequest) -> Result<BarrierReply, TargetError> {
         let mut node = self.lock();
         node.admit(req.lineage)?;
-        node.vol.set_committed(req.committed);
         let durable = node.vol.sync().map_err(storage)?;
-        Ok(BarrierReply {
-            durable,
-            tip: node.tip(durable)?,
-        })
+        let tip = node.tip(durable)?;
+        if durable == req.target && tip == req.expected_tip {
+            raise_committed(&node.vol, req.committed.min(req.target));
+        }
+        Ok(BarrierReply { durable, tip })
     }
 }

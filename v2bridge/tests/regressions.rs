@@ -1,0 +1,72 @@
+//! Regression tests for bugs the bridge tests found (each fixed in v2bridge/src).
+
+mod common;
+
+use common::*;
+use engine::conformance::Harness;
+use engine::{CatchUpIo, Epoch, StorageAdapter, StorageError, TransferError};
+
+/// A chunk refused as divergent used to raise the replica's committed point first, so its
+/// committed-gated flusher could move the divergent entries into the extent, after which the
+/// replica could no longer truncate to the common point.
+#[test]
+fn a_divergent_chunk_does_not_raise_the_replica_committed_lsn() {
+    let mut h = harness();
+    let head = h.primary_write(40).unwrap();
+    h.primary_commit(head).unwrap();
+    h.add_replica("r1", lsn(10)).unwrap();
+    h.replica_append_divergent("r1", 3).unwrap();
+    let vol = h.replica("r1").unwrap().volume();
+    let before = vol.status().committed;
+    let mut io = h.io("r1", Epoch(1), sid(1)).unwrap();
+    assert!(matches!(
+        io.stream_wal_chunk(lsn(10), head, 7),
+        Err(TransferError::Divergent { .. })
+    ));
+    assert_eq!(vol.status().committed, before);
+    vol.force_flush().unwrap();
+    assert!(
+        vol.truncate_after(blsn(10)).is_ok(),
+        "the divergent tail became permanent"
+    );
+}
+
+/// A WAL pin below the tail reported the first lost LSN instead of the exclusive start the
+/// engine asked for.
+#[test]
+fn recycled_pin_reports_the_requested_exclusive_start() {
+    let dir = tempdir();
+    let (p, storage) = primary(dir.path());
+    write_blocks(&p, 0..40, 0);
+    commit(&p, lsn(40));
+    p.set_retention(blockvol::RetentionPolicy {
+        keep_entries: 10,
+        keep_bytes: 0,
+    });
+    p.force_flush().unwrap();
+    assert_eq!(
+        storage.pin_wal_retention(lsn(10)).unwrap_err(),
+        StorageError::Recycled {
+            requested: lsn(10),
+            retained_start: lsn(31)
+        }
+    );
+}
+
+/// With nothing ever flushed there is no checkpoint, and so no snapshot to pin at LSN 0.
+#[test]
+fn no_snapshot_pin_without_a_checkpoint() {
+    let dir = tempdir();
+    let (p, storage) = primary(dir.path());
+    write_blocks(&p, 0..5, 0);
+    commit(&p, lsn(5));
+    assert_eq!(storage.get_retained_history().unwrap().checkpoint_lsn, None);
+    assert_eq!(
+        storage.pin_snapshot(lsn(0)).unwrap_err(),
+        StorageError::SnapshotUnavailable {
+            requested: lsn(0),
+            checkpoint: None,
+            trusted: true
+        }
+    );
+}
