@@ -196,7 +196,9 @@ impl<T: ReplicaTarget> CatchUpIo for BridgeIo<T> {
     }
 
     fn barrier(&mut self, target: Lsn) -> Result<Lsn, TransferError> {
-        let expected_tip = self.primary_anchor(target)?;
+        // A target the primary cannot vouch for (beyond its head) gets no tip: the replica
+        // then makes its log durable without raising its committed point.
+        let expected_tip = self.primary_anchor(target).ok();
         let reply = self
             .target
             .barrier(BarrierRequest {

@@ -132,9 +132,9 @@ pub struct BarrierRequest {
     pub lineage: Lineage,
     /// The LSN the sender expects the replica to hold.
     pub target: Lsn,
-    /// The sender's entry at `target`: the replica raises its committed point only when it
-    /// holds exactly this entry there.
-    pub expected_tip: EntryInfo,
+    /// The sender's entry at `target`, when it has one: the replica raises its committed point
+    /// only when it holds exactly this entry there.
+    pub expected_tip: Option<EntryInfo>,
     /// The primary's committed LSN.
     pub committed: Lsn,
 }
@@ -450,7 +450,7 @@ impl ReplicaTarget for LocalReplica {
         node.admit(req.lineage)?;
         let durable = node.vol.sync().map_err(storage)?;
         let tip = node.tip(durable)?;
-        if durable == req.target && tip == req.expected_tip {
+        if durable == req.target && Some(tip) == req.expected_tip {
             raise_committed(&node.vol, req.committed.min(req.target));
         }
         Ok(BarrierReply { durable, tip })
