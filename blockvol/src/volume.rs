@@ -1764,6 +1764,40 @@ impl Volume {
             return Err(e);
         }
         let r = (|| -> std::io::Result<()> {
+            // Zero the dropped headers first, newest group first, each group durable before
+            // the next is touched. A surviving header whose durable hint covers an older
+            // dropped entry that the crash left damaged would otherwise make recovery call
+            // the truncation corruption. A group is every dropped entry above the durable
+            // hint of its newest member: hints never decrease with the LSN, so no header of a
+            // group vouches for another member, and every newer group is already gone.
+            let dropped: Vec<IndexEntry> =
+                st.index.iter().filter(|e| e.lsn > lsn.0).copied().collect();
+            let hdr_zeros = [0u8; ENTRY_HEADER_SIZE];
+            let mut end = dropped.len();
+            while end > 0 {
+                let newest = dropped[end - 1];
+                let mut hdr = [0u8; ENTRY_HEADER_SIZE];
+                s.medium.read_at(s.wal_file_off(newest.pos), &mut hdr)?;
+                // A header that does not decode vouches for nothing: a group of one.
+                let hint = EntryHeader::decode(&hdr, ENTRY_MAGIC_DISK)
+                    .map_or(newest.lsn - 1, |h| h.durable_hint.min(newest.lsn - 1));
+                let mut start = end - 1;
+                while start > 0 && dropped[start - 1].lsn > hint {
+                    start -= 1;
+                }
+                for e in &dropped[start..end] {
+                    s.medium.write_at(s.wal_file_off(e.pos), &hdr_zeros)?;
+                    if e.start != e.pos {
+                        // The padding header (or a skipped ring end too short for one) before
+                        // the entry carries the entry's LSN and hint too.
+                        let n = (e.pos - e.start).min(ENTRY_HEADER_SIZE as u64) as usize;
+                        s.medium
+                            .write_at(s.wal_file_off(e.start), &hdr_zeros[..n])?;
+                    }
+                }
+                s.sync_wal(dropped[start].start, newest.end)?;
+                end = start;
+            }
             let w = s.wal_size();
             let zeros = vec![0u8; IO_CHUNK];
             let mut p = new_head_pos;

@@ -2,6 +2,8 @@
 //! in-memory model of a volume's visible contents.
 #![allow(dead_code)]
 
+pub mod crashplan;
+
 use std::time::Duration;
 
 use blockvol::{CreateOptions, Digest, EntryKind, OpenOptions, WalEntry};
