@@ -45,6 +45,57 @@ fn chunk_crc(lba: u64, blocks: u32, data: &[u8]) -> u32 {
     h.finalize()
 }
 
+/// The 24-byte wire header of a chunk (docs/format.md section 6.2).
+fn chunk_header(lba: u64, blocks: u32, data_len: u32, crc: u32) -> [u8; CHUNK_HEADER_SIZE] {
+    let mut out = [0u8; CHUNK_HEADER_SIZE];
+    out[CHUNK_OFF_MAGIC..CHUNK_OFF_MAGIC + 4].copy_from_slice(&CHUNK_MAGIC);
+    put_u32(&mut out, CHUNK_OFF_BLOCKS, blocks);
+    put_u64(&mut out, CHUNK_OFF_LBA, lba);
+    put_u32(&mut out, CHUNK_OFF_DATA_LEN, data_len);
+    put_u32(&mut out, CHUNK_OFF_CRC, crc);
+    out
+}
+
+/// Checks an encoded chunk in place (header, length, CRC) without copying its data; returns
+/// `(lba, blocks, data)`.
+fn decode_frame(buf: &[u8]) -> Result<(u64, u32, &[u8])> {
+    if buf.len() < CHUNK_HEADER_SIZE {
+        return Err(BlockVolError::decode(
+            "base chunk",
+            format!(
+                "{} bytes is shorter than the {CHUNK_HEADER_SIZE}-byte header",
+                buf.len()
+            ),
+        ));
+    }
+    if buf[CHUNK_OFF_MAGIC..CHUNK_OFF_MAGIC + 4] != CHUNK_MAGIC {
+        return Err(BlockVolError::decode("base chunk", "bad magic"));
+    }
+    let len = get_u32(buf, CHUNK_OFF_DATA_LEN) as usize;
+    if buf.len() != CHUNK_HEADER_SIZE + len {
+        return Err(BlockVolError::decode(
+            "base chunk",
+            format!(
+                "header says {len} data bytes, buffer holds {}",
+                buf.len() - CHUNK_HEADER_SIZE
+            ),
+        ));
+    }
+    let lba = get_u64(buf, CHUNK_OFF_LBA);
+    let blocks = get_u32(buf, CHUNK_OFF_BLOCKS);
+    let data = &buf[CHUNK_HEADER_SIZE..];
+    let expected = get_u32(buf, CHUNK_OFF_CRC);
+    let found = chunk_crc(lba, blocks, data);
+    if found != expected {
+        return Err(BlockVolError::ChunkChecksum {
+            lba,
+            expected,
+            found,
+        });
+    }
+    Ok((lba, blocks, data))
+}
+
 impl BaseChunk {
     /// A chunk with its CRC computed.
     pub fn new(lba: u64, blocks: u32, data: Vec<u8>) -> BaseChunk {
@@ -74,48 +125,21 @@ impl BaseChunk {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let len = u32::try_from(self.data.len())
             .map_err(|_| BlockVolError::InvalidArgument("chunk data too large".into()))?;
-        let mut out = vec![0u8; CHUNK_HEADER_SIZE];
-        out[CHUNK_OFF_MAGIC..CHUNK_OFF_MAGIC + 4].copy_from_slice(&CHUNK_MAGIC);
-        put_u32(&mut out, CHUNK_OFF_BLOCKS, self.blocks);
-        put_u64(&mut out, CHUNK_OFF_LBA, self.lba);
-        put_u32(&mut out, CHUNK_OFF_DATA_LEN, len);
-        put_u32(&mut out, CHUNK_OFF_CRC, self.crc);
+        let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE + self.data.len());
+        out.extend_from_slice(&chunk_header(self.lba, self.blocks, len, self.crc));
         out.extend_from_slice(&self.data);
         Ok(out)
     }
 
     /// Decodes exactly one encoded chunk and verifies its CRC.
     pub fn decode(buf: &[u8]) -> Result<BaseChunk> {
-        if buf.len() < CHUNK_HEADER_SIZE {
-            return Err(BlockVolError::decode(
-                "base chunk",
-                format!(
-                    "{} bytes is shorter than the {CHUNK_HEADER_SIZE}-byte header",
-                    buf.len()
-                ),
-            ));
-        }
-        if buf[CHUNK_OFF_MAGIC..CHUNK_OFF_MAGIC + 4] != CHUNK_MAGIC {
-            return Err(BlockVolError::decode("base chunk", "bad magic"));
-        }
-        let len = get_u32(buf, CHUNK_OFF_DATA_LEN) as usize;
-        if buf.len() != CHUNK_HEADER_SIZE + len {
-            return Err(BlockVolError::decode(
-                "base chunk",
-                format!(
-                    "header says {len} data bytes, buffer holds {}",
-                    buf.len() - CHUNK_HEADER_SIZE
-                ),
-            ));
-        }
-        let c = BaseChunk {
-            lba: get_u64(buf, CHUNK_OFF_LBA),
-            blocks: get_u32(buf, CHUNK_OFF_BLOCKS),
-            data: buf[CHUNK_HEADER_SIZE..].to_vec(),
+        let (lba, blocks, data) = decode_frame(buf)?;
+        Ok(BaseChunk {
+            lba,
+            blocks,
+            data: data.to_vec(),
             crc: get_u32(buf, CHUNK_OFF_CRC),
-        };
-        c.verify()?;
-        Ok(c)
+        })
     }
 }
 
@@ -343,7 +367,8 @@ impl BaseReader<'_> {
         Ok(true)
     }
 
-    fn next_chunk(&mut self) -> Result<Option<BaseChunk>> {
+    /// The next run of non-zero blocks: `(lba, blocks, byte range in the window)`.
+    fn next_run(&mut self) -> Result<Option<(u64, u32, std::ops::Range<usize>)>> {
         let bs = self.pin.shared.geo.block_size as usize;
         loop {
             let block = |w: &Vec<u8>, i: u64| -> bool {
@@ -357,16 +382,56 @@ impl BaseReader<'_> {
                 while self.cursor < self.win_blocks && !block(&self.window, self.cursor) {
                     self.cursor += 1;
                 }
-                let data = self.window[first as usize * bs..self.cursor as usize * bs].to_vec();
-                self.bytes_sent += data.len() as u64;
-                return Ok(Some(BaseChunk::new(
+                let run = first as usize * bs..self.cursor as usize * bs;
+                self.bytes_sent += run.len() as u64;
+                return Ok(Some((
                     self.win_lba + first,
                     (self.cursor - first) as u32,
-                    data,
+                    run,
                 )));
             }
             if !self.load_window()? {
                 return Ok(None);
+            }
+        }
+    }
+
+    fn next_chunk(&mut self) -> Result<Option<BaseChunk>> {
+        Ok(self
+            .next_run()?
+            .map(|(lba, blocks, run)| BaseChunk::new(lba, blocks, self.window[run].to_vec())))
+    }
+
+    /// The next chunk in wire form: exactly the bytes `BaseChunk::encode` would produce for the
+    /// chunk `next` yields, built straight from the read window (one copy, one CRC pass, one
+    /// allocation of the frame's size). `None` at the end; an error ends the reader.
+    pub fn next_frame(&mut self) -> Option<Result<Vec<u8>>> {
+        if self.failed {
+            return None;
+        }
+        match self.next_run() {
+            Ok(None) => None,
+            Ok(Some((lba, blocks, run))) => {
+                let data = &self.window[run];
+                let Ok(len) = u32::try_from(data.len()) else {
+                    self.failed = true;
+                    return Some(Err(BlockVolError::InvalidArgument(
+                        "chunk data too large".into(),
+                    )));
+                };
+                let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE + data.len());
+                out.extend_from_slice(&chunk_header(
+                    lba,
+                    blocks,
+                    len,
+                    chunk_crc(lba, blocks, data),
+                ));
+                out.extend_from_slice(data);
+                Some(Ok(out))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
             }
         }
     }
@@ -400,6 +465,13 @@ pub struct BaseInstallSpec {
     pub geometry: Geometry,
 }
 
+/// A verified chunk's fields, borrowed.
+struct ChunkRef<'a> {
+    lba: u64,
+    blocks: u32,
+    data: &'a [u8],
+}
+
 /// An install in progress. `finish` makes it the volume's state; dropping it without
 /// finishing leaves the volume marked incomplete.
 pub struct BaseInstall {
@@ -424,6 +496,19 @@ impl BaseInstall {
     /// Verifies the chunk's CRC, then writes it straight into the extent.
     pub fn write_chunk(&mut self, chunk: &BaseChunk) -> Result<()> {
         chunk.verify()?;
+        self.write_verified(chunk.lba, chunk.blocks, &chunk.data)
+    }
+
+    /// `write_chunk` for a chunk in wire form (`BaseChunk::encode`): the frame is checked in
+    /// place (header, length, CRC, one pass) and its data written into the extent straight
+    /// from `frame`, with no decoded copy.
+    pub fn write_frame(&mut self, frame: &[u8]) -> Result<()> {
+        let (lba, blocks, data) = decode_frame(frame)?;
+        self.write_verified(lba, blocks, data)
+    }
+
+    fn write_verified(&mut self, lba: u64, blocks: u32, data: &[u8]) -> Result<()> {
+        let chunk = ChunkRef { lba, blocks, data };
         let s = &self.shared;
         let g = s.geo;
         let bs = u64::from(g.block_size);
@@ -453,7 +538,7 @@ impl BaseInstall {
         }
         let off = s.extent_offset + chunk.lba * bs;
         s.medium
-            .write_at(off, &chunk.data)
+            .write_at(off, chunk.data)
             .map_err(|e| BlockVolError::io("write extent", format!("file offset {off}"), e))?;
         self.bytes_written += chunk.data.len() as u64;
         Ok(())

@@ -141,50 +141,8 @@ impl WalEntry {
 
     /// Decodes one wire-form entry from the front of `buf`, returning it and the bytes used.
     pub fn decode_prefix(buf: &[u8]) -> Result<(WalEntry, usize)> {
-        let h = EntryHeader::decode(buf, ENTRY_MAGIC_WIRE)
-            .map_err(|d| BlockVolError::decode("wal entry", d))?;
-        if h.kind == KIND_PADDING {
-            return Err(BlockVolError::decode(
-                "wal entry",
-                "padding is not a wire entry",
-            ));
-        }
-        if h.generation != 0 || h.durable_hint != 0 {
-            return Err(BlockVolError::decode(
-                "wal entry",
-                "wire entries carry zero generation and durable hint",
-            ));
-        }
-        if h.lsn == 0 {
-            return Err(BlockVolError::decode(
-                "wal entry",
-                "lsn 0 is never an entry",
-            ));
-        }
-        if h.kind == KIND_WRITE && h.blocks != 1 {
-            return Err(BlockVolError::decode(
-                "wal entry",
-                "wire write must record one span",
-            ));
-        }
-        let total = ENTRY_HEADER_SIZE + h.payload_len as usize;
-        if buf.len() < total {
-            return Err(BlockVolError::decode(
-                "wal entry",
-                format!("truncated: need {total} bytes, have {}", buf.len()),
-            ));
-        }
+        let (h, total) = decode_wire(buf)?;
         let payload = &buf[ENTRY_HEADER_SIZE..total];
-        let crc = content_crc(h.kind, h.lba, header_count(&h), payload);
-        if crc != h.content_crc {
-            return Err(BlockVolError::decode(
-                "wal entry",
-                format!(
-                    "content checksum mismatch at lsn {}: stored {:#010x}, computed {crc:#010x}",
-                    h.lsn, h.content_crc
-                ),
-            ));
-        }
         let kind = match h.kind {
             KIND_WRITE => EntryKind::Write {
                 lba: h.lba,
@@ -205,6 +163,56 @@ impl WalEntry {
             total,
         ))
     }
+}
+
+/// Checks the wire-form entry at the front of `buf` (magic, header CRC, shape, zero stamp and
+/// hint, LSN, length, content CRC) without copying it; returns its header and its length.
+pub(crate) fn decode_wire(buf: &[u8]) -> Result<(EntryHeader, usize)> {
+    let h = EntryHeader::decode(buf, ENTRY_MAGIC_WIRE)
+        .map_err(|d| BlockVolError::decode("wal entry", d))?;
+    if h.kind == KIND_PADDING {
+        return Err(BlockVolError::decode(
+            "wal entry",
+            "padding is not a wire entry",
+        ));
+    }
+    if h.generation != 0 || h.durable_hint != 0 {
+        return Err(BlockVolError::decode(
+            "wal entry",
+            "wire entries carry zero generation and durable hint",
+        ));
+    }
+    if h.lsn == 0 {
+        return Err(BlockVolError::decode(
+            "wal entry",
+            "lsn 0 is never an entry",
+        ));
+    }
+    if h.kind == KIND_WRITE && h.blocks != 1 {
+        return Err(BlockVolError::decode(
+            "wal entry",
+            "wire write must record one span",
+        ));
+    }
+    let total = ENTRY_HEADER_SIZE + h.payload_len as usize;
+    if buf.len() < total {
+        return Err(BlockVolError::decode(
+            "wal entry",
+            format!("truncated: need {total} bytes, have {}", buf.len()),
+        ));
+    }
+    let payload = &buf[ENTRY_HEADER_SIZE..total];
+    let crc = content_crc(h.kind, h.lba, header_count(&h), payload);
+    if crc != h.content_crc {
+        return Err(BlockVolError::decode(
+            "wal entry",
+            format!(
+                "content checksum mismatch at lsn {}: stored {:#010x}, computed {crc:#010x}",
+                h.lsn, h.content_crc
+            ),
+        ));
+    }
+    Ok((h, total))
 }
 
 #[cfg(test)]

@@ -53,6 +53,17 @@
 //! entry header records the durable LSN known when it was appended (its *durable hint*),
 //! which lets recovery tell a torn tail from corruption.
 //!
+//! **Replication fast paths.** A catch-up moves entries in wire form without building
+//! `WalEntry`s: `WalScan::next_encoded` copies an entry once from the ring into the sender's
+//! frame buffer, checks its stored CRCs there and rewrites its header in wire form;
+//! `Volume::apply_encoded` checks a frame exactly as `WalEntry::decode_prefix` does and copies
+//! the payload once into the ring, reusing the verified content CRC as the entry's identity.
+//! Base images likewise travel as frames (`BaseReader::next_frame`, `BaseInstall::write_frame`):
+//! one copy and one CRC pass on each side. `Volume::start_writeback` hands appended ring bytes
+//! to the disk early (`sync_file_range`, no durability) so a bulk appender's final sync waits
+//! for its last batch only. The bytes on the wire and on disk are the same as through the
+//! entry and chunk types.
+//!
 //! **Flush.** Under the flush lock, the flusher takes the entries in `(checkpoint, limit]`
 //! (limit = durable, gated by committed and by base fences), writes each block unless a newer
 //! entry in the same batch rewrites it, fdatasyncs the extent, persists the new checkpoint and

@@ -26,6 +26,9 @@ pub(crate) trait Medium: Send + Sync {
     fn sync_range(&self, off: u64, len: u64) -> io::Result<()>;
     /// Zeroes `[off, off + len)` (not yet durable).
     fn zero_range(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Starts writing `[off, off + len)` to the media without waiting (a hint: it makes
+    /// nothing durable, and failures are ignored).
+    fn start_writeback(&self, _off: u64, _len: u64) {}
     /// A name for error messages.
     fn describe(&self) -> String;
     /// The first offset at or after `off` that may hold nonzero data (`None`: only zeros
@@ -212,6 +215,12 @@ impl Medium for FileMedium {
             done += n as u64;
         }
         Ok(())
+    }
+
+    fn start_writeback(&self, off: u64, len: u64) {
+        // The ring is mapped shared: its dirty pages are the file's page cache pages, so
+        // starting writeback of the file range covers them.
+        sys::start_writeback(&self.file, off, len);
     }
 
     fn describe(&self) -> String {

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use crate::entry::{EntryKind, WalEntry};
 use crate::error::{BlockVolError, Result};
 use crate::format::{
-    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, KIND_TRIM, KIND_WRITE, content_crc,
-    header_count,
+    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, ENTRY_MAGIC_WIRE, EntryHeader, KIND_TRIM, KIND_WRITE,
+    content_crc, header_count,
 };
-use crate::types::Lsn;
+use crate::types::{EntryInfo, Lsn};
 use crate::volume::{Shared, Volume};
 
 /// Keeps every entry with LSN greater than `lsn()` in the WAL until dropped or revoked.
@@ -139,6 +139,93 @@ impl WalScan {
             lsn: Lsn(lsn),
             epoch: h.epoch,
             kind,
+        })
+    }
+}
+
+impl WalScan {
+    /// Appends the next entry in wire form to `out`, exactly the bytes
+    /// `WalEntry::encode_into` would append for the entry `next` yields, and returns its
+    /// identity. The entry is copied once, from the ring into `out`, checked there like `next`
+    /// checks it (header, stamp, LSN, kind, content CRC), and its header rewritten in place in
+    /// wire form (the content CRC carries over: it does not depend on the block size or the
+    /// ring). No per-entry allocation once `out` has grown. `None` after the last entry; an
+    /// error ends the scan (and leaves `out` as it was).
+    pub fn next_encoded(&mut self, out: &mut Vec<u8>) -> Option<Result<EntryInfo>> {
+        if self.done || self.next > self.end {
+            return None;
+        }
+        let start = out.len();
+        match self.read_encoded(out, start) {
+            Ok(info) => {
+                self.next += 1;
+                Some(Ok(info))
+            }
+            Err(e) => {
+                out.truncate(start);
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+
+    fn read_encoded(&mut self, out: &mut Vec<u8>, start: usize) -> Result<EntryInfo> {
+        let lsn = self.next;
+        let (e, file_off) = {
+            let s = &self.shared;
+            let st = s.lock_state();
+            if st.closed {
+                return Err(BlockVolError::Closed);
+            }
+            if st.lineage != self.lineage {
+                return Err(BlockVolError::ScanInvalidated { at: Lsn(lsn) });
+            }
+            if lsn <= st.tail {
+                return Err(BlockVolError::Recycled {
+                    requested: Lsn(lsn),
+                    retained_start: Lsn(st.tail + 1),
+                });
+            }
+            let Some(e) = st.entry(lsn).copied() else {
+                return Err(BlockVolError::ScanInvalidated { at: Lsn(lsn) });
+            };
+            out.resize(start + ENTRY_HEADER_SIZE + e.payload_len as usize, 0);
+            s.read_wal(e.pos, &mut out[start..])?;
+            (e, s.wal_file_off(e.pos))
+        };
+        let corrupt = |detail: String| BlockVolError::Corrupt {
+            region: "wal",
+            offset: file_off,
+            lsn: Some(Lsn(lsn)),
+            detail,
+        };
+        let buf = &mut out[start..];
+        let mut h = EntryHeader::decode(buf, ENTRY_MAGIC_DISK).map_err(&corrupt)?;
+        if h.generation != self.stamp || h.lsn != lsn || h.kind != e.kind {
+            return Err(corrupt(format!(
+                "header names lsn {} kind {:#04x}; the index expects lsn {lsn} kind {:#04x}",
+                h.lsn, h.kind, e.kind
+            )));
+        }
+        let crc = content_crc(h.kind, h.lba, header_count(&h), &buf[ENTRY_HEADER_SIZE..]);
+        if crc != h.content_crc {
+            return Err(corrupt(format!(
+                "content checksum mismatch: stored {:#010x}, computed {crc:#010x}",
+                h.content_crc
+            )));
+        }
+        // The wire header: zero stamp and durable hint; a write records its payload as one
+        // span (the receiver derives the block count from its own geometry).
+        h.generation = 0;
+        h.durable_hint = 0;
+        if h.kind == KIND_WRITE {
+            h.blocks = 1;
+        }
+        h.encode_into(ENTRY_MAGIC_WIRE, &mut buf[..ENTRY_HEADER_SIZE]);
+        Ok(EntryInfo {
+            lsn: Lsn(lsn),
+            epoch: h.epoch,
+            content_crc: h.content_crc,
         })
     }
 }

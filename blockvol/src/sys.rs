@@ -1,4 +1,4 @@
-//! The only module allowed to use `unsafe`: the WAL memory map and two `libc` calls.
+//! The only module allowed to use `unsafe`: the WAL memory map and a few `libc` calls.
 //!
 //! Everything else in the crate is `#![deny(unsafe_code)]`. The map is a `MmapRaw` (a raw
 //! pointer and a length), never turned into a long-lived `&[u8]` or `&mut [u8]`, because other
@@ -158,4 +158,16 @@ pub(crate) fn seek_hole(file: &File, off: u64) -> io::Result<u64> {
         Some(libc::ENXIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(u64::MAX),
         _ => Err(err),
     }
+}
+
+/// Starts asynchronous writeback of the dirty pages in `[off, off + len)`
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): no waiting, no durability, errors ignored.
+pub(crate) fn start_writeback(file: &File, off: u64, len: u64) {
+    let (Ok(off), Ok(len)) = (libc::off64_t::try_from(off), libc::off64_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: `sync_file_range` reads only its integer arguments; the descriptor is owned by
+    // `file`, which is borrowed for the duration of the call.
+    let _ =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE) };
 }

@@ -784,6 +784,22 @@ impl Shared {
         }
     }
 
+    /// Asks the medium to start writing the logical ring range `[from, to)` (a hint).
+    fn start_writeback(&self, from: u64, to: u64) {
+        if to <= from {
+            return;
+        }
+        let w = self.wal_size();
+        let len = (to - from).min(w);
+        let p = from % w;
+        if p + len <= w {
+            self.medium.start_writeback(WAL_OFFSET + p, len);
+        } else {
+            self.medium.start_writeback(WAL_OFFSET + p, w - p);
+            self.medium.start_writeback(WAL_OFFSET, len - (w - p));
+        }
+    }
+
     /// Group commit: one msync covers every waiter; returns the durable LSN.
     pub(crate) fn sync(&self) -> Result<u64> {
         let mut st = self.lock_state();
@@ -1723,6 +1739,66 @@ impl Volume {
             },
         )?;
         Ok(outcome)
+    }
+
+    /// `apply` for one entry in wire form at the front of `buf` (as `WalEntry::encode_into`
+    /// writes it), without building a `WalEntry`: the frame is checked exactly as
+    /// `WalEntry::decode_prefix` checks it, its verified content CRC is the entry's identity
+    /// (no second pass over the payload), and the payload is copied from `buf` straight into
+    /// the ring. Returns the outcome and the bytes of `buf` the entry used.
+    pub fn apply_encoded(&self, buf: &[u8]) -> Result<(ApplyOutcome, usize)> {
+        let (h, used) = crate::entry::decode_wire(buf)?;
+        let payload = &buf[ENTRY_HEADER_SIZE..used];
+        let (lba, blocks) = match h.kind {
+            KIND_WRITE => {
+                let b = self.blocks_of(payload.len())?;
+                self.check_range(h.lba, b)?;
+                let b = u32::try_from(b).map_err(|_| {
+                    BlockVolError::InvalidArgument(format!("entry of {b} blocks is too large"))
+                })?;
+                (h.lba, b)
+            }
+            KIND_TRIM => {
+                self.check_range(h.lba, u64::from(h.blocks))?;
+                (h.lba, h.blocks)
+            }
+            _ => (0, 0),
+        };
+        let info = EntryInfo {
+            lsn: Lsn(h.lsn),
+            epoch: h.epoch,
+            content_crc: h.content_crc,
+        };
+        let (_, outcome) = self.shared.append(
+            h.kind,
+            lba,
+            blocks,
+            payload,
+            h.content_crc,
+            AppendMode::Apply {
+                lsn: h.lsn,
+                epoch: h.epoch,
+                info,
+            },
+        )?;
+        Ok((outcome, used))
+    }
+
+    /// Starts writing the ring bytes appended since the last sync to the media, without
+    /// waiting and without making anything durable (only `sync` does that). A bulk appender
+    /// (a replica applying a catch-up) calls it between batches so the final `sync` finds
+    /// most of the bytes already written instead of writing them all at once. A hint: a
+    /// failure to start writeback changes nothing and is not reported.
+    pub fn start_writeback(&self) {
+        let s = &self.shared;
+        let (from, to) = {
+            let st = s.lock_state();
+            if st.closed || st.poisoned.is_some() {
+                return;
+            }
+            (st.synced_pos, st.head_pos)
+        };
+        s.start_writeback(from, to);
     }
 
     /// Drops every entry above `lsn`, durably. Below the checkpoint it is refused with

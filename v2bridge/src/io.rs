@@ -150,25 +150,21 @@ impl<T: ReplicaTarget> CatchUpIo for BridgeIo<T> {
         let mut count: u32 = 0;
         let mut expected = after.next();
         while u64::from(count) < want {
-            let Some(item) = scan.next() else {
+            // Each entry goes from the primary's ring straight into the frame buffer, already
+            // in wire form (one copy, its stored CRC checked once on the way).
+            let Some(item) = scan.next_encoded(&mut self.frames) else {
                 return Err(TransferError::Gap {
                     expected,
                     found: to_engine(scan.end()).next(),
                 });
             };
-            let entry = item.map_err(|e| primary_transfer_error(e, after))?;
-            if to_engine(entry.lsn) != expected {
+            let info = item.map_err(|e| primary_transfer_error(e, after))?;
+            if to_engine(info.lsn) != expected {
                 return Err(TransferError::Gap {
                     expected,
-                    found: to_engine(entry.lsn),
+                    found: to_engine(info.lsn),
                 });
             }
-            entry
-                .encode_into(&mut self.frames)
-                .map_err(|e| TransferError::Corrupt {
-                    lsn: Some(expected),
-                    detail: e.to_string(),
-                })?;
             count += 1;
             expected = expected.next();
         }
@@ -284,7 +280,8 @@ impl<T: ReplicaTarget> RebuildIo for BridgeIo<T> {
         let sent_before = reader.bytes_sent();
         // One non-zero run per call at most `chunk_bytes` long; zero runs are skipped by the
         // reader and only counted as covered bytes.
-        let next = reader.next();
+        // The chunk is encoded straight from the reader's window (one copy, one CRC pass).
+        let next = reader.next_frame();
         let next_was_chunk = matches!(next, Some(Ok(_)));
         let scanned = reader.bytes_scanned() - scanned_before;
         let sent = reader.bytes_sent() - sent_before;
@@ -296,16 +293,10 @@ impl<T: ReplicaTarget> RebuildIo for BridgeIo<T> {
             Some(Err(e)) => Err(TransferError::BaseUnavailable {
                 detail: format!("reading the image at {}: {e}", base.lsn),
             }),
-            Some(Ok(chunk)) => chunk
-                .encode()
-                .map_err(|e| TransferError::BaseUnavailable {
-                    detail: e.to_string(),
-                })
-                .and_then(|frame| {
-                    self.target
-                        .base_chunk(BaseChunkRequest { lineage, frame })
-                        .map_err(transfer_error)
-                }),
+            Some(Ok(frame)) => self
+                .target
+                .base_chunk(BaseChunkRequest { lineage, frame })
+                .map_err(transfer_error),
         };
         if let Err(e) = sent_chunk {
             // A failed transfer lets go of the image at once, so the primary's flusher is not

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use blockvol::{
-    ApplyOutcome, BaseChunk, BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Geometry, Lsn,
-    Role, Volume, WalEntry,
+    ApplyOutcome, BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Geometry, Lsn, Role,
+    Volume,
 };
 
 /// The recovery session a request belongs to. Within one driver, ordered by epoch, then
@@ -371,14 +371,20 @@ impl ReplicaTarget for LocalReplica {
         let mut rest = req.frames.as_slice();
         let (mut applied, mut duplicates) = (0u64, 0u64);
         for _ in 0..req.count {
-            let (entry, used) =
-                WalEntry::decode_prefix(rest).map_err(|e| TargetError::BadFrame(e.to_string()))?;
+            // Checked and applied in place: the frame's bytes go straight into the ring.
+            let (outcome, used) = node.vol.apply_encoded(rest).map_err(|e| match e {
+                e @ BlockVolError::Decode { .. } => TargetError::BadFrame(e.to_string()),
+                other => storage(other),
+            })?;
             rest = &rest[used..];
-            match node.vol.apply(&entry).map_err(storage)? {
+            match outcome {
                 ApplyOutcome::Applied => applied += 1,
                 ApplyOutcome::Duplicate => duplicates += 1,
             }
         }
+        // Hand this batch to the disk now; the barrier's sync then waits for the last batch
+        // only instead of writing the whole catch-up at once.
+        node.vol.start_writeback();
         if !rest.is_empty() {
             return Err(TargetError::BadFrame(format!(
                 "{} bytes left after {} entries",
@@ -426,12 +432,12 @@ impl ReplicaTarget for LocalReplica {
     fn base_chunk(&mut self, req: BaseChunkRequest) -> Result<(), TargetError> {
         let mut node = self.lock();
         node.admit(req.lineage)?;
-        let chunk = BaseChunk::decode(&req.frame).map_err(storage)?;
         let install = node
             .install
             .as_mut()
             .ok_or_else(|| TargetError::Protocol("base chunk without an install".into()))?;
-        install.write_chunk(&chunk).map_err(storage)
+        // Checked in place and written into the extent straight from the frame.
+        install.write_frame(&req.frame).map_err(storage)
     }
 
     fn finish_base(&mut self, lineage: Lineage) -> Result<Lsn, TargetError> {
