@@ -758,6 +758,13 @@ impl Volume {
                 spec.base_entry.lsn, spec.base_lsn
             )));
         }
+        if spec.base_lsn.0 >= crate::format::SB_COUNTER_LIMIT {
+            // The superblock could not hold it (and the next LSN would have no room).
+            return Err(BlockVolError::InvalidArgument(format!(
+                "base lsn {} is beyond the superblock counter limit",
+                spec.base_lsn
+            )));
+        }
         let _f = s.flush_guard();
         let mut w = s.sb_writer();
         {

@@ -90,6 +90,11 @@ pub const SB_FLAG_INSTALL_INCOMPLETE: u32 = 1 << 0;
 pub const SB_FLAG_REPAIRED: u32 = 1 << 1;
 /// Every flag this version understands.
 pub const SB_KNOWN_FLAGS: u32 = SB_FLAG_INSTALL_INCOMPLETE | SB_FLAG_REPAIRED;
+/// Every counter a superblock stores (sequence number, generation, LSNs, logical WAL
+/// positions) is below this. Counters grow by one per write or by bytes of log, so no real
+/// volume comes near it, and the arithmetic on them (`seq + 1`, `tail_lsn + 1`,
+/// `tail_pos + wal_size`) cannot overflow for a slot that decodes.
+pub const SB_COUNTER_LIMIT: u64 = 1 << 63;
 
 // ---- WAL entry header ---------------------------------------------------------------------
 
@@ -398,6 +403,20 @@ impl Superblock {
         }
         if self.generation == 0 {
             return Err("generation 0 is never written".into());
+        }
+        for (name, v) in [
+            ("seq", self.seq),
+            ("generation", self.generation),
+            ("checkpoint", self.checkpoint),
+            ("tail lsn", self.tail_lsn),
+            ("tail position", self.tail_pos),
+            ("head hint", self.head_hint),
+            ("install lsn", self.install_lsn),
+            ("durable mark", self.durable_mark),
+        ] {
+            if v >= SB_COUNTER_LIMIT {
+                return Err(format!("{name} {v} is beyond the counter limit"));
+            }
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! typed error (never a panic).
 
 use blockvol::format::{
-    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, SB_SLOT_SIZE, Superblock,
+    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, SB_COUNTER_LIMIT, SB_SLOT_SIZE, Superblock,
 };
 use blockvol::{BaseChunk, BlockVolError, EntryKind, Lsn, Role, WalEntry};
 use proptest::prelude::*;
@@ -33,14 +33,14 @@ fn entry() -> impl Strategy<Value = WalEntry> {
 fn superblock() -> impl Strategy<Value = Superblock> {
     (
         (
-            any::<u64>(),
+            0..SB_COUNTER_LIMIT,
             any::<[u8; 16]>(),
             9u32..=16,
             1u64..1 << 30,
             16u64..1 << 14,
         ),
         (
-            1u64..,
+            1u64..SB_COUNTER_LIMIT,
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),

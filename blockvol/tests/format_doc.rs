@@ -45,6 +45,7 @@ fn value_of(name: &str) -> Option<u64> {
         SB_OFF_DURABLE_MARK,
         SB_FIELDS_END,
         SB_OFF_CRC,
+        SB_COUNTER_LIMIT,
         ENTRY_OFF_MAGIC,
         ENTRY_OFF_KIND,
         ENTRY_OFF_FLAGS,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod crashplan;
+pub mod known;
 
 use std::time::Duration;
 
