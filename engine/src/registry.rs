@@ -113,13 +113,22 @@ impl Registry {
         replicas: &[ReplicaAssignment],
         epoch: Epoch,
     ) -> Result<ReconcileResult> {
-        let mut wanted: BTreeMap<ReplicaId, Endpoint> = BTreeMap::new();
-        for r in replicas {
-            wanted.insert(r.replica_id.clone(), r.endpoint.clone());
+        // The wanted set, sorted by ID with the last entry of a repeated ID kept. A stable sort
+        // of an already sorted list (the usual case) is linear, and walking it beside the
+        // registry's sorted map is a merge: no per-replica map lookups, no string clones for
+        // senders that already exist.
+        let mut wanted: Vec<&ReplicaAssignment> = replicas.iter().collect();
+        wanted.sort_by(|a, b| a.replica_id.cmp(&b.replica_id));
+        let mut deduped: Vec<&ReplicaAssignment> = Vec::with_capacity(wanted.len());
+        for r in wanted {
+            match deduped.last_mut() {
+                Some(last) if last.replica_id == r.replica_id => *last = r,
+                _ => deduped.push(r),
+            }
         }
 
         let mut removed_senders = Vec::new();
-        let mut existing = Vec::new();
+        let mut existing: Vec<(Arc<Sender>, &Endpoint)> = Vec::with_capacity(deduped.len());
         let mut added = Vec::new();
         {
             let mut g = self.write();
@@ -130,31 +139,52 @@ impl Registry {
                 });
             }
             g.epoch = epoch;
-            let gone: Vec<ReplicaId> = g
-                .senders
-                .keys()
-                .filter(|id| !wanted.contains_key(*id))
-                .cloned()
-                .collect();
+            let mut gone = Vec::new();
+            let mut new = Vec::new();
+            {
+                let mut have = g.senders.iter().peekable();
+                let mut want = deduped.iter().peekable();
+                loop {
+                    match (have.peek(), want.peek()) {
+                        (None, None) => break,
+                        (Some((id, _)), None) => {
+                            gone.push((*id).clone());
+                            have.next();
+                        }
+                        (None, Some(_)) => {
+                            new.extend(want.next().copied());
+                        }
+                        (Some((hid, sender)), Some(w)) => match (*hid).cmp(&w.replica_id) {
+                            std::cmp::Ordering::Less => {
+                                gone.push((*hid).clone());
+                                have.next();
+                            }
+                            std::cmp::Ordering::Greater => {
+                                new.extend(want.next().copied());
+                            }
+                            std::cmp::Ordering::Equal => {
+                                existing.push((Arc::clone(sender), &w.endpoint));
+                                have.next();
+                                want.next();
+                            }
+                        },
+                    }
+                }
+            }
             for id in gone {
                 if let Some(s) = g.senders.remove(&id) {
                     removed_senders.push(s);
                 }
             }
-            for (id, ep) in &wanted {
-                match g.senders.get(id) {
-                    Some(s) => existing.push((Arc::clone(s), ep.clone())),
-                    None => {
-                        let s = Arc::new(Sender::with_id_source(
-                            id.clone(),
-                            ep.clone(),
-                            epoch,
-                            Arc::clone(&self.ids),
-                        ));
-                        g.senders.insert(id.clone(), s);
-                        added.push(id.clone());
-                    }
-                }
+            for r in new {
+                let s = Arc::new(Sender::with_id_source(
+                    r.replica_id.clone(),
+                    r.endpoint.clone(),
+                    epoch,
+                    Arc::clone(&self.ids),
+                ));
+                g.senders.insert(r.replica_id.clone(), s);
+                added.push(r.replica_id.clone());
             }
         }
 
@@ -167,7 +197,9 @@ impl Registry {
             result.invalidated.extend(s.stop());
         }
         for (s, ep) in existing {
-            result.invalidated.extend(s.update_endpoint(ep));
+            if s.endpoint_differs(ep) {
+                result.invalidated.extend(s.update_endpoint(ep.clone()));
+            }
             result.invalidated.extend(s.update_epoch(epoch));
         }
         result

@@ -96,6 +96,11 @@ impl Sender {
     pub fn endpoint(&self) -> Endpoint {
         self.lock().endpoint.clone()
     }
+    /// True when `endpoint` differs from the current one (cheaper than cloning it to compare).
+    pub fn endpoint_differs(&self, endpoint: &Endpoint) -> bool {
+        self.lock().endpoint.changed(endpoint)
+    }
+
     /// The current epoch.
     pub fn epoch(&self) -> Epoch {
         self.lock().epoch
