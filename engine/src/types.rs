@@ -115,8 +115,11 @@ pub const MAX_REPLICA_ID_BYTES: usize = 511;
 
 /// A replica's stable identity. It is never derived from an address: the control bridge builds
 /// it as `<volume>/<server_id>` from the master's stable server IDs.
+///
+/// IDs are shared, not copied: they key the registry, name every event and invalidation, and a
+/// clone is a reference-count increment.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ReplicaId(String);
+pub struct ReplicaId(std::sync::Arc<str>);
 
 impl ReplicaId {
     /// Validates and builds an ID: non-empty, at most [`MAX_REPLICA_ID_BYTES`] bytes, and free
@@ -141,7 +144,7 @@ impl ReplicaId {
                 reason: "contains a control character",
             });
         }
-        Ok(ReplicaId(id))
+        Ok(ReplicaId(id.into()))
     }
 
     /// The ID as text.
