@@ -97,6 +97,20 @@ pub struct DataDirBackend {
     volumes: BTreeMap<String, Arc<Volume>>,
     storages: BTreeMap<String, Arc<BlockVolStorage>>,
     replicas: BTreeMap<String, LocalReplica>,
+    /// Tells this backend instance (this run of the server) apart from earlier ones: part of
+    /// the driver in every lineage it stamps (see `lineage`).
+    instance: u64,
+}
+
+/// A value that differs between backend instances: a process-wide counter mixed with the
+/// process ID and the time, so two runs of a server never share one.
+fn instance_nonce() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 impl DataDirBackend {
@@ -108,6 +122,7 @@ impl DataDirBackend {
             volumes: BTreeMap::new(),
             storages: BTreeMap::new(),
             replicas: BTreeMap::new(),
+            instance: instance_nonce(),
         }
     }
 
@@ -169,8 +184,14 @@ impl DataDirBackend {
             .ok_or_else(|| BackendError(format!("{volume} is not a primary here")))
     }
 
+    /// The lineage of a session this server drives. Session IDs are only ordered within one
+    /// registry, and a restarted server has a new registry whose IDs start again at 1, so the
+    /// driver is this backend instance, not just the server: otherwise every replica that had
+    /// accepted a higher session from the server's previous run would refuse the new run's
+    /// recoveries at the same epoch (found by the simulator).
     fn lineage(&self, epoch: Epoch, session: SessionId) -> Lineage {
-        Lineage::new(&self.cfg.server_id, epoch.get(), session.get())
+        let driver = format!("{}#{:016x}", self.cfg.server_id, self.instance);
+        Lineage::new(&driver, epoch.get(), session.get())
     }
 }
 
@@ -250,6 +271,15 @@ impl VolumeBackend for DataDirBackend {
             .handshake()
             .map_err(|e| BackendError(format!("handshake with {}: {e}", endpoint.data_addr)))?;
         Ok(if reply.install_incomplete {
+            ReplicaHandshake::incomplete(to_engine(reply.head))
+        } else {
+            ReplicaHandshake::new(to_engine(reply.head), entry_id(reply.tip))
+        })
+    }
+
+    fn local_handshake(&mut self, volume: &str) -> Option<ReplicaHandshake> {
+        let reply = self.replicas.get(volume)?.clone().handshake().ok()?;
+        Some(if reply.install_incomplete {
             ReplicaHandshake::incomplete(to_engine(reply.head))
         } else {
             ReplicaHandshake::new(to_engine(reply.head), entry_id(reply.tip))

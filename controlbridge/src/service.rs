@@ -17,7 +17,7 @@ use std::sync::Arc;
 use engine::{
     CatchUpExecutor, Endpoint, EngineError, Epoch, ExecutionReport, ExecutorOptions, Outcome,
     RebuildExecutor, RebuildIo, RecoveryDriver, RecoveryOrchestrator, RecoveryPlan,
-    ReplicaHandshake, ReplicaId, ReplicaState, SessionId, SessionKind, StorageAdapter,
+    ReplicaHandshake, ReplicaId, ReplicaState, SessionId, SessionKind, StepInfo, StorageAdapter,
 };
 
 use crate::assignment::{
@@ -81,6 +81,24 @@ pub trait VolumeBackend {
         epoch: Epoch,
         session: SessionId,
     ) -> Result<Self::Io, BackendError>;
+
+    /// Called after each step of a recovery the service drives for `replica` (truncation, WAL
+    /// chunk, base chunk, base installed, tail chunk), before the executor re-checks the
+    /// session's authority, so anything done here that fences the session stops the executor
+    /// before its next step moves data. A deployment can report progress here; the workspace's
+    /// simulator injects concurrent events (writes, faults, epoch bumps) at this point. The
+    /// default does nothing.
+    fn on_recovery_step(&mut self, volume: &str, replica: &ReplicaId, step: &StepInfo) {
+        let _ = (volume, replica, step);
+    }
+
+    /// What this server's own copy of `volume` reports at a handshake, read locally (no
+    /// network), when it holds one. A rebuilding assignment uses it to decline a rebuild the
+    /// copy does not need. The default (`None`: unknown) always rebuilds.
+    fn local_handshake(&mut self, volume: &str) -> Option<ReplicaHandshake> {
+        let _ = volume;
+        None
+    }
 }
 
 /// What happened to one replica's recovery during an assignment.
@@ -92,6 +110,10 @@ pub enum RecoveryRecord {
     Recovered(Box<ExecutionReport>),
     /// Needs a rebuild; waits for a rebuild assignment.
     NeedsRebuild,
+    /// A rebuilding assignment was declined: the local copy does not need one (its log matches
+    /// the primary's and the primary's retained history can catch it up). The text is the
+    /// recoverability proof's reason.
+    RebuildNotNeeded(String),
     /// Planning or execution failed.
     Failed(String),
 }
@@ -114,6 +136,8 @@ pub struct AssignmentOutcome {
 struct VolumeState {
     orchestrator: Arc<RecoveryOrchestrator>,
     role: BlockRole,
+    /// The (epoch, address version) of the newest assignment accepted for this volume.
+    accepted: (u64, u64),
 }
 
 /// A volume server's control-plane service.
@@ -203,9 +227,24 @@ impl<B: VolumeBackend> BlockService<B> {
                 .or_insert_with(|| VolumeState {
                     orchestrator: Arc::new(RecoveryOrchestrator::new()),
                     role: BlockRole::None,
+                    accepted: (0, 0),
                 })
                 .orchestrator,
         );
+        // Within one epoch the master's address version only grows: an assignment carrying an
+        // older one was delivered late, and applying it would move senders back to addresses
+        // the master has already replaced (and demote replicas that are in sync).
+        let accepted = self
+            .volumes
+            .get(&conv.volume)
+            .map_or((0, 0), |v| v.accepted);
+        if a.epoch == accepted.0 && a.addr_version < accepted.1 {
+            out.error = Some(format!(
+                "stale assignment: address version {} at epoch {}, version {} already accepted",
+                a.addr_version, a.epoch, accepted.1
+            ));
+            return out;
+        }
         // Fence first: an assignment older than what this volume's registry accepted must not
         // reach the volume either.
         if conv.intent.epoch < orch.registry().epoch() {
@@ -236,6 +275,7 @@ impl<B: VolumeBackend> BlockService<B> {
         };
         if let Some(v) = self.volumes.get_mut(&conv.volume) {
             v.role = conv.role;
+            v.accepted = v.accepted.max((a.epoch, a.addr_version));
         }
         log::info!(
             "volume {} role {} epoch {}: added {:?} removed {:?} created {} superseded {} kept {} failed {}",
@@ -323,11 +363,15 @@ impl<B: VolumeBackend> BlockService<B> {
                 let mut plan = plan;
                 let route = Route::Push { endpoint };
                 match self.plan_io(&driver, volume, route, sender.epoch(), &mut plan) {
-                    Ok(mut io) => executed(
-                        CatchUpExecutor::new(&driver, plan)
-                            .with_options(self.options)
-                            .execute(&mut io),
-                    ),
+                    Ok(mut io) => {
+                        let backend = &mut self.backend;
+                        executed(
+                            CatchUpExecutor::new(&driver, plan)
+                                .with_options(self.options)
+                                .with_on_step(|s| backend.on_recovery_step(volume, id, s))
+                                .execute(&mut io),
+                        )
+                    }
                     Err(rec) => rec,
                 }
             }
@@ -349,6 +393,17 @@ impl<B: VolumeBackend> BlockService<B> {
             Ok(s) => s,
             Err(e) => return RecoveryRecord::Failed(e.to_string()),
         };
+        if let Some(reason) = self.rebuild_not_needed(volume, storage.as_ref()) {
+            // A rebuild wipes the local copy first. A rebuilding assignment that arrives late or
+            // twice must not wipe a replica that has recovered since: the primary may already
+            // count it in sync, and its catch-up can do whatever is left.
+            let driver = RecoveryDriver::with_orchestrator(Arc::clone(orch), storage);
+            if let Some(sid) = sender.session_id() {
+                driver.cancel_session(id, sid, "rebuild_not_needed");
+            }
+            log::info!("volume {volume}: rebuild of {id} declined: {reason}");
+            return RecoveryRecord::RebuildNotNeeded(reason);
+        }
         let driver = RecoveryDriver::with_orchestrator(Arc::clone(orch), storage);
         let mut plan = match driver.plan_rebuild(id) {
             Ok(p) => p,
@@ -356,13 +411,35 @@ impl<B: VolumeBackend> BlockService<B> {
         };
         let route = Route::Pull { rebuild_addr };
         match self.plan_io(&driver, volume, route, sender.epoch(), &mut plan) {
-            Ok(mut io) => executed(
-                RebuildExecutor::new(&driver, plan)
-                    .with_options(self.options)
-                    .execute(&mut io),
-            ),
+            Ok(mut io) => {
+                let backend = &mut self.backend;
+                executed(
+                    RebuildExecutor::new(&driver, plan)
+                        .with_options(self.options)
+                        .with_on_step(|s| backend.on_recovery_step(volume, id, s))
+                        .execute(&mut io),
+                )
+            }
             Err(rec) => rec,
         }
+    }
+
+    /// `Some(reason)` when the local copy's log matches the primary's at its head (entry
+    /// identity, not just the LSN) and the primary's retained history can bring it to committed
+    /// without a base image: zero gap, or a gap within retention with no hole.
+    fn rebuild_not_needed(&mut self, volume: &str, storage: &dyn StorageAdapter) -> Option<String> {
+        let hs = self.backend.local_handshake(volume)?;
+        let tip = hs.tip.filter(|_| !hs.incomplete)?;
+        let history = storage.get_retained_history().ok()?;
+        if hs.flushed > history.committed_lsn {
+            return None;
+        }
+        let primary = storage.entry_id(hs.flushed).ok()??;
+        if primary != tip {
+            return None;
+        }
+        let proof = history.prove_with_anchor(&hs, Some(primary));
+        proof.recoverable.then(|| proof.reason.to_string())
     }
 
     /// The I/O for the plan's session. When the transport cannot provide one, the plan is

@@ -185,6 +185,7 @@ fn record_into(tally: &mut Tally, rec: &RecoveryRecord) {
         RecoveryRecord::ZeroGap => tally.add_path("zero_gap"),
         RecoveryRecord::Recovered(r) => tally.add(r),
         RecoveryRecord::NeedsRebuild => tally.add_path("needs_rebuild"),
+        RecoveryRecord::RebuildNotNeeded(_) => tally.add_path("rebuild_not_needed"),
         RecoveryRecord::Failed(_) => tally.add_path("failed"),
     }
 }

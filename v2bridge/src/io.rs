@@ -78,6 +78,14 @@ fn transfer_error(e: TargetError) -> TransferError {
             requested: to_engine(requested),
             checkpoint: to_engine(checkpoint),
         },
+        // Same consequence as a checkpoint in the way: the replica cannot drop those entries.
+        TargetError::BelowCommitted {
+            requested,
+            committed,
+        } => TransferError::TruncateBelowCheckpoint {
+            requested: to_engine(requested),
+            checkpoint: to_engine(committed),
+        },
         TargetError::BadFrame(detail) => TransferError::Checksum { detail },
         TargetError::Storage(detail) => TransferError::Storage { detail },
         TargetError::Protocol(detail) => TransferError::Transport { detail },

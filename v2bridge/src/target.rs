@@ -179,6 +179,15 @@ pub enum TargetError {
         /// The replica's checkpoint.
         checkpoint: Lsn,
     },
+    /// Truncation below the committed point the replica was told: it would drop committed
+    /// entries. Only a rebuild can reconcile the replica with a sender that asks for it.
+    #[error("cannot truncate to {requested}: the replica was told {committed} is committed")]
+    BelowCommitted {
+        /// Requested point.
+        requested: Lsn,
+        /// The replica's committed point.
+        committed: Lsn,
+    },
     /// A frame failed its checksum or did not decode.
     #[error("bad frame: {0}")]
     BadFrame(String),
@@ -368,6 +377,12 @@ impl ReplicaTarget for LocalReplica {
                 detail: format!("replica holds {held:?}, sender builds on {:?}", req.anchor),
             });
         }
+        // The anchor matched, so the log is verified up to it (log matching): let the flusher
+        // move entries up to the sender's committed point within that prefix *before* appending.
+        // A replica whose ring is full of verified entries it was never told are committed could
+        // otherwise never make room for the next chunk: the committed point would only arrive
+        // after the entries that need the room (found by the simulator).
+        raise_committed(&node.vol, req.committed.min(req.anchor.lsn));
         let mut rest = req.frames.as_slice();
         let (mut applied, mut duplicates) = (0u64, 0u64);
         for _ in 0..req.count {
@@ -407,6 +422,18 @@ impl ReplicaTarget for LocalReplica {
     fn truncate(&mut self, req: TruncateRequest) -> Result<EntryInfo, TargetError> {
         let mut node = self.lock();
         node.admit(req.lineage)?;
+        // Truncation only ever drops an uncommitted tail, and a sender's committed point is at
+        // least the one this replica was told. A request below it (a late message from a run of
+        // a server that no longer exists: lineages are fenced per run, or a primary that lost
+        // its committed point) must not drop entries the replica knows are committed. Below the
+        // checkpoint, blockvol's own refusal answers first.
+        let st = node.vol.status();
+        if req.after < st.committed && req.after >= st.checkpoint {
+            return Err(TargetError::BelowCommitted {
+                requested: req.after,
+                committed: st.committed,
+            });
+        }
         node.vol.truncate_after(req.after).map_err(storage)?;
         let head = node.vol.status().head;
         // The tip has not been matched against the sender's yet (the sender checks the reply),
