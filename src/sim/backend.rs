@@ -105,13 +105,12 @@ impl VolumeBackend for SimBackend {
         let mut target =
             SimTarget::connect(&w.net, Dest::Addr(endpoint.data_addr.clone())).map_err(be)?;
         let reply = target.handshake().map_err(be)?;
-        // The committed LSN the plan will read right after this handshake: the lowest point an
-        // in-sync claim from this handshake can stand on (invariant (a)).
+        // The committed LSN the plan will read right after this handshake: the recovery target
+        // an in-sync claim from this handshake stands on (invariant (a)).
         if let Some(p) = w.proc(&self.server) {
             let c = p.vol.status().committed.0;
             let r = target.server().to_owned();
-            let v = w.verified_at.entry(r).or_default();
-            *v = (*v).max(c);
+            w.basis.insert(r, c);
         }
         Ok(if reply.install_incomplete {
             ReplicaHandshake::incomplete(to_engine(reply.head))

@@ -60,11 +60,15 @@
 //! - **(a) in sync means holding committed data.** For every replica the current primary's
 //!   registry reports `in_sync` (checked at every step boundary *before* the stream tops it up,
 //!   and again before every replication round ships to it, so the simulator's own replication
-//!   cannot repair a false claim first): its volume is a complete copy, its head is durable,
-//!   `verified <= head <= committed` where `verified` is the committed LSN when the primary last
-//!   handshook with it or replicated to it (the recovery target), the identity of its entry at
-//!   `head` equals the oracle's, and its digest equals the digest of the oracle image at `head`.
-//!   After the top-up, every in-sync replica is exactly at the committed LSN.
+//!   cannot repair a false claim first): the claim is backed by evidence the simulator saw
+//!   since it last saw the replica out of sync (a handshake through its backend, recording the
+//!   committed LSN the plan targets, or a replication round to it), its volume is a complete
+//!   copy, its head is durable, `target <= head <= durable` where `target` is that recorded
+//!   committed LSN (the recovery target) and `durable` is the primary's last sync (an in-sync
+//!   replica may hold the primary's entries from a round that has not committed yet, never
+//!   anything else), the identity of its entry at `head` equals the oracle's, and its digest
+//!   equals the digest of the oracle image at `head`. After the top-up, every in-sync replica
+//!   is exactly at the committed LSN.
 //! - **(b) no synced-and-committed write is ever lost.** The primary holds exactly the oracle's
 //!   log (head, entry identity at committed, digest of the oracle image at its head); after a
 //!   primary crash its recovered head is at least its last acknowledged sync; every holder
@@ -117,7 +121,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use runner::{Sim, run};
-pub use world::{StaleKind, VOLUME};
+pub use world::{Interleave, Observation, StaleKind, VOLUME};
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -132,6 +136,9 @@ pub struct SimOptions {
     pub liveness_bound: u64,
     /// Number of replicas; `None` lets the seed choose two or three.
     pub replicas: Option<usize>,
+    /// Chance (per mille) that the step hook injects a random event between two recovery
+    /// steps; `None` lets the seed choose. Scripted tests set 0 and schedule events instead.
+    pub interleave_per_mille: Option<u64>,
     /// A deliberate misbehaviour, to prove the checker catches it.
     pub bug: Option<Bug>,
     /// Print `seed=N` at the start and the rerun command on failure.
@@ -147,6 +154,7 @@ impl SimOptions {
             heal_steps: 30,
             liveness_bound: 12,
             replicas: None,
+            interleave_per_mille: None,
             bug: None,
             print: false,
         }
@@ -424,6 +432,12 @@ pub enum Op {
     StaleSession,
     /// Client writes stamped with an old epoch.
     StaleWrite,
+    /// A replication round cut short: the primary ships its uncommitted entries to these
+    /// replicas (those it holds in sync) and commits nothing.
+    ShipUncommitted {
+        /// The replicas.
+        to: Vec<String>,
+    },
     /// One step of the healed phase: the master reconciles and clients keep writing.
     Heal,
 }
@@ -450,6 +464,7 @@ impl Op {
             Op::StaleMessage { .. } => "stale_message",
             Op::StaleSession => "stale_session",
             Op::StaleWrite => "stale_write",
+            Op::ShipUncommitted { .. } => "partial_replication",
             Op::Heal => "heal",
         }
     }

@@ -183,6 +183,41 @@ impl Sim {
             .map(|s| s.endpoint())
     }
 
+    /// Schedules `what` for the next recovery step (before any random event).
+    pub fn at_next_recovery_step(&mut self, what: super::Interleave) {
+        self.world.borrow_mut().scripted.push_back(what);
+    }
+
+    /// What the step hook injected so far.
+    pub fn observations(&self) -> Vec<super::Observation> {
+        self.world.borrow().observed.clone()
+    }
+
+    /// The primary's volume.
+    pub fn primary_volume(&self) -> Option<std::sync::Arc<blockvol::Volume>> {
+        self.world.borrow().primary_proc().map(|p| p.vol)
+    }
+
+    /// The primary's storage adapter (what the engine plans against).
+    pub fn primary_storage(&self) -> Option<std::sync::Arc<v2bridge::BlockVolStorage>> {
+        self.world.borrow().primary_proc().map(|p| p.storage)
+    }
+
+    /// The engine's recovery log of `server`'s registry: (replica, event name, detail).
+    pub fn event_log(&self, server: &str) -> Vec<(String, &'static str, String)> {
+        self.services
+            .get(server)
+            .and_then(|s| s.orchestrator(VOLUME))
+            .map(|o| {
+                o.log()
+                    .events()
+                    .into_iter()
+                    .map(|e| (e.replica_id.as_str().to_owned(), e.name(), e.event.detail()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Recovery outcomes so far, by path.
     pub fn recoveries(&self) -> BTreeMap<&'static str, u64> {
         self.world.borrow().stats.recoveries.clone()
@@ -353,18 +388,7 @@ impl Sim {
             // of them to a few replicas before it is cut off.
             if zombie_writes > 0 {
                 w.client_writes(zombie_writes);
-                if let Some(p) = w.primary_proc()
-                    && let Ok(d) = p.vol.sync()
-                {
-                    let d = d.0;
-                    for r in ship {
-                        if w.state_of(r) == Some(ReplicaState::InSync) {
-                            let r2 = r.clone();
-                            let res = w.ship(&old, &p, &r2, d);
-                            w.note(format!("old primary ships to {d} to {r}: {res:?}"));
-                        }
-                    }
-                }
+                w.ship_uncommitted(ship);
             }
             if crash {
                 w.crash(&old);
@@ -530,6 +554,7 @@ impl Sim {
                 self.world.borrow_mut().stale_message(&server, kind)
             }
             Op::StaleSession => self.world.borrow_mut().stale_session(),
+            Op::ShipUncommitted { to } => self.world.borrow_mut().ship_uncommitted(&to),
             Op::StaleWrite => self.world.borrow_mut().stale_write(),
             Op::Heal => self.heal(),
         }
@@ -609,6 +634,7 @@ impl Sim {
                 w.check_topped_up();
             }
         }
+        w.forget_out_of_sync();
         w.step += 1;
     }
 
@@ -757,6 +783,14 @@ impl Sim {
                     .unwrap_or(&StaleKind::Apply),
             },
             Kind::StaleSession => Op::StaleSession,
+            Kind::PartialReplication => {
+                let to: Vec<String> = replicas
+                    .iter()
+                    .filter(|_| w.rng.chance(500))
+                    .cloned()
+                    .collect();
+                Op::ShipUncommitted { to }
+            }
             Kind::StaleWrite => Op::StaleWrite,
         }
     }

@@ -74,6 +74,57 @@ pub enum StaleKind {
     Barrier,
 }
 
+/// Something that happens while a recovery runs, between two of its steps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Interleave {
+    /// Clients write on the primary.
+    Writes(u32),
+    /// A client sync (a replication round and commit).
+    Commit,
+    /// The primary flushes.
+    FlushPrimary,
+    /// The primary's retention drops to nothing and it flushes (pins still hold).
+    RetentionPressure,
+    /// The primary revokes every pin (an emergency WAL reclaim) and flushes.
+    RevokePins,
+    /// The recovering replica's data address becomes unreachable.
+    DisconnectTarget,
+    /// The recovering replica crashes and restarts (unless its own service is running).
+    CrashTarget,
+    /// Another replica crashes and restarts.
+    CrashOther,
+    /// The primary crashes (unless its own service is running), then restarts in place or
+    /// fails over once the running recovery returns.
+    CrashPrimary {
+        /// Fail over instead of restarting in place.
+        failover: bool,
+    },
+    /// The master bumps the epoch: the running registry and the primary's fence now, the
+    /// assignments follow.
+    EpochBump,
+    /// The running recovery is cancelled.
+    Cancel,
+    /// The primary's next pin of this kind fails.
+    FailPin(PinKind),
+    /// A request from a stale lineage reaches the recovering replica.
+    StaleMessage(StaleKind),
+}
+
+/// What the step hook saw when it injected an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// The server whose service drives the recovery.
+    pub running: String,
+    /// The replica being recovered.
+    pub target: String,
+    /// The step that had just completed.
+    pub step: engine::StepKind,
+    /// The running registry's state of the replica at that moment.
+    pub state: Option<ReplicaState>,
+    /// What was injected.
+    pub event: Interleave,
+}
+
 /// Operation kinds the random schedule draws, with their names.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -95,10 +146,11 @@ pub(crate) enum Kind {
     StaleMessage,
     StaleSession,
     StaleWrite,
+    PartialReplication,
 }
 
 impl Kind {
-    pub(crate) const ALL: [Kind; 18] = [
+    pub(crate) const ALL: [Kind; 19] = [
         Kind::Write,
         Kind::Commit,
         Kind::Flush,
@@ -117,6 +169,7 @@ impl Kind {
         Kind::StaleMessage,
         Kind::StaleSession,
         Kind::StaleWrite,
+        Kind::PartialReplication,
     ];
 
     /// Base weight, and whether the seed may switch the kind off (swarm testing: each run
@@ -141,6 +194,7 @@ impl Kind {
             Kind::StaleMessage => (2, true),
             Kind::StaleSession => (2, true),
             Kind::StaleWrite => (1, true),
+            Kind::PartialReplication => (2, true),
         }
     }
 }
@@ -225,6 +279,7 @@ pub(crate) fn kind_name(k: Kind) -> &'static str {
         Kind::StaleMessage => "stale_message",
         Kind::StaleSession => "stale_session",
         Kind::StaleWrite => "stale_write",
+        Kind::PartialReplication => "partial_replication",
     }
 }
 
@@ -342,9 +397,11 @@ pub(crate) struct World {
     pub orchs: BTreeMap<String, Arc<RecoveryOrchestrator>>,
     /// Replicas that acknowledged the committed LSN and were not wiped since.
     pub holders: BTreeSet<String>,
-    /// Per replica, the committed LSN when the primary last handshook with it or replicated
-    /// to it: the lowest head an in-sync claim can stand on.
-    pub verified_at: BTreeMap<String, u64>,
+    /// Per replica, the evidence an in-sync claim must stand on: the committed LSN when the
+    /// primary last handshook with it (its recovery target) or replicated to it. Cleared when
+    /// the replica is seen out of sync outside a recovery (at a step boundary, or demoted), so
+    /// a later claim needs new evidence.
+    pub basis: BTreeMap<String, u64>,
     /// Per server, the highest epoch the master knows it accepted.
     pub known_epoch: BTreeMap<String, u64>,
     /// Lineages recovery sessions used, by target server.
@@ -361,6 +418,10 @@ pub(crate) struct World {
     pub healing: bool,
     /// Pins leaked on purpose by [`Bug::LeakPin`].
     pub leaked: Vec<engine::RetentionPin>,
+    /// Events a test scheduled for the next recovery steps.
+    pub scripted: VecDeque<Interleave>,
+    /// What the step hook injected, and when.
+    pub observed: Vec<Observation>,
 }
 
 fn listening_for(role: Role) -> (bool, bool) {
@@ -378,7 +439,10 @@ fn err<E: std::fmt::Display>(e: E) -> String {
 impl World {
     pub(crate) fn new(opts: SimOptions) -> Result<World, String> {
         let mut rng = Rng::new(opts.seed);
-        let cfg = RunConfig::from_seed(&mut rng, opts.replicas);
+        let mut cfg = RunConfig::from_seed(&mut rng, opts.replicas);
+        if let Some(p) = opts.interleave_per_mille {
+            cfg.interleave_per_mille = p;
+        }
         let servers: Vec<String> = (1..=cfg.replicas + 1).map(|i| format!("s{i}")).collect();
         let master = Master {
             epoch: 1,
@@ -399,7 +463,7 @@ impl World {
             master,
             orchs: BTreeMap::new(),
             holders: servers[1..].iter().cloned().collect(),
-            verified_at: BTreeMap::new(),
+            basis: BTreeMap::new(),
             known_epoch: BTreeMap::new(),
             lineages: Vec::new(),
             sessions: BTreeSet::new(),
@@ -411,6 +475,8 @@ impl World {
             running: None,
             healing: false,
             leaked: Vec::new(),
+            scripted: VecDeque::new(),
+            observed: Vec::new(),
         };
         let create = CreateOptions {
             volume_size_bytes: BLOCKS * u64::from(BLOCK_BYTES),
@@ -683,6 +749,7 @@ impl World {
                 ReplicaState::Degraded,
             );
         }
+        self.basis.remove(r);
         self.stats.demotions += 1;
         self.note(format!("demoted {r}: {why}"));
     }
@@ -730,7 +797,7 @@ impl World {
                 return false;
             }
             for r in &acked {
-                self.verified_at.insert(r.clone(), t);
+                self.basis.insert(r.clone(), t);
             }
             if t > c {
                 p.vol.set_committed(BvLsn(t));
@@ -749,6 +816,24 @@ impl World {
         }
     }
 
+    /// A replication round cut short: the primary makes its log durable and ships it to `to`
+    /// (those of them it holds in sync), then dies or loses them before committing anything.
+    pub(crate) fn ship_uncommitted(&mut self, to: &[String]) {
+        let pserver = self.master.primary.clone();
+        let Some(p) = self.primary_proc() else { return };
+        let Ok(d) = p.vol.sync() else { return };
+        let d = d.0;
+        self.oracle.note_synced(d);
+        for r in to {
+            if self.state_of(r) == Some(ReplicaState::InSync) {
+                let res = self.ship(&pserver, &p, r, d);
+                self.note(format!(
+                    "{pserver} ships up to {d} to {r} without committing: {res:?}"
+                ));
+            }
+        }
+    }
+
     /// Brings every in-sync replica to the committed LSN (a replica that finished a recovery
     /// at its frozen target joins the stream there).
     pub(crate) fn top_up(&mut self) {
@@ -761,7 +846,7 @@ impl World {
         for r in self.in_sync_replicas() {
             match self.ship(&pserver, &p, &r, c) {
                 Ok(()) => {
-                    self.verified_at.insert(r.clone(), c);
+                    self.basis.insert(r.clone(), c);
                     self.holders.insert(r);
                 }
                 Err(e) => self.demote(&r, &e),
@@ -1159,15 +1244,44 @@ impl World {
 
     // ---- the step hook ----------------------------------------------------------------------
 
-    /// Runs between two steps of a recovery `running`'s service drives for `replica`: with the
-    /// seed's probability, something else happens in the world first.
+    /// Runs between two steps of a recovery `running`'s service drives for `replica`: a
+    /// scheduled event first, otherwise, with the seed's probability, a random one.
     pub(crate) fn interleave(&mut self, running: &str, replica: &ReplicaId, step: &StepInfo) {
         self.stats.recovery_steps += 1;
-        if !self.rng.chance(self.cfg.interleave_per_mille) {
-            return;
-        }
         let target = server_of(replica);
-        let primary = self.master.primary.clone();
+        let what = match self.scripted.pop_front() {
+            Some(x) => x,
+            None => {
+                if !self.rng.chance(self.cfg.interleave_per_mille) {
+                    return;
+                }
+                self.random_interleave()
+            }
+        };
+        let state = self
+            .orchs
+            .get(running)
+            .and_then(|o| o.registry().sender(replica))
+            .map(|s| s.state());
+        self.observed.push(Observation {
+            running: running.to_owned(),
+            target: target.clone(),
+            step: step.kind,
+            state,
+            event: what.clone(),
+        });
+        self.stats.interleaved += 1;
+        self.note(format!(
+            "inside {running}'s recovery of {target} ({:?} step {} session {}, {}): {what:?}",
+            step.kind,
+            step.step,
+            step.session_id,
+            state.map_or("no sender", |s| s.as_str())
+        ));
+        self.perform(what, running, replica, step);
+    }
+
+    fn random_interleave(&mut self) -> Interleave {
         let choices: &[(u8, u64)] = if self.healing {
             &[(0, 3), (1, 2)]
         } else {
@@ -1188,49 +1302,76 @@ impl World {
             ]
         };
         let weights: Vec<u64> = choices.iter().map(|c| c.1).collect();
-        let what = choices[self.rng.weighted(&weights)].0;
-        self.stats.interleaved += 1;
-        self.note(format!(
-            "inside {running}'s recovery of {target} ({:?} step {} session {}):",
-            step.kind, step.step, step.session_id
-        ));
+        match choices[self.rng.weighted(&weights)].0 {
+            0 => Interleave::Writes(self.rng.range(1, 4) as u32),
+            1 => Interleave::Commit,
+            2 => Interleave::FlushPrimary,
+            3 => Interleave::RetentionPressure,
+            4 => Interleave::RevokePins,
+            5 => Interleave::DisconnectTarget,
+            6 => Interleave::CrashTarget,
+            7 => Interleave::CrashOther,
+            8 => Interleave::CrashPrimary {
+                failover: self.rng.chance(500),
+            },
+            9 => Interleave::EpochBump,
+            10 => Interleave::Cancel,
+            11 => Interleave::FailPin(
+                *self
+                    .rng
+                    .pick(&[PinKind::WalRetention, PinKind::Snapshot, PinKind::FullBase])
+                    .unwrap_or(&PinKind::WalRetention),
+            ),
+            _ => Interleave::StaleMessage(
+                *self
+                    .rng
+                    .pick(&[
+                        StaleKind::Apply,
+                        StaleKind::Truncate,
+                        StaleKind::BeginBase,
+                        StaleKind::Barrier,
+                    ])
+                    .unwrap_or(&StaleKind::Apply),
+            ),
+        }
+    }
+
+    fn perform(&mut self, what: Interleave, running: &str, replica: &ReplicaId, step: &StepInfo) {
+        let target = server_of(replica);
+        let primary = self.master.primary.clone();
         match what {
-            0 => {
-                let n = self.rng.range(1, 4) as u32;
-                self.client_writes(n);
-            }
-            1 => {
+            Interleave::Writes(n) => self.client_writes(n),
+            Interleave::Commit => {
                 self.commit();
             }
-            2 => {
-                let s = primary.clone();
-                self.flush(&s);
-            }
-            3 => {
+            Interleave::FlushPrimary => self.flush(&primary),
+            Interleave::RetentionPressure => {
                 self.fault("retention_pressure");
                 self.retention_pressure();
             }
-            4 => {
+            Interleave::RevokePins => {
                 // Emergency reclaim: the primary revokes every pin to free its WAL.
                 if let Some(p) = self.primary_proc() {
                     self.fault("pins_revoked");
                     let n = p.vol.revoke_wal_pins("simulated WAL emergency");
                     self.note(format!("revoked {n} pins on {primary}"));
+                    self.retention_pressure();
                 }
             }
-            5 => {
+            Interleave::DisconnectTarget => {
                 let addr = self.proc(&target).map(|p| p.data_addr).unwrap_or_default();
                 self.fault("disconnect");
                 self.net.set_down(&addr, true);
                 self.note(format!("{addr} unreachable"));
             }
-            6 => {
+            Interleave::CrashTarget => {
+                // The running server's own process cannot crash under its service.
                 if target != running && target != primary {
                     self.fault("crash_replica");
                     self.crash(&target);
                 }
             }
-            7 => {
+            Interleave::CrashOther => {
                 let others: Vec<String> = self
                     .master
                     .replicas()
@@ -1242,9 +1383,8 @@ impl World {
                     self.crash(&s);
                 }
             }
-            8 => {
+            Interleave::CrashPrimary { failover } => {
                 if primary != running {
-                    let failover = self.rng.chance(500);
                     self.fault("crash_primary");
                     if self.crash(&primary) {
                         self.deferred
@@ -1252,7 +1392,7 @@ impl World {
                     }
                 }
             }
-            9 => {
+            Interleave::EpochBump => {
                 // The master bumps the epoch; the running server and the primary hear of it
                 // first (their registries fence), the assignments follow.
                 self.fault("epoch_bump");
@@ -1266,7 +1406,7 @@ impl World {
                 self.deferred.push_back(Deferred::DeliverAll);
                 self.note(format!("epoch bumped to {e} mid-recovery"));
             }
-            10 => {
+            Interleave::Cancel => {
                 if let (Some(o), Some(p)) = (self.orchs.get(running).cloned(), self.primary_proc())
                 {
                     self.fault("cancel");
@@ -1278,24 +1418,11 @@ impl World {
                     self.note(format!("cancel session {}: {done}", step.session_id));
                 }
             }
-            11 => {
-                let kind = *self
-                    .rng
-                    .pick(&[PinKind::WalRetention, PinKind::Snapshot, PinKind::FullBase])
-                    .unwrap_or(&PinKind::WalRetention);
+            Interleave::FailPin(kind) => {
                 self.fault("pin_failure");
                 self.fail_pin(kind);
             }
-            _ => {
-                let kind = *self
-                    .rng
-                    .pick(&[
-                        StaleKind::Apply,
-                        StaleKind::Truncate,
-                        StaleKind::BeginBase,
-                        StaleKind::Barrier,
-                    ])
-                    .unwrap_or(&StaleKind::Apply);
+            Interleave::StaleMessage(kind) => {
                 self.fault("stale_message");
                 self.stale_message(&target, kind);
             }
@@ -1308,7 +1435,16 @@ impl World {
     pub(crate) fn check_in_sync(&mut self, r: &str, when: &str) -> bool {
         self.stats.checks += 1;
         let c = self.oracle.committed();
-        let lower = self.verified_at.get(r).copied().unwrap_or(0);
+        let Some(lower) = self.basis.get(r).copied() else {
+            self.violate(
+                Invariant::InSyncHoldsCommitted,
+                format!(
+                    "{r} is in sync in {}'s registry ({when}) with no handshake or replication round since it was last out of sync",
+                    self.master.primary
+                ),
+            );
+            return false;
+        };
         let Some(p) = self.proc(r) else {
             self.violate(
                 Invariant::InSyncHoldsCommitted,
@@ -1325,13 +1461,18 @@ impl World {
             if st.durable != st.head {
                 bad.push(format!("head {h} but durable {}", st.durable));
             }
-            if h > c {
-                bad.push(format!("head {h} beyond committed {c}"));
+            // It may hold entries the primary shipped in a round that did not commit (yet):
+            // never beyond what the primary made durable, and always the primary's.
+            let upper = self.oracle.synced().max(c);
+            if h > upper {
+                bad.push(format!(
+                    "head {h} beyond the primary's durable log {upper} (committed {c})"
+                ));
             }
             if h < lower {
                 bad.push(format!("head {h} below its recovery target {lower}"));
             }
-            if h <= c {
+            if h <= upper {
                 let want = self.oracle.info(h);
                 match p.vol.entry_info(st.head) {
                     Ok(i) if Some(i) == want => {}
@@ -1470,6 +1611,16 @@ impl World {
             }
         }
         true
+    }
+
+    /// Forgets the evidence of every replica the primary does not hold in sync (called at the
+    /// end of a step boundary, outside any recovery).
+    pub(crate) fn forget_out_of_sync(&mut self) {
+        for (r, s) in self.replica_states() {
+            if s != Some(ReplicaState::InSync) {
+                self.basis.remove(&r);
+            }
+        }
     }
 
     /// Every replica the master assigned, as the primary's registry sees it.
