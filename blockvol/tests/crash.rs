@@ -170,3 +170,130 @@ fn truncation_crash_is_never_reported_as_corruption() {
         g.single_sector_checked
     );
 }
+
+/// The base install under the crash plan (docs/format.md 8.2, the install rows): at every sync
+/// boundary of `begin_base_install`, the chunk writes and `finish`, every crash image (the four
+/// modes and every single-sector subset) reopens as exactly one of: the replica's old state
+/// (checked with the six invariants against its old history), an incomplete install (I/O
+/// refused, checkpoint untrusted, and still incomplete on a second open), or the new state
+/// (head, tail and checkpoint at the base LSN, a new generation, the primary's image at the
+/// base, and a write after it lands at base + 1).
+#[test]
+fn crash_plan_base_install_is_old_incomplete_or_new() {
+    use blockvol::{
+        BlockVolError, CrashMode, EntryKind, Role, SimDisk, SyncPoint, Volume, WalEntry,
+    };
+    use common::crashplan::{check_image, single_sector_images};
+    use std::sync::{Arc, Mutex};
+
+    let opts = tiny();
+    let bs = opts.block_size;
+    let (p, _pd) = Volume::create_sim(&opts, &manual()).expect("primary");
+    for i in 0..40u64 {
+        p.write((i * 5) % 60, &data(20_000 + i, 1 + i % 3, bs))
+            .expect("write");
+    }
+    p.sync().expect("sync");
+    let base = p.pin_base(Lsn(40)).expect("pin base");
+    let want = p.digest().expect("digest");
+    // The replica's own history: applied, partly flushed, synced.
+    let (r, rd) = Volume::create_sim(&opts, &manual()).expect("replica");
+    r.assign(Role::Rebuilding, 0).expect("assign");
+    let mut old_ops = Vec::new();
+    for i in 1..=15u64 {
+        let d = data(30_000 + i, 1, bs);
+        r.apply(&WalEntry {
+            lsn: Lsn(i),
+            epoch: 0,
+            kind: EntryKind::Write {
+                lba: i,
+                data: d.clone(),
+            },
+        })
+        .expect("apply");
+        old_ops.push(Op::Write { lba: i, data: d });
+        if i == 8 {
+            r.force_flush().expect("flush");
+        }
+    }
+    r.sync().expect("sync");
+    // Role none, so the checks can write after reopening (a rebuilding replica only applies).
+    r.assign(Role::None, 0).expect("assign");
+    let old_gen = r.status().generation;
+    let old_cp = r.status().checkpoint.0;
+    let counts = Arc::new(Mutex::new([0usize; 3]));
+    let c2 = counts.clone();
+    let opts2 = opts.clone();
+    rd.set_sync_hook(Some(Arc::new(move |d: &SimDisk, sp: &SyncPoint| {
+        let mut images: Vec<(String, Vec<u8>)> = [
+            CrashMode::DurableOnly,
+            CrashMode::AllWritten,
+            CrashMode::RandomSectors,
+            CrashMode::RandomSectorsTorn,
+        ]
+        .into_iter()
+        .map(|m| (format!("{m:?}"), d.crash_image_with(sp.index, m)))
+        .collect();
+        for (s, alone, img) in single_sector_images(d) {
+            images.push((format!("sector {s} alone={alone}"), img));
+        }
+        for (mode, img) in images {
+            let what = format!(
+                "install: sync #{} ({}), {mode}",
+                sp.index,
+                if sp.after { "after" } else { "before" }
+            );
+            let disk = SimDisk::from_image(img.clone());
+            let v = Volume::open_sim(&disk, &manual())
+                .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+            let s = v.status();
+            let kind = if s.install_incomplete {
+                assert!(!s.checkpoint_trusted, "{what}");
+                assert!(
+                    matches!(v.read(0, 1), Err(BlockVolError::InstallIncomplete { .. })),
+                    "{what}: an incomplete install must refuse reads"
+                );
+                drop(v);
+                let v = Volume::open_sim(&disk, &manual()).expect("second open");
+                assert!(
+                    v.status().install_incomplete,
+                    "{what}: incomplete once, then not"
+                );
+                1
+            } else if s.generation == old_gen + 1 {
+                assert_eq!(
+                    (s.head, s.tail, s.checkpoint),
+                    (Lsn(40), Lsn(40), Lsn(40)),
+                    "{what}"
+                );
+                assert!(s.checkpoint_trusted, "{what}");
+                assert_eq!(
+                    v.digest().expect("digest"),
+                    want,
+                    "{what}: not the base image"
+                );
+                assert_eq!(v.barrier().expect("barrier"), Lsn(41), "{what}");
+                2
+            } else {
+                drop(v);
+                assert_eq!(s.generation, old_gen, "{what}");
+                check_image(&opts2, img, &old_ops, 15, old_cp, &what);
+                0
+            };
+            c2.lock().expect("counts")[kind] += 1;
+        }
+    })));
+    let mut inst = r.begin_base_install(base.install_spec()).expect("begin");
+    for c in base.reader(4096) {
+        inst.write_chunk(&c.expect("chunk")).expect("write chunk");
+    }
+    inst.finish().expect("finish");
+    rd.set_sync_hook(None);
+    assert_eq!(r.digest().expect("digest"), want);
+    let [old, incomplete, new] = *counts.lock().expect("counts");
+    eprintln!("install: {old} images old, {incomplete} incomplete, {new} new");
+    assert!(
+        old > 0 && incomplete > 0 && new > 0,
+        "every outcome must occur: {old} old, {incomplete} incomplete, {new} new"
+    );
+}
