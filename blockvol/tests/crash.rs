@@ -84,6 +84,7 @@ fn crash_plan_partial_flushes_with_retention_keep_history() {
             }
         }
     }));
+    eprintln!("retention: {n} images");
     assert!(n > 200, "only {n} crash images were checked");
 }
 
@@ -108,6 +109,7 @@ fn crash_plan_large_multiblock_entries_and_overwrites() {
             }
         }
     }));
+    eprintln!("large: {n} images");
     assert!(n > 100, "only {n} crash images were checked");
 }
 
