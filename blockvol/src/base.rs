@@ -300,6 +300,25 @@ impl BaseReader<'_> {
             return Ok(false);
         }
         let bs = u64::from(s.geo.block_size);
+        // The extent lock keeps the flusher out from the fence check to the end of the read, so
+        // a revoked fence is noticed before any block past the image can be read, and before
+        // the zero-skip below can take a region the flusher just zeroed (a trim past the image)
+        // for the image's end: a revoked reader never ends "successfully" with a short image.
+        let _r = s.extent_read();
+        {
+            let st = s.lock_state();
+            if st.closed {
+                return Err(BlockVolError::Closed);
+            }
+            match st.fences.get(&self.pin.fence_id) {
+                Some(f) if !f.revoked => {}
+                _ => {
+                    return Err(BlockVolError::Revoked {
+                        reason: st.revoke_reason.clone(),
+                    });
+                }
+            }
+        }
         // Skip regions the file system knows to be holes (for example a freshly zeroed extent):
         // they read as zeros, so a sparse volume costs a few syscalls instead of a full read.
         let here = s.extent_offset + self.next_lba * bs;
@@ -321,23 +340,6 @@ impl BaseReader<'_> {
         }
         let n = self.chunk_blocks.min(vb - self.next_lba);
         self.window.resize((n * bs) as usize, 0);
-        // The extent lock keeps the flusher out while the fence check and the read happen, so
-        // a revoked fence is noticed before any block past the image can be read.
-        let _r = s.extent_read();
-        {
-            let st = s.lock_state();
-            if st.closed {
-                return Err(BlockVolError::Closed);
-            }
-            match st.fences.get(&self.pin.fence_id) {
-                Some(f) if !f.revoked => {}
-                _ => {
-                    return Err(BlockVolError::Revoked {
-                        reason: st.revoke_reason.clone(),
-                    });
-                }
-            }
-        }
         // Read only the data segments of the window; holes inside it are zeros.
         let start = s.extent_offset + self.next_lba * bs;
         let end = start + n * bs;
