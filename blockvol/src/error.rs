@@ -46,12 +46,13 @@ pub enum BlockVolError {
         /// The volume's block size.
         block_size: u32,
     },
-    /// One entry would be larger than half the WAL, so it could never be placed.
+    /// One entry would be larger than half the WAL, so it could never be placed, or its
+    /// payload would not fit the header's u32 length (a WAL of 8 GiB or more).
     #[error("entry of {bytes} bytes exceeds the largest WAL entry of {max} bytes")]
     EntryTooLarge {
         /// Encoded size of the entry.
         bytes: u64,
-        /// Largest entry the ring accepts (half the WAL).
+        /// Largest entry the ring accepts (half the WAL, at most [`crate::format::MAX_ENTRY_SIZE`]).
         max: u64,
     },
     /// The WAL had no room within the admission timeout. No LSN was consumed.

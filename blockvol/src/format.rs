@@ -106,6 +106,11 @@ pub const ENTRY_MAGIC_WIRE: [u8; 4] = *b"BVWX";
 pub const ENTRY_HEADER_SIZE: usize = 64;
 /// Entries start and end on this alignment.
 pub const ENTRY_ALIGN: u64 = 8;
+/// Largest entry (header, payload and alignment) in any ring: the header's payload length is a
+/// u32, so the payload is at most `u32::MAX` rounded down to the alignment. A ring of 8 GiB or
+/// more could otherwise place an entry whose length the header cannot state.
+pub const MAX_ENTRY_SIZE: u64 =
+    ENTRY_HEADER_SIZE as u64 + (u32::MAX as u64 / ENTRY_ALIGN) * ENTRY_ALIGN;
 /// Offset of the 4-byte magic.
 pub const ENTRY_OFF_MAGIC: usize = 0;
 /// Offset of the u8 kind.

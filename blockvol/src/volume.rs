@@ -12,9 +12,9 @@ use crate::entry::{EntryKind, WalEntry};
 use crate::error::{BlockVolError, Result};
 use crate::format::{
     ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, KIND_BARRIER, KIND_PADDING, KIND_TRIM,
-    KIND_WRITE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_WAL_SIZE, SB_FLAG_INSTALL_INCOMPLETE,
-    SB_FLAG_REPAIRED, SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET, SB_SLOT_SIZE, Superblock, WAL_OFFSET,
-    WAL_SIZE_ALIGN, choose_superblock, content_crc, entry_size,
+    KIND_WRITE, MAX_BLOCK_SIZE, MAX_ENTRY_SIZE, MIN_BLOCK_SIZE, MIN_WAL_SIZE,
+    SB_FLAG_INSTALL_INCOMPLETE, SB_FLAG_REPAIRED, SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET, SB_SLOT_SIZE,
+    Superblock, WAL_OFFSET, WAL_SIZE_ALIGN, choose_superblock, content_crc, entry_size,
 };
 use crate::medium::{FileMedium, Medium};
 use crate::types::{
@@ -333,8 +333,10 @@ impl Shared {
         self.geo.volume_bytes()
     }
 
-    pub(crate) fn max_entry(&self) -> u64 {
-        self.wal_size() / 2
+    /// Refuses an entry with `payload_len` payload bytes that the ring could never place or
+    /// whose header could not state its length; returns its size in the ring.
+    pub(crate) fn check_entry_len(&self, payload_len: usize) -> Result<u64> {
+        check_entry_len(payload_len, self.wal_size())
     }
 
     /// File offset of a logical WAL position.
@@ -574,13 +576,7 @@ impl Shared {
         crc: u32,
         mode: AppendMode,
     ) -> Result<(u64, ApplyOutcome)> {
-        let size = entry_size(payload.len() as u64);
-        if size > self.max_entry() {
-            return Err(BlockVolError::EntryTooLarge {
-                bytes: size,
-                max: self.max_entry(),
-            });
-        }
+        let size = self.check_entry_len(payload.len())?;
         let mut waiting_since: Option<Instant> = None;
         let mut st = self.lock_state();
         loop {
@@ -712,6 +708,7 @@ impl Shared {
                     epoch,
                     lba: 0,
                     blocks: 0,
+                    // Fits: padding is written only before a larger entry.
                     payload_len: (skip - header) as u32,
                     durable_hint: hint,
                     content_crc: 0,
@@ -727,6 +724,7 @@ impl Shared {
                 epoch,
                 lba,
                 blocks,
+                // Fits: `check_entry_len` capped the entry at `MAX_ENTRY_SIZE`.
                 payload_len: payload.len() as u32,
                 durable_hint: hint,
                 content_crc: crc,
@@ -1042,6 +1040,23 @@ impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Volume({})", self.shared.medium.describe())
     }
+}
+
+/// The largest entry a ring of `wal_size` bytes takes: half the ring (so an entry always fits
+/// once the ring drains), and never more than a header's u32 payload length can state.
+fn max_entry_for(wal_size: u64) -> u64 {
+    (wal_size / 2).min(MAX_ENTRY_SIZE)
+}
+
+/// `EntryTooLarge` unless an entry with `payload_len` payload bytes fits a ring of `wal_size`
+/// bytes; otherwise its size in the ring (its payload length then fits a u32).
+fn check_entry_len(payload_len: usize, wal_size: u64) -> Result<u64> {
+    let max = max_entry_for(wal_size);
+    let size = entry_size(payload_len as u64);
+    if size > max {
+        return Err(BlockVolError::EntryTooLarge { bytes: size, max });
+    }
+    Ok(size)
 }
 
 /// Checks creation options and derives the geometry.
@@ -1435,6 +1450,8 @@ impl Volume {
         let blocks32 = u32::try_from(blocks).map_err(|_| {
             BlockVolError::InvalidArgument(format!("write of {blocks} blocks is too large"))
         })?;
+        // Refuse an oversized write before spending a checksum pass on it.
+        self.shared.check_entry_len(data.len())?;
         // The checksum is computed before taking the lock, so the critical section is only the
         // copy into the map.
         let crc = content_crc(KIND_WRITE, lba, data.len() as u64, data);
@@ -2061,5 +2078,44 @@ impl Volume {
         let m = crate::sim::SimMedium::new(disk.clone());
         let slots = read_slots(&|o, b| m.read_at(o, b), "simulated disk")?;
         Volume::open_medium(Arc::new(m), &slots, open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review finding 5: a ring of 8 GiB or more took a single write of more than 4 GiB, and
+    /// its header's u32 payload length silently wrapped.
+    #[test]
+    fn entries_never_outgrow_the_header_length_field() {
+        let bs = 4096usize;
+        // Small rings: half the ring, as before.
+        assert_eq!(max_entry_for(1 << 20), 1 << 19);
+        assert!(check_entry_len(bs, 1 << 20).is_ok());
+        // A 10 GiB ring: half of it would be 5 GiB, more than a u32 can state.
+        let wal = 10u64 << 30;
+        assert_eq!(max_entry_for(wal), MAX_ENTRY_SIZE);
+        let largest = ((u32::MAX as usize) / bs) * bs;
+        let size = check_entry_len(largest, wal).expect("the largest whole-block payload fits");
+        assert!(size <= MAX_ENTRY_SIZE);
+        let over = (4usize << 30) + bs;
+        match check_entry_len(over, wal) {
+            Err(BlockVolError::EntryTooLarge { bytes, max }) => {
+                assert_eq!(bytes, entry_size(over as u64));
+                assert_eq!(max, MAX_ENTRY_SIZE);
+            }
+            other => panic!("a payload of {over} bytes was not refused: {other:?}"),
+        }
+        // Every accepted payload length fits the header's u32, for any ring.
+        for wal in [MIN_WAL_SIZE, 8 << 30, (8 << 30) + 8192, 1 << 40] {
+            let max = max_entry_for(wal);
+            assert!(
+                max - ENTRY_HEADER_SIZE as u64 <= u64::from(u32::MAX),
+                "wal {wal}"
+            );
+            assert!(check_entry_len((max - ENTRY_HEADER_SIZE as u64) as usize, wal).is_ok());
+            assert!(check_entry_len((max - ENTRY_HEADER_SIZE as u64) as usize + 1, wal).is_err());
+        }
     }
 }

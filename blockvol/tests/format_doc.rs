@@ -61,6 +61,7 @@ fn value_of(name: &str) -> Option<u64> {
         ENTRY_OFF_HEADER_CRC,
         ENTRY_HEADER_SIZE,
         ENTRY_ALIGN,
+        MAX_ENTRY_SIZE,
         KIND_WRITE,
         KIND_TRIM,
         KIND_BARRIER,
