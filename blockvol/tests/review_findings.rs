@@ -1,7 +1,10 @@
 //! The review's findings, each as the test that proved it (failing before its fix).
 mod common;
-use blockvol::{BlockVolError, CreateOptions, Lsn, Volume};
-use common::{data, manual};
+use std::sync::{Arc, Mutex};
+
+use blockvol::format::WAL_OFFSET;
+use blockvol::{BlockVolError, CrashMode, CreateOptions, Lsn, SimDisk, SyncPoint, Volume};
+use common::{data, manual, tiny};
 
 #[test]
 fn f4_revoked_base_reader_ends_cleanly_with_a_wrong_image() {
@@ -30,4 +33,57 @@ fn f4_revoked_base_reader_ends_cleanly_with_a_wrong_image() {
             panic!("reader ended cleanly after revocation: blocks 48..64 missing from the image")
         }
     }
+}
+
+/// Review finding 4 (adjusted to the corrected docs/format.md 8.2): a crash during truncation
+/// recovers some prefix of the old log between the truncated and the old one, never a false
+/// corruption, and its contents are the old log's at the recovered LSN.
+#[test]
+fn f6_truncation_crash_recovers_a_prefix_between_the_truncated_and_the_old_log() {
+    let o = tiny();
+    let bs = o.block_size;
+    let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
+    for i in 0..8u64 {
+        v.write(i, &data(300 + i, 1, bs)).unwrap();
+        v.sync().unwrap();
+    }
+    let img: Arc<Mutex<Option<Vec<u8>>>> = Arc::new(Mutex::new(None));
+    let seen_sb = Arc::new(Mutex::new(false));
+    let (i2, s2) = (img.clone(), seen_sb.clone());
+    disk.set_sync_hook(Some(Arc::new(move |d: &SimDisk, p: &SyncPoint| {
+        if p.offset < WAL_OFFSET && p.after {
+            *s2.lock().unwrap() = true;
+        } else if p.offset >= WAL_OFFSET && p.after && *s2.lock().unwrap() {
+            let mut g = i2.lock().unwrap();
+            if g.is_none() {
+                *g = Some(d.crash_image_with(0, CrashMode::DurableOnly));
+            }
+        }
+    })));
+    v.truncate_after(Lsn(3)).unwrap();
+    disk.set_sync_hook(None);
+    drop(v);
+    let d2 = SimDisk::from_image(img.lock().unwrap().take().unwrap());
+    let v = Volume::open_sim(&d2, &manual()).expect("reopen");
+    let h = v.status().head;
+    assert!(
+        (Lsn(3)..=Lsn(8)).contains(&h),
+        "recovered head {h}: not between the truncated (3) and the old (8) log"
+    );
+    assert!(v.status().checkpoint_trusted);
+    for i in 0..8u64 {
+        let want = if i < h.0 {
+            data(300 + i, 1, bs)
+        } else {
+            vec![0u8; bs as usize]
+        };
+        assert_eq!(
+            v.read(i, 1).unwrap(),
+            want,
+            "block {i} at recovered head {h}"
+        );
+    }
+    // The caller, whose truncation never returned, truncates again: exact this time.
+    v.truncate_after(Lsn(3)).expect("truncate again");
+    assert_eq!(v.status().head, Lsn(3));
 }
