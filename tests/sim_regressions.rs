@@ -13,6 +13,7 @@ use v2bridge::{BlockVolStorage, BridgeIo, Lineage, LocalReplica, ReplicaTarget, 
 fn sim(replicas: usize) -> Sim {
     let mut o = SimOptions::new(11, 0);
     o.replicas = Some(replicas);
+    o.interleave_per_mille = Some(0);
     Sim::new(o).unwrap_or_else(|e| panic!("sim: {e}"))
 }
 

@@ -17,17 +17,37 @@ use super::Bug;
 use super::net::{Dest, SimIo, SimTarget, Source};
 use super::world::Shared;
 
-/// One server's backend.
+/// One server's backend, bound to one run (process incarnation) of the server: once that
+/// process has crashed, its service is a ghost and every backend call fails.
 pub(crate) struct SimBackend {
     server: String,
     world: Shared,
+    incarnation: u64,
 }
 
 impl SimBackend {
     pub(crate) fn new(server: &str, world: &Shared) -> SimBackend {
+        let incarnation = world.borrow().proc(server).map_or(0, |p| p.incarnation);
         SimBackend {
             server: server.to_owned(),
             world: Rc::clone(world),
+            incarnation,
+        }
+    }
+
+    fn alive(&self) -> Result<(), BackendError> {
+        let now = self
+            .world
+            .borrow()
+            .proc(&self.server)
+            .map(|p| p.incarnation);
+        if now == Some(self.incarnation) {
+            Ok(())
+        } else {
+            Err(be(format!(
+                "{} run {} has crashed (now {now:?})",
+                self.server, self.incarnation
+            )))
         }
     }
 }
@@ -57,6 +77,7 @@ impl VolumeBackend for SimBackend {
         epoch: Epoch,
         _lease_ttl_ms: u64,
     ) -> Result<(), BackendError> {
+        self.alive()?;
         let w = self.world.borrow();
         let p = w
             .proc(&self.server)
@@ -78,6 +99,7 @@ impl VolumeBackend for SimBackend {
         _volume: &str,
         rebuild_addr: Option<&str>,
     ) -> Result<Arc<dyn StorageAdapter>, BackendError> {
+        self.alive()?;
         let w = self.world.borrow();
         match rebuild_addr {
             None => {
@@ -101,6 +123,7 @@ impl VolumeBackend for SimBackend {
         _volume: &str,
         endpoint: &Endpoint,
     ) -> Result<ReplicaHandshake, BackendError> {
+        self.alive()?;
         let mut w = self.world.borrow_mut();
         let mut target =
             SimTarget::connect(&w.net, Dest::Addr(endpoint.data_addr.clone())).map_err(be)?;
@@ -128,6 +151,7 @@ impl VolumeBackend for SimBackend {
         epoch: Epoch,
         session: SessionId,
     ) -> Result<Self::Io, BackendError> {
+        self.alive()?;
         let mut w = self.world.borrow_mut();
         // The driver is this run of the server (its process incarnation), as in
         // `DataDirBackend::lineage`: session IDs restart with a restarted registry.
@@ -144,7 +168,13 @@ impl VolumeBackend for SimBackend {
                 }
                 let target = SimTarget::connect(&w.net, Dest::Addr(endpoint.data_addr.clone()))
                     .map_err(be)?;
-                (p.storage, target, None)
+                let source = Source {
+                    net: Arc::clone(&w.net),
+                    addr: None,
+                    server: self.server.clone(),
+                    incarnation: p.incarnation,
+                };
+                (p.storage, target, Some(source))
             }
             Route::Pull { rebuild_addr } => {
                 let (srv, storage, inc) = w.net.resolve_rebuild(rebuild_addr).map_err(be)?;
@@ -152,7 +182,7 @@ impl VolumeBackend for SimBackend {
                     SimTarget::connect(&w.net, Dest::Local(self.server.clone())).map_err(be)?;
                 let source = Source {
                     net: Arc::clone(&w.net),
-                    addr: rebuild_addr.to_owned(),
+                    addr: Some(rebuild_addr.to_owned()),
                     server: srv,
                     incarnation: inc,
                 };
@@ -191,6 +221,7 @@ impl VolumeBackend for SimBackend {
     }
 
     fn local_handshake(&mut self, _volume: &str) -> Option<ReplicaHandshake> {
+        self.alive().ok()?;
         let p = self.world.borrow().proc(&self.server)?;
         let reply = p.replica.clone().handshake().ok()?;
         Some(if reply.install_incomplete {
@@ -201,6 +232,9 @@ impl VolumeBackend for SimBackend {
     }
 
     fn on_recovery_step(&mut self, _volume: &str, replica: &ReplicaId, step: &StepInfo) {
+        if self.alive().is_err() {
+            return;
+        }
         self.world
             .borrow_mut()
             .interleave(&self.server, replica, step);

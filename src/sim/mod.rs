@@ -16,10 +16,33 @@
 //! the primary's `BlockVolStorage`. Flushers are manual (`FlusherMode::Manual`), WAL-full waits
 //! have a zero timeout, and nothing reads a clock, so a run depends on its seed only.
 //!
-//! The network is a table of live processes ([`net`]): a connection is bound to the process
-//! incarnation it reached, so a request after that process restarted fails like a reset TCP
-//! connection; an address can be unreachable; a server can move to a new address.
+//! The network is a table of live processes (module `net`): a connection is bound to the
+//! process incarnation it reached, so a request after that process restarted fails like a
+//! reset TCP connection (messages never outlive their connection); an address can be
+//! unreachable; a server can move to a new address. A crash drops the process: its volume is
+//! reopened from a `SimDisk` crash image (unsynced sectors dropped, kept, or torn), and its
+//! service restarts with an empty registry. A service whose process crashed while it was
+//! running (inside a recovery) is a ghost: its remaining backend calls fail.
 //!
+//! Volumes have no flusher thread, so the simulator plays the background flushers where they
+//! matter: a replica keeps half of its ring free ahead of an apply, and a writer (client or
+//! apply) that finds the ring full waits one flush cycle and tries again, as it would wait for
+//! the real flusher.
+//!
+//! # Operations and faults
+//!
+//! Each step of the faulty phase draws one [`Op`] with seed-chosen weights (swarm testing: a
+//! seed also switches some fault kinds off): client writes and trims, syncs (commits), flushes,
+//! assignments from the master (reassign, rebuild, epoch bump, failover, late or duplicated
+//! re-delivery of any earlier assignment), replica and primary crashes, disconnects and
+//! reconnects, address changes, pin failures, retention pressure, replication rounds cut short,
+//! and stale messages, sessions and writes. Inside every recovery, the executors' step hook
+//! ([`controlbridge::VolumeBackend::on_recovery_step`]) may inject an [`Interleave`] event
+//! between two steps: client writes and commits, flushes, retention pressure, an emergency pin
+//! revocation, a disconnect, a crash of the target, of another replica or of the primary
+//! (including the server running the recovery), an epoch bump, a cancel, a pin failure, a stale
+//! request. Tests schedule these events instead ([`Sim::at_next_recovery_step`]).
+
 //! # The replication model (what "committed" means)
 //!
 //! The crates implement recovery, not the steady-state replication stream, so the simulator
@@ -29,18 +52,20 @@
 //! - Clients write to the primary's volume (`write_in_epoch` / `trim_in_epoch` at the volume's
 //!   epoch). A write is *accepted* when the volume returns its LSN, and *acknowledged* only when
 //!   a later client sync commits it.
-//! - A client sync ([`Op::Commit`]) makes the primary durable to `d`, then, for every replica
-//!   the primary's engine registry reports `in_sync`, ships `(F, d]` through the real
+//! - A client sync ([`Op::Commit`]) makes the primary durable to `d`, then, in rounds of at
+//!   most 16 entries (a pipelined stream: each round tells the replicas the committed point of
+//!   the last one, so they can flush), for every replica the primary's engine registry reports
+//!   `in_sync`, ships `(F, t]` through the real
 //!   `ReplicaTarget` path (`BridgeIo::stream_wal_chunk` with its anchor check, then `barrier`,
 //!   which checks the replica's durable tip against the primary's entry) under the lineage of a
 //!   separate `"<primary>/stream"` driver. A replica that misses the round (unreachable, fenced,
 //!   restarted, divergent) is demoted to `degraded` in the primary's registry, and the next
 //!   primary assignment recovers it through the engine.
-//! - `d` is **committed** when the primary and every replica still in sync after the round
+//! - `t` is **committed** when the primary and every replica still in sync after the round
 //!   have it durably, and at least one replica does (otherwise the sync fails and nothing new
-//!   is acknowledged). The primary's volume then gets `set_committed(d)`, which gates its
+//!   is acknowledged). The primary's volume then gets `set_committed(t)`, which gates its
 //!   flusher and is the committed LSN the engine plans against. The replicas that acknowledged
-//!   `d` are the *holders* of the committed prefix; a holder stops being one when a base install
+//!   `t` are the *holders* of the committed prefix; a holder stops being one when a base install
 //!   starts on it (its copy is wiped).
 //! - At every step boundary the stream also tops up each in-sync replica to the committed LSN
 //!   (a replica that finished a catch-up at its frozen target joins the stream there).
@@ -77,16 +102,18 @@
 //! - **(c) a stale epoch or session changes nothing.** Stale operations are injected on
 //!   purpose, each judged stale by the simulator's own record of what the recipient has
 //!   accepted, and the recipient's state is recorded before and after: an assignment older than
-//!   one the server accepted (its registry, role and volume must not change), a replica request
-//!   whose lineage epoch is below the epoch the replica was assigned (it must be refused as
-//!   fenced and leave the volume unchanged), engine calls with a session that is no longer
+//!   one the server accepted (lower epoch, or the same epoch and an older address version: its
+//!   registry, role and volume must not change), a replica request whose lineage epoch is below
+//!   the epoch the replica was assigned, or whose session is older than one this run of the
+//!   replica accepted from the same driver at the same epoch (it must be refused as fenced and
+//!   leave the volume unchanged), engine calls with a session that is no longer
 //!   current and an intent below the registry's epoch (refused, registry status unchanged), and
 //!   client writes stamped with an old epoch (refused, volume unchanged).
 //! - **(d) no pin outstanding without a recovery.** Recoveries run to completion inside a step,
 //!   so at every step boundary every live volume reports `pins_outstanding == 0` and every
 //!   primary storage holds no base image.
-//! - **(e) liveness.** Every run ends with a healed phase: no more faults, every address
-//!   reachable, and the master re-sends assignments (a rebuild for a replica the primary reports
+//! - **(e) liveness.** Every run ends with a healed phase: no more faults (every address
+//!   reachable, queued pin failures dropped), and the master re-sends assignments (a rebuild for a replica the primary reports
 //!   `needs_rebuild`, the primary's assignment while a replica is not in sync) while clients keep
 //!   writing. Every replica must be in sync within [`SimOptions::liveness_bound`] healed steps
 //!   and stay in sync; at the end every volume's digest equals the oracle's committed image.
@@ -96,12 +123,13 @@
 //!
 //! # What it does not model
 //!
-//! Concurrency inside a process (everything is one thread; interleaving happens at the
-//! executors' step hook, [`controlbridge::VolumeBackend::on_recovery_step`]), crashes in the
-//! middle of a sync or of a blockvol call (the crash-consistency tests cover those), disk I/O
-//! errors and media corruption, message reordering within a connection, durability modes other
-//! than the one above (the engine has none), catch-up budgets (the control bridge sets none),
-//! the master's own failures, and more than one volume.
+//! Concurrency inside a process (everything is one thread; interleaving happens only at the
+//! executors' step hook), crashes in the middle of a sync or of a blockvol call (the
+//! crash-consistency tests cover those), disk I/O errors and media corruption, messages that
+//! outlive their connection or are reordered within it, durability modes other than the one
+//! above (the engine has none), catch-up budgets (the control bridge sets none), the master's
+//! own failures and its choice of what to send beyond the rules above, and more than one
+//! volume.
 //!
 //! # Proving the checker can fail
 //!
@@ -250,6 +278,8 @@ pub struct Stats {
     /// Failed recoveries, by cause (the executor's release reason or the planning error,
     /// without step numbers).
     pub failures: BTreeMap<String, u64>,
+    /// The first full message of each failure cause.
+    pub failure_examples: BTreeMap<String, String>,
     /// Client writes and trims the primary accepted.
     pub writes: u64,
     /// Writes refused because the WAL was full.
@@ -289,6 +319,11 @@ impl Stats {
         }
         for (k, v) in &o.failures {
             *self.failures.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.failure_examples {
+            self.failure_examples
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
         }
         self.writes += o.writes;
         self.wal_full += o.wal_full;

@@ -40,6 +40,9 @@ pub struct Proc {
 struct NetInner {
     procs: BTreeMap<String, Proc>,
     down: BTreeSet<String>,
+    /// Every lineage a replica process accepted a request from: (server, incarnation) ->
+    /// lineages.
+    accepted: BTreeMap<(String, u64), BTreeSet<Lineage>>,
 }
 
 /// Processes and network, shared by every server's backend and every connection.
@@ -76,6 +79,14 @@ impl Net {
             .collect()
     }
 
+    /// Gives every process a fresh primary storage adapter, dropping fault injections still
+    /// queued in the old ones (pin failures). Only between recoveries: no pin is live then.
+    pub fn fresh_storages(&self) {
+        for p in self.lock().procs.values_mut() {
+            p.storage = Arc::new(BlockVolStorage::new(Arc::clone(&p.vol)));
+        }
+    }
+
     /// Changes what `server` listens on.
     pub fn set_listening(&self, server: &str, data: bool, rebuild: bool) {
         if let Some(p) = self.lock().procs.get_mut(server) {
@@ -89,6 +100,34 @@ impl Net {
         if let Some(p) = self.lock().procs.get_mut(server) {
             p.data_addr = addr.to_owned();
         }
+    }
+
+    /// Records that `server`'s run `incarnation` accepted a request from `lineage`.
+    pub fn note_accepted(&self, server: &str, incarnation: u64, lineage: Lineage) {
+        self.lock()
+            .accepted
+            .entry((server.to_owned(), incarnation))
+            .or_default()
+            .insert(lineage);
+    }
+
+    /// Lineages `server`'s current run accepted that are older than a newer one it accepted
+    /// from the same driver at the same epoch: the replica must refuse them now.
+    pub fn superseded_lineages(&self, server: &str) -> Vec<Lineage> {
+        let g = self.lock();
+        let Some(inc) = g.procs.get(server).map(|p| p.incarnation) else {
+            return Vec::new();
+        };
+        let Some(seen) = g.accepted.get(&(server.to_owned(), inc)) else {
+            return Vec::new();
+        };
+        seen.iter()
+            .filter(|l| {
+                seen.iter()
+                    .any(|n| n.driver == l.driver && n.epoch == l.epoch && n.session > l.session)
+            })
+            .copied()
+            .collect()
     }
 
     /// Makes `addr` unreachable, or reachable again.
@@ -207,6 +246,14 @@ impl SimTarget {
     fn live(&self) -> Result<LocalReplica, TargetError> {
         self.live_proc().map(|p| p.replica)
     }
+
+    fn accepted<T>(&self, lineage: Lineage, r: Result<T, TargetError>) -> Result<T, TargetError> {
+        if r.is_ok() {
+            self.net
+                .note_accepted(&self.server, self.incarnation, lineage);
+        }
+        r
+    }
 }
 
 /// The replica's background flusher, emulated where it matters (the simulated volumes have no
@@ -226,7 +273,8 @@ impl ReplicaTarget for SimTarget {
     fn apply(&mut self, req: ApplyRequest) -> Result<ApplyReply, TargetError> {
         let p = self.live_proc()?;
         flush_if_half_full(&p.vol);
-        match p.replica.clone().apply(req.clone()) {
+        let lineage = req.lineage;
+        let r = match p.replica.clone().apply(req.clone()) {
             Err(TargetError::Storage(e)) if e.contains("WAL full") => {
                 // An apply is idempotent (entries the replica already holds are acknowledged as
                 // duplicates), so the waiting writer simply tries again after the flush.
@@ -234,31 +282,42 @@ impl ReplicaTarget for SimTarget {
                 p.replica.clone().apply(req)
             }
             other => other,
-        }
+        };
+        self.accepted(lineage, r)
     }
     fn truncate(&mut self, req: TruncateRequest) -> Result<EntryInfo, TargetError> {
-        self.live()?.truncate(req)
+        let lineage = req.lineage;
+        let r = self.live()?.truncate(req);
+        self.accepted(lineage, r)
     }
     fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError> {
-        self.live()?.begin_base(req)
+        let lineage = req.lineage;
+        let r = self.live()?.begin_base(req);
+        self.accepted(lineage, r)
     }
     fn base_chunk(&mut self, req: BaseChunkRequest) -> Result<(), TargetError> {
-        self.live()?.base_chunk(req)
+        let lineage = req.lineage;
+        let r = self.live()?.base_chunk(req);
+        self.accepted(lineage, r)
     }
     fn finish_base(&mut self, lineage: Lineage) -> Result<BvLsn, TargetError> {
-        self.live()?.finish_base(lineage)
+        let r = self.live()?.finish_base(lineage);
+        self.accepted(lineage, r)
     }
     fn barrier(&mut self, req: BarrierRequest) -> Result<BarrierReply, TargetError> {
-        self.live()?.barrier(req)
+        let lineage = req.lineage;
+        let r = self.live()?.barrier(req);
+        self.accepted(lineage, r)
     }
 }
 
-/// The primary a pull reads from, bound to the incarnation the plan pinned.
+/// The primary a transfer reads from, bound to the incarnation the plan pinned: over the
+/// network for a pull (`addr`), or the local process for a push.
 pub struct Source {
     /// The network.
     pub net: Arc<Net>,
-    /// The primary's rebuild address.
-    pub addr: String,
+    /// The primary's rebuild address, for a pull.
+    pub addr: Option<String>,
     /// The primary's server.
     pub server: String,
     /// The incarnation the plan pinned.
@@ -267,16 +326,26 @@ pub struct Source {
 
 impl Source {
     fn check(&self) -> Result<(), TransferError> {
-        match self.net.resolve_rebuild(&self.addr) {
-            Ok((s, _, inc)) if s == self.server && inc == self.incarnation => Ok(()),
-            Ok((s, _, inc)) => Err(TransferError::Transport {
-                detail: format!(
-                    "connection to {} reset: now {s} incarnation {inc}, was {} incarnation {}",
-                    self.addr, self.server, self.incarnation
-                ),
-            }),
-            Err(e) => Err(TransferError::Transport { detail: e }),
+        let now = match &self.addr {
+            Some(addr) => self
+                .net
+                .resolve_rebuild(addr)
+                .map(|(s, _, inc)| (s, inc))
+                .map_err(|detail| TransferError::Transport { detail })?,
+            None => (
+                self.server.clone(),
+                self.net.proc(&self.server).map_or(0, |p| p.incarnation),
+            ),
+        };
+        if now == (self.server.clone(), self.incarnation) {
+            return Ok(());
         }
+        Err(TransferError::Transport {
+            detail: format!(
+                "source {} incarnation {} is gone (now {} incarnation {})",
+                self.server, self.incarnation, now.0, now.1
+            ),
+        })
     }
 }
 

@@ -269,13 +269,38 @@ impl Sim {
             a.epoch < e || (is_primary_role && a.epoch == e && a.addr_version < v)
         };
         let before = stale.then(|| self.server_print(s));
-        self.world.borrow_mut().running = Some(s.to_owned());
+        let incarnation = {
+            let mut w = self.world.borrow_mut();
+            w.running = Some(s.to_owned());
+            w.proc(s).map(|p| p.incarnation)
+        };
         let svc = self.services.get_mut(s)?;
         let out = svc.process_assignments(std::slice::from_ref(&a)).pop();
         let orch = svc.orchestrator(VOLUME);
         {
             let mut w = self.world.borrow_mut();
             w.running = None;
+            if let Some(out) = &out {
+                for (id, rec) in &out.recoveries {
+                    *w.stats.recoveries.entry(record_name(rec)).or_default() += 1;
+                    if let RecoveryRecord::Failed(e) = rec {
+                        let cause = failure_cause(e);
+                        w.stats
+                            .failure_examples
+                            .entry(cause.clone())
+                            .or_insert_with(|| e.clone());
+                        *w.stats.failures.entry(cause).or_default() += 1;
+                    }
+                    w.note(format!("  {id}: {}", describe(rec)));
+                }
+            }
+            if w.proc(s).map(|p| p.incarnation) != incarnation {
+                // The server crashed during the call: what its old run accepted died with it.
+                w.note(format!("  {s} crashed while processing the assignment"));
+                drop(w);
+                self.drain();
+                return out;
+            }
             match orch {
                 Some(o) => {
                     for snd in o.registry().status().senders {
@@ -294,13 +319,6 @@ impl Sim {
                 }
             }
             if let Some(out) = &out {
-                for (id, rec) in &out.recoveries {
-                    *w.stats.recoveries.entry(record_name(rec)).or_default() += 1;
-                    if let RecoveryRecord::Failed(e) = rec {
-                        *w.stats.failures.entry(failure_cause(e)).or_default() += 1;
-                    }
-                    w.note(format!("  {id}: {}", describe(rec)));
-                }
                 match &out.error {
                     None => {
                         let acc = w.master.accepted.entry(s.to_owned()).or_default();
@@ -807,6 +825,8 @@ impl Sim {
         let (steps, bound) = {
             let mut w = self.world.borrow_mut();
             w.healing = true;
+            // No fault may outlive the faulty phase: drop the pin failures still queued.
+            w.net.fresh_storages();
             w.note("healed phase: no more faults");
             (w.opts.heal_steps, w.opts.liveness_bound)
         };

@@ -89,12 +89,13 @@ pub enum Interleave {
     RevokePins,
     /// The recovering replica's data address becomes unreachable.
     DisconnectTarget,
-    /// The recovering replica crashes and restarts (unless its own service is running).
+    /// The recovering replica crashes and restarts (when its own service drives the recovery,
+    /// a pull, that service is left a ghost whose remaining calls fail).
     CrashTarget,
     /// Another replica crashes and restarts.
     CrashOther,
-    /// The primary crashes (unless its own service is running), then restarts in place or
-    /// fails over once the running recovery returns.
+    /// The primary crashes, then restarts in place or fails over once the running recovery
+    /// returns.
     CrashPrimary {
         /// Fail over instead of restarting in place.
         failover: bool,
@@ -413,7 +414,7 @@ pub(crate) struct World {
     pub violations: Vec<Violation>,
     pub trace: VecDeque<String>,
     pub step: u64,
-    /// The server whose service is running right now (its process cannot crash under it).
+    /// The server whose service is running right now.
     pub running: Option<String>,
     pub healing: bool,
     /// Pins leaked on purpose by [`Bug::LeakPin`].
@@ -1060,21 +1061,24 @@ impl World {
         if p.serves_rebuild {
             return; // a primary's replica endpoint does not listen
         }
+        // Stale by the simulator's own record: an epoch below one the master assigned this
+        // server, or a session older than one this run of the replica accepted from the same
+        // driver at the same epoch.
         let known = self.known_epoch.get(server).copied().unwrap_or(0);
-        if known == 0 {
-            return;
-        }
-        let mut lineage = {
-            let old: Vec<Lineage> = self
-                .lineages
-                .iter()
-                .filter(|(s, l)| s == server && l.epoch < known)
-                .map(|(_, l)| *l)
-                .collect();
-            match self.rng.pick(&old) {
-                Some(l) => *l,
-                None => Lineage::new(&self.master.primary, known - 1, 1 + self.rng.below(5)),
+        let mut stale: Vec<Lineage> = self
+            .lineages
+            .iter()
+            .filter(|(s, l)| s == server && l.epoch < known)
+            .map(|(_, l)| *l)
+            .collect();
+        stale.extend(self.net.superseded_lineages(server));
+        let picked = self.rng.pick(&stale).copied();
+        let mut lineage = match picked {
+            Some(l) => l,
+            None if known > 0 => {
+                Lineage::new(&self.master.primary, known - 1, 1 + self.rng.below(5))
             }
+            None => return,
         };
         if self.bug(Bug::StaleStampedCurrent) {
             lineage.epoch = p.vol.status().epoch;
@@ -1121,13 +1125,13 @@ impl World {
             self.violate(
                 Invariant::StaleChangesNothing,
                 format!(
-                    "{kind:?} from stale lineage {lineage:?} (server assigned epoch {known}) to {server}: {result:?}; volume before {before:?} after {after:?}"
+                    "{kind:?} from stale lineage {lineage:?} (server assigned epoch {known}, or a newer session of the driver accepted) to {server}: {result:?}; volume before {before:?} after {after:?}"
                 ),
             );
         } else {
             self.note(format!(
-                "stale {kind:?} at epoch {} to {server}: fenced",
-                lineage.epoch
+                "stale {kind:?} (epoch {} session {}) to {server}: fenced",
+                lineage.epoch, lineage.session
             ));
         }
     }
@@ -1365,8 +1369,9 @@ impl World {
                 self.note(format!("{addr} unreachable"));
             }
             Interleave::CrashTarget => {
-                // The running server's own process cannot crash under its service.
-                if target != running && target != primary {
+                // Even the running server's own process (a pull): its service becomes a ghost
+                // whose remaining calls fail, and restarts once the running call returns.
+                if target != primary {
                     self.fault("crash_replica");
                     self.crash(&target);
                 }
@@ -1376,7 +1381,7 @@ impl World {
                     .master
                     .replicas()
                     .into_iter()
-                    .filter(|s| s != running && *s != target)
+                    .filter(|s| *s != target)
                     .collect();
                 if let Some(s) = self.rng.pick(&others).cloned() {
                     self.fault("crash_replica");
@@ -1384,12 +1389,11 @@ impl World {
                 }
             }
             Interleave::CrashPrimary { failover } => {
-                if primary != running {
-                    self.fault("crash_primary");
-                    if self.crash(&primary) {
-                        self.deferred
-                            .push_back(Deferred::PrimaryCrashed { failover });
-                    }
+                // Also when the primary's own service is the one pushing this recovery.
+                self.fault("crash_primary");
+                if self.crash(&primary) {
+                    self.deferred
+                        .push_back(Deferred::PrimaryCrashed { failover });
                 }
             }
             Interleave::EpochBump => {

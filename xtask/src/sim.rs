@@ -18,6 +18,7 @@ struct Args {
     heal: Option<u64>,
     replicas: Option<usize>,
     quiet: bool,
+    verbose: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -28,6 +29,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         heal: None,
         replicas: None,
         quiet: false,
+        verbose: false,
     };
     let mut seed_given = false;
     let mut it = args.iter();
@@ -47,6 +49,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--heal-steps" => a.heal = Some(num(it.next(), "--heal-steps")?),
             "--replicas" => a.replicas = Some(num(it.next(), "--replicas")? as usize),
             "--quiet" => a.quiet = true,
+            "--verbose" => a.verbose = true,
             other => return Err(format!("sim: unknown option {other}")),
         }
     }
@@ -113,11 +116,22 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
             o.heal_steps = h;
         }
         let t = Instant::now();
+        // `seed=N` goes out before the run starts, so even a run that never returns names its
+        // seed; in quiet mode a progress line every 250 seeds does.
+        if !a.quiet {
+            print!("seed={seed} ");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        } else if (seed - a.first) % 250 == 0 {
+            eprintln!("sim: seeds from {seed} ...");
+        }
         let r = sim::run(&o);
         let s = &r.stats;
+        if a.quiet && !r.passed() {
+            print!("seed={seed} ");
+        }
         if !a.quiet || !r.passed() {
             println!(
-                "seed={seed} {} steps={} faults={} writes={} commits={} committed={} epoch={} recoveries={} violations={} {:.2}s  [{}]",
+                "{} steps={} faults={} writes={} commits={} committed={} epoch={} recoveries={} violations={} {:.2}s  [{}]",
                 if r.passed() { "ok" } else { "FAIL" },
                 s.steps,
                 s.total_faults(),
@@ -139,8 +153,15 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
             for line in r.trace.iter().rev().take(40).rev() {
                 println!("    {line}");
             }
-            println!("  rerun: {}", r.rerun_command());
-            failed.push(r.rerun_command());
+            let mut rerun = r.rerun_command();
+            if let Some(n) = a.replicas {
+                rerun.push_str(&format!(" --replicas {n}"));
+            }
+            if let Some(h) = a.heal {
+                rerun.push_str(&format!(" --heal-steps {h}"));
+            }
+            println!("  rerun: {rerun}");
+            failed.push(rerun);
         }
         total.merge(&r.stats);
     }
@@ -180,11 +201,15 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     );
     let mut causes: Vec<(&String, &u64)> = total.failures.iter().collect();
     causes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    print!("recovery failures by cause:");
+    println!("recovery failures by cause:");
     for (k, v) in causes {
-        print!(" [{k}]={v}");
+        println!("  {v:>8}  {k}");
+        if a.verbose
+            && let Some(e) = total.failure_examples.get(k)
+        {
+            println!("            e.g. {e}");
+        }
     }
-    println!();
     println!("{}", table("operations", &total.ops));
     if failed.is_empty() {
         println!("all {} seeds passed", a.seeds);
