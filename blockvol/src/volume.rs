@@ -1296,6 +1296,8 @@ impl Volume {
             tail_moving_to: None,
         };
         let wal_size = sb.wal_size;
+        // The slot the next superblock write must avoid, and its sequence number.
+        let (mut last_seq, mut last_slot) = (sb.seq, slot);
         if !install_incomplete {
             let params = WalkParams {
                 wal_size,
@@ -1341,6 +1343,8 @@ impl Volume {
                 );
                 repaired = true;
             }
+            // (Reaching here with either means `opts.repair` is set.)
+            let repairing = res.evidence.is_some() || below_mark;
             if below_checkpoint {
                 // The extent holds everything up to the checkpoint; the log past it is gone.
                 st.head = sb.checkpoint;
@@ -1365,6 +1369,34 @@ impl Volume {
                 for e in &entries {
                     st.put_dirty(e, sb.block_size);
                 }
+            }
+            if repairing {
+                // Persist the repair before destroying its evidence: once a leftover is zeroed,
+                // a crash must not let the shortened log open as a clean one. The slot marks the
+                // checkpoint untrusted, names the new tail when the log ended below the
+                // checkpoint, and lowers the durable mark to what the log still holds (only
+                // ever lowering it, so nothing unsynced is claimed).
+                let mut r = sb.clone();
+                r.flags |= SB_FLAG_REPAIRED;
+                r.seq = last_seq + 1;
+                r.tail_lsn = st.tail;
+                r.tail_pos = st.tail_pos;
+                r.tail_epoch = st.tail_info.epoch;
+                r.tail_crc = st.tail_info.content_crc;
+                r.head_hint = st.head;
+                r.durable_mark = sb.durable_mark.min(st.head);
+                let off = if last_slot == 0 {
+                    SB_SLOT_B_OFFSET
+                } else {
+                    SB_SLOT_A_OFFSET
+                };
+                medium
+                    .write_at(off, &r.encode())
+                    .map_err(|e| BlockVolError::io("write superblock", medium.describe(), e))?;
+                medium
+                    .sync_range(off, SB_SLOT_SIZE)
+                    .map_err(|e| BlockVolError::io("sync superblock", medium.describe(), e))?;
+                (last_seq, last_slot) = (r.seq, 1 - last_slot);
             }
             // Neutralize leftovers of a torn tail (and, under repair, everything after the
             // corruption) so no later recovery can mistake them for evidence or splice them in.
@@ -1395,7 +1427,10 @@ impl Volume {
             flusher_cond: Condvar::new(),
             flush_lock: Mutex::new(()),
             extent_rw: RwLock::new(()),
-            sb: Mutex::new(SbWriter { seq: sb.seq, slot }),
+            sb: Mutex::new(SbWriter {
+                seq: last_seq,
+                slot: last_slot,
+            }),
         });
         {
             let mut w = shared.sb_writer();

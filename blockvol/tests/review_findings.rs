@@ -3,8 +3,68 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use blockvol::format::WAL_OFFSET;
-use blockvol::{BlockVolError, CrashMode, CreateOptions, Lsn, SimDisk, SyncPoint, Volume};
+use blockvol::{
+    BlockVolError, CrashMode, CreateOptions, Lsn, OpenOptions, SimDisk, SyncPoint, Volume,
+};
 use common::{data, manual, tiny};
+
+/// A crash image, once taken.
+type Captured = Arc<Mutex<Option<Vec<u8>>>>;
+
+/// DurableOnly crash image at the first superblock sync ("before") once armed.
+fn capture_at_sb_sync(disk: &SimDisk) -> (Arc<Mutex<bool>>, Captured) {
+    let arm = Arc::new(Mutex::new(false));
+    let img: Captured = Arc::new(Mutex::new(None));
+    let (a2, i2) = (arm.clone(), img.clone());
+    disk.set_sync_hook(Some(Arc::new(move |d: &SimDisk, p: &SyncPoint| {
+        if !p.after && p.offset < WAL_OFFSET && *a2.lock().unwrap() {
+            let mut g = i2.lock().unwrap();
+            if g.is_none() {
+                *g = Some(d.crash_image_with(0, CrashMode::DurableOnly));
+            }
+        }
+    })));
+    (arm, img)
+}
+
+#[test]
+fn f2_crash_during_repair_loses_the_repaired_mark() {
+    let o = tiny();
+    let bs = o.block_size;
+    let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
+    for i in 0..10u64 {
+        v.write(i, &data(100 + i, 1, bs)).unwrap();
+        v.sync().unwrap();
+    }
+    let off = v.entry_file_offset(Lsn(5)).unwrap();
+    drop(v); // no clean close: durable mark stays low
+    disk.corrupt(off + 64 + 7, &[0xAA, 0x55]);
+    assert!(matches!(
+        Volume::open_sim(&disk, &manual()),
+        Err(BlockVolError::Corrupt { .. })
+    ));
+    let (arm, img) = capture_at_sb_sync(&disk);
+    *arm.lock().unwrap() = true;
+    let v = Volume::open_sim(
+        &disk,
+        &OpenOptions {
+            repair: true,
+            ..manual()
+        },
+    )
+    .expect("repair");
+    assert!(!v.status().checkpoint_trusted);
+    disk.set_sync_hook(None);
+    drop(v);
+    let d2 = SimDisk::from_image(img.lock().unwrap().take().unwrap());
+    if let Ok(v) = Volume::open_sim(&d2, &manual()) {
+        assert!(
+            !v.status().checkpoint_trusted,
+            "synced entries 5..=10 vanished and the volume opened clean: head {}",
+            v.status().head
+        );
+    }
+}
 
 #[test]
 fn f4_revoked_base_reader_ends_cleanly_with_a_wrong_image() {
