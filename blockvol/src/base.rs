@@ -572,6 +572,7 @@ impl BaseInstall {
             sb.tail_crc = info.content_crc;
             sb.head_hint = base;
             sb.durable_mark = base;
+            sb.flush_mark = base;
             sb
         })?;
         let mut st = s.lock_state();
@@ -580,6 +581,7 @@ impl BaseInstall {
         st.head = base;
         st.tail = base;
         st.checkpoint = base;
+        st.flush_mark = base;
         st.durable = base;
         st.head_pos = 0;
         st.tail_pos = 0;
@@ -688,7 +690,7 @@ impl Volume {
             }
         }
         let (fence_id, pin_id) = self.register_base(at.0)?;
-        let cp = match s.flush_locked(at.0) {
+        let cp = match s.flush_locked(at.0, false) {
             Ok(cp) => cp,
             Err(e) => {
                 self.drop_base(fence_id, pin_id);

@@ -79,8 +79,12 @@ pub const SB_OFF_INSTALL_LSN: usize = 144;
 /// Offset of the u64 durable mark: an LSN known durable when the slot was written. Recovery
 /// that ends below it has lost synced entries (corruption, not a torn tail).
 pub const SB_OFF_DURABLE_MARK: usize = 152;
+/// Offset of the u64 flush mark: the extent may hold entries up to this LSN (a flush's intent,
+/// persisted before the flush touches the extent). Recovery redoes the flush of
+/// `(checkpoint, flush_mark]`; zero (files written before the field existed) means no intent.
+pub const SB_OFF_FLUSH_MARK: usize = 160;
 /// First byte after the fields; bytes up to the CRC must be zero.
-pub const SB_FIELDS_END: usize = 160;
+pub const SB_FIELDS_END: usize = 168;
 /// Offset of the u32 CRC32 over bytes `[0, SB_OFF_CRC)` of the slot.
 pub const SB_OFF_CRC: usize = 4092;
 
@@ -260,6 +264,9 @@ pub struct Superblock {
     pub install_lsn: u64,
     /// An LSN known durable when the slot was written.
     pub durable_mark: u64,
+    /// The extent may hold entries up to this LSN (0: no more than the checkpoint). When it is
+    /// above the checkpoint, recovery redoes the flush of `(checkpoint, flush_mark]`.
+    pub flush_mark: u64,
 }
 
 impl Superblock {
@@ -287,6 +294,7 @@ impl Superblock {
         put_u64(&mut b, SB_OFF_HEAD_HINT, self.head_hint);
         put_u64(&mut b, SB_OFF_INSTALL_LSN, self.install_lsn);
         put_u64(&mut b, SB_OFF_DURABLE_MARK, self.durable_mark);
+        put_u64(&mut b, SB_OFF_FLUSH_MARK, self.flush_mark);
         let crc = crc32fast::hash(&b[..SB_OFF_CRC]);
         put_u32(&mut b, SB_OFF_CRC, crc);
         b
@@ -349,6 +357,7 @@ impl Superblock {
             head_hint: get_u64(buf, SB_OFF_HEAD_HINT),
             install_lsn: get_u64(buf, SB_OFF_INSTALL_LSN),
             durable_mark: get_u64(buf, SB_OFF_DURABLE_MARK),
+            flush_mark: get_u64(buf, SB_OFF_FLUSH_MARK),
         };
         if buf[SB_FIELDS_END..SB_OFF_CRC].iter().any(|b| *b != 0) {
             return Err(bad("nonzero bytes after the fields".into()));
@@ -406,6 +415,14 @@ impl Superblock {
                 self.durable_mark, self.checkpoint
             ));
         }
+        if self.flush_mark != 0
+            && (self.flush_mark < self.checkpoint || self.flush_mark > self.durable_mark)
+        {
+            return Err(format!(
+                "flush mark {} is outside [checkpoint {}, durable mark {}]",
+                self.flush_mark, self.checkpoint, self.durable_mark
+            ));
+        }
         if self.generation == 0 {
             return Err("generation 0 is never written".into());
         }
@@ -418,6 +435,7 @@ impl Superblock {
             ("head hint", self.head_hint),
             ("install lsn", self.install_lsn),
             ("durable mark", self.durable_mark),
+            ("flush mark", self.flush_mark),
         ] {
             if v >= SB_COUNTER_LIMIT {
                 return Err(format!("{name} {v} is beyond the counter limit"));

@@ -30,8 +30,12 @@
 //! 2. `tail <= checkpoint <= durable <= head`. The tail is `min(checkpoint, live pins,
 //!    retention)`; it never moves backwards and moves even when nothing is dirty.
 //! 3. The checkpoint is the largest L such that every entry `<= L` is in the extent and the
-//!    extent is synced. It only rises, and only to a durable entry (so a crash can never leave
-//!    the extent ahead of the WAL), and under `FlushGate::Committed` never above `committed`.
+//!    extent is synced, and no later entry is in the extent. It only rises, and only to a
+//!    durable entry (so a crash can never leave the extent ahead of the WAL), and under
+//!    `FlushGate::Committed` never above `committed`. The extent is written beyond the
+//!    checkpoint only up to the persisted *flush mark*, and recovery redoes the flush up to that
+//!    mark, so a crash in the middle of a flush cannot leave the extent ahead of the checkpoint
+//!    either (truncation above the checkpoint and base images at it rely on that).
 //! 4. In-memory `tail`, `tail_pos` and `checkpoint` equal the persisted ones: they change only
 //!    after the superblock carrying them is durable, so ring space is reused only when no
 //!    recovery can need it.
@@ -65,18 +69,24 @@
 //! entry and chunk types.
 //!
 //! **Flush.** Under the flush lock, the flusher takes the entries in `(checkpoint, limit]`
-//! (limit = durable, gated by committed and by base fences), writes each block unless a newer
-//! entry in the same batch rewrites it, fdatasyncs the extent, persists the new checkpoint and
-//! tail in the other superblock slot, then drops the now-redundant dirty references and pops
-//! recycled entries from the index.
+//! (limit = durable, gated by committed and by base fences). If the limit is above the
+//! persisted flush mark it first persists a higher mark (the flush intent: one superblock
+//! sync). It writes each block unless a newer entry in the same batch rewrites it, fdatasyncs
+//! the extent, persists the new checkpoint and tail in the other superblock slot, then drops
+//! the now-redundant dirty references and pops recycled entries from the index. The
+//! background flusher's superblocks also announce the current gate limit as the flush mark,
+//! and its cycles are pipelined (each flushes up to what the previous one announced), so it
+//! pays one superblock sync per cycle, as before the intent existed.
 //!
 //! **Recovery.** Open picks the newest valid superblock slot, walks the ring from the persisted
 //! tail position expecting `tail + 1`, and stops at the first entry that fails. If a later header
 //! of this generation carries a durable hint at or above the failed LSN, that entry had been
 //! synced: the log is corrupt and open fails (or, with `repair`, truncates and marks the
 //! checkpoint untrusted). Otherwise the failure is a torn tail. Recovery zeroes leftover headers
-//! past the end, msyncs the ring and writes a superblock before accepting I/O, so reopening
-//! twice gives the same state.
+//! past the end, msyncs the ring, redoes the flush of `(checkpoint, flush mark]` if a flush
+//! may have been interrupted (restoring "the extent is exactly the checkpoint's image"), and
+//! writes a superblock before accepting I/O, so reopening twice gives the same state. A repair
+//! persists its mark before it zeroes any leftover.
 //!
 //! **Base images.** `pin_base(at)` flushes exactly to `at` and fences the flusher there: the
 //! extent is the image at `at` while writes continue into the WAL. `BaseReader` streams it in

@@ -95,6 +95,12 @@ pub(crate) struct State {
     pub index: VecDeque<IndexEntry>,
     pub dirty: DirtyMap,
     pub checkpoint: u64,
+    /// The flush mark of the newest durable superblock: the extent may hold entries up to it
+    /// (see `Shared::flush_locked`). At least the checkpoint once a flush or a recovery ran,
+    /// at most the durable LSN; it rises with flushes and is lowered only where no flush can
+    /// run (truncation, base install, repair, clean close). Changed only under the superblock
+    /// writer lock, after the superblock carrying it is durable.
+    pub flush_mark: u64,
     pub durable: u64,
     pub synced_pos: u64,
     pub committed: u64,
@@ -423,6 +429,7 @@ impl Shared {
                 0
             },
             durable_mark: st.durable,
+            flush_mark: st.flush_mark,
         }
     }
 
@@ -509,6 +516,23 @@ impl Shared {
     /// Persists a new checkpoint (if given) and whatever tail the retention rules now allow,
     /// then applies both in memory. Safe to call from any thread; a no-op when nothing moves.
     pub(crate) fn persist_progress(&self, new_cp: Option<u64>) -> Result<()> {
+        self.persist_progress_with(new_cp, false)
+    }
+
+    /// The flush mark a superblock written now may announce: the gate limit (every entry up
+    /// to it is durable and, under `FlushGate::Committed`, committed, so recovery may redo its
+    /// flush), never below the persisted mark or `cp`. Not while an install runs.
+    fn announced_mark(&self, st: &State, cp: u64) -> u64 {
+        if st.installing || st.install_incomplete {
+            return st.flush_mark;
+        }
+        st.flush_mark.max(cp).max(self.gate_limit(st).min(st.head))
+    }
+
+    /// `persist_progress`; with `announce` (the background flusher's final superblock) the
+    /// slot also announces the current gate limit as its flush mark, so the next cycle up to it
+    /// needs no intent write of its own.
+    fn persist_progress_with(&self, new_cp: Option<u64>, announce: bool) -> Result<()> {
         let mut w = self.sb_writer();
         let (sb, cp, t) = {
             let mut st = self.lock_state();
@@ -529,8 +553,14 @@ impl Shared {
             sb.tail_pos = tail_pos;
             sb.tail_epoch = tail_info.epoch;
             sb.tail_crc = tail_info.content_crc;
+            sb.flush_mark = if announce {
+                self.announced_mark(&st, cp)
+            } else {
+                st.flush_mark.max(cp)
+            };
             (sb, cp, t)
         };
+        let sb_mark = sb.flush_mark;
         let r = self.write_sb(&mut w, sb);
         let mut st = self.lock_state();
         st.tail_moving_to = None;
@@ -543,6 +573,7 @@ impl Shared {
             st.clean_dirty(old, cp);
             st.checkpoint = cp;
         }
+        st.flush_mark = sb_mark;
         st.set_tail(t);
         self.cond.notify_all();
         Ok(())
@@ -847,7 +878,7 @@ impl Shared {
         }
     }
 
-    fn flush_limit(&self, st: &State) -> u64 {
+    pub(crate) fn flush_limit(&self, st: &State) -> u64 {
         let mut l = self.gate_limit(st);
         if let Some(f) = st.min_fence() {
             l = l.min(f);
@@ -946,20 +977,42 @@ impl Shared {
     }
 
     /// One flush cycle up to `limit_req` (caller holds `flush_lock`). Returns the checkpoint.
-    pub(crate) fn flush_locked(&self, limit_req: u64) -> Result<u64> {
-        let (ops, limit, old_cp, stamp) = {
+    ///
+    /// The extent is written only up to the flush mark of a durable superblock: a crash after
+    /// the extent writes but before the new checkpoint is durable leaves the extent ahead of
+    /// the checkpoint, and the mark is what lets recovery redo the flush up to where the extent
+    /// may be, restoring "the extent holds every entry up to the checkpoint and nothing later"
+    /// (truncation and base images rely on it). When the limit is above the persisted mark, an
+    /// intent superblock raises the mark to the limit first.
+    ///
+    /// With `announce` (the background flusher) the intent and the final superblock announce
+    /// the gate limit of that moment instead, so a next cycle up to it needs no intent write.
+    /// Explicit flushes do not announce: a recovery after them redoes nothing beyond the limit
+    /// they were asked for, so the checkpoint a dirty reopen finds is the one they returned.
+    pub(crate) fn flush_locked(&self, limit_req: u64, announce: bool) -> Result<u64> {
+        let (ops, limit, old_cp, stamp, mark) = {
             let st = self.lock_state();
             self.check_usable(&st)?;
             self.check_installed(&st, "flush")?;
             let limit = self.flush_limit(&st).min(limit_req).min(st.head);
             if limit <= st.checkpoint {
-                (Vec::new(), st.checkpoint, st.checkpoint, st.stamp)
+                (
+                    Vec::new(),
+                    st.checkpoint,
+                    st.checkpoint,
+                    st.stamp,
+                    st.flush_mark,
+                )
             } else {
-                (self.collect_ops(&st, limit), limit, st.checkpoint, st.stamp)
+                let ops = self.collect_ops(&st, limit);
+                (ops, limit, st.checkpoint, st.stamp, st.flush_mark)
             }
         };
         if limit > old_cp {
             if !ops.is_empty() {
+                if limit > mark {
+                    self.persist_flush_intent(limit, announce)?;
+                }
                 let r = self.apply_ops(&ops, stamp).and_then(|()| {
                     self.medium
                         .sync_range(self.extent_offset, self.extent_len())
@@ -976,7 +1029,7 @@ impl Shared {
                     return Err(e);
                 }
             }
-            self.persist_progress(Some(limit))?;
+            self.persist_progress_with(Some(limit), announce)?;
         } else {
             // Nothing to move, but pins may have been released or retention changed: the tail
             // must advance anyway, or a full WAL would stay full.
@@ -985,11 +1038,55 @@ impl Shared {
         Ok(self.lock_state().checkpoint)
     }
 
+    /// Raises the persisted flush mark to at least `limit` (with `announce`, to the gate limit,
+    /// see `announced_mark`) before a flush writes entries up to `limit` into the extent.
+    pub(crate) fn persist_flush_intent(&self, limit: u64, announce: bool) -> Result<()> {
+        let mut w = self.sb_writer();
+        let mut mark = 0;
+        self.persist_with(&mut w, |st| {
+            let mut sb = self.sb_from_state(st);
+            sb.flush_mark = if announce {
+                self.announced_mark(st, limit)
+            } else {
+                st.flush_mark.max(limit)
+            };
+            mark = sb.flush_mark;
+            sb
+        })?;
+        let mut st = self.lock_state();
+        st.flush_mark = st.flush_mark.max(mark);
+        Ok(())
+    }
+
+    /// Recovery's redo of an interrupted flush: moves every entry in `(checkpoint, to]` into
+    /// the extent (whatever the gate now says: those entries were allowed into the extent when
+    /// the mark naming them was written), syncs the extent and sets the in-memory checkpoint
+    /// to `to`; the caller persists it. Idempotent, so a crash during it changes nothing.
+    fn redo_flush(&self, to: u64) -> Result<()> {
+        let (ops, old, stamp) = {
+            let st = self.lock_state();
+            if to <= st.checkpoint {
+                return Ok(());
+            }
+            (self.collect_ops(&st, to), st.checkpoint, st.stamp)
+        };
+        if !ops.is_empty() {
+            self.apply_ops(&ops, stamp)?;
+            self.medium
+                .sync_range(self.extent_offset, self.extent_len())
+                .map_err(|e| BlockVolError::io("fdatasync extent", self.medium.describe(), e))?;
+        }
+        let mut st = self.lock_state();
+        st.clean_dirty(old, to);
+        st.checkpoint = to;
+        Ok(())
+    }
+
     /// Sync, then flush up to `limit`.
     pub(crate) fn force_flush_to(&self, limit: u64) -> Result<u64> {
         self.sync()?;
         let _f = self.flush_guard();
-        self.flush_locked(limit)
+        self.flush_locked(limit, false)
     }
 
     // ---- Pins ------------------------------------------------------------------------------
@@ -1135,6 +1232,7 @@ fn initial_superblock(geo: &Geometry, volume_id: [u8; 16]) -> Superblock {
         head_hint: 0,
         install_lsn: 0,
         durable_mark: 0,
+        flush_mark: 0,
     }
 }
 
@@ -1264,6 +1362,12 @@ impl Volume {
             index: VecDeque::new(),
             dirty: DirtyMap::default(),
             checkpoint: sb.checkpoint,
+            // An install in progress keeps no log: its mark means nothing.
+            flush_mark: if install_incomplete {
+                sb.checkpoint
+            } else {
+                sb.flush_mark
+            },
             durable: sb.checkpoint,
             synced_pos: sb.tail_pos,
             committed: 0,
@@ -1385,6 +1489,7 @@ impl Volume {
                 r.tail_crc = st.tail_info.content_crc;
                 r.head_hint = st.head;
                 r.durable_mark = sb.durable_mark.min(st.head);
+                r.flush_mark = sb.flush_mark.min(st.head);
                 let off = if last_slot == 0 {
                     SB_SLOT_B_OFFSET
                 } else {
@@ -1414,6 +1519,10 @@ impl Volume {
             st.durable = st.head;
             st.synced_pos = st.head_pos;
             st.repaired = repaired;
+            // The extent may hold entries up to the mark (a crash interrupted a flush): redo
+            // that flush below, up to the recovered head (without repair the durable mark,
+            // which is at least the flush mark, guarantees the head reaches it).
+            st.flush_mark = st.flush_mark.min(st.head);
         }
         let shared = Arc::new(Shared {
             medium,
@@ -1432,6 +1541,12 @@ impl Volume {
                 slot: last_slot,
             }),
         });
+        if !install_incomplete {
+            let to = shared.lock_state().flush_mark;
+            shared.redo_flush(to)?;
+            let mut st = shared.lock_state();
+            st.flush_mark = st.checkpoint;
+        }
         {
             let mut w = shared.sb_writer();
             shared.persist_with(&mut w, |st| shared.sb_from_state(st))?;
@@ -1622,9 +1737,13 @@ impl Volume {
 
     /// Records the replication layer's committed LSN (gates the flusher under
     /// `FlushGate::Committed`).
+    ///
+    /// Monotonic: a lower value than the current one is ignored. A flush announces (in its
+    /// flush mark) entries up to the committed LSN as flushable after a crash, so committed
+    /// must never go back below what was announced.
     pub fn set_committed(&self, lsn: Lsn) {
         let mut st = self.shared.lock_state();
-        st.committed = lsn.0;
+        st.committed = st.committed.max(lsn.0);
         self.shared.wake_flusher(&mut st);
     }
 
@@ -1885,12 +2004,17 @@ impl Volume {
         // dropped, and recovery would then call the missing suffix lost data), then zero the
         // discarded bytes durably so a crash cannot bring the dropped suffix back. The state
         // lock is held throughout: truncation is rare and must be atomic for appenders.
+        // The flush mark goes down with it: no flush is running (the flush lock is held), so
+        // the extent holds nothing above the checkpoint, and a mark left above `lsn` would
+        // make a later recovery redo the flush of whatever new entries take those LSNs.
         let mut sb = s.sb_from_state(&st);
         sb.durable_mark = st.durable.min(lsn.0);
-        if let Err(e) = s.write_sb(&mut w, sb) {
+        sb.flush_mark = st.flush_mark.min(lsn.0);
+        if let Err(e) = s.write_sb(&mut w, sb.clone()) {
             s.poison(&mut st, e.to_string());
             return Err(e);
         }
+        st.flush_mark = sb.flush_mark;
         let r = (|| -> std::io::Result<()> {
             // Zero the dropped headers first, newest group first, each group durable before
             // the next is touched. A surviving header whose durable hint covers an older
@@ -2008,8 +2132,26 @@ impl Volume {
             if incomplete { Ok(0) } else { s.sync() }
         };
         let r2 = {
+            // No flush runs (the flush lock is held), so the extent holds exactly the entries
+            // up to the checkpoint: the clean-close superblock drops the flush mark to the
+            // checkpoint, and the next open starts exactly where this one ended instead of
+            // redoing the flush of entries the last flush cycle only announced.
+            let _f = s.flush_guard();
             let mut w = s.sb_writer();
-            s.persist_with(&mut w, |st| s.sb_from_state(st))
+            let r = s.persist_with(&mut w, |st| {
+                let mut sb = s.sb_from_state(st);
+                if !st.installing && !st.install_incomplete {
+                    sb.flush_mark = st.checkpoint;
+                }
+                sb
+            });
+            if r.is_ok() {
+                let mut st = s.lock_state();
+                if !st.installing && !st.install_incomplete {
+                    st.flush_mark = st.checkpoint;
+                }
+            }
+            r
         };
         s.lock_state().closed = true;
         r?;
@@ -2039,7 +2181,33 @@ fn background_cycle(s: &Shared) -> Result<()> {
         s.sync()?;
     }
     let _f = s.flush_guard();
-    s.flush_locked(u64::MAX).map(|_| ())
+    // Pipelined, one superblock sync per cycle: a cycle flushes exactly up to the flush mark
+    // the previous cycle announced (no intent write needed) and its final superblock
+    // announces the current gate limit for the next one. A cycle with nothing announced but
+    // entries to move only announces them (its one superblock write is the intent). A steady
+    // writer so costs what it did before the intent protocol existed, with the checkpoint one
+    // cycle behind the gate. A writer waiting for WAL space gets everything the gate allows at
+    // once, with an intent write if one is needed.
+    let (pressure, mark, cp, limit) = {
+        let st = s.lock_state();
+        (
+            st.space_waiters > 0,
+            st.flush_mark,
+            st.checkpoint,
+            s.flush_limit(&st).min(st.head),
+        )
+    };
+    if !pressure && mark <= cp && limit > cp {
+        return s.persist_flush_intent(limit, true);
+    }
+    // Under pressure, or with nothing to move (the tail may still move: pins released,
+    // retention changed): everything the gate allows.
+    let to = if !pressure && mark > cp {
+        mark
+    } else {
+        u64::MAX
+    };
+    s.flush_locked(to, true).map(|_| ())
 }
 
 fn flusher_main(s: Arc<Shared>, interval: Duration) {
@@ -2089,6 +2257,12 @@ impl Volume {
         }
         let v = Volume::open_sim(&disk, open)?;
         Ok((v, disk))
+    }
+
+    /// Runs one cycle of the background flusher now, on the caller's thread (feature
+    /// `testing`: makes the pipelined background flush deterministic to test).
+    pub fn run_flusher_cycle(&self) -> Result<()> {
+        background_cycle(&self.shared)
     }
 
     /// File offset of the header of retained entry `lsn` (feature `testing`, for fault

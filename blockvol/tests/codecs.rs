@@ -81,6 +81,11 @@ fn superblock() -> impl Strategy<Value = Superblock> {
                     head_hint: lsns[2],
                     install_lsn: 0,
                     durable_mark: lsns[2],
+                    flush_mark: if seq % 2 == 0 {
+                        0
+                    } else {
+                        lsns[1] + (lsns[2] - lsns[1]) / 2
+                    },
                 }
             },
         )

@@ -43,6 +43,7 @@ fn value_of(name: &str) -> Option<u64> {
         SB_OFF_HEAD_HINT,
         SB_OFF_INSTALL_LSN,
         SB_OFF_DURABLE_MARK,
+        SB_OFF_FLUSH_MARK,
         SB_FIELDS_END,
         SB_OFF_CRC,
         SB_COUNTER_LIMIT,

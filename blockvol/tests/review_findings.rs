@@ -28,6 +28,56 @@ fn capture_at_sb_sync(disk: &SimDisk) -> (Arc<Mutex<bool>>, Captured) {
 }
 
 #[test]
+fn f1_truncate_after_crash_mid_flush_returns_dropped_data() {
+    let o = tiny();
+    let bs = o.block_size;
+    let (v, disk) = Volume::create_sim(&o, &manual()).expect("create"); // FlushGate::Durable
+    assert_eq!(v.write(0, &data(1, 1, bs)).unwrap(), Lsn(1));
+    assert_eq!(v.write(1, &data(2, 1, bs)).unwrap(), Lsn(2));
+    v.sync().unwrap();
+    let (arm, img) = capture_at_sb_sync(&disk);
+    *arm.lock().unwrap() = true;
+    assert_eq!(v.force_flush().unwrap(), Lsn(2));
+    disk.set_sync_hook(None);
+    drop(v);
+    let d2 = SimDisk::from_image(img.lock().unwrap().take().unwrap());
+    let v = Volume::open_sim(&d2, &manual()).expect("reopen");
+    assert_eq!(v.status().checkpoint, Lsn(0));
+    assert_eq!(v.status().head, Lsn(2));
+    v.truncate_after(Lsn(1))
+        .expect("truncate above the checkpoint");
+    assert_eq!(
+        v.read(1, 1).unwrap(),
+        vec![0u8; bs as usize],
+        "block 1 was written only by the dropped entry 2, yet read returns its data"
+    );
+}
+
+#[test]
+fn f1b_snapshot_at_checkpoint_after_crash_mid_flush_holds_later_entries() {
+    let o = tiny();
+    let bs = o.block_size;
+    let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
+    v.write(0, &data(1, 1, bs)).unwrap();
+    v.sync().unwrap();
+    let (arm, img) = capture_at_sb_sync(&disk);
+    *arm.lock().unwrap() = true;
+    v.force_flush().unwrap();
+    disk.set_sync_hook(None);
+    drop(v);
+    let d2 = SimDisk::from_image(img.lock().unwrap().take().unwrap());
+    let v = Volume::open_sim(&d2, &manual()).expect("reopen");
+    let snap = v.pin_snapshot().expect("snapshot");
+    assert_eq!(snap.lsn(), Lsn(0));
+    let chunks: Vec<_> = snap.reader(1 << 16).map(|c| c.unwrap()).collect();
+    assert!(
+        chunks.is_empty(),
+        "image at LSN 0 holds {} chunk(s) of entry 1",
+        chunks.len()
+    );
+}
+
+#[test]
 fn f2_crash_during_repair_loses_the_repaired_mark() {
     let o = tiny();
     let bs = o.block_size;
