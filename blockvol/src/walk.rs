@@ -162,7 +162,10 @@ pub(crate) fn walk(p: &WalkParams, read: WalReader<'_>) -> io::Result<WalkResult
         pos += size;
         head_pos = pos;
     };
-    let leftovers = find_leftovers(p, read, pos, limit, expected)?;
+    // From the end of the last accepted entry, not from where the walk stopped: a padding
+    // header (or a skipped ring end) the walk followed before failing carries the expected LSN
+    // too, and is a leftover to neutralize like any other.
+    let leftovers = find_leftovers(p, read, head_pos, limit, expected)?;
     let evidence = leftovers
         .iter()
         .copied()
