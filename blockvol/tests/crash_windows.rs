@@ -531,3 +531,40 @@ fn flush_intent_costs_at_most_one_superblock_sync() {
         "dropped entry 16"
     );
 }
+
+/// `blockvol info` shows a pending flush mark (a crash left one above the checkpoint), and the
+/// next open redoes that flush and clears it.
+#[test]
+fn info_shows_a_pending_flush_mark() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v.vol");
+    let p = path.to_str().expect("utf8");
+    let info = || {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_blockvol"))
+            .args(["info", p])
+            .output()
+            .expect("run blockvol info");
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let o = tiny();
+    let v = Volume::create(&path, &o, &manual()).expect("create");
+    for i in 0..3u64 {
+        v.write(i, &data(i, 1, o.block_size)).unwrap();
+    }
+    // One background cycle only announces the entries: the mark is above the checkpoint.
+    v.run_flusher_cycle().unwrap();
+    assert_eq!(v.status().checkpoint, Lsn(0));
+    drop(v); // no clean close
+    let out = info();
+    assert!(out.contains("flush mark:  3"), "{out}");
+    let v = Volume::open(&path, &manual()).expect("open");
+    assert_eq!(
+        v.status().checkpoint,
+        Lsn(3),
+        "the open redid the announced flush"
+    );
+    v.close().unwrap();
+    let out = info();
+    assert!(!out.contains("flush mark"), "{out}");
+}

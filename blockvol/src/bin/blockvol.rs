@@ -163,6 +163,14 @@ fn info(path: &Path, json: bool) -> ExitCode {
         if sb.flags & blockvol::format::SB_FLAG_REPAIRED != 0 {
             println!("state:       repaired (checkpoint untrusted)");
         }
+        if sb.flags & blockvol::format::SB_FLAG_INSTALL_INCOMPLETE == 0
+            && sb.flush_mark > sb.checkpoint
+        {
+            println!(
+                "flush mark:  {} (the extent may hold entries up to it; opening redoes that flush)",
+                sb.flush_mark
+            );
+        }
         if ins.is_corrupt() {
             println!("corrupt:     yes (run `blockvol check` for details)");
         }
