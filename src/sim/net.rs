@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use blockvol::{EntryInfo, Lsn as BvLsn, Volume};
+use blockvol::{EntryInfo, Lsn as BvLsn, RetentionPolicy, Volume};
 use engine::{BaseChunkProgress, BaseRequest, CatchUpIo, EntryId, Lsn, RebuildIo, TransferError};
 use v2bridge::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
@@ -34,6 +34,8 @@ pub struct Proc {
     pub serves_data: bool,
     /// Whether the primary storage is listening (primary role).
     pub serves_rebuild: bool,
+    /// The volume's retention policy (what it was opened with).
+    pub retention: RetentionPolicy,
 }
 
 #[derive(Default)]
@@ -266,6 +268,14 @@ fn flush_if_half_full(vol: &Volume) {
     }
 }
 
+/// What the flusher does for a writer waiting for ring space: one flush cycle in which the
+/// retention policy yields (it is soft while a writer waits; pins are not).
+pub fn flush_for_waiting_writer(vol: &Volume, retention: RetentionPolicy) {
+    vol.set_retention(RetentionPolicy::default());
+    let _ = vol.force_flush();
+    vol.set_retention(retention);
+}
+
 impl ReplicaTarget for SimTarget {
     fn handshake(&mut self) -> Result<HandshakeReply, TargetError> {
         self.live()?.handshake()
@@ -278,7 +288,7 @@ impl ReplicaTarget for SimTarget {
             Err(TargetError::Storage(e)) if e.contains("WAL full") => {
                 // An apply is idempotent (entries the replica already holds are acknowledged as
                 // duplicates), so the waiting writer simply tries again after the flush.
-                let _ = p.vol.force_flush();
+                flush_for_waiting_writer(&p.vol, p.retention);
                 p.replica.clone().apply(req)
             }
             other => other,

@@ -265,8 +265,7 @@ impl Sim {
             let mut w = self.world.borrow_mut();
             w.master.history.push((s.to_owned(), a.clone()));
             let (e, v) = w.master.accepted.get(s).copied().unwrap_or((0, 0));
-            let is_primary_role = a.role == 1;
-            a.epoch < e || (is_primary_role && a.epoch == e && a.addr_version < v)
+            (a.epoch, a.addr_version) < (e, v)
         };
         let before = stale.then(|| self.server_print(s));
         let incarnation = {

@@ -500,6 +500,7 @@ impl World {
                     rebuild_addr: Master::rebuild_addr(s),
                     serves_data: false,
                     serves_rebuild: false,
+                    retention: w.open_options().retention,
                 },
             );
         }
@@ -637,7 +638,7 @@ impl World {
             let r = match write(&kind) {
                 // The writer waits for one cycle of the (emulated) background flusher.
                 Err(BlockVolError::WalFull { .. }) => {
-                    let _ = p.vol.force_flush();
+                    super::net::flush_for_waiting_writer(&p.vol, p.retention);
                     write(&kind)
                 }
                 other => other,
@@ -898,6 +899,7 @@ impl World {
                 rebuild_addr: old.rebuild_addr.clone(),
                 serves_data: data,
                 serves_rebuild: rebuild,
+                retention: self.open_options().retention,
             },
         );
         drop(old);
