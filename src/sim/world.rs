@@ -832,6 +832,10 @@ impl World {
                 self.note(format!(
                     "{pserver} ships up to {d} to {r} without committing: {res:?}"
                 ));
+                if let Err(e) = res {
+                    // A replica that missed the round may hold part of it, not synced.
+                    self.demote(r, &e);
+                }
             }
         }
     }
