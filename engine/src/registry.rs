@@ -176,15 +176,38 @@ impl Registry {
                     removed_senders.push(s);
                 }
             }
-            for r in new {
-                let s = Arc::new(Sender::with_id_source(
-                    r.replica_id.clone(),
-                    r.endpoint.clone(),
-                    epoch,
-                    Arc::clone(&self.ids),
-                ));
-                g.senders.insert(r.replica_id.clone(), s);
-                added.push(r.replica_id.clone());
+            let created: Vec<(ReplicaId, Arc<Sender>)> = new
+                .into_iter()
+                .map(|r| {
+                    added.push(r.replica_id.clone());
+                    let s = Sender::with_id_source(
+                        r.replica_id.clone(),
+                        r.endpoint.clone(),
+                        epoch,
+                        Arc::clone(&self.ids),
+                    );
+                    (r.replica_id.clone(), Arc::new(s))
+                })
+                .collect();
+            if created.len() * 8 > g.senders.len() {
+                // Many new senders (a new volume, a big assignment): rebuild the map from one
+                // sorted sequence, which the standard library bulk-builds in linear time,
+                // instead of one logarithmic insert each.
+                let old = std::mem::take(&mut g.senders);
+                let mut merged = Vec::with_capacity(old.len() + created.len());
+                let mut fresh = created.into_iter().peekable();
+                for (id, sender) in old {
+                    while let Some(next) = fresh.next_if(|(nid, _)| *nid < id) {
+                        merged.push(next);
+                    }
+                    merged.push((id, sender));
+                }
+                merged.extend(fresh);
+                g.senders = merged.into_iter().collect();
+            } else {
+                for (id, sender) in created {
+                    g.senders.insert(id, sender);
+                }
             }
         }
 
@@ -197,10 +220,7 @@ impl Registry {
             result.invalidated.extend(s.stop());
         }
         for (s, ep) in existing {
-            if s.endpoint_differs(ep) {
-                result.invalidated.extend(s.update_endpoint(ep.clone()));
-            }
-            result.invalidated.extend(s.update_epoch(epoch));
+            s.reassign(ep, epoch, &mut result.invalidated);
         }
         result
             .invalidated

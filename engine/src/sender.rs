@@ -38,7 +38,9 @@ struct SenderInner {
     endpoint: Endpoint,
     epoch: Epoch,
     state: ReplicaState,
-    session: Option<Session>,
+    /// Boxed: most senders have no session most of the time, and a sender without one stays
+    /// small (a registry of many replicas stays cache-friendly).
+    session: Option<Box<Session>>,
     stopped: bool,
 }
 
@@ -96,11 +98,6 @@ impl Sender {
     pub fn endpoint(&self) -> Endpoint {
         self.lock().endpoint.clone()
     }
-    /// True when `endpoint` differs from the current one (cheaper than cloning it to compare).
-    pub fn endpoint_differs(&self, endpoint: &Endpoint) -> bool {
-        self.lock().endpoint.changed(endpoint)
-    }
-
     /// The current epoch.
     pub fn epoch(&self) -> Epoch {
         self.lock().epoch
@@ -115,7 +112,7 @@ impl Sender {
     }
     /// A copy of the current session, if any.
     pub fn session_snapshot(&self) -> Option<SessionSnapshot> {
-        self.lock().session.as_ref().map(Session::snapshot)
+        self.lock().session.as_deref().map(Session::snapshot)
     }
     /// The current session's ID, if any.
     pub fn session_id(&self) -> Option<SessionId> {
@@ -123,7 +120,7 @@ impl Sender {
     }
     /// True when a session is present (the slot only holds active sessions).
     pub fn has_active_session(&self) -> bool {
-        self.lock().session.as_ref().is_some_and(Session::active)
+        self.lock().session.as_deref().is_some_and(Session::active)
     }
 
     /// Everything a status report needs, read under one lock acquisition.
@@ -135,7 +132,7 @@ impl Sender {
             epoch: g.epoch,
             state: g.state,
             stopped: g.stopped,
-            session: g.session.as_ref().map(Session::snapshot),
+            session: g.session.as_deref().map(Session::snapshot),
         }
     }
 
@@ -172,6 +169,10 @@ impl Sender {
     /// to the old epoch (the reference left it `in_sync`).
     pub fn update_epoch(&self, epoch: Epoch) -> Option<Invalidation> {
         let mut g = self.lock();
+        self.epoch_locked(&mut g, epoch)
+    }
+
+    fn epoch_locked(&self, g: &mut SenderInner, epoch: Epoch) -> Option<Invalidation> {
         if g.stopped || epoch <= g.epoch {
             return None;
         }
@@ -179,9 +180,9 @@ impl Sender {
         g.epoch = epoch;
         let stale = g.session.as_ref().is_some_and(|s| s.epoch < epoch);
         if stale {
-            let fenced = Self::fenced_state(&g);
+            let fenced = Self::fenced_state(g);
             let inv = self.drop_session(
-                &mut g,
+                g,
                 InvalidateReason::EpochAdvanced {
                     from: old,
                     to: epoch,
@@ -190,13 +191,18 @@ impl Sender {
             g.state = fenced;
             return inv;
         }
+        Self::demote_without_session(g);
+        None
+    }
+
+    /// An in-sync (or connecting, catching-up) sender without a session loses its proof.
+    fn demote_without_session(g: &mut SenderInner) {
         if matches!(
             g.state,
             ReplicaState::InSync | ReplicaState::Connecting | ReplicaState::CatchingUp
         ) {
             g.state = ReplicaState::Disconnected;
         }
-        None
     }
 
     /// Replaces the endpoint (always, unless stopped). If it changed, an active session is
@@ -205,27 +211,31 @@ impl Sender {
     /// been proven about the replica at its new address.
     pub fn update_endpoint(&self, endpoint: Endpoint) -> Option<Invalidation> {
         let mut g = self.lock();
-        if g.stopped {
+        self.endpoint_locked(&mut g, &endpoint)
+    }
+
+    fn endpoint_locked(&self, g: &mut SenderInner, endpoint: &Endpoint) -> Option<Invalidation> {
+        if g.stopped || !g.endpoint.changed(endpoint) {
             return None;
         }
-        let changed = g.endpoint.changed(&endpoint);
-        g.endpoint = endpoint;
-        if !changed {
-            return None;
-        }
+        g.endpoint = endpoint.clone();
         if g.session.is_some() {
-            let fenced = Self::fenced_state(&g);
-            let inv = self.drop_session(&mut g, InvalidateReason::EndpointChanged);
+            let fenced = Self::fenced_state(g);
+            let inv = self.drop_session(g, InvalidateReason::EndpointChanged);
             g.state = fenced;
             return inv;
         }
-        if matches!(
-            g.state,
-            ReplicaState::InSync | ReplicaState::Connecting | ReplicaState::CatchingUp
-        ) {
-            g.state = ReplicaState::Disconnected;
-        }
+        Self::demote_without_session(g);
         None
+    }
+
+    /// What reconcile does to an existing sender, under one lock acquisition: the endpoint
+    /// first (an endpoint change leaves it `disconnected`), then the epoch. Returns what it
+    /// invalidated.
+    pub(crate) fn reassign(&self, endpoint: &Endpoint, epoch: Epoch, out: &mut Vec<Invalidation>) {
+        let mut g = self.lock();
+        out.extend(self.endpoint_locked(&mut g, endpoint));
+        out.extend(self.epoch_locked(&mut g, epoch));
     }
 
     /// Creates a session in `init` at `epoch`, which must be the sender's epoch, when no
@@ -258,14 +268,14 @@ impl Sender {
         let id = self.ids.next_id();
         let version = g.endpoint.version;
         let epoch = g.epoch;
-        g.session = Some(Session::new(
+        g.session = Some(Box::new(Session::new(
             id,
             self.replica_id.clone(),
             epoch,
             version,
             kind,
             opts,
-        ));
+        )));
         Ok(id)
     }
 
@@ -286,14 +296,14 @@ impl Sender {
         let id = self.ids.next_id();
         let version = g.endpoint.version;
         let epoch = g.epoch;
-        g.session = Some(Session::new(
+        g.session = Some(Box::new(Session::new(
             id,
             self.replica_id.clone(),
             epoch,
             version,
             kind,
             opts,
-        ));
+        )));
         Some((old, id))
     }
 
