@@ -20,13 +20,14 @@ tasks:
       scenario and writes the same as JSON to target/chain-report.json (or PATH). NAME is
       `store/scenario` or a bare scenario name. --keep keeps the volume files and prints
       where. Exits 1 if any scenario fails.
-  bench [--quick]
+  bench [--quick] [--only NAME[,NAME]] [--json PATH] [--keep]
       Measure the store, recovery and rebuild against baselines measured in the same run
       (release build); prints a table and writes target/bench-report.json.
   sim [--seeds N] [--steps M] [--seed S]
       Deterministic simulation of a primary, replicas and faults on real volumes.
-  fuzz TARGET [--secs N]
-      Run a cargo-fuzz target from fuzz/ (outside the workspace).
+  fuzz TARGET|all|list [--secs N] [--sanitizer none|address]
+      Run cargo-fuzz targets from fuzz/ (outside the workspace; needs `cargo install
+      cargo-fuzz`) and report executions per target.
   help
       Print this text.
 ";
