@@ -23,8 +23,13 @@ tasks:
   bench [--quick] [--only NAME[,NAME]] [--json PATH] [--keep]
       Measure the store, recovery and rebuild against baselines measured in the same run
       (release build); prints a table and writes target/bench-report.json.
-  sim [--seeds N] [--steps M] [--seed S]
-      Deterministic simulation of a primary, replicas and faults on real volumes.
+  sim [--seeds N] [--steps M] [--seed S] [--replicas R] [--heal-steps H] [--quiet] [--verbose]
+      Deterministic simulation of a primary, two or three replicas and faults on the real
+      crates (release build): N seeds from S (default 100 from 1; --seed alone runs one),
+      M faulty steps each (default 300) then a healed phase. Prints one line per seed (only
+      failures with --quiet), the totals, faults by kind, recoveries by path and failure
+      causes (--verbose adds an example of each); a failing seed prints its violation, its
+      last events and the command that replays it. Exits 1 if any seed fails.
   fuzz TARGET|all|list [--secs N] [--sanitizer none|address]
       Run cargo-fuzz targets from fuzz/ (outside the workspace; needs `cargo install
       cargo-fuzz`) and report executions per target.
