@@ -140,6 +140,9 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
                     if writer_done {
                         return Ok(());
                     }
+                    // Caught up with everything committed so far: give the writer time to
+                    // commit more instead of spinning on handshakes.
+                    thread::sleep(std::time::Duration::from_millis(2));
                     continue;
                 }
                 Outcome::NeedsRebuild => {
