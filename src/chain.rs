@@ -172,7 +172,8 @@ pub fn table(rows: &[ChainRow]) -> String {
     out
 }
 
-fn json_str(s: &str) -> String {
+/// `s` as a JSON string literal (quoted and escaped); shared with the bench report.
+pub fn json_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {

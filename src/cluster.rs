@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use blockvol::{CreateOptions, FlushGate, OpenOptions, Role, Volume};
 use controlbridge::{BackendError, BlockRole, BlockService, Route, VolumeBackend};
 use engine::{Endpoint, Epoch, ReplicaHandshake, SessionId, StorageAdapter};
-use v2bridge::convert::{entry_id, to_engine};
+use v2bridge::convert::{handshake, to_engine};
 use v2bridge::{BlockVolStorage, BridgeIo, Lineage, LocalReplica, ReplicaTarget};
 
 #[derive(Default)]
@@ -270,20 +270,12 @@ impl VolumeBackend for DataDirBackend {
         let reply = target
             .handshake()
             .map_err(|e| BackendError(format!("handshake with {}: {e}", endpoint.data_addr)))?;
-        Ok(if reply.install_incomplete {
-            ReplicaHandshake::incomplete(to_engine(reply.head))
-        } else {
-            ReplicaHandshake::new(to_engine(reply.head), entry_id(reply.tip))
-        })
+        Ok(handshake(&reply))
     }
 
     fn local_handshake(&mut self, volume: &str) -> Option<ReplicaHandshake> {
         let reply = self.replicas.get(volume)?.clone().handshake().ok()?;
-        Some(if reply.install_incomplete {
-            ReplicaHandshake::incomplete(to_engine(reply.head))
-        } else {
-            ReplicaHandshake::new(to_engine(reply.head), entry_id(reply.tip))
-        })
+        Some(handshake(&reply))
     }
 
     fn transfer_io(

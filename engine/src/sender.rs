@@ -265,18 +265,27 @@ impl Sender {
                 session: s.id,
             });
         }
+        Ok(self.new_session(&mut g, kind, opts))
+    }
+
+    /// Puts a new session in `init` into the (empty) slot, at the sender's epoch and endpoint
+    /// version.
+    fn new_session(
+        &self,
+        g: &mut SenderInner,
+        kind: SessionKind,
+        opts: SessionOptions,
+    ) -> SessionId {
         let id = self.ids.next_id();
-        let version = g.endpoint.version;
-        let epoch = g.epoch;
         g.session = Some(Box::new(Session::new(
             id,
             self.replica_id.clone(),
-            epoch,
-            version,
+            g.epoch,
+            g.endpoint.version,
             kind,
             opts,
         )));
-        Ok(id)
+        id
     }
 
     /// Invalidates the current session (if any) with `reason` and creates a new one at the
@@ -293,17 +302,7 @@ impl Sender {
             return None;
         }
         let old = self.drop_session(&mut g, reason);
-        let id = self.ids.next_id();
-        let version = g.endpoint.version;
-        let epoch = g.epoch;
-        g.session = Some(Box::new(Session::new(
-            id,
-            self.replica_id.clone(),
-            epoch,
-            version,
-            kind,
-            opts,
-        )));
+        let id = self.new_session(&mut g, kind, opts);
         Some((old, id))
     }
 

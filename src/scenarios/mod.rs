@@ -247,6 +247,18 @@ pub(crate) fn chunked(entries: u64, base_bytes: u64) -> ExecutorOptions {
     }
 }
 
+/// The digest of the image a volume of `blocks` blocks holds after the writes `1..=at`, where
+/// write `lsn` put `block_pattern(lsn)` into block `lsn % blocks` (the scenarios' writers).
+pub(crate) fn oracle_digest(at: u64, blocks: u64, block_size: u32) -> Digest {
+    let bs = block_size as usize;
+    let mut image = vec![0u8; blocks as usize * bs];
+    for lsn in 1..=at {
+        let off = (lsn % blocks) as usize * bs;
+        image[off..off + bs].copy_from_slice(&v2bridge::harness::block_pattern(lsn, 0, bs));
+    }
+    Digest::of_image(&image)
+}
+
 /// A volume's digest, as a scenario error on failure.
 pub(crate) fn digest(vol: &Arc<Volume>, what: &str) -> Result<Digest, String> {
     vol.digest().map_err(|e| format!("digest of {what}: {e}"))

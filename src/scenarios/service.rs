@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use blockvol::{CreateOptions, Digest, OpenOptions, RetentionPolicy, Volume};
+use blockvol::{CreateOptions, OpenOptions, RetentionPolicy, Volume};
 use controlbridge::{BlockVolumeAssignment, RecoveryRecord, ReplicaAddr};
 use engine::ReplicaState;
 use engine::conformance::ScenarioReport;
@@ -169,17 +169,6 @@ fn write_committed(vol: &Volume, n: u64) -> Result<u64, String> {
     Ok(head)
 }
 
-/// The digest of the image the primary held at `at`.
-fn oracle(at: u64) -> Digest {
-    let bs = BLOCK_SIZE as usize;
-    let mut image = vec![0u8; BLOCKS as usize * bs];
-    for lsn in 1..=at {
-        let off = (lsn % BLOCKS) as usize * bs;
-        image[off..off + bs].copy_from_slice(&block_pattern(lsn, 0, bs));
-    }
-    Digest::of_image(&image)
-}
-
 fn record_into(tally: &mut Tally, rec: &RecoveryRecord) {
     match rec {
         RecoveryRecord::ZeroGap => tally.add_path("zero_gap"),
@@ -247,7 +236,7 @@ pub fn gap_beyond_retention_rebuild_assignment() -> Result<ScenarioReport, Strin
         || "not in sync".into(),
     )?;
     let replica = c.volume("vs2")?;
-    let want = oracle(head);
+    let want = super::oracle_digest(head, BLOCKS, BLOCK_SIZE);
     let m = digest(&replica, "vs2")? == want && digest(&primary, "vs1")? == want;
     ensure(m, || "replica digest differs from the primary's".into())?;
     Ok(tally.report(
@@ -322,7 +311,7 @@ pub fn three_replicas_three_outcomes() -> Result<ScenarioReport, String> {
     ensure(rec.values().all(|r| *r == RecoveryRecord::ZeroGap), || {
         format!("after the rebuild: {rec:?}")
     })?;
-    let want = oracle(head);
+    let want = super::oracle_digest(head, BLOCKS, BLOCK_SIZE);
     let mut m = digest(&primary, "vs1")? == want;
     for r in replicas {
         m &= digest(&c.volume(r)?, r)? == want;

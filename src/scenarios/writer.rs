@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use blockvol::{CreateOptions, Digest, FlushGate, RetentionPolicy, Role, Volume};
+use blockvol::{CreateOptions, FlushGate, RetentionPolicy, Role, Volume};
 use engine::conformance::{ScenarioReport, replica_id};
 use engine::{
     CatchUpExecutor, Lsn, Outcome, RecoveryDriver, ReplicaHandshake, ReplicaState, SessionKind,
     StepInfo,
 };
-use v2bridge::convert::{entry_id, to_engine};
+use v2bridge::convert::to_engine;
 use v2bridge::harness::{block_pattern, volume_options};
 use v2bridge::{BlockVolStorage, BridgeIo, Lineage, LocalReplica, ReplicaTarget};
 
@@ -24,17 +24,7 @@ const WRITES: u64 = 3000;
 
 fn handshake(target: &mut LocalReplica) -> Result<ReplicaHandshake, String> {
     let r = target.handshake().map_err(|e| e.to_string())?;
-    Ok(ReplicaHandshake::new(to_engine(r.head), entry_id(r.tip)))
-}
-
-fn oracle(at: u64) -> Digest {
-    let bs = BLOCK_SIZE as usize;
-    let mut image = vec![0u8; BLOCKS as usize * bs];
-    for lsn in 1..=at {
-        let off = (lsn % BLOCKS) as usize * bs;
-        image[off..off + bs].copy_from_slice(&block_pattern(lsn, 0, bs));
-    }
-    Digest::of_image(&image)
+    Ok(v2bridge::convert::handshake(&r))
 }
 
 /// See the module docs.
@@ -206,7 +196,7 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
     ensure(primary.status().pins_outstanding == 0, || {
         "pins left".into()
     })?;
-    let want = oracle(final_head);
+    let want = super::oracle_digest(final_head, BLOCKS, BLOCK_SIZE);
     let m = digest(&primary, "primary")? == want && digest(&replica_vol, "replica")? == want;
     ensure(m, || {
         "replica digest differs after the writer stopped".into()

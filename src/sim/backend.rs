@@ -10,7 +10,7 @@ use std::sync::Arc;
 use blockvol::Role;
 use controlbridge::{BackendError, BlockRole, Route, VolumeBackend};
 use engine::{Endpoint, Epoch, ReplicaHandshake, ReplicaId, SessionId, StepInfo, StorageAdapter};
-use v2bridge::convert::{entry_id, to_engine};
+use v2bridge::convert::{handshake, to_engine};
 use v2bridge::{BridgeIo, Lineage, ReplicaTarget};
 
 use super::Bug;
@@ -135,13 +135,13 @@ impl VolumeBackend for SimBackend {
             let r = target.server().to_owned();
             w.basis.insert(r, c);
         }
-        Ok(if reply.install_incomplete {
-            ReplicaHandshake::incomplete(to_engine(reply.head))
-        } else if w.bug(Bug::UnverifiedHandshake) {
-            ReplicaHandshake::from(to_engine(reply.head))
-        } else {
-            ReplicaHandshake::new(to_engine(reply.head), entry_id(reply.tip))
-        })
+        Ok(
+            if !reply.install_incomplete && w.bug(Bug::UnverifiedHandshake) {
+                ReplicaHandshake::from(to_engine(reply.head))
+            } else {
+                handshake(&reply)
+            },
+        )
     }
 
     fn transfer_io(
@@ -224,11 +224,7 @@ impl VolumeBackend for SimBackend {
         self.alive().ok()?;
         let p = self.world.borrow().proc(&self.server)?;
         let reply = p.replica.clone().handshake().ok()?;
-        Some(if reply.install_incomplete {
-            ReplicaHandshake::incomplete(to_engine(reply.head))
-        } else {
-            ReplicaHandshake::new(to_engine(reply.head), entry_id(reply.tip))
-        })
+        Some(handshake(&reply))
     }
 
     fn on_recovery_step(&mut self, _volume: &str, replica: &ReplicaId, step: &StepInfo) {

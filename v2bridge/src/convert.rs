@@ -2,7 +2,9 @@
 //! own `Lsn` on purpose (neither knows the other); this is the only place that maps them.
 
 use blockvol::{BlockVolError, EntryInfo};
-use engine::{EntryId, Epoch, Lsn, StorageError, TransferError};
+use engine::{EntryId, Epoch, Lsn, ReplicaHandshake, StorageError, TransferError};
+
+use crate::target::HandshakeReply;
 
 /// blockvol LSN to engine LSN.
 pub fn to_engine(lsn: blockvol::Lsn) -> Lsn {
@@ -20,6 +22,16 @@ pub fn entry_id(info: EntryInfo) -> EntryId {
         lsn: to_engine(info.lsn),
         epoch: Epoch(info.epoch),
         checksum: info.content_crc,
+    }
+}
+
+/// What a replica's handshake reply tells the engine: its head and tip identity, or that its
+/// store is not a valid copy (an interrupted base install).
+pub fn handshake(reply: &HandshakeReply) -> ReplicaHandshake {
+    if reply.install_incomplete {
+        ReplicaHandshake::incomplete(to_engine(reply.head))
+    } else {
+        ReplicaHandshake::new(to_engine(reply.head), entry_id(reply.tip))
     }
 }
 

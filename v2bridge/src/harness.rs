@@ -15,7 +15,7 @@ use blockvol::{
 use engine::conformance::Harness;
 use engine::{Epoch, Lsn, PinKind, ReplicaHandshake, SessionId, StorageAdapter};
 
-use crate::convert::{entry_id, to_blockvol, to_engine};
+use crate::convert::{to_blockvol, to_engine};
 use crate::io::BridgeIo;
 use crate::storage::BlockVolStorage;
 use crate::target::{Lineage, LocalReplica, ReplicaTarget};
@@ -279,13 +279,7 @@ impl Harness for BlockVolHarness {
         let reply = target
             .handshake()
             .map_err(|e| format!("handshake with {name}: {e}"))?;
-        if reply.install_incomplete {
-            return Ok(ReplicaHandshake::incomplete(to_engine(reply.head)));
-        }
-        Ok(ReplicaHandshake::new(
-            to_engine(reply.head),
-            entry_id(reply.tip),
-        ))
+        Ok(crate::convert::handshake(&reply))
     }
 
     fn io(&mut self, name: &str, epoch: Epoch, session: SessionId) -> Result<Self::Io, String> {

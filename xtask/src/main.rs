@@ -37,7 +37,25 @@ tasks:
       Print this text.
 ";
 
-fn workspace_root() -> PathBuf {
+/// Re-runs `cargo xtask TASK ARGS` as a release build (benchmarks and long simulations are
+/// meaningless in the dev profile) and returns its exit status.
+pub(crate) fn reexec_release(task: &str, args: &[String]) -> Result<ExitCode, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("{task}: debug build; re-running as `cargo run --release -p xtask -- {task}`");
+    let status = std::process::Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["run", "--quiet", "--release", "-p", "xtask", "--", task])
+        .args(args)
+        .status()
+        .map_err(|e| format!("run cargo: {e}"))?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}
+
+pub(crate) fn workspace_root() -> PathBuf {
     // xtask lives one level below the workspace root.
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -3,8 +3,7 @@
 //! violation, its last events and the exact command that replays it. Runs in release mode: a
 //! debug build re-runs itself through `cargo run --release`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Instant;
 
 use swblock::sim::{self, SimOptions, Stats};
@@ -59,29 +58,6 @@ fn parse(args: &[String]) -> Result<Args, String> {
     Ok(a)
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn reexec_release(args: &[String]) -> Result<ExitCode, String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("sim: debug build; re-running as `cargo run --release -p xtask -- sim`");
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(["run", "--quiet", "--release", "-p", "xtask", "--", "sim"])
-        .args(args)
-        .status()
-        .map_err(|e| format!("run cargo: {e}"))?;
-    Ok(match status.code() {
-        Some(0) => ExitCode::SUCCESS,
-        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
-        None => ExitCode::FAILURE,
-    })
-}
-
 fn table(title: &str, m: &std::collections::BTreeMap<&'static str, u64>) -> String {
     let mut out = format!("{title}:");
     if m.is_empty() {
@@ -96,7 +72,7 @@ fn table(title: &str, m: &std::collections::BTreeMap<&'static str, u64>) -> Stri
 /// Runs the simulator.
 pub fn run(args: &[String]) -> Result<ExitCode, String> {
     if cfg!(debug_assertions) && std::env::var_os("SWBLOCK_SIM_DEBUG").is_none() {
-        return reexec_release(args);
+        return crate::reexec_release("sim", args);
     }
     let a = parse(args)?;
     let started = Instant::now();

@@ -20,8 +20,8 @@ mod recovery;
 mod report;
 mod store;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use measure::{Metric, Plan};
@@ -83,30 +83,6 @@ fn parse(args: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// Re-runs `cargo xtask bench ARGS` as a release build and returns its exit status.
-fn reexec_release(args: &[String]) -> Result<ExitCode, String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("bench: debug build; re-running as `cargo run --release -p xtask -- bench`");
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench"])
-        .args(args)
-        .status()
-        .map_err(|e| format!("run cargo: {e}"))?;
-    Ok(match status.code() {
-        Some(0) => ExitCode::SUCCESS,
-        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
-        None => ExitCode::FAILURE,
-    })
-}
-
 /// The scratch directory under the workspace's `target/` (the same file system as the
 /// checkout, unlike /tmp), removed when dropped.
 pub struct Scratch {
@@ -116,7 +92,7 @@ pub struct Scratch {
 
 impl Scratch {
     fn new(keep: bool) -> Result<Scratch, String> {
-        let dir = workspace_root()
+        let dir = crate::workspace_root()
             .join("target")
             .join(format!("bench-tmp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -176,7 +152,7 @@ pub struct Shared {
 /// Runs the benchmark.
 pub fn run(args: &[String]) -> Result<ExitCode, String> {
     if cfg!(debug_assertions) {
-        return reexec_release(args);
+        return crate::reexec_release("bench", args);
     }
     let opts = parse(args)?;
     let started = Instant::now();
@@ -219,10 +195,11 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     let wall = started.elapsed();
     let rep = report::Report::new(metrics, ctx.quick, wall);
     print!("{}", rep.table());
-    let path = opts
-        .json
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("target").join("bench-report.json"));
+    let path = opts.json.clone().unwrap_or_else(|| {
+        crate::workspace_root()
+            .join("target")
+            .join("bench-report.json")
+    });
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }

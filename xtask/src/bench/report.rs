@@ -31,7 +31,7 @@ impl Machine {
 
 /// The commit measured, with `+dirty` when the work tree differs from it.
 fn revision() -> String {
-    let root = super::workspace_root();
+    let root = crate::workspace_root();
     let out = Command::new("git")
         .current_dir(&root)
         .args(["rev-parse", "HEAD"])
@@ -61,23 +61,7 @@ pub struct Report {
 
 /// A JSON string literal.
 fn js(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    swblock::chain::json_str(s)
 }
 
 /// A JSON number (`null` for NaN and infinities, which JSON cannot carry).
