@@ -195,7 +195,8 @@ impl DataDirBackend {
     }
 }
 
-fn blockvol_role(role: BlockRole) -> Role {
+/// The blockvol role that carries a control-plane role.
+pub(crate) fn blockvol_role(role: BlockRole) -> Role {
     match role {
         BlockRole::None => Role::None,
         BlockRole::Primary => Role::Primary,

@@ -279,7 +279,8 @@ fn chunked(entries: u64) -> ExecutorOptions {
     }
 }
 
-fn expect_failure(
+/// The failure and partial report of an execution that must fail, or why it did not.
+pub fn expect_failure(
     result: Result<ExecutionReport, EngineError>,
 ) -> Result<(ExecFailure, ExecutionReport), String> {
     match result {

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use blockvol::{Digest, Volume};
 use engine::conformance::{ScenarioReport, replica_id};
 use engine::{
-    AssignmentIntent, Endpoint, EngineError, Epoch, ExecFailure, ExecutionReport, ExecutorOptions,
-    RecoveryDriver, ReplicaAssignment, ReplicaState, SessionKind,
+    AssignmentIntent, Endpoint, Epoch, ExecutionReport, ExecutorOptions, RecoveryDriver,
+    ReplicaAssignment, ReplicaState, SessionKind,
 };
 
 mod faults;
@@ -190,18 +190,7 @@ impl Tally {
     }
 }
 
-/// The failure and partial report of an execution that must fail.
-pub(crate) fn expect_failure(
-    r: Result<ExecutionReport, EngineError>,
-) -> Result<(ExecFailure, ExecutionReport), String> {
-    match r {
-        Ok(r) => Err(format!("execution succeeded but should have failed: {r:?}")),
-        Err(EngineError::ExecutionFailed {
-            failure, report, ..
-        }) => Ok((*failure, *report)),
-        Err(e) => Err(format!("unexpected error: {e}")),
-    }
-}
+pub(crate) use engine::conformance::expect_failure;
 
 /// Applies an intent at `epoch` giving each replica `name` (endpoint version 1) a target.
 pub(crate) fn assign(

@@ -7,7 +7,7 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use blockvol::Role;
+use crate::cluster::blockvol_role;
 use controlbridge::{BackendError, BlockRole, Route, VolumeBackend};
 use engine::{Endpoint, Epoch, ReplicaHandshake, ReplicaId, SessionId, StepInfo, StorageAdapter};
 use v2bridge::convert::{handshake, to_engine};
@@ -49,17 +49,6 @@ impl SimBackend {
                 self.server, self.incarnation
             )))
         }
-    }
-}
-
-fn blockvol_role(role: BlockRole) -> Role {
-    match role {
-        BlockRole::None => Role::None,
-        BlockRole::Primary => Role::Primary,
-        BlockRole::Replica => Role::Replica,
-        BlockRole::Stale => Role::Stale,
-        BlockRole::Rebuilding => Role::Rebuilding,
-        BlockRole::Draining => Role::Draining,
     }
 }
 
