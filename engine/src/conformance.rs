@@ -303,9 +303,16 @@ pub fn zero_gap<H: Harness>(h: H) -> Result<ScenarioReport, String> {
     ensure(plan.outcome == Outcome::ZeroGap, || {
         format!("outcome {} != zero_gap", plan.outcome)
     })?;
-    ensure(plan.pins_held() == 0 && plan.session_id.is_none(), || {
-        "zero-gap plan holds a pin or a session".into()
-    })?;
+    let live = c
+        .driver
+        .orchestrator()
+        .sender(&replica_id("r1"))
+        .ok()
+        .and_then(|s| s.session_id());
+    ensure(
+        plan.pins_held() == 0 && plan.session_id.is_some() && live.is_none(),
+        || "zero-gap plan holds a pin, names no session, or left its session live".into(),
+    )?;
     c.paths.push(RecoveryPath::ZeroGap.as_str());
     c.expect_no_pins()?;
     let m = c.expect_in_sync_with_data("r1", head)?;

@@ -5,13 +5,15 @@ use std::sync::Arc;
 
 use crate::adapter::{FullBasePin, RetentionPin, SnapshotPin, StorageAdapter};
 use crate::error::{EngineError, PinKind, Result, StorageError};
-use crate::history::{EntryId, ProofReason, RebuildReason, RecoverabilityProof, ReplicaHandshake};
+use crate::history::{
+    EntryId, ProofReason, RebuildReason, RecoverabilityProof, ReplicaHandshake, RetainedHistory,
+};
 use crate::observe::Event;
 use crate::orchestrator::RecoveryOrchestrator;
 use crate::outcome::Outcome;
 use crate::rebuild::RebuildSource;
 use crate::session::InvalidateReason;
-use crate::types::{Lsn, ReplicaId, ReplicaState, SessionId, SessionKind, SessionPhase};
+use crate::types::{Demotion, Lsn, ReplicaId, SessionId, SessionKind, SessionPhase};
 
 /// Everything an executor needs, fixed when the plan is made. The executor never re-derives
 /// policy from storage.
@@ -52,6 +54,46 @@ pub struct RecoveryPlan {
     pub rebuild_target_lsn: Option<Lsn>,
     /// Why the rebuild uses its source.
     pub rebuild_reason: Option<RebuildReason>,
+    /// Ends the session if the plan is dropped unexecuted (see [`RecoveryPlan`]'s `Drop`).
+    guard: PlanGuard,
+}
+
+/// What a plan does with its session when it is dropped without an executor finishing it or
+/// `cancel_plan`: the session is fenced (`plan_dropped`, or `executor_aborted` when an
+/// executor owned the plan and unwound), so the replica is left `disconnected` (or
+/// `needs_rebuild` for a rebuild) and a re-delivered assignment can start over. Without this
+/// the session stayed in `handshake`, was kept by the next assignment, and could never be
+/// planned again.
+#[derive(Debug, Default)]
+struct PlanGuard {
+    armed: Option<(std::sync::Arc<RecoveryOrchestrator>, SessionId)>,
+    reason: Option<InvalidateReason>,
+}
+
+impl Drop for RecoveryPlan {
+    fn drop(&mut self) {
+        self.release_pins();
+        let Some((orch, sid)) = self.guard.armed.take() else {
+            return;
+        };
+        let reason = self
+            .guard
+            .reason
+            .take()
+            .unwrap_or(InvalidateReason::PlanDropped);
+        if let Some(sender) = orch.registry().sender(&self.replica_id)
+            && let Some(inv) = sender.fence_session_if(sid, reason.clone())
+        {
+            orch.log_invalidation(&inv);
+            orch.log().record(
+                &self.replica_id,
+                Some(sid),
+                Event::PlanCancelled {
+                    reason: reason.to_string(),
+                },
+            );
+        }
+    }
 }
 
 impl RecoveryPlan {
@@ -73,7 +115,23 @@ impl RecoveryPlan {
             rebuild_snapshot_lsn: None,
             rebuild_target_lsn: None,
             rebuild_reason: None,
+            guard: PlanGuard::default(),
         }
+    }
+
+    /// Makes the plan end its session if it is dropped unfinished.
+    fn arm(&mut self, orch: &Arc<RecoveryOrchestrator>, sid: SessionId) {
+        self.guard.armed = Some((Arc::clone(orch), sid));
+    }
+
+    /// The executor that owns the plan now ends the session itself (or finished it).
+    pub(crate) fn disarm(&mut self) {
+        self.guard.armed = None;
+    }
+
+    /// The reason a drop gives: an executor that owns the plan and unwinds aborted it.
+    pub(crate) fn set_drop_reason(&mut self, reason: InvalidateReason) {
+        self.guard.reason = Some(reason);
     }
 
     /// How many pins the plan still holds.
@@ -132,17 +190,38 @@ impl RecoveryDriver {
         &self.storage
     }
 
-    fn fail_session(
-        &self,
-        id: &ReplicaId,
-        sid: SessionId,
-        reason: InvalidateReason,
-        state: ReplicaState,
-    ) {
+    fn fail_session(&self, id: &ReplicaId, sid: SessionId, reason: InvalidateReason, to: Demotion) {
         if let Some(sender) = self.orchestrator.registry().sender(id)
-            && let Some(inv) = sender.invalidate_session_if(sid, reason, state)
+            && let Some(inv) = sender.invalidate_session_if(sid, reason, to)
         {
             self.orchestrator.log_invalidation(&inv);
+        }
+    }
+
+    /// One history snapshot, refused when it breaks the storage contract.
+    fn history(&self) -> Result<RetainedHistory> {
+        let history = self
+            .storage
+            .get_retained_history()
+            .map_err(EngineError::HistoryUnavailable)?;
+        history
+            .check_consistent()
+            .map_err(EngineError::InconsistentHistory)?;
+        Ok(history)
+    }
+
+    /// The primary's entry at `lsn`, refused when storage answers with another LSN's entry.
+    fn entry_at(&self, lsn: Lsn) -> Result<Option<EntryId>> {
+        let entry = self
+            .storage
+            .entry_id(lsn)
+            .map_err(EngineError::HistoryUnavailable)?;
+        match entry {
+            Some(e) if e.lsn != lsn => Err(EngineError::WrongEntry {
+                requested: lsn,
+                returned: e.lsn,
+            }),
+            other => Ok(other),
         }
     }
 
@@ -166,15 +245,10 @@ impl RecoveryDriver {
     ) -> Result<RecoveryPlan> {
         let replica = replica.into();
         let replica_flushed = replica.flushed;
-        let history = self
-            .storage
-            .get_retained_history()
-            .map_err(EngineError::HistoryUnavailable)?;
+        let history = self.history()?;
         let verified = replica.tip.is_some();
         let primary_at_flushed = if verified && replica_flushed <= history.committed_lsn {
-            self.storage
-                .entry_id(replica_flushed)
-                .map_err(EngineError::HistoryUnavailable)?
+            self.entry_at(replica_flushed)?
         } else {
             None
         };
@@ -184,18 +258,17 @@ impl RecoveryDriver {
             &history,
             primary_at_flushed,
         )?;
-        let sender = self.orchestrator.sender(id)?;
-        let mut plan = RecoveryPlan::new(id.clone(), sender.session_id(), result.outcome);
+        // The plan carries the session its handshake ran under, never whatever session the
+        // sender holds by now (another thread may have attached one since a zero gap
+        // completed, and cancelling this plan must not touch it).
+        let sid = result.session_id;
+        let mut plan = RecoveryPlan::new(id.clone(), Some(sid), result.outcome);
         plan.proof = Some(result.proof.clone());
         plan.verified = verified;
         if result.outcome != Outcome::CatchUp {
             return Ok(plan);
         }
-        let Some(sid) = plan.session_id else {
-            return Err(EngineError::NoSession {
-                replica: id.clone(),
-            });
-        };
+        plan.arm(&self.orchestrator, sid);
         let committed = history.committed_lsn;
         plan.catch_up_start_lsn = Some(replica_flushed);
         plan.catch_up_target = Some(committed);
@@ -206,16 +279,17 @@ impl RecoveryDriver {
         ) {
             plan.truncate_lsn = Some(committed);
             if verified {
-                match self.storage.entry_id(committed) {
+                match self.entry_at(committed) {
                     Ok(anchor) => plan.truncate_anchor = anchor,
                     Err(e) => {
+                        plan.disarm();
                         self.fail_session(
                             id,
                             sid,
                             InvalidateReason::HandshakeFailed,
-                            ReplicaState::Disconnected,
+                            Demotion::Disconnected,
                         );
-                        return Err(EngineError::HistoryUnavailable(e));
+                        return Err(e);
                     }
                 }
             }
@@ -254,10 +328,11 @@ impl RecoveryDriver {
                 // the pin could be taken (a race with the flusher): the replica is now beyond
                 // retention and only a rebuild can help. Any other pin failure is transient.
                 let state = if matches!(e, StorageError::Recycled { .. }) {
-                    ReplicaState::NeedsRebuild
+                    Demotion::NeedsRebuild
                 } else {
-                    ReplicaState::Disconnected
+                    Demotion::Disconnected
                 };
+                plan.disarm();
                 self.fail_session(id, sid, InvalidateReason::WalPinFailed, state);
                 Err(EngineError::PinFailed {
                     kind: PinKind::WalRetention,
@@ -295,13 +370,14 @@ impl RecoveryDriver {
             });
         }
         let sid = snap.id;
-        let history = self
-            .storage
-            .get_retained_history()
-            .map_err(EngineError::HistoryUnavailable)?;
+        // Claim the session before anything else: of two planners racing for it, the second
+        // is refused here and leaves it alone.
+        sender.claim_plan(sid)?;
+        let mut plan = RecoveryPlan::new(id.clone(), Some(sid), Outcome::NeedsRebuild);
+        plan.arm(&self.orchestrator, sid);
+        let history = self.history()?;
         let decision = history.rebuild_source_decision();
         let committed = history.committed_lsn;
-        let mut plan = RecoveryPlan::new(id.clone(), Some(sid), Outcome::NeedsRebuild);
         plan.rebuild_source = Some(decision.source);
         plan.rebuild_snapshot_lsn = decision.snapshot_lsn;
         plan.rebuild_target_lsn = Some(committed);
@@ -320,11 +396,12 @@ impl RecoveryDriver {
                                 error: e.to_string(),
                             },
                         );
+                        plan.disarm();
                         self.fail_session(
                             id,
                             sid,
                             InvalidateReason::SnapshotPinFailed,
-                            ReplicaState::NeedsRebuild,
+                            Demotion::NeedsRebuild,
                         );
                         return Err(EngineError::PinFailed {
                             kind: PinKind::Snapshot,
@@ -343,11 +420,12 @@ impl RecoveryDriver {
                                 error: e.to_string(),
                             },
                         );
+                        plan.disarm();
                         self.fail_session(
                             id,
                             sid,
                             InvalidateReason::WalPinFailedDuringRebuild,
-                            ReplicaState::NeedsRebuild,
+                            Demotion::NeedsRebuild,
                         );
                         return Err(EngineError::PinFailed {
                             kind: PinKind::WalRetention,
@@ -386,11 +464,12 @@ impl RecoveryDriver {
                             error: e.to_string(),
                         },
                     );
+                    plan.disarm();
                     self.fail_session(
                         id,
                         sid,
                         InvalidateReason::FullBasePinFailed,
-                        ReplicaState::NeedsRebuild,
+                        Demotion::NeedsRebuild,
                     );
                     return Err(EngineError::PinFailed {
                         kind: PinKind::FullBase,
@@ -403,19 +482,28 @@ impl RecoveryDriver {
     }
 
     /// Releases the plan's pins and, if the plan's session is still the sender's current
-    /// session, invalidates it (`cancelled: <reason>`, state `disconnected`). A plan without a
-    /// session (a finished zero gap) never touches the sender, so cancelling it cannot demote
-    /// an in-sync replica. Always logs `plan_cancelled`.
-    pub fn cancel_plan(&self, plan: &mut RecoveryPlan, reason: &str) {
+    /// session, invalidates it (`cancelled: <reason>`, state `disconnected`). A finished plan (a
+    /// zero gap that completed, or a needs-rebuild outcome) names a session that is no longer
+    /// current, so cancelling it changes no state: it cannot end a session another thread
+    /// attached since, nor demote an in-sync replica. Always logs `plan_cancelled`. Returns
+    /// whether a session was invalidated.
+    pub fn cancel_plan(&self, plan: &mut RecoveryPlan, reason: &str) -> bool {
         self.release_plan(plan);
-        if let Some(sid) = plan.session_id {
-            self.fail_session(
-                &plan.replica_id,
-                sid,
-                InvalidateReason::Cancelled(reason.to_owned()),
-                ReplicaState::Disconnected,
-            );
-        }
+        plan.disarm();
+        let invalidated = plan.session_id.is_some_and(|sid| {
+            self.orchestrator
+                .registry()
+                .sender(&plan.replica_id)
+                .and_then(|s| {
+                    s.invalidate_session_if(
+                        sid,
+                        InvalidateReason::Cancelled(reason.to_owned()),
+                        Demotion::Disconnected,
+                    )
+                })
+                .inspect(|inv| self.orchestrator.log_invalidation(inv))
+                .is_some()
+        });
         self.orchestrator.log().record(
             &plan.replica_id,
             plan.session_id,
@@ -423,6 +511,7 @@ impl RecoveryDriver {
                 reason: reason.to_owned(),
             },
         );
+        invalidated
     }
 
     /// Cancels a recovery that an executor is running: invalidates the session if it is still
@@ -435,7 +524,7 @@ impl RecoveryDriver {
         let inv = sender.invalidate_session_if(
             session_id,
             InvalidateReason::Cancelled(reason.to_owned()),
-            ReplicaState::Disconnected,
+            Demotion::Disconnected,
         );
         let Some(inv) = inv else {
             return false;

@@ -274,6 +274,45 @@ pub enum EngineError {
         /// The registry's epoch.
         registry: Epoch,
     },
+    /// An assignment from an epoch older than the sender's own tried to change it; nothing
+    /// was changed. A sender can be newer than its registry's fence when it alone
+    /// was raised (`RecoveryOrchestrator::update_sender_epoch`).
+    #[error(
+        "stale assignment for {replica}: epoch {intent_epoch} endpoint v{intent_endpoint_version} is older than the sender's epoch {sender_epoch} endpoint v{sender_endpoint_version}"
+    )]
+    StaleAssignment {
+        /// The replica.
+        replica: ReplicaId,
+        /// The assignment's epoch.
+        intent_epoch: Epoch,
+        /// The assignment's endpoint version.
+        intent_endpoint_version: u64,
+        /// The sender's epoch.
+        sender_epoch: Epoch,
+        /// The sender's endpoint version.
+        sender_endpoint_version: u64,
+    },
+    /// A session already has a plan (two planners raced for it); the second is refused and
+    /// the session is left to the first.
+    #[error("session {session} of {replica} already has a plan")]
+    AlreadyPlanned {
+        /// The replica.
+        replica: ReplicaId,
+        /// The session.
+        session: SessionId,
+    },
+    /// Storage reported a retained history that breaks its own invariants; nothing was
+    /// planned from it.
+    #[error("storage reported an inconsistent history: {0}")]
+    InconsistentHistory(String),
+    /// Storage answered a question about one LSN with an entry of another.
+    #[error("storage asked for the entry at LSN {requested} returned the entry at LSN {returned}")]
+    WrongEntry {
+        /// The LSN asked for.
+        requested: Lsn,
+        /// The LSN of the entry returned.
+        returned: Lsn,
+    },
     /// A plan was requested for a sender without a session.
     #[error("sender {replica} has no session to plan for")]
     NoSession {

@@ -26,7 +26,7 @@ use crate::outcome::Outcome;
 use crate::rebuild::RebuildSource;
 use crate::sender::Sender;
 use crate::session::InvalidateReason;
-use crate::types::{Lsn, ReplicaId, ReplicaState, SessionId, Tick};
+use crate::types::{Demotion, Lsn, ReplicaId, ReplicaState, SessionId, Tick};
 
 /// What one WAL chunk did on the replica.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -448,6 +448,10 @@ impl<'a> Run<'a> {
         path: RecoveryPath,
         target: Lsn,
     ) -> Self {
+        let mut plan = plan;
+        // Dropped unfinished from here on (a panic unwinding through the executor, or an
+        // executor never run), the plan fences its session as aborted.
+        plan.set_drop_reason(InvalidateReason::ExecutorAborted);
         let report = ExecutionReport::new(&plan, path, target);
         Run {
             driver,
@@ -461,6 +465,7 @@ impl<'a> Run<'a> {
 
     /// Releases the pins (no release event: nothing went wrong) and logs completion.
     fn succeed(mut self, event: Event, sender: &Sender) -> ExecutionReport {
+        self.plan.disarm();
         self.plan.release_pins();
         self.log(event);
         self.report.final_state = sender.state();
@@ -474,6 +479,31 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// The tick the budget clock starts at: the clock's reading when there is a clock (so
+    /// elapsed times are measured on one clock), the configured start tick otherwise.
+    fn start_tick(&mut self) -> Tick {
+        match self.clock.as_mut() {
+            Some(c) => c(),
+            None => self.opts.start_tick,
+        }
+    }
+
+    /// Adds a count the I/O reported to a running total, refusing a sum that overflows.
+    fn add_reported(
+        step: u64,
+        total: &mut u64,
+        add: u64,
+        what: &str,
+    ) -> std::result::Result<(), ExecFailure> {
+        *total = total
+            .checked_add(add)
+            .ok_or_else(|| ExecFailure::IoProtocol {
+                step,
+                detail: format!("{what} overflow: {total} + {add}"),
+            })?;
+        Ok(())
+    }
+
     fn log(&self, event: Event) {
         self.driver
             .orchestrator()
@@ -484,14 +514,15 @@ impl<'a> Run<'a> {
     /// Releases every pin, logs the reason, invalidates the session if it is still this
     /// plan's, and builds the error.
     fn fail(mut self, failure: ExecFailure) -> EngineError {
+        self.plan.disarm();
         self.plan.release_pins();
         self.log(Event::ExecResourcesReleased {
             reason: failure.to_string(),
         });
         let target = if failure.requires_rebuild() || self.is_rebuild() {
-            ReplicaState::NeedsRebuild
+            Demotion::NeedsRebuild
         } else {
-            ReplicaState::Disconnected
+            Demotion::Disconnected
         };
         let orch = self.driver.orchestrator();
         if let (Some(sid), Ok(sender)) = (self.plan.session_id, orch.sender(&self.plan.replica_id))
@@ -555,11 +586,11 @@ impl<'a> Run<'a> {
         tail: bool,
     ) -> std::result::Result<(), ExecFailure> {
         let mut recovered = from;
+        let max_entries = self.opts.max_entries_per_chunk.max(1);
         while recovered < target {
             let step = self.report.steps;
-            let tick = self.tick();
             let chunk = io
-                .stream_wal_chunk(recovered, target, self.opts.max_entries_per_chunk.max(1))
+                .stream_wal_chunk(recovered, target, max_entries)
                 .map_err(|error| {
                     if tail {
                         ExecFailure::IoTailReplayFailed { step, error }
@@ -567,24 +598,22 @@ impl<'a> Run<'a> {
                         ExecFailure::IoStreamFailed { step, error }
                     }
                 })?;
-            let delta = recovered.distance_to(chunk.applied_to);
-            if chunk.applied_to <= recovered {
-                return Err(ExecFailure::IoProtocol {
-                    step,
-                    detail: format!(
-                        "no progress: asked for ({recovered}, {target}], replica still at {}",
-                        chunk.applied_to
-                    ),
-                });
-            }
-            if chunk.entries != delta {
-                return Err(ExecFailure::IoProtocol {
-                    step,
-                    detail: format!(
-                        "reported {} entries for an LSN advance of {delta} ({recovered} -> {})",
-                        chunk.entries, chunk.applied_to
-                    ),
-                });
+            // The tick at which the chunk's progress became known: a chunk that took longer
+            // than the progress deadline is a stall even though it moved data in the end.
+            let tick = self.tick();
+            Self::check_wal_chunk(step, &chunk, recovered, target, max_entries)?;
+            // The replica applied the chunk: the report says so whatever follows.
+            Self::add_reported(
+                step,
+                &mut self.report.entries_applied,
+                chunk.entries,
+                "entry count",
+            )?;
+            Self::add_reported(step, &mut self.report.wal_bytes, chunk.bytes, "byte count")?;
+            if !tail {
+                // Before the progress is recorded, so the time since the last progress is
+                // what this chunk took.
+                self.check_budget(sender, sid, tick)?;
             }
             if tail {
                 sender
@@ -594,20 +623,10 @@ impl<'a> Run<'a> {
                 sender
                     .record_catch_up_progress(sid, chunk.applied_to, Some(tick))
                     .map_err(|error| ExecFailure::ProgressAfterIo { step, error })?;
+                // Again after: the entries this chunk replayed count against the budget.
+                self.check_budget(sender, sid, tick)?;
             }
             recovered = chunk.applied_to;
-            self.report.entries_applied += chunk.entries;
-            self.report.wal_bytes += chunk.bytes;
-            if !tail {
-                match sender.check_budget(sid, tick) {
-                    Err(e) => return Err(ExecFailure::BudgetCheckFailed(e)),
-                    Ok(Some(v)) => {
-                        self.log(Event::BudgetEscalated { violation: v });
-                        return Err(ExecFailure::BudgetEscalated(v));
-                    }
-                    Ok(None) => {}
-                }
-            }
             let kind = if tail {
                 StepKind::TailChunk
             } else {
@@ -616,6 +635,60 @@ impl<'a> Run<'a> {
             self.after_step(sender, sid, kind, recovered, tick)?;
         }
         Ok(())
+    }
+
+    /// Validates a WAL chunk's report against what was asked: progress, not past the target,
+    /// at most the chunk size, and an entry count equal to the LSN advance.
+    fn check_wal_chunk(
+        step: u64,
+        chunk: &WalChunk,
+        recovered: Lsn,
+        target: Lsn,
+        max_entries: u64,
+    ) -> std::result::Result<(), ExecFailure> {
+        let protocol = |detail: String| Err(ExecFailure::IoProtocol { step, detail });
+        if chunk.applied_to <= recovered {
+            return protocol(format!(
+                "no progress: asked for ({recovered}, {target}], replica still at {}",
+                chunk.applied_to
+            ));
+        }
+        if chunk.applied_to > target {
+            return protocol(format!(
+                "applied to {} past the target: asked for ({recovered}, {target}]",
+                chunk.applied_to
+            ));
+        }
+        let delta = recovered.distance_to(chunk.applied_to);
+        if delta > max_entries {
+            return protocol(format!(
+                "chunk of {delta} entries ({recovered} -> {}) exceeds the maximum of {max_entries}",
+                chunk.applied_to
+            ));
+        }
+        if chunk.entries != delta {
+            return protocol(format!(
+                "reported {} entries for an LSN advance of {delta} ({recovered} -> {})",
+                chunk.entries, chunk.applied_to
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_budget(
+        &self,
+        sender: &Sender,
+        sid: SessionId,
+        tick: Tick,
+    ) -> std::result::Result<(), ExecFailure> {
+        match sender.check_budget(sid, tick) {
+            Err(e) => Err(ExecFailure::BudgetCheckFailed(e)),
+            Ok(Some(v)) => {
+                self.log(Event::BudgetEscalated { violation: v });
+                Err(ExecFailure::BudgetEscalated(v))
+            }
+            Ok(None) => Ok(()),
+        }
     }
 
     /// Barrier, then the caller's completion.
@@ -721,7 +794,7 @@ impl<'a> CatchUpExecutor<'a> {
             Ok(s) => s,
             Err(_) => return Err(run.fail(ExecFailure::SenderNotFound)),
         };
-        let start_tick = run.opts.start_tick;
+        let start_tick = run.start_tick();
         if let Err(e) = sender.begin_catch_up(sid, Some(start_tick)) {
             return Err(run.fail(ExecFailure::BeginCatchUpFailed(e)));
         }
@@ -779,6 +852,46 @@ impl<'a> CatchUpExecutor<'a> {
 /// Runs a rebuild plan (snapshot + tail, or full base).
 pub struct RebuildExecutor<'a> {
     run: Run<'a>,
+}
+
+impl RebuildExecutor<'_> {
+    /// Validates a base chunk's report against the image size `begin_base` announced and the
+    /// totals so far (`covered`, `sent`), and returns the new totals. A chunk must report
+    /// something unless it is the last; the image is never overrun; the bytes sent never
+    /// exceed the bytes covered (an I/O may cover a window of the image before sending its
+    /// runs in several chunks, so one chunk can send without covering, but never more than
+    /// was covered: a chunk that keeps reporting bytes without progress is refused); and the
+    /// last chunk ends exactly at the image's end.
+    fn check_base_chunk(
+        step: u64,
+        chunk: &BaseChunkProgress,
+        (covered, sent): (u64, u64),
+        size: u64,
+    ) -> std::result::Result<(u64, u64), ExecFailure> {
+        let protocol = |detail: String| Err(ExecFailure::IoProtocol { step, detail });
+        if chunk.bytes == 0 && chunk.bytes_sent == 0 && !chunk.done {
+            return protocol(format!(
+                "base chunk made no progress ({covered} of {size} bytes covered)"
+            ));
+        }
+        let Some(covered) = covered.checked_add(chunk.bytes).filter(|t| *t <= size) else {
+            return protocol(format!(
+                "base chunk of {} bytes overruns the image: {covered} of {size} covered before it",
+                chunk.bytes
+            ));
+        };
+        let Some(sent) = sent.checked_add(chunk.bytes_sent).filter(|t| *t <= covered) else {
+            return protocol(format!(
+                "base chunk sent {} bytes with no progress: {sent} sent before it, {covered} of \
+                 {size} covered",
+                chunk.bytes_sent
+            ));
+        };
+        if chunk.done && covered != size {
+            return protocol(format!("base transfer ended at {covered} of {size} bytes"));
+        }
+        Ok((covered, sent))
+    }
 }
 
 impl<'a> RebuildExecutor<'a> {
@@ -867,21 +980,16 @@ impl<'a> RebuildExecutor<'a> {
             .begin_rebuild_transfer(sid)
             .map_err(ExecFailure::TransferFailed)?;
 
-        io.begin_base(req).map_err(ExecFailure::IoBaseFailed)?;
+        let size = io.begin_base(req).map_err(ExecFailure::IoBaseFailed)?;
         loop {
             let step = run.report.steps;
             let tick = run.tick();
             let chunk = io
                 .transfer_base_chunk(run.opts.max_base_chunk_bytes.max(1))
                 .map_err(ExecFailure::IoBaseFailed)?;
-            if chunk.bytes == 0 && chunk.bytes_sent == 0 && !chunk.done {
-                return Err(ExecFailure::IoProtocol {
-                    step,
-                    detail: "base chunk made no progress".to_owned(),
-                });
-            }
-            run.report.base_bytes += chunk.bytes;
-            run.report.base_bytes_sent += chunk.bytes_sent;
+            let totals = (run.report.base_bytes, run.report.base_bytes_sent);
+            (run.report.base_bytes, run.report.base_bytes_sent) =
+                Self::check_base_chunk(step, &chunk, totals, size)?;
             run.after_step(sender, sid, StepKind::BaseChunk, req.lsn, tick)?;
             if chunk.done {
                 break;

@@ -355,6 +355,35 @@ pub struct RebuildDecision {
 }
 
 impl RetainedHistory {
+    /// Checks the invariants a storage implementation must keep (see the type's docs):
+    /// `tail <= head`, every hole non-empty and inside `(tail, head]`, and a checkpoint not
+    /// above the head. The driver refuses a history that breaks them instead of planning
+    /// from it. A committed LSN above the head is allowed: the proof reports it.
+    pub fn check_consistent(&self) -> Result<(), String> {
+        if self.tail_lsn > self.head_lsn {
+            return Err(format!(
+                "tail {} is above head {}",
+                self.tail_lsn, self.head_lsn
+            ));
+        }
+        if let Some(m) = self
+            .missing
+            .iter()
+            .find(|m| m.to <= m.after || m.after < self.tail_lsn || m.to > self.head_lsn)
+        {
+            return Err(format!(
+                "hole {m} is empty or outside the retained range ({}, {}]",
+                self.tail_lsn, self.head_lsn
+            ));
+        }
+        if let Some(cp) = self.checkpoint_lsn
+            && cp > self.head_lsn
+        {
+            return Err(format!("checkpoint {cp} is above head {}", self.head_lsn));
+        }
+        Ok(())
+    }
+
     /// The retention start S = tail + 1.
     pub fn retention_start(&self) -> Lsn {
         self.tail_lsn.next()

@@ -35,6 +35,7 @@ pub mod rebuild;
 pub mod registry;
 pub mod sender;
 pub mod session;
+mod sync;
 pub mod types;
 
 #[cfg(feature = "testing")]
@@ -66,5 +67,6 @@ pub use registry::{
 pub use sender::{Invalidation, Sender};
 pub use session::{InvalidateReason, SessionIdSource, SessionOptions, SessionSnapshot};
 pub use types::{
-    Endpoint, Epoch, Lsn, ReplicaId, ReplicaState, SessionId, SessionKind, SessionPhase, Tick,
+    Demotion, Endpoint, Epoch, Lsn, ReplicaId, ReplicaState, SessionId, SessionKind, SessionPhase,
+    Tick,
 };

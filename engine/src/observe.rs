@@ -6,7 +6,9 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::PoisonError;
+
+use crate::sync::{Mutex, MutexGuard};
 
 use crate::budget::BudgetViolation;
 use crate::history::{ProofReason, RebuildReason};

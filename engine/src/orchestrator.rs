@@ -8,13 +8,16 @@ use crate::outcome::Outcome;
 use crate::registry::{AssignmentIntent, AssignmentResult, Registry};
 use crate::sender::{Invalidation, Sender};
 use crate::session::InvalidateReason;
-use crate::types::{Epoch, ReplicaId, ReplicaState, SessionKind};
+use crate::types::{Demotion, Epoch, ReplicaId, ReplicaState, SessionId, SessionKind};
 
 /// The result of [`RecoveryOrchestrator::execute_recovery`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecoveryResult {
     /// The replica.
     pub replica_id: ReplicaId,
+    /// The session the handshake ran under (finished already for a zero gap or a
+    /// needs-rebuild outcome).
+    pub session_id: SessionId,
     /// The handshake outcome.
     pub outcome: Outcome,
     /// The recoverability proof the outcome came from.
@@ -179,7 +182,7 @@ impl RecoveryOrchestrator {
                 if let Some(inv) = sender.invalidate_session_if(
                     sid,
                     InvalidateReason::HandshakeFailed,
-                    ReplicaState::Disconnected,
+                    Demotion::Disconnected,
                 ) {
                     self.log_invalidation(&inv);
                 }
@@ -217,6 +220,7 @@ impl RecoveryOrchestrator {
         }
         Ok(RecoveryResult {
             replica_id: id.clone(),
+            session_id: sid,
             outcome,
             proof,
             final_state: sender.state(),
@@ -232,8 +236,9 @@ impl RecoveryOrchestrator {
         Ok(())
     }
 
-    /// Fences every session below `epoch`, logging one `session_invalidated` per replica.
-    /// Returns how many sessions were fenced.
+    /// Fences the volume at `epoch` (see [`Registry::invalidate_epoch`]): every session below
+    /// it is invalidated and every sender raised to it, logging one `session_invalidated` per
+    /// session. Returns how many sessions were fenced.
     pub fn invalidate_epoch(&self, epoch: Epoch) -> usize {
         let invs = self.registry.invalidate_epoch(epoch);
         for inv in &invs {
@@ -242,18 +247,11 @@ impl RecoveryOrchestrator {
         invs.len()
     }
 
-    /// Bumps the whole volume to `epoch`: fences older sessions and advances every sender's
-    /// epoch, logging each invalidation. This is what a failover or epoch change does before
-    /// the new assignment arrives.
+    /// Bumps the whole volume to `epoch`: what a failover or epoch change does before the new
+    /// assignment arrives. The same as [`invalidate_epoch`](Self::invalidate_epoch), which
+    /// since the fix of old proofs left standing also raises every sender.
     pub fn advance_epoch(&self, epoch: Epoch) -> usize {
-        let mut n = self.invalidate_epoch(epoch);
-        for s in self.registry.all() {
-            if let Some(inv) = s.update_epoch(epoch) {
-                self.log_invalidation(&inv);
-                n += 1;
-            }
-        }
-        n
+        self.invalidate_epoch(epoch)
     }
 }
 

@@ -1,10 +1,17 @@
 //! The registry: one per volume, keyed by stable replica ID, fenced by epoch as a whole.
 //!
-//! Locking: the registry's map lock is never held while a sender's lock is taken. Each
-//! operation reads or edits the map, releases it, and then talks to the senders it collected.
+//! Locking: one hierarchy, registry map lock before sender lock (before the log's leaf lock),
+//! never the reverse; a sender never calls back into its registry. Operations that change the
+//! replica set or fence epochs (`reconcile`, `apply_assignment`, `invalidate_epoch`,
+//! `stop_all`) hold the map's write lock from their fence check to their last sender change,
+//! so two of them never interleave: concurrent assignments at epochs 2 and 3 end as if the
+//! epoch-3 one came last, whichever thread wins. Readers (`sender`, `all`, `status`) take the
+//! read lock only to clone `Arc`s and read senders after releasing it.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError};
+
+use crate::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::budget::CatchUpBudget;
 use crate::error::{EngineError, Result};
@@ -45,6 +52,9 @@ pub struct ReconcileResult {
     /// Sessions that lost their authority (endpoint change, epoch advance, removal), in
     /// replica order.
     pub invalidated: Vec<Invalidation>,
+    /// Senders the intent could not change because they are at a newer epoch than it (raised
+    /// alone, see [`Sender::reassign`]): left as they were, in replica order.
+    pub refused: Vec<(ReplicaId, EngineError)>,
 }
 
 /// The effect of [`Registry::apply_assignment`]. Every list is in replica-ID order.
@@ -56,6 +66,8 @@ pub struct AssignmentResult {
     pub removed: Vec<ReplicaId>,
     /// Sessions that lost their authority during reconcile.
     pub invalidated: Vec<Invalidation>,
+    /// Senders newer than the intent, left as they were (see [`ReconcileResult::refused`]).
+    pub refused: Vec<(ReplicaId, EngineError)>,
     /// New sessions attached.
     pub sessions_created: Vec<(ReplicaId, SessionId)>,
     /// Sessions replaced: the old session (if one was active) and the new ID.
@@ -107,12 +119,30 @@ impl Registry {
     /// remove and re-address senders). Otherwise: an ID listed twice keeps its last endpoint;
     /// senders not listed are stopped and removed; existing senders get the endpoint first and
     /// then the epoch (so an endpoint change leaves them `disconnected`); missing senders are
-    /// created. The same sender object survives an address change.
+    /// created. The same sender object survives an address change. A sender newer than the
+    /// intent (see [`Sender::reassign`]) is neither changed nor removed and is listed in
+    /// [`ReconcileResult::refused`]. Runs under the map's write lock from start to end.
     pub fn reconcile(
         &self,
         replicas: &[ReplicaAssignment],
         epoch: Epoch,
     ) -> Result<ReconcileResult> {
+        let mut g = self.write();
+        Self::reconcile_locked(&mut g, &self.ids, replicas, epoch)
+    }
+
+    fn reconcile_locked(
+        g: &mut RegistryInner,
+        ids: &Arc<SessionIdSource>,
+        replicas: &[ReplicaAssignment],
+        epoch: Epoch,
+    ) -> Result<ReconcileResult> {
+        if epoch < g.epoch {
+            return Err(EngineError::StaleIntent {
+                intent: epoch,
+                registry: g.epoch,
+            });
+        }
         // The wanted set, sorted by ID with the last entry of a repeated ID kept. A stable sort
         // of an already sorted list (the usual case) is linear, and walking it beside the
         // registry's sorted map is a merge: no per-replica map lookups, no string clones for
@@ -127,100 +157,98 @@ impl Registry {
             }
         }
 
-        let mut removed_senders = Vec::new();
-        let mut existing: Vec<(Arc<Sender>, &Endpoint)> = Vec::with_capacity(deduped.len());
-        let mut added = Vec::new();
+        g.epoch = epoch;
+        let mut result = ReconcileResult::default();
+        let mut gone = Vec::new();
+        let mut new = Vec::new();
         {
-            let mut g = self.write();
-            if epoch < g.epoch {
-                return Err(EngineError::StaleIntent {
-                    intent: epoch,
-                    registry: g.epoch,
-                });
-            }
-            g.epoch = epoch;
-            let mut gone = Vec::new();
-            let mut new = Vec::new();
-            {
-                let mut have = g.senders.iter().peekable();
-                let mut want = deduped.iter().peekable();
-                loop {
-                    match (have.peek(), want.peek()) {
-                        (None, None) => break,
-                        (Some((id, _)), None) => {
-                            gone.push((*id).clone());
+            let mut have = g.senders.iter().peekable();
+            let mut want = deduped.iter().peekable();
+            loop {
+                match (have.peek(), want.peek()) {
+                    (None, None) => break,
+                    (Some((_, sender)), None) => {
+                        gone.push(Arc::clone(sender));
+                        have.next();
+                    }
+                    (None, Some(_)) => {
+                        new.extend(want.next().copied());
+                    }
+                    (Some((hid, sender)), Some(w)) => match (*hid).cmp(&w.replica_id) {
+                        std::cmp::Ordering::Less => {
+                            gone.push(Arc::clone(sender));
                             have.next();
                         }
-                        (None, Some(_)) => {
+                        std::cmp::Ordering::Greater => {
                             new.extend(want.next().copied());
                         }
-                        (Some((hid, sender)), Some(w)) => match (*hid).cmp(&w.replica_id) {
-                            std::cmp::Ordering::Less => {
-                                gone.push((*hid).clone());
-                                have.next();
+                        std::cmp::Ordering::Equal => {
+                            if let Err(e) =
+                                sender.reassign_into(&w.endpoint, epoch, &mut result.invalidated)
+                            {
+                                result.refused.push((w.replica_id.clone(), e));
                             }
-                            std::cmp::Ordering::Greater => {
-                                new.extend(want.next().copied());
-                            }
-                            std::cmp::Ordering::Equal => {
-                                existing.push((Arc::clone(sender), &w.endpoint));
-                                have.next();
-                                want.next();
-                            }
-                        },
-                    }
-                }
-            }
-            for id in gone {
-                if let Some(s) = g.senders.remove(&id) {
-                    removed_senders.push(s);
-                }
-            }
-            let created: Vec<(ReplicaId, Arc<Sender>)> = new
-                .into_iter()
-                .map(|r| {
-                    added.push(r.replica_id.clone());
-                    let s = Sender::with_id_source(
-                        r.replica_id.clone(),
-                        r.endpoint.clone(),
-                        epoch,
-                        Arc::clone(&self.ids),
-                    );
-                    (r.replica_id.clone(), Arc::new(s))
-                })
-                .collect();
-            if created.len() * 8 > g.senders.len() {
-                // Many new senders (a new volume, a big assignment): rebuild the map from one
-                // sorted sequence, which the standard library bulk-builds in linear time,
-                // instead of one logarithmic insert each.
-                let old = std::mem::take(&mut g.senders);
-                let mut merged = Vec::with_capacity(old.len() + created.len());
-                let mut fresh = created.into_iter().peekable();
-                for (id, sender) in old {
-                    while let Some(next) = fresh.next_if(|(nid, _)| *nid < id) {
-                        merged.push(next);
-                    }
-                    merged.push((id, sender));
-                }
-                merged.extend(fresh);
-                g.senders = merged.into_iter().collect();
-            } else {
-                for (id, sender) in created {
-                    g.senders.insert(id, sender);
+                            have.next();
+                            want.next();
+                        }
+                    },
                 }
             }
         }
-
-        let mut result = ReconcileResult {
-            added,
-            ..ReconcileResult::default()
-        };
-        for s in removed_senders {
+        for s in gone {
+            // A sender raised alone past the intent is newer than it: the intent cannot
+            // remove it.
+            let sender_epoch = s.epoch();
+            if sender_epoch > epoch {
+                let (version, id) = (s.endpoint().version, s.replica_id().clone());
+                result.refused.push((
+                    id.clone(),
+                    EngineError::StaleAssignment {
+                        replica: id,
+                        intent_epoch: epoch,
+                        intent_endpoint_version: version,
+                        sender_epoch,
+                        sender_endpoint_version: version,
+                    },
+                ));
+                continue;
+            }
+            g.senders.remove(s.replica_id());
             result.removed.push(s.replica_id().clone());
             result.invalidated.extend(s.stop());
         }
-        for (s, ep) in existing {
-            s.reassign(ep, epoch, &mut result.invalidated);
+        let created: Vec<(ReplicaId, Arc<Sender>)> = new
+            .into_iter()
+            .map(|r| {
+                result.added.push(r.replica_id.clone());
+                let s = Sender::with_id_source(
+                    r.replica_id.clone(),
+                    r.endpoint.clone(),
+                    epoch,
+                    Arc::clone(ids),
+                );
+                (r.replica_id.clone(), Arc::new(s))
+            })
+            .collect();
+        if created.len() * 8 > g.senders.len() {
+            // Many new senders (a new volume, a big assignment): rebuild the map from one
+            // sorted sequence, which the standard library bulk-builds in linear time,
+            // instead of one logarithmic insert each.
+            let old = std::mem::take(&mut g.senders);
+            let mut merged = Vec::with_capacity(old.len() + created.len());
+            let mut fresh = created.into_iter().peekable();
+            for (id, sender) in old {
+                while let Some(next) = fresh.next_if(|(nid, _)| *nid < id) {
+                    merged.push(next);
+                }
+                merged.push((id, sender));
+            }
+            merged.extend(fresh);
+            g.senders = merged.into_iter().collect();
+        } else {
+            for (id, sender) in created {
+                g.senders.insert(id, sender);
+            }
         }
         result
             .invalidated
@@ -229,17 +257,22 @@ impl Registry {
     }
 
     /// Reconciles, then attaches a session for each recovery target, in replica-ID order:
-    /// - the sender is missing, or its epoch is above the intent's: failed;
+    /// - the sender is missing, or its epoch is not the intent's: failed;
     /// - no active session: a new session (created);
     /// - an active session of the same kind: kept as is (a duplicate or late re-delivery of
     ///   the same assignment must not restart a recovery under way);
     /// - an active session of another kind: superseded with `assignment_intent`.
+    ///
+    /// The whole call holds the map's write lock, so no other assignment or epoch fence
+    /// interleaves with it; each sender still re-checks the intent's epoch under its own lock.
     pub fn apply_assignment(&self, intent: &AssignmentIntent) -> Result<AssignmentResult> {
-        let rec = self.reconcile(&intent.replicas, intent.epoch)?;
+        let mut g = self.write();
+        let rec = Self::reconcile_locked(&mut g, &self.ids, &intent.replicas, intent.epoch)?;
         let mut result = AssignmentResult {
             added: rec.added,
             removed: rec.removed,
             invalidated: rec.invalidated,
+            refused: rec.refused,
             ..AssignmentResult::default()
         };
         for (id, kind) in &intent.recovery_targets {
@@ -247,7 +280,7 @@ impl Registry {
                 (SessionKind::Rebuild, _) | (_, None) => SessionOptions::default(),
                 (_, Some(b)) => SessionOptions::with_budget(b),
             };
-            let Some(sender) = self.sender(id) else {
+            let Some(sender) = g.senders.get(id) else {
                 result.sessions_failed.push((
                     id.clone(),
                     EngineError::SenderNotFound {
@@ -256,18 +289,9 @@ impl Registry {
                 ));
                 continue;
             };
-            if intent.epoch < sender.epoch() {
-                result.sessions_failed.push((
-                    id.clone(),
-                    EngineError::StaleIntent {
-                        intent: intent.epoch,
-                        registry: sender.epoch(),
-                    },
-                ));
-                continue;
-            }
             if let Some(snap) = sender.session_snapshot()
                 && snap.kind == *kind
+                && snap.epoch == intent.epoch
             {
                 result.sessions_kept.push((id.clone(), snap.id));
                 continue;
@@ -275,21 +299,29 @@ impl Registry {
             match sender.attach_session(intent.epoch, *kind, opts) {
                 Ok(sid) => result.sessions_created.push((id.clone(), sid)),
                 Err(EngineError::SessionStillActive { .. }) => {
-                    match sender.supersede_session(*kind, InvalidateReason::AssignmentIntent, opts)
-                    {
-                        Some((old, new)) => result.sessions_superseded.push((
+                    match sender.supersede_session(
+                        intent.epoch,
+                        *kind,
+                        InvalidateReason::AssignmentIntent,
+                        opts,
+                    ) {
+                        Ok((old, new)) => result.sessions_superseded.push((
                             id.clone(),
                             old.map(|o| o.session_id),
                             new,
                         )),
-                        None => result.sessions_failed.push((
-                            id.clone(),
-                            EngineError::SenderStopped {
-                                replica: id.clone(),
-                            },
-                        )),
+                        Err(e) => result.sessions_failed.push((id.clone(), e)),
                     }
                 }
+                Err(EngineError::EpochMismatch {
+                    requested, sender, ..
+                }) if requested < sender => result.sessions_failed.push((
+                    id.clone(),
+                    EngineError::StaleIntent {
+                        intent: requested,
+                        registry: sender,
+                    },
+                )),
                 Err(e) => result.sessions_failed.push((id.clone(), e)),
             }
         }
@@ -317,8 +349,10 @@ impl Registry {
     }
 
     /// Stops every sender; stopped senders stay registered. Returns the sessions invalidated.
+    /// Holds the map lock, so no sender is added half-way.
     pub fn stop_all(&self) -> Vec<Invalidation> {
-        self.all().iter().filter_map(|s| s.stop()).collect()
+        let g = self.write();
+        g.senders.values().filter_map(|s| s.stop()).collect()
     }
 
     /// Number of senders in `in_sync`.
@@ -329,27 +363,19 @@ impl Registry {
             .count()
     }
 
-    /// Raises the registry's fence epoch (never lowers it): intents below it are refused.
-    pub fn raise_epoch(&self, epoch: Epoch) {
-        let mut g = self.write();
-        g.epoch = g.epoch.max(epoch);
-    }
-
-    /// Fences every active session whose epoch is below `current` (`epoch_bump`; the sender
-    /// becomes `disconnected`, or stays `needs_rebuild`), and raises the registry's fence to
-    /// `current` so a late intent from an older epoch can no longer change anything. Sender
-    /// epochs are not raised. Returns the sessions invalidated, in replica order.
+    /// Fences the volume at `current`: raises the registry's fence (never lowers it), so a
+    /// late intent from an older epoch can no longer change anything, and raises every sender
+    /// to `current`. A session from an older epoch is invalidated (`epoch_bump`) and dropped
+    /// (the sender becomes `disconnected`, or stays `needs_rebuild`), and a sender that was
+    /// `in_sync` at the old epoch loses that proof: the reference left old proofs standing and
+    /// let a session attached at the old epoch complete. Returns the sessions invalidated, in
+    /// replica order. Holds the map lock throughout.
     pub fn invalidate_epoch(&self, current: Epoch) -> Vec<Invalidation> {
-        self.raise_epoch(current);
-        self.all()
-            .iter()
-            .filter_map(|s| {
-                let snap = s.session_snapshot()?;
-                if snap.epoch >= current {
-                    return None;
-                }
-                s.fence_session_if(snap.id, InvalidateReason::EpochBump)
-            })
+        let mut g = self.write();
+        g.epoch = g.epoch.max(current);
+        g.senders
+            .values()
+            .filter_map(|s| s.fence_epoch(current))
             .collect()
     }
 

@@ -10,7 +10,9 @@
 //! Invariant: the session slot only ever holds an active session. Completing or invalidating a
 //! session drops it in the same critical section.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
+
+use crate::sync::{Mutex, MutexGuard};
 
 use crate::budget::BudgetViolation;
 use crate::error::{EngineError, Result};
@@ -19,7 +21,8 @@ use crate::outcome::{HandshakeResult, Outcome};
 use crate::rebuild::{RebuildSource, RebuildState};
 use crate::session::{InvalidateReason, Session, SessionIdSource, SessionOptions, SessionSnapshot};
 use crate::types::{
-    Endpoint, Epoch, Lsn, ReplicaId, ReplicaState, SessionId, SessionKind, SessionPhase, Tick,
+    Demotion, Endpoint, Epoch, Lsn, ReplicaId, ReplicaState, SessionId, SessionKind, SessionPhase,
+    Tick,
 };
 
 /// A session that lost its authority, reported so callers can log it.
@@ -169,25 +172,38 @@ impl Sender {
     /// to the old epoch (the reference left it `in_sync`).
     pub fn update_epoch(&self, epoch: Epoch) -> Option<Invalidation> {
         let mut g = self.lock();
-        self.epoch_locked(&mut g, epoch)
+        let old = g.epoch;
+        self.epoch_locked(
+            &mut g,
+            epoch,
+            InvalidateReason::EpochAdvanced {
+                from: old,
+                to: epoch,
+            },
+        )
     }
 
-    fn epoch_locked(&self, g: &mut SenderInner, epoch: Epoch) -> Option<Invalidation> {
+    /// What `Registry::invalidate_epoch` does to one sender: like
+    /// [`update_epoch`](Self::update_epoch), with the reason `epoch_bump`.
+    pub(crate) fn fence_epoch(&self, epoch: Epoch) -> Option<Invalidation> {
+        let mut g = self.lock();
+        self.epoch_locked(&mut g, epoch, InvalidateReason::EpochBump)
+    }
+
+    fn epoch_locked(
+        &self,
+        g: &mut SenderInner,
+        epoch: Epoch,
+        reason: InvalidateReason,
+    ) -> Option<Invalidation> {
         if g.stopped || epoch <= g.epoch {
             return None;
         }
-        let old = g.epoch;
         g.epoch = epoch;
         let stale = g.session.as_ref().is_some_and(|s| s.epoch < epoch);
         if stale {
             let fenced = Self::fenced_state(g);
-            let inv = self.drop_session(
-                g,
-                InvalidateReason::EpochAdvanced {
-                    from: old,
-                    to: epoch,
-                },
-            );
+            let inv = self.drop_session(g, reason);
             g.state = fenced;
             return inv;
         }
@@ -205,15 +221,6 @@ impl Sender {
         }
     }
 
-    /// Replaces the endpoint (always, unless stopped). If it changed, an active session is
-    /// invalidated (`endpoint_changed`) and dropped and the state becomes `disconnected`;
-    /// without a session an `in_sync` sender also becomes `disconnected`, because nothing has
-    /// been proven about the replica at its new address.
-    pub fn update_endpoint(&self, endpoint: Endpoint) -> Option<Invalidation> {
-        let mut g = self.lock();
-        self.endpoint_locked(&mut g, &endpoint)
-    }
-
     fn endpoint_locked(&self, g: &mut SenderInner, endpoint: &Endpoint) -> Option<Invalidation> {
         if g.stopped || !g.endpoint.changed(endpoint) {
             return None;
@@ -229,24 +236,56 @@ impl Sender {
         None
     }
 
-    /// What reconcile does to an existing sender, under one lock acquisition: the endpoint
-    /// first (an endpoint change leaves it `disconnected`), then the epoch. Returns what it
-    /// invalidated.
-    pub(crate) fn reassign(&self, endpoint: &Endpoint, epoch: Epoch, out: &mut Vec<Invalidation>) {
-        let mut g = self.lock();
-        out.extend(self.endpoint_locked(&mut g, endpoint));
-        out.extend(self.epoch_locked(&mut g, epoch));
+    /// Applies an assignment's view of this replica, under one lock acquisition: the endpoint
+    /// first (an endpoint change invalidates the session and leaves the sender
+    /// `disconnected`: nothing is proven about the replica at its new address), then the
+    /// epoch (see [`update_epoch`](Self::update_epoch)). Returns what it invalidated.
+    ///
+    /// Fenced: an assignment from an epoch older than the sender's own is refused with
+    /// [`EngineError::StaleAssignment`] and changes nothing, whatever order concurrent
+    /// assignments arrive in and even when this sender alone was raised to a newer epoch.
+    /// Within one epoch the last assignment wins (endpoint versions are not ordered: a master
+    /// that restarts may number them afresh). A stopped sender ignores it.
+    pub fn reassign(&self, endpoint: &Endpoint, epoch: Epoch) -> Result<Vec<Invalidation>> {
+        let mut out = Vec::new();
+        self.reassign_into(endpoint, epoch, &mut out)?;
+        Ok(out)
     }
 
-    /// Creates a session in `init` at `epoch`, which must be the sender's epoch, when no
-    /// session is active. The replica state is unchanged.
-    pub fn attach_session(
+    pub(crate) fn reassign_into(
         &self,
+        endpoint: &Endpoint,
         epoch: Epoch,
-        kind: SessionKind,
-        opts: SessionOptions,
-    ) -> Result<SessionId> {
+        out: &mut Vec<Invalidation>,
+    ) -> Result<()> {
         let mut g = self.lock();
+        if g.stopped {
+            return Ok(());
+        }
+        if epoch < g.epoch {
+            return Err(EngineError::StaleAssignment {
+                replica: self.replica_id.clone(),
+                intent_epoch: epoch,
+                intent_endpoint_version: endpoint.version,
+                sender_epoch: g.epoch,
+                sender_endpoint_version: g.endpoint.version,
+            });
+        }
+        out.extend(self.endpoint_locked(&mut g, endpoint));
+        let old = g.epoch;
+        out.extend(self.epoch_locked(
+            &mut g,
+            epoch,
+            InvalidateReason::EpochAdvanced {
+                from: old,
+                to: epoch,
+            },
+        ));
+        Ok(())
+    }
+
+    /// Refuses a change from an assignment at `epoch` when the sender is newer.
+    fn check_assignment_epoch(&self, g: &SenderInner, epoch: Epoch) -> Result<()> {
         if g.stopped {
             return Err(EngineError::SenderStopped {
                 replica: self.replica_id.clone(),
@@ -259,6 +298,19 @@ impl Sender {
                 sender: g.epoch,
             });
         }
+        Ok(())
+    }
+
+    /// Creates a session in `init` at `epoch`, which must be the sender's epoch, when no
+    /// session is active. The replica state is unchanged.
+    pub fn attach_session(
+        &self,
+        epoch: Epoch,
+        kind: SessionKind,
+        opts: SessionOptions,
+    ) -> Result<SessionId> {
+        let mut g = self.lock();
+        self.check_assignment_epoch(&g, epoch)?;
         if let Some(s) = g.session.as_ref() {
             return Err(EngineError::SessionStillActive {
                 replica: self.replica_id.clone(),
@@ -288,22 +340,22 @@ impl Sender {
         id
     }
 
-    /// Invalidates the current session (if any) with `reason` and creates a new one at the
-    /// sender's own epoch. Returns the invalidated session (if any) and the new ID, or `None`
-    /// when the sender is stopped.
+    /// Invalidates the current session (if any) with `reason` and creates a new one, for an
+    /// assignment at `epoch`, which must be the sender's epoch (an assignment that raced with
+    /// a newer one must not replace the newer one's session). Returns the invalidated session
+    /// (if any) and the new ID.
     pub fn supersede_session(
         &self,
+        epoch: Epoch,
         kind: SessionKind,
         reason: InvalidateReason,
         opts: SessionOptions,
-    ) -> Option<(Option<Invalidation>, SessionId)> {
+    ) -> Result<(Option<Invalidation>, SessionId)> {
         let mut g = self.lock();
-        if g.stopped {
-            return None;
-        }
+        self.check_assignment_epoch(&g, epoch)?;
         let old = self.drop_session(&mut g, reason);
         let id = self.new_session(&mut g, kind, opts);
-        Some((old, id))
+        Ok((old, id))
     }
 
     /// Stops the sender for good (idempotent): the session is invalidated with
@@ -314,28 +366,43 @@ impl Sender {
         self.drop_session(&mut g, InvalidateReason::SenderStopped)
     }
 
-    /// Invalidates and drops the session if there is one (even when stopped), and always sets
-    /// the state to `target`.
+    /// The state a demotion leads to: a sender that needs a rebuild keeps needing one.
+    fn demoted(g: &SenderInner, to: Demotion) -> ReplicaState {
+        if g.state == ReplicaState::NeedsRebuild {
+            ReplicaState::NeedsRebuild
+        } else {
+            to.into()
+        }
+    }
+
+    /// Invalidates and drops the session if there is one and demotes the replica to `to` (a
+    /// replica that needs a rebuild keeps needing one). A stopped sender is left as it is.
+    /// Demotion is the only state a caller can set: `in_sync` needs a proof.
     pub fn invalidate_session(
         &self,
         reason: InvalidateReason,
-        target: ReplicaState,
+        to: Demotion,
     ) -> Option<Invalidation> {
         let mut g = self.lock();
+        if g.stopped {
+            return None;
+        }
+        let next = Self::demoted(&g, to);
         let inv = self.drop_session(&mut g, reason);
-        g.state = target;
+        g.state = next;
         inv
     }
 
-    /// Invalidates the session only if it is `id`; used by cancellation so a finished or
-    /// replaced session is never touched. Sets the state to `target` when it did.
+    /// Invalidates the session only if it is `id`, and then demotes the replica to `to`; used
+    /// by cancellation so a finished or replaced session (and the replica it proved) is never
+    /// touched.
     pub fn invalidate_session_if(
         &self,
         id: SessionId,
         reason: InvalidateReason,
-        target: ReplicaState,
+        to: Demotion,
     ) -> Option<Invalidation> {
-        self.drop_if(id, reason, |_| target)
+        self.drop_if(id, reason, |g| Self::demoted(g, to))
     }
 
     /// Fences the session `id` (if it is still current) with `reason`; the state becomes
@@ -356,13 +423,30 @@ impl Sender {
         state: impl FnOnce(&SenderInner) -> ReplicaState,
     ) -> Option<Invalidation> {
         let mut g = self.lock();
-        if g.session.as_ref().map(|s| s.id) != Some(id) {
+        if g.stopped || g.session.as_ref().map(|s| s.id) != Some(id) {
             return None;
         }
         let next = state(&g);
         let inv = self.drop_session(&mut g, reason);
         g.state = next;
         inv
+    }
+
+    /// Marks the session `id` as taken by a plan. A second planner for the same session is
+    /// refused ([`EngineError::AlreadyPlanned`]) without touching the session, so a plan never
+    /// shares its session with another (whose failure or drop would end it).
+    pub(crate) fn claim_plan(&self, id: SessionId) -> Result<()> {
+        self.with_session(id, |g| {
+            let s = session_mut(g);
+            if s.planned {
+                return Err(EngineError::AlreadyPlanned {
+                    replica: s.replica_id.clone(),
+                    session: s.id,
+                });
+            }
+            s.planned = true;
+            Ok(())
+        })
     }
 
     /// Runs `f` on the session after the authority check.
@@ -458,7 +542,7 @@ impl Sender {
         id: SessionId,
         hr: &HandshakeResult,
     ) -> Result<Outcome> {
-        self.apply_handshake(id, hr, hr.classify())
+        self.apply_handshake(id, hr, hr.classify(), false)
     }
 
     fn apply_handshake(
@@ -466,6 +550,7 @@ impl Sender {
         id: SessionId,
         hr: &HandshakeResult,
         outcome: Outcome,
+        proven: bool,
     ) -> Result<Outcome> {
         self.with_session(id, |g| {
             let s = session_mut(g);
@@ -487,6 +572,7 @@ impl Sender {
                 Outcome::ZeroGap => {
                     s.advance(SessionPhase::Handshake)?;
                     s.set_range(f, f);
+                    s.proven = proven;
                 }
                 Outcome::CatchUp => {
                     s.advance(SessionPhase::Handshake)?;
@@ -526,7 +612,7 @@ impl Sender {
         proof: &RecoverabilityProof,
     ) -> Result<Outcome> {
         let hr = history.make_handshake_result(proof.replica_flushed_lsn);
-        self.apply_handshake(id, &hr, proof.outcome())
+        self.apply_handshake(id, &hr, proof.outcome(), true)
     }
 
     /// `handshake -> catchup` for non-rebuild sessions; the state becomes `catching_up` and
@@ -675,7 +761,11 @@ impl Sender {
                     target,
                 });
             }
-            let zero_gap = s.phase == SessionPhase::Handshake && s.truncate_to.is_none();
+            // Only a zero gap that a recoverability proof established is complete without a
+            // barrier; a caller-stated range (`record_handshake`, `record_handshake_with_outcome`)
+            // must be confirmed by the replica's durable LSN like any other recovery.
+            let zero_gap =
+                s.phase == SessionPhase::Handshake && s.truncate_to.is_none() && s.proven;
             if !zero_gap && s.durable.is_none_or(|d| d < target) {
                 return Err(EngineError::BarrierMissing {
                     target,

@@ -4,7 +4,9 @@
 //! it only through [`SessionSnapshot`], a copy that shares nothing with the live session.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+
+use crate::sync::AtomicU64;
 
 use crate::budget::{BudgetCheck, BudgetViolation, CatchUpBudget};
 use crate::error::{EngineError, Result};
@@ -69,6 +71,10 @@ pub enum InvalidateReason {
     ExecutionFailed(String),
     /// A plan was cancelled; the text is the caller's reason.
     Cancelled(String),
+    /// A plan was dropped without being executed or cancelled.
+    PlanDropped,
+    /// An executor unwound (a panic in its I/O or hook) before finishing.
+    ExecutorAborted,
     /// Any other reason a caller gives.
     Other(String),
 }
@@ -94,6 +100,8 @@ impl fmt::Display for InvalidateReason {
             InvalidateReason::HandshakeFailed => f.write_str("handshake_failed"),
             InvalidateReason::ExecutionFailed(r) => write!(f, "execution_failed: {r}"),
             InvalidateReason::Cancelled(r) => write!(f, "cancelled: {r}"),
+            InvalidateReason::PlanDropped => f.write_str("plan_dropped"),
+            InvalidateReason::ExecutorAborted => f.write_str("executor_aborted"),
             InvalidateReason::Other(r) => f.write_str(r),
         }
     }
@@ -144,6 +152,11 @@ pub(crate) struct Session {
     pub(crate) budget: Option<CatchUpBudget>,
     pub(crate) tracker: BudgetCheck,
     pub(crate) rebuild: Option<RebuildState>,
+    /// The handshake range came from a recoverability proof (not a caller-stated range), so
+    /// a zero gap may complete without a barrier.
+    pub(crate) proven: bool,
+    /// A plan holds this session; a second planner is refused.
+    pub(crate) planned: bool,
 }
 
 impl Session {
@@ -172,6 +185,8 @@ impl Session {
             budget: opts.budget,
             tracker: BudgetCheck::default(),
             rebuild: (kind == SessionKind::Rebuild).then(RebuildState::new),
+            proven: false,
+            planned: false,
         }
     }
 

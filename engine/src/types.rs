@@ -214,7 +214,7 @@ pub enum ReplicaState {
     CatchingUp,
     /// Holds exactly the committed data, proven by a handshake or a completed recovery.
     InSync,
-    /// Set only by callers through `invalidate_session`.
+    /// Set only by callers through `invalidate_session` ([`Demotion::Degraded`]).
     Degraded,
     /// Only a rebuild can bring it back.
     NeedsRebuild,
@@ -237,6 +237,28 @@ impl ReplicaState {
 impl fmt::Display for ReplicaState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The states a caller may demote a replica to. `in_sync` (and the states a session moves
+/// through) are not among them: only a proof reaches `in_sync`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Demotion {
+    /// Nothing is proven any more; the next handshake decides.
+    Disconnected,
+    /// The replica fell out of the live stream (the replication layer's own judgement).
+    Degraded,
+    /// Only a rebuild can bring the replica back.
+    NeedsRebuild,
+}
+
+impl From<Demotion> for ReplicaState {
+    fn from(d: Demotion) -> Self {
+        match d {
+            Demotion::Disconnected => ReplicaState::Disconnected,
+            Demotion::Degraded => ReplicaState::Degraded,
+            Demotion::NeedsRebuild => ReplicaState::NeedsRebuild,
+        }
     }
 }
 

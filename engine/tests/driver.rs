@@ -87,20 +87,25 @@ fn plan_recovery_zero_gap() {
     let d = with_target(&p, SessionKind::CatchUp);
     let mut plan = d.plan_recovery(&rid("r1"), Lsn(100)).unwrap();
     assert_eq!(plan.outcome, Outcome::ZeroGap);
+    let s = d.orchestrator().sender(&rid("r1")).unwrap();
+    assert!(
+        plan.session_id.is_some(),
+        "the plan names its handshake's session"
+    );
     assert_eq!(
-        plan.session_id, None,
+        s.session_id(),
+        None,
         "the zero-gap session completed at once"
     );
     assert_eq!(plan.proof.as_ref().unwrap().reason, ProofReason::ZeroGap);
     assert_eq!(plan.pins_held(), 0);
     assert_eq!(p.pins_acquired(), 0, "nothing was ever pinned");
-    let s = d.orchestrator().sender(&rid("r1")).unwrap();
     assert_eq!(s.state(), ReplicaState::InSync);
     assert_eq!(only_detail(d.orchestrator().log(), "completed"), "zero_gap");
 
-    // Cancelling the finished plan must not demote the in-sync replica (the reference's
-    // session-ID-0 plan did).
-    d.cancel_plan(&mut plan, "late_cancel");
+    // Cancelling the finished plan changes nothing: it must not demote the in-sync replica
+    // (the reference's session-ID-0 plan did).
+    assert!(!d.cancel_plan(&mut plan, "late_cancel"));
     assert_eq!(s.state(), ReplicaState::InSync);
     assert_eq!(
         only_detail(d.orchestrator().log(), "plan_cancelled"),
@@ -117,7 +122,11 @@ fn plan_recovery_needs_rebuild_then_rebuild() {
 
     let plan = d.plan_recovery(&rid("r1"), Lsn(30)).unwrap();
     assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    assert_eq!(plan.session_id, None);
+    assert_eq!(
+        d.orchestrator().sender(&rid("r1")).unwrap().session_id(),
+        None,
+        "the handshake's session ended with the escalation"
+    );
     assert_eq!(plan.pins_held(), 0);
     assert!(!plan.proof.as_ref().unwrap().recoverable);
     assert_eq!(p.pins_acquired(), 0);

@@ -88,16 +88,11 @@ fn e1_partial_catch_up_progress_failure_releases_wal() {
     assert_eq!(p.pins_of(PinKind::WalRetention), 1);
     let mut io = ScriptedIo::new([80, 90, 101]);
     let (failure, report) = exec_failure(CatchUpExecutor::new(&d, plan).execute(&mut io));
-    assert_eq!(
-        failure,
-        ExecFailure::ProgressAfterIo {
-            step: 2,
-            error: EngineError::ExceedsFrozenTarget {
-                target: Lsn(100),
-                proposed: Lsn(101),
-            },
-        }
-    );
+    // The executor refuses the report itself, before recording it (the reference relied on
+    // the sender's frozen-target check, which only a catch-up session has).
+    let reason = "io_protocol_step_2: applied to 101 past the target: asked for (90, 100]";
+    assert_eq!(failure.to_string(), reason);
+    assert!(matches!(failure, ExecFailure::IoProtocol { step: 2, .. }));
     assert_eq!(report.steps, 2);
     assert_eq!(report.entries_applied, 20);
     assert_eq!(io.stream_calls, 3);
@@ -108,7 +103,6 @@ fn e1_partial_catch_up_progress_failure_releases_wal() {
     assert!(!has_session(&d));
     assert_eq!(state(&d), ReplicaState::Disconnected);
     let log = d.orchestrator().log();
-    let reason = "progress_after_io_step_2: progress 101 exceeds frozen target 100";
     assert_eq!(only_detail(log, "exec_resources_released"), reason);
     assert_eq!(
         only_detail(log, "session_invalidated"),
@@ -128,8 +122,11 @@ fn e1_budget_escalation_releases_wal() {
     );
     // Re-attach the session with a duration budget of 3 ticks.
     let s = d.orchestrator().sender(&rid("r1")).unwrap();
-    s.invalidate_session("reattach_with_budget".into(), ReplicaState::Disconnected)
-        .unwrap();
+    s.invalidate_session(
+        "reattach_with_budget".into(),
+        engine::Demotion::Disconnected,
+    )
+    .unwrap();
     s.attach_session(Epoch(1), SessionKind::CatchUp, budget(Some(3), None, None))
         .unwrap();
     let plan = d.plan_recovery(&rid("r1"), Lsn(500)).unwrap();

@@ -131,8 +131,7 @@ fn cancelling_a_finished_zero_gap_plan_keeps_in_sync() {
         .unwrap();
     let mut plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
     assert_eq!(plan.outcome, Outcome::ZeroGap);
-    assert_eq!(plan.session_id, None);
-    driver.cancel_plan(&mut plan, "late_cancel");
+    assert!(!driver.cancel_plan(&mut plan, "late_cancel"));
     let s = driver.orchestrator().sender(&rid("r1")).unwrap();
     assert_eq!(s.state(), ReplicaState::InSync);
     assert!(driver.orchestrator().log().contains("plan_cancelled"));
@@ -238,9 +237,9 @@ fn hole_in_retained_wal_is_not_recoverable() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(2)).unwrap();
+    let mut plan = driver.plan_recovery(&rid("r1"), Lsn(2)).unwrap();
     assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    let proof = plan.proof.unwrap();
+    let proof = plan.proof.take().unwrap();
     assert!(!proof.recoverable);
     assert_eq!(
         proof.reason,
@@ -299,13 +298,7 @@ fn executor_failure_releases_pins_and_invalidates_session() {
     assert_eq!(storage.pins_of(PinKind::WalRetention), 1);
     let mut io = ScriptedIo::new([80, 90, 101]);
     let (f, report) = failure(CatchUpExecutor::new(&driver, plan).execute(&mut io));
-    assert!(matches!(
-        f,
-        ExecFailure::ProgressAfterIo {
-            step: 2,
-            error: EngineError::ExceedsFrozenTarget { .. }
-        }
-    ));
+    assert!(matches!(f, ExecFailure::IoProtocol { step: 2, .. }), "{f}");
     assert_eq!(report.entries_applied, 20);
     assert_eq!(storage.pins_outstanding(), 0);
     let s = driver.orchestrator().sender(&rid("r1")).unwrap();
@@ -319,12 +312,7 @@ fn executor_failure_releases_pins_and_invalidates_session() {
         .log()
         .find("exec_resources_released")
         .unwrap();
-    assert!(
-        released
-            .event
-            .detail()
-            .starts_with("progress_after_io_step_2")
-    );
+    assert!(released.event.detail().starts_with("io_protocol_step_2"));
 }
 
 // Reference: Cancel released pins but did not invalidate the session.
@@ -626,9 +614,8 @@ fn epoch_or_endpoint_change_without_a_session_demotes_in_sync() {
         assert_eq!(orch.sender(&rid(r)).unwrap().state(), ReplicaState::InSync);
     }
     orch.sender(&rid("r1")).unwrap().update_epoch(Epoch(2));
-    orch.sender(&rid("r2"))
-        .unwrap()
-        .update_endpoint(ep("b2", 2));
+    let r2 = orch.sender(&rid("r2")).unwrap();
+    r2.reassign(&ep("b2", 2), r2.epoch()).unwrap();
     assert_eq!(
         orch.sender(&rid("r1")).unwrap().state(),
         ReplicaState::Disconnected
@@ -734,7 +721,7 @@ fn session_records_the_authority_it_was_created_under() {
         .unwrap();
     let snap = s.session_snapshot().unwrap();
     assert_eq!((snap.epoch, snap.endpoint_version), (Epoch(4), 3));
-    s.update_endpoint(ep("a", 4));
+    s.reassign(&ep("a", 4), Epoch(4)).unwrap();
     assert!(s.begin_connect(sid).is_err());
 }
 
@@ -845,9 +832,9 @@ fn divergent_replica_at_committed_lsn_is_not_declared_in_sync() {
         .unwrap();
     let hs = replica.lock().unwrap().handshake();
     assert_eq!(hs.flushed, Lsn(10));
-    let plan = driver.plan_recovery(&rid("r1"), hs).unwrap();
+    let mut plan = driver.plan_recovery(&rid("r1"), hs).unwrap();
     assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    let proof = plan.proof.unwrap();
+    let proof = plan.proof.take().unwrap();
     assert_eq!(proof.reason.name(), "divergent_history");
     let s = driver.orchestrator().sender(&rid("r1")).unwrap();
     assert_eq!(s.state(), ReplicaState::NeedsRebuild);
@@ -966,7 +953,7 @@ fn fencing_a_rebuild_session_keeps_needs_rebuild() {
     r1.begin_connect(r1.session_id().unwrap()).unwrap();
     assert_eq!(r1.state(), ReplicaState::Connecting);
     orch.advance_epoch(Epoch(2));
-    r2.update_endpoint(ep("b2", 2));
+    r2.reassign(&ep("b2", 2), Epoch(2)).unwrap();
     assert_eq!(r1.state(), ReplicaState::NeedsRebuild);
     assert_eq!(r2.state(), ReplicaState::NeedsRebuild);
     assert!(!r1.has_active_session() && !r2.has_active_session());

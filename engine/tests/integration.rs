@@ -11,8 +11,8 @@ use common::{
     assign, budget, details, ep, history_of, intent, names_for, only_detail, primary, rid,
 };
 use engine::{
-    BudgetViolation, CatchUpOptions, EngineError, Epoch, InvalidateReason, Invalidation, Lsn,
-    Outcome, ProofReason, RebuildPhase, RebuildSource, RecoveryOrchestrator, ReplicaState,
+    BudgetViolation, CatchUpOptions, Demotion, EngineError, Epoch, InvalidateReason, Invalidation,
+    Lsn, Outcome, ProofReason, RebuildPhase, RebuildSource, RecoveryOrchestrator, ReplicaState,
     SessionKind, SessionPhase, Tick,
 };
 
@@ -423,7 +423,7 @@ fn budget_escalation_via_orchestrator() {
     // Re-attach the session directly with a duration budget.
     let s = orch.sender(&id).unwrap();
     let inv = s
-        .invalidate_session("reattach_with_budget".into(), ReplicaState::Disconnected)
+        .invalidate_session("reattach_with_budget".into(), Demotion::Disconnected)
         .unwrap();
     assert_eq!(inv.session_id, first);
     let sid = s

@@ -224,6 +224,7 @@ fn stale_completion_after_supersede() {
     s.record_handshake(new, Lsn(100), Lsn(100)).unwrap();
     let (replaced, newer) = s
         .supersede_session(
+            s.epoch(),
             SessionKind::Reassign,
             InvalidateReason::AssignmentIntent,
             SessionOptions::default(),
@@ -264,8 +265,9 @@ fn epoch_bump_invalidates_all_sessions() {
         let s = reg.sender(id).unwrap();
         assert!(!s.has_active_session());
         assert_eq!(s.state(), ReplicaState::Disconnected);
-        // Like the reference, invalidate_epoch fences sessions but does not raise the epoch.
-        assert_eq!(s.epoch(), Epoch(1));
+        // Unlike the reference, invalidate_epoch also raises every sender, so no proof or
+        // session from the old epoch survives it.
+        assert_eq!(s.epoch(), Epoch(2));
     }
     // Nothing left to fence.
     assert!(reg.invalidate_epoch(Epoch(2)).is_empty());
@@ -537,12 +539,19 @@ fn e2e_three_replicas_three_outcomes() {
         (s, sid)
     };
 
-    // r1: zero gap, completes at the handshake without a barrier.
+    // r1: zero gap. The handshake result is caller-stated (no recoverability proof), so the
+    // replica confirms its durable LSN before it is declared in sync (the reference completed
+    // it at once).
     let (r1, s1) = connect("r1");
     assert_eq!(
         r1.record_handshake_with_outcome(s1, &hr(100)),
         Ok(Outcome::ZeroGap)
     );
+    assert!(matches!(
+        r1.complete_session_by_id(s1),
+        Err(EngineError::BarrierMissing { .. })
+    ));
+    r1.record_barrier(s1, Lsn(100)).unwrap();
     r1.complete_session_by_id(s1).unwrap();
     assert_eq!(r1.state(), ReplicaState::InSync);
 

@@ -113,8 +113,9 @@ proptest! {
                     let converged = snap.recovered_to >= target
                         && (snap.phase == SessionPhase::CatchUp || snap.start_lsn == Some(target));
                     let truncated = !snap.truncate_required || snap.truncate_recorded;
-                    let zero_gap = snap.phase == SessionPhase::Handshake && !snap.truncate_required;
-                    let durable = zero_gap || snap.durable_lsn.is_some_and(|d| d >= target);
+                    // The handshake is caller-stated (no recoverability proof), so even a
+                    // zero gap needs the replica's durable LSN.
+                    let durable = snap.durable_lsn.is_some_and(|d| d >= target);
                     let ready = converged && truncated && durable;
                     prop_assert_eq!(res.is_ok(), ready, "snapshot {:?}", snap);
                     if res.is_ok() {

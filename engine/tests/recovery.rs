@@ -69,7 +69,14 @@ fn zero_gap_fast_complete() {
         (snap.start_lsn, snap.target_lsn),
         (Some(Lsn(100)), Some(Lsn(100)))
     );
-    // A zero gap needs no barrier: the replica's flushed LSN already is the target.
+    // The reference completed a zero gap at once. Here only a zero gap proven from retained
+    // history (`record_handshake_with_proof`, what the orchestrator uses) skips the barrier; a
+    // caller-stated handshake result needs the replica's durable LSN like any other recovery.
+    assert!(matches!(
+        s.complete_session_by_id(sid),
+        Err(EngineError::BarrierMissing { .. })
+    ));
+    s.record_barrier(sid, Lsn(100)).unwrap();
     s.complete_session_by_id(sid).unwrap();
     assert_eq!(s.state(), ReplicaState::InSync);
     assert!(!s.has_active_session());
@@ -195,7 +202,9 @@ fn endpoint_change_during_catch_up() {
     s.record_catch_up_progress(sid, Lsn(30), None).unwrap();
 
     let inv = s
-        .update_endpoint(ep("10.0.0.2", 2))
+        .reassign(&ep("10.0.0.2", 2), s.epoch())
+        .unwrap()
+        .pop()
         .expect("session invalidated");
     assert_eq!(inv.session_id, sid);
     assert_eq!(inv.reason, InvalidateReason::EndpointChanged);

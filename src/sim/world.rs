@@ -748,7 +748,7 @@ impl World {
         if let Some(s) = orch.registry().sender(&replica_id(r)) {
             s.invalidate_session(
                 InvalidateReason::Other(format!("replication_failed: {why}")),
-                ReplicaState::Degraded,
+                engine::Demotion::Degraded,
             );
         }
         self.basis.remove(r);

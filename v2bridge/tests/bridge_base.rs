@@ -222,7 +222,10 @@ fn a_chunk_corrupted_in_transit_fails_with_checksum_and_leaves_the_replica_incom
         .plan_recovery(&rid("r1"), to_handshake(reply))
         .unwrap();
     assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    assert_eq!(plan.proof.unwrap().reason, ProofReason::ReplicaIncomplete);
+    assert_eq!(
+        plan.proof.as_ref().unwrap().reason,
+        ProofReason::ReplicaIncomplete
+    );
 
     // A clean rebuild over the same replica then succeeds.
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::Rebuild)]);

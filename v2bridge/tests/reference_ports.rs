@@ -281,7 +281,10 @@ fn p2_rebuild_closure_full_base_one_chain() {
         .plan_recovery(&rid("r1"), h.replica_handshake("r1").unwrap())
         .unwrap();
     assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    assert_eq!(plan.proof.unwrap().reason.name(), "divergent_history");
+    assert_eq!(
+        plan.proof.as_ref().unwrap().reason.name(),
+        "divergent_history"
+    );
     assert_eq!(state(&driver, "r1"), ReplicaState::NeedsRebuild);
 
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::Rebuild)]);
@@ -620,7 +623,16 @@ fn p2_fc5_post_checkpoint_boundary() {
         .plan_recovery(&rid("at_cp"), h.replica_handshake("at_cp").unwrap())
         .unwrap();
     assert_eq!(zero.outcome, Outcome::ZeroGap);
-    assert_eq!((zero.pins_held(), zero.session_id), (0, None));
+    assert_eq!(zero.pins_held(), 0);
+    let live = driver
+        .orchestrator()
+        .sender(&rid("at_cp"))
+        .unwrap()
+        .session_id();
+    assert_eq!(
+        live, None,
+        "the zero-gap session completed at the handshake"
+    );
     assert_eq!(state(&driver, "at_cp"), ReplicaState::InSync);
 
     let at_tail = driver
@@ -648,7 +660,7 @@ fn p2_fc5_post_checkpoint_boundary() {
             .unwrap();
         assert_eq!(plan.outcome, Outcome::NeedsRebuild, "{name}");
         assert_eq!(
-            plan.proof.unwrap().reason,
+            plan.proof.as_ref().unwrap().reason,
             ProofReason::GapBeyondRetention {
                 first_needed: lsn(f + 1),
                 tail: lsn(5)
