@@ -210,6 +210,43 @@ impl RecoveryDriver {
         Ok(history)
     }
 
+    /// A WAL pin that keeps at least `(after, ..]`; a pin starting later is released and
+    /// refused.
+    fn pin_wal(&self, after: Lsn) -> std::result::Result<RetentionPin, StorageError> {
+        let pin = self.storage.pin_wal_retention(after)?;
+        if pin.start_lsn > after {
+            return Err(StorageError::WrongPin {
+                requested: after,
+                pinned: pin.start_lsn,
+            });
+        }
+        Ok(pin)
+    }
+
+    /// A snapshot pin at exactly `lsn`.
+    fn pin_snapshot(&self, lsn: Lsn) -> std::result::Result<SnapshotPin, StorageError> {
+        let pin = self.storage.pin_snapshot(lsn)?;
+        if pin.lsn != lsn {
+            return Err(StorageError::WrongPin {
+                requested: lsn,
+                pinned: pin.lsn,
+            });
+        }
+        Ok(pin)
+    }
+
+    /// A full-base pin at exactly `lsn`.
+    fn pin_full_base(&self, lsn: Lsn) -> std::result::Result<FullBasePin, StorageError> {
+        let pin = self.storage.pin_full_base(lsn)?;
+        if pin.committed_lsn != lsn {
+            return Err(StorageError::WrongPin {
+                requested: lsn,
+                pinned: pin.committed_lsn,
+            });
+        }
+        Ok(pin)
+    }
+
     /// The primary's entry at `lsn`, refused when storage answers with another LSN's entry.
     fn entry_at(&self, lsn: Lsn) -> Result<Option<EntryId>> {
         let entry = self
@@ -302,7 +339,7 @@ impl RecoveryDriver {
             );
             return Ok(plan);
         }
-        match self.storage.pin_wal_retention(replica_flushed) {
+        match self.pin_wal(replica_flushed) {
             Ok(pin) => {
                 log.record(
                     id,
@@ -386,7 +423,7 @@ impl RecoveryDriver {
 
         match (decision.source, decision.snapshot_lsn) {
             (RebuildSource::SnapshotTail, Some(snap_lsn)) => {
-                let snapshot_pin = match self.storage.pin_snapshot(snap_lsn) {
+                let snapshot_pin = match self.pin_snapshot(snap_lsn) {
                     Ok(p) => p,
                     Err(e) => {
                         log.record(
@@ -409,7 +446,7 @@ impl RecoveryDriver {
                         });
                     }
                 };
-                let wal_pin = match self.storage.pin_wal_retention(snap_lsn) {
+                let wal_pin = match self.pin_wal(snap_lsn) {
                     Ok(p) => p,
                     Err(e) => {
                         drop(snapshot_pin);
@@ -444,7 +481,7 @@ impl RecoveryDriver {
                     },
                 );
             }
-            _ => match self.storage.pin_full_base(committed) {
+            _ => match self.pin_full_base(committed) {
                 Ok(p) => {
                     plan.full_base_pin = Some(p);
                     log.record(

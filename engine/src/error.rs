@@ -301,6 +301,17 @@ pub enum EngineError {
         /// The session.
         session: SessionId,
     },
+    /// A recoverability proof that does not follow from the history it came with (a proof
+    /// built by hand); the handshake was not recorded.
+    #[error("proof for {replica} claims {claimed}, its history gives {history}")]
+    ProofMismatch {
+        /// The replica.
+        replica: ReplicaId,
+        /// The outcome the proof claims.
+        claimed: crate::outcome::Outcome,
+        /// The outcome the history supports.
+        history: crate::outcome::Outcome,
+    },
     /// Storage reported a retained history that breaks its own invariants; nothing was
     /// planned from it.
     #[error("storage reported an inconsistent history: {0}")]
@@ -378,6 +389,14 @@ pub enum StorageError {
     /// Any other storage failure, described by the backend.
     #[error("storage backend: {0}")]
     Backend(String),
+    /// Storage returned a pin for another LSN than the one asked for (the engine released it).
+    #[error("asked to pin LSN {requested}, storage pinned LSN {pinned}")]
+    WrongPin {
+        /// The LSN asked for.
+        requested: Lsn,
+        /// The LSN the returned pin holds.
+        pinned: Lsn,
+    },
 }
 
 /// What an executor's I/O reports when a transfer step fails.

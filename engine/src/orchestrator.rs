@@ -140,6 +140,18 @@ impl RecoveryOrchestrator {
         history: &RetainedHistory,
         primary_at_flushed: Option<EntryId>,
     ) -> Result<RecoveryResult> {
+        // Values from storage are checked before they decide anything.
+        history
+            .check_consistent()
+            .map_err(EngineError::InconsistentHistory)?;
+        if let Some(anchor) = primary_at_flushed
+            && anchor.lsn != replica.flushed
+        {
+            return Err(EngineError::WrongEntry {
+                requested: replica.flushed,
+                returned: anchor.lsn,
+            });
+        }
         let sender = self.sender(id)?;
         let snap = sender
             .session_snapshot()

@@ -611,8 +611,22 @@ impl Sender {
         history: &RetainedHistory,
         proof: &RecoverabilityProof,
     ) -> Result<Outcome> {
+        // A proof is data a caller could build by hand: it must describe `history`, and it
+        // may only be more cautious than the LSN-only proof from that history (log matching
+        // can only turn a recoverable replica into a rebuild), never less.
+        let plain = history.prove_recoverability(proof.replica_flushed_lsn);
+        let describes = (proof.committed_lsn, proof.tail_lsn, proof.head_lsn)
+            == (plain.committed_lsn, plain.tail_lsn, plain.head_lsn);
+        let outcome = proof.outcome();
+        if !describes || (outcome != plain.outcome() && outcome != Outcome::NeedsRebuild) {
+            return Err(EngineError::ProofMismatch {
+                replica: self.replica_id.clone(),
+                claimed: outcome,
+                history: plain.outcome(),
+            });
+        }
         let hr = history.make_handshake_result(proof.replica_flushed_lsn);
-        self.apply_handshake(id, &hr, proof.outcome(), true)
+        self.apply_handshake(id, &hr, outcome, true)
     }
 
     /// `handshake -> catchup` for non-rebuild sessions; the state becomes `catching_up` and

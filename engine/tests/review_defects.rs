@@ -436,16 +436,7 @@ fn io_chunk_larger_than_the_maximum_is_refused() {
 }
 
 fn rebuild_plan(storage: &MemStorage, driver: &RecoveryDriver) -> RecoveryPlan {
-    storage.set_checkpoint(None, false);
-    driver
-        .orchestrator()
-        .process_assignment(&intent(
-            1,
-            &[("r1", "a", 1)],
-            &[("r1", SessionKind::Rebuild)],
-        ))
-        .unwrap();
-    driver.plan_rebuild(&rid("r1")).unwrap()
+    rebuild_plan_result(storage, driver).unwrap()
 }
 
 fn rebuild_fails(
@@ -772,4 +763,129 @@ fn inconsistent_history_from_storage_is_refused() {
         "{err:?}"
     );
     assert_ne!(sender(&driver, "r1").state(), ReplicaState::InSync);
+}
+
+// Values from storage: a pin for another LSN than the one asked for is released and refused
+// (the old driver put whatever pin storage returned into the plan, and the executor then
+// shipped the wrong image or range).
+#[test]
+fn a_pin_for_another_lsn_is_refused() {
+    struct WrongPins(MemStorage);
+    impl StorageAdapter for WrongPins {
+        fn get_retained_history(&self) -> std::result::Result<RetainedHistory, StorageError> {
+            self.0.get_retained_history()
+        }
+        fn entry_id(&self, lsn: Lsn) -> std::result::Result<Option<EntryId>, StorageError> {
+            self.0.entry_id(lsn)
+        }
+        fn pin_snapshot(&self, lsn: Lsn) -> std::result::Result<SnapshotPin, StorageError> {
+            self.0.pin_snapshot(lsn)
+        }
+        fn pin_wal_retention(&self, after: Lsn) -> std::result::Result<RetentionPin, StorageError> {
+            self.0.pin_wal_retention(after.next())
+        }
+        fn pin_full_base(&self, lsn: Lsn) -> std::result::Result<FullBasePin, StorageError> {
+            self.0.pin_full_base(Lsn(lsn.0 - 1))
+        }
+    }
+    let storage = MemStorage::new();
+    storage.write_n(40);
+    storage.commit(Lsn(40)).unwrap();
+    let driver = RecoveryDriver::new(Arc::new(WrongPins(storage.clone())));
+    catch_up_target(&driver, 1);
+    let err = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::PinFailed {
+                error: StorageError::WrongPin {
+                    requested: Lsn(10),
+                    pinned: Lsn(11)
+                },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(storage.pins_outstanding(), 0);
+    assert!(!sender(&driver, "r1").has_active_session());
+    let err = rebuild_plan_result(&storage, &driver).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::PinFailed {
+                error: StorageError::WrongPin { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(storage.pins_outstanding(), 0);
+    assert_eq!(sender(&driver, "r1").state(), ReplicaState::NeedsRebuild);
+}
+
+fn rebuild_plan_result(storage: &MemStorage, driver: &RecoveryDriver) -> Result<RecoveryPlan> {
+    storage.set_checkpoint(None, false);
+    driver
+        .orchestrator()
+        .process_assignment(&intent(
+            1,
+            &[("r1", "a", 1)],
+            &[("r1", SessionKind::Rebuild)],
+        ))
+        .unwrap();
+    driver.plan_rebuild(&rid("r1"))
+}
+
+// State without proof: a proof built by hand that claims a zero gap its history does not
+// support is refused (the old sender took the proof's outcome as given).
+#[test]
+fn state_without_proof_a_forged_proof_is_refused() {
+    let h = RetainedHistory {
+        head_lsn: Lsn(100),
+        committed_lsn: Lsn(100),
+        ..RetainedHistory::default()
+    };
+    let mut forged = h.prove_recoverability(Lsn(40));
+    forged.reason = ProofReason::ZeroGap;
+    forged.recoverable = true;
+    let s = Sender::new(rid("r1"), ep("a", 1), Epoch(1));
+    let sid = s
+        .attach_session(Epoch(1), SessionKind::CatchUp, SessionOptions::default())
+        .unwrap();
+    s.begin_connect(sid).unwrap();
+    let err = s.record_handshake_with_proof(sid, &h, &forged).unwrap_err();
+    assert!(matches!(err, EngineError::ProofMismatch { .. }), "{err:?}");
+    assert!(s.complete_session_by_id(sid).is_err());
+    assert_ne!(s.state(), ReplicaState::InSync);
+    // The orchestrator refuses an anchor entry for another LSN than the replica's.
+    let orch = RecoveryOrchestrator::new();
+    orch.process_assignment(&intent(
+        1,
+        &[("r1", "a", 1)],
+        &[("r1", SessionKind::CatchUp)],
+    ))
+    .unwrap();
+    let tip = EntryId {
+        lsn: Lsn(100),
+        epoch: Epoch(1),
+        checksum: 7,
+    };
+    let wrong = EntryId {
+        lsn: Lsn(99),
+        ..tip
+    };
+    let err = orch
+        .execute_recovery_with_anchor(
+            &rid("r1"),
+            &ReplicaHandshake::new(Lsn(100), tip),
+            &h,
+            Some(wrong),
+        )
+        .unwrap_err();
+    assert!(matches!(err, EngineError::WrongEntry { .. }), "{err:?}");
+    assert_ne!(
+        orch.sender(&rid("r1")).unwrap().state(),
+        ReplicaState::InSync
+    );
 }
