@@ -429,3 +429,110 @@ fn three_replicas_three_outcomes() {
     let st = svc.orchestrator("pvc-test-1").unwrap().registry().status();
     assert_eq!((st.in_sync, st.rebuilding), (2, 1));
 }
+
+/// A stale assignment (an epoch below the one the volume already accepted) is refused before
+/// the backend sees it: no role is applied to the local volume (the backend records every
+/// `apply_role`, which opens, creates or re-fences the volume), the service keeps the role it
+/// had, and the volume's senders keep their epoch and state. Whatever role the late assignment
+/// carries: a stale "replica" or "rebuilding" would otherwise demote (or wipe) the current
+/// primary's volume.
+#[test]
+fn stale_epoch_assignment_applies_no_role_to_the_volume() {
+    let mut svc = service_with_primary(10);
+    add_replica(&mut svc, "r2", 10);
+    let mut a = primary("pvc-test-1", 1);
+    a.replica_server_id = "vs2".into();
+    a.replica_data_addr = "r2".into();
+    svc.process_assignments(&[a.clone()]);
+    a.epoch = 2;
+    let out = svc.process_assignments(&[a.clone()]);
+    assert_eq!(out[0].error, None);
+    let applied = vec![
+        ("pvc-test-1".to_owned(), BlockRole::Primary, Epoch(1)),
+        ("pvc-test-1".to_owned(), BlockRole::Primary, Epoch(2)),
+    ];
+    assert_eq!(svc.backend().roles, applied);
+    let orch = svc.orchestrator("pvc-test-1").unwrap();
+    let sender = orch.registry().sender(&rid("pvc-test-1/vs2")).unwrap();
+    assert_eq!(
+        (sender.epoch(), sender.state()),
+        (Epoch(2), ReplicaState::InSync)
+    );
+
+    for role in [
+        BlockRole::Primary,
+        BlockRole::Replica,
+        BlockRole::Stale,
+        BlockRole::Rebuilding,
+        BlockRole::Draining,
+        BlockRole::None,
+    ] {
+        let mut stale = a.clone();
+        stale.epoch = 1;
+        stale.role = role.to_wire();
+        stale.rebuild_addr = "primary-rebuild".into();
+        let out = svc.process_assignments(&[stale]);
+        assert!(
+            out[0].error.as_deref().is_some_and(|e| e.contains("stale")),
+            "stale {role} assignment not refused: {:?}",
+            out[0]
+        );
+        assert!(out[0].recoveries.is_empty(), "stale {role}: {:?}", out[0]);
+        assert_eq!(
+            svc.backend().roles,
+            applied,
+            "a stale {role} assignment at epoch 1 reached the volume"
+        );
+        assert_eq!(svc.role("pvc-test-1"), Some(BlockRole::Primary));
+        assert_eq!(svc.volumes(), vec!["pvc-test-1".to_owned()]);
+        assert_eq!(
+            (sender.epoch(), sender.state()),
+            (Epoch(2), ReplicaState::InSync),
+            "stale {role}"
+        );
+    }
+}
+
+/// Within one epoch an assignment with an older address version was delivered late: it is
+/// refused before the backend sees it, and the sender keeps its newer endpoint.
+#[test]
+fn stale_address_version_assignment_applies_no_role_and_keeps_the_endpoint() {
+    let mut svc = service_with_primary(10);
+    add_replica(&mut svc, "new", 10);
+    let mut a = primary("pvc-test-1", 1);
+    a.replica_server_id = "vs2".into();
+    a.replica_data_addr = "new".into();
+    a.addr_version = 2;
+    let out = svc.process_assignments(&[a.clone()]);
+    assert_eq!(out[0].error, None);
+    let applied = svc.backend().roles.clone();
+    assert_eq!(
+        applied,
+        vec![("pvc-test-1".to_owned(), BlockRole::Primary, Epoch(1))]
+    );
+
+    let mut late = a.clone();
+    late.replica_data_addr = "old".into();
+    late.addr_version = 1;
+    let out = svc.process_assignments(&[late]);
+    assert!(
+        out[0].error.as_deref().is_some_and(|e| e.contains("stale")),
+        "{:?}",
+        out[0]
+    );
+    assert_eq!(
+        svc.backend().roles,
+        applied,
+        "the late assignment reached the volume"
+    );
+    assert_eq!(svc.role("pvc-test-1"), Some(BlockRole::Primary));
+    let sender = svc
+        .orchestrator("pvc-test-1")
+        .unwrap()
+        .registry()
+        .sender(&rid("pvc-test-1/vs2"))
+        .unwrap();
+    assert_eq!(sender.endpoint().data_addr, "new");
+    assert_eq!(sender.endpoint().version, 2);
+    assert_eq!(sender.state(), ReplicaState::InSync);
+}
