@@ -5,10 +5,10 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use engine::conformance::{self, Harness, ScenarioReport};
-use engine::testing::MemHarness;
-use v2bridge::harness::BlockVolHarness;
+use engine::testing::{MemHarness, ModelEntry};
+use v2bridge::harness::{BlockVolHarness, HARNESS_BLOCK_SIZE, HARNESS_BLOCKS};
 
-use crate::scenarios;
+use crate::scenarios::{self, Moved};
 
 /// Which store a row ran on.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -31,6 +31,86 @@ impl Store {
             Store::Chain => "chain",
         }
     }
+}
+
+/// What conformance scenario `name` must move on `store` (memory or blockvol), exactly: each
+/// scenario fixes the entries it ships (its replica prefixes, chunk sizes, budget and fault
+/// points) and the images it installs (at the checkpoint or at committed), and each store
+/// fixes the bytes of an entry and of an image. `None` for the chain store or an unknown name.
+///
+/// Bytes per store: the in-memory model ships `ModelEntry::WIRE_BYTES` per entry and per
+/// image block, and its writer (`MemStorage::write_n`) writes block `lsn % 8`; blockvol ships
+/// an entry header plus one block per entry, and an image's non-zero blocks (the harness
+/// writes block `lsn % HARNESS_BLOCKS` with a never-all-zero pattern).
+pub fn expected_moved(store: Store, name: &str) -> Option<Moved> {
+    let (entry, image): (u64, fn(u64) -> u64) = match store {
+        Store::Memory => (ModelEntry::WIRE_BYTES, |lsn| {
+            lsn.min(8) * ModelEntry::WIRE_BYTES
+        }),
+        Store::Blockvol => (scenarios::wal_entry_bytes(HARNESS_BLOCK_SIZE), |lsn| {
+            scenarios::image_bytes(lsn, HARNESS_BLOCKS, HARNESS_BLOCK_SIZE)
+        }),
+        Store::Chain => return None,
+    };
+    // (WAL entries applied, LSNs of the base images installed), from the scenario's setup.
+    let (entries, images): (u64, &[u64]) = match name {
+        // Replica already at committed: nothing moves.
+        "zero_gap" => (0, &[]),
+        // Replica at 70, committed 100.
+        "catch_up" => (30, &[]),
+        // Truncation of a divergent tail ships nothing.
+        "truncation" => (0, &[]),
+        // Checkpoint image at 50, tail (50, 100].
+        "rebuild_snapshot_tail" => (50, &[50]),
+        // No checkpoint: the image at committed (100), no tail.
+        "rebuild_full_base" => (0, &[100]),
+        // Replica at 40: 20 entries before the bump, the other 40 after it.
+        "epoch_bump_mid_execution" => (60, &[]),
+        // Replica at 50: one chunk before the address change, the rest after it.
+        "endpoint_change_mid_execution" => (50, &[]),
+        // r1 catches up (70, 100]; r2 and r3 are rebuilt from the checkpoint image at 50
+        // with the tail (50, 100] each.
+        "pin_failure" => (30 + 50 + 50, &[50, 50]),
+        // Replica at 10, chunks of 16, budget 20: the second chunk crosses the budget (32
+        // applied), then a full base at 100.
+        "budget_escalation" => (32, &[100]),
+        _ => return None,
+    };
+    Some(Moved::exact(
+        entries,
+        entries * entry + images.iter().map(|&lsn| image(lsn)).sum::<u64>(),
+    ))
+}
+
+/// Runs conformance scenario `name` on `store`'s harness and checks what it moved against
+/// [`expected_moved`]: the report fails when the entries or bytes differ. `None` for an
+/// unknown scenario or the chain store.
+pub fn run_conformance(store: Store, name: &str) -> Option<ScenarioReport> {
+    let report = match store {
+        Store::Memory => conformance::run_scenario(name, MemHarness::new())?,
+        Store::Blockvol => {
+            let (known, _) = conformance::scenarios::<BlockVolHarness>()
+                .into_iter()
+                .find(|(n, _)| *n == name)?;
+            match scenarios::harness() {
+                Ok(h) => conformance::run_scenario(name, h)?,
+                Err(e) => ScenarioReport::failed(known, e),
+            }
+        }
+        Store::Chain => return None,
+    };
+    Some(match expected_moved(store, name) {
+        Some(moved) => moved.check_report(report),
+        None => {
+            let mut report = report;
+            report.passed = false;
+            report.failure = Some(format!(
+                "no expected entries and bytes for {}/{name}",
+                store.as_str()
+            ));
+            report
+        }
+    })
 }
 
 /// One scenario's row.
@@ -76,18 +156,13 @@ fn selected(opts: &ChainOptions, store: Store, name: &str) -> bool {
     }
 }
 
-fn run_store<H: Harness>(
-    opts: &ChainOptions,
-    store: Store,
-    mut make: impl FnMut(&str) -> H,
-    rows: &mut Vec<ChainRow>,
-) {
+fn run_conformance_store<H: Harness>(opts: &ChainOptions, store: Store, rows: &mut Vec<ChainRow>) {
     for (name, _) in conformance::scenarios::<H>() {
         if !selected(opts, store, name) {
             continue;
         }
         let start = Instant::now();
-        let Some(report) = conformance::run_scenario(name, make(name)) else {
+        let Some(report) = run_conformance(store, name) else {
             continue;
         };
         rows.push(ChainRow {
@@ -102,23 +177,8 @@ fn run_store<H: Harness>(
 pub fn run(opts: &ChainOptions) -> Vec<ChainRow> {
     scenarios::set_keep(opts.keep);
     let mut rows = Vec::new();
-    run_store(opts, Store::Memory, |_| MemHarness::new(), &mut rows);
-    for (name, _) in conformance::scenarios::<BlockVolHarness>() {
-        if !selected(opts, Store::Blockvol, name) {
-            continue;
-        }
-        let start = Instant::now();
-        let report = match scenarios::harness() {
-            Ok(h) => conformance::run_scenario(name, h)
-                .unwrap_or_else(|| ScenarioReport::failed(name, "unknown scenario".into())),
-            Err(e) => ScenarioReport::failed(name, e),
-        };
-        rows.push(ChainRow {
-            store: Store::Blockvol,
-            report,
-            elapsed: start.elapsed(),
-        });
-    }
+    run_conformance_store::<MemHarness>(opts, Store::Memory, &mut rows);
+    run_conformance_store::<BlockVolHarness>(opts, Store::Blockvol, &mut rows);
     for (name, _) in scenarios::all() {
         if !selected(opts, Store::Chain, name) {
             continue;
@@ -231,6 +291,68 @@ mod tests {
     #[test]
     fn json_escapes_control_characters() {
         assert_eq!(json_str("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
+    }
+
+    #[test]
+    fn every_conformance_scenario_has_expected_entries_and_bytes_on_both_stores() {
+        for (name, _) in conformance::scenarios::<MemHarness>() {
+            for store in [Store::Memory, Store::Blockvol] {
+                assert!(
+                    expected_moved(store, name).is_some(),
+                    "{}/{name}",
+                    store.as_str()
+                );
+            }
+        }
+        assert_eq!(expected_moved(Store::Chain, "catch_up"), None);
+        // One catch-up of 30 single-block entries on blockvol: 30 * (64 + 4096).
+        assert_eq!(
+            expected_moved(Store::Blockvol, "catch_up"),
+            Some(Moved::exact(30, 30 * 4160))
+        );
+    }
+
+    #[test]
+    fn a_report_that_moved_other_counts_fails_with_the_difference() {
+        let ok = |entries, bytes| ScenarioReport {
+            name: "catch_up",
+            outcome: "in_sync".into(),
+            path: "catchup".into(),
+            entries_applied: entries,
+            bytes_transferred: bytes,
+            pins_outstanding: 0,
+            digest_match: true,
+            passed: true,
+            failure: None,
+        };
+        let want = expected_moved(Store::Memory, "catch_up").unwrap();
+        assert!(want.check_report(ok(30, 960)).passed);
+        for (entries, bytes) in [(30, 0), (30, 1), (29, 960), (0, 0)] {
+            let r = want.check_report(ok(entries, bytes));
+            assert!(!r.passed, "{entries} entries, {bytes} bytes passed");
+            assert!(r.failure.unwrap().contains("catch_up"));
+        }
+        let bounded = scenarios::Bound::Between {
+            min: 10,
+            max: 20,
+            why: "because".into(),
+        };
+        assert!(bounded.check("x", 10).is_ok() && bounded.check("x", 20).is_ok());
+        assert!(
+            bounded
+                .check("x", 9)
+                .unwrap_err()
+                .contains("10..=20 (because)")
+        );
+        assert!(bounded.check("x", 21).is_err());
+        assert_eq!(
+            scenarios::Bound::Exact(5).plus(&bounded),
+            scenarios::Bound::Between {
+                min: 15,
+                max: 25,
+                why: "because".into()
+            }
+        );
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Conformance scenario `endpoint_change_mid_execution` on real blockvol volume files through v2bridge (see
-//! `engine::conformance` for what it asserts as it runs).
+//! `engine::conformance` for what it asserts as it runs; the chain runner also checks the WAL
+//! entries and bytes it moved, `swblock::chain::expected_moved`).
+
+use swblock::chain::Store;
 
 #[test]
 fn endpoint_change_mid_execution() {
-    let h = v2bridge::harness::BlockVolHarness::new().expect("harness");
-    let r = engine::conformance::run_scenario("endpoint_change_mid_execution", h)
+    let r = swblock::chain::run_conformance(Store::Blockvol, "endpoint_change_mid_execution")
         .expect("known scenario");
     assert!(r.passed, "{}: {:?}", r.name, r.failure);
     assert_eq!(r.pins_outstanding, 0, "pins left on the primary");

@@ -10,15 +10,28 @@ use engine::{
     CatchUpExecutor, Epoch, ExecFailure, Lsn, Outcome, RebuildExecutor, RecoveryDriver,
     RecoveryPlan, ReplicaState, SessionKind, StepInfo, TransferError,
 };
-use v2bridge::harness::BlockVolHarness;
+use v2bridge::harness::{BlockVolHarness, HARNESS_BLOCK_SIZE, HARNESS_BLOCKS};
 use v2bridge::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
     BridgeIo, HandshakeReply, Lineage, LocalReplica, ReplicaTarget, TargetError, TruncateRequest,
 };
 
-use super::{Tally, assign, chunked, ensure, expect_failure, state_of};
+use super::{
+    Bound, Moved, Tally, assign, chunked, ensure, expect_failure, image_bytes, state_of,
+    wal_entry_bytes,
+};
 
 const BASE_CHUNK: u64 = 64 << 10;
+
+/// Wire bytes of one harness WAL entry (header + one block).
+fn entry_bytes() -> u64 {
+    wal_entry_bytes(HARNESS_BLOCK_SIZE)
+}
+
+/// Bytes of the base image of a harness primary after the writes `1..=lsn`.
+fn image(lsn: u64) -> u64 {
+    image_bytes(lsn, HARNESS_BLOCKS, HARNESS_BLOCK_SIZE)
+}
 
 /// Brings `name` back to in sync at `epoch` whatever state a fault left it in: handshake and
 /// catch-up when its log allows, otherwise a rebuild assignment and a rebuild.
@@ -177,21 +190,27 @@ pub fn epoch_bump_every_chunk_catch_up() -> Result<ScenarioReport, String> {
         pins += h.pins_outstanding();
     }
     ensure(all_match, || "a replica's bytes differ".into())?;
+    // Each of the six runs moves exactly the 60 entries (40, 100]: the fenced attempt's
+    // 10 * (k + 1), then the recovery's rest (nothing is shipped twice, no base).
+    let moved = Moved::exact(6 * 60, 6 * 60 * entry_bytes());
     Ok(tally.report(
         "epoch_bump_every_chunk_catch_up",
         "6 bumps fenced -> in_sync",
         pins,
         all_match,
+        &moved,
     ))
 }
 
-/// Runs one rebuild with an epoch bump after step `bump` (or none); returns the steps the
-/// executor took.
+/// Runs one rebuild with an epoch bump after step `bump` (or none) and checks what the run
+/// moved; returns the steps the executor took, whether the data matched, and what the run had
+/// to move.
 fn rebuild_with_bump(
     snapshot: bool,
     bump: Option<u64>,
     tally: &mut Tally,
-) -> Result<(u64, bool), String> {
+) -> Result<(u64, bool, Moved), String> {
+    let moved_before = tally.totals();
     let mut h = super::harness()?;
     let head = h.primary_write(100)?;
     h.primary_commit(head)?;
@@ -247,7 +266,43 @@ fn rebuild_with_bump(
     never_in_sync_with_other_bytes(&mut h, &driver, "r1", head)?;
     no_pins(&h, "after the rebuild")?;
     let matched = h.replica_matches_primary("r1", head)?;
-    Ok((steps, matched))
+    let (entries_before, bytes_before) = moved_before;
+    let (entries_after, bytes_after) = tally.totals();
+    let moved = rebuild_run_moved(snapshot, bump);
+    moved.check(
+        &format!("rebuild (snapshot {snapshot}, bump after step {bump:?})"),
+        entries_after - entries_before,
+        bytes_after - bytes_before,
+    )?;
+    Ok((steps, matched, moved))
+}
+
+/// What one run of [`rebuild_with_bump`] moves. Every run ends with the replica holding one
+/// whole image and its tail, moved once: the image at 100 for a full base (the full-base pin
+/// flushes the primary to committed, so a recovery rebuild's image is at 100 too), the
+/// checkpoint image at 50 and the 50-entry tail for snapshot + tail. A bump after the install
+/// leaves only the rest of the tail to a catch-up (or nothing: zero gap), so the total is the
+/// same; a bump during the base transfer wastes the chunks sent before it, which the recovery
+/// sends again.
+fn rebuild_run_moved(snapshot: bool, bump: Option<u64>) -> Moved {
+    let (base_lsn, tail) = if snapshot { (50, 50) } else { (100, 0) };
+    let once = image(base_lsn) + tail * entry_bytes();
+    let bytes = match bump {
+        None => Bound::Exact(once),
+        Some(k) => Bound::Between {
+            min: once,
+            max: once + ((k + 1) * BASE_CHUNK).min(image(base_lsn)),
+            why: format!(
+                "a bump after step k stops the first transfer after at most k + 1 base chunks \
+                 of at most {BASE_CHUNK} bytes, which the recovery sends again; how many bytes \
+                 those chunks held depends on the image reader's chunking"
+            ),
+        },
+    };
+    Moved {
+        entries: Bound::Exact(tail),
+        bytes,
+    }
 }
 
 /// An epoch bump after every step of a full-base rebuild and of a snapshot + tail rebuild
@@ -256,13 +311,16 @@ pub fn epoch_bump_every_chunk_rebuild() -> Result<ScenarioReport, String> {
     let mut tally = Tally::default();
     let mut all_match = true;
     let mut bumps = 0;
+    let mut moved = Moved::exact(0, 0);
     for snapshot in [false, true] {
-        let (steps, m) = rebuild_with_bump(snapshot, None, &mut tally)?;
+        let (steps, m, run) = rebuild_with_bump(snapshot, None, &mut tally)?;
         all_match &= m;
+        moved = moved.plus(&run);
         ensure(steps >= 3, || format!("only {steps} rebuild steps"))?;
         for k in 0..steps {
-            let (_, m) = rebuild_with_bump(snapshot, Some(k), &mut tally)?;
+            let (_, m, run) = rebuild_with_bump(snapshot, Some(k), &mut tally)?;
             all_match &= m;
+            moved = moved.plus(&run);
             bumps += 1;
         }
     }
@@ -272,6 +330,7 @@ pub fn epoch_bump_every_chunk_rebuild() -> Result<ScenarioReport, String> {
         &format!("{bumps} bumps fenced -> in_sync"),
         0,
         all_match,
+        &moved,
     ))
 }
 
@@ -329,11 +388,15 @@ pub fn wal_recycled_under_catch_up() -> Result<ScenarioReport, String> {
     no_pins(&h, "after the rebuild")?;
     let m = h.replica_matches_primary("r1", head)?;
     ensure(m, || "replica differs after the rebuild".into())?;
+    // The first chunk (20, 30] was applied before the recycle. The forced flush moved the
+    // checkpoint to committed (100), so the rebuild sends the image at 100 and no tail.
+    let moved = Moved::exact(10, 10 * entry_bytes() + image(100));
     Ok(tally.report(
         "wal_recycled_under_catch_up",
         "recycled -> needs_rebuild -> in_sync",
         h.pins_outstanding(),
         m,
+        &moved,
     ))
 }
 
@@ -389,13 +452,19 @@ pub fn cancel_mid_execution() -> Result<ScenarioReport, String> {
     recover_fully(&mut h, &driver, &mut tally, "r1", 1)?;
     let m = h.replica_matches_primary("r1", head)?;
     ensure(m, || "replica differs".into())?;
+    // (30, 100] once: 20 entries before the cancel, the other 50 by the recovery.
+    let moved = Moved::exact(70, 70 * entry_bytes());
     Ok(tally.report(
         "cancel_mid_execution",
         "cancelled -> in_sync",
         h.pins_outstanding(),
         m,
+        &moved,
     ))
 }
+
+/// Base chunk size of the rebuild the replica crashes in.
+const CRASH_BASE_CHUNK: u64 = 16 << 10;
 
 /// A replica that dies after `chunks_before_crash` base chunks.
 struct CrashAfter {
@@ -457,7 +526,7 @@ pub fn replica_crash_mid_base_install() -> Result<ScenarioReport, String> {
         head,
     );
     let result = RebuildExecutor::new(&driver, plan)
-        .with_options(chunked(10, 16 << 10))
+        .with_options(chunked(10, CRASH_BASE_CHUNK))
         .execute(&mut io);
     let sent = io.stats.base_chunks;
     drop(io);
@@ -501,10 +570,24 @@ pub fn replica_crash_mid_base_install() -> Result<ScenarioReport, String> {
     recover_fully(&mut h, &driver, &mut tally, "r1", 1)?;
     let m = h.replica_matches_primary("r1", head)?;
     ensure(m, || "replica differs after the rebuild".into())?;
+    // The recovery sends the whole image at 100 (the base pin flushed the primary to
+    // committed); before the crash two base chunks arrived, each at least one block and at
+    // most one 16 KiB chunk.
+    let moved = Moved {
+        entries: Bound::Exact(0),
+        bytes: Bound::Between {
+            min: image(100) + 2 * u64::from(HARNESS_BLOCK_SIZE),
+            max: image(100) + 2 * CRASH_BASE_CHUNK,
+            why: "two chunks arrived before the crash; how many blocks each held depends \
+                      on the image reader's chunking"
+                .into(),
+        },
+    };
     Ok(tally.report(
         "replica_crash_mid_base_install",
         "crashed -> incomplete -> rebuilt",
         h.pins_outstanding(),
         m,
+        &moved,
     ))
 }

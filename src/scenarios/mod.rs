@@ -130,6 +130,133 @@ pub(crate) fn ensure(cond: bool, what: impl FnOnce() -> String) -> Check {
     if cond { Ok(()) } else { Err(what()) }
 }
 
+/// Wire bytes of one single-block write entry (the entry header plus the block), as a WAL
+/// chunk ships it: every writer in these scenarios and in the blockvol harness writes one block
+/// per entry.
+pub fn wal_entry_bytes(block_size: u32) -> u64 {
+    blockvol::format::ENTRY_HEADER_SIZE as u64 + u64::from(block_size)
+}
+
+/// Bytes a base transfer sends for an image after the writes `1..=lsn` when write `lsn` puts a
+/// never-all-zero block into block `lsn % blocks` (the scenarios' and the harness's writers):
+/// every written block is sent once, zero runs are skipped.
+pub fn image_bytes(lsn: u64, blocks: u64, block_size: u32) -> u64 {
+    lsn.min(blocks) * u64::from(block_size)
+}
+
+/// An expected count: exact, or bounded with the reason the scenario cannot pin it down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// Exactly this.
+    Exact(u64),
+    /// Within `min..=max`.
+    Between {
+        /// Least allowed.
+        min: u64,
+        /// Most allowed.
+        max: u64,
+        /// Why the scenario does not determine the exact count.
+        why: String,
+    },
+}
+
+impl Bound {
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Bound::Exact(n) => (*n, *n),
+            Bound::Between { min, max, .. } => (*min, *max),
+        }
+    }
+
+    /// The bound of a sum of two counts.
+    pub fn plus(&self, other: &Bound) -> Bound {
+        match (self, other) {
+            (Bound::Exact(a), Bound::Exact(b)) => Bound::Exact(a + b),
+            (a, b) => {
+                let why = match (a, b) {
+                    (Bound::Between { why: x, .. }, Bound::Between { why: y, .. }) if x != y => {
+                        format!("{x}; {y}")
+                    }
+                    (Bound::Between { why, .. }, _) | (_, Bound::Between { why, .. }) => {
+                        why.clone()
+                    }
+                    (Bound::Exact(_), Bound::Exact(_)) => String::new(),
+                };
+                let ((a0, a1), (b0, b1)) = (a.range(), b.range());
+                Bound::Between {
+                    min: a0 + b0,
+                    max: a1 + b1,
+                    why,
+                }
+            }
+        }
+    }
+
+    /// `Ok` when `got` satisfies the bound; otherwise what differed (`what` names the count).
+    pub fn check(&self, what: &str, got: u64) -> Result<(), String> {
+        match self {
+            Bound::Exact(want) if got == *want => Ok(()),
+            Bound::Exact(want) => Err(format!("{what}: moved {got}, expected exactly {want}")),
+            Bound::Between { min, max, .. } if (*min..=*max).contains(&got) => Ok(()),
+            Bound::Between { min, max, why } => Err(format!(
+                "{what}: moved {got}, expected {min}..={max} ({why})"
+            )),
+        }
+    }
+}
+
+/// What a scenario must have moved: WAL entries applied on replicas and bytes transferred
+/// (WAL plus base), as its report prints them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Moved {
+    /// WAL entries applied.
+    pub entries: Bound,
+    /// Bytes transferred.
+    pub bytes: Bound,
+}
+
+impl Moved {
+    /// Exactly `entries` entries and `bytes` bytes.
+    pub fn exact(entries: u64, bytes: u64) -> Self {
+        Moved {
+            entries: Bound::Exact(entries),
+            bytes: Bound::Exact(bytes),
+        }
+    }
+
+    /// What two runs move together: exact when both are, otherwise the sum of their bounds.
+    pub fn plus(&self, other: &Moved) -> Moved {
+        Moved {
+            entries: self.entries.plus(&other.entries),
+            bytes: self.bytes.plus(&other.bytes),
+        }
+    }
+
+    /// Checks a scenario's totals.
+    pub fn check(&self, scenario: &str, entries: u64, bytes: u64) -> Result<(), String> {
+        self.entries
+            .check(&format!("{scenario} WAL entries applied"), entries)?;
+        self.bytes
+            .check(&format!("{scenario} bytes transferred"), bytes)
+    }
+
+    /// Checks a report; a report that already failed is returned as it is, one whose counts
+    /// differ is marked failed with the difference.
+    pub fn check_report(&self, mut report: ScenarioReport) -> ScenarioReport {
+        if report.passed
+            && let Err(e) = self.check(
+                report.name,
+                report.entries_applied,
+                report.bytes_transferred,
+            )
+        {
+            report.passed = false;
+            report.failure = Some(e);
+        }
+        report
+    }
+}
+
 /// What a scenario moved, accumulated over its executions.
 #[derive(Default)]
 pub(crate) struct Tally {
@@ -143,6 +270,11 @@ impl Tally {
         self.paths.push(r.path.as_str().to_owned());
         self.entries += r.entries_applied;
         self.bytes += r.bytes_transferred();
+    }
+
+    /// Entries and bytes so far.
+    pub(crate) fn totals(&self) -> (u64, u64) {
+        (self.entries, self.bytes)
     }
 
     pub(crate) fn add_path(&mut self, p: &str) {
@@ -169,14 +301,17 @@ impl Tally {
             .join(", ")
     }
 
+    /// The scenario's report, failed when what it moved differs from `moved` (the row keeps
+    /// the counts it did move).
     pub(crate) fn report(
         &self,
         name: &'static str,
         outcome: &str,
         pins: usize,
         digest_match: bool,
+        moved: &Moved,
     ) -> ScenarioReport {
-        ScenarioReport {
+        moved.check_report(ScenarioReport {
             name,
             outcome: outcome.to_owned(),
             path: self.path(),
@@ -186,7 +321,7 @@ impl Tally {
             digest_match,
             passed: true,
             failure: None,
-        }
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use engine::ReplicaState;
 use engine::conformance::ScenarioReport;
 use v2bridge::harness::block_pattern;
 
-use super::{Check, Tally, digest, ensure};
+use super::{Check, Moved, Tally, digest, ensure, image_bytes, wal_entry_bytes};
 use crate::cluster::{Fabric, Server, server};
 
 /// Blocks of a cluster volume.
@@ -239,11 +239,15 @@ pub fn gap_beyond_retention_rebuild_assignment() -> Result<ScenarioReport, Strin
     let want = super::oracle_digest(head, BLOCKS, BLOCK_SIZE);
     let m = digest(&replica, "vs2")? == want && digest(&primary, "vs1")? == want;
     ensure(m, || "replica digest differs from the primary's".into())?;
+    // The rebuild sends the checkpoint image at 150 (the flush moved it to committed and
+    // recycled everything behind it) and no tail.
+    let moved = Moved::exact(0, image_bytes(head, BLOCKS, BLOCK_SIZE));
     Ok(tally.report(
         "gap_beyond_retention_rebuild_assignment",
         "needs_rebuild -> rebuilt -> in_sync",
         primary.status().pins_outstanding,
         m,
+        &moved,
     ))
 }
 
@@ -320,10 +324,17 @@ pub fn three_replicas_three_outcomes() -> Result<ScenarioReport, String> {
         })?;
     }
     ensure(m, || "a replica's digest differs".into())?;
+    // vs3 catches up (70, 100]; vs4 is rebuilt from the checkpoint image at 100 (the flush
+    // moved it to committed) with no tail; vs2 moves nothing.
+    let moved = Moved::exact(
+        30,
+        30 * wal_entry_bytes(BLOCK_SIZE) + image_bytes(head, BLOCKS, BLOCK_SIZE),
+    );
     Ok(tally.report(
         "three_replicas_three_outcomes",
         "zero_gap / catchup / rebuild -> all in_sync",
         primary.status().pins_outstanding,
         m,
+        &moved,
     ))
 }

@@ -16,7 +16,7 @@ use v2bridge::convert::to_engine;
 use v2bridge::harness::{block_pattern, volume_options};
 use v2bridge::{BlockVolStorage, BridgeIo, Lineage, LocalReplica, ReplicaTarget};
 
-use super::{Tally, assign, chunked, digest, ensure, state_of};
+use super::{Moved, Tally, assign, chunked, digest, ensure, state_of, wal_entry_bytes};
 
 const BLOCKS: u64 = 1024;
 const BLOCK_SIZE: u32 = 4096;
@@ -201,10 +201,14 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
     ensure(m, || {
         "replica digest differs after the writer stopped".into()
     })?;
+    // However the rounds fell, the catch-ups shipped (0, final head] once, in order: each round
+    // starts at the replica's head, where the last one stopped.
+    let moved = Moved::exact(final_head, final_head * wal_entry_bytes(BLOCK_SIZE));
     Ok(tally.report(
         "recovery_with_concurrent_writer",
         &format!("frozen at {t0}, chased to {final_head} in {rounds} rounds"),
         primary.status().pins_outstanding,
         m,
+        &moved,
     ))
 }
