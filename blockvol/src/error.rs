@@ -74,6 +74,10 @@ pub enum BlockVolError {
     /// The volume was closed.
     #[error("volume is closed")]
     Closed,
+    /// The volume was opened with [`crate::Volume::open_read_only`]: nothing may change the
+    /// file (writes, syncs, flushes, truncation, role changes, base pins and installs).
+    #[error("volume is open read-only: the operation would change the file")]
+    ReadOnly,
     /// The volume's role does not allow this operation.
     #[error("{op} refused in role {role:?} (epoch {epoch})")]
     WrongRole {

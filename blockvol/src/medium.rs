@@ -1,5 +1,6 @@
 //! The storage medium under a volume: a preallocated, locked, partly mapped file in
-//! production, or a simulated disk in crash tests.
+//! production, the same file opened read-only for inspection, or a simulated disk in crash
+//! tests.
 //!
 //! The volume addresses the medium by absolute file offset. The medium decides how each region
 //! is reached: the WAL ring through the memory map (one copy per append), the superblock slots
@@ -162,6 +163,93 @@ impl FileMedium {
                 format!("range {off}+{len} straddles the WAL boundary"),
             ))
         }
+    }
+}
+
+/// A volume file opened for reading only, for inspection: `O_RDONLY`, a shared lock (so no
+/// read-write opener holds it meanwhile), nothing mapped, positioned reads only. Every write,
+/// zeroing and sync is refused, so nothing done through it can change the file, and it works
+/// on a read-only file or mount.
+pub(crate) struct ReadOnlyFileMedium {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl ReadOnlyFileMedium {
+    /// Opens `path` read-only under a shared lock. The medium's length is the file's length:
+    /// the caller compares it with the superblock's geometry.
+    pub(crate) fn open(path: &Path) -> Result<ReadOnlyFileMedium> {
+        let ctx = || path.display().to_string();
+        let file = File::open(path).map_err(|e| BlockVolError::io("open", ctx(), e))?;
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(BlockVolError::Locked { path: ctx() });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(BlockVolError::io("lock", ctx(), e));
+            }
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| BlockVolError::io("stat", ctx(), e))?
+            .len();
+        Ok(ReadOnlyFileMedium {
+            file,
+            path: path.to_path_buf(),
+            len,
+        })
+    }
+}
+
+fn read_only() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "the volume file is open read-only",
+    )
+}
+
+impl Medium for ReadOnlyFileMedium {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        if off
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("range {off}+{} beyond the file end {}", buf.len(), self.len),
+            ));
+        }
+        self.file.read_exact_at(buf, off)
+    }
+
+    fn write_at(&self, _off: u64, _data: &[u8]) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn sync_range(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn zero_range(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn next_data(&self, off: u64) -> io::Result<Option<u64>> {
+        sys::seek_data(&self.file, off)
+    }
+
+    fn next_hole(&self, off: u64) -> io::Result<u64> {
+        sys::seek_hole(&self.file, off)
     }
 }
 

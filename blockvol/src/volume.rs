@@ -16,7 +16,7 @@ use crate::format::{
     SB_FLAG_INSTALL_INCOMPLETE, SB_FLAG_REPAIRED, SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET, SB_SLOT_SIZE,
     Superblock, WAL_OFFSET, WAL_SIZE_ALIGN, choose_superblock, content_crc, entry_size,
 };
-use crate::medium::{FileMedium, Medium};
+use crate::medium::{FileMedium, Medium, ReadOnlyFileMedium};
 use crate::types::{
     ApplyOutcome, CreateOptions, Digest, EntryInfo, FlushGate, FlusherMode, Geometry, Lsn,
     OpenOptions, RetentionPolicy, Role, Status,
@@ -119,6 +119,8 @@ pub(crate) struct State {
     pub repaired: bool,
     pub poisoned: Option<String>,
     pub closed: bool,
+    /// Opened with `Volume::open_read_only`: nothing may write the medium.
+    pub read_only: bool,
     pub stop_flusher: bool,
     pub flush_wanted: bool,
     pub syncing: bool,
@@ -374,6 +376,9 @@ impl Shared {
             return Err(BlockVolError::Poisoned {
                 first_failure: p.clone(),
             });
+        }
+        if st.read_only {
+            return Err(BlockVolError::ReadOnly);
         }
         Ok(())
     }
@@ -1305,7 +1310,7 @@ impl Volume {
             return Err(e);
         }
         let slots = read_slots(&|o, b| medium.read_at(o, b), &path.display().to_string())?;
-        Volume::open_medium(Arc::new(medium), &slots, open)
+        Volume::open_medium(Arc::new(medium), &slots, open, false)
     }
 
     /// Opens an existing volume: recovery replays the WAL from the persisted tail and persists
@@ -1325,13 +1330,45 @@ impl Volume {
         let (_, sb) = pick_superblock(&slots)?;
         let medium = FileMedium::open(path, false, sb.file_len(), WAL_OFFSET, sb.wal_size)?;
         let slots = read_slots(&|o, b| medium.read_at(o, b), &ctx)?;
-        Volume::open_medium(Arc::new(medium), &slots, open)
+        Volume::open_medium(Arc::new(medium), &slots, open, false)
     }
 
+    /// Opens an existing volume for reading only (inspection): the file is opened `O_RDONLY`
+    /// under a shared lock and never written, so this works on a read-only file or mount and
+    /// leaves every byte as it was, evidence of a crash included.
+    ///
+    /// Recovery runs in memory only: the walk, the torn-tail and corruption decisions are those
+    /// of [`Volume::open`], but no leftover is zeroed, nothing is synced, no interrupted flush
+    /// is redone and no superblock is written. Reads, `digest`, `status`, `entry_info` and
+    /// scans see exactly what a read-write open would recover (blocks written after the
+    /// checkpoint are read from the WAL, whatever an interrupted flush left in the extent). A
+    /// log that only a repair could open is refused with `Corrupt`. Everything that would
+    /// change the file (writes, `sync`, flushes, truncation, `assign`, base pins and installs)
+    /// fails with `ReadOnly`; `close` writes nothing.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Volume> {
+        let path = path.as_ref();
+        let medium = ReadOnlyFileMedium::open(path)?;
+        let slots = read_slots(&|o, b| medium.read_at(o, b), &path.display().to_string())?;
+        let opts = OpenOptions {
+            flusher: FlusherMode::Manual,
+            repair: false,
+            ..OpenOptions::default()
+        };
+        Volume::open_medium(Arc::new(medium), &slots, &opts, true)
+    }
+
+    /// Whether the volume was opened with [`Volume::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.shared.lock_state().read_only
+    }
+
+    /// Recovery. With `read_only` it runs in memory only: it decides exactly as a read-write
+    /// open does, but writes, zeroes and syncs nothing and redoes no flush.
     pub(crate) fn open_medium(
         medium: Arc<dyn Medium>,
         slots: &[Vec<u8>; 2],
         opts: &OpenOptions,
+        read_only: bool,
     ) -> Result<Volume> {
         let (slot, sb) = pick_superblock(slots)?;
         if medium.len() < sb.file_len() {
@@ -1392,6 +1429,7 @@ impl Volume {
             repaired,
             poisoned: None,
             closed: false,
+            read_only,
             stop_flusher: false,
             flush_wanted: false,
             syncing: false,
@@ -1433,7 +1471,7 @@ impl Volume {
                         res.end_detail, res.head, sb.checkpoint
                     ),
                 };
-                if !opts.repair {
+                if !opts.repair || read_only {
                     return Err(BlockVolError::Corrupt {
                         region: "wal",
                         offset: WAL_OFFSET + res.end_pos % wal_size,
@@ -1503,19 +1541,24 @@ impl Volume {
                     .map_err(|e| BlockVolError::io("sync superblock", medium.describe(), e))?;
                 (last_seq, last_slot) = (r.seq, 1 - last_slot);
             }
-            // Neutralize leftovers of a torn tail (and, under repair, everything after the
-            // corruption) so no later recovery can mistake them for evidence or splice them in.
-            let zeros = [0u8; ENTRY_HEADER_SIZE];
-            for l in &res.leftovers {
+            if !read_only {
+                // Neutralize leftovers of a torn tail (and, under repair, everything after the
+                // corruption) so no later recovery can mistake them for evidence or splice
+                // them in.
+                let zeros = [0u8; ENTRY_HEADER_SIZE];
+                for l in &res.leftovers {
+                    medium
+                        .write_at(WAL_OFFSET + l.pos % wal_size, &zeros)
+                        .map_err(|e| BlockVolError::io("write wal", medium.describe(), e))?;
+                }
+                // The recovered entries may still be only in the page cache (a process
+                // crash): make them, and the zeroed leftovers, durable before acknowledging
+                // anything.
                 medium
-                    .write_at(WAL_OFFSET + l.pos % wal_size, &zeros)
-                    .map_err(|e| BlockVolError::io("write wal", medium.describe(), e))?;
+                    .sync_range(WAL_OFFSET, wal_size)
+                    .map_err(|e| BlockVolError::io("msync wal", medium.describe(), e))?;
             }
-            // The recovered entries may still be only in the page cache (a process crash):
-            // make them, and the zeroed leftovers, durable before acknowledging anything.
-            medium
-                .sync_range(WAL_OFFSET, wal_size)
-                .map_err(|e| BlockVolError::io("msync wal", medium.describe(), e))?;
+            // (Read-only: the recovered view, as a read-write open would persist it.)
             st.durable = st.head;
             st.synced_pos = st.head_pos;
             st.repaired = repaired;
@@ -1541,6 +1584,15 @@ impl Volume {
                 slot: last_slot,
             }),
         });
+        if read_only {
+            // No redo of an interrupted flush: whatever it left in the extent beyond the
+            // checkpoint is shadowed by the dirty map, which holds every block written after
+            // the checkpoint, so reads are exact without it. Nothing is persisted.
+            return Ok(Volume {
+                shared,
+                flusher: Mutex::new(None),
+            });
+        }
         if !install_incomplete {
             let to = shared.lock_state().flush_mark;
             shared.redo_flush(to)?;
@@ -2120,10 +2172,18 @@ impl Volume {
         }
     }
 
-    /// Stops the flusher, syncs the WAL and writes a final superblock.
+    /// Stops the flusher, syncs the WAL and writes a final superblock. A read-only volume
+    /// writes nothing.
     pub fn close(self) -> Result<()> {
         self.stop_flusher();
         let s = &self.shared;
+        {
+            let mut st = s.lock_state();
+            if st.read_only {
+                st.closed = true;
+                return Ok(());
+            }
+        }
         let r = {
             let incomplete = {
                 let st = s.lock_state();
@@ -2286,7 +2346,7 @@ impl Volume {
         }
         let m = crate::sim::SimMedium::new(disk.clone());
         let slots = read_slots(&|o, b| m.read_at(o, b), "simulated disk")?;
-        Volume::open_medium(Arc::new(m), &slots, open)
+        Volume::open_medium(Arc::new(m), &slots, open, false)
     }
 }
 

@@ -36,14 +36,15 @@ enum Cmd {
         #[arg(long = "block-size", default_value_t = 4096)]
         block_size: u32,
     },
-    /// Print the superblock and WAL summary.
+    /// Print the superblock and WAL summary (read-only: never changes the file).
     Info {
         path: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Verify every checksum (exit 0 clean, 1 corrupt, 2 error).
+    /// Verify every checksum (exit 0 clean, 1 corrupt, 2 error; read-only: never changes the
+    /// file).
     Check { path: PathBuf },
     /// Write whole blocks read from stdin at an LBA.
     Write {
@@ -54,7 +55,8 @@ enum Cmd {
         #[arg(long)]
         sync: bool,
     },
-    /// Read blocks to stdout.
+    /// Read blocks to stdout, as recovery would see them (read-only: recovery runs in memory,
+    /// the file is never changed, and a read-only file or mount is fine).
     Read {
         path: PathBuf,
         #[arg(long)]
@@ -62,7 +64,7 @@ enum Cmd {
         #[arg(long)]
         blocks: u64,
     },
-    /// List WAL entries.
+    /// List WAL entries (read-only: never changes the file).
     DumpWal {
         path: PathBuf,
         /// First LSN to list.
@@ -72,7 +74,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Print the xxh3-128 digest of the visible contents.
+    /// Print the xxh3-128 digest of the visible contents (read-only, as `read`).
     Digest { path: PathBuf },
 }
 
@@ -335,7 +337,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Read { path, lba, blocks } => {
-            let r = Volume::open(&path, &manual()).and_then(|v| {
+            let r = Volume::open_read_only(&path).and_then(|v| {
                 let d = v.read(lba, blocks)?;
                 v.close()?;
                 Ok(d)
@@ -350,7 +352,7 @@ fn main() -> ExitCode {
         }
         Cmd::DumpWal { path, from, json } => dump_wal(&path, from, json),
         Cmd::Digest { path } => {
-            let r = Volume::open(&path, &manual()).and_then(|v| {
+            let r = Volume::open_read_only(&path).and_then(|v| {
                 let d = v.digest()?;
                 v.close()?;
                 Ok(d)
