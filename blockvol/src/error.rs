@@ -249,6 +249,20 @@ pub enum BlockVolError {
         /// The CRC of the bytes received.
         found: u32,
     },
+    /// The volume file could not be fully allocated: its file system (or quota) has no room
+    /// for the holes of a sparse file, or for a new volume. Nothing was written; a read-write
+    /// open refuses a file it cannot allocate, because a store into a hole of the mapped WAL
+    /// would kill the process (SIGBUS) once the file system is full.
+    #[error("cannot allocate the volume file {path} ({bytes} bytes): no space ({source})")]
+    NoSpace {
+        /// The volume file.
+        path: String,
+        /// Bytes that had to be allocated.
+        bytes: u64,
+        /// The file system's answer.
+        #[source]
+        source: std::io::Error,
+    },
     /// The volume file is locked by another opener.
     #[error("volume {path} is locked by another process or handle")]
     Locked {

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{BlockVolError, Result};
@@ -44,7 +44,7 @@ pub(crate) trait Medium: Send + Sync {
     }
 }
 
-/// A real volume file: exclusively locked, preallocated, WAL region mapped.
+/// A real volume file: exclusively locked, fully allocated, WAL region mapped.
 pub(crate) struct FileMedium {
     file: File,
     path: PathBuf,
@@ -56,7 +56,9 @@ pub(crate) struct FileMedium {
 
 impl FileMedium {
     /// Opens (`create == false`) or creates a file and maps its WAL region. `len` is the total
-    /// length the superblock describes; a created file is preallocated to it.
+    /// length the superblock describes; a created file is preallocated to it, and an existing
+    /// one with holes (a sparse copy) is allocated before anything is mapped, so no store
+    /// through the map can fault on a hole.
     pub(crate) fn open(
         path: &Path,
         create: bool,
@@ -108,17 +110,20 @@ impl FileMedium {
             }
         }
         if create {
-            sys::preallocate(&file, len).map_err(|e| BlockVolError::io("fallocate", ctx(), e))?;
+            sys::preallocate(&file, len).map_err(|e| allocation_error(path, len, e))?;
         }
-        let actual = file
+        let meta = file
             .metadata()
-            .map_err(|e| BlockVolError::io("stat", ctx(), e))?
-            .len();
+            .map_err(|e| BlockVolError::io("stat", ctx(), e))?;
+        let actual = meta.len();
         if actual < len {
             return Err(BlockVolError::GeometryMismatch {
                 expected: format!("file of at least {len} bytes"),
                 found: format!("{actual} bytes"),
             });
+        }
+        if !create {
+            allocate_holes(&file, &meta, path, len)?;
         }
         let wal_usize = usize::try_from(wal_len).map_err(|_| {
             BlockVolError::InvalidArgument(format!("wal of {wal_len} bytes cannot be mapped"))
@@ -250,6 +255,37 @@ impl Medium for ReadOnlyFileMedium {
 
     fn next_hole(&self, off: u64) -> io::Result<u64> {
         sys::seek_hole(&self.file, off)
+    }
+}
+
+/// Allocates every hole in `[0, len)` of an existing volume file, so that neither a store
+/// through the WAL map (which would be SIGBUS) nor an extent write can fail for want of a block.
+/// Volume files are preallocated at creation, but a copy (`cp --sparse=always`, a restore, an
+/// image transfer) may have holes. Skipped when the file is visibly allocated: as many blocks
+/// as bytes and no hole reported before `len` (some file systems report allocated but unwritten
+/// extents as holes: then the allocation runs and is a no-op). The file length never changes:
+/// the caller checked it is at least `len`.
+fn allocate_holes(file: &File, meta: &std::fs::Metadata, path: &Path, len: u64) -> Result<()> {
+    let short = meta.blocks().saturating_mul(512) < len;
+    let holed = short
+        || sys::seek_hole(file, 0)
+            .map_err(|e| BlockVolError::io("seek hole", path.display().to_string(), e))?
+            < len;
+    if holed {
+        sys::preallocate(file, len).map_err(|e| allocation_error(path, len, e))?;
+    }
+    Ok(())
+}
+
+/// `NoSpace` when the file system (or a quota) is full, otherwise the I/O error.
+fn allocation_error(path: &Path, len: u64, e: io::Error) -> BlockVolError {
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => BlockVolError::NoSpace {
+            path: path.display().to_string(),
+            bytes: len,
+            source: e,
+        },
+        _ => BlockVolError::io("fallocate", path.display().to_string(), e),
     }
 }
 

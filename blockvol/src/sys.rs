@@ -23,8 +23,9 @@ pub(crate) struct MappedRegion {
 impl MappedRegion {
     /// Maps `len` bytes of `file` starting at `offset` (page-aligned) for shared read/write.
     ///
-    /// The file is preallocated before mapping, so no access through the map can fault on a
-    /// hole (SIGBUS) or run out of space; the map is never shrunk while it lives.
+    /// The file is fully allocated before mapping (preallocated at creation, holes of a sparse
+    /// copy allocated at open), so no access through the map can fault on a hole (SIGBUS) or
+    /// run out of space; the map is never shrunk while it lives.
     pub(crate) fn map(file: &File, offset: u64, len: usize) -> io::Result<MappedRegion> {
         let map = MmapOptions::new().offset(offset).len(len).map_raw(file)?;
         Ok(MappedRegion { map, len })

@@ -4,16 +4,154 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use blockvol::Digest;
-use common::cli::{create, run, s, stderr, stdout, torn_tail_volume};
+use common::cli::{bin, create, run, run_cmd, s, stderr, stdout, torn_tail_volume};
 use common::data;
 
 const BS: u32 = 4096;
 
 fn block(tag: u64) -> Vec<u8> {
     data(tag, 1, BS)
+}
+
+// ---- 1. Sparse volume files ------------------------------------------------------------------
+
+/// Copies `src` to `dst` leaving every all-zero 4 KiB block a hole, as `cp --sparse=always`
+/// does.
+fn sparse_copy(src: &Path, dst: &Path) {
+    let bytes = std::fs::read(src).expect("read source");
+    let f = std::fs::File::create(dst).expect("create copy");
+    for (i, chunk) in bytes.chunks(4096).enumerate() {
+        if chunk.iter().any(|&b| b != 0) {
+            f.write_all_at(chunk, (i * 4096) as u64)
+                .expect("copy block");
+        }
+    }
+    f.set_len(bytes.len() as u64).expect("set length");
+    f.sync_all().expect("sync copy");
+}
+
+/// `(allocated bytes, length)` of a file.
+fn allocation(path: &Path) -> (u64, u64) {
+    let m = std::fs::metadata(path).expect("stat");
+    (m.blocks() * 512, m.len())
+}
+
+#[test]
+fn cli_write_on_a_sparse_copy_allocates_the_whole_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.vol");
+    create(&src);
+    let o = run(&["write", s(&src), "--lba", "3", "--sync"], Some(&block(3)));
+    assert!(o.status.success(), "write: {}", stderr(&o));
+    let dst = dir.path().join("sparse.vol");
+    sparse_copy(&src, &dst);
+    let (alloc, len) = allocation(&dst);
+    if alloc >= len {
+        eprintln!("skipped: this file system stored the sparse copy without holes");
+        return;
+    }
+    let o = run(&["write", s(&dst), "--lba", "7"], Some(&block(7)));
+    assert!(o.status.success(), "write on a sparse copy: {}", stderr(&o));
+    let (alloc, len) = allocation(&dst);
+    assert!(
+        alloc >= len,
+        "after a read-write open the volume file still has holes: {alloc} of {len} bytes allocated"
+    );
+    for (lba, tag) in [("3", 3), ("7", 7)] {
+        let o = run(&["read", s(&dst), "--lba", lba, "--blocks", "1"], None);
+        assert!(o.status.success(), "read: {}", stderr(&o));
+        assert_eq!(o.stdout, block(tag), "lba {lba}");
+    }
+}
+
+/// A tmpfs mounted for one test; unmounted when dropped (also when the test panics).
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// Mounts a tmpfs of `size` at `dir`, or says why not (not root, no mount permission).
+fn mount_tmpfs(dir: &Path, size: &str) -> Option<Mount> {
+    let r = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .output();
+    match r {
+        Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
+        Ok(o) => {
+            eprintln!(
+                "skipped: cannot mount a tmpfs (needs root): {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("skipped: cannot run mount: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn cli_write_on_a_sparse_copy_in_a_full_file_system_fails_with_no_space() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.vol");
+    create(&src);
+    let o = run(&["write", s(&src), "--lba", "3", "--sync"], Some(&block(3)));
+    assert!(o.status.success(), "write: {}", stderr(&o));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    // Dropped before `dir`: unmounted before the directory is removed.
+    let Some(_mount) = mount_tmpfs(&mnt, "512k") else {
+        return;
+    };
+    let dst = mnt.join("sparse.vol");
+    sparse_copy(&src, &dst);
+    // Fill the file system: the holes can no longer be backed by blocks.
+    {
+        let f = std::fs::File::create(mnt.join("filler")).expect("filler");
+        let chunk = vec![0x55u8; 4096];
+        let mut off = 0u64;
+        while f.write_all_at(&chunk, off).is_ok() {
+            off += 4096;
+        }
+    }
+    let before = std::fs::read(&dst).expect("read copy");
+    let mut c = bin();
+    c.args(["write", s(&dst), "--lba", "7"]);
+    let o = run_cmd(c, Some(&block(7)), Duration::from_secs(60));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "a write to a sparse volume on a full file system must fail with an error, not a \
+         signal (SIGBUS is a fault on a hole): status {:?}, stderr {}",
+        o.status,
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("no space"), "{}", stderr(&o));
+    assert!(
+        std::fs::read(&dst).expect("read copy") == before,
+        "the refused open changed the file"
+    );
+    // Inspection does not need the holes filled.
+    let o = run(&["read", s(&dst), "--lba", "3", "--blocks", "1"], None);
+    assert!(o.status.success(), "read: {}", stderr(&o));
+    assert_eq!(o.stdout, block(3));
 }
 
 // ---- 3. Inspection is read-only --------------------------------------------------------------

@@ -47,6 +47,9 @@ enum Cmd {
     /// file).
     Check { path: PathBuf },
     /// Write whole blocks read from stdin at an LBA.
+    ///
+    /// A sparse volume file (a `cp --sparse=always` copy) is fully allocated first; on a full
+    /// file system that fails with "no space" and the file is left unchanged.
     Write {
         path: PathBuf,
         #[arg(long)]
