@@ -154,6 +154,30 @@ fn cli_write_on_a_sparse_copy_in_a_full_file_system_fails_with_no_space() {
     assert_eq!(o.stdout, block(3));
 }
 
+// ---- 2. The WAL stays usable -----------------------------------------------------------------
+
+#[test]
+fn cli_writes_keep_the_wal_usable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v.vol");
+    let p = s(&path);
+    create(&path);
+    // A 64 KiB WAL holds 15 one-block entries; write three times as many.
+    let n = 48u64;
+    let mut want = Vec::new();
+    for i in 0..n {
+        let b = block(100 + i);
+        let o = run(&["write", p, "--lba", &i.to_string()], Some(&b));
+        assert!(o.status.success(), "write {} of {n}: {}", i + 1, stderr(&o));
+        want.extend_from_slice(&b);
+    }
+    let o = run(&["read", p, "--lba", "0", "--blocks", &n.to_string()], None);
+    assert!(o.status.success(), "read: {}", stderr(&o));
+    assert!(o.stdout == want, "the data does not read back");
+    let o = run(&["check", p], None);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
+
 // ---- 3. Inspection is read-only --------------------------------------------------------------
 
 #[test]

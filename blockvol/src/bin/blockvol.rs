@@ -7,8 +7,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use blockvol::format::entry_size;
 use blockvol::inspect::{Inspection, inspect};
-use blockvol::{CreateOptions, OpenOptions, Volume};
+use blockvol::{CreateOptions, Lsn, OpenOptions, RetentionPolicy, Volume};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -48,13 +49,18 @@ enum Cmd {
     Check { path: PathBuf },
     /// Write whole blocks read from stdin at an LBA.
     ///
+    /// The volume stays writable however many writes follow: before exiting, `write` flushes
+    /// the WAL into the extent (keeping the newest entries, up to half the WAL, for
+    /// `dump-wal`), and it flushes before writing when the WAL has no room for the new entry.
+    /// The write is therefore durable when the command succeeds.
+    ///
     /// A sparse volume file (a `cp --sparse=always` copy) is fully allocated first; on a full
     /// file system that fails with "no space" and the file is left unchanged.
     Write {
         path: PathBuf,
         #[arg(long)]
         lba: u64,
-        /// Sync the WAL before exiting.
+        /// Sync the WAL right after the write (the final flush syncs it anyway).
         #[arg(long)]
         sync: bool,
     },
@@ -283,6 +289,40 @@ fn dump_wal(path: &Path, from: Option<u64>, json: bool) -> ExitCode {
     }
 }
 
+/// Writes `data` at `lba` and leaves the volume usable by the next command: nothing else
+/// flushes a volume the command line writes (no background flusher outlives the process), so
+/// without a flush every write would stay in the WAL until it filled and every later write
+/// failed with "WAL full". The newest entries, up to half the WAL, stay for `dump-wal` (the
+/// retention is soft: a write that needs their space gets it).
+fn write_and_flush(v: Volume, lba: u64, data: &[u8], sync: bool) -> blockvol::Result<Lsn> {
+    let r = (|| {
+        let wal = v.geometry().wal_size_bytes;
+        v.set_retention(RetentionPolicy {
+            keep_entries: 0,
+            keep_bytes: wal / 2,
+        });
+        // Under pressure (no room for the entry and the padding it may need), flush first: the
+        // writer's own wait can only reuse space up to the checkpoint, and entries left
+        // unflushed (by an interrupted command, or by another program) hold it back.
+        let s = v.status();
+        let need = entry_size(data.len() as u64).saturating_mul(2);
+        if s.wal_size_bytes - s.wal_used_bytes < need {
+            v.force_flush()?;
+        }
+        let lsn = v.write(lba, data)?;
+        if sync {
+            v.sync()?;
+        }
+        v.force_flush()?;
+        Ok(lsn)
+    })();
+    // Close (final superblock) even after a failure; the first error wins.
+    let c = v.close();
+    let lsn = r?;
+    c?;
+    Ok(lsn)
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = match Cli::try_parse() {
@@ -323,15 +363,8 @@ fn main() -> ExitCode {
             if let Err(e) = std::io::stdin().read_to_end(&mut data) {
                 return fail(e);
             }
-            let r = Volume::open(&path, &manual()).and_then(|v| {
-                let lsn = v.write(lba, &data)?;
-                if sync {
-                    v.sync()?;
-                }
-                v.close()?;
-                Ok(lsn)
-            });
-            match r {
+            match Volume::open(&path, &manual()).and_then(|v| write_and_flush(v, lba, &data, sync))
+            {
                 Ok(lsn) => {
                     eprintln!("wrote {} bytes at lba {lba} as lsn {lsn}", data.len());
                     ExitCode::SUCCESS
