@@ -1623,6 +1623,15 @@ impl Volume {
         self.shared.geo
     }
 
+    /// The largest [`write`](Volume::write) one call takes, in bytes (whole blocks): one entry
+    /// holds at most half the WAL (and at most what a header's u32 length can state), less
+    /// its header. Larger writes are refused with `EntryTooLarge`.
+    pub fn max_write_bytes(&self) -> u64 {
+        let bs = self.shared.block_size();
+        let payload = max_entry_for(self.shared.wal_size()) - ENTRY_HEADER_SIZE as u64;
+        payload / bs * bs
+    }
+
     fn check_range(&self, lba: u64, blocks: u64) -> Result<()> {
         let vb = self.shared.geo.volume_blocks;
         if blocks == 0 || lba.checked_add(blocks).is_none_or(|e| e > vb) {
@@ -2386,5 +2395,18 @@ mod tests {
             assert!(check_entry_len((max - ENTRY_HEADER_SIZE as u64) as usize, wal).is_ok());
             assert!(check_entry_len((max - ENTRY_HEADER_SIZE as u64) as usize + 1, wal).is_err());
         }
+    }
+
+    #[test]
+    fn max_write_bytes_is_the_largest_accepted_write() {
+        let o = CreateOptions::new(1 << 20, 64 * 1024);
+        let (v, _d) = Volume::create_sim(&o, &OpenOptions::manual()).expect("create");
+        let max = v.max_write_bytes();
+        assert_eq!(max, 7 * 4096);
+        assert!(v.write(0, &vec![1u8; max as usize]).is_ok());
+        assert!(matches!(
+            v.write(0, &vec![1u8; max as usize + 4096]),
+            Err(BlockVolError::EntryTooLarge { .. })
+        ));
     }
 }

@@ -6,11 +6,12 @@ mod common;
 
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use blockvol::Digest;
-use common::cli::{bin, create, run, run_cmd, s, stderr, stdout, torn_tail_volume};
+use common::cli::{bin, create, run, run_cmd, s, stderr, stdout, torn_tail_volume, wait_bounded};
 use common::data;
 
 const BS: u32 = 4096;
@@ -233,4 +234,70 @@ fn cli_inspection_never_writes_read_only_file() {
             }
         }
     }
+}
+
+// ---- 4. Bounded stdin ------------------------------------------------------------------------
+
+#[test]
+fn cli_write_bounds_its_read_of_stdin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v.vol");
+    let p = s(&path);
+    create(&path);
+    // 256 blocks; a 64 KiB WAL takes writes of at most 7 blocks.
+    for (lba, says) in [
+        ("250", "does not fit"),
+        ("0", "larger than the largest single write"),
+        ("256", "outside the volume"),
+    ] {
+        let mut c = bin();
+        c.args(["write", p, "--lba", lba])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn");
+        let mut pipe = child.stdin.take().expect("stdin");
+        // Up to 64 MiB, then the pipe stays open without an end: a command that reads its input
+        // to the end never exits (and the timeout below fails the test), one that bounds its
+        // read refuses the input and exits.
+        let (stop, stopped) = mpsc::channel::<()>();
+        let feeder = std::thread::spawn(move || {
+            use std::io::Write;
+            let chunk = vec![0xABu8; 65536];
+            let mut sent = 0u64;
+            while sent < 64 << 20 {
+                if pipe.write_all(&chunk).is_err() {
+                    return sent;
+                }
+                sent += chunk.len() as u64;
+            }
+            let _ = stopped.recv();
+            sent
+        });
+        let o = wait_bounded(
+            child,
+            Duration::from_secs(30),
+            &format!("write --lba {lba} with endless input"),
+        );
+        drop(stop);
+        let sent = feeder.join().expect("feeder");
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "--lba {lba}: {} {}",
+            stdout(&o),
+            stderr(&o)
+        );
+        assert!(stderr(&o).contains(says), "--lba {lba}: {}", stderr(&o));
+        assert!(
+            sent <= 1 << 20,
+            "--lba {lba}: the command consumed {sent} bytes of input"
+        );
+    }
+    // Exactly what fits is written.
+    let six = data(9, 6, BS);
+    let o = run(&["write", p, "--lba", "250"], Some(&six));
+    assert!(o.status.success(), "write: {}", stderr(&o));
+    let o = run(&["read", p, "--lba", "250", "--blocks", "6"], None);
+    assert!(o.status.success() && o.stdout == six, "{}", stderr(&o));
 }

@@ -49,6 +49,10 @@ enum Cmd {
     Check { path: PathBuf },
     /// Write whole blocks read from stdin at an LBA.
     ///
+    /// One write takes at most the blocks from the LBA to the end of the volume, and at most
+    /// half the WAL: stdin is read only up to that (plus one byte), and more input is refused
+    /// with an error, so an endless input (`cat /dev/zero |`) is not buffered.
+    ///
     /// The volume stays writable however many writes follow: before exiting, `write` flushes
     /// the WAL into the extent (keeping the newest entries, up to half the WAL, for
     /// `dump-wal`), and it flushes before writing when the WAL has no room for the new entry.
@@ -289,6 +293,43 @@ fn dump_wal(path: &Path, from: Option<u64>, json: bool) -> ExitCode {
     }
 }
 
+/// Reads the blocks to write at `lba` from stdin: at most what one write there can take, plus
+/// one byte to tell whether more input follows, so an endless input is refused, not buffered.
+fn read_input(v: &Volume, lba: u64) -> Result<Vec<u8>, String> {
+    let g = v.geometry();
+    let bs = u64::from(g.block_size);
+    if lba >= g.volume_blocks {
+        return Err(format!(
+            "lba {lba} is outside the volume of {} blocks",
+            g.volume_blocks
+        ));
+    }
+    let room = (g.volume_blocks - lba) * bs;
+    let max = v.max_write_bytes();
+    let limit = room.min(max);
+    let mut data = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(limit + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read stdin: {e}"))?;
+    if data.len() as u64 > limit {
+        return Err(if room <= max {
+            format!(
+                "input does not fit: the volume holds {room} bytes ({} blocks) from lba {lba} to its end, and stdin has more",
+                room / bs
+            )
+        } else {
+            format!(
+                "input is larger than the largest single write, {max} bytes ({} blocks: an entry takes at most half the {}-byte WAL); write it in parts at successive LBAs",
+                max / bs,
+                g.wal_size_bytes
+            )
+        });
+    }
+    Ok(data)
+}
+
 /// Writes `data` at `lba` and leaves the volume usable by the next command: nothing else
 /// flushes a volume the command line writes (no background flusher outlives the process), so
 /// without a flush every write would stay in the WAL until it filled and every later write
@@ -359,12 +400,18 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Cmd::Write { path, lba, sync } => {
-            let mut data = Vec::new();
-            if let Err(e) = std::io::stdin().read_to_end(&mut data) {
-                return fail(e);
-            }
-            match Volume::open(&path, &manual()).and_then(|v| write_and_flush(v, lba, &data, sync))
-            {
+            let v = match Volume::open(&path, &manual()) {
+                Ok(v) => v,
+                Err(e) => return fail(e),
+            };
+            let data = match read_input(&v, lba) {
+                Ok(d) => d,
+                Err(msg) => {
+                    let _ = v.close();
+                    return fail(msg);
+                }
+            };
+            match write_and_flush(v, lba, &data, sync) {
                 Ok(lsn) => {
                     eprintln!("wrote {} bytes at lba {lba} as lsn {lsn}", data.len());
                     ExitCode::SUCCESS
