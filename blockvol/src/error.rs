@@ -263,6 +263,16 @@ pub enum BlockVolError {
         #[source]
         source: std::io::Error,
     },
+    /// The path names a directory, FIFO, socket or device: a volume lives in a regular file.
+    /// Refused after a `stat`, before the path is opened for I/O (a FIFO would block the open
+    /// until a writer came), and again on the opened descriptor.
+    #[error("{path} is {kind}, not a regular file (a volume lives in a regular file)")]
+    NotARegularFile {
+        /// The path.
+        path: String,
+        /// What it is: "a directory", "a FIFO", "a socket", "a block device", ...
+        kind: &'static str,
+    },
     /// The volume file is locked by another opener.
     #[error("volume {path} is locked by another process or handle")]
     Locked {

@@ -1,7 +1,6 @@
 //! Read-only inspection of a volume file, for the command line: both superblock slots, the
 //! recovery walk and every entry checksum, without modifying the file.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -9,6 +8,7 @@ use crate::error::{BlockVolError, Result};
 use crate::format::{
     SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET, SB_SLOT_SIZE, Superblock, WAL_OFFSET, choose_superblock,
 };
+use crate::medium::open_volume_file;
 use crate::walk::{IndexEntry, WalkParams, wal_stamp, walk};
 
 /// One superblock slot as found on disk.
@@ -91,10 +91,14 @@ fn kind_name(kind: u8) -> &'static str {
     }
 }
 
-/// Inspects a volume file without modifying it. Fails with `Locked` if a volume has it open.
+/// Inspects a volume file without modifying it (opened read-only under a shared lock).
+///
+/// Damage is reported in the `Inspection`; what is not damage is an error: `Locked` if a
+/// volume has the file open, `NotARegularFile` for a directory, FIFO, socket or device, `Io`
+/// when the file cannot be opened or read.
 pub fn inspect(path: &Path) -> Result<Inspection> {
     let ctx = path.display().to_string();
-    let file = File::open(path).map_err(|e| BlockVolError::io("open", ctx.clone(), e))?;
+    let file = open_volume_file(path, false)?;
     match file.try_lock_shared() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => return Err(BlockVolError::Locked { path: ctx }),
@@ -110,9 +114,18 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     ];
     let mut results = Vec::new();
     for (i, off) in [SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET].into_iter().enumerate() {
-        let r = match file.read_exact_at(&mut bufs[i], off) {
-            Ok(()) => Superblock::decode(&bufs[i], off),
-            Err(e) => Err(BlockVolError::io("read superblock", ctx.clone(), e)),
+        let r = if file_len < off + SB_SLOT_SIZE {
+            Err(BlockVolError::Corrupt {
+                region: "superblock",
+                offset: off,
+                lsn: None,
+                detail: format!("the file is {file_len} bytes: too short to hold this slot"),
+            })
+        } else {
+            // A failed read is an I/O error, not damage: report it as such.
+            file.read_exact_at(&mut bufs[i], off)
+                .map_err(|e| BlockVolError::io("read superblock", ctx.clone(), e))?;
+            Superblock::decode(&bufs[i], off)
         };
         results.push(r);
     }

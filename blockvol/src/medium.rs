@@ -8,11 +8,58 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{BlockVolError, Result};
 use crate::sys::{self, MappedRegion};
+
+/// Opens an existing volume file (read-only unless `write`), refusing anything that is not a
+/// regular file with `NotARegularFile`: first after a `stat`, before the path is opened (a
+/// directory, socket or device is never opened for I/O), then on the opened descriptor, in
+/// case the path changed in between. The open uses `O_NONBLOCK`, so a FIFO swapped in cannot
+/// block it, and `O_NOCTTY`; `O_NONBLOCK` is cleared once the file is known to be regular.
+pub(crate) fn open_volume_file(path: &Path, write: bool) -> Result<File> {
+    let ctx = || path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| BlockVolError::io("stat", ctx(), e))?;
+    check_regular(path, &meta)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| BlockVolError::io("open", ctx(), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| BlockVolError::io("stat", ctx(), e))?;
+    check_regular(path, &meta)?;
+    sys::clear_nonblock(&file).map_err(|e| BlockVolError::io("fcntl", ctx(), e))?;
+    Ok(file)
+}
+
+fn check_regular(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else {
+        "something else"
+    };
+    Err(BlockVolError::NotARegularFile {
+        path: path.display().to_string(),
+        kind,
+    })
+}
 
 /// What the volume needs from its storage. Failures are plain `io::Error`s; the volume decides
 /// which ones poison it.
@@ -94,11 +141,7 @@ impl FileMedium {
                 .open(path)
                 .map_err(|e| BlockVolError::io("create", ctx(), e))?
         } else {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| BlockVolError::io("open", ctx(), e))?
+            open_volume_file(path, true)?
         };
         match file.try_lock() {
             Ok(()) => {}
@@ -186,7 +229,7 @@ impl ReadOnlyFileMedium {
     /// the caller compares it with the superblock's geometry.
     pub(crate) fn open(path: &Path) -> Result<ReadOnlyFileMedium> {
         let ctx = || path.display().to_string();
-        let file = File::open(path).map_err(|e| BlockVolError::io("open", ctx(), e))?;
+        let file = open_volume_file(path, false)?;
         match file.try_lock_shared() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {

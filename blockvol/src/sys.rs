@@ -97,6 +97,27 @@ pub(crate) fn preallocate(file: &File, len: u64) -> io::Result<()> {
     }
 }
 
+/// Clears `O_NONBLOCK` on `file`: volume files are opened with it only so that a path that
+/// turned out to be a FIFO could not block the open; the descriptor then behaves as before.
+pub(crate) fn clear_nonblock(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: `fcntl(F_GETFL)` only reads the status flags of a descriptor owned by `file`,
+    // which is borrowed for the duration of the call.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above; `F_SETFL` only replaces the descriptor's status flags.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Zeroes `[off, off + len)` with `FALLOC_FL_ZERO_RANGE`, keeping the blocks allocated.
 /// Returns `Ok(false)` when the file system does not support it (the caller writes zeros).
 pub(crate) fn zero_range(file: &File, off: u64, len: u64) -> io::Result<bool> {

@@ -1320,8 +1320,7 @@ impl Volume {
         let ctx = path.display().to_string();
         // Read the superblock through a plain handle to learn the geometry, then open the
         // locked, mapped medium and read it again under the lock.
-        let probe =
-            std::fs::File::open(path).map_err(|e| BlockVolError::io("open", ctx.clone(), e))?;
+        let probe = crate::medium::open_volume_file(path, false)?;
         let slots = {
             use std::os::unix::fs::FileExt;
             read_slots(&|o, b| probe.read_exact_at(b, o), &ctx)?

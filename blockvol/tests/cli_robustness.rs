@@ -301,3 +301,83 @@ fn cli_write_bounds_its_read_of_stdin() {
     let o = run(&["read", p, "--lba", "250", "--blocks", "6"], None);
     assert!(o.status.success() && o.stdout == six, "{}", stderr(&o));
 }
+
+// ---- 5. Errors are not corruption ------------------------------------------------------------
+
+#[test]
+fn cli_check_on_a_directory_is_an_error_not_corruption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = s(dir.path());
+    let cmds: [&[&str]; 5] = [
+        &["check", d],
+        &["info", d],
+        &["dump-wal", d],
+        &["read", d, "--lba", "0", "--blocks", "1"],
+        &["digest", d],
+    ];
+    for args in cmds {
+        let o = run(args, None);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?}: {} {}",
+            stdout(&o),
+            stderr(&o)
+        );
+        assert!(
+            stderr(&o).contains("is a directory"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+        assert!(!stdout(&o).contains("CORRUPT"), "{args:?}: {}", stdout(&o));
+    }
+}
+
+#[test]
+fn cli_help_documents_exit_codes() {
+    for args in [
+        &["--help"][..],
+        &["check", "--help"],
+        &["dump-wal", "--help"],
+    ] {
+        let o = run(args, None);
+        assert!(o.status.success());
+        let t = stdout(&o);
+        assert!(t.contains("Exit codes"), "{args:?}: {t}");
+        assert!(
+            t.contains("0 ") && t.contains("1 ") && t.contains("2 "),
+            "{args:?}: {t}"
+        );
+    }
+}
+
+// ---- 6. Truncated files, corrupt logs, FIFOs, arguments, create ------------------------------
+
+#[test]
+fn cli_refuses_a_fifo_instead_of_hanging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("fifo");
+    let st = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(st.success());
+    let f = s(&fifo);
+    let one = block(1);
+    let cmds: [(&[&str], Option<&[u8]>); 6] = [
+        (&["check", f], None),
+        (&["info", f], None),
+        (&["dump-wal", f], None),
+        (&["read", f, "--lba", "0", "--blocks", "1"], None),
+        (&["digest", f], None),
+        (&["write", f, "--lba", "0"], Some(&one)),
+    ];
+    for (args, input) in cmds {
+        let mut c = bin();
+        c.args(args);
+        let o = run_cmd(c, input, Duration::from_secs(10));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("not a regular file"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! `blockvol`: create, inspect and poke volume files.
 //!
-//! Exit codes: 0 success (for `check`: clean), 1 corruption found by `check`, 2 usage or I/O
-//! error.
+//! Exit codes (also in `--help`, see [`EXIT_CODES`]): 0 success (for `check`: clean), 1
+//! corruption found by `check`, 2 usage error or any failure that is not corruption.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -12,10 +12,21 @@ use blockvol::inspect::{Inspection, inspect};
 use blockvol::{CreateOptions, Lsn, OpenOptions, RetentionPolicy, Volume};
 use clap::{Parser, Subcommand};
 
+/// The exit codes, printed by `--help` (of the program and of every command).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (check: the file is clean)
+  1  check found corruption: a damaged superblock slot or WAL entry, a file shorter than its
+     superblock's geometry
+  2  usage error, or a failure that is not corruption: the path could not be opened or read (an
+     I/O error, a directory, FIFO or device instead of a regular file, the volume locked by
+     another process, no space to allocate it), or the operation was refused";
+
 #[derive(Parser)]
 #[command(
     name = "blockvol",
-    about = "Create, inspect and poke blockvol volume files"
+    about = "Create, inspect and poke blockvol volume files",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -24,7 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create a new, preallocated volume file.
+    /// Create a new, preallocated volume file
+    #[command(after_help = EXIT_CODES)]
     Create {
         path: PathBuf,
         /// Extent size in bytes.
@@ -37,17 +49,22 @@ enum Cmd {
         #[arg(long = "block-size", default_value_t = 4096)]
         block_size: u32,
     },
-    /// Print the superblock and WAL summary (read-only: never changes the file).
+    /// Print the superblock and WAL summary (read-only: never changes the file)
+    #[command(after_help = EXIT_CODES)]
     Info {
         path: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Verify every checksum (exit 0 clean, 1 corrupt, 2 error; read-only: never changes the
-    /// file).
+    /// Verify every checksum (read-only); exit 0 clean, 1 corrupt, 2 error
+    ///
+    /// Opens the file read-only and never changes it. Damage (a bad superblock slot or WAL
+    /// entry, a file shorter than its geometry) is corruption, exit 1; a torn tail (the end of
+    /// a log cut short by a crash) is not. Anything else that fails is exit 2.
+    #[command(after_help = EXIT_CODES)]
     Check { path: PathBuf },
-    /// Write whole blocks read from stdin at an LBA.
+    /// Write whole blocks read from stdin at an LBA
     ///
     /// One write takes at most the blocks from the LBA to the end of the volume, and at most
     /// half the WAL: stdin is read only up to that (plus one byte), and more input is refused
@@ -60,6 +77,7 @@ enum Cmd {
     ///
     /// A sparse volume file (a `cp --sparse=always` copy) is fully allocated first; on a full
     /// file system that fails with "no space" and the file is left unchanged.
+    #[command(after_help = EXIT_CODES)]
     Write {
         path: PathBuf,
         #[arg(long)]
@@ -68,8 +86,11 @@ enum Cmd {
         #[arg(long)]
         sync: bool,
     },
-    /// Read blocks to stdout, as recovery would see them (read-only: recovery runs in memory,
-    /// the file is never changed, and a read-only file or mount is fine).
+    /// Read blocks to stdout (read-only)
+    ///
+    /// Opens the file read-only and runs recovery in memory: the blocks are those a read-write
+    /// open would recover, the file is never changed, and a read-only file or mount is fine.
+    #[command(after_help = EXIT_CODES)]
     Read {
         path: PathBuf,
         #[arg(long)]
@@ -77,7 +98,8 @@ enum Cmd {
         #[arg(long)]
         blocks: u64,
     },
-    /// List WAL entries (read-only: never changes the file).
+    /// List WAL entries (read-only: never changes the file)
+    #[command(after_help = EXIT_CODES)]
     DumpWal {
         path: PathBuf,
         /// First LSN to list.
@@ -87,7 +109,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Print the xxh3-128 digest of the visible contents (read-only, as `read`).
+    /// Print the xxh3-128 digest of the visible contents (read-only, as `read`)
+    #[command(after_help = EXIT_CODES)]
     Digest { path: PathBuf },
 }
 
