@@ -204,6 +204,18 @@ pub enum BlockVolError {
         /// The geometry found.
         found: String,
     },
+    /// The file (or simulated disk) is shorter than its superblock's geometry requires
+    /// (superblock slots, WAL and extent): it was truncated, or the superblock is not its own.
+    /// Refused before anything is mapped or written; a read-write open never extends it.
+    #[error("{path} is too short: file is {len} bytes, the superblock describes {required}")]
+    FileTooShort {
+        /// The file.
+        path: String,
+        /// Its length.
+        len: u64,
+        /// The length the superblock's geometry requires.
+        required: u64,
+    },
     /// `truncate_after` below the checkpoint: flushed entries cannot be un-flushed.
     #[error("cannot truncate after lsn {requested}: below the checkpoint {checkpoint}")]
     BelowCheckpoint {

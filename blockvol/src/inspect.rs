@@ -2,7 +2,7 @@
 //! recovery walk and every entry checksum, without modifying the file.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{BlockVolError, Result};
 use crate::format::{
@@ -59,17 +59,47 @@ pub struct WalReport {
 /// Everything `inspect` found.
 #[derive(Debug)]
 pub struct Inspection {
+    /// The inspected path.
+    pub path: PathBuf,
     /// Slot A then slot B.
     pub slots: [SlotReport; 2],
     /// Index (0 = A, 1 = B) and contents of the slot recovery would use.
     pub chosen: Option<(usize, Superblock)>,
-    /// The walk, when a superblock was usable and no install is incomplete.
+    /// The walk, when a superblock was usable, no install is incomplete and the file holds
+    /// the geometry the superblock describes ([`Inspection::wal_not_checked`] says why not).
     pub wal: Option<WalReport>,
     /// File length.
     pub file_len: u64,
 }
 
 impl Inspection {
+    /// `FileTooShort` when the file is shorter than the chosen superblock's geometry requires
+    /// (it was truncated): the WAL is then not walked.
+    pub fn file_too_short(&self) -> Option<BlockVolError> {
+        let (_, sb) = self.chosen.as_ref()?;
+        (sb.file_len() > self.file_len).then(|| BlockVolError::FileTooShort {
+            path: self.path.display().to_string(),
+            len: self.file_len,
+            required: sb.file_len(),
+        })
+    }
+
+    /// Why the WAL was not walked (`wal` is `None`), if it was not.
+    pub fn wal_not_checked(&self) -> Option<String> {
+        if self.wal.is_some() {
+            return None;
+        }
+        Some(match &self.chosen {
+            None => "no valid superblock".to_string(),
+            Some((_, sb)) if sb.file_len() > self.file_len => format!(
+                "the file is {} bytes, shorter than the {} its superblock describes",
+                self.file_len,
+                sb.file_len()
+            ),
+            Some((_, sb)) => format!("base install incomplete (target lsn {})", sb.install_lsn),
+        })
+    }
+
     /// Whether any checksum or structural check failed.
     pub fn is_corrupt(&self) -> bool {
         self.slots.iter().any(|s| s.result.is_err())
@@ -198,6 +228,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     };
     let slots = [slot(SB_SLOT_A_OFFSET), slot(SB_SLOT_B_OFFSET)];
     Ok(Inspection {
+        path: path.to_path_buf(),
         slots,
         chosen,
         wal,

@@ -160,9 +160,10 @@ impl FileMedium {
             .map_err(|e| BlockVolError::io("stat", ctx(), e))?;
         let actual = meta.len();
         if actual < len {
-            return Err(BlockVolError::GeometryMismatch {
-                expected: format!("file of at least {len} bytes"),
-                found: format!("{actual} bytes"),
+            return Err(BlockVolError::FileTooShort {
+                path: ctx(),
+                len: actual,
+                required: len,
             });
         }
         if !create {

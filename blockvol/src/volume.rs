@@ -1254,27 +1254,58 @@ fn format_superblocks(m: &dyn Medium, sb: &Superblock) -> Result<()> {
     Ok(())
 }
 
+/// Reads both superblock slots of a medium of `len` bytes. A slot the medium is too short to
+/// hold is not read (`pick_superblock` rejects it, saying why).
 fn read_slots(
     read: &dyn Fn(u64, &mut [u8]) -> std::io::Result<()>,
+    len: u64,
     what: &str,
 ) -> Result<[Vec<u8>; 2]> {
-    let mut a = vec![0u8; SB_SLOT_SIZE as usize];
-    let mut b = vec![0u8; SB_SLOT_SIZE as usize];
-    read(SB_SLOT_A_OFFSET, &mut a)
-        .map_err(|e| BlockVolError::io("read superblock", what.to_string(), e))?;
-    read(SB_SLOT_B_OFFSET, &mut b)
-        .map_err(|e| BlockVolError::io("read superblock", what.to_string(), e))?;
-    Ok([a, b])
+    let mut slots = [
+        vec![0u8; SB_SLOT_SIZE as usize],
+        vec![0u8; SB_SLOT_SIZE as usize],
+    ];
+    for (buf, off) in slots.iter_mut().zip([SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET]) {
+        if off + SB_SLOT_SIZE <= len {
+            read(off, buf)
+                .map_err(|e| BlockVolError::io("read superblock", what.to_string(), e))?;
+        }
+    }
+    Ok(slots)
 }
 
-/// Decodes both slots and picks the newest valid one.
-pub(crate) fn pick_superblock(slots: &[Vec<u8>; 2]) -> Result<(usize, Superblock)> {
-    let a = Superblock::decode(&slots[0], SB_SLOT_A_OFFSET);
-    let b = Superblock::decode(&slots[1], SB_SLOT_B_OFFSET);
-    choose_superblock(&a, &b).ok_or_else(|| BlockVolError::NoValidSuperblock {
+/// Decodes both slots of a medium of `len` bytes and picks the newest valid one; then checks
+/// that the medium holds the geometry it describes (`FileTooShort`, naming `what`).
+pub(crate) fn pick_superblock(
+    slots: &[Vec<u8>; 2],
+    len: u64,
+    what: &str,
+) -> Result<(usize, Superblock)> {
+    let decode = |i: usize, off: u64| {
+        if off + SB_SLOT_SIZE > len {
+            return Err(BlockVolError::Corrupt {
+                region: "superblock",
+                offset: off,
+                lsn: None,
+                detail: format!("the file is {len} bytes: too short to hold this slot"),
+            });
+        }
+        Superblock::decode(&slots[i], off)
+    };
+    let a = decode(0, SB_SLOT_A_OFFSET);
+    let b = decode(1, SB_SLOT_B_OFFSET);
+    let (slot, sb) = choose_superblock(&a, &b).ok_or_else(|| BlockVolError::NoValidSuperblock {
         slot_a: a.err().map(|e| e.to_string()).unwrap_or_default(),
         slot_b: b.err().map(|e| e.to_string()).unwrap_or_default(),
-    })
+    })?;
+    if len < sb.file_len() {
+        return Err(BlockVolError::FileTooShort {
+            path: what.to_string(),
+            len,
+            required: sb.file_len(),
+        });
+    }
+    Ok((slot, sb))
 }
 
 impl Volume {
@@ -1309,7 +1340,11 @@ impl Volume {
             let _ = std::fs::remove_file(path);
             return Err(e);
         }
-        let slots = read_slots(&|o, b| medium.read_at(o, b), &path.display().to_string())?;
+        let slots = read_slots(
+            &|o, b| medium.read_at(o, b),
+            medium.len(),
+            &path.display().to_string(),
+        )?;
         Volume::open_medium(Arc::new(medium), &slots, open, false)
     }
 
@@ -1320,15 +1355,21 @@ impl Volume {
         let ctx = path.display().to_string();
         // Read the superblock through a plain handle to learn the geometry, then open the
         // locked, mapped medium and read it again under the lock.
+        // A short file is refused here, before the read-write open (which would need write
+        // permission to say so) and before anything is mapped.
         let probe = crate::medium::open_volume_file(path, false)?;
+        let probe_len = probe
+            .metadata()
+            .map_err(|e| BlockVolError::io("stat", ctx.clone(), e))?
+            .len();
         let slots = {
             use std::os::unix::fs::FileExt;
-            read_slots(&|o, b| probe.read_exact_at(b, o), &ctx)?
+            read_slots(&|o, b| probe.read_exact_at(b, o), probe_len, &ctx)?
         };
         drop(probe);
-        let (_, sb) = pick_superblock(&slots)?;
+        let (_, sb) = pick_superblock(&slots, probe_len, &ctx)?;
         let medium = FileMedium::open(path, false, sb.file_len(), WAL_OFFSET, sb.wal_size)?;
-        let slots = read_slots(&|o, b| medium.read_at(o, b), &ctx)?;
+        let slots = read_slots(&|o, b| medium.read_at(o, b), medium.len(), &ctx)?;
         Volume::open_medium(Arc::new(medium), &slots, open, false)
     }
 
@@ -1347,7 +1388,11 @@ impl Volume {
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<Volume> {
         let path = path.as_ref();
         let medium = ReadOnlyFileMedium::open(path)?;
-        let slots = read_slots(&|o, b| medium.read_at(o, b), &path.display().to_string())?;
+        let slots = read_slots(
+            &|o, b| medium.read_at(o, b),
+            medium.len(),
+            &path.display().to_string(),
+        )?;
         let opts = OpenOptions {
             flusher: FlusherMode::Manual,
             repair: false,
@@ -1369,13 +1414,7 @@ impl Volume {
         opts: &OpenOptions,
         read_only: bool,
     ) -> Result<Volume> {
-        let (slot, sb) = pick_superblock(slots)?;
-        if medium.len() < sb.file_len() {
-            return Err(BlockVolError::GeometryMismatch {
-                expected: format!("medium of at least {} bytes", sb.file_len()),
-                found: format!("{} bytes", medium.len()),
-            });
-        }
+        let (slot, sb) = pick_superblock(slots, medium.len(), &medium.describe())?;
         let geo = Geometry {
             block_size: sb.block_size,
             volume_blocks: sb.volume_blocks,
@@ -2353,7 +2392,7 @@ impl Volume {
             });
         }
         let m = crate::sim::SimMedium::new(disk.clone());
-        let slots = read_slots(&|o, b| m.read_at(o, b), "simulated disk")?;
+        let slots = read_slots(&|o, b| m.read_at(o, b), m.len(), "simulated disk")?;
         Volume::open_medium(Arc::new(m), &slots, open, false)
     }
 }

@@ -14,6 +14,8 @@ use blockvol::Digest;
 use common::cli::{bin, create, run, run_cmd, s, stderr, stdout, torn_tail_volume, wait_bounded};
 use common::data;
 
+/// File length of a `create` volume: superblocks, 64 KiB WAL, 1 MiB extent.
+const FILE_LEN: u64 = 8192 + 65536 + 1048576;
 const BS: u32 = 4096;
 
 fn block(tag: u64) -> Vec<u8> {
@@ -380,4 +382,43 @@ fn cli_refuses_a_fifo_instead_of_hanging() {
             stderr(&o)
         );
     }
+}
+
+#[test]
+fn cli_truncated_file_is_reported_as_shorter_than_its_geometry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v.vol");
+    let p = s(&path);
+    create(&path);
+    let o = run(&["write", p, "--lba", "1", "--sync"], Some(&block(1)));
+    assert!(o.status.success(), "write: {}", stderr(&o));
+    let short = FILE_LEN - 8192;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .set_len(short)
+        .expect("truncate");
+    let says = format!("file is {short} bytes, the superblock describes {FILE_LEN}");
+    let o = run(&["check", p], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains(&says), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("install"), "{}", stdout(&o));
+    let o = run(&["dump-wal", p], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&says), "dump-wal: {}", stderr(&o));
+    for args in [
+        &["read", p, "--lba", "0", "--blocks", "1"][..],
+        &["digest", p],
+        &["write", p, "--lba", "0"],
+    ] {
+        let o = run(args, Some(&block(5)));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(&says), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(
+        std::fs::metadata(&path).expect("stat").len(),
+        short,
+        "a refused open must not extend the file"
+    );
 }

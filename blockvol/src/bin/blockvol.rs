@@ -234,16 +234,15 @@ fn report_check(path: &Path, ins: &Inspection) -> ExitCode {
         println!("{}: CORRUPT: no valid superblock", path.display());
         return ExitCode::from(1);
     };
-    if sb.file_len() > ins.file_len {
+    if let Some(e) = ins.file_too_short() {
         corrupt = true;
-        println!(
-            "file: CORRUPT: {} bytes, the superblock describes {}",
-            ins.file_len,
-            sb.file_len()
-        );
+        println!("file: CORRUPT: {e}");
     }
     match &ins.wal {
-        None => println!("wal: not checked (base install incomplete)"),
+        None => println!(
+            "wal: not checked ({})",
+            ins.wal_not_checked().unwrap_or_default()
+        ),
         Some(w) => {
             println!(
                 "wal: {} entries verified (lsn {}..={}), log ends at file offset {}: {}",
@@ -279,6 +278,10 @@ fn dump_wal(path: &Path, from: Option<u64>, json: bool) -> ExitCode {
         Ok(i) => i,
         Err(e) => return fail(e),
     };
+    if let Some(e) = ins.file_too_short() {
+        eprintln!("blockvol: CORRUPT: {e}; the WAL was not read");
+        return ExitCode::from(1);
+    }
     let Some(w) = &ins.wal else {
         return fail("no readable WAL (no valid superblock or an incomplete install)");
     };
