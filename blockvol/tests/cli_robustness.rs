@@ -11,7 +11,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use blockvol::Digest;
-use common::cli::{bin, create, run, run_cmd, s, stderr, stdout, torn_tail_volume, wait_bounded};
+use common::cli::{
+    bin, corrupt_log_volume, create, run, run_cmd, s, stderr, stdout, torn_tail_volume,
+    wait_bounded,
+};
 use common::data;
 
 /// File length of a `create` volume: superblocks, 64 KiB WAL, 1 MiB extent.
@@ -420,5 +423,36 @@ fn cli_truncated_file_is_reported_as_shorter_than_its_geometry() {
         std::fs::metadata(&path).expect("stat").len(),
         short,
         "a refused open must not extend the file"
+    );
+}
+
+#[test]
+fn cli_dump_wal_warns_and_fails_on_a_corrupt_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("corrupt.vol");
+    corrupt_log_volume(&bad);
+    let o = run(&["dump-wal", s(&bad), "--json"], None);
+    assert_eq!(o.status.code(), Some(1), "{} {}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("\"lsn\":1,") && !stdout(&o).contains("\"lsn\":2,"),
+        "the good prefix is listed: {}",
+        stdout(&o)
+    );
+    let e = stderr(&o);
+    assert!(
+        e.contains("corrupt") && e.contains("lsn 2") && e.contains("file offset 12352"),
+        "dump-wal must say where and why the walk stopped: {e}"
+    );
+    let o = run(&["dump-wal", s(&bad)], None);
+    assert_eq!(o.status.code(), Some(1), "{} {}", stdout(&o), stderr(&o));
+    // A torn tail is how a log ends after a crash: listed, exit 0.
+    let torn = dir.path().join("torn.vol");
+    torn_tail_volume(&torn);
+    let o = run(&["dump-wal", s(&torn), "--json"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("\"lsn\":3,") && !stdout(&o).contains("\"lsn\":4,"),
+        "{}",
+        stdout(&o)
     );
 }

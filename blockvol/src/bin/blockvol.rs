@@ -16,8 +16,9 @@ use clap::{Parser, Subcommand};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success (check: the file is clean)
-  1  check found corruption: a damaged superblock slot or WAL entry, a file shorter than its
-     superblock's geometry
+  1  check or dump-wal found corruption: a damaged superblock slot or WAL entry, a file
+     shorter than its superblock's geometry (a torn tail, where a crash cut the log short, is
+     not corruption)
   2  usage error, or a failure that is not corruption: the path could not be opened or read (an
      I/O error, a directory, FIFO or device instead of a regular file, the volume locked by
      another process, no space to allocate it), or the operation was refused";
@@ -99,6 +100,11 @@ enum Cmd {
         blocks: u64,
     },
     /// List WAL entries (read-only: never changes the file)
+    ///
+    /// Lists the entries recovery would replay, from the tail. If the log is corrupt (an entry
+    /// that had been synced is damaged, or the log ends below what was synced), the good prefix
+    /// is listed, a warning on stderr says where and why the walk stopped, and the exit code is
+    /// 1. A torn tail (the unsynced end of the log a crash cut short) is not corruption.
     #[command(after_help = EXIT_CODES)]
     DumpWal {
         path: PathBuf,
@@ -283,7 +289,17 @@ fn dump_wal(path: &Path, from: Option<u64>, json: bool) -> ExitCode {
         return ExitCode::from(1);
     }
     let Some(w) = &ins.wal else {
-        return fail("no readable WAL (no valid superblock or an incomplete install)");
+        if ins.chosen.is_none() {
+            eprintln!(
+                "blockvol: CORRUPT: {}: no valid superblock (run `blockvol check` for details)",
+                path.display()
+            );
+            return ExitCode::from(1);
+        }
+        return fail(format!(
+            "no WAL to list: {}",
+            ins.wal_not_checked().unwrap_or_default()
+        ));
     };
     let from = from.unwrap_or(0);
     let items: Vec<_> = w.entries.iter().filter(|e| e.lsn >= from).collect();
@@ -313,10 +329,17 @@ fn dump_wal(path: &Path, from: Option<u64>, json: bool) -> ExitCode {
         }
         Ok(())
     })();
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
+    if let Err(e) = r {
+        return fail(e);
     }
+    if let Some(c) = &w.corruption {
+        eprintln!(
+            "blockvol: warning: the WAL is corrupt, the listing stops after lsn {}: {c}",
+            w.head
+        );
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
 }
 
 /// Reads the blocks to write at `lba` from stdin: at most what one write there can take, plus

@@ -126,6 +126,7 @@ pub fn torn_tail_volume(path: &Path) {
     // page cache, so the file holds them.
     drop(v);
     damage(path, off + 64 + 100);
+    wait_unlocked(path);
 }
 
 /// A volume file (the `small()` geometry) with a corrupt log: entries 1..=3 (lba 1, 2, 3), each
@@ -141,6 +142,28 @@ pub fn corrupt_log_volume(path: &Path) {
     let off = v.entry_file_offset(Lsn(2)).expect("offset of entry 2");
     drop(v);
     damage(path, off + 64 + 100);
+    wait_unlocked(path);
+}
+
+/// Waits until nothing holds the volume's lock. A volume opened in the test process is locked
+/// with `flock`, and a child another test thread is starting at that moment holds a copy of
+/// the descriptor until its `exec` closes it (close-on-exec): the lock can outlive the
+/// volume's drop for a moment, and a command run on the file then would find it locked.
+pub fn wait_unlocked(path: &Path) {
+    let f = std::fs::File::open(path).expect("open to test the lock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match f.try_lock() {
+            Ok(()) => {
+                f.unlock().expect("unlock");
+                return;
+            }
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("{} stays locked: {e:?}", path.display()),
+        }
+    }
 }
 
 /// Flips every bit of the byte at `off`.
