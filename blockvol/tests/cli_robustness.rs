@@ -456,3 +456,53 @@ fn cli_dump_wal_warns_and_fails_on_a_corrupt_log() {
         stdout(&o)
     );
 }
+
+#[test]
+fn cli_rejects_zero_and_nonsensical_geometry_at_parsing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v.vol");
+    let p = s(&path);
+    create(&path);
+    let o = run(&["read", p, "--lba", "0", "--blocks", "0"], None);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(
+        e.contains("'0' for '--blocks") && e.contains("at least 1"),
+        "{e}"
+    );
+    assert!(!e.contains("outside the volume"), "{e}");
+    for (i, (flag, value)) in [
+        ("--size", "0"),
+        ("--wal-size", "0"),
+        ("--wal-size", "1000"),
+        ("--wal-size", "4096"),
+        ("--block-size", "0"),
+        ("--block-size", "1000"),
+        ("--block-size", "131072"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let q = dir.path().join(format!("bad{i}.vol"));
+        let mut args = vec![
+            "create",
+            s(&q),
+            "--size",
+            "1048576",
+            "--wal-size",
+            "65536",
+            "--block-size",
+            "4096",
+        ];
+        let at = args.iter().position(|a| *a == flag).expect("flag") + 1;
+        args[at] = value;
+        let o = run(&args, None);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}");
+        let e = stderr(&o);
+        assert!(
+            e.contains(&format!("'{value}' for '{flag}")),
+            "{flag} {value}: {e}"
+        );
+        assert!(!q.exists(), "{flag} {value}: a file was created");
+    }
+}

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use blockvol::format::entry_size;
+use blockvol::format::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_WAL_SIZE, WAL_SIZE_ALIGN, entry_size};
 use blockvol::inspect::{Inspection, inspect};
 use blockvol::{CreateOptions, Lsn, OpenOptions, RetentionPolicy, Volume};
 use clap::{Parser, Subcommand};
@@ -40,14 +40,14 @@ enum Cmd {
     #[command(after_help = EXIT_CODES)]
     Create {
         path: PathBuf,
-        /// Extent size in bytes.
-        #[arg(long)]
+        /// Extent size in bytes: at least 1, a multiple of the block size.
+        #[arg(long, value_parser = parse_size)]
         size: u64,
-        /// WAL ring size in bytes.
-        #[arg(long = "wal-size")]
+        /// WAL ring size in bytes: a multiple of 4096, at least 65536.
+        #[arg(long = "wal-size", value_parser = parse_wal_size)]
         wal_size: u64,
-        /// Block size in bytes.
-        #[arg(long = "block-size", default_value_t = 4096)]
+        /// Block size in bytes: a power of two from 512 to 65536.
+        #[arg(long = "block-size", default_value_t = 4096, value_parser = parse_block_size)]
         block_size: u32,
     },
     /// Print the superblock and WAL summary (read-only: never changes the file)
@@ -94,9 +94,11 @@ enum Cmd {
     #[command(after_help = EXIT_CODES)]
     Read {
         path: PathBuf,
+        /// First block to read.
         #[arg(long)]
         lba: u64,
-        #[arg(long)]
+        /// Number of blocks to read: at least 1.
+        #[arg(long, value_parser = parse_blocks)]
         blocks: u64,
     },
     /// List WAL entries (read-only: never changes the file)
@@ -118,6 +120,51 @@ enum Cmd {
     /// Print the xxh3-128 digest of the visible contents (read-only, as `read`)
     #[command(after_help = EXIT_CODES)]
     Digest { path: PathBuf },
+}
+
+// Argument parsers: values that can never be valid are refused while parsing, naming the
+// option and the rule (cross-option rules, such as the size being a multiple of the block
+// size, are the library's).
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    s.parse::<u64>()
+        .map_err(|e| format!("{e} (expected a whole number)"))
+}
+
+fn parse_blocks(s: &str) -> Result<u64, String> {
+    match parse_u64(s)? {
+        0 => Err("must be at least 1: a read of zero blocks reads nothing".into()),
+        n => Ok(n),
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    match parse_u64(s)? {
+        0 => Err("must be at least 1 byte (and a multiple of the block size)".into()),
+        n => Ok(n),
+    }
+}
+
+fn parse_wal_size(s: &str) -> Result<u64, String> {
+    let n = parse_u64(s)?;
+    if n < MIN_WAL_SIZE || !n.is_multiple_of(WAL_SIZE_ALIGN) {
+        return Err(format!(
+            "must be a multiple of {WAL_SIZE_ALIGN} and at least {MIN_WAL_SIZE} (64 KiB)"
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    let n = s
+        .parse::<u32>()
+        .map_err(|e| format!("{e} (expected a whole number)"))?;
+    if !n.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&n) {
+        return Err(format!(
+            "must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+        ));
+    }
+    Ok(n)
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
