@@ -1241,6 +1241,15 @@ fn initial_superblock(geo: &Geometry, volume_id: [u8; 16]) -> Superblock {
     }
 }
 
+/// The directory holding `path`'s entry: its parent, or `.` for a bare file name (whose parent
+/// is the empty path).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 /// Writes both slots (seq 1 in A, seq 2 in B) so a new volume has two valid superblocks.
 fn format_superblocks(m: &dyn Medium, sb: &Superblock) -> Result<()> {
     for (seq, off) in [(1u64, SB_SLOT_A_OFFSET), (2, SB_SLOT_B_OFFSET)] {
@@ -1324,15 +1333,11 @@ impl Volume {
             medium
                 .sync_file()
                 .map_err(|e| BlockVolError::io("fsync", path.display().to_string(), e))?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                // Make the new directory entry durable too; failure here is not fatal to data
-                // already synced, but report it.
-                std::fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| {
-                        BlockVolError::io("fsync directory", dir.display().to_string(), e)
-                    })?;
-            }
+            // Make the new directory entry durable too, or a crash could lose the whole file.
+            let dir = parent_dir(path);
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| BlockVolError::io("fsync directory", dir.display().to_string(), e))?;
             Ok(())
         })();
         if let Err(e) = r {
@@ -2433,6 +2438,14 @@ mod tests {
             assert!(check_entry_len((max - ENTRY_HEADER_SIZE as u64) as usize, wal).is_ok());
             assert!(check_entry_len((max - ENTRY_HEADER_SIZE as u64) as usize + 1, wal).is_err());
         }
+    }
+
+    #[test]
+    fn the_directory_of_a_bare_file_name_is_the_current_one() {
+        assert_eq!(parent_dir(Path::new("vol.img")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("./vol.img")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("sub/vol.img")), Path::new("sub"));
+        assert_eq!(parent_dir(Path::new("/vol.img")), Path::new("/"));
     }
 
     #[test]

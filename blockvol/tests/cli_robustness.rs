@@ -506,3 +506,69 @@ fn cli_rejects_zero_and_nonsensical_geometry_at_parsing() {
         assert!(!q.exists(), "{flag} {value}: a file was created");
     }
 }
+
+/// Runs `blockvol args` in `dir` under strace; the trace of opens and syncs, or `None` when
+/// strace is missing or cannot trace here.
+fn strace(dir: &Path, args: &[&str]) -> Option<String> {
+    let log = dir.join("strace.log");
+    let o = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=open,openat,fsync,fdatasync", "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_blockvol"))
+        .args(args)
+        .current_dir(dir)
+        .output();
+    let trace = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    match o {
+        Ok(o) if o.status.success() && trace.contains("open") => Some(trace),
+        Ok(o) => {
+            eprintln!(
+                "skipped: strace cannot trace here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("skipped: strace is not available: {e}");
+            None
+        }
+    }
+}
+
+/// Whether `trace` opens `dir` and later fsyncs that descriptor.
+fn fsyncs_dir(trace: &str, dir: &str) -> bool {
+    let mut fds = Vec::new();
+    for line in trace.lines() {
+        if line.contains("open") && line.contains(&format!("\"{dir}\"")) {
+            if let Some(fd) = line
+                .rsplit("= ")
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse::<i64>().ok())
+            {
+                fds.push(fd);
+            }
+        } else if fds.iter().any(|fd| line.contains(&format!("fsync({fd})"))) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn cli_create_fsyncs_the_directory_of_a_bare_file_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+    for (path, parent) in [("vol.img", "."), ("sub/vol.img", "sub")] {
+        let args = ["create", path, "--size", "1048576", "--wal-size", "65536"];
+        let Some(trace) = strace(dir.path(), &args) else {
+            return;
+        };
+        assert!(dir.path().join(path).exists(), "{path} was not created");
+        assert!(
+            fsyncs_dir(&trace, parent),
+            "create {path} did not fsync the directory {parent:?}:\n{trace}"
+        );
+    }
+}

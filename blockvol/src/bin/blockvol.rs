@@ -37,6 +37,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new, preallocated volume file
+    ///
+    /// The file and then its directory (the parent, or the current directory for a bare file
+    /// name) are fsynced before the command succeeds.
     #[command(after_help = EXIT_CODES)]
     Create {
         path: PathBuf,
