@@ -1,7 +1,8 @@
 //! `blockvol`: create, inspect and poke volume files.
 //!
 //! Exit codes (also in `--help`, see [`EXIT_CODES`]): 0 success (for `check`: clean), 1
-//! corruption found by `check`, 2 usage error or any failure that is not corruption.
+//! corruption found by `check` or `dump-wal`, 2 usage error or any failure that is not
+//! corruption.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
