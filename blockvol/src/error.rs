@@ -74,6 +74,10 @@ pub enum BlockVolError {
     /// The volume was closed.
     #[error("volume is closed")]
     Closed,
+    /// The volume was opened with [`crate::Volume::open_read_only`]: nothing may change the
+    /// file (writes, syncs, flushes, truncation, role changes, base pins and installs).
+    #[error("volume is open read-only: the operation would change the file")]
+    ReadOnly,
     /// The volume's role does not allow this operation.
     #[error("{op} refused in role {role:?} (epoch {epoch})")]
     WrongRole {
@@ -200,6 +204,18 @@ pub enum BlockVolError {
         /// The geometry found.
         found: String,
     },
+    /// The file (or simulated disk) is shorter than its superblock's geometry requires
+    /// (superblock slots, WAL and extent): it was truncated, or the superblock is not its own.
+    /// Refused before anything is mapped or written; a read-write open never extends it.
+    #[error("{path} is too short: file is {len} bytes, the superblock describes {required}")]
+    FileTooShort {
+        /// The file.
+        path: String,
+        /// Its length.
+        len: u64,
+        /// The length the superblock's geometry requires.
+        required: u64,
+    },
     /// `truncate_after` below the checkpoint: flushed entries cannot be un-flushed.
     #[error("cannot truncate after lsn {requested}: below the checkpoint {checkpoint}")]
     BelowCheckpoint {
@@ -244,6 +260,30 @@ pub enum BlockVolError {
         expected: u32,
         /// The CRC of the bytes received.
         found: u32,
+    },
+    /// The volume file could not be fully allocated: its file system (or quota) has no room
+    /// for the holes of a sparse file, or for a new volume. Nothing was written; a read-write
+    /// open refuses a file it cannot allocate, because a store into a hole of the mapped WAL
+    /// would kill the process (SIGBUS) once the file system is full.
+    #[error("cannot allocate the volume file {path} ({bytes} bytes): no space ({source})")]
+    NoSpace {
+        /// The volume file.
+        path: String,
+        /// Bytes that had to be allocated.
+        bytes: u64,
+        /// The file system's answer.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path names a directory, FIFO, socket or device: a volume lives in a regular file.
+    /// Refused after a `stat`, before the path is opened for I/O (a FIFO would block the open
+    /// until a writer came), and again on the opened descriptor.
+    #[error("{path} is {kind}, not a regular file (a volume lives in a regular file)")]
+    NotARegularFile {
+        /// The path.
+        path: String,
+        /// What it is: "a directory", "a FIFO", "a socket", "a block device", ...
+        kind: &'static str,
     },
     /// The volume file is locked by another opener.
     #[error("volume {path} is locked by another process or handle")]

@@ -1,14 +1,14 @@
 //! Read-only inspection of a volume file, for the command line: both superblock slots, the
 //! recovery walk and every entry checksum, without modifying the file.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{BlockVolError, Result};
 use crate::format::{
     SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET, SB_SLOT_SIZE, Superblock, WAL_OFFSET, choose_superblock,
 };
+use crate::medium::open_volume_file;
 use crate::walk::{IndexEntry, WalkParams, wal_stamp, walk};
 
 /// One superblock slot as found on disk.
@@ -59,17 +59,47 @@ pub struct WalReport {
 /// Everything `inspect` found.
 #[derive(Debug)]
 pub struct Inspection {
+    /// The inspected path.
+    pub path: PathBuf,
     /// Slot A then slot B.
     pub slots: [SlotReport; 2],
     /// Index (0 = A, 1 = B) and contents of the slot recovery would use.
     pub chosen: Option<(usize, Superblock)>,
-    /// The walk, when a superblock was usable and no install is incomplete.
+    /// The walk, when a superblock was usable, no install is incomplete and the file holds
+    /// the geometry the superblock describes ([`Inspection::wal_not_checked`] says why not).
     pub wal: Option<WalReport>,
     /// File length.
     pub file_len: u64,
 }
 
 impl Inspection {
+    /// `FileTooShort` when the file is shorter than the chosen superblock's geometry requires
+    /// (it was truncated): the WAL is then not walked.
+    pub fn file_too_short(&self) -> Option<BlockVolError> {
+        let (_, sb) = self.chosen.as_ref()?;
+        (sb.file_len() > self.file_len).then(|| BlockVolError::FileTooShort {
+            path: self.path.display().to_string(),
+            len: self.file_len,
+            required: sb.file_len(),
+        })
+    }
+
+    /// Why the WAL was not walked (`wal` is `None`), if it was not.
+    pub fn wal_not_checked(&self) -> Option<String> {
+        if self.wal.is_some() {
+            return None;
+        }
+        Some(match &self.chosen {
+            None => "no valid superblock".to_string(),
+            Some((_, sb)) if sb.file_len() > self.file_len => format!(
+                "the file is {} bytes, shorter than the {} its superblock describes",
+                self.file_len,
+                sb.file_len()
+            ),
+            Some((_, sb)) => format!("base install incomplete (target lsn {})", sb.install_lsn),
+        })
+    }
+
     /// Whether any checksum or structural check failed.
     pub fn is_corrupt(&self) -> bool {
         self.slots.iter().any(|s| s.result.is_err())
@@ -91,10 +121,14 @@ fn kind_name(kind: u8) -> &'static str {
     }
 }
 
-/// Inspects a volume file without modifying it. Fails with `Locked` if a volume has it open.
+/// Inspects a volume file without modifying it (opened read-only under a shared lock).
+///
+/// Damage is reported in the `Inspection`; what is not damage is an error: `Locked` if a
+/// volume has the file open, `NotARegularFile` for a directory, FIFO, socket or device, `Io`
+/// when the file cannot be opened or read.
 pub fn inspect(path: &Path) -> Result<Inspection> {
     let ctx = path.display().to_string();
-    let file = File::open(path).map_err(|e| BlockVolError::io("open", ctx.clone(), e))?;
+    let file = open_volume_file(path, false)?;
     match file.try_lock_shared() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => return Err(BlockVolError::Locked { path: ctx }),
@@ -110,9 +144,18 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     ];
     let mut results = Vec::new();
     for (i, off) in [SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET].into_iter().enumerate() {
-        let r = match file.read_exact_at(&mut bufs[i], off) {
-            Ok(()) => Superblock::decode(&bufs[i], off),
-            Err(e) => Err(BlockVolError::io("read superblock", ctx.clone(), e)),
+        let r = if file_len < off + SB_SLOT_SIZE {
+            Err(BlockVolError::Corrupt {
+                region: "superblock",
+                offset: off,
+                lsn: None,
+                detail: format!("the file is {file_len} bytes: too short to hold this slot"),
+            })
+        } else {
+            // A failed read is an I/O error, not damage: report it as such.
+            file.read_exact_at(&mut bufs[i], off)
+                .map_err(|e| BlockVolError::io("read superblock", ctx.clone(), e))?;
+            Superblock::decode(&bufs[i], off)
         };
         results.push(r);
     }
@@ -185,6 +228,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     };
     let slots = [slot(SB_SLOT_A_OFFSET), slot(SB_SLOT_B_OFFSET)];
     Ok(Inspection {
+        path: path.to_path_buf(),
         slots,
         chosen,
         wal,

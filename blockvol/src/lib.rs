@@ -17,8 +17,9 @@
 //! - `base`: [`BasePin`], [`BaseReader`], [`BaseChunk`], [`BaseInstall`].
 //! - `walk`: the recovery walk over the ring, shared with [`inspect`].
 //! - [`inspect`]: read-only inspection used by the `blockvol` command line.
-//! - `medium`: the storage under a volume (file or simulated disk); `sys`: the only module
-//!   with `unsafe` (the WAL memory map, `posix_fallocate`, `FALLOC_FL_ZERO_RANGE`).
+//! - `medium`: the storage under a volume (a file, the same file read-only, or a simulated
+//!   disk); `sys`: the only module with `unsafe` (the WAL memory map, `posix_fallocate`,
+//!   `FALLOC_FL_ZERO_RANGE`).
 //! - `sim` (feature `testing`): `SimDisk`, a disk that keeps written and synced bytes apart
 //!   and builds crash images.
 //!
@@ -86,7 +87,9 @@
 //! past the end, msyncs the ring, redoes the flush of `(checkpoint, flush mark]` if a flush
 //! may have been interrupted (restoring "the extent is exactly the checkpoint's image"), and
 //! writes a superblock before accepting I/O, so reopening twice gives the same state. A repair
-//! persists its mark before it zeroes any leftover.
+//! persists its mark before it zeroes any leftover. [`Volume::open_read_only`] (inspection)
+//! makes the same decisions in memory only and never writes the file: blocks written after the
+//! checkpoint are read from the WAL, so it needs neither the zeroing nor the redone flush.
 //!
 //! **Base images.** `pin_base(at)` flushes exactly to `at` and fences the flusher there: the
 //! extent is the image at `at` while writes continue into the WAL. `BaseReader` streams it in

@@ -1,5 +1,6 @@
 //! The storage medium under a volume: a preallocated, locked, partly mapped file in
-//! production, or a simulated disk in crash tests.
+//! production, the same file opened read-only for inspection, or a simulated disk in crash
+//! tests.
 //!
 //! The volume addresses the medium by absolute file offset. The medium decides how each region
 //! is reached: the WAL ring through the memory map (one copy per append), the superblock slots
@@ -7,11 +8,58 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{BlockVolError, Result};
 use crate::sys::{self, MappedRegion};
+
+/// Opens an existing volume file (read-only unless `write`), refusing anything that is not a
+/// regular file with `NotARegularFile`: first after a `stat`, before the path is opened (a
+/// directory, socket or device is never opened for I/O), then on the opened descriptor, in
+/// case the path changed in between. The open uses `O_NONBLOCK`, so a FIFO swapped in cannot
+/// block it, and `O_NOCTTY`; `O_NONBLOCK` is cleared once the file is known to be regular.
+pub(crate) fn open_volume_file(path: &Path, write: bool) -> Result<File> {
+    let ctx = || path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| BlockVolError::io("stat", ctx(), e))?;
+    check_regular(path, &meta)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| BlockVolError::io("open", ctx(), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| BlockVolError::io("stat", ctx(), e))?;
+    check_regular(path, &meta)?;
+    sys::clear_nonblock(&file).map_err(|e| BlockVolError::io("fcntl", ctx(), e))?;
+    Ok(file)
+}
+
+fn check_regular(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else {
+        "something else"
+    };
+    Err(BlockVolError::NotARegularFile {
+        path: path.display().to_string(),
+        kind,
+    })
+}
 
 /// What the volume needs from its storage. Failures are plain `io::Error`s; the volume decides
 /// which ones poison it.
@@ -43,7 +91,7 @@ pub(crate) trait Medium: Send + Sync {
     }
 }
 
-/// A real volume file: exclusively locked, preallocated, WAL region mapped.
+/// A real volume file: exclusively locked, fully allocated, WAL region mapped.
 pub(crate) struct FileMedium {
     file: File,
     path: PathBuf,
@@ -55,7 +103,9 @@ pub(crate) struct FileMedium {
 
 impl FileMedium {
     /// Opens (`create == false`) or creates a file and maps its WAL region. `len` is the total
-    /// length the superblock describes; a created file is preallocated to it.
+    /// length the superblock describes; a created file is preallocated to it, and an existing
+    /// one with holes (a sparse copy) is allocated before anything is mapped, so no store
+    /// through the map can fault on a hole.
     pub(crate) fn open(
         path: &Path,
         create: bool,
@@ -91,11 +141,7 @@ impl FileMedium {
                 .open(path)
                 .map_err(|e| BlockVolError::io("create", ctx(), e))?
         } else {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| BlockVolError::io("open", ctx(), e))?
+            open_volume_file(path, true)?
         };
         match file.try_lock() {
             Ok(()) => {}
@@ -107,17 +153,21 @@ impl FileMedium {
             }
         }
         if create {
-            sys::preallocate(&file, len).map_err(|e| BlockVolError::io("fallocate", ctx(), e))?;
+            sys::preallocate(&file, len).map_err(|e| allocation_error(path, len, e))?;
         }
-        let actual = file
+        let meta = file
             .metadata()
-            .map_err(|e| BlockVolError::io("stat", ctx(), e))?
-            .len();
+            .map_err(|e| BlockVolError::io("stat", ctx(), e))?;
+        let actual = meta.len();
         if actual < len {
-            return Err(BlockVolError::GeometryMismatch {
-                expected: format!("file of at least {len} bytes"),
-                found: format!("{actual} bytes"),
+            return Err(BlockVolError::FileTooShort {
+                path: ctx(),
+                len: actual,
+                required: len,
             });
+        }
+        if !create {
+            allocate_holes(&file, &meta, path, len)?;
         }
         let wal_usize = usize::try_from(wal_len).map_err(|_| {
             BlockVolError::InvalidArgument(format!("wal of {wal_len} bytes cannot be mapped"))
@@ -162,6 +212,124 @@ impl FileMedium {
                 format!("range {off}+{len} straddles the WAL boundary"),
             ))
         }
+    }
+}
+
+/// A volume file opened for reading only, for inspection: `O_RDONLY`, a shared lock (so no
+/// read-write opener holds it meanwhile), nothing mapped, positioned reads only. Every write,
+/// zeroing and sync is refused, so nothing done through it can change the file, and it works
+/// on a read-only file or mount.
+pub(crate) struct ReadOnlyFileMedium {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl ReadOnlyFileMedium {
+    /// Opens `path` read-only under a shared lock. The medium's length is the file's length:
+    /// the caller compares it with the superblock's geometry.
+    pub(crate) fn open(path: &Path) -> Result<ReadOnlyFileMedium> {
+        let ctx = || path.display().to_string();
+        let file = open_volume_file(path, false)?;
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(BlockVolError::Locked { path: ctx() });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(BlockVolError::io("lock", ctx(), e));
+            }
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| BlockVolError::io("stat", ctx(), e))?
+            .len();
+        Ok(ReadOnlyFileMedium {
+            file,
+            path: path.to_path_buf(),
+            len,
+        })
+    }
+}
+
+fn read_only() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "the volume file is open read-only",
+    )
+}
+
+impl Medium for ReadOnlyFileMedium {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        if off
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("range {off}+{} beyond the file end {}", buf.len(), self.len),
+            ));
+        }
+        self.file.read_exact_at(buf, off)
+    }
+
+    fn write_at(&self, _off: u64, _data: &[u8]) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn sync_range(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn zero_range(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn next_data(&self, off: u64) -> io::Result<Option<u64>> {
+        sys::seek_data(&self.file, off)
+    }
+
+    fn next_hole(&self, off: u64) -> io::Result<u64> {
+        sys::seek_hole(&self.file, off)
+    }
+}
+
+/// Allocates every hole in `[0, len)` of an existing volume file, so that neither a store
+/// through the WAL map (which would be SIGBUS) nor an extent write can fail for want of a block.
+/// Volume files are preallocated at creation, but a copy (`cp --sparse=always`, a restore, an
+/// image transfer) may have holes. Skipped when the file is visibly allocated: as many blocks
+/// as bytes and no hole reported before `len` (some file systems report allocated but unwritten
+/// extents as holes: then the allocation runs and is a no-op). The file length never changes:
+/// the caller checked it is at least `len`.
+fn allocate_holes(file: &File, meta: &std::fs::Metadata, path: &Path, len: u64) -> Result<()> {
+    let short = meta.blocks().saturating_mul(512) < len;
+    let holed = short
+        || sys::seek_hole(file, 0)
+            .map_err(|e| BlockVolError::io("seek hole", path.display().to_string(), e))?
+            < len;
+    if holed {
+        sys::preallocate(file, len).map_err(|e| allocation_error(path, len, e))?;
+    }
+    Ok(())
+}
+
+/// `NoSpace` when the file system (or a quota) is full, otherwise the I/O error.
+fn allocation_error(path: &Path, len: u64, e: io::Error) -> BlockVolError {
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => BlockVolError::NoSpace {
+            path: path.display().to_string(),
+            bytes: len,
+            source: e,
+        },
+        _ => BlockVolError::io("fallocate", path.display().to_string(), e),
     }
 }
 

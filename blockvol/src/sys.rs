@@ -23,8 +23,9 @@ pub(crate) struct MappedRegion {
 impl MappedRegion {
     /// Maps `len` bytes of `file` starting at `offset` (page-aligned) for shared read/write.
     ///
-    /// The file is preallocated before mapping, so no access through the map can fault on a
-    /// hole (SIGBUS) or run out of space; the map is never shrunk while it lives.
+    /// The file is fully allocated before mapping (preallocated at creation, holes of a sparse
+    /// copy allocated at open), so no access through the map can fault on a hole (SIGBUS) or
+    /// run out of space; the map is never shrunk while it lives.
     pub(crate) fn map(file: &File, offset: u64, len: usize) -> io::Result<MappedRegion> {
         let map = MmapOptions::new().offset(offset).len(len).map_raw(file)?;
         Ok(MappedRegion { map, len })
@@ -94,6 +95,27 @@ pub(crate) fn preallocate(file: &File, len: u64) -> io::Result<()> {
     } else {
         Err(io::Error::from_raw_os_error(rc))
     }
+}
+
+/// Clears `O_NONBLOCK` on `file`: volume files are opened with it only so that a path that
+/// turned out to be a FIFO could not block the open; the descriptor then behaves as before.
+pub(crate) fn clear_nonblock(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: `fcntl(F_GETFL)` only reads the status flags of a descriptor owned by `file`,
+    // which is borrowed for the duration of the call.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above; `F_SETFL` only replaces the descriptor's status flags.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Zeroes `[off, off + len)` with `FALLOC_FL_ZERO_RANGE`, keeping the blocks allocated.

@@ -16,7 +16,7 @@ use crate::format::{
     SB_FLAG_INSTALL_INCOMPLETE, SB_FLAG_REPAIRED, SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET, SB_SLOT_SIZE,
     Superblock, WAL_OFFSET, WAL_SIZE_ALIGN, choose_superblock, content_crc, entry_size,
 };
-use crate::medium::{FileMedium, Medium};
+use crate::medium::{FileMedium, Medium, ReadOnlyFileMedium};
 use crate::types::{
     ApplyOutcome, CreateOptions, Digest, EntryInfo, FlushGate, FlusherMode, Geometry, Lsn,
     OpenOptions, RetentionPolicy, Role, Status,
@@ -119,6 +119,8 @@ pub(crate) struct State {
     pub repaired: bool,
     pub poisoned: Option<String>,
     pub closed: bool,
+    /// Opened with `Volume::open_read_only`: nothing may write the medium.
+    pub read_only: bool,
     pub stop_flusher: bool,
     pub flush_wanted: bool,
     pub syncing: bool,
@@ -374,6 +376,9 @@ impl Shared {
             return Err(BlockVolError::Poisoned {
                 first_failure: p.clone(),
             });
+        }
+        if st.read_only {
+            return Err(BlockVolError::ReadOnly);
         }
         Ok(())
     }
@@ -1236,6 +1241,15 @@ fn initial_superblock(geo: &Geometry, volume_id: [u8; 16]) -> Superblock {
     }
 }
 
+/// The directory holding `path`'s entry: its parent, or `.` for a bare file name (whose parent
+/// is the empty path).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 /// Writes both slots (seq 1 in A, seq 2 in B) so a new volume has two valid superblocks.
 fn format_superblocks(m: &dyn Medium, sb: &Superblock) -> Result<()> {
     for (seq, off) in [(1u64, SB_SLOT_A_OFFSET), (2, SB_SLOT_B_OFFSET)] {
@@ -1249,27 +1263,58 @@ fn format_superblocks(m: &dyn Medium, sb: &Superblock) -> Result<()> {
     Ok(())
 }
 
+/// Reads both superblock slots of a medium of `len` bytes. A slot the medium is too short to
+/// hold is not read (`pick_superblock` rejects it, saying why).
 fn read_slots(
     read: &dyn Fn(u64, &mut [u8]) -> std::io::Result<()>,
+    len: u64,
     what: &str,
 ) -> Result<[Vec<u8>; 2]> {
-    let mut a = vec![0u8; SB_SLOT_SIZE as usize];
-    let mut b = vec![0u8; SB_SLOT_SIZE as usize];
-    read(SB_SLOT_A_OFFSET, &mut a)
-        .map_err(|e| BlockVolError::io("read superblock", what.to_string(), e))?;
-    read(SB_SLOT_B_OFFSET, &mut b)
-        .map_err(|e| BlockVolError::io("read superblock", what.to_string(), e))?;
-    Ok([a, b])
+    let mut slots = [
+        vec![0u8; SB_SLOT_SIZE as usize],
+        vec![0u8; SB_SLOT_SIZE as usize],
+    ];
+    for (buf, off) in slots.iter_mut().zip([SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET]) {
+        if off + SB_SLOT_SIZE <= len {
+            read(off, buf)
+                .map_err(|e| BlockVolError::io("read superblock", what.to_string(), e))?;
+        }
+    }
+    Ok(slots)
 }
 
-/// Decodes both slots and picks the newest valid one.
-pub(crate) fn pick_superblock(slots: &[Vec<u8>; 2]) -> Result<(usize, Superblock)> {
-    let a = Superblock::decode(&slots[0], SB_SLOT_A_OFFSET);
-    let b = Superblock::decode(&slots[1], SB_SLOT_B_OFFSET);
-    choose_superblock(&a, &b).ok_or_else(|| BlockVolError::NoValidSuperblock {
+/// Decodes both slots of a medium of `len` bytes and picks the newest valid one; then checks
+/// that the medium holds the geometry it describes (`FileTooShort`, naming `what`).
+pub(crate) fn pick_superblock(
+    slots: &[Vec<u8>; 2],
+    len: u64,
+    what: &str,
+) -> Result<(usize, Superblock)> {
+    let decode = |i: usize, off: u64| {
+        if off + SB_SLOT_SIZE > len {
+            return Err(BlockVolError::Corrupt {
+                region: "superblock",
+                offset: off,
+                lsn: None,
+                detail: format!("the file is {len} bytes: too short to hold this slot"),
+            });
+        }
+        Superblock::decode(&slots[i], off)
+    };
+    let a = decode(0, SB_SLOT_A_OFFSET);
+    let b = decode(1, SB_SLOT_B_OFFSET);
+    let (slot, sb) = choose_superblock(&a, &b).ok_or_else(|| BlockVolError::NoValidSuperblock {
         slot_a: a.err().map(|e| e.to_string()).unwrap_or_default(),
         slot_b: b.err().map(|e| e.to_string()).unwrap_or_default(),
-    })
+    })?;
+    if len < sb.file_len() {
+        return Err(BlockVolError::FileTooShort {
+            path: what.to_string(),
+            len,
+            required: sb.file_len(),
+        });
+    }
+    Ok((slot, sb))
 }
 
 impl Volume {
@@ -1288,15 +1333,11 @@ impl Volume {
             medium
                 .sync_file()
                 .map_err(|e| BlockVolError::io("fsync", path.display().to_string(), e))?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                // Make the new directory entry durable too; failure here is not fatal to data
-                // already synced, but report it.
-                std::fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| {
-                        BlockVolError::io("fsync directory", dir.display().to_string(), e)
-                    })?;
-            }
+            // Make the new directory entry durable too, or a crash could lose the whole file.
+            let dir = parent_dir(path);
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| BlockVolError::io("fsync directory", dir.display().to_string(), e))?;
             Ok(())
         })();
         if let Err(e) = r {
@@ -1304,8 +1345,12 @@ impl Volume {
             let _ = std::fs::remove_file(path);
             return Err(e);
         }
-        let slots = read_slots(&|o, b| medium.read_at(o, b), &path.display().to_string())?;
-        Volume::open_medium(Arc::new(medium), &slots, open)
+        let slots = read_slots(
+            &|o, b| medium.read_at(o, b),
+            medium.len(),
+            &path.display().to_string(),
+        )?;
+        Volume::open_medium(Arc::new(medium), &slots, open, false)
     }
 
     /// Opens an existing volume: recovery replays the WAL from the persisted tail and persists
@@ -1315,31 +1360,66 @@ impl Volume {
         let ctx = path.display().to_string();
         // Read the superblock through a plain handle to learn the geometry, then open the
         // locked, mapped medium and read it again under the lock.
-        let probe =
-            std::fs::File::open(path).map_err(|e| BlockVolError::io("open", ctx.clone(), e))?;
+        // A short file is refused here, before the read-write open (which would need write
+        // permission to say so) and before anything is mapped.
+        let probe = crate::medium::open_volume_file(path, false)?;
+        let probe_len = probe
+            .metadata()
+            .map_err(|e| BlockVolError::io("stat", ctx.clone(), e))?
+            .len();
         let slots = {
             use std::os::unix::fs::FileExt;
-            read_slots(&|o, b| probe.read_exact_at(b, o), &ctx)?
+            read_slots(&|o, b| probe.read_exact_at(b, o), probe_len, &ctx)?
         };
         drop(probe);
-        let (_, sb) = pick_superblock(&slots)?;
+        let (_, sb) = pick_superblock(&slots, probe_len, &ctx)?;
         let medium = FileMedium::open(path, false, sb.file_len(), WAL_OFFSET, sb.wal_size)?;
-        let slots = read_slots(&|o, b| medium.read_at(o, b), &ctx)?;
-        Volume::open_medium(Arc::new(medium), &slots, open)
+        let slots = read_slots(&|o, b| medium.read_at(o, b), medium.len(), &ctx)?;
+        Volume::open_medium(Arc::new(medium), &slots, open, false)
     }
 
+    /// Opens an existing volume for reading only (inspection): the file is opened `O_RDONLY`
+    /// under a shared lock and never written, so this works on a read-only file or mount and
+    /// leaves every byte as it was, evidence of a crash included.
+    ///
+    /// Recovery runs in memory only: the walk, the torn-tail and corruption decisions are those
+    /// of [`Volume::open`], but no leftover is zeroed, nothing is synced, no interrupted flush
+    /// is redone and no superblock is written. Reads, `digest`, `status`, `entry_info` and
+    /// scans see exactly what a read-write open would recover (blocks written after the
+    /// checkpoint are read from the WAL, whatever an interrupted flush left in the extent). A
+    /// log that only a repair could open is refused with `Corrupt`. Everything that would
+    /// change the file (writes, `sync`, flushes, truncation, `assign`, base pins and installs)
+    /// fails with `ReadOnly`; `close` writes nothing.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Volume> {
+        let path = path.as_ref();
+        let medium = ReadOnlyFileMedium::open(path)?;
+        let slots = read_slots(
+            &|o, b| medium.read_at(o, b),
+            medium.len(),
+            &path.display().to_string(),
+        )?;
+        let opts = OpenOptions {
+            flusher: FlusherMode::Manual,
+            repair: false,
+            ..OpenOptions::default()
+        };
+        Volume::open_medium(Arc::new(medium), &slots, &opts, true)
+    }
+
+    /// Whether the volume was opened with [`Volume::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.shared.lock_state().read_only
+    }
+
+    /// Recovery. With `read_only` it runs in memory only: it decides exactly as a read-write
+    /// open does, but writes, zeroes and syncs nothing and redoes no flush.
     pub(crate) fn open_medium(
         medium: Arc<dyn Medium>,
         slots: &[Vec<u8>; 2],
         opts: &OpenOptions,
+        read_only: bool,
     ) -> Result<Volume> {
-        let (slot, sb) = pick_superblock(slots)?;
-        if medium.len() < sb.file_len() {
-            return Err(BlockVolError::GeometryMismatch {
-                expected: format!("medium of at least {} bytes", sb.file_len()),
-                found: format!("{} bytes", medium.len()),
-            });
-        }
+        let (slot, sb) = pick_superblock(slots, medium.len(), &medium.describe())?;
         let geo = Geometry {
             block_size: sb.block_size,
             volume_blocks: sb.volume_blocks,
@@ -1392,6 +1472,7 @@ impl Volume {
             repaired,
             poisoned: None,
             closed: false,
+            read_only,
             stop_flusher: false,
             flush_wanted: false,
             syncing: false,
@@ -1433,7 +1514,7 @@ impl Volume {
                         res.end_detail, res.head, sb.checkpoint
                     ),
                 };
-                if !opts.repair {
+                if !opts.repair || read_only {
                     return Err(BlockVolError::Corrupt {
                         region: "wal",
                         offset: WAL_OFFSET + res.end_pos % wal_size,
@@ -1503,19 +1584,24 @@ impl Volume {
                     .map_err(|e| BlockVolError::io("sync superblock", medium.describe(), e))?;
                 (last_seq, last_slot) = (r.seq, 1 - last_slot);
             }
-            // Neutralize leftovers of a torn tail (and, under repair, everything after the
-            // corruption) so no later recovery can mistake them for evidence or splice them in.
-            let zeros = [0u8; ENTRY_HEADER_SIZE];
-            for l in &res.leftovers {
+            if !read_only {
+                // Neutralize leftovers of a torn tail (and, under repair, everything after the
+                // corruption) so no later recovery can mistake them for evidence or splice
+                // them in.
+                let zeros = [0u8; ENTRY_HEADER_SIZE];
+                for l in &res.leftovers {
+                    medium
+                        .write_at(WAL_OFFSET + l.pos % wal_size, &zeros)
+                        .map_err(|e| BlockVolError::io("write wal", medium.describe(), e))?;
+                }
+                // The recovered entries may still be only in the page cache (a process
+                // crash): make them, and the zeroed leftovers, durable before acknowledging
+                // anything.
                 medium
-                    .write_at(WAL_OFFSET + l.pos % wal_size, &zeros)
-                    .map_err(|e| BlockVolError::io("write wal", medium.describe(), e))?;
+                    .sync_range(WAL_OFFSET, wal_size)
+                    .map_err(|e| BlockVolError::io("msync wal", medium.describe(), e))?;
             }
-            // The recovered entries may still be only in the page cache (a process crash):
-            // make them, and the zeroed leftovers, durable before acknowledging anything.
-            medium
-                .sync_range(WAL_OFFSET, wal_size)
-                .map_err(|e| BlockVolError::io("msync wal", medium.describe(), e))?;
+            // (Read-only: the recovered view, as a read-write open would persist it.)
             st.durable = st.head;
             st.synced_pos = st.head_pos;
             st.repaired = repaired;
@@ -1541,6 +1627,15 @@ impl Volume {
                 slot: last_slot,
             }),
         });
+        if read_only {
+            // No redo of an interrupted flush: whatever it left in the extent beyond the
+            // checkpoint is shadowed by the dirty map, which holds every block written after
+            // the checkpoint, so reads are exact without it. Nothing is persisted.
+            return Ok(Volume {
+                shared,
+                flusher: Mutex::new(None),
+            });
+        }
         if !install_incomplete {
             let to = shared.lock_state().flush_mark;
             shared.redo_flush(to)?;
@@ -1569,6 +1664,15 @@ impl Volume {
     /// The volume's fixed shape.
     pub fn geometry(&self) -> Geometry {
         self.shared.geo
+    }
+
+    /// The largest [`write`](Volume::write) one call takes, in bytes (whole blocks): one entry
+    /// holds at most half the WAL (and at most what a header's u32 length can state), less
+    /// its header. Larger writes are refused with `EntryTooLarge`.
+    pub fn max_write_bytes(&self) -> u64 {
+        let bs = self.shared.block_size();
+        let payload = max_entry_for(self.shared.wal_size()) - ENTRY_HEADER_SIZE as u64;
+        payload / bs * bs
     }
 
     fn check_range(&self, lba: u64, blocks: u64) -> Result<()> {
@@ -2120,10 +2224,18 @@ impl Volume {
         }
     }
 
-    /// Stops the flusher, syncs the WAL and writes a final superblock.
+    /// Stops the flusher, syncs the WAL and writes a final superblock. A read-only volume
+    /// writes nothing.
     pub fn close(self) -> Result<()> {
         self.stop_flusher();
         let s = &self.shared;
+        {
+            let mut st = s.lock_state();
+            if st.read_only {
+                st.closed = true;
+                return Ok(());
+            }
+        }
         let r = {
             let incomplete = {
                 let st = s.lock_state();
@@ -2285,8 +2397,8 @@ impl Volume {
             });
         }
         let m = crate::sim::SimMedium::new(disk.clone());
-        let slots = read_slots(&|o, b| m.read_at(o, b), "simulated disk")?;
-        Volume::open_medium(Arc::new(m), &slots, open)
+        let slots = read_slots(&|o, b| m.read_at(o, b), m.len(), "simulated disk")?;
+        Volume::open_medium(Arc::new(m), &slots, open, false)
     }
 }
 
@@ -2326,5 +2438,26 @@ mod tests {
             assert!(check_entry_len((max - ENTRY_HEADER_SIZE as u64) as usize, wal).is_ok());
             assert!(check_entry_len((max - ENTRY_HEADER_SIZE as u64) as usize + 1, wal).is_err());
         }
+    }
+
+    #[test]
+    fn the_directory_of_a_bare_file_name_is_the_current_one() {
+        assert_eq!(parent_dir(Path::new("vol.img")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("./vol.img")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("sub/vol.img")), Path::new("sub"));
+        assert_eq!(parent_dir(Path::new("/vol.img")), Path::new("/"));
+    }
+
+    #[test]
+    fn max_write_bytes_is_the_largest_accepted_write() {
+        let o = CreateOptions::new(1 << 20, 64 * 1024);
+        let (v, _d) = Volume::create_sim(&o, &OpenOptions::manual()).expect("create");
+        let max = v.max_write_bytes();
+        assert_eq!(max, 7 * 4096);
+        assert!(v.write(0, &vec![1u8; max as usize]).is_ok());
+        assert!(matches!(
+            v.write(0, &vec![1u8; max as usize + 4096]),
+            Err(BlockVolError::EntryTooLarge { .. })
+        ));
     }
 }

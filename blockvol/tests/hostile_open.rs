@@ -39,6 +39,7 @@ fn acceptable(e: &BlockVolError) -> bool {
         BlockVolError::Corrupt { .. }
             | BlockVolError::NoValidSuperblock { .. }
             | BlockVolError::GeometryMismatch { .. }
+            | BlockVolError::FileTooShort { .. }
             | BlockVolError::Io { .. }
             | BlockVolError::InvalidArgument(_)
     )

@@ -1,20 +1,34 @@
 //! `blockvol`: create, inspect and poke volume files.
 //!
-//! Exit codes: 0 success (for `check`: clean), 1 corruption found by `check`, 2 usage or I/O
-//! error.
+//! Exit codes (also in `--help`, see [`EXIT_CODES`]): 0 success (for `check`: clean), 1
+//! corruption found by `check` or `dump-wal`, 2 usage error or any failure that is not
+//! corruption.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use blockvol::format::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_WAL_SIZE, WAL_SIZE_ALIGN, entry_size};
 use blockvol::inspect::{Inspection, inspect};
-use blockvol::{CreateOptions, OpenOptions, Volume};
+use blockvol::{CreateOptions, Lsn, OpenOptions, RetentionPolicy, Volume};
 use clap::{Parser, Subcommand};
+
+/// The exit codes, printed by `--help` (of the program and of every command).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (check: the file is clean)
+  1  check or dump-wal found corruption: a damaged superblock slot or WAL entry, a file
+     shorter than its superblock's geometry (a torn tail, where a crash cut the log short, is
+     not corruption)
+  2  usage error, or a failure that is not corruption: the path could not be opened or read (an
+     I/O error, a directory, FIFO or device instead of a regular file, the volume locked by
+     another process, no space to allocate it), or the operation was refused";
 
 #[derive(Parser)]
 #[command(
     name = "blockvol",
-    about = "Create, inspect and poke blockvol volume files"
+    about = "Create, inspect and poke blockvol volume files",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,46 +37,81 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create a new, preallocated volume file.
+    /// Create a new, preallocated volume file
+    ///
+    /// The file and then its directory (the parent, or the current directory for a bare file
+    /// name) are fsynced before the command succeeds.
+    #[command(after_help = EXIT_CODES)]
     Create {
         path: PathBuf,
-        /// Extent size in bytes.
-        #[arg(long)]
+        /// Extent size in bytes: at least 1, a multiple of the block size.
+        #[arg(long, value_parser = parse_size)]
         size: u64,
-        /// WAL ring size in bytes.
-        #[arg(long = "wal-size")]
+        /// WAL ring size in bytes: a multiple of 4096, at least 65536.
+        #[arg(long = "wal-size", value_parser = parse_wal_size)]
         wal_size: u64,
-        /// Block size in bytes.
-        #[arg(long = "block-size", default_value_t = 4096)]
+        /// Block size in bytes: a power of two from 512 to 65536.
+        #[arg(long = "block-size", default_value_t = 4096, value_parser = parse_block_size)]
         block_size: u32,
     },
-    /// Print the superblock and WAL summary.
+    /// Print the superblock and WAL summary (read-only: never changes the file)
+    #[command(after_help = EXIT_CODES)]
     Info {
         path: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Verify every checksum (exit 0 clean, 1 corrupt, 2 error).
+    /// Verify every checksum (read-only); exit 0 clean, 1 corrupt, 2 error
+    ///
+    /// Opens the file read-only and never changes it. Damage (a bad superblock slot or WAL
+    /// entry, a file shorter than its geometry) is corruption, exit 1; a torn tail (the end of
+    /// a log cut short by a crash) is not. Anything else that fails is exit 2.
+    #[command(after_help = EXIT_CODES)]
     Check { path: PathBuf },
-    /// Write whole blocks read from stdin at an LBA.
+    /// Write whole blocks read from stdin at an LBA
+    ///
+    /// One write takes at most the blocks from the LBA to the end of the volume, and at most
+    /// half the WAL: stdin is read only up to that (plus one byte), and more input is refused
+    /// with an error, so an endless input (`cat /dev/zero |`) is not buffered.
+    ///
+    /// The volume stays writable however many writes follow: before exiting, `write` flushes
+    /// the WAL into the extent (keeping the newest entries, up to half the WAL, for
+    /// `dump-wal`), and it flushes before writing when the WAL has no room for the new entry.
+    /// The write is therefore durable when the command succeeds.
+    ///
+    /// A sparse volume file (a `cp --sparse=always` copy) is fully allocated first; on a full
+    /// file system that fails with "no space" and the file is left unchanged.
+    #[command(after_help = EXIT_CODES)]
     Write {
         path: PathBuf,
         #[arg(long)]
         lba: u64,
-        /// Sync the WAL before exiting.
+        /// Sync the WAL right after the write (the final flush syncs it anyway).
         #[arg(long)]
         sync: bool,
     },
-    /// Read blocks to stdout.
+    /// Read blocks to stdout (read-only)
+    ///
+    /// Opens the file read-only and runs recovery in memory: the blocks are those a read-write
+    /// open would recover, the file is never changed, and a read-only file or mount is fine.
+    #[command(after_help = EXIT_CODES)]
     Read {
         path: PathBuf,
+        /// First block to read.
         #[arg(long)]
         lba: u64,
-        #[arg(long)]
+        /// Number of blocks to read: at least 1.
+        #[arg(long, value_parser = parse_blocks)]
         blocks: u64,
     },
-    /// List WAL entries.
+    /// List WAL entries (read-only: never changes the file)
+    ///
+    /// Lists the entries recovery would replay, from the tail. If the log is corrupt (an entry
+    /// that had been synced is damaged, or the log ends below what was synced), the good prefix
+    /// is listed, a warning on stderr says where and why the walk stopped, and the exit code is
+    /// 1. A torn tail (the unsynced end of the log a crash cut short) is not corruption.
+    #[command(after_help = EXIT_CODES)]
     DumpWal {
         path: PathBuf,
         /// First LSN to list.
@@ -72,8 +121,54 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Print the xxh3-128 digest of the visible contents.
+    /// Print the xxh3-128 digest of the visible contents (read-only, as `read`)
+    #[command(after_help = EXIT_CODES)]
     Digest { path: PathBuf },
+}
+
+// Argument parsers: values that can never be valid are refused while parsing, naming the
+// option and the rule (cross-option rules, such as the size being a multiple of the block
+// size, are the library's).
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    s.parse::<u64>()
+        .map_err(|e| format!("{e} (expected a whole number)"))
+}
+
+fn parse_blocks(s: &str) -> Result<u64, String> {
+    match parse_u64(s)? {
+        0 => Err("must be at least 1: a read of zero blocks reads nothing".into()),
+        n => Ok(n),
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    match parse_u64(s)? {
+        0 => Err("must be at least 1 byte (and a multiple of the block size)".into()),
+        n => Ok(n),
+    }
+}
+
+fn parse_wal_size(s: &str) -> Result<u64, String> {
+    let n = parse_u64(s)?;
+    if n < MIN_WAL_SIZE || !n.is_multiple_of(WAL_SIZE_ALIGN) {
+        return Err(format!(
+            "must be a multiple of {WAL_SIZE_ALIGN} and at least {MIN_WAL_SIZE} (64 KiB)"
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    let n = s
+        .parse::<u32>()
+        .map_err(|e| format!("{e} (expected a whole number)"))?;
+    if !n.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&n) {
+        return Err(format!(
+            "must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+        ));
+    }
+    Ok(n)
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -196,16 +291,15 @@ fn report_check(path: &Path, ins: &Inspection) -> ExitCode {
         println!("{}: CORRUPT: no valid superblock", path.display());
         return ExitCode::from(1);
     };
-    if sb.file_len() > ins.file_len {
+    if let Some(e) = ins.file_too_short() {
         corrupt = true;
-        println!(
-            "file: CORRUPT: {} bytes, the superblock describes {}",
-            ins.file_len,
-            sb.file_len()
-        );
+        println!("file: CORRUPT: {e}");
     }
     match &ins.wal {
-        None => println!("wal: not checked (base install incomplete)"),
+        None => println!(
+            "wal: not checked ({})",
+            ins.wal_not_checked().unwrap_or_default()
+        ),
         Some(w) => {
             println!(
                 "wal: {} entries verified (lsn {}..={}), log ends at file offset {}: {}",
@@ -241,8 +335,22 @@ fn dump_wal(path: &Path, from: Option<u64>, json: bool) -> ExitCode {
         Ok(i) => i,
         Err(e) => return fail(e),
     };
+    if let Some(e) = ins.file_too_short() {
+        eprintln!("blockvol: CORRUPT: {e}; the WAL was not read");
+        return ExitCode::from(1);
+    }
     let Some(w) = &ins.wal else {
-        return fail("no readable WAL (no valid superblock or an incomplete install)");
+        if ins.chosen.is_none() {
+            eprintln!(
+                "blockvol: CORRUPT: {}: no valid superblock (run `blockvol check` for details)",
+                path.display()
+            );
+            return ExitCode::from(1);
+        }
+        return fail(format!(
+            "no WAL to list: {}",
+            ins.wal_not_checked().unwrap_or_default()
+        ));
     };
     let from = from.unwrap_or(0);
     let items: Vec<_> = w.entries.iter().filter(|e| e.lsn >= from).collect();
@@ -272,10 +380,88 @@ fn dump_wal(path: &Path, from: Option<u64>, json: bool) -> ExitCode {
         }
         Ok(())
     })();
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
+    if let Err(e) = r {
+        return fail(e);
     }
+    if let Some(c) = &w.corruption {
+        eprintln!(
+            "blockvol: warning: the WAL is corrupt, the listing stops after lsn {}: {c}",
+            w.head
+        );
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Reads the blocks to write at `lba` from stdin: at most what one write there can take, plus
+/// one byte to tell whether more input follows, so an endless input is refused, not buffered.
+fn read_input(v: &Volume, lba: u64) -> Result<Vec<u8>, String> {
+    let g = v.geometry();
+    let bs = u64::from(g.block_size);
+    if lba >= g.volume_blocks {
+        return Err(format!(
+            "lba {lba} is outside the volume of {} blocks",
+            g.volume_blocks
+        ));
+    }
+    let room = (g.volume_blocks - lba) * bs;
+    let max = v.max_write_bytes();
+    let limit = room.min(max);
+    let mut data = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(limit + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read stdin: {e}"))?;
+    if data.len() as u64 > limit {
+        return Err(if room <= max {
+            format!(
+                "input does not fit: the volume holds {room} bytes ({} blocks) from lba {lba} to its end, and stdin has more",
+                room / bs
+            )
+        } else {
+            format!(
+                "input is larger than the largest single write, {max} bytes ({} blocks: an entry takes at most half the {}-byte WAL); write it in parts at successive LBAs",
+                max / bs,
+                g.wal_size_bytes
+            )
+        });
+    }
+    Ok(data)
+}
+
+/// Writes `data` at `lba` and leaves the volume usable by the next command: nothing else
+/// flushes a volume the command line writes (no background flusher outlives the process), so
+/// without a flush every write would stay in the WAL until it filled and every later write
+/// failed with "WAL full". The newest entries, up to half the WAL, stay for `dump-wal` (the
+/// retention is soft: a write that needs their space gets it).
+fn write_and_flush(v: Volume, lba: u64, data: &[u8], sync: bool) -> blockvol::Result<Lsn> {
+    let r = (|| {
+        let wal = v.geometry().wal_size_bytes;
+        v.set_retention(RetentionPolicy {
+            keep_entries: 0,
+            keep_bytes: wal / 2,
+        });
+        // Under pressure (no room for the entry and the padding it may need), flush first: the
+        // writer's own wait can only reuse space up to the checkpoint, and entries left
+        // unflushed (by an interrupted command, or by another program) hold it back.
+        let s = v.status();
+        let need = entry_size(data.len() as u64).saturating_mul(2);
+        if s.wal_size_bytes - s.wal_used_bytes < need {
+            v.force_flush()?;
+        }
+        let lsn = v.write(lba, data)?;
+        if sync {
+            v.sync()?;
+        }
+        v.force_flush()?;
+        Ok(lsn)
+    })();
+    // Close (final superblock) even after a failure; the first error wins.
+    let c = v.close();
+    let lsn = r?;
+    c?;
+    Ok(lsn)
 }
 
 fn main() -> ExitCode {
@@ -314,19 +500,18 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Cmd::Write { path, lba, sync } => {
-            let mut data = Vec::new();
-            if let Err(e) = std::io::stdin().read_to_end(&mut data) {
-                return fail(e);
-            }
-            let r = Volume::open(&path, &manual()).and_then(|v| {
-                let lsn = v.write(lba, &data)?;
-                if sync {
-                    v.sync()?;
+            let v = match Volume::open(&path, &manual()) {
+                Ok(v) => v,
+                Err(e) => return fail(e),
+            };
+            let data = match read_input(&v, lba) {
+                Ok(d) => d,
+                Err(msg) => {
+                    let _ = v.close();
+                    return fail(msg);
                 }
-                v.close()?;
-                Ok(lsn)
-            });
-            match r {
+            };
+            match write_and_flush(v, lba, &data, sync) {
                 Ok(lsn) => {
                     eprintln!("wrote {} bytes at lba {lba} as lsn {lsn}", data.len());
                     ExitCode::SUCCESS
@@ -335,7 +520,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Read { path, lba, blocks } => {
-            let r = Volume::open(&path, &manual()).and_then(|v| {
+            let r = Volume::open_read_only(&path).and_then(|v| {
                 let d = v.read(lba, blocks)?;
                 v.close()?;
                 Ok(d)
@@ -350,7 +535,7 @@ fn main() -> ExitCode {
         }
         Cmd::DumpWal { path, from, json } => dump_wal(&path, from, json),
         Cmd::Digest { path } => {
-            let r = Volume::open(&path, &manual()).and_then(|v| {
+            let r = Volume::open_read_only(&path).and_then(|v| {
                 let d = v.digest()?;
                 v.close()?;
                 Ok(d)

@@ -2,6 +2,7 @@
 //! in-memory model of a volume's visible contents.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod crashplan;
 pub mod known;
 
