@@ -253,8 +253,13 @@ fn c1_scan_under_flusher_and_wrap_is_contiguous_or_typed_error() {
     let mut recycled = 0;
     let mut entries = 0u64;
     let mut rounds = 0;
-    // Keep scanning until the writer has wrapped the 64 KiB ring many times over.
-    while v.status().head.0 < 3000 || rounds < 50 {
+    // Keep scanning until the writer has wrapped the 64 KiB ring many times over and at least
+    // one scan saw entries. On a loaded machine the flusher can recycle everything between
+    // status() and the scan for a long stretch, so seeing entries takes a while (bounded).
+    let started = std::time::Instant::now();
+    while (v.status().head.0 < 3000 || rounds < 50 || entries == 0 || complete == 0)
+        && started.elapsed() < Duration::from_secs(60)
+    {
         rounds += 1;
         let start = v.status().retained_start;
         let scan = match v.scan_from(start) {
