@@ -176,3 +176,100 @@ fn report_and_path_formatting() {
     let driver = RecoveryDriver::new(Arc::new(storage));
     assert!(format!("{driver:?}").starts_with("RecoveryDriver"));
 }
+
+/// A model rebuild I/O whose base-chunk reports pass through `f`.
+struct BaseReports<F> {
+    inner: ModelIo,
+    f: F,
+}
+
+impl<F: FnMut(BaseChunkProgress) -> BaseChunkProgress> CatchUpIo for BaseReports<F> {
+    fn truncate_after(&mut self, lsn: Lsn) -> Result<EntryId, TransferError> {
+        self.inner.truncate_after(lsn)
+    }
+    fn stream_wal_chunk(
+        &mut self,
+        after: Lsn,
+        up_to: Lsn,
+        max: u64,
+    ) -> Result<WalChunk, TransferError> {
+        self.inner.stream_wal_chunk(after, up_to, max)
+    }
+    fn barrier(&mut self, target: Lsn) -> Result<Lsn, TransferError> {
+        self.inner.barrier(target)
+    }
+}
+
+impl<F: FnMut(BaseChunkProgress) -> BaseChunkProgress> RebuildIo for BaseReports<F> {
+    fn begin_base(&mut self, base: &BaseRequest) -> Result<u64, TransferError> {
+        self.inner.begin_base(base)
+    }
+    fn transfer_base_chunk(&mut self, max: u64) -> Result<BaseChunkProgress, TransferError> {
+        let c = self.inner.transfer_base_chunk(max)?;
+        Ok((self.f)(c))
+    }
+    fn finish_base(&mut self) -> Result<Lsn, TransferError> {
+        self.inner.finish_base()
+    }
+}
+
+fn full_base_rebuild(
+    f: impl FnMut(BaseChunkProgress) -> BaseChunkProgress,
+) -> (Result<ExecutionReport, EngineError>, MemStorage) {
+    let storage = primary(40);
+    let driver = RecoveryDriver::new(Arc::new(storage.clone()));
+    driver
+        .orchestrator()
+        .process_assignment(&AssignmentIntent {
+            replicas: vec![ReplicaAssignment {
+                replica_id: rid("r1"),
+                endpoint: Endpoint::new("a:1", "a:2", 1),
+            }],
+            epoch: Epoch(1),
+            recovery_targets: [(rid("r1"), SessionKind::Rebuild)].into_iter().collect(),
+            catch_up_budget: None,
+        })
+        .unwrap();
+    let plan = driver.plan_rebuild(&rid("r1")).unwrap();
+    let mut io = BaseReports {
+        inner: ModelIo::new(storage.clone(), Arc::new(Mutex::new(ModelReplica::new()))),
+        f,
+    };
+    let r = RebuildExecutor::new(&driver, plan)
+        .with_options(ExecutorOptions {
+            max_base_chunk_bytes: 64,
+            ..ExecutorOptions::default()
+        })
+        .execute(&mut io);
+    (r, storage)
+}
+
+// A chunk that covers bytes without sending any (a run of zeros the I/O skipped) is progress.
+#[test]
+fn base_chunk_covering_zeros_without_sending_is_progress() {
+    let (r, storage) = full_base_rebuild(|mut c| {
+        c.bytes_sent = 0;
+        c
+    });
+    let report = r.unwrap();
+    assert_eq!(report.final_state, ReplicaState::InSync);
+    assert_eq!(report.base_bytes_sent, 0);
+    assert!(report.base_bytes > 0);
+    assert_eq!(storage.pins_outstanding(), 0);
+}
+
+// A chunk that reports nothing at all and is not the last is refused.
+#[test]
+fn base_chunk_reporting_nothing_is_refused() {
+    let (r, storage) = full_base_rebuild(|_| BaseChunkProgress::default());
+    match r {
+        Err(EngineError::ExecutionFailed { failure, .. }) => {
+            assert!(
+                failure.to_string().contains("made no progress"),
+                "{failure}"
+            )
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert_eq!(storage.pins_outstanding(), 0);
+}
