@@ -222,7 +222,8 @@ pub enum Invariant {
     NoPinWithoutRecovery,
     /// (e) after faults stop, every replica reaches in sync within the bound.
     Liveness,
-    /// The simulator itself could not continue (a panic, or a setup step that must work).
+    /// The simulator itself could not continue (a panic, or a setup step that must work), or
+    /// its master sent an assignment that contradicts its own view of the cluster.
     Harness,
 }
 
