@@ -168,6 +168,40 @@ fn healing_that_never_converges_is_caught() {
     assert!(detail.contains("not every replica in sync"), "{detail}");
 }
 
+/// A replica that installs a rebuild's base image with one block of wrong bytes ends at the
+/// right LSN with the right entry identity: only the digest comparison can see it, and it must
+/// (a).
+#[test]
+fn install_with_wrong_bytes_at_the_right_tip_is_caught() {
+    let detail = caught(
+        Bug::CorruptBaseBlock,
+        2,
+        Invariant::InSyncHoldsCommitted,
+        |sim| {
+            write_and_commit(sim, 5);
+            let addr = sim.data_addr("s2");
+            sim.apply(Op::Disconnect { addr: addr.clone() });
+            for _ in 0..3 {
+                write_and_commit(sim, 8);
+            }
+            sim.apply(Op::RetentionPressure);
+            sim.apply(Op::Reconnect { addr });
+            sim.apply(Op::Reassign);
+            assert_eq!(sim.state_of("s2"), Some(ReplicaState::NeedsRebuild));
+            sim.apply(Op::Rebuild {
+                server: "s2".into(),
+            });
+            sim.apply(Op::Reassign);
+            write_and_commit(sim, 3);
+        },
+    );
+    assert!(detail.contains("s2 is in sync"), "{detail}");
+    assert!(detail.contains("digest"), "{detail}");
+    // Nothing but the bytes is wrong: head, durability and the entry at the head all match.
+    assert!(!detail.contains("entry at"), "{detail}");
+    assert!(!detail.contains("head "), "{detail}");
+}
+
 /// The bugs are the only difference: the default run of the same scenario leaves the replica
 /// in sync after healing.
 #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use blockvol::{CreateOptions, FlushGate, FlusherMode, OpenOptions, RetentionPolicy, Role, Volume};
 use controlbridge::BlockRole;
 use engine::{CatchUpIo, Lsn, ReplicaState};
-use swblock::sim::{Op, Sim, SimOptions};
+use swblock::sim::{Interleave, Op, Sim, SimOptions};
 use v2bridge::{BlockVolStorage, BridgeIo, Lineage, LocalReplica, ReplicaTarget, TargetError};
 
 fn sim(replicas: usize) -> Sim {
@@ -301,4 +301,64 @@ fn truncation_below_the_replicas_committed_point_is_refused() {
     );
     assert_eq!(replica.status().head.0, 20);
     assert_eq!(replica.digest().expect("digest"), digest);
+}
+
+/// Found by `cargo xtask sim --seed 4242001668 --steps 300` and `--seed 4242012909` (before the
+/// fix): inside a rebuild, the master bumped the epoch (queueing a delivery of every
+/// assignment) and then the primary crashed and the master failed over (queued behind it). The
+/// simulator's deferred work is drained again inside each delivery, so the failover ran (and
+/// delivered the new roles) in the middle of the queued delivery, which then went on with the
+/// roles it had read before: the new primary got a replica role and the old primary a primary
+/// assignment, both at the new epoch. The old primary's service took it, stopped listening on
+/// its data address, and was never told otherwise (the master re-sends only what a server has
+/// not accepted at the current epoch and address version), so every recovery of it failed with
+/// "nothing listens on" and it never came back in sync (invariant (e)). A batch of deliveries
+/// now stops once the master's view has moved on, and a delivery that contradicts the master's
+/// current view is a harness violation.
+#[test]
+fn failover_during_a_queued_delivery_sends_no_stale_roles() {
+    let mut sim = sim(2);
+    sim.apply(Op::Write { count: 5 });
+    sim.apply(Op::Commit);
+    // s2 falls beyond the primary's retention; s3 alone holds the committed prefix.
+    let addr = sim.data_addr("s2");
+    sim.apply(Op::Disconnect { addr: addr.clone() });
+    for _ in 0..4 {
+        sim.apply(Op::Write { count: 8 });
+        sim.apply(Op::Commit);
+    }
+    sim.apply(Op::RetentionPressure);
+    sim.apply(Op::Reconnect { addr });
+    // Its restarted service has no registry the step hook could fence, so its rebuild goes on
+    // after the epoch bump, as in both seeds.
+    sim.apply(Op::CrashReplica {
+        server: "s2".into(),
+    });
+    assert_clean(&sim);
+    let epoch = sim.epoch();
+    sim.at_next_recovery_step(Interleave::EpochBump);
+    sim.at_next_recovery_step(Interleave::CrashPrimary { failover: true });
+    sim.apply(Op::Rebuild {
+        server: "s2".into(),
+    });
+    assert_clean(&sim);
+    let events: Vec<Interleave> = sim.observations().into_iter().map(|o| o.event).collect();
+    assert_eq!(
+        events,
+        [
+            Interleave::EpochBump,
+            Interleave::CrashPrimary { failover: true }
+        ],
+        "{}",
+        sim.trace().join("\n")
+    );
+    assert_eq!(sim.primary(), "s3", "failed over to the only holder");
+    assert_eq!(sim.epoch(), epoch + 2);
+    assert_eq!(sim.role_of("s3"), Some(BlockRole::Primary));
+    assert_eq!(sim.role_of("s1"), Some(BlockRole::Replica));
+    assert_eq!(sim.role_of("s2"), Some(BlockRole::Replica));
+    sim.run_healed_phase();
+    assert_clean(&sim);
+    assert_eq!(sim.state_of("s1"), Some(ReplicaState::InSync));
+    assert_eq!(sim.state_of("s2"), Some(ReplicaState::InSync));
 }

@@ -178,6 +178,11 @@ impl VolumeBackend for SimBackend {
                 (storage, target, Some(source))
             }
         };
+        let target = if w.bug(Bug::CorruptBaseBlock) {
+            target.corrupting_base()
+        } else {
+            target
+        };
         let to = target.server().to_owned();
         w.lineages.push((to.clone(), lineage));
         w.sessions.insert((

@@ -136,7 +136,9 @@
 //! [`Bug`] switches make the simulated system misbehave in one specific way (handshakes without
 //! log matching, a replica declared in sync without recovery, promotion of a non-holder, a
 //! leaked pin, a "stale" request stamped with the current epoch, a master that never sends
-//! rebuilds); `tests/sim_checker.rs` asserts each is reported as the matching violation.
+//! rebuilds, a replica that installs a base image with one block of wrong bytes at the right
+//! LSN and entry identity); `tests/sim_checker.rs` asserts each is reported as the matching
+//! violation.
 
 mod backend;
 mod net;
@@ -207,6 +209,10 @@ pub enum Bug {
     StaleStampedCurrent,
     /// The master never sends rebuilding assignments.
     NoRebuildAssignments,
+    /// A replica writes one block of a base image it installs with wrong bytes (the first
+    /// block of the first chunk, inverted, after the chunk's checksum was verified): the
+    /// install ends at the right LSN with the right entry identity, only the bytes differ.
+    CorruptBaseBlock,
 }
 
 /// The invariant a violation breaks.
@@ -222,7 +228,8 @@ pub enum Invariant {
     NoPinWithoutRecovery,
     /// (e) after faults stop, every replica reaches in sync within the bound.
     Liveness,
-    /// The simulator itself could not continue (a panic, or a setup step that must work).
+    /// The simulator itself could not continue (a panic, or a setup step that must work), or
+    /// its master sent an assignment that contradicts its own view of the cluster.
     Harness,
 }
 

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use blockvol::{EntryInfo, Lsn as BvLsn, RetentionPolicy, Volume};
+use blockvol::{BaseChunk, EntryInfo, Lsn as BvLsn, RetentionPolicy, Volume};
 use engine::{BaseChunkProgress, BaseRequest, CatchUpIo, EntryId, Lsn, RebuildIo, TransferError};
 use v2bridge::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
@@ -197,6 +197,9 @@ pub struct SimTarget {
     dest: Dest,
     server: String,
     incarnation: u64,
+    /// [`Bug::CorruptBaseBlock`](super::Bug::CorruptBaseBlock): the next base chunk is
+    /// written with its first block's bytes inverted.
+    corrupt_base: bool,
 }
 
 impl SimTarget {
@@ -217,7 +220,15 @@ impl SimTarget {
             dest,
             server,
             incarnation,
+            corrupt_base: false,
         })
+    }
+
+    /// The replica behind this connection writes the first base chunk it receives with its
+    /// first block's bytes inverted ([`Bug::CorruptBaseBlock`](super::Bug::CorruptBaseBlock)).
+    pub fn corrupting_base(mut self) -> SimTarget {
+        self.corrupt_base = true;
+        self
     }
 
     /// The server this connection reached.
@@ -305,8 +316,21 @@ impl ReplicaTarget for SimTarget {
         let r = self.live()?.begin_base(req);
         self.accepted(lineage, r)
     }
-    fn base_chunk(&mut self, req: BaseChunkRequest) -> Result<(), TargetError> {
+    fn base_chunk(&mut self, mut req: BaseChunkRequest) -> Result<(), TargetError> {
         let lineage = req.lineage;
+        if self.corrupt_base
+            && let Ok(mut chunk) = BaseChunk::decode(&req.frame)
+            && chunk.blocks > 0
+        {
+            // The bug: the bytes of one block go wrong on the replica's side, after the frame's
+            // checksum was verified; the install keeps its LSN and entry identity.
+            self.corrupt_base = false;
+            let block = chunk.data.len() / chunk.blocks as usize;
+            chunk.data[..block].iter_mut().for_each(|b| *b = !*b);
+            if let Ok(frame) = BaseChunk::new(chunk.lba, chunk.blocks, chunk.data).encode() {
+                req.frame = frame;
+            }
+        }
         let r = self.live()?.base_chunk(req);
         self.accepted(lineage, r)
     }

@@ -148,6 +148,11 @@ impl Sim {
         ))
     }
 
+    /// The role `server`'s service last accepted for the volume.
+    pub fn role_of(&self, server: &str) -> Option<controlbridge::BlockRole> {
+        self.services.get(server).and_then(|s| s.role(VOLUME))
+    }
+
     /// The current data address of `server`.
     pub fn data_addr(&self, server: &str) -> String {
         self.world.borrow().master.data_addr(server)
@@ -351,6 +356,30 @@ impl Sim {
         out
     }
 
+    /// The master sends `s` an assignment from its current view of the cluster. One that
+    /// contradicts that view (a primary assignment to a server that is not the primary, a
+    /// replica or rebuilding role to the primary, an epoch other than the current one) is a bug
+    /// of the simulated master, not of the crates: it is reported as a harness violation and
+    /// not sent.
+    fn send(&mut self, s: &str, a: BlockVolumeAssignment, what: &str) {
+        {
+            let mut w = self.world.borrow_mut();
+            let (epoch, primary) = (w.master.epoch, w.master.primary.clone());
+            let as_primary = a.role == controlbridge::BlockRole::Primary.to_wire();
+            if a.epoch != epoch || as_primary != (s == primary) {
+                w.violate(
+                    Invariant::Harness,
+                    format!(
+                        "the master sent {s} a {what} (role {} epoch {}) while its view is primary {primary} at epoch {epoch}",
+                        a.role, a.epoch
+                    ),
+                );
+                return;
+            }
+        }
+        self.deliver_logged(s, a, what);
+    }
+
     fn deliver_logged(&mut self, s: &str, a: BlockVolumeAssignment, what: &str) {
         self.world.borrow_mut().note(format!(
             "deliver {what} to {s} (epoch {} version {})",
@@ -359,18 +388,45 @@ impl Sim {
         self.deliver(s, a);
     }
 
-    /// The master sends every replica its role, then the primary its assignment.
+    /// The master's view of the cluster that one batch of assignments is sent from.
+    fn view(&self) -> (u64, String) {
+        let w = self.world.borrow();
+        (w.master.epoch, w.master.primary.clone())
+    }
+
+    /// The master sends every replica its role, then the primary its assignment, all from one
+    /// view. Each delivery drains the deferred work, and work queued behind this batch (a
+    /// failover after a primary crash, another epoch bump) may change the view and send the
+    /// new one itself: the rest of this batch is then superseded and is not sent (it would
+    /// give the new primary a replica role and the old one a primary assignment).
     fn deliver_all(&mut self) {
-        let (replicas, primary) = {
-            let w = self.world.borrow();
-            (w.master.replicas(), w.master.primary.clone())
-        };
-        for r in replicas {
-            let a = self.world.borrow().master.replica_assignment(&r);
-            self.deliver_logged(&r, a, "replica role");
+        let view = self.view();
+        let mut batch: Vec<(String, bool)> = self
+            .world
+            .borrow()
+            .master
+            .replicas()
+            .into_iter()
+            .map(|r| (r, false))
+            .collect();
+        batch.push((view.1.clone(), true));
+        for (s, primary) in batch {
+            let now = self.view();
+            if now != view {
+                self.world.borrow_mut().note(format!(
+                    "assignments of epoch {} (primary {}) superseded by epoch {} (primary {}): {s} and the rest not sent",
+                    view.0, view.1, now.0, now.1
+                ));
+                return;
+            }
+            if primary {
+                let a = self.world.borrow().master.primary_assignment();
+                self.send(&s, a, "primary assignment");
+            } else {
+                let a = self.world.borrow().master.replica_assignment(&s);
+                self.send(&s, a, "replica role");
+            }
         }
-        let a = self.world.borrow().master.primary_assignment();
-        self.deliver_logged(&primary, a, "primary assignment");
     }
 
     fn drain(&mut self) {
@@ -490,18 +546,18 @@ impl Sim {
                 for r in replicas {
                     if accepted.get(&r) != Some(&current) {
                         let a = self.world.borrow().master.replica_assignment(&r);
-                        self.deliver_logged(&r, a, "replica role");
+                        self.send(&r, a, "replica role");
                     }
                 }
                 let (p, a) = {
                     let w = self.world.borrow();
                     (w.master.primary.clone(), w.master.primary_assignment())
                 };
-                self.deliver_logged(&p, a, "primary assignment");
+                self.send(&p, a, "primary assignment");
             }
             Op::Rebuild { server } => {
                 let a = self.world.borrow().master.rebuild_assignment(&server);
-                self.deliver_logged(&server, a, "rebuilding role");
+                self.send(&server, a, "rebuilding role");
             }
             Op::CrashReplica { server } => {
                 if server != self.primary() {
@@ -541,11 +597,11 @@ impl Sim {
                 for (r, skip) in replicas.iter().zip(skip) {
                     if !skip {
                         let a = self.world.borrow().master.replica_assignment(r);
-                        self.deliver_logged(r, a, "replica role");
+                        self.send(r, a, "replica role");
                     }
                 }
                 let a = self.world.borrow().master.primary_assignment();
-                self.deliver_logged(&primary, a, "primary assignment");
+                self.send(&primary, a, "primary assignment");
             }
             Op::Failover {
                 to,
@@ -597,10 +653,10 @@ impl Sim {
             let needs = self.state_of(r) == Some(ReplicaState::NeedsRebuild);
             if needs && !no_rebuild {
                 let a = self.world.borrow().master.rebuild_assignment(r);
-                self.deliver_logged(r, a, "rebuilding role");
+                self.send(r, a, "rebuilding role");
             } else if accepted.get(r) != Some(&current) {
                 let a = self.world.borrow().master.replica_assignment(r);
-                self.deliver_logged(r, a, "replica role");
+                self.send(r, a, "replica role");
             }
         }
         let lagging = replicas
@@ -609,7 +665,7 @@ impl Sim {
         let no_registry = !self.world.borrow().orchs.contains_key(&primary);
         if lagging || no_registry || accepted.get(&primary) != Some(&current) {
             let a = self.world.borrow().master.primary_assignment();
-            self.deliver_logged(&primary, a, "primary assignment");
+            self.send(&primary, a, "primary assignment");
         }
         let mut w = self.world.borrow_mut();
         let n = w.rng.range(1, 4) as u32;
