@@ -190,12 +190,24 @@ impl RecoveryDriver {
         &self.storage
     }
 
-    fn fail_session(&self, id: &ReplicaId, sid: SessionId, reason: InvalidateReason, to: Demotion) {
-        if let Some(sender) = self.orchestrator.registry().sender(id)
-            && let Some(inv) = sender.invalidate_session_if(sid, reason, to)
-        {
-            self.orchestrator.log_invalidation(&inv);
+    /// Invalidates the session `sid` if it is still current, demotes the replica and logs
+    /// it; returns whether it did.
+    fn fail_session(
+        &self,
+        id: &ReplicaId,
+        sid: SessionId,
+        reason: InvalidateReason,
+        to: Demotion,
+    ) -> bool {
+        let inv = self
+            .orchestrator
+            .registry()
+            .sender(id)
+            .and_then(|sender| sender.invalidate_session_if(sid, reason, to));
+        if let Some(inv) = &inv {
+            self.orchestrator.log_invalidation(inv);
         }
+        inv.is_some()
     }
 
     /// One history snapshot, refused when it breaks the storage contract.
@@ -528,18 +540,12 @@ impl RecoveryDriver {
         self.release_plan(plan);
         plan.disarm();
         let invalidated = plan.session_id.is_some_and(|sid| {
-            self.orchestrator
-                .registry()
-                .sender(&plan.replica_id)
-                .and_then(|s| {
-                    s.invalidate_session_if(
-                        sid,
-                        InvalidateReason::Cancelled(reason.to_owned()),
-                        Demotion::Disconnected,
-                    )
-                })
-                .inspect(|inv| self.orchestrator.log_invalidation(inv))
-                .is_some()
+            self.fail_session(
+                &plan.replica_id,
+                sid,
+                InvalidateReason::Cancelled(reason.to_owned()),
+                Demotion::Disconnected,
+            )
         });
         self.orchestrator.log().record(
             &plan.replica_id,
@@ -555,18 +561,10 @@ impl RecoveryDriver {
     /// `session_id`, so the executor stops at its next authority check and releases its pins.
     /// Returns whether the session was invalidated.
     pub fn cancel_session(&self, id: &ReplicaId, session_id: SessionId, reason: &str) -> bool {
-        let Some(sender) = self.orchestrator.registry().sender(id) else {
+        let reason_of = InvalidateReason::Cancelled(reason.to_owned());
+        if !self.fail_session(id, session_id, reason_of, Demotion::Disconnected) {
             return false;
-        };
-        let inv = sender.invalidate_session_if(
-            session_id,
-            InvalidateReason::Cancelled(reason.to_owned()),
-            Demotion::Disconnected,
-        );
-        let Some(inv) = inv else {
-            return false;
-        };
-        self.orchestrator.log_invalidation(&inv);
+        }
         self.orchestrator.log().record(
             id,
             Some(session_id),

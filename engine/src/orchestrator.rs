@@ -240,9 +240,11 @@ impl RecoveryOrchestrator {
     }
 
     /// Advances one sender's epoch; logs `session_invalidated` if its session was fenced.
+    /// A sender that an assignment stopped meanwhile is [`EngineError::SenderStopped`]: the
+    /// raise did not take effect.
     pub fn update_sender_epoch(&self, id: &ReplicaId, epoch: Epoch) -> Result<()> {
         let sender = self.sender(id)?;
-        if let Some(inv) = sender.update_epoch(epoch) {
+        if let Some(inv) = sender.raise_epoch(epoch)? {
             self.log_invalidation(&inv);
         }
         Ok(())

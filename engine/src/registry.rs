@@ -197,25 +197,17 @@ impl Registry {
         }
         for s in gone {
             // A sender raised alone past the intent is newer than it: the intent cannot
-            // remove it.
-            let sender_epoch = s.epoch();
-            if sender_epoch > epoch {
-                let (version, id) = (s.endpoint().version, s.replica_id().clone());
-                result.refused.push((
-                    id.clone(),
-                    EngineError::StaleAssignment {
-                        replica: id,
-                        intent_epoch: epoch,
-                        intent_endpoint_version: version,
-                        sender_epoch,
-                        sender_endpoint_version: version,
-                    },
-                ));
-                continue;
+            // remove it. Checked and stopped under the sender's one lock, so a concurrent
+            // raise (which takes no map lock) lands either before (refused) or after (on a
+            // stopped sender, which reports it).
+            match s.stop_for_intent(epoch) {
+                Ok(inv) => {
+                    g.senders.remove(s.replica_id());
+                    result.removed.push(s.replica_id().clone());
+                    result.invalidated.extend(inv);
+                }
+                Err(e) => result.refused.push((s.replica_id().clone(), e)),
             }
-            g.senders.remove(s.replica_id());
-            result.removed.push(s.replica_id().clone());
-            result.invalidated.extend(s.stop());
         }
         let created: Vec<(ReplicaId, Arc<Sender>)> = new
             .into_iter()

@@ -366,6 +366,44 @@ impl Sender {
         self.drop_session(&mut g, InvalidateReason::SenderStopped)
     }
 
+    /// Stops the sender for an assignment at `epoch` that no longer lists it, unless the
+    /// sender is at a newer epoch (then [`EngineError::StaleAssignment`], and nothing
+    /// changes). The check and the stop are one critical section.
+    pub(crate) fn stop_for_intent(&self, epoch: Epoch) -> Result<Option<Invalidation>> {
+        let mut g = self.lock();
+        if g.epoch > epoch {
+            return Err(EngineError::StaleAssignment {
+                replica: self.replica_id.clone(),
+                intent_epoch: epoch,
+                intent_endpoint_version: g.endpoint.version,
+                sender_epoch: g.epoch,
+                sender_endpoint_version: g.endpoint.version,
+            });
+        }
+        g.stopped = true;
+        Ok(self.drop_session(&mut g, InvalidateReason::SenderStopped))
+    }
+
+    /// Raises the epoch like [`update_epoch`](Self::update_epoch), but reports a stopped
+    /// sender ([`EngineError::SenderStopped`]) instead of ignoring the raise.
+    pub(crate) fn raise_epoch(&self, epoch: Epoch) -> Result<Option<Invalidation>> {
+        let mut g = self.lock();
+        if g.stopped {
+            return Err(EngineError::SenderStopped {
+                replica: self.replica_id.clone(),
+            });
+        }
+        let old = g.epoch;
+        Ok(self.epoch_locked(
+            &mut g,
+            epoch,
+            InvalidateReason::EpochAdvanced {
+                from: old,
+                to: epoch,
+            },
+        ))
+    }
+
     /// The state a demotion leads to: a sender that needs a rebuild keeps needing one.
     fn demoted(g: &SenderInner, to: Demotion) -> ReplicaState {
         if g.state == ReplicaState::NeedsRebuild {

@@ -7,56 +7,8 @@ use std::thread;
 use engine::testing::{MemStorage, ModelEntry, ModelIo, ModelReplica, ScriptedIo};
 use engine::*;
 
-fn rid(s: &str) -> ReplicaId {
-    ReplicaId::new(s).unwrap()
-}
-
-fn ep(addr: &str, v: u64) -> Endpoint {
-    Endpoint::new(format!("{addr}:1"), format!("{addr}:2"), v)
-}
-
-fn intent(
-    epoch: u64,
-    replicas: &[(&str, &str, u64)],
-    targets: &[(&str, SessionKind)],
-) -> AssignmentIntent {
-    AssignmentIntent {
-        replicas: replicas
-            .iter()
-            .map(|(id, addr, v)| ReplicaAssignment {
-                replica_id: rid(id),
-                endpoint: ep(addr, *v),
-            })
-            .collect(),
-        epoch: Epoch(epoch),
-        recovery_targets: targets.iter().map(|(id, k)| (rid(id), *k)).collect(),
-        catch_up_budget: None,
-    }
-}
-
-/// A primary with `n` entries committed, and a driver over it.
-fn primary(n: u64) -> (MemStorage, RecoveryDriver) {
-    let storage = MemStorage::new();
-    let head = storage.write_n(n);
-    storage.commit(head).unwrap();
-    let driver = RecoveryDriver::new(Arc::new(storage.clone()));
-    (storage, driver)
-}
-
-fn replica_at(storage: &MemStorage, prefix: u64) -> Arc<Mutex<ModelReplica>> {
-    Arc::new(Mutex::new(
-        ModelReplica::from_primary(storage, Lsn(prefix)).unwrap(),
-    ))
-}
-
-fn failure(r: Result<ExecutionReport>) -> (ExecFailure, ExecutionReport) {
-    match r {
-        Err(EngineError::ExecutionFailed {
-            failure, report, ..
-        }) => (*failure, *report),
-        other => panic!("expected an execution failure, got {other:?}"),
-    }
-}
+mod common;
+use common::compact::{ep, failure, intent, primary, replica_at, rid};
 
 // Reference: Reconcile ignored the epoch, so a stale intent removed r2 and re-addressed r1.
 #[test]

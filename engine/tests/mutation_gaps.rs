@@ -6,9 +6,8 @@ use std::sync::{Arc, Mutex};
 use engine::testing::{MemStorage, ModelIo, ModelReplica};
 use engine::*;
 
-fn rid(s: &str) -> ReplicaId {
-    ReplicaId::new(s).unwrap()
-}
+mod common;
+use common::compact::{Tamper, rid};
 
 fn catch_up_driver(storage: &MemStorage) -> RecoveryDriver {
     let driver = RecoveryDriver::new(Arc::new(storage.clone()));
@@ -177,42 +176,6 @@ fn report_and_path_formatting() {
     assert!(format!("{driver:?}").starts_with("RecoveryDriver"));
 }
 
-/// A model rebuild I/O whose base-chunk reports pass through `f`.
-struct BaseReports<F> {
-    inner: ModelIo,
-    f: F,
-}
-
-impl<F: FnMut(BaseChunkProgress) -> BaseChunkProgress> CatchUpIo for BaseReports<F> {
-    fn truncate_after(&mut self, lsn: Lsn) -> Result<EntryId, TransferError> {
-        self.inner.truncate_after(lsn)
-    }
-    fn stream_wal_chunk(
-        &mut self,
-        after: Lsn,
-        up_to: Lsn,
-        max: u64,
-    ) -> Result<WalChunk, TransferError> {
-        self.inner.stream_wal_chunk(after, up_to, max)
-    }
-    fn barrier(&mut self, target: Lsn) -> Result<Lsn, TransferError> {
-        self.inner.barrier(target)
-    }
-}
-
-impl<F: FnMut(BaseChunkProgress) -> BaseChunkProgress> RebuildIo for BaseReports<F> {
-    fn begin_base(&mut self, base: &BaseRequest) -> Result<u64, TransferError> {
-        self.inner.begin_base(base)
-    }
-    fn transfer_base_chunk(&mut self, max: u64) -> Result<BaseChunkProgress, TransferError> {
-        let c = self.inner.transfer_base_chunk(max)?;
-        Ok((self.f)(c))
-    }
-    fn finish_base(&mut self) -> Result<Lsn, TransferError> {
-        self.inner.finish_base()
-    }
-}
-
 fn full_base_rebuild(
     f: impl FnMut(BaseChunkProgress) -> BaseChunkProgress,
 ) -> (Result<ExecutionReport, EngineError>, MemStorage) {
@@ -231,9 +194,11 @@ fn full_base_rebuild(
         })
         .unwrap();
     let plan = driver.plan_rebuild(&rid("r1")).unwrap();
-    let mut io = BaseReports {
+    let mut io = Tamper {
         inner: ModelIo::new(storage.clone(), Arc::new(Mutex::new(ModelReplica::new()))),
-        f,
+        wal: |c| c,
+        base: f,
+        announce: None,
     };
     let r = RebuildExecutor::new(&driver, plan)
         .with_options(ExecutorOptions {

@@ -9,47 +9,8 @@ use std::sync::{Arc, Mutex};
 use engine::testing::{MemStorage, ModelIo, ModelReplica};
 use engine::*;
 
-fn rid(s: &str) -> ReplicaId {
-    ReplicaId::new(s).unwrap()
-}
-
-fn ep(addr: &str, v: u64) -> Endpoint {
-    Endpoint::new(format!("{addr}:1"), format!("{addr}:2"), v)
-}
-
-fn intent(
-    epoch: u64,
-    replicas: &[(&str, &str, u64)],
-    targets: &[(&str, SessionKind)],
-) -> AssignmentIntent {
-    AssignmentIntent {
-        replicas: replicas
-            .iter()
-            .map(|(id, addr, v)| ReplicaAssignment {
-                replica_id: rid(id),
-                endpoint: ep(addr, *v),
-            })
-            .collect(),
-        epoch: Epoch(epoch),
-        recovery_targets: targets.iter().map(|(id, k)| (rid(id), *k)).collect(),
-        catch_up_budget: None,
-    }
-}
-
-/// A primary with `n` entries committed, and a driver over it.
-fn primary(n: u64) -> (MemStorage, RecoveryDriver) {
-    let storage = MemStorage::new();
-    let head = storage.write_n(n);
-    storage.commit(head).unwrap();
-    let driver = RecoveryDriver::new(Arc::new(storage.clone()));
-    (storage, driver)
-}
-
-fn replica_at(storage: &MemStorage, prefix: u64) -> Arc<Mutex<ModelReplica>> {
-    Arc::new(Mutex::new(
-        ModelReplica::from_primary(storage, Lsn(prefix)).unwrap(),
-    ))
-}
+mod common;
+use common::compact::{Tamper, ep, failure, intent, primary, replica_at, rid};
 
 fn catch_up_target(driver: &RecoveryDriver, epoch: u64) {
     driver
@@ -60,15 +21,6 @@ fn catch_up_target(driver: &RecoveryDriver, epoch: u64) {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-}
-
-fn failure(r: Result<ExecutionReport>) -> (ExecFailure, ExecutionReport) {
-    match r {
-        Err(EngineError::ExecutionFailed {
-            failure, report, ..
-        }) => (*failure, *report),
-        other => panic!("expected an execution failure, got {other:?}"),
-    }
 }
 
 fn sender(driver: &RecoveryDriver, id: &str) -> Arc<Sender> {
@@ -307,53 +259,6 @@ fn progress_deadline_spares_chunks_within_it() {
 // 4. Reports from the I/O are trusted.
 // ---------------------------------------------------------------------------------------------
 
-/// Wraps a real model I/O and rewrites what it reports.
-struct Tamper<F, G> {
-    inner: ModelIo,
-    wal: F,
-    base: G,
-    announce: Option<u64>,
-}
-
-impl<F: FnMut(WalChunk) -> WalChunk, G: FnMut(BaseChunkProgress) -> BaseChunkProgress> CatchUpIo
-    for Tamper<F, G>
-{
-    fn truncate_after(&mut self, lsn: Lsn) -> std::result::Result<EntryId, TransferError> {
-        self.inner.truncate_after(lsn)
-    }
-    fn stream_wal_chunk(
-        &mut self,
-        after: Lsn,
-        up_to: Lsn,
-        max_entries: u64,
-    ) -> std::result::Result<WalChunk, TransferError> {
-        let c = self.inner.stream_wal_chunk(after, up_to, max_entries)?;
-        Ok((self.wal)(c))
-    }
-    fn barrier(&mut self, target: Lsn) -> std::result::Result<Lsn, TransferError> {
-        self.inner.barrier(target)
-    }
-}
-
-impl<F: FnMut(WalChunk) -> WalChunk, G: FnMut(BaseChunkProgress) -> BaseChunkProgress> RebuildIo
-    for Tamper<F, G>
-{
-    fn begin_base(&mut self, base: &BaseRequest) -> std::result::Result<u64, TransferError> {
-        let size = self.inner.begin_base(base)?;
-        Ok(self.announce.unwrap_or(size))
-    }
-    fn transfer_base_chunk(
-        &mut self,
-        max_bytes: u64,
-    ) -> std::result::Result<BaseChunkProgress, TransferError> {
-        let c = self.inner.transfer_base_chunk(max_bytes)?;
-        Ok((self.base)(c))
-    }
-    fn finish_base(&mut self) -> std::result::Result<Lsn, TransferError> {
-        self.inner.finish_base()
-    }
-}
-
 fn tamper_wal(
     storage: &MemStorage,
     replica: &Arc<Mutex<ModelReplica>>,
@@ -571,18 +476,28 @@ fn epoch_invalidation_ends_old_proofs() {
     );
 }
 
+// The old fence left the sender at epoch 1, so a session attached at epoch 1 after the fence
+// was accepted and completed to in sync.
 #[test]
-fn epoch_invalidation_stops_a_session_from_completing() {
+fn epoch_invalidation_stops_a_late_old_epoch_session_from_completing() {
     let (_storage, driver) = primary(10);
     catch_up_target(&driver, 1);
     let s = sender(&driver, "r1");
-    let sid = s.session_id().unwrap();
-    s.begin_connect(sid).unwrap();
-    s.record_handshake(sid, Lsn(10), Lsn(10)).unwrap();
-    s.record_barrier(sid, Lsn(10)).unwrap();
     driver.orchestrator().invalidate_epoch(Epoch(2));
-    assert!(s.complete_session_by_id(sid).is_err());
-    assert_ne!(s.state(), ReplicaState::InSync);
+    let _ = s.invalidate_session("drop the fenced slot".into(), Demotion::Disconnected);
+    let late = s.attach_session(Epoch(1), SessionKind::CatchUp, SessionOptions::default());
+    if let Ok(sid) = late {
+        s.begin_connect(sid).unwrap();
+        s.record_handshake(sid, Lsn(10), Lsn(10)).unwrap();
+        s.record_barrier(sid, Lsn(10)).unwrap();
+        let _ = s.complete_session_by_id(sid);
+    }
+    assert_ne!(
+        s.state(),
+        ReplicaState::InSync,
+        "an epoch-1 session completed"
+    );
+    assert!(late.is_err());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
 //! Every test file includes this module, and no file uses all of it.
 #![allow(dead_code)]
 
+pub mod compact;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
