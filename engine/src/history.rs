@@ -564,6 +564,44 @@ mod tests {
         }
     }
 
+    #[test]
+    fn entry_ids_print_every_field() {
+        let e = EntryId {
+            lsn: Lsn(7),
+            epoch: Epoch(3),
+            checksum: 0xab,
+        };
+        assert_eq!(e.to_string(), "lsn=7 epoch=3 crc=000000ab");
+    }
+
+    /// `(tail, head, holes, checkpoint)` against the storage contract, at its boundaries.
+    #[rstest]
+    #[case(10, 20, &[], None, true)]
+    #[case(20, 20, &[], Some(20), true)]
+    #[case(21, 20, &[], None, false)]
+    #[case(10, 20, &[(10, 20)], None, true)]
+    #[case(10, 20, &[(12, 12)], None, false)]
+    #[case(10, 20, &[(13, 12)], None, false)]
+    #[case(10, 20, &[(9, 12)], None, false)]
+    #[case(10, 20, &[(12, 21)], None, false)]
+    #[case(10, 20, &[(11, 12), (15, 21)], None, false)]
+    #[case(10, 20, &[], Some(21), false)]
+    fn storage_contract_is_checked(
+        #[case] tail: u64,
+        #[case] head: u64,
+        #[case] holes: &[(u64, u64)],
+        #[case] checkpoint: Option<u64>,
+        #[case] consistent: bool,
+    ) {
+        let mut hist = h(tail, head, head);
+        hist.missing = holes
+            .iter()
+            .map(|(a, t)| LsnRange::new(Lsn(*a), Lsn(*t)))
+            .collect();
+        hist.checkpoint_lsn = checkpoint.map(Lsn);
+        assert_eq!(hist.check_consistent().is_ok(), consistent, "{hist:?}");
+    }
+
     #[rstest]
     // The reference's boundary table.
     #[case(50, 100, 50, 100, true)]
