@@ -224,19 +224,11 @@ impl Registry {
             .collect();
         if created.len() * 8 > g.senders.len() {
             // Many new senders (a new volume, a big assignment): rebuild the map from one
-            // sorted sequence, which the standard library bulk-builds in linear time,
-            // instead of one logarithmic insert each.
+            // sequence. `BTreeMap`'s `FromIterator` sorts its input (a merge of two sorted
+            // runs here, linear) and bulk-builds the tree, instead of one logarithmic insert
+            // each.
             let old = std::mem::take(&mut g.senders);
-            let mut merged = Vec::with_capacity(old.len() + created.len());
-            let mut fresh = created.into_iter().peekable();
-            for (id, sender) in old {
-                while let Some(next) = fresh.next_if(|(nid, _)| *nid < id) {
-                    merged.push(next);
-                }
-                merged.push((id, sender));
-            }
-            merged.extend(fresh);
-            g.senders = merged.into_iter().collect();
+            g.senders = old.into_iter().chain(created).collect();
         } else {
             for (id, sender) in created {
                 g.senders.insert(id, sender);
