@@ -536,3 +536,29 @@ fn stale_address_version_assignment_applies_no_role_and_keeps_the_endpoint() {
     assert_eq!(sender.endpoint().version, 2);
     assert_eq!(sender.state(), ReplicaState::InSync);
 }
+
+/// A duplicate delivery of the assignment already applied (same epoch, same address version)
+/// is not stale: it is accepted without an error and changes nothing (the sender stays in
+/// sync at its endpoint).
+#[test]
+fn duplicate_assignment_at_the_same_epoch_and_version_is_accepted() {
+    let mut svc = service_with_primary(10);
+    add_replica(&mut svc, "10.0.0.2:3260", 10);
+    let mut a = primary("pvc-test-1", 3);
+    a.addr_version = 2;
+    a.replica_server_id = "vs2".into();
+    a.replica_data_addr = "10.0.0.2:3260".into();
+    let first = svc.process_assignments(std::slice::from_ref(&a));
+    assert_eq!(first[0].error, None);
+    let again = svc.process_assignments(&[a]);
+    assert_eq!(again[0].error, None, "a duplicate delivery was refused");
+    let sender = svc
+        .orchestrator("pvc-test-1")
+        .unwrap()
+        .registry()
+        .sender(&rid("pvc-test-1/vs2"))
+        .unwrap();
+    assert_eq!(sender.state(), ReplicaState::InSync);
+    assert_eq!(sender.epoch(), engine::Epoch(3));
+    assert_eq!(svc.local_server_id(), "vs1");
+}

@@ -231,3 +231,28 @@ fn rebuild_is_not_declined_for_a_copy_behind_the_primary_with_a_divergent_tip() 
     let (rec, svc) = deliver(&p, copy_ending_with(&p, mine));
     assert_rebuilt("divergent tip behind the primary", &p, &rec, &svc);
 }
+
+/// A copy behind the primary whose tip matches (a gap the primary's retained WAL covers) is
+/// declined too: the primary's catch-up brings it the rest.
+#[test]
+fn rebuild_is_declined_for_a_copy_behind_the_primary_with_a_matching_tip() {
+    let p = model_primary();
+    let copy = ModelReplica::from_primary(&p, Lsn(COMMITTED - 3)).unwrap();
+    let (rec, svc) = deliver(&p, copy.clone());
+    assert!(
+        matches!(rec, RecoveryRecord::RebuildNotNeeded(_)),
+        "a copy behind with a matching tip was not declined: {rec:?}"
+    );
+    assert_eq!(*svc.backend().local.lock().unwrap(), copy);
+}
+
+/// A copy ahead of the primary's committed point holds entries the primary never committed: it
+/// is rebuilt, not declined.
+#[test]
+fn rebuild_is_not_declined_for_a_copy_ahead_of_the_primary() {
+    let p = model_primary();
+    let mut copy = ModelReplica::from_primary(&p, Lsn(COMMITTED)).unwrap();
+    copy.append_divergent(2, Epoch(1));
+    let (rec, svc) = deliver(&p, copy);
+    assert_rebuilt("a copy ahead of committed", &p, &rec, &svc);
+}
