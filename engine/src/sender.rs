@@ -171,34 +171,31 @@ impl Sender {
     /// `in_sync` (or connecting / catching up) also becomes `disconnected`: its proof belonged
     /// to the old epoch (the reference left it `in_sync`).
     pub fn update_epoch(&self, epoch: Epoch) -> Option<Invalidation> {
-        let mut g = self.lock();
-        let old = g.epoch;
-        self.epoch_locked(
-            &mut g,
-            epoch,
-            InvalidateReason::EpochAdvanced {
-                from: old,
-                to: epoch,
-            },
-        )
+        self.raise_epoch(epoch).ok().flatten()
     }
 
     /// What `Registry::invalidate_epoch` does to one sender: like
     /// [`update_epoch`](Self::update_epoch), with the reason `epoch_bump`.
     pub(crate) fn fence_epoch(&self, epoch: Epoch) -> Option<Invalidation> {
         let mut g = self.lock();
-        self.epoch_locked(&mut g, epoch, InvalidateReason::EpochBump)
+        self.epoch_locked(&mut g, epoch, true)
     }
 
-    fn epoch_locked(
-        &self,
-        g: &mut SenderInner,
-        epoch: Epoch,
-        reason: InvalidateReason,
-    ) -> Option<Invalidation> {
+    /// Raises the epoch under the lock. A session of an older epoch is invalidated with
+    /// `epoch_bump` when `fence` (a volume-wide fence), `epoch_advanced_<old>_to_<new>`
+    /// otherwise.
+    fn epoch_locked(&self, g: &mut SenderInner, epoch: Epoch, fence: bool) -> Option<Invalidation> {
         if g.stopped || epoch <= g.epoch {
             return None;
         }
+        let reason = if fence {
+            InvalidateReason::EpochBump
+        } else {
+            InvalidateReason::EpochAdvanced {
+                from: g.epoch,
+                to: epoch,
+            }
+        };
         g.epoch = epoch;
         let stale = g.session.as_ref().is_some_and(|s| s.epoch < epoch);
         if stale {
@@ -272,15 +269,7 @@ impl Sender {
             });
         }
         out.extend(self.endpoint_locked(&mut g, endpoint));
-        let old = g.epoch;
-        out.extend(self.epoch_locked(
-            &mut g,
-            epoch,
-            InvalidateReason::EpochAdvanced {
-                from: old,
-                to: epoch,
-            },
-        ));
+        out.extend(self.epoch_locked(&mut g, epoch, false));
         Ok(())
     }
 
@@ -393,15 +382,7 @@ impl Sender {
                 replica: self.replica_id.clone(),
             });
         }
-        let old = g.epoch;
-        Ok(self.epoch_locked(
-            &mut g,
-            epoch,
-            InvalidateReason::EpochAdvanced {
-                from: old,
-                to: epoch,
-            },
-        ))
+        Ok(self.epoch_locked(&mut g, epoch, false))
     }
 
     /// The state a demotion leads to: a sender that needs a rebuild keeps needing one.

@@ -26,7 +26,8 @@ impl SessionIdSource {
         Self::default()
     }
 
-    /// The next ID. IDs start at 1 and never repeat (the counter saturates rather than wrap).
+    /// The next ID. IDs start at 1 and do not repeat before the 64-bit counter wraps (which
+    /// cannot happen in practice; if it did, zero would be skipped).
     pub fn next_id(&self) -> SessionId {
         let prev = self.last.fetch_add(1, Ordering::Relaxed);
         // 2^64 sessions cannot be created in practice; should the counter ever wrap, zero is
