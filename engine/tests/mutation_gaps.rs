@@ -238,3 +238,39 @@ fn base_chunk_reporting_nothing_is_refused() {
     }
     assert_eq!(storage.pins_outstanding(), 0);
 }
+
+// The registry's reporting: removals are listed, emptiness and stop_all say what they did.
+#[test]
+fn registry_reports_removals_emptiness_and_stops() {
+    let reg = Registry::new();
+    assert!(reg.is_empty());
+    let one = |ids: &[&str], targets: &[&str]| AssignmentIntent {
+        replicas: ids
+            .iter()
+            .map(|id| ReplicaAssignment {
+                replica_id: rid(id),
+                endpoint: Endpoint::new("a:1", "a:2", 1),
+            })
+            .collect(),
+        epoch: Epoch(1),
+        recovery_targets: targets
+            .iter()
+            .map(|id| (rid(id), SessionKind::CatchUp))
+            .collect(),
+        catch_up_budget: None,
+    };
+    reg.apply_assignment(&one(&["r1", "r2"], &["r1", "r2"]))
+        .unwrap();
+    assert!(!reg.is_empty());
+    let r2 = reg.sender(&rid("r2")).unwrap();
+    let res = reg.apply_assignment(&one(&["r1"], &[])).unwrap();
+    assert_eq!(res.removed, vec![rid("r2")]);
+    assert!(r2.stopped(), "a removed sender is stopped");
+    let r1 = reg.sender(&rid("r1")).unwrap();
+    let sid = r1.session_id().unwrap();
+    let stopped = reg.stop_all();
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(stopped[0].session_id, sid);
+    assert!(r1.stopped());
+    assert_eq!(reg.len(), 1, "stopped senders stay registered");
+}
