@@ -274,3 +274,27 @@ fn registry_reports_removals_emptiness_and_stops() {
     assert!(r1.stopped());
     assert_eq!(reg.len(), 1, "stopped senders stay registered");
 }
+
+// A rebuild completes only once the replica reported its data durable at the target: a
+// barrier below it is not enough.
+#[test]
+fn rebuild_needs_a_barrier_at_its_target() {
+    let s = Sender::new(rid("r1"), Endpoint::new("a:1", "a:2", 1), Epoch(1));
+    let sid = s
+        .attach_session(Epoch(1), SessionKind::Rebuild, SessionOptions::default())
+        .unwrap();
+    s.begin_connect(sid).unwrap();
+    s.record_handshake(sid, Lsn(0), Lsn(100)).unwrap();
+    s.select_rebuild_source(sid, None, false, Lsn(100)).unwrap();
+    s.begin_rebuild_transfer(sid).unwrap();
+    s.record_rebuild_transfer_progress(sid, Lsn(100)).unwrap();
+    s.record_barrier(sid, Lsn(99)).unwrap();
+    assert!(matches!(
+        s.complete_rebuild(sid),
+        Err(EngineError::BarrierMissing { .. })
+    ));
+    assert_ne!(s.state(), ReplicaState::InSync);
+    s.record_barrier(sid, Lsn(100)).unwrap();
+    s.complete_rebuild(sid).unwrap();
+    assert_eq!(s.state(), ReplicaState::InSync);
+}
