@@ -35,3 +35,15 @@ fn a_fenced_replica_at_the_same_epoch_accepts_its_primarys_entries() {
     assert_eq!(chunk.applied_to, head);
     assert_eq!(vol.status().role, blockvol::Role::Replica);
 }
+
+/// The bridge's handles print what they are (they end up in logs and assertion messages).
+#[test]
+fn storage_and_replica_handles_print_their_type() {
+    let dir = tempdir();
+    let (_p, storage) = primary(dir.path());
+    assert!(format!("{storage:?}").starts_with("BlockVolStorage"));
+    let mut h = harness();
+    h.add_replica("r1", lsn(0)).unwrap();
+    let r = h.replica("r1").unwrap();
+    assert!(format!("{r:?}").starts_with("LocalReplica"));
+}
