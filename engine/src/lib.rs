@@ -14,6 +14,41 @@
 //! three ([`testing`]) and an exported conformance suite ([`conformance`]) that any
 //! implementation can run.
 //!
+//! A replica 30 entries behind recovers by catch-up (the in-memory store of the `testing`
+//! feature stands in for a volume; `examples/in_memory.rs` prints every step):
+//!
+//! ```
+//! # #[cfg(feature = "testing")] {
+//! use std::sync::{Arc, Mutex};
+//! use engine::testing::{MemStorage, ModelIo, ModelReplica};
+//! use engine::*;
+//!
+//! let primary = MemStorage::new();
+//! let head = primary.write_n(100);
+//! primary.commit(head).unwrap();
+//! let replica = Arc::new(Mutex::new(ModelReplica::from_primary(&primary, Lsn(70)).unwrap()));
+//!
+//! let driver = RecoveryDriver::new(Arc::new(primary.clone()));
+//! let id = ReplicaId::new("vol1/server-b").unwrap();
+//! driver.orchestrator().process_assignment(&AssignmentIntent {
+//!     replicas: vec![ReplicaAssignment {
+//!         replica_id: id.clone(),
+//!         endpoint: Endpoint::new("10.0.0.2:3260", "10.0.0.2:3261", 1),
+//!     }],
+//!     epoch: Epoch(1),
+//!     recovery_targets: [(id.clone(), SessionKind::CatchUp)].into(),
+//!     catch_up_budget: None,
+//! }).unwrap();
+//!
+//! let plan = driver.plan_recovery(&id, replica.lock().unwrap().handshake()).unwrap();
+//! assert_eq!(plan.outcome, Outcome::CatchUp);
+//! let mut io = ModelIo::new(primary.clone(), Arc::clone(&replica));
+//! let report = CatchUpExecutor::new(&driver, plan).execute(&mut io).unwrap();
+//! assert_eq!((report.entries_applied, report.final_state), (30, ReplicaState::InSync));
+//! assert_eq!(primary.pins_outstanding(), 0);
+//! # }
+//! ```
+//!
 //! Layers, bottom up:
 //! - [`types`]: newtypes (`Lsn`, `Epoch`, `SessionId`, `ReplicaId`, `Tick`) and state enums.
 //! - [`budget`], [`rebuild`], [`outcome`], [`history`]: pure decision logic.
