@@ -5,6 +5,34 @@
 //!
 //! The byte-level format is documented in `docs/format.md` (kept true by `tests/format_doc.rs`).
 //!
+//! A volume's life in brief: create, write (each write is one WAL entry with its LSN), make it
+//! durable, read it back, close, reopen (recovery replays the WAL), and compare digests:
+//!
+//! ```
+//! use blockvol::{CreateOptions, OpenOptions, Volume};
+//!
+//! # fn main() -> blockvol::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("vol1.img");
+//! let create = CreateOptions {
+//!     volume_size_bytes: 1 << 20,
+//!     wal_size_bytes: 256 << 10,
+//!     block_size: 4096,
+//! };
+//! let vol = Volume::create(&path, &create, &OpenOptions::manual())?;
+//! let lsn = vol.write(3, &[7u8; 4096])?;
+//! assert_eq!(vol.sync()?, lsn); // durable from here on, whatever crashes
+//! assert_eq!(vol.read(3, 1)?, vec![7u8; 4096]);
+//! let before = vol.digest()?;
+//! vol.close()?;
+//!
+//! let vol = Volume::open(&path, &OpenOptions::manual())?;
+//! assert_eq!(vol.status().head, lsn);
+//! assert_eq!(vol.digest()?, before);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Modules
 //!
 //! - [`types`]: `Lsn`, `Geometry`, `Role`, `EntryInfo`, `Digest`, options and `Status`.

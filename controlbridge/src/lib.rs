@@ -8,6 +8,34 @@
 //!   through a [`VolumeBackend`] (blockvol + v2bridge in this workspace).
 //!
 //! This crate depends on the engine only.
+//!
+//! A primary assignment with two replicas, one of them without a server ID: identity comes
+//! from the stable server ID, so the replica without one is left out with a reason, never
+//! keyed by its address.
+//!
+//! ```
+//! use controlbridge::{BlockRole, BlockVolumeAssignment, ControlBridge, ReplicaAddr};
+//!
+//! let replica = |data: &str, id: &str| ReplicaAddr {
+//!     data_addr: data.into(),
+//!     ctrl_addr: format!("{data}-ctrl"),
+//!     server_id: id.into(),
+//! };
+//! let a = BlockVolumeAssignment {
+//!     path: "vol1".into(),
+//!     epoch: 3,
+//!     role: BlockRole::Primary.to_wire(),
+//!     lease_ttl_ms: 30_000,
+//!     replica_addrs: vec![replica("10.0.0.2:3260", "vs2"), replica("10.0.0.3:3260", "")],
+//!     ..BlockVolumeAssignment::default()
+//! };
+//! let c = ControlBridge.convert_assignment(&a, "vs1").unwrap();
+//! assert_eq!(c.role, BlockRole::Primary);
+//! assert_eq!(c.intent.epoch, engine::Epoch(3));
+//! let ids: Vec<&str> = c.intent.replicas.iter().map(|r| r.replica_id.as_str()).collect();
+//! assert_eq!(ids, ["vol1/vs2"]);
+//! assert_eq!(c.skipped.len(), 1);
+//! ```
 #![warn(missing_docs)]
 
 mod assignment;
