@@ -3,8 +3,8 @@
 //! [`StorageAdapter`](crate::StorageAdapter)) and data transfer ([`TransferError`], from the
 //! executors' I/O traits). The engine performs no I/O, so none of them wraps `std::io::Error`.
 
-use crate::executor::{ExecFailure, ExecutionReport};
 use crate::rebuild::RebuildPhase;
+use crate::report::{ExecFailure, ExecutionReport};
 use crate::types::{Epoch, Lsn, ReplicaId, SessionId, SessionKind, SessionPhase};
 
 /// Shorthand for results whose error is [`EngineError`].

@@ -54,7 +54,9 @@
 //! - [`budget`], [`rebuild`], [`outcome`], [`history`]: pure decision logic.
 //! - [`session`], [`sender`]: one replica's authority and its session.
 //! - [`registry`], [`orchestrator`], [`observe`]: one volume's senders, assignments, event log.
-//! - [`adapter`], [`driver`], [`executor`]: storage contract, planning with pins, execution.
+//! - [`adapter`], [`driver`], [`executor`]: storage contract, planning with pins, execution
+//!   (what an execution reports lives in a private module below the error type, so
+//!   [`error`] does not depend on the executors).
 #![warn(missing_docs)]
 
 pub mod adapter;
@@ -68,6 +70,7 @@ pub mod orchestrator;
 pub mod outcome;
 pub mod rebuild;
 pub mod registry;
+mod report;
 pub mod sender;
 pub mod session;
 mod sync;
