@@ -7,7 +7,7 @@ use engine::testing::{MemStorage, ModelIo, ModelReplica};
 use engine::*;
 
 mod common;
-use common::compact::{Tamper, rid};
+use common::compact::{Tamper, intent, rid};
 
 fn catch_up_driver(storage: &MemStorage) -> RecoveryDriver {
     let driver = RecoveryDriver::new(Arc::new(storage.clone()));
@@ -16,18 +16,14 @@ fn catch_up_driver(storage: &MemStorage) -> RecoveryDriver {
 }
 
 fn assign(driver: &RecoveryDriver, budget: Option<CatchUpBudget>) {
-    driver
-        .orchestrator()
-        .process_assignment(&AssignmentIntent {
-            replicas: vec![ReplicaAssignment {
-                replica_id: rid("r1"),
-                endpoint: Endpoint::new("a:1", "a:2", 1),
-            }],
-            epoch: Epoch(1),
-            recovery_targets: [(rid("r1"), SessionKind::CatchUp)].into_iter().collect(),
-            catch_up_budget: budget,
-        })
-        .unwrap();
+    assign_kind(driver, SessionKind::CatchUp, budget);
+}
+
+/// Assigns `r1` at epoch 1 with a session of `kind`.
+fn assign_kind(driver: &RecoveryDriver, kind: SessionKind, budget: Option<CatchUpBudget>) {
+    let mut i = intent(1, &[("r1", "a", 1)], &[("r1", kind)]);
+    i.catch_up_budget = budget;
+    driver.orchestrator().process_assignment(&i).unwrap();
 }
 
 fn primary(n: u64) -> MemStorage {
@@ -181,18 +177,7 @@ fn full_base_rebuild(
 ) -> (Result<ExecutionReport, EngineError>, MemStorage) {
     let storage = primary(40);
     let driver = RecoveryDriver::new(Arc::new(storage.clone()));
-    driver
-        .orchestrator()
-        .process_assignment(&AssignmentIntent {
-            replicas: vec![ReplicaAssignment {
-                replica_id: rid("r1"),
-                endpoint: Endpoint::new("a:1", "a:2", 1),
-            }],
-            epoch: Epoch(1),
-            recovery_targets: [(rid("r1"), SessionKind::Rebuild)].into_iter().collect(),
-            catch_up_budget: None,
-        })
-        .unwrap();
+    assign_kind(&driver, SessionKind::Rebuild, None);
     let plan = driver.plan_rebuild(&rid("r1")).unwrap();
     let mut io = Tamper {
         inner: ModelIo::new(storage.clone(), Arc::new(Mutex::new(ModelReplica::new()))),
