@@ -78,7 +78,11 @@ impl WalScan {
         Lsn(self.next)
     }
 
-    fn read_next(&mut self) -> Result<WalEntry> {
+    /// Reads the entry at `self.next` from the ring into `out[start..]` and checks it: the
+    /// scan is still valid and the entry retained, its header decodes with this ring's stamp,
+    /// LSN and kind as the index expects, and its content checksum matches. The one check both
+    /// `next` and `next_encoded` rely on; returns the decoded header.
+    fn read_checked(&self, out: &mut Vec<u8>, start: usize) -> Result<EntryHeader> {
         let lsn = self.next;
         let (e, file_off) = {
             let s = &self.shared;
@@ -98,9 +102,8 @@ impl WalScan {
             let Some(e) = st.entry(lsn).copied() else {
                 return Err(BlockVolError::ScanInvalidated { at: Lsn(lsn) });
             };
-            self.buf
-                .resize(ENTRY_HEADER_SIZE + e.payload_len as usize, 0);
-            s.read_wal(e.pos, &mut self.buf)?;
+            out.resize(start + ENTRY_HEADER_SIZE + e.payload_len as usize, 0);
+            s.read_wal(e.pos, &mut out[start..])?;
             (e, s.wal_file_off(e.pos))
         };
         let corrupt = |detail: String| BlockVolError::Corrupt {
@@ -109,21 +112,31 @@ impl WalScan {
             lsn: Some(Lsn(lsn)),
             detail,
         };
-        let h = EntryHeader::decode(&self.buf, ENTRY_MAGIC_DISK).map_err(&corrupt)?;
+        let buf = &out[start..];
+        let h = EntryHeader::decode(buf, ENTRY_MAGIC_DISK).map_err(&corrupt)?;
         if h.generation != self.stamp || h.lsn != lsn || h.kind != e.kind {
             return Err(corrupt(format!(
                 "header names lsn {} kind {:#04x}; the index expects lsn {lsn} kind {:#04x}",
                 h.lsn, h.kind, e.kind
             )));
         }
-        let payload = &self.buf[ENTRY_HEADER_SIZE..];
-        let crc = content_crc(h.kind, h.lba, header_count(&h), payload);
+        let crc = content_crc(h.kind, h.lba, header_count(&h), &buf[ENTRY_HEADER_SIZE..]);
         if crc != h.content_crc {
             return Err(corrupt(format!(
                 "content checksum mismatch: stored {:#010x}, computed {crc:#010x}",
                 h.content_crc
             )));
         }
+        Ok(h)
+    }
+
+    fn read_next(&mut self) -> Result<WalEntry> {
+        let lsn = self.next;
+        let mut buf = std::mem::take(&mut self.buf);
+        let checked = self.read_checked(&mut buf, 0);
+        self.buf = buf;
+        let h = checked?;
+        let payload = &self.buf[ENTRY_HEADER_SIZE..];
         let kind = match h.kind {
             KIND_WRITE => EntryKind::Write {
                 lba: h.lba,
@@ -171,49 +184,8 @@ impl WalScan {
 
     fn read_encoded(&mut self, out: &mut Vec<u8>, start: usize) -> Result<EntryInfo> {
         let lsn = self.next;
-        let (e, file_off) = {
-            let s = &self.shared;
-            let st = s.lock_state();
-            if st.closed {
-                return Err(BlockVolError::Closed);
-            }
-            if st.lineage != self.lineage {
-                return Err(BlockVolError::ScanInvalidated { at: Lsn(lsn) });
-            }
-            if lsn <= st.tail {
-                return Err(BlockVolError::Recycled {
-                    requested: Lsn(lsn),
-                    retained_start: Lsn(st.tail + 1),
-                });
-            }
-            let Some(e) = st.entry(lsn).copied() else {
-                return Err(BlockVolError::ScanInvalidated { at: Lsn(lsn) });
-            };
-            out.resize(start + ENTRY_HEADER_SIZE + e.payload_len as usize, 0);
-            s.read_wal(e.pos, &mut out[start..])?;
-            (e, s.wal_file_off(e.pos))
-        };
-        let corrupt = |detail: String| BlockVolError::Corrupt {
-            region: "wal",
-            offset: file_off,
-            lsn: Some(Lsn(lsn)),
-            detail,
-        };
+        let mut h = self.read_checked(out, start)?;
         let buf = &mut out[start..];
-        let mut h = EntryHeader::decode(buf, ENTRY_MAGIC_DISK).map_err(&corrupt)?;
-        if h.generation != self.stamp || h.lsn != lsn || h.kind != e.kind {
-            return Err(corrupt(format!(
-                "header names lsn {} kind {:#04x}; the index expects lsn {lsn} kind {:#04x}",
-                h.lsn, h.kind, e.kind
-            )));
-        }
-        let crc = content_crc(h.kind, h.lba, header_count(&h), &buf[ENTRY_HEADER_SIZE..]);
-        if crc != h.content_crc {
-            return Err(corrupt(format!(
-                "content checksum mismatch: stored {:#010x}, computed {crc:#010x}",
-                h.content_crc
-            )));
-        }
         // The wire header: zero stamp and durable hint; a write records its payload as one
         // span (the receiver derives the block count from its own geometry).
         h.generation = 0;
