@@ -66,6 +66,9 @@ pub struct RecoveryPlan {
 /// planned again.
 #[derive(Debug, Default)]
 struct PlanGuard {
+    /// The orchestrator and the plan's session. The session ID is kept here, privately, and
+    /// not read from the plan's public `session_id` field, which a caller could overwrite to
+    /// make the drop fence someone else's session.
     armed: Option<(std::sync::Arc<RecoveryOrchestrator>, SessionId)>,
     reason: Option<InvalidateReason>,
 }
@@ -210,7 +213,8 @@ impl RecoveryDriver {
         inv.is_some()
     }
 
-    /// One history snapshot, refused when it breaks the storage contract.
+    /// One history snapshot, refused when it breaks the storage contract (for rebuild plans,
+    /// which do not go through the orchestrator's handshake).
     fn history(&self) -> Result<RetainedHistory> {
         let history = self
             .storage
@@ -294,10 +298,17 @@ impl RecoveryDriver {
     ) -> Result<RecoveryPlan> {
         let replica = replica.into();
         let replica_flushed = replica.flushed;
-        let history = self.history()?;
+        // One history snapshot and the primary's entry at F, both checked by the orchestrator
+        // (storage contract, anchor at F) before anything is decided from them.
+        let history = self
+            .storage
+            .get_retained_history()
+            .map_err(EngineError::HistoryUnavailable)?;
         let verified = replica.tip.is_some();
         let primary_at_flushed = if verified && replica_flushed <= history.committed_lsn {
-            self.entry_at(replica_flushed)?
+            self.storage
+                .entry_id(replica_flushed)
+                .map_err(EngineError::HistoryUnavailable)?
         } else {
             None
         };
