@@ -6,28 +6,14 @@
 //! Run: `cargo run --example primary_and_replica`.
 
 use blockvol::{CreateOptions, OpenOptions};
-use controlbridge::{BlockVolumeAssignment, RecoveryRecord, ReplicaAddr};
+use controlbridge::{BlockVolumeAssignment, RecoveryRecord};
 use swblock::cluster::{Fabric, server};
 
 const VOLUME: &str = "vol1";
 
 /// The master's assignment of `VOLUME` at `epoch`: `role` 1 is primary, 2 replica.
 fn assignment(epoch: u64, role: u32, replicas: &[&str]) -> BlockVolumeAssignment {
-    BlockVolumeAssignment {
-        path: VOLUME.into(),
-        epoch,
-        role,
-        lease_ttl_ms: 30_000,
-        replica_addrs: replicas
-            .iter()
-            .map(|r| ReplicaAddr {
-                data_addr: format!("{r}:3260"),
-                ctrl_addr: format!("{r}:3261"),
-                server_id: (*r).to_owned(),
-            })
-            .collect(),
-        ..BlockVolumeAssignment::default()
-    }
+    swblock::cluster::assignment(VOLUME, epoch, role, replicas)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use blockvol::{CreateOptions, FlushGate, OpenOptions, Role, Volume};
-use controlbridge::{BackendError, BlockRole, BlockService, Route, VolumeBackend};
+use controlbridge::{
+    BackendError, BlockRole, BlockService, BlockVolumeAssignment, ReplicaAddr, Route, VolumeBackend,
+};
 use engine::{Endpoint, Epoch, ReplicaHandshake, SessionId, StorageAdapter};
 use v2bridge::convert::{handshake, to_engine};
 use v2bridge::{BlockVolStorage, BridgeIo, Lineage, LocalReplica, ReplicaTarget};
@@ -331,4 +333,24 @@ pub fn server(
         server_id,
         DataDirBackend::new(cfg, Arc::clone(fabric)),
     ))
+}
+
+/// The master's assignment of `volume` at `epoch` with wire role `role` (1 primary, 2 replica,
+/// 4 rebuilding), listing `replicas` by server ID at the addresses [`server`] gives them.
+pub fn assignment(volume: &str, epoch: u64, role: u32, replicas: &[&str]) -> BlockVolumeAssignment {
+    BlockVolumeAssignment {
+        path: volume.into(),
+        epoch,
+        role,
+        lease_ttl_ms: 30_000,
+        replica_addrs: replicas
+            .iter()
+            .map(|r| ReplicaAddr {
+                data_addr: format!("{r}:3260"),
+                ctrl_addr: format!("{r}:3261"),
+                server_id: (*r).to_owned(),
+            })
+            .collect(),
+        ..BlockVolumeAssignment::default()
+    }
 }

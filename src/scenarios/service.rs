@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use blockvol::{CreateOptions, OpenOptions, RetentionPolicy, Volume};
-use controlbridge::{BlockVolumeAssignment, RecoveryRecord, ReplicaAddr};
+use controlbridge::{BlockVolumeAssignment, RecoveryRecord};
 use engine::ReplicaState;
 use engine::conformance::ScenarioReport;
 use v2bridge::harness::block_pattern;
@@ -71,21 +71,7 @@ impl Cluster {
     }
 
     fn assignment(&self, role: u32, replicas: &[&str]) -> BlockVolumeAssignment {
-        BlockVolumeAssignment {
-            path: VOLUME.into(),
-            epoch: self.epoch,
-            role,
-            lease_ttl_ms: 30_000,
-            replica_addrs: replicas
-                .iter()
-                .map(|r| ReplicaAddr {
-                    data_addr: format!("{r}:3260"),
-                    ctrl_addr: format!("{r}:3261"),
-                    server_id: (*r).to_owned(),
-                })
-                .collect(),
-            ..BlockVolumeAssignment::default()
-        }
+        crate::cluster::assignment(VOLUME, self.epoch, role, replicas)
     }
 
     /// Sends each replica its replica role, then the primary its assignment; returns the
