@@ -356,14 +356,13 @@ impl<B: VolumeBackend> BlockService<B> {
             Ok(p) => p,
             Err(e) => return RecoveryRecord::Failed(e.to_string()),
         };
-        match plan.outcome {
+        match plan.outcome() {
             Outcome::ZeroGap => RecoveryRecord::ZeroGap,
             Outcome::NeedsRebuild => RecoveryRecord::NeedsRebuild,
             Outcome::CatchUp => {
-                let mut plan = plan;
                 let route = Route::Push { endpoint };
-                match self.plan_io(&driver, volume, route, sender.epoch(), &mut plan) {
-                    Ok(mut io) => {
+                match self.plan_io(&driver, volume, route, sender.epoch(), plan) {
+                    Ok((mut io, plan)) => {
                         let backend = &mut self.backend;
                         executed(
                             CatchUpExecutor::new(&driver, plan)
@@ -405,13 +404,13 @@ impl<B: VolumeBackend> BlockService<B> {
             return RecoveryRecord::RebuildNotNeeded(reason);
         }
         let driver = RecoveryDriver::with_orchestrator(Arc::clone(orch), storage);
-        let mut plan = match driver.plan_rebuild(id) {
+        let plan = match driver.plan_rebuild(id) {
             Ok(p) => p,
             Err(e) => return RecoveryRecord::Failed(e.to_string()),
         };
         let route = Route::Pull { rebuild_addr };
-        match self.plan_io(&driver, volume, route, sender.epoch(), &mut plan) {
-            Ok(mut io) => {
+        match self.plan_io(&driver, volume, route, sender.epoch(), plan) {
+            Ok((mut io, plan)) => {
                 let backend = &mut self.backend;
                 executed(
                     RebuildExecutor::new(&driver, plan)
@@ -429,12 +428,12 @@ impl<B: VolumeBackend> BlockService<B> {
     /// without a base image: zero gap, or a gap within retention with no hole.
     fn rebuild_not_needed(&mut self, volume: &str, storage: &dyn StorageAdapter) -> Option<String> {
         let hs = self.backend.local_handshake(volume)?;
-        let tip = hs.tip.filter(|_| !hs.incomplete)?;
+        let tip = hs.tip().filter(|_| !hs.is_incomplete())?;
         let history = storage.get_retained_history().ok()?;
-        if hs.flushed > history.committed_lsn {
+        if hs.flushed() > history.committed_lsn {
             return None;
         }
-        let primary = storage.entry_id(hs.flushed).ok()??;
+        let primary = storage.entry_id(hs.flushed()).ok()??;
         if primary != tip {
             return None;
         }
@@ -450,17 +449,18 @@ impl<B: VolumeBackend> BlockService<B> {
         volume: &str,
         route: Route<'_>,
         epoch: Epoch,
-        plan: &mut RecoveryPlan,
-    ) -> Result<B::Io, RecoveryRecord> {
-        let Some(sid) = plan.session_id else {
+        plan: RecoveryPlan,
+    ) -> Result<(B::Io, RecoveryPlan), RecoveryRecord> {
+        let Some(sid) = plan.session_id() else {
             return Err(RecoveryRecord::Failed("plan without a session".into()));
         };
-        self.backend
-            .transfer_io(volume, route, epoch, sid)
-            .map_err(|e| {
+        match self.backend.transfer_io(volume, route, epoch, sid) {
+            Ok(io) => Ok((io, plan)),
+            Err(e) => {
                 driver.cancel_plan(plan, "transport_unavailable");
-                RecoveryRecord::Failed(e.to_string())
-            })
+                Err(RecoveryRecord::Failed(e.to_string()))
+            }
+        }
     }
 }
 

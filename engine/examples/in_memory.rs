@@ -44,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // the plan: here a catch-up of (70, 100], with the primary's WAL pinned.
     let handshake = replica.lock().map_err(|_| "poisoned")?.handshake();
     let plan = driver.plan_recovery(&id, handshake)?;
-    println!("plan: {} with {} pin(s)", plan.outcome, plan.pins_held());
+    println!("plan: {} with {} pin(s)", plan.outcome(), plan.pins_held());
 
     // The executor moves the entries through the I/O, in chunks, then a durability barrier.
     let mut io = ModelIo::new(primary.clone(), Arc::clone(&replica));

@@ -178,12 +178,12 @@ impl<H: Harness> Ctx<H> {
 
     fn plan(&mut self, name: &str) -> Result<RecoveryPlan, String> {
         let hs = self.h.replica_handshake(name)?;
-        ensure(hs.tip.is_some(), || {
+        ensure(hs.tip().is_some(), || {
             format!("{name} reported no tip identity")
         })?;
         self.driver
             .plan_recovery(&replica_id(name), hs)
-            .map_err(|e| format!("plan_recovery({name}, F={}): {e}", hs.flushed))
+            .map_err(|e| format!("plan_recovery({name}, F={}): {e}", hs.flushed()))
     }
 
     /// I/O for the plan's session, at the sender's epoch.
@@ -194,7 +194,7 @@ impl<H: Harness> Ctx<H> {
             .sender(&replica_id(name))
             .map_err(|e| e.to_string())?;
         let session = plan
-            .session_id
+            .session_id()
             .ok_or_else(|| format!("plan for {name} has no session"))?;
         self.h.io(name, sender.epoch(), session)
     }
@@ -300,8 +300,8 @@ pub fn zero_gap<H: Harness>(h: H) -> Result<ScenarioReport, String> {
     c.h.add_replica("r1", head)?;
     c.assign(1, &[("r1", 1)], &[("r1", SessionKind::CatchUp)], None)?;
     let plan = c.plan("r1")?;
-    ensure(plan.outcome == Outcome::ZeroGap, || {
-        format!("outcome {} != zero_gap", plan.outcome)
+    ensure(plan.outcome() == Outcome::ZeroGap, || {
+        format!("outcome {} != zero_gap", plan.outcome())
     })?;
     let live = c
         .driver
@@ -310,7 +310,7 @@ pub fn zero_gap<H: Harness>(h: H) -> Result<ScenarioReport, String> {
         .ok()
         .and_then(|s| s.session_id());
     ensure(
-        plan.pins_held() == 0 && plan.session_id.is_some() && live.is_none(),
+        plan.pins_held() == 0 && plan.session_id().is_some() && live.is_none(),
         || "zero-gap plan holds a pin, names no session, or left its session live".into(),
     )?;
     c.paths.push(RecoveryPath::ZeroGap.as_str());
@@ -329,10 +329,10 @@ pub fn catch_up<H: Harness>(h: H) -> Result<ScenarioReport, String> {
     c.h.primary_checkpoint(Lsn(80), Lsn(60))?;
     c.assign(1, &[("r1", 1)], &[("r1", SessionKind::CatchUp)], None)?;
     let plan = c.plan("r1")?;
-    ensure(plan.outcome == Outcome::CatchUp, || {
-        format!("outcome {} != catchup", plan.outcome)
+    ensure(plan.outcome() == Outcome::CatchUp, || {
+        format!("outcome {} != catchup", plan.outcome())
     })?;
-    ensure(plan.retention_pin.is_some(), || {
+    ensure(plan.catch_up().and_then(|c| c.pin()).is_some(), || {
         "catch-up plan holds no WAL pin".into()
     })?;
     let r = c.catch_up("r1", plan, chunked(8))?;
@@ -358,8 +358,8 @@ pub fn truncation<H: Harness>(h: H) -> Result<ScenarioReport, String> {
     ensure(f == Lsn(105), || format!("replica head {f} != 105"))?;
     c.assign(1, &[("r1", 1)], &[("r1", SessionKind::CatchUp)], None)?;
     let plan = c.plan("r1")?;
-    ensure(plan.truncate_lsn == Some(head), || {
-        format!("truncate {:?} != {head}", plan.truncate_lsn)
+    ensure(plan.truncation().map(|t| t.to) == Some(head), || {
+        format!("truncate {:?} != {head}", plan.truncation().map(|t| t.to))
     })?;
     ensure(plan.pins_held() == 0, || {
         "truncate-only plan holds a pin".into()
@@ -387,8 +387,8 @@ pub fn rebuild_snapshot_tail<H: Harness>(h: H) -> Result<ScenarioReport, String>
     c.h.primary_checkpoint(Lsn(50), Lsn(50))?;
     c.assign(1, &[("r1", 1)], &[("r1", SessionKind::CatchUp)], None)?;
     let plan = c.plan("r1")?;
-    ensure(plan.outcome == Outcome::NeedsRebuild, || {
-        format!("outcome {} != needs_rebuild", plan.outcome)
+    ensure(plan.outcome() == Outcome::NeedsRebuild, || {
+        format!("outcome {} != needs_rebuild", plan.outcome())
     })?;
     ensure(c.state("r1")? == ReplicaState::NeedsRebuild, || {
         "r1 not needs_rebuild after escalation".into()
@@ -472,7 +472,7 @@ pub fn epoch_bump_mid_execution<H: Harness>(h: H) -> Result<ScenarioReport, Stri
     ensure(c.state("r1")? == ReplicaState::Disconnected, || {
         "r1 not disconnected after the bump".into()
     })?;
-    let f = c.h.replica_handshake("r1")?.flushed;
+    let f = c.h.replica_handshake("r1")?.flushed();
     ensure(f == Lsn(60), || format!("replica at {f}, expected 60"))?;
     c.assign(2, &[("r1", 1)], &[("r1", SessionKind::CatchUp)], None)?;
     let plan = c.plan("r1")?;
@@ -730,7 +730,10 @@ pub fn assert_all_pass<H: Harness>(make: impl FnMut(&str) -> H) {
 
 /// Checks the rebuild source a storage would choose, for implementations' own tests.
 pub fn expect_source(plan: &RecoveryPlan, source: RebuildSource) -> Check {
-    ensure(plan.rebuild_source == Some(source), || {
-        format!("source {:?} != {source}", plan.rebuild_source)
+    ensure(plan.rebuild().map(|r| r.source()) == Some(source), || {
+        format!(
+            "source {:?} != {source}",
+            plan.rebuild().map(|r| r.source())
+        )
     })
 }

@@ -17,45 +17,144 @@ use crate::types::{Demotion, Lsn, ReplicaId, SessionId, SessionKind, SessionPhas
 
 /// Everything an executor needs, fixed when the plan is made. The executor never re-derives
 /// policy from storage.
+///
+/// A plan is read through its accessors and consumed by an executor (or
+/// [`RecoveryDriver::cancel_plan`]). What it does is one [`PlanStep`], which carries exactly
+/// the values that step needs; the pins it holds are private, so a caller can look at them but
+/// cannot take one out or swap it for another.
 #[derive(Debug)]
 pub struct RecoveryPlan {
-    /// The replica.
-    pub replica_id: ReplicaId,
-    /// The session the plan belongs to; `None` when the plan needed no session afterwards
-    /// (zero gap completed at once, or escalated to rebuild).
-    pub session_id: Option<SessionId>,
-    /// The handshake outcome.
-    pub outcome: Outcome,
-    /// The recoverability proof (catch-up plans).
-    pub proof: Option<RecoverabilityProof>,
-    /// WAL pin: catch-up from `catch_up_start_lsn`, or the tail of a snapshot + tail rebuild.
-    pub retention_pin: Option<RetentionPin>,
-    /// Snapshot pin of a snapshot + tail rebuild.
-    pub snapshot_pin: Option<SnapshotPin>,
-    /// Full-base pin of a full-base rebuild.
-    pub full_base_pin: Option<FullBasePin>,
-    /// The replica's flushed LSN at the handshake.
-    pub catch_up_start_lsn: Option<Lsn>,
-    /// The frozen catch-up target (committed at plan time).
-    pub catch_up_target: Option<Lsn>,
-    /// Truncation point when the replica is ahead of committed.
-    pub truncate_lsn: Option<Lsn>,
-    /// Whether the replica reported its tip identity, so its log is matched against the
-    /// primary's (at the handshake for catch-up, after the truncation for truncate plans).
-    pub verified: bool,
-    /// The primary's entry at the truncation point: the replica's tip after truncating must
-    /// be this entry (checked when `verified`).
-    pub truncate_anchor: Option<EntryId>,
-    /// The rebuild source.
-    pub rebuild_source: Option<RebuildSource>,
-    /// The snapshot LSN of a snapshot + tail rebuild.
-    pub rebuild_snapshot_lsn: Option<Lsn>,
-    /// The rebuild target (committed at plan time).
-    pub rebuild_target_lsn: Option<Lsn>,
-    /// Why the rebuild uses its source.
-    pub rebuild_reason: Option<RebuildReason>,
+    replica_id: ReplicaId,
+    session_id: Option<SessionId>,
+    proof: Option<RecoverabilityProof>,
+    step: PlanStep,
     /// Ends the session if the plan is dropped unexecuted (see [`RecoveryPlan`]'s `Drop`).
     guard: PlanGuard,
+}
+
+/// What a plan does: one variant per outcome, each with only its own values.
+#[derive(Debug)]
+pub enum PlanStep {
+    /// Zero gap: the replica already held the committed LSN and its session completed when
+    /// the plan was made. Holds nothing.
+    InSync,
+    /// Replay the WAL range `(from, target]`, held by a WAL pin.
+    CatchUp(CatchUpStep),
+    /// The replica is ahead of the committed LSN: truncate its uncommitted tail back to
+    /// committed (no pin: nothing is read from the primary).
+    Truncate(TruncateStep),
+    /// Rebuild from a pinned base image (and the pinned WAL after a snapshot).
+    Rebuild(RebuildStep),
+    /// The replica cannot be caught up; a rebuild assignment must come first. Holds nothing.
+    NeedsRebuild,
+}
+
+/// A catch-up: the range and the WAL pin that keeps it.
+#[derive(Debug)]
+pub struct CatchUpStep {
+    /// The replica's flushed LSN at the handshake (F).
+    pub from: Lsn,
+    /// The frozen target: committed at plan time (C).
+    pub target: Lsn,
+    /// Whether the replica named its tip and it matched the primary's entry at F.
+    pub verified: bool,
+    pin: Option<RetentionPin>,
+}
+
+impl CatchUpStep {
+    /// The WAL pin keeping `(from, target]`, while the plan holds it.
+    pub fn pin(&self) -> Option<&RetentionPin> {
+        self.pin.as_ref()
+    }
+}
+
+/// A truncation of an uncommitted tail.
+#[derive(Debug)]
+pub struct TruncateStep {
+    /// The committed LSN the replica is truncated back to (also the plan's target).
+    pub to: Lsn,
+    /// Whether the replica named its tip, so its tip after truncating is matched against
+    /// `anchor`.
+    pub verified: bool,
+    /// The primary's entry at `to`: the replica's tip after truncating must be this entry.
+    pub anchor: Option<EntryId>,
+}
+
+/// A rebuild: its source, target, reason and the pins of its image.
+#[derive(Debug)]
+pub struct RebuildStep {
+    /// The rebuild target (committed at plan time).
+    pub target: Lsn,
+    /// Why the rebuild uses its source.
+    pub reason: RebuildReason,
+    base: RebuildBase,
+}
+
+/// The image a rebuild installs, with its pins (each `None` once released).
+#[derive(Debug)]
+enum RebuildBase {
+    SnapshotTail {
+        lsn: Lsn,
+        snapshot: Option<SnapshotPin>,
+        wal: Option<RetentionPin>,
+    },
+    FullBase {
+        pin: Option<FullBasePin>,
+    },
+}
+
+impl RebuildStep {
+    /// The source: a snapshot plus the WAL tail, or a full base image.
+    pub fn source(&self) -> RebuildSource {
+        match self.base {
+            RebuildBase::SnapshotTail { .. } => RebuildSource::SnapshotTail,
+            RebuildBase::FullBase { .. } => RebuildSource::FullBase,
+        }
+    }
+
+    /// The snapshot's LSN of a snapshot + tail rebuild.
+    pub fn snapshot_lsn(&self) -> Option<Lsn> {
+        match self.base {
+            RebuildBase::SnapshotTail { lsn, .. } => Some(lsn),
+            RebuildBase::FullBase { .. } => None,
+        }
+    }
+
+    /// The LSN the base image represents: the snapshot's, or the target for a full base.
+    pub fn base_lsn(&self) -> Lsn {
+        self.snapshot_lsn().unwrap_or(self.target)
+    }
+
+    /// The snapshot pin of a snapshot + tail rebuild, while held.
+    pub fn snapshot_pin(&self) -> Option<&SnapshotPin> {
+        match &self.base {
+            RebuildBase::SnapshotTail { snapshot, .. } => snapshot.as_ref(),
+            RebuildBase::FullBase { .. } => None,
+        }
+    }
+
+    /// The WAL pin after the snapshot of a snapshot + tail rebuild, while held.
+    pub fn retention_pin(&self) -> Option<&RetentionPin> {
+        match &self.base {
+            RebuildBase::SnapshotTail { wal, .. } => wal.as_ref(),
+            RebuildBase::FullBase { .. } => None,
+        }
+    }
+
+    /// The full-base pin of a full-base rebuild, while held.
+    pub fn full_base_pin(&self) -> Option<&FullBasePin> {
+        match &self.base {
+            RebuildBase::FullBase { pin } => pin.as_ref(),
+            RebuildBase::SnapshotTail { .. } => None,
+        }
+    }
+
+    /// The pin ID of the base image, while held.
+    pub(crate) fn image_pin_id(&self) -> Option<crate::adapter::PinId> {
+        self.snapshot_pin()
+            .map(|p| p.pin_id)
+            .or(self.full_base_pin().map(|p| p.pin_id))
+    }
 }
 
 /// What a plan does with its session when it is dropped without an executor finishing it or
@@ -100,25 +199,79 @@ impl Drop for RecoveryPlan {
 }
 
 impl RecoveryPlan {
-    fn new(replica_id: ReplicaId, session_id: Option<SessionId>, outcome: Outcome) -> Self {
+    fn new(replica_id: ReplicaId, session_id: Option<SessionId>, step: PlanStep) -> Self {
         RecoveryPlan {
             replica_id,
             session_id,
-            outcome,
             proof: None,
-            retention_pin: None,
-            snapshot_pin: None,
-            full_base_pin: None,
-            catch_up_start_lsn: None,
-            catch_up_target: None,
-            truncate_lsn: None,
-            verified: false,
-            truncate_anchor: None,
-            rebuild_source: None,
-            rebuild_snapshot_lsn: None,
-            rebuild_target_lsn: None,
-            rebuild_reason: None,
+            step,
             guard: PlanGuard::default(),
+        }
+    }
+
+    /// The replica.
+    pub fn replica_id(&self) -> &ReplicaId {
+        &self.replica_id
+    }
+
+    /// The session the plan belongs to (the one its handshake ran under); `None` only for
+    /// plans that never had one.
+    pub fn session_id(&self) -> Option<SessionId> {
+        self.session_id
+    }
+
+    /// The handshake outcome: zero gap, catch-up (replay or truncation) or needs rebuild.
+    pub fn outcome(&self) -> Outcome {
+        match self.step {
+            PlanStep::InSync => Outcome::ZeroGap,
+            PlanStep::CatchUp(_) | PlanStep::Truncate(_) => Outcome::CatchUp,
+            PlanStep::Rebuild(_) | PlanStep::NeedsRebuild => Outcome::NeedsRebuild,
+        }
+    }
+
+    /// The recoverability proof of the handshake (plans from
+    /// [`RecoveryDriver::plan_recovery`]).
+    pub fn proof(&self) -> Option<&RecoverabilityProof> {
+        self.proof.as_ref()
+    }
+
+    /// What the plan does.
+    pub fn step(&self) -> &PlanStep {
+        &self.step
+    }
+
+    /// The LSN the plan brings the replica to, when it moves data (catch-up, truncation,
+    /// rebuild).
+    pub fn target(&self) -> Option<Lsn> {
+        match &self.step {
+            PlanStep::CatchUp(c) => Some(c.target),
+            PlanStep::Truncate(t) => Some(t.to),
+            PlanStep::Rebuild(r) => Some(r.target),
+            PlanStep::InSync | PlanStep::NeedsRebuild => None,
+        }
+    }
+
+    /// The catch-up step, if the plan is one.
+    pub fn catch_up(&self) -> Option<&CatchUpStep> {
+        match &self.step {
+            PlanStep::CatchUp(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The truncation step, if the plan is one.
+    pub fn truncation(&self) -> Option<&TruncateStep> {
+        match &self.step {
+            PlanStep::Truncate(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The rebuild step, if the plan is one.
+    pub fn rebuild(&self) -> Option<&RebuildStep> {
+        match &self.step {
+            PlanStep::Rebuild(r) => Some(r),
+            _ => None,
         }
     }
 
@@ -139,16 +292,31 @@ impl RecoveryPlan {
 
     /// How many pins the plan still holds.
     pub fn pins_held(&self) -> usize {
-        usize::from(self.retention_pin.is_some())
-            + usize::from(self.snapshot_pin.is_some())
-            + usize::from(self.full_base_pin.is_some())
+        match &self.step {
+            PlanStep::CatchUp(c) => usize::from(c.pin.is_some()),
+            PlanStep::Rebuild(r) => match &r.base {
+                RebuildBase::SnapshotTail { snapshot, wal, .. } => {
+                    usize::from(snapshot.is_some()) + usize::from(wal.is_some())
+                }
+                RebuildBase::FullBase { pin } => usize::from(pin.is_some()),
+            },
+            PlanStep::InSync | PlanStep::Truncate(_) | PlanStep::NeedsRebuild => 0,
+        }
     }
 
     /// Drops every pin (WAL, then snapshot, then full base). Safe to call more than once.
-    pub fn release_pins(&mut self) {
-        self.retention_pin = None;
-        self.snapshot_pin = None;
-        self.full_base_pin = None;
+    pub(crate) fn release_pins(&mut self) {
+        match &mut self.step {
+            PlanStep::CatchUp(c) => c.pin = None,
+            PlanStep::Rebuild(r) => match &mut r.base {
+                RebuildBase::SnapshotTail { snapshot, wal, .. } => {
+                    *wal = None;
+                    *snapshot = None;
+                }
+                RebuildBase::FullBase { pin } => *pin = None,
+            },
+            PlanStep::InSync | PlanStep::Truncate(_) | PlanStep::NeedsRebuild => {}
+        }
     }
 }
 
@@ -278,33 +446,26 @@ impl RecoveryDriver {
         }
     }
 
-    /// Plans the recovery of a replica that reports `replica` at its handshake (a plain `Lsn`
-    /// converts to an unverified handshake).
+    /// Plans the recovery of a replica that reports `replica` at its handshake.
     ///
     /// Reads one history snapshot and runs the handshake through the orchestrator. When the
     /// replica reported its tip identity, the primary's entry at F is looked up and the two
     /// logs are matched: a replica whose tip differs is not recoverable by catch-up (even at a
-    /// zero gap) and escalates to rebuild. A zero gap
-    /// is already complete (nothing pinned). A catch-up binds its range `(F, C]` and pins the
-    /// WAL after F; a replica ahead of C gets a truncation-only plan with no pin. A pin failure
-    /// invalidates the session (`wal_pin_failed`, state `disconnected`) so no live session is
-    /// left without its resources (`needs_rebuild` when the range was recycled between the history
-    /// read and the pin, `disconnected` otherwise). A needs-rebuild plan holds nothing: a rebuild assignment
-    /// must come first.
-    pub fn plan_recovery(
-        &self,
-        id: &ReplicaId,
-        replica: impl Into<ReplicaHandshake>,
-    ) -> Result<RecoveryPlan> {
-        let replica = replica.into();
-        let replica_flushed = replica.flushed;
+    /// zero gap) and escalates to rebuild. A zero gap is already complete (nothing pinned). A
+    /// catch-up binds its range `(F, C]` and pins the WAL after F; a replica ahead of C gets a
+    /// truncation-only plan with no pin. A pin failure invalidates the session
+    /// (`wal_pin_failed`) so no live session is left without its resources (`needs_rebuild`
+    /// when the range was recycled between the history read and the pin, `disconnected`
+    /// otherwise). A needs-rebuild plan holds nothing: a rebuild assignment must come first.
+    pub fn plan_recovery(&self, id: &ReplicaId, replica: ReplicaHandshake) -> Result<RecoveryPlan> {
+        let replica_flushed = replica.flushed();
         // One history snapshot and the primary's entry at F, both checked by the orchestrator
         // (storage contract, anchor at F) before anything is decided from them.
         let history = self
             .storage
             .get_retained_history()
             .map_err(EngineError::HistoryUnavailable)?;
-        let verified = replica.tip.is_some();
+        let verified = replica.is_verified();
         let primary_at_flushed = if verified && replica_flushed <= history.committed_lsn {
             self.storage
                 .entry_id(replica_flushed)
@@ -322,27 +483,37 @@ impl RecoveryDriver {
         // sender holds by now (another thread may have attached one since a zero gap
         // completed, and cancelling this plan must not touch it).
         let sid = result.session_id;
-        let mut plan = RecoveryPlan::new(id.clone(), Some(sid), result.outcome);
-        plan.proof = Some(result.proof.clone());
-        plan.verified = verified;
-        if result.outcome != Outcome::CatchUp {
-            return Ok(plan);
-        }
-        plan.arm(&self.orchestrator, sid);
-        let committed = history.committed_lsn;
-        plan.catch_up_start_lsn = Some(replica_flushed);
-        plan.catch_up_target = Some(committed);
+        let step = match result.outcome {
+            Outcome::ZeroGap => PlanStep::InSync,
+            Outcome::NeedsRebuild => PlanStep::NeedsRebuild,
+            Outcome::CatchUp => return self.plan_catch_up(id, sid, result.proof, verified),
+        };
+        let mut plan = RecoveryPlan::new(id.clone(), Some(sid), step);
+        plan.proof = Some(result.proof);
+        Ok(plan)
+    }
+
+    /// The catch-up (or truncation) half of [`plan_recovery`](Self::plan_recovery): the
+    /// session `sid` is in `handshake` with `proof`.
+    fn plan_catch_up(
+        &self,
+        id: &ReplicaId,
+        sid: SessionId,
+        proof: RecoverabilityProof,
+        verified: bool,
+    ) -> Result<RecoveryPlan> {
+        let committed = proof.committed_lsn;
+        let replica_flushed = proof.replica_flushed_lsn;
         let log = self.orchestrator.log();
-        if matches!(
-            result.proof.reason,
+        let truncate = matches!(
+            proof.reason,
             ProofReason::ReplicaAheadNeedsTruncation { .. }
-        ) {
-            plan.truncate_lsn = Some(committed);
-            if verified {
+        );
+        let step = if truncate {
+            let anchor = if verified {
                 match self.entry_at(committed) {
-                    Ok(anchor) => plan.truncate_anchor = anchor,
+                    Ok(anchor) => anchor,
                     Err(e) => {
-                        plan.disarm();
                         self.fail_session(
                             id,
                             sid,
@@ -352,7 +523,9 @@ impl RecoveryDriver {
                         return Err(e);
                     }
                 }
-            }
+            } else {
+                None
+            };
             log.record(
                 id,
                 Some(sid),
@@ -360,46 +533,59 @@ impl RecoveryDriver {
                     truncate_to: committed,
                 },
             );
-            return Ok(plan);
-        }
-        match self.pin_wal(replica_flushed) {
-            Ok(pin) => {
-                log.record(
-                    id,
-                    Some(sid),
-                    Event::PlanCatchup {
+            PlanStep::Truncate(TruncateStep {
+                to: committed,
+                verified,
+                anchor,
+            })
+        } else {
+            match self.pin_wal(replica_flushed) {
+                Ok(pin) => {
+                    log.record(
+                        id,
+                        Some(sid),
+                        Event::PlanCatchup {
+                            from: replica_flushed,
+                            to: committed,
+                            pin: pin.pin_id.0,
+                        },
+                    );
+                    PlanStep::CatchUp(CatchUpStep {
                         from: replica_flushed,
-                        to: committed,
-                        pin: pin.pin_id.0,
-                    },
-                );
-                plan.retention_pin = Some(pin);
-                Ok(plan)
+                        target: committed,
+                        verified,
+                        pin: Some(pin),
+                    })
+                }
+                Err(e) => {
+                    log.record(
+                        id,
+                        Some(sid),
+                        Event::WalPinFailed {
+                            error: e.to_string(),
+                        },
+                    );
+                    // The history said the range was retained, but the storage recycled it
+                    // before the pin could be taken (a race with the flusher): the replica is
+                    // now beyond retention and only a rebuild can help. Any other pin failure
+                    // is transient.
+                    let state = if matches!(e, StorageError::Recycled { .. }) {
+                        Demotion::NeedsRebuild
+                    } else {
+                        Demotion::Disconnected
+                    };
+                    self.fail_session(id, sid, InvalidateReason::WalPinFailed, state);
+                    return Err(EngineError::PinFailed {
+                        kind: PinKind::WalRetention,
+                        error: e,
+                    });
+                }
             }
-            Err(e) => {
-                log.record(
-                    id,
-                    Some(sid),
-                    Event::WalPinFailed {
-                        error: e.to_string(),
-                    },
-                );
-                // The history said the range was retained, but the storage recycled it before
-                // the pin could be taken (a race with the flusher): the replica is now beyond
-                // retention and only a rebuild can help. Any other pin failure is transient.
-                let state = if matches!(e, StorageError::Recycled { .. }) {
-                    Demotion::NeedsRebuild
-                } else {
-                    Demotion::Disconnected
-                };
-                plan.disarm();
-                self.fail_session(id, sid, InvalidateReason::WalPinFailed, state);
-                Err(EngineError::PinFailed {
-                    kind: PinKind::WalRetention,
-                    error: e,
-                })
-            }
-        }
+        };
+        let mut plan = RecoveryPlan::new(id.clone(), Some(sid), step);
+        plan.proof = Some(proof);
+        plan.arm(&self.orchestrator, sid);
+        Ok(plan)
     }
 
     /// Plans a rebuild for a replica whose current session is a rebuild session still in
@@ -433,18 +619,22 @@ impl RecoveryDriver {
         // Claim the session before anything else: of two planners racing for it, the second
         // is refused here and leaves it alone.
         sender.claim_plan(sid)?;
-        let mut plan = RecoveryPlan::new(id.clone(), Some(sid), Outcome::NeedsRebuild);
-        plan.arm(&self.orchestrator, sid);
-        let history = self.history()?;
+        let history = match self.history() {
+            Ok(h) => h,
+            Err(e) => {
+                // The claimed session ends as a dropped plan's would (`plan_dropped`).
+                let mut unplanned =
+                    RecoveryPlan::new(id.clone(), Some(sid), PlanStep::NeedsRebuild);
+                unplanned.arm(&self.orchestrator, sid);
+                drop(unplanned);
+                return Err(e);
+            }
+        };
         let decision = history.rebuild_source_decision();
         let committed = history.committed_lsn;
-        plan.rebuild_source = Some(decision.source);
-        plan.rebuild_snapshot_lsn = decision.snapshot_lsn;
-        plan.rebuild_target_lsn = Some(committed);
-        plan.rebuild_reason = Some(decision.reason.clone());
         let log = self.orchestrator.log();
 
-        match (decision.source, decision.snapshot_lsn) {
+        let base = match (decision.source, decision.snapshot_lsn) {
             (RebuildSource::SnapshotTail, Some(snap_lsn)) => {
                 let snapshot_pin = match self.pin_snapshot(snap_lsn) {
                     Ok(p) => p,
@@ -456,7 +646,6 @@ impl RecoveryDriver {
                                 error: e.to_string(),
                             },
                         );
-                        plan.disarm();
                         self.fail_session(
                             id,
                             sid,
@@ -480,7 +669,6 @@ impl RecoveryDriver {
                                 error: e.to_string(),
                             },
                         );
-                        plan.disarm();
                         self.fail_session(
                             id,
                             sid,
@@ -493,8 +681,6 @@ impl RecoveryDriver {
                         });
                     }
                 };
-                plan.snapshot_pin = Some(snapshot_pin);
-                plan.retention_pin = Some(wal_pin);
                 log.record(
                     id,
                     Some(sid),
@@ -503,18 +689,23 @@ impl RecoveryDriver {
                         target: committed,
                     },
                 );
+                RebuildBase::SnapshotTail {
+                    lsn: snap_lsn,
+                    snapshot: Some(snapshot_pin),
+                    wal: Some(wal_pin),
+                }
             }
             _ => match self.pin_full_base(committed) {
                 Ok(p) => {
-                    plan.full_base_pin = Some(p);
                     log.record(
                         id,
                         Some(sid),
                         Event::PlanRebuildFullBase {
-                            reason: decision.reason,
+                            reason: decision.reason.clone(),
                             committed,
                         },
                     );
+                    RebuildBase::FullBase { pin: Some(p) }
                 }
                 Err(e) => {
                     log.record(
@@ -524,7 +715,6 @@ impl RecoveryDriver {
                             error: e.to_string(),
                         },
                     );
-                    plan.disarm();
                     self.fail_session(
                         id,
                         sid,
@@ -537,7 +727,14 @@ impl RecoveryDriver {
                     });
                 }
             },
-        }
+        };
+        let step = PlanStep::Rebuild(RebuildStep {
+            target: committed,
+            reason: decision.reason,
+            base,
+        });
+        let mut plan = RecoveryPlan::new(id.clone(), Some(sid), step);
+        plan.arm(&self.orchestrator, sid);
         Ok(plan)
     }
 
@@ -546,9 +743,10 @@ impl RecoveryDriver {
     /// zero gap that completed, or a needs-rebuild outcome) names a session that is no longer
     /// current, so cancelling it changes no state: it cannot end a session another thread
     /// attached since, nor demote an in-sync replica. Always logs `plan_cancelled`. Returns
-    /// whether a session was invalidated.
-    pub fn cancel_plan(&self, plan: &mut RecoveryPlan, reason: &str) -> bool {
-        self.release_plan(plan);
+    /// whether a session was invalidated. The plan is consumed: a cancelled plan cannot be
+    /// executed.
+    pub fn cancel_plan(&self, mut plan: RecoveryPlan, reason: &str) -> bool {
+        plan.release_pins();
         plan.disarm();
         let invalidated = plan.session_id.is_some_and(|sid| {
             self.fail_session(
@@ -584,10 +782,5 @@ impl RecoveryDriver {
             },
         );
         true
-    }
-
-    /// Releases every pin of the plan (WAL, snapshot, full base). Safe to call more than once.
-    pub fn release_plan(&self, plan: &mut RecoveryPlan) {
-        plan.release_pins();
     }
 }

@@ -15,7 +15,7 @@
 //! and `disconnected` otherwise.
 
 use crate::adapter::PinId;
-use crate::driver::{RecoveryDriver, RecoveryPlan};
+use crate::driver::{PlanStep, RecoveryDriver, RecoveryPlan};
 use crate::error::{EngineError, Result, TransferError};
 use crate::history::EntryId;
 use crate::observe::Event;
@@ -172,8 +172,8 @@ impl<'a> Run<'a> {
         // executor never run), the plan fences its session as aborted.
         plan.set_drop_reason(InvalidateReason::ExecutorAborted);
         let report = ExecutionReport::new(
-            plan.replica_id.clone(),
-            plan.session_id,
+            plan.replica_id().clone(),
+            plan.session_id(),
             path,
             target,
             plan.pins_held(),
@@ -230,10 +230,11 @@ impl<'a> Run<'a> {
     }
 
     fn log(&self, event: Event) {
-        self.driver
-            .orchestrator()
-            .log()
-            .record(&self.plan.replica_id, self.plan.session_id, event);
+        self.driver.orchestrator().log().record(
+            self.plan.replica_id(),
+            self.plan.session_id(),
+            event,
+        );
     }
 
     /// Releases every pin, logs the reason, invalidates the session if it is still this
@@ -250,7 +251,8 @@ impl<'a> Run<'a> {
             Demotion::Disconnected
         };
         let orch = self.driver.orchestrator();
-        if let (Some(sid), Ok(sender)) = (self.plan.session_id, orch.sender(&self.plan.replica_id))
+        if let (Some(sid), Ok(sender)) =
+            (self.plan.session_id(), orch.sender(self.plan.replica_id()))
         {
             if let Some(inv) = sender.invalidate_session_if(
                 sid,
@@ -262,14 +264,14 @@ impl<'a> Run<'a> {
             self.report.final_state = sender.state();
         }
         EngineError::ExecutionFailed {
-            replica: self.plan.replica_id.clone(),
+            replica: self.plan.replica_id().clone(),
             failure: Box::new(failure),
             report: Box::new(self.report),
         }
     }
 
     fn is_rebuild(&self) -> bool {
-        self.plan.outcome == Outcome::NeedsRebuild
+        self.plan.outcome() == Outcome::NeedsRebuild
     }
 
     /// Calls the hook and re-checks authority; the step counter advances.
@@ -477,14 +479,12 @@ pub struct CatchUpExecutor<'a> {
 impl<'a> CatchUpExecutor<'a> {
     /// An executor that takes ownership of `plan` and its pins.
     pub fn new(driver: &'a RecoveryDriver, plan: RecoveryPlan) -> Self {
-        let path = if plan.outcome == Outcome::ZeroGap {
-            RecoveryPath::ZeroGap
-        } else if plan.truncate_lsn.is_some() {
-            RecoveryPath::TruncateOnly
-        } else {
-            RecoveryPath::CatchUp
+        let path = match plan.step() {
+            PlanStep::InSync => RecoveryPath::ZeroGap,
+            PlanStep::Truncate(_) => RecoveryPath::TruncateOnly,
+            _ => RecoveryPath::CatchUp,
         };
-        let target = plan.catch_up_target.unwrap_or(Lsn::ZERO);
+        let target = plan.target().unwrap_or(Lsn::ZERO);
         CatchUpExecutor {
             run: Run::new(driver, plan, path, target),
         }
@@ -496,26 +496,26 @@ impl<'a> CatchUpExecutor<'a> {
     /// released, and the report says what moved.
     pub fn execute(self, io: &mut dyn CatchUpIo) -> Result<ExecutionReport> {
         let mut run = self.run;
-        if run.plan.outcome == Outcome::ZeroGap {
+        if matches!(run.plan.step(), PlanStep::InSync) {
             run.report.final_state = run
                 .driver
                 .orchestrator()
-                .sender(&run.plan.replica_id)
+                .sender(run.plan.replica_id())
                 .map_or(ReplicaState::Disconnected, |s| s.state());
             return Ok(run.report);
         }
-        let (Outcome::CatchUp, Some(sid), Some(target)) = (
-            run.plan.outcome,
-            run.plan.session_id,
-            run.plan.catch_up_target,
-        ) else {
+        let (Some(sid), PlanStep::CatchUp(_) | PlanStep::Truncate(_)) =
+            (run.plan.session_id(), run.plan.step())
+        else {
             let detail = format!(
                 "catch-up executor given a {} plan (session {:?})",
-                run.plan.outcome, run.plan.session_id
+                run.plan.outcome(),
+                run.plan.session_id()
             );
             return Err(run.fail(ExecFailure::PlanNotExecutable(detail)));
         };
-        let sender = match run.driver.orchestrator().sender(&run.plan.replica_id) {
+        let target = run.plan.target().unwrap_or(Lsn::ZERO);
+        let sender = match run.driver.orchestrator().sender(run.plan.replica_id()) {
             Ok(s) => s,
             Err(_) => return Err(run.fail(ExecFailure::SenderNotFound)),
         };
@@ -540,8 +540,12 @@ impl<'a> CatchUpExecutor<'a> {
         sid: SessionId,
         target: Lsn,
     ) -> std::result::Result<(), ExecFailure> {
-        let mut from = run.plan.catch_up_start_lsn.unwrap_or(Lsn::ZERO);
-        if let Some(t) = run.plan.truncate_lsn {
+        let mut from = match run.plan.step() {
+            PlanStep::CatchUp(c) => c.from,
+            _ => target,
+        };
+        if let PlanStep::Truncate(truncate) = run.plan.step() {
+            let (t, verified, anchor) = (truncate.to, truncate.verified, truncate.anchor);
             let tick = run.tick();
             let tip = io
                 .truncate_after(t)
@@ -552,9 +556,9 @@ impl<'a> CatchUpExecutor<'a> {
                     reported: tip.lsn,
                 });
             }
-            if run.plan.verified && run.plan.truncate_anchor != Some(tip) {
+            if verified && anchor != Some(tip) {
                 return Err(ExecFailure::TruncateDiverged {
-                    expected: run.plan.truncate_anchor,
+                    expected: anchor,
                     reported: tip,
                 });
             }
@@ -622,11 +626,13 @@ impl RebuildExecutor<'_> {
 impl<'a> RebuildExecutor<'a> {
     /// An executor that takes ownership of `plan` and its pins.
     pub fn new(driver: &'a RecoveryDriver, plan: RecoveryPlan) -> Self {
-        let path = match plan.rebuild_source {
-            Some(RebuildSource::SnapshotTail) => RecoveryPath::RebuildSnapshotTail,
+        let path = match plan.step() {
+            PlanStep::Rebuild(r) if r.source() == RebuildSource::SnapshotTail => {
+                RecoveryPath::RebuildSnapshotTail
+            }
             _ => RecoveryPath::RebuildFullBase,
         };
-        let target = plan.rebuild_target_lsn.unwrap_or(Lsn::ZERO);
+        let target = plan.target().unwrap_or(Lsn::ZERO);
         RebuildExecutor {
             run: Run::new(driver, plan, path, target),
         }
@@ -638,33 +644,20 @@ impl<'a> RebuildExecutor<'a> {
     /// never re-reads storage, so a change in storage after planning cannot switch the source.
     pub fn execute(self, io: &mut dyn RebuildIo) -> Result<ExecutionReport> {
         let mut run = self.run;
-        let bound = (
-            run.plan.outcome,
-            run.plan.session_id,
-            run.plan.rebuild_source,
-            run.plan.rebuild_target_lsn,
-        );
-        let (Outcome::NeedsRebuild, Some(sid), Some(source), Some(target)) = bound else {
+        let (Some(sid), PlanStep::Rebuild(rebuild)) = (run.plan.session_id(), run.plan.step())
+        else {
             let detail = format!(
                 "rebuild executor given a {} plan without rebuild bindings",
-                run.plan.outcome
+                run.plan.outcome()
             );
             return Err(run.fail(ExecFailure::PlanNotExecutable(detail)));
         };
-        let base = match source {
-            RebuildSource::SnapshotTail => run
-                .plan
-                .rebuild_snapshot_lsn
-                .zip(run.plan.snapshot_pin.as_ref().map(|p| p.pin_id)),
-            RebuildSource::FullBase => {
-                Some(target).zip(run.plan.full_base_pin.as_ref().map(|p| p.pin_id))
-            }
-        };
-        let Some((base_lsn, pin_id)) = base else {
+        let (source, target, base_lsn) = (rebuild.source(), rebuild.target, rebuild.base_lsn());
+        let Some(pin_id) = rebuild.image_pin_id() else {
             let detail = format!("{source} plan holds no image pin");
             return Err(run.fail(ExecFailure::PlanNotExecutable(detail)));
         };
-        let sender = match run.driver.orchestrator().sender(&run.plan.replica_id) {
+        let sender = match run.driver.orchestrator().sender(run.plan.replica_id()) {
             Ok(s) => s,
             Err(_) => return Err(run.fail(ExecFailure::SenderNotFound)),
         };

@@ -69,22 +69,24 @@ impl fmt::Display for EntryId {
 }
 
 /// What a replica reports at the handshake: the last LSN it holds and, when it can, the
-/// identity of the entry there. Without `tip` the engine can only trust the LSN (the
-/// reference's behaviour); with it, a replica whose entries differ from the primary's at the
-/// same LSNs is detected instead of being declared in sync.
+/// identity of the entry there. With the tip identity, a replica whose entries differ from the
+/// primary's at the same LSNs is detected instead of being declared in sync.
+///
+/// There are three ways to make one, and each says what it claims: [`new`](Self::new) (a
+/// replica that names its tip), [`incomplete`](Self::incomplete) (a replica whose store is not
+/// a valid copy) and [`unverified`](Self::unverified) (only an LSN: log matching is skipped,
+/// which is how the reference once declared a divergent replica in sync). The fields are
+/// private so that an unverified handshake cannot be built by accident.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaHandshake {
-    /// F: the replica's last held (and durable) LSN.
-    pub flushed: Lsn,
-    /// The identity of the replica's entry at `flushed`.
-    pub tip: Option<EntryId>,
-    /// The replica's store is not a valid copy (for example a base install was interrupted):
-    /// whatever it holds cannot be built on, so only a rebuild can restore it.
-    pub incomplete: bool,
+    flushed: Lsn,
+    tip: Option<EntryId>,
+    incomplete: bool,
 }
 
 impl ReplicaHandshake {
-    /// A replica at `flushed` whose entry there is `tip`.
+    /// A replica at `flushed` whose entry there is `tip`: its log is matched against the
+    /// primary's.
     pub fn new(flushed: Lsn, tip: EntryId) -> Self {
         ReplicaHandshake {
             flushed,
@@ -93,7 +95,8 @@ impl ReplicaHandshake {
         }
     }
 
-    /// A replica whose store is not a valid copy.
+    /// A replica whose store is not a valid copy (for example a base install was
+    /// interrupted): whatever it holds cannot be built on, so only a rebuild can restore it.
     pub fn incomplete(flushed: Lsn) -> Self {
         ReplicaHandshake {
             flushed,
@@ -101,15 +104,37 @@ impl ReplicaHandshake {
             incomplete: true,
         }
     }
-}
 
-impl From<Lsn> for ReplicaHandshake {
-    fn from(flushed: Lsn) -> Self {
+    /// A replica that reports only its LSN. The engine can then compare LSNs but not
+    /// entries: a replica holding an old primary's entries at LSNs up to committed is
+    /// planned as in sync. Use it only where the replica cannot name its tip (a peer that
+    /// predates tip identities, or a test of exactly this weakness).
+    pub fn unverified(flushed: Lsn) -> Self {
         ReplicaHandshake {
             flushed,
             tip: None,
             incomplete: false,
         }
+    }
+
+    /// F: the replica's last held (and durable) LSN.
+    pub fn flushed(&self) -> Lsn {
+        self.flushed
+    }
+
+    /// The identity of the replica's entry at F, when it reported one.
+    pub fn tip(&self) -> Option<EntryId> {
+        self.tip
+    }
+
+    /// Whether the replica reported its store as not a valid copy.
+    pub fn is_incomplete(&self) -> bool {
+        self.incomplete
+    }
+
+    /// Whether the replica named its tip, so its log can be matched against the primary's.
+    pub fn is_verified(&self) -> bool {
+        self.tip.is_some()
     }
 }
 

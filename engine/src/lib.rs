@@ -41,7 +41,7 @@
 //! }).unwrap();
 //!
 //! let plan = driver.plan_recovery(&id, replica.lock().unwrap().handshake()).unwrap();
-//! assert_eq!(plan.outcome, Outcome::CatchUp);
+//! assert_eq!(plan.outcome(), Outcome::CatchUp);
 //! let mut io = ModelIo::new(primary.clone(), Arc::clone(&replica));
 //! let report = CatchUpExecutor::new(&driver, plan).execute(&mut io).unwrap();
 //! assert_eq!((report.entries_applied, report.final_state), (30, ReplicaState::InSync));
@@ -49,32 +49,87 @@
 //! # }
 //! ```
 //!
-//! Layers, bottom up:
-//! - [`types`]: newtypes (`Lsn`, `Epoch`, `SessionId`, `ReplicaId`, `Tick`) and state enums.
-//! - [`budget`], [`rebuild`], [`outcome`], [`history`]: pure decision logic.
-//! - [`session`], [`sender`]: one replica's authority and its session.
-//! - [`registry`], [`orchestrator`], [`observe`]: one volume's senders, assignments, event log.
-//! - [`adapter`], [`driver`], [`executor`]: storage contract, planning with pins, execution
-//!   (what an execution reports lives in a private module below the error type, so
-//!   [`error`] does not depend on the executors).
+//! The API is shaped so the unsafe calls do not compile. Each block below is checked by
+//! `cargo test` to fail with the error code it names. An LSN is not a handshake: a replica
+//! that cannot name its tip says so with `ReplicaHandshake::unverified`.
+//!
+//! ```compile_fail,E0308
+//! # use engine::*;
+//! # fn f(driver: &RecoveryDriver, id: &ReplicaId) {
+//! let plan = driver.plan_recovery(id, Lsn(70));
+//! # }
+//! ```
+//!
+//! Nor can an unverified handshake be built field by field:
+//!
+//! ```compile_fail,E0451
+//! # use engine::*;
+//! let hs = ReplicaHandshake { flushed: Lsn(70), tip: None, incomplete: false };
+//! ```
+//!
+//! A plan's pins stay in the plan: no field or pattern reaches them.
+//!
+//! ```compile_fail,E0451
+//! # use engine::*;
+//! # fn f(plan: RecoveryPlan) {
+//! if let PlanStep::CatchUp(CatchUpStep { pin, .. }) = plan.step() {}
+//! # }
+//! ```
+//!
+//! A cancelled plan is gone, so it cannot be executed after its pins were released:
+//!
+//! ```compile_fail,E0382
+//! # use engine::*;
+//! # fn f(driver: &RecoveryDriver, plan: RecoveryPlan) {
+//! driver.cancel_plan(plan, "operator");
+//! let exec = CatchUpExecutor::new(driver, plan);
+//! # }
+//! ```
+//!
+//! A sender's session protocol (barriers, completion by session ID) is the engine's own; a
+//! caller reads a sender's state but cannot advance it:
+//!
+//! ```compile_fail,E0624
+//! # use engine::*;
+//! # fn f(sender: &Sender, sid: SessionId) {
+//! sender.record_barrier(sid, Lsn(100));
+//! # }
+//! ```
+//!
+//! Each item has one path, at the crate root:
+//!
+//! ```compile_fail,E0603
+//! use engine::types::Lsn;
+//! ```
+//!
+//! Every public item is at the crate root (the modules are private, so each item has one
+//! path). The source is layered, bottom up:
+//! - `types`: newtypes (`Lsn`, `Epoch`, `SessionId`, `ReplicaId`, `Tick`) and state enums.
+//! - `budget`, `rebuild`, `outcome`, `history`: pure decision logic.
+//! - `session`, `sender`: one replica's authority and its session (the session protocol is
+//!   crate-private; tests reach it through `testing::SenderProtocol`).
+//! - `registry`, `orchestrator`, `observe`: one volume's senders, assignments, event log.
+//! - `adapter`, `driver`, `executor`: storage contract, planning with pins, execution (what
+//!   an execution reports lives in a private module below the error type, so `error` does not
+//!   depend on the executors).
 #![warn(missing_docs)]
 
-pub mod adapter;
-pub mod budget;
-pub mod driver;
-pub mod error;
-pub mod executor;
-pub mod history;
-pub mod observe;
-pub mod orchestrator;
-pub mod outcome;
-pub mod rebuild;
-pub mod registry;
+mod adapter;
+mod budget;
+mod driver;
+mod error;
+mod executor;
+mod history;
+mod observe;
+mod orchestrator;
+mod outcome;
+mod rebuild;
+mod registry;
 mod report;
-pub mod sender;
-pub mod session;
+mod sender;
+mod session;
 mod sync;
-pub mod types;
+mod types;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
@@ -83,7 +138,7 @@ pub mod testing;
 
 pub use adapter::{FullBasePin, PinGuard, PinId, RetentionPin, SnapshotPin, StorageAdapter};
 pub use budget::{BudgetCheck, BudgetViolation, CatchUpBudget};
-pub use driver::{RecoveryDriver, RecoveryPlan};
+pub use driver::{CatchUpStep, PlanStep, RebuildStep, RecoveryDriver, RecoveryPlan, TruncateStep};
 pub use error::{EngineError, PinKind, Result, StorageError, TransferError};
 pub use executor::{
     BaseChunkProgress, BaseRequest, CatchUpExecutor, CatchUpIo, ExecFailure, ExecutionReport,
@@ -93,7 +148,9 @@ pub use history::{
     AnchorCheck, EntryId, LsnRange, ProofReason, RebuildDecision, RebuildReason,
     RecoverabilityProof, ReplicaHandshake, RetainedHistory,
 };
-pub use observe::{Event, RecoveryEvent, RecoveryLog, RegistryStatus, SenderStatus};
+pub use observe::{
+    DEFAULT_LOG_CAPACITY, Event, RecoveryEvent, RecoveryLog, RegistryStatus, SenderStatus,
+};
 #[cfg(feature = "testing")]
 pub use orchestrator::CatchUpOptions;
 pub use orchestrator::{RecoveryOrchestrator, RecoveryResult};
@@ -105,6 +162,6 @@ pub use registry::{
 pub use sender::{Invalidation, Sender};
 pub use session::{InvalidateReason, SessionIdSource, SessionOptions, SessionSnapshot};
 pub use types::{
-    Demotion, Endpoint, Epoch, Lsn, ReplicaId, ReplicaState, SessionId, SessionKind, SessionPhase,
-    Tick,
+    Demotion, Endpoint, Epoch, Lsn, MAX_REPLICA_ID_BYTES, ReplicaId, ReplicaState, SessionId,
+    SessionKind, SessionPhase, Tick,
 };

@@ -124,10 +124,10 @@ impl RecoveryOrchestrator {
     pub fn execute_recovery(
         &self,
         id: &ReplicaId,
-        replica: impl Into<ReplicaHandshake>,
+        replica: ReplicaHandshake,
         history: &RetainedHistory,
     ) -> Result<RecoveryResult> {
-        self.execute_recovery_with_anchor(id, &replica.into(), history, None)
+        self.execute_recovery_with_anchor(id, &replica, history, None)
     }
 
     /// [`execute_recovery`](Self::execute_recovery) with the primary's entry at the replica's
@@ -145,10 +145,10 @@ impl RecoveryOrchestrator {
             .check_consistent()
             .map_err(EngineError::InconsistentHistory)?;
         if let Some(anchor) = primary_at_flushed
-            && anchor.lsn != replica.flushed
+            && anchor.lsn != replica.flushed()
         {
             return Err(EngineError::WrongEntry {
-                requested: replica.flushed,
+                requested: replica.flushed(),
                 returned: anchor.lsn,
             });
         }

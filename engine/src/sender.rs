@@ -16,9 +16,9 @@ use crate::sync::{Mutex, MutexGuard};
 
 use crate::budget::BudgetViolation;
 use crate::error::{EngineError, Result};
-use crate::history::{RebuildDecision, RecoverabilityProof, RetainedHistory};
+use crate::history::{RecoverabilityProof, RetainedHistory};
 use crate::outcome::{HandshakeResult, Outcome};
-use crate::rebuild::{RebuildSource, RebuildState};
+use crate::rebuild::RebuildState;
 use crate::session::{InvalidateReason, Session, SessionIdSource, SessionOptions, SessionSnapshot};
 use crate::types::{
     Demotion, Endpoint, Epoch, Lsn, ReplicaId, ReplicaState, SessionId, SessionKind, SessionPhase,
@@ -57,8 +57,9 @@ pub struct Sender {
 }
 
 impl Sender {
+    #[cfg(any(test, feature = "testing"))]
     /// A sender in `disconnected`, not stopped, with no session and its own session-ID source.
-    pub fn new(replica_id: ReplicaId, endpoint: Endpoint, epoch: Epoch) -> Self {
+    pub(crate) fn new(replica_id: ReplicaId, endpoint: Endpoint, epoch: Epoch) -> Self {
         Self::with_id_source(
             replica_id,
             endpoint,
@@ -68,7 +69,7 @@ impl Sender {
     }
 
     /// A sender that draws session IDs from a shared source (the registry's).
-    pub fn with_id_source(
+    pub(crate) fn with_id_source(
         replica_id: ReplicaId,
         endpoint: Endpoint,
         epoch: Epoch,
@@ -164,13 +165,14 @@ impl Sender {
         })
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Advances the epoch. Ignored when stopped or when `epoch` is not higher. An active
     /// session from an older epoch is invalidated (`epoch_advanced_<old>_to_<new>`) and
     /// dropped, and the state becomes `disconnected` (`needs_rebuild` when the sender needed a
     /// rebuild or the session was one). Without a session, a sender that was
     /// `in_sync` (or connecting / catching up) also becomes `disconnected`: its proof belonged
     /// to the old epoch (the reference left it `in_sync`).
-    pub fn update_epoch(&self, epoch: Epoch) -> Option<Invalidation> {
+    pub(crate) fn update_epoch(&self, epoch: Epoch) -> Option<Invalidation> {
         self.raise_epoch(epoch).ok().flatten()
     }
 
@@ -233,6 +235,7 @@ impl Sender {
         None
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Applies an assignment's view of this replica, under one lock acquisition: the endpoint
     /// first (an endpoint change invalidates the session and leaves the sender
     /// `disconnected`: nothing is proven about the replica at its new address), then the
@@ -243,7 +246,7 @@ impl Sender {
     /// assignments arrive in and even when this sender alone was raised to a newer epoch.
     /// Within one epoch the last assignment wins (endpoint versions are not ordered: a master
     /// that restarts may number them afresh). A stopped sender ignores it.
-    pub fn reassign(&self, endpoint: &Endpoint, epoch: Epoch) -> Result<Vec<Invalidation>> {
+    pub(crate) fn reassign(&self, endpoint: &Endpoint, epoch: Epoch) -> Result<Vec<Invalidation>> {
         let mut out = Vec::new();
         self.reassign_into(endpoint, epoch, &mut out)?;
         Ok(out)
@@ -292,7 +295,7 @@ impl Sender {
 
     /// Creates a session in `init` at `epoch`, which must be the sender's epoch, when no
     /// session is active. The replica state is unchanged.
-    pub fn attach_session(
+    pub(crate) fn attach_session(
         &self,
         epoch: Epoch,
         kind: SessionKind,
@@ -333,7 +336,7 @@ impl Sender {
     /// assignment at `epoch`, which must be the sender's epoch (an assignment that raced with
     /// a newer one must not replace the newer one's session). Returns the invalidated session
     /// (if any) and the new ID.
-    pub fn supersede_session(
+    pub(crate) fn supersede_session(
         &self,
         epoch: Epoch,
         kind: SessionKind,
@@ -349,7 +352,7 @@ impl Sender {
 
     /// Stops the sender for good (idempotent): the session is invalidated with
     /// `sender_stopped` and dropped. The state is unchanged.
-    pub fn stop(&self) -> Option<Invalidation> {
+    pub(crate) fn stop(&self) -> Option<Invalidation> {
         let mut g = self.lock();
         g.stopped = true;
         self.drop_session(&mut g, InvalidateReason::SenderStopped)
@@ -394,10 +397,11 @@ impl Sender {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Invalidates and drops the session if there is one and demotes the replica to `to` (a
     /// replica that needs a rebuild keeps needing one). A stopped sender is left as it is.
     /// Demotion is the only state a caller can set: `in_sync` needs a proof.
-    pub fn invalidate_session(
+    pub(crate) fn invalidate_session(
         &self,
         reason: InvalidateReason,
         to: Demotion,
@@ -415,7 +419,7 @@ impl Sender {
     /// Invalidates the session only if it is `id`, and then demotes the replica to `to`; used
     /// by cancellation so a finished or replaced session (and the replica it proved) is never
     /// touched.
-    pub fn invalidate_session_if(
+    pub(crate) fn invalidate_session_if(
         &self,
         id: SessionId,
         reason: InvalidateReason,
@@ -427,7 +431,7 @@ impl Sender {
     /// Fences the session `id` (if it is still current) with `reason`; the state becomes
     /// `disconnected`, or `needs_rebuild` when the sender needed a rebuild or the session was
     /// one.
-    pub fn fence_session_if(
+    pub(crate) fn fence_session_if(
         &self,
         id: SessionId,
         reason: InvalidateReason,
@@ -528,7 +532,7 @@ impl Sender {
     // ---------------------------------------------------------------------------------------
 
     /// `init -> connecting`; the state becomes `connecting`.
-    pub fn begin_connect(&self, id: SessionId) -> Result<()> {
+    pub(crate) fn begin_connect(&self, id: SessionId) -> Result<()> {
         self.with_session(id, |g| {
             session_mut(g).advance(SessionPhase::Connecting)?;
             g.state = ReplicaState::Connecting;
@@ -537,7 +541,7 @@ impl Sender {
     }
 
     /// `connecting -> handshake` with the range `(start, target]`.
-    pub fn record_handshake(&self, id: SessionId, start: Lsn, target: Lsn) -> Result<()> {
+    pub(crate) fn record_handshake(&self, id: SessionId, start: Lsn, target: Lsn) -> Result<()> {
         self.with_session(id, |g| {
             if target < start {
                 return Err(EngineError::InvalidRange { start, target });
@@ -549,6 +553,7 @@ impl Sender {
         })
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Records a handshake and classifies it (see [`HandshakeResult::classify`]).
     ///
     /// - `needs_rebuild`: the session is invalidated (`gap_exceeds_retention`) and dropped and
@@ -556,7 +561,7 @@ impl Sender {
     /// - `zero_gap`: handshake with the range `(F, F]`.
     /// - `catchup`: handshake with `(F, C]`, or, when the replica is ahead (`F > C`), a
     ///   required truncation to C and the range `(C, C]`.
-    pub fn record_handshake_with_outcome(
+    pub(crate) fn record_handshake_with_outcome(
         &self,
         id: SessionId,
         hr: &HandshakeResult,
@@ -607,10 +612,11 @@ impl Sender {
         })
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Records a handshake from retained history: builds the proof and the handshake result,
     /// and takes the outcome from the proof, so holes and a committed LSN beyond the head send
     /// the replica to rebuild even where the plain classifier would say catch-up.
-    pub fn record_handshake_from_history(
+    pub(crate) fn record_handshake_from_history(
         &self,
         id: SessionId,
         replica_flushed: Lsn,
@@ -624,7 +630,7 @@ impl Sender {
     /// Records a handshake whose proof the caller built (for example with
     /// [`RetainedHistory::prove_with_anchor`], which also matches the replica's log). The
     /// outcome is the proof's.
-    pub fn record_handshake_with_proof(
+    pub(crate) fn record_handshake_with_proof(
         &self,
         id: SessionId,
         history: &RetainedHistory,
@@ -651,7 +657,7 @@ impl Sender {
     /// `handshake -> catchup` for non-rebuild sessions; the state becomes `catching_up` and
     /// the target is frozen (always, budget or not). A start tick, if given, starts the
     /// budget clock.
-    pub fn begin_catch_up(&self, id: SessionId, start_tick: Option<Tick>) -> Result<()> {
+    pub(crate) fn begin_catch_up(&self, id: SessionId, start_tick: Option<Tick>) -> Result<()> {
         self.with_session(id, |g| {
             let s = session_mut(g);
             reject_rebuild(s, "begin_catch_up")?;
@@ -670,7 +676,7 @@ impl Sender {
     /// frozen target. The entries counted are `lsn - recovered_to`, so the budget sees only
     /// this session's work. A budget with a progress deadline requires a tick. A refusal
     /// changes nothing and does not invalidate the session.
-    pub fn record_catch_up_progress(
+    pub(crate) fn record_catch_up_progress(
         &self,
         id: SessionId,
         lsn: Lsn,
@@ -721,7 +727,7 @@ impl Sender {
 
     /// Records that the replica executed the required truncation to `lsn`. Idempotent; any
     /// phase.
-    pub fn record_truncation(&self, id: SessionId, lsn: Lsn) -> Result<()> {
+    pub(crate) fn record_truncation(&self, id: SessionId, lsn: Lsn) -> Result<()> {
         self.with_session(id, |g| {
             let s = session_mut(g);
             let Some(required) = s.truncate_to else {
@@ -741,7 +747,7 @@ impl Sender {
     /// Records the durable LSN a replica reported from a barrier. It must not exceed the
     /// session's target: a replica durable beyond the target holds data the recovery did not
     /// put there, and must not be declared in sync with the target.
-    pub fn record_barrier(&self, id: SessionId, durable: Lsn) -> Result<()> {
+    pub(crate) fn record_barrier(&self, id: SessionId, durable: Lsn) -> Result<()> {
         self.with_session(id, |g| {
             let s = session_mut(g);
             let target = barrier_target(s);
@@ -764,7 +770,7 @@ impl Sender {
     /// reach the target, in `handshake` the range must be empty); or the replica did not
     /// report its data durable at the target. A zero-gap handshake needs no barrier: the
     /// replica's flushed LSN already is the target.
-    pub fn complete_session_by_id(&self, id: SessionId) -> Result<()> {
+    pub(crate) fn complete_session_by_id(&self, id: SessionId) -> Result<()> {
         self.with_session(id, |g| {
             let s = session_mut(g);
             reject_rebuild(s, "complete_session_by_id")?;
@@ -814,7 +820,7 @@ impl Sender {
 
     /// Checks the session's budget at `now`. A violation invalidates the session
     /// (`budget_<violation>`), drops it and sets `needs_rebuild`. Works in any phase.
-    pub fn check_budget(&self, id: SessionId, now: Tick) -> Result<Option<BudgetViolation>> {
+    pub(crate) fn check_budget(&self, id: SessionId, now: Tick) -> Result<Option<BudgetViolation>> {
         self.with_session(id, |g| {
             let s = session_mut(g);
             let Some(budget) = s.budget else {
@@ -860,7 +866,7 @@ impl Sender {
     }
 
     /// Selects the rebuild source (rebuild sessions in `handshake` only).
-    pub fn select_rebuild_source(
+    pub(crate) fn select_rebuild_source(
         &self,
         id: SessionId,
         snapshot_lsn: Option<Lsn>,
@@ -872,36 +878,37 @@ impl Sender {
         })
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Selects the rebuild source from retained history and returns the decision.
-    pub fn select_rebuild_from_history(
+    pub(crate) fn select_rebuild_from_history(
         &self,
         id: SessionId,
         history: &RetainedHistory,
-    ) -> Result<RebuildDecision> {
+    ) -> Result<crate::history::RebuildDecision> {
         let decision = history.rebuild_source_decision();
         self.select_rebuild_source(
             id,
             decision.snapshot_lsn,
-            decision.source == RebuildSource::SnapshotTail,
+            decision.source == crate::rebuild::RebuildSource::SnapshotTail,
             history.committed_lsn,
         )?;
         Ok(decision)
     }
 
     /// Starts the base transfer.
-    pub fn begin_rebuild_transfer(&self, id: SessionId) -> Result<()> {
+    pub(crate) fn begin_rebuild_transfer(&self, id: SessionId) -> Result<()> {
         self.with_rebuild(id, "begin_rebuild_transfer", RebuildState::begin_transfer)
     }
 
     /// Records base progress.
-    pub fn record_rebuild_transfer_progress(&self, id: SessionId, lsn: Lsn) -> Result<()> {
+    pub(crate) fn record_rebuild_transfer_progress(&self, id: SessionId, lsn: Lsn) -> Result<()> {
         self.with_rebuild(id, "record_rebuild_transfer_progress", |r| {
             r.record_transfer_progress(lsn)
         })
     }
 
     /// Starts the tail replay (snapshot + tail, after the base reached the snapshot).
-    pub fn begin_rebuild_tail_replay(&self, id: SessionId) -> Result<()> {
+    pub(crate) fn begin_rebuild_tail_replay(&self, id: SessionId) -> Result<()> {
         self.with_rebuild(
             id,
             "begin_rebuild_tail_replay",
@@ -910,7 +917,7 @@ impl Sender {
     }
 
     /// Records tail progress.
-    pub fn record_rebuild_tail_progress(&self, id: SessionId, lsn: Lsn) -> Result<()> {
+    pub(crate) fn record_rebuild_tail_progress(&self, id: SessionId, lsn: Lsn) -> Result<()> {
         self.with_rebuild(id, "record_rebuild_tail_progress", |r| {
             r.record_tail_replay_progress(lsn)
         })
@@ -918,7 +925,7 @@ impl Sender {
 
     /// Completes a rebuild session and marks the replica `in_sync`: the rebuild must be ready
     /// and the replica must have reported its data durable at the target.
-    pub fn complete_rebuild(&self, id: SessionId) -> Result<()> {
+    pub(crate) fn complete_rebuild(&self, id: SessionId) -> Result<()> {
         self.with_session(id, |g| {
             let s = session_mut(g);
             let sid = s.id;

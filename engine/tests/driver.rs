@@ -8,7 +8,9 @@ use common::{
     assert_data_matches, assign, chunked, driver, entry_id, ep, handshake, history_of, model_io,
     names_for, only_detail, primary, replica, replica_ahead, rid,
 };
+use engine::ReplicaHandshake;
 use engine::testing::MemStorage;
+use engine::testing::SenderProtocol;
 use engine::{
     AnchorCheck, CatchUpExecutor, EngineError, Lsn, Outcome, PinKind, ProofReason, RebuildExecutor,
     RebuildReason, RebuildSource, RecoveryDriver, RecoveryPath, ReplicaState, SessionKind,
@@ -35,20 +37,23 @@ fn plan_recovery_catch_up() {
 
     // The replica reports its tip, so its log is matched against the primary's at F.
     let plan = d.plan_recovery(&rid("r1"), handshake(&r)).unwrap();
-    assert_eq!(plan.outcome, Outcome::CatchUp);
-    assert_eq!(plan.session_id, sid);
-    assert!(plan.verified);
-    assert_eq!(plan.catch_up_start_lsn, Some(Lsn(70)));
-    assert_eq!(plan.catch_up_target, Some(Lsn(100)));
-    assert_eq!(plan.truncate_lsn, None);
-    let proof = plan.proof.as_ref().unwrap();
+    assert_eq!(plan.outcome(), Outcome::CatchUp);
+    assert_eq!(plan.session_id(), sid);
+    assert!(plan.catch_up().unwrap().verified);
+    assert_eq!(plan.catch_up().map(|c| c.from), Some(Lsn(70)));
+    assert_eq!(plan.target(), Some(Lsn(100)));
+    assert_eq!(plan.truncation().map(|t| t.to), None);
+    let proof = plan.proof().unwrap();
     assert!(proof.recoverable);
     assert_eq!(proof.reason.name(), "gap_within_retention");
     assert_eq!(
         proof.anchor,
         AnchorCheck::Matched(entry_id(&p, 70).unwrap())
     );
-    let pin = plan.retention_pin.as_ref().expect("catch-up pins the WAL");
+    let pin = plan
+        .catch_up()
+        .and_then(|c| c.pin())
+        .expect("catch-up pins the WAL");
     assert_eq!(pin.start_lsn, Lsn(70));
     assert_eq!(plan.pins_held(), 1);
     assert_eq!(p.pins_of(PinKind::WalRetention), 1);
@@ -85,11 +90,13 @@ fn plan_recovery_catch_up() {
 fn plan_recovery_zero_gap() {
     let p = primary(100, 100, 30, None);
     let d = with_target(&p, SessionKind::CatchUp);
-    let mut plan = d.plan_recovery(&rid("r1"), Lsn(100)).unwrap();
-    assert_eq!(plan.outcome, Outcome::ZeroGap);
+    let plan = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(100)))
+        .unwrap();
+    assert_eq!(plan.outcome(), Outcome::ZeroGap);
     let s = d.orchestrator().sender(&rid("r1")).unwrap();
     assert!(
-        plan.session_id.is_some(),
+        plan.session_id().is_some(),
         "the plan names its handshake's session"
     );
     assert_eq!(
@@ -97,7 +104,7 @@ fn plan_recovery_zero_gap() {
         None,
         "the zero-gap session completed at once"
     );
-    assert_eq!(plan.proof.as_ref().unwrap().reason, ProofReason::ZeroGap);
+    assert_eq!(plan.proof().unwrap().reason, ProofReason::ZeroGap);
     assert_eq!(plan.pins_held(), 0);
     assert_eq!(p.pins_acquired(), 0, "nothing was ever pinned");
     assert_eq!(s.state(), ReplicaState::InSync);
@@ -105,7 +112,7 @@ fn plan_recovery_zero_gap() {
 
     // Cancelling the finished plan changes nothing: it must not demote the in-sync replica
     // (the reference's session-ID-0 plan did).
-    assert!(!d.cancel_plan(&mut plan, "late_cancel"));
+    assert!(!d.cancel_plan(plan, "late_cancel"));
     assert_eq!(s.state(), ReplicaState::InSync);
     assert_eq!(
         only_detail(d.orchestrator().log(), "plan_cancelled"),
@@ -120,15 +127,17 @@ fn plan_recovery_needs_rebuild_then_rebuild() {
     let r = replica(&p, 30);
     let d = with_target(&p, SessionKind::CatchUp);
 
-    let plan = d.plan_recovery(&rid("r1"), Lsn(30)).unwrap();
-    assert_eq!(plan.outcome, Outcome::NeedsRebuild);
+    let plan = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(30)))
+        .unwrap();
+    assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
     assert_eq!(
         d.orchestrator().sender(&rid("r1")).unwrap().session_id(),
         None,
         "the handshake's session ended with the escalation"
     );
     assert_eq!(plan.pins_held(), 0);
-    assert!(!plan.proof.as_ref().unwrap().recoverable);
+    assert!(!plan.proof().unwrap().recoverable);
     assert_eq!(p.pins_acquired(), 0);
     let s = d.orchestrator().sender(&rid("r1")).unwrap();
     assert_eq!(s.state(), ReplicaState::NeedsRebuild);
@@ -140,18 +149,30 @@ fn plan_recovery_needs_rebuild_then_rebuild() {
         &[("r1", SessionKind::Rebuild)],
     );
     let plan = d.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::FullBase));
-    assert_eq!(plan.rebuild_snapshot_lsn, None);
-    assert_eq!(plan.rebuild_target_lsn, Some(Lsn(100)));
     assert_eq!(
-        plan.rebuild_reason,
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::FullBase)
+    );
+    assert_eq!(plan.rebuild().and_then(|r| r.snapshot_lsn()), None);
+    assert_eq!(plan.rebuild().map(|r| r.target), Some(Lsn(100)));
+    assert_eq!(
+        plan.rebuild().map(|r| r.reason.clone()),
         Some(RebuildReason::TrustedCheckpointUnreplayableTail {
             checkpoint: Lsn(50),
             tail: Lsn(60),
         })
     );
-    assert_eq!(plan.full_base_pin.as_ref().unwrap().committed_lsn, Lsn(100));
-    assert!(plan.snapshot_pin.is_none() && plan.retention_pin.is_none());
+    assert_eq!(
+        plan.rebuild()
+            .and_then(|r| r.full_base_pin())
+            .unwrap()
+            .committed_lsn,
+        Lsn(100)
+    );
+    assert!(
+        plan.rebuild().and_then(|r| r.snapshot_pin()).is_none()
+            && plan.rebuild().and_then(|r| r.retention_pin()).is_none()
+    );
     assert_eq!(p.pins_of(PinKind::FullBase), 1);
 
     let mut io = model_io(&p, &r);
@@ -176,7 +197,8 @@ fn plan_recovery_wal_pin_failure() {
     let d = with_target(&p, SessionKind::CatchUp);
     p.fail_next_pin(PinKind::WalRetention);
     assert_eq!(
-        d.plan_recovery(&rid("r1"), Lsn(70)).unwrap_err(),
+        d.plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(70)))
+            .unwrap_err(),
         EngineError::PinFailed {
             kind: PinKind::WalRetention,
             error: StorageError::Backend("injected WAL pin failure".into()),
@@ -238,18 +260,16 @@ fn plan_recovery_replica_ahead_truncation() {
     let r = replica_ahead(&p, 100, 5);
     let d = with_target(&p, SessionKind::CatchUp);
     let plan = d.plan_recovery(&rid("r1"), handshake(&r)).unwrap();
-    assert_eq!(plan.outcome, Outcome::CatchUp);
-    assert_eq!(plan.truncate_lsn, Some(Lsn(100)));
+    assert_eq!(plan.outcome(), Outcome::CatchUp);
+    assert_eq!(plan.truncation().map(|t| t.to), Some(Lsn(100)));
     // The replica's log is checked after the truncation, against the primary's entry at 100.
-    assert!(plan.verified);
-    assert_eq!(
-        plan.proof.as_ref().unwrap().anchor,
-        AnchorCheck::AfterTruncation
-    );
-    assert_eq!(plan.truncate_anchor, entry_id(&p, 100));
-    assert!(plan.truncate_anchor.is_some());
-    assert_eq!(plan.catch_up_start_lsn, Some(Lsn(105)));
-    assert_eq!(plan.catch_up_target, Some(Lsn(100)));
+    assert!(plan.truncation().unwrap().verified);
+    assert_eq!(plan.proof().unwrap().anchor, AnchorCheck::AfterTruncation);
+    assert_eq!(plan.truncation().and_then(|t| t.anchor), entry_id(&p, 100));
+    assert!(plan.truncation().and_then(|t| t.anchor).is_some());
+    assert_eq!(plan.proof().unwrap().replica_flushed_lsn, Lsn(105));
+    assert!(plan.catch_up().is_none());
+    assert_eq!(plan.target(), Some(Lsn(100)));
 
     let mut io = model_io(&p, &r);
     let report = CatchUpExecutor::new(&d, plan)
@@ -279,9 +299,11 @@ fn plan_recovery_replica_ahead_truncation() {
 fn plan_recovery_replica_ahead_no_wal_pin() {
     let p = primary(100, 100, 30, None);
     let d = with_target(&p, SessionKind::CatchUp);
-    let plan = d.plan_recovery(&rid("r1"), Lsn(105)).unwrap();
-    assert_eq!(plan.truncate_lsn, Some(Lsn(100)));
-    assert!(plan.retention_pin.is_none());
+    let plan = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(105)))
+        .unwrap();
+    assert_eq!(plan.truncation().map(|t| t.to), Some(Lsn(100)));
+    assert!(plan.catch_up().and_then(|c| c.pin()).is_none());
     assert_eq!(plan.pins_held(), 0);
     assert_eq!(p.pins_outstanding(), 0);
     assert_eq!(p.pins_acquired(), 0);
@@ -341,13 +363,22 @@ fn plan_rebuild_non_rebuild_session() {
 fn plan_rebuild_full_base_pins_base_image() {
     let p = primary(100, 100, 60, Some((40, true)));
     let d = with_target(&p, SessionKind::Rebuild);
-    let mut plan = d.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::FullBase));
-    assert_eq!(plan.rebuild_target_lsn, Some(Lsn(100)));
-    let pin = plan.full_base_pin.as_ref().expect("full base pinned");
+    let plan = d.plan_rebuild(&rid("r1")).unwrap();
+    assert_eq!(
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::FullBase)
+    );
+    assert_eq!(plan.rebuild().map(|r| r.target), Some(Lsn(100)));
+    let pin = plan
+        .rebuild()
+        .and_then(|r| r.full_base_pin())
+        .expect("full base pinned");
     assert_eq!(pin.committed_lsn, Lsn(100));
     let pin_id = pin.pin_id;
-    assert!(plan.snapshot_pin.is_none() && plan.retention_pin.is_none());
+    assert!(
+        plan.rebuild().and_then(|r| r.snapshot_pin()).is_none()
+            && plan.rebuild().and_then(|r| r.retention_pin()).is_none()
+    );
     assert_eq!(plan.pins_held(), 1);
     assert_eq!(p.pins_outstanding(), 1);
     assert_eq!(p.pins_of(PinKind::FullBase), 1);
@@ -360,12 +391,9 @@ fn plan_rebuild_full_base_pins_base_image() {
         "reason=trusted_checkpoint_unreplayable_tail: checkpoint=40 tail=60 committed=100"
     );
 
-    d.release_plan(&mut plan);
-    assert_eq!(plan.pins_held(), 0);
+    d.cancel_plan(plan, "test");
     assert_eq!(p.pins_outstanding(), 0);
     assert!(p.pinned_image(pin_id).is_none());
-    d.release_plan(&mut plan);
-    assert_eq!(p.pins_outstanding(), 0, "releasing twice is harmless");
 }
 
 #[test]
@@ -403,7 +431,7 @@ fn plan_recovery_wal_pin_failure_cleans_up_session() {
     let sid = s.session_id().unwrap();
     p.fail_next_pin(PinKind::WalRetention);
     assert!(matches!(
-        d.plan_recovery(&rid("r1"), Lsn(70)),
+        d.plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(70))),
         Err(EngineError::PinFailed {
             kind: PinKind::WalRetention,
             ..
@@ -440,11 +468,16 @@ fn cross_layer_storage_proves_recoverability() {
     );
 
     let d = with_target(&p, SessionKind::CatchUp);
-    let mut plan = d.plan_recovery(&rid("r1"), Lsn(60)).unwrap();
-    assert_eq!(plan.outcome, Outcome::CatchUp);
-    assert_eq!(plan.proof.as_ref(), Some(&proof));
-    assert_eq!(plan.retention_pin.as_ref().unwrap().start_lsn, Lsn(60));
-    d.cancel_plan(&mut plan, "test_done");
+    let plan = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(60)))
+        .unwrap();
+    assert_eq!(plan.outcome(), Outcome::CatchUp);
+    assert_eq!(plan.proof(), Some(&proof));
+    assert_eq!(
+        plan.catch_up().and_then(|c| c.pin()).unwrap().start_lsn,
+        Lsn(60)
+    );
+    d.cancel_plan(plan, "test_done");
     assert_eq!(p.pins_outstanding(), 0);
     let s = d.orchestrator().sender(&rid("r1")).unwrap();
     assert!(!s.has_active_session());

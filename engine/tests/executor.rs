@@ -5,6 +5,8 @@
 
 mod common;
 
+use engine::ReplicaHandshake;
+use engine::testing::SenderProtocol;
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -32,8 +34,10 @@ fn catch_up_plan(d: &RecoveryDriver, f: u64) -> RecoveryPlan {
         &[("r1", ep("10.0.0.1", 1))],
         &[("r1", SessionKind::CatchUp)],
     );
-    let plan = d.plan_recovery(&rid("r1"), Lsn(f)).unwrap();
-    assert_eq!(plan.outcome, Outcome::CatchUp);
+    let plan = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(f)))
+        .unwrap();
+    assert_eq!(plan.outcome(), Outcome::CatchUp);
     assert_eq!(plan.pins_held(), 1);
     plan
 }
@@ -53,8 +57,10 @@ fn rebuild_plan(d: &RecoveryDriver, epoch: u64) -> RecoveryPlan {
         &[("r1", ep("10.0.0.1", 1))],
         &[("r1", SessionKind::CatchUp)],
     );
-    let escalated = d.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
-    assert_eq!(escalated.outcome, Outcome::NeedsRebuild);
+    let escalated = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
+    assert_eq!(escalated.outcome(), Outcome::NeedsRebuild);
     assign(
         orch,
         epoch,
@@ -62,10 +68,16 @@ fn rebuild_plan(d: &RecoveryDriver, epoch: u64) -> RecoveryPlan {
         &[("r1", SessionKind::Rebuild)],
     );
     let plan = d.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::SnapshotTail));
-    assert_eq!(plan.rebuild_snapshot_lsn, Some(Lsn(50)));
-    assert_eq!(plan.rebuild_target_lsn, Some(Lsn(100)));
-    assert!(plan.snapshot_pin.is_some() && plan.retention_pin.is_some());
+    assert_eq!(
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::SnapshotTail)
+    );
+    assert_eq!(plan.rebuild().and_then(|r| r.snapshot_lsn()), Some(Lsn(50)));
+    assert_eq!(plan.rebuild().map(|r| r.target), Some(Lsn(100)));
+    assert!(
+        plan.rebuild().and_then(|r| r.snapshot_pin()).is_some()
+            && plan.rebuild().and_then(|r| r.retention_pin()).is_some()
+    );
     plan
 }
 
@@ -129,8 +141,10 @@ fn e1_budget_escalation_releases_wal() {
     .unwrap();
     s.attach_session(Epoch(1), SessionKind::CatchUp, budget(Some(3), None, None))
         .unwrap();
-    let plan = d.plan_recovery(&rid("r1"), Lsn(500)).unwrap();
-    assert_eq!(plan.catch_up_target, Some(Lsn(1000)));
+    let plan = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(500)))
+        .unwrap();
+    assert_eq!(plan.target(), Some(Lsn(1000)));
     assert_eq!(p.pins_of(PinKind::WalRetention), 1);
 
     let steps = RefCell::new(Vec::new());
@@ -271,7 +285,9 @@ fn e3_epoch_bump_mid_catch_up_releases_wal() {
         &[("r1", ep("10.0.0.1", 1))],
         &[("r1", SessionKind::CatchUp)],
     );
-    let plan = d.plan_recovery(&rid("r1"), Lsn(80)).unwrap();
+    let plan = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(80)))
+        .unwrap();
     assert_eq!(p.pins_of(PinKind::WalRetention), 1);
     d.orchestrator()
         .update_sender_epoch(&rid("r1"), Epoch(3))
@@ -292,7 +308,7 @@ fn e3_cancel_releases_resources() {
     let p = catch_up_primary();
     let d = driver(&p);
     let plan = catch_up_plan(&d, 70);
-    let sid = plan.session_id;
+    let sid = plan.session_id();
     let exec = CatchUpExecutor::new(&d, plan);
     assert_eq!(exec.pins_held(), 1);
     let (failure, report) = exec_failure(Err(exec.cancel("operator_abort")));
@@ -346,8 +362,12 @@ fn e4_successful_catch_up_releases_wal() {
         &[("r1", ep("10.0.0.1", 1)), ("r2", ep("10.0.0.2", 1))],
         &[("r1", SessionKind::CatchUp), ("r2", SessionKind::CatchUp)],
     );
-    let plan1 = d.plan_recovery(&rid("r1"), Lsn(70)).unwrap();
-    let plan2 = d.plan_recovery(&rid("r2"), Lsn(70)).unwrap();
+    let plan1 = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(70)))
+        .unwrap();
+    let plan2 = d
+        .plan_recovery(&rid("r2"), ReplicaHandshake::unverified(Lsn(70)))
+        .unwrap();
     assert_eq!(p.pins_of(PinKind::WalRetention), 2);
 
     // r1: the reference's step list.

@@ -1,6 +1,7 @@
 //! One test per fix of the reference's flaws (reference-engine.md 6.3 and 6.5). Each is
 //! written so that the reference's behaviour would fail it; the comment on each says how.
 
+use engine::testing::SenderProtocol;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -55,8 +56,10 @@ fn truncation_to_lsn_zero_works() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(3)).unwrap();
-    assert_eq!(plan.truncate_lsn, Some(Lsn(0)));
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(3)))
+        .unwrap();
+    assert_eq!(plan.truncation().map(|t| t.to), Some(Lsn(0)));
     let mut io = ModelIo::new(storage.clone(), Arc::clone(&replica));
     let report = CatchUpExecutor::new(&driver, plan)
         .execute(&mut io)
@@ -81,9 +84,11 @@ fn cancelling_a_finished_zero_gap_plan_keeps_in_sync() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let mut plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
-    assert_eq!(plan.outcome, Outcome::ZeroGap);
-    assert!(!driver.cancel_plan(&mut plan, "late_cancel"));
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
+    assert_eq!(plan.outcome(), Outcome::ZeroGap);
+    assert!(!driver.cancel_plan(plan, "late_cancel"));
     let s = driver.orchestrator().sender(&rid("r1")).unwrap();
     assert_eq!(s.state(), ReplicaState::InSync);
     assert!(driver.orchestrator().log().contains("plan_cancelled"));
@@ -104,8 +109,11 @@ fn full_base_rebuild_at_committed_zero_completes() {
         ))
         .unwrap();
     let plan = driver.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::FullBase));
-    assert_eq!(plan.rebuild_target_lsn, Some(Lsn(0)));
+    assert_eq!(
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::FullBase)
+    );
+    assert_eq!(plan.rebuild().map(|r| r.target), Some(Lsn(0)));
     let replica = Arc::new(Mutex::new(ModelReplica::new()));
     let mut io = ModelIo::new(storage.clone(), replica);
     let report = RebuildExecutor::new(&driver, plan)
@@ -189,9 +197,11 @@ fn hole_in_retained_wal_is_not_recoverable() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let mut plan = driver.plan_recovery(&rid("r1"), Lsn(2)).unwrap();
-    assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    let proof = plan.proof.take().unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(2)))
+        .unwrap();
+    assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
+    let proof = plan.proof().unwrap();
     assert!(!proof.recoverable);
     assert_eq!(
         proof.reason,
@@ -246,7 +256,9 @@ fn executor_failure_releases_pins_and_invalidates_session() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(70)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(70)))
+        .unwrap();
     assert_eq!(storage.pins_of(PinKind::WalRetention), 1);
     let mut io = ScriptedIo::new([80, 90, 101]);
     let (f, report) = failure(CatchUpExecutor::new(&driver, plan).execute(&mut io));
@@ -279,7 +291,9 @@ fn executor_cancel_invalidates_session() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(70)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(70)))
+        .unwrap();
     let exec = CatchUpExecutor::new(&driver, plan);
     assert_eq!(exec.pins_held(), 1);
     let err = exec.cancel("operator");
@@ -309,7 +323,9 @@ fn epoch_bump_in_on_step_is_caught_before_the_next_chunk() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(40)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(40)))
+        .unwrap();
     let mut io = ModelIo::new(storage.clone(), Arc::clone(&replica));
     let orch = Arc::clone(driver.orchestrator());
     let result = CatchUpExecutor::new(&driver, plan)
@@ -345,7 +361,9 @@ fn io_mode_checks_the_budget_after_every_chunk() {
         ..CatchUpBudget::default()
     });
     driver.orchestrator().process_assignment(&i).unwrap();
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
     let mut io = ModelIo::new(storage.clone(), replica);
     let (f, report) = failure(
         CatchUpExecutor::new(&driver, plan)
@@ -381,7 +399,9 @@ fn truncation_is_executed_through_the_io() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(105)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(105)))
+        .unwrap();
     let mut io = ModelIo::new(storage.clone(), Arc::clone(&replica));
     let report = CatchUpExecutor::new(&driver, plan)
         .execute(&mut io)
@@ -413,7 +433,9 @@ fn truncation_below_replica_checkpoint_escalates_to_rebuild() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(105)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(105)))
+        .unwrap();
     let mut io = ModelIo::new(storage.clone(), Arc::clone(&replica));
     let (f, _) = failure(CatchUpExecutor::new(&driver, plan).execute(&mut io));
     assert!(matches!(
@@ -437,7 +459,9 @@ fn completion_waits_for_the_replica_barrier() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(70)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(70)))
+        .unwrap();
     let mut io = ModelIo::new(storage.clone(), replica);
     io.faults.barrier_short_by = 1;
     let (f, _) = failure(CatchUpExecutor::new(&driver, plan).execute(&mut io));
@@ -544,7 +568,9 @@ fn io_reporting_a_non_contiguous_chunk_is_refused() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(70)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(70)))
+        .unwrap();
     let (f, _) = failure(CatchUpExecutor::new(&driver, plan).execute(&mut Liar));
     assert!(matches!(f, ExecFailure::IoProtocol { step: 0, .. }), "{f}");
     assert_eq!(storage.pins_outstanding(), 0);
@@ -562,7 +588,9 @@ fn epoch_or_endpoint_change_without_a_session_demotes_in_sync() {
     ))
     .unwrap();
     for r in ["r1", "r2"] {
-        driver.plan_recovery(&rid(r), Lsn(10)).unwrap();
+        driver
+            .plan_recovery(&rid(r), ReplicaHandshake::unverified(Lsn(10)))
+            .unwrap();
         assert_eq!(orch.sender(&rid(r)).unwrap().state(), ReplicaState::InSync);
     }
     orch.sender(&rid("r1")).unwrap().update_epoch(Epoch(2));
@@ -783,10 +811,10 @@ fn divergent_replica_at_committed_lsn_is_not_declared_in_sync() {
         ))
         .unwrap();
     let hs = replica.lock().unwrap().handshake();
-    assert_eq!(hs.flushed, Lsn(10));
-    let mut plan = driver.plan_recovery(&rid("r1"), hs).unwrap();
-    assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    let proof = plan.proof.take().unwrap();
+    assert_eq!(hs.flushed(), Lsn(10));
+    let plan = driver.plan_recovery(&rid("r1"), hs).unwrap();
+    assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
+    let proof = plan.proof().unwrap();
     assert_eq!(proof.reason.name(), "divergent_history");
     let s = driver.orchestrator().sender(&rid("r1")).unwrap();
     assert_eq!(s.state(), ReplicaState::NeedsRebuild);
@@ -829,7 +857,7 @@ fn divergence_below_the_truncation_point_escalates() {
         .unwrap();
     let hs = replica.lock().unwrap().handshake();
     let plan = driver.plan_recovery(&rid("r1"), hs).unwrap();
-    assert_eq!(plan.truncate_lsn, Some(Lsn(10)));
+    assert_eq!(plan.truncation().map(|t| t.to), Some(Lsn(10)));
     let mut io = ModelIo::new(storage.clone(), Arc::clone(&replica));
     let (f, _) = failure(CatchUpExecutor::new(&driver, plan).execute(&mut io));
     assert!(matches!(f, ExecFailure::TruncateDiverged { .. }), "{f}");
@@ -876,7 +904,9 @@ fn handshake_on_a_rebuild_session_is_refused_without_touching_it() {
             &[("r1", SessionKind::Rebuild)],
         ))
         .unwrap();
-    let err = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap_err();
+    let err = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap_err();
     assert!(matches!(err, EngineError::WrongSessionKind { .. }));
     let snap = driver
         .orchestrator()
@@ -949,7 +979,9 @@ fn wal_recycled_between_history_and_pin_escalates() {
             &[("r1", SessionKind::CatchUp)],
         ))
         .unwrap();
-    let err = driver.plan_recovery(&rid("r1"), Lsn(50)).unwrap_err();
+    let err = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(50)))
+        .unwrap_err();
     assert!(matches!(
         err,
         EngineError::PinFailed {

@@ -5,6 +5,8 @@
 
 mod common;
 
+use engine::ReplicaHandshake;
+use engine::testing::SenderProtocol;
 use std::sync::Arc;
 
 use common::{
@@ -37,7 +39,9 @@ fn changed_address_via_orchestrator() {
     );
     let before = orch.sender(&id).unwrap();
 
-    let r = orch.execute_recovery(&id, Lsn(80), &h).unwrap();
+    let r = orch
+        .execute_recovery(&id, ReplicaHandshake::unverified(Lsn(80)), &h)
+        .unwrap();
     assert_eq!(r.outcome, Outcome::CatchUp);
     assert!(r.proof.recoverable);
     assert_eq!(r.final_state, ReplicaState::Connecting);
@@ -67,7 +71,9 @@ fn changed_address_via_orchestrator() {
     // no longer reported in sync.
     assert_eq!(after.state(), ReplicaState::Disconnected);
 
-    let r = orch.execute_recovery(&id, Lsn(100), &h).unwrap();
+    let r = orch
+        .execute_recovery(&id, ReplicaHandshake::unverified(Lsn(100)), &h)
+        .unwrap();
     assert_eq!(r.outcome, Outcome::ZeroGap);
     assert_eq!(r.final_state, ReplicaState::InSync);
     assert_eq!(after.state(), ReplicaState::InSync);
@@ -110,7 +116,9 @@ fn needs_rebuild_rebuild_via_orchestrator() {
     );
     let sid = res.sessions_created[0].1;
 
-    let r = orch.execute_recovery(&id, Lsn(30), &h).unwrap();
+    let r = orch
+        .execute_recovery(&id, ReplicaHandshake::unverified(Lsn(30)), &h)
+        .unwrap();
     assert_eq!(r.outcome, Outcome::NeedsRebuild);
     assert_eq!(r.final_state, ReplicaState::NeedsRebuild);
     // The proof is checked, not left as an empty block.
@@ -179,7 +187,8 @@ fn epoch_bump_via_orchestrator() {
     assert!(!s.has_active_session());
     assert_eq!(s.state(), ReplicaState::Disconnected);
     assert_eq!(
-        orch.execute_recovery(&id, Lsn(100), &h).unwrap_err(),
+        orch.execute_recovery(&id, ReplicaHandshake::unverified(Lsn(100)), &h)
+            .unwrap_err(),
         EngineError::NoSession {
             replica: id.clone()
         }
@@ -199,7 +208,9 @@ fn epoch_bump_via_orchestrator() {
     );
     let new = res.sessions_created[0].1;
     assert_ne!(new, old);
-    let r = orch.execute_recovery(&id, Lsn(100), &h).unwrap();
+    let r = orch
+        .execute_recovery(&id, ReplicaHandshake::unverified(Lsn(100)), &h)
+        .unwrap();
     assert_eq!(r.outcome, Outcome::ZeroGap);
     assert_eq!(r.final_state, ReplicaState::InSync);
     assert_eq!(orch.registry().epoch(), Epoch(2));
@@ -296,18 +307,24 @@ fn multi_replica_via_orchestrator() {
         ],
     );
 
-    let r1 = orch.execute_recovery(&rid("r1"), Lsn(100), &h).unwrap();
+    let r1 = orch
+        .execute_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(100)), &h)
+        .unwrap();
     assert_eq!(r1.outcome, Outcome::ZeroGap);
     assert_eq!(r1.final_state, ReplicaState::InSync);
 
-    let r2 = orch.execute_recovery(&rid("r2"), Lsn(60), &h).unwrap();
+    let r2 = orch
+        .execute_recovery(&rid("r2"), ReplicaHandshake::unverified(Lsn(60)), &h)
+        .unwrap();
     assert_eq!(r2.outcome, Outcome::CatchUp);
     assert!(r2.proof.recoverable);
     assert_eq!(r2.proof.reason.name(), "gap_within_retention");
     orch.complete_catch_up(&rid("r2"), &catch_up_to(100))
         .unwrap();
 
-    let r3 = orch.execute_recovery(&rid("r3"), Lsn(20), &h).unwrap();
+    let r3 = orch
+        .execute_recovery(&rid("r3"), ReplicaHandshake::unverified(Lsn(20)), &h)
+        .unwrap();
     assert_eq!(r3.outcome, Outcome::NeedsRebuild);
     assert!(!r3.proof.recoverable);
 
@@ -350,7 +367,9 @@ fn replica_ahead_truncate_via_orchestrator() {
         &[("r1", ep("10.0.0.1", 1))],
         &[("r1", SessionKind::CatchUp)],
     );
-    let r = orch.execute_recovery(&id, Lsn(105), &h).unwrap();
+    let r = orch
+        .execute_recovery(&id, ReplicaHandshake::unverified(Lsn(105)), &h)
+        .unwrap();
     assert_eq!(r.outcome, Outcome::CatchUp);
     assert_eq!(r.proof.reason.name(), "replica_ahead_needs_truncation");
 
@@ -387,7 +406,9 @@ fn replica_ahead_no_truncate_completion_rejected() {
         &[("r1", SessionKind::CatchUp)],
     );
     assert_eq!(
-        orch.execute_recovery(&id, Lsn(105), &h).unwrap().outcome,
+        orch.execute_recovery(&id, ReplicaHandshake::unverified(Lsn(105)), &h)
+            .unwrap()
+            .outcome,
         Outcome::CatchUp
     );
 
@@ -430,7 +451,9 @@ fn budget_escalation_via_orchestrator() {
         .attach_session(Epoch(1), SessionKind::CatchUp, budget(Some(5), None, None))
         .unwrap();
 
-    let r = orch.execute_recovery(&id, Lsn(500), &h).unwrap();
+    let r = orch
+        .execute_recovery(&id, ReplicaHandshake::unverified(Lsn(500)), &h)
+        .unwrap();
     assert_eq!(r.outcome, Outcome::CatchUp);
     assert_eq!(
         orch.complete_catch_up(
@@ -467,7 +490,8 @@ fn sender_observability_session_snapshot() {
         &[("r1", ep("10.0.0.1", 1))],
         &[("r1", SessionKind::CatchUp)],
     );
-    orch.execute_recovery(&id, Lsn(105), &h).unwrap();
+    orch.execute_recovery(&id, ReplicaHandshake::unverified(Lsn(105)), &h)
+        .unwrap();
     let snap = orch.sender(&id).unwrap().session_snapshot().unwrap();
     assert!(snap.truncate_required);
     assert_eq!(snap.truncate_to_lsn, Some(Lsn(100)));
@@ -526,7 +550,9 @@ fn recovery_log_auto_populated() {
     );
     let sid = res.sessions_created[0].1;
     assert_eq!(
-        orch.execute_recovery(&id, Lsn(80), &h).unwrap().outcome,
+        orch.execute_recovery(&id, ReplicaHandshake::unverified(Lsn(80)), &h)
+            .unwrap()
+            .outcome,
         Outcome::CatchUp
     );
     orch.complete_catch_up(&id, &catch_up_to(100)).unwrap();

@@ -1,6 +1,7 @@
 //! Tests that close the gaps mutation testing found (`cargo mutants`, see docs/TESTING.md):
 //! each pins down a behaviour that a surviving mutant changed without any test noticing.
 
+use engine::testing::SenderProtocol;
 use std::sync::{Arc, Mutex};
 
 use engine::testing::{MemStorage, ModelIo, ModelReplica};
@@ -102,8 +103,10 @@ fn unverified_handshake_does_not_look_up_entries() {
         fail: true,
     }));
     assign(&driver, None);
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
-    assert_eq!(plan.outcome, Outcome::ZeroGap);
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
+    assert_eq!(plan.outcome(), Outcome::ZeroGap);
 }
 
 // `cancel_session` says whether it ended the session.
@@ -111,8 +114,10 @@ fn unverified_handshake_does_not_look_up_entries() {
 fn cancel_session_reports_whether_it_cancelled() {
     let storage = primary(40);
     let driver = catch_up_driver(&storage);
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
-    let sid = plan.session_id.unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
+    let sid = plan.session_id().unwrap();
     assert!(driver.cancel_session(&rid("r1"), sid, "operator"));
     assert!(!driver.cancel_session(&rid("r1"), sid, "again"));
     assert!(!driver.cancel_session(&rid("nobody"), sid, "unknown"));

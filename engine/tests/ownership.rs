@@ -5,6 +5,7 @@
 
 mod common;
 
+use engine::testing::SenderProtocol;
 use std::sync::Arc;
 
 use common::{budget, ep, intent, replicas, rid};

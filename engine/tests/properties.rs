@@ -2,6 +2,7 @@
 //! no completion without readiness, reconcile idempotence, and no pin outstanding after any
 //! executor run (with data checked whenever a run succeeds).
 
+use engine::testing::SenderProtocol;
 use std::sync::{Arc, Mutex};
 
 use engine::testing::{IoFaults, MemStorage, ModelIo, ModelReplica};
@@ -258,7 +259,7 @@ proptest! {
             Ok(p) => p,
             Err(_) => { prop_assert_eq!(storage.pins_outstanding(), 0); return Ok(()); }
         };
-        let result = match plan.outcome {
+        let result = match plan.outcome() {
             Outcome::ZeroGap => Ok(None),
             Outcome::CatchUp => {
                 let mut io = ModelIo::new(storage.clone(), Arc::clone(&replica));

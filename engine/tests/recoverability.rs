@@ -5,6 +5,7 @@
 mod common;
 
 use common::{ep, hist, history_of, intent, primary, rid};
+use engine::testing::SenderProtocol;
 use engine::{
     EngineError, Epoch, HandshakeResult, Lsn, LsnRange, Outcome, ProofReason, RebuildReason,
     RebuildSource, Registry, ReplicaState, Sender, SessionId, SessionKind, SessionOptions,

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{budget, ep, intent, rid};
+use engine::testing::SenderProtocol;
 use engine::{
     BudgetViolation, EngineError, Epoch, HandshakeResult, InvalidateReason, Invalidation, Lsn,
     Outcome, RebuildPhase, RebuildSource, Registry, ReplicaState, Sender, SessionId, SessionKind,

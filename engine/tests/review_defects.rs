@@ -3,6 +3,7 @@
 //! each says how the old engine failed it. The interleavings behind defects 1 and 2 are also
 //! explored systematically by the model checker (`modelcheck/`).
 
+use engine::testing::SenderProtocol;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
@@ -143,15 +144,17 @@ fn zero_gap_plan_carries_its_own_session() {
     let (_storage, driver) = primary(10);
     catch_up_target(&driver, 1);
     let handshake_session = sender(&driver, "r1").session_id().unwrap();
-    let mut plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
-    assert_eq!(plan.outcome, Outcome::ZeroGap);
-    assert_eq!(plan.session_id, Some(handshake_session));
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
+    assert_eq!(plan.outcome(), Outcome::ZeroGap);
+    assert_eq!(plan.session_id(), Some(handshake_session));
     // Another thread attaches a session now; cancelling the finished plan must not touch it.
     let s = sender(&driver, "r1");
     let other = s
         .attach_session(Epoch(1), SessionKind::CatchUp, SessionOptions::default())
         .unwrap();
-    assert!(!driver.cancel_plan(&mut plan, "late"));
+    assert!(!driver.cancel_plan(plan, "late"));
     assert_eq!(s.session_id(), Some(other));
     assert_eq!(s.state(), ReplicaState::InSync);
 }
@@ -162,9 +165,11 @@ fn needs_rebuild_plan_carries_its_own_session() {
     storage.advance_tail(Lsn(10));
     catch_up_target(&driver, 1);
     let handshake_session = sender(&driver, "r1").session_id().unwrap();
-    let mut plan = driver.plan_recovery(&rid("r1"), Lsn(5)).unwrap();
-    assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    assert_eq!(plan.session_id, Some(handshake_session));
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(5)))
+        .unwrap();
+    assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
+    assert_eq!(plan.session_id(), Some(handshake_session));
     driver
         .orchestrator()
         .process_assignment(&intent(
@@ -174,7 +179,7 @@ fn needs_rebuild_plan_carries_its_own_session() {
         ))
         .unwrap();
     let rebuild = sender(&driver, "r1").session_id().unwrap();
-    assert!(!driver.cancel_plan(&mut plan, "late"));
+    assert!(!driver.cancel_plan(plan, "late"));
     assert_eq!(sender(&driver, "r1").session_id(), Some(rebuild));
 }
 
@@ -279,7 +284,9 @@ fn catch_up_fails(
     storage: &MemStorage,
     driver: &RecoveryDriver,
 ) -> ExecFailure {
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
     let (f, _) = failure(
         CatchUpExecutor::new(driver, plan)
             .with_options(ExecutorOptions {
@@ -427,8 +434,10 @@ fn a_panic_in_the_io_leaves_no_session_active() {
     let (storage, driver) = primary(100);
     catch_up_target(&driver, 1);
     let replica = replica_at(&storage, 10);
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
-    let sid = plan.session_id.unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
+    let sid = plan.session_id().unwrap();
     let mut calls = 0;
     let mut io = tamper_wal(&storage, &replica, move |c| {
         calls += 1;
@@ -464,7 +473,9 @@ fn a_panic_in_the_io_leaves_no_session_active() {
 fn epoch_invalidation_ends_old_proofs() {
     let (_storage, driver) = primary(10);
     catch_up_target(&driver, 1);
-    driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
+    driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
     let s = sender(&driver, "r1");
     assert_eq!(s.state(), ReplicaState::InSync);
     driver.orchestrator().invalidate_epoch(Epoch(2));
@@ -564,7 +575,9 @@ fn dropped_plan_leaves_the_replica_recoverable() {
     let (storage, driver) = primary(100);
     catch_up_target(&driver, 1);
     let replica = replica_at(&storage, 10);
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
     assert_eq!(storage.pins_outstanding(), 1);
     drop(plan);
     assert_eq!(storage.pins_outstanding(), 0);
@@ -573,7 +586,9 @@ fn dropped_plan_leaves_the_replica_recoverable() {
     assert_eq!(s.state(), ReplicaState::Disconnected);
     // The re-delivered assignment starts over and the replica recovers.
     catch_up_target(&driver, 1);
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
     let mut io = ModelIo::new(storage.clone(), Arc::clone(&replica));
     let report = CatchUpExecutor::new(&driver, plan)
         .execute(&mut io)
@@ -587,7 +602,9 @@ fn dropped_plan_leaves_the_replica_recoverable() {
 fn dropped_executor_leaves_the_replica_recoverable() {
     let (storage, driver) = primary(100);
     catch_up_target(&driver, 1);
-    let plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
+    let plan = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap();
     drop(CatchUpExecutor::new(&driver, plan));
     assert_eq!(storage.pins_outstanding(), 0);
     assert!(!sender(&driver, "r1").has_active_session());
@@ -653,7 +670,9 @@ fn inconsistent_history_from_storage_is_refused() {
     };
     let driver = RecoveryDriver::new(Arc::new(Liar(storage.clone(), bad)));
     catch_up_target(&driver, 1);
-    let err = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap_err();
+    let err = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap_err();
     assert!(
         matches!(err, EngineError::InconsistentHistory(_)),
         "{err:?}"
@@ -708,7 +727,9 @@ fn a_pin_for_another_lsn_is_refused() {
     storage.commit(Lsn(40)).unwrap();
     let driver = RecoveryDriver::new(Arc::new(WrongPins(storage.clone())));
     catch_up_target(&driver, 1);
-    let err = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap_err();
+    let err = driver
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+        .unwrap_err();
     assert!(
         matches!(
             err,

@@ -5,6 +5,7 @@
 
 mod common;
 
+use engine::ReplicaHandshake;
 use std::cell::Cell;
 use std::sync::Arc;
 
@@ -32,12 +33,14 @@ fn p3_e1_changed_address_old_plan_cancelled_by_driver() {
     let old = first.sessions_created[0].1;
     let before = orch.sender(&rid("r1")).unwrap();
 
-    let mut plan = d.plan_recovery(&rid("r1"), Lsn(70)).unwrap();
-    assert_eq!(plan.session_id, Some(old));
+    let plan = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(70)))
+        .unwrap();
+    assert_eq!(plan.session_id(), Some(old));
     assert_eq!(p.pins_of(PinKind::WalRetention), 1);
-    d.cancel_plan(&mut plan, "address_change");
+    assert_eq!(plan.pins_held(), 1);
+    d.cancel_plan(plan, "address_change");
     assert_eq!(p.pins_outstanding(), 0);
-    assert_eq!(plan.pins_held(), 0);
     // The cancel really cancelled a live session (the reference's plan had none).
     assert!(!before.has_active_session());
     assert_eq!(before.state(), ReplicaState::Disconnected);
@@ -62,8 +65,10 @@ fn p3_e1_changed_address_old_plan_cancelled_by_driver() {
     assert!(Arc::ptr_eq(&before, &after));
     assert_eq!(after.endpoint(), ep("10.0.0.2", 2));
 
-    let plan = d.plan_recovery(&rid("r1"), Lsn(100)).unwrap();
-    assert_eq!(plan.outcome, Outcome::ZeroGap);
+    let plan = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(100)))
+        .unwrap();
+    assert_eq!(plan.outcome(), Outcome::ZeroGap);
     assert_eq!(plan.pins_held(), 0);
     assert_eq!(after.state(), ReplicaState::InSync);
     assert_eq!(p.pins_outstanding(), 0);
@@ -88,7 +93,9 @@ fn p3_e2_epoch_bump_mid_executor_loop() {
         &[("r1", ep("10.0.0.1", 1))],
         &[("r1", SessionKind::CatchUp)],
     );
-    let plan = d.plan_recovery(&rid("r1"), Lsn(50)).unwrap();
+    let plan = d
+        .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(50)))
+        .unwrap();
     assert_eq!(p.pins_of(PinKind::WalRetention), 1);
 
     let hook_calls = Cell::new(0u64);
@@ -189,17 +196,20 @@ fn p3_e3_cross_layer_trusted_base_unreplayable_tail() {
         &[("r1", SessionKind::Rebuild)],
     );
     let plan = d.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::FullBase));
     assert_eq!(
-        plan.rebuild_reason,
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::FullBase)
+    );
+    assert_eq!(
+        plan.rebuild().map(|r| r.reason.clone()),
         Some(RebuildReason::TrustedCheckpointUnreplayableTail {
             checkpoint: Lsn(50),
             tail: Lsn(80),
         })
     );
-    assert!(plan.full_base_pin.is_some());
-    assert!(plan.snapshot_pin.is_none());
-    assert!(plan.retention_pin.is_none());
+    assert!(plan.rebuild().and_then(|r| r.full_base_pin()).is_some());
+    assert!(plan.rebuild().and_then(|r| r.snapshot_pin()).is_none());
+    assert!(plan.catch_up().and_then(|c| c.pin()).is_none());
     assert_eq!(p.pins_of(PinKind::FullBase), 1);
     assert_eq!(p.pins_of(PinKind::Snapshot), 0);
     assert_eq!(
@@ -274,9 +284,12 @@ fn p3_e4_untrusted_checkpoint_full_base_success() {
         &[("r1", SessionKind::Rebuild)],
     );
     let plan = d.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::FullBase));
     assert_eq!(
-        plan.rebuild_reason,
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::FullBase)
+    );
+    assert_eq!(
+        plan.rebuild().map(|r| r.reason.clone()),
         Some(RebuildReason::UntrustedCheckpoint {
             checkpoint: Lsn(50)
         })
@@ -313,8 +326,8 @@ fn p3_e5_full_recovery_chain_logged() {
     );
     let sid = res.sessions_created[0].1;
     let plan = d.plan_recovery(&rid("r1"), handshake(&r)).unwrap();
-    assert!(plan.verified);
-    let pin = plan.retention_pin.as_ref().unwrap().pin_id;
+    assert!(plan.catch_up().unwrap().verified);
+    let pin = plan.catch_up().and_then(|c| c.pin()).unwrap().pin_id;
     let mut io = model_io(&p, &r);
     CatchUpExecutor::new(&d, plan)
         .with_options(chunked(15))

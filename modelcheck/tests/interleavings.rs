@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use engine_modelcheck::testing::{MemStorage, ModelIo, ModelReplica};
+use engine_modelcheck::testing::{MemStorage, ModelIo, ModelReplica, SenderProtocol};
 use engine_modelcheck::*;
 use shuttle::thread;
 
@@ -143,16 +143,16 @@ fn plan_against_attach() {
             s.attach_session(Epoch(1), SessionKind::CatchUp, SessionOptions::default())
                 .ok()
         });
-        let plan = driver.plan_recovery(&rid("r1"), Lsn(10));
+        let plan = driver.plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)));
         let attached = t.join().unwrap();
         let s = orch.sender(&rid("r1")).unwrap();
         match plan {
-            Ok(mut plan) => {
-                assert_eq!(plan.outcome, Outcome::ZeroGap);
-                assert_eq!(plan.session_id, Some(first));
+            Ok(plan) => {
+                assert_eq!(plan.outcome(), Outcome::ZeroGap);
+                assert_eq!(plan.session_id(), Some(first));
                 let state = s.state();
                 let live = s.session_id();
-                assert!(!driver.cancel_plan(&mut plan, "late"));
+                assert!(!driver.cancel_plan(plan, "late"));
                 assert_eq!(s.state(), state);
                 assert_eq!(s.session_id(), live);
                 if let Some(other) = attached {
@@ -181,8 +181,10 @@ fn cancel_against_complete() {
         let replica = Arc::new(Mutex::new(
             ModelReplica::from_primary(&storage, Lsn(10)).unwrap(),
         ));
-        let plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
-        let sid = plan.session_id.unwrap();
+        let plan = driver
+            .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+            .unwrap();
+        let sid = plan.session_id().unwrap();
         let d = Arc::clone(&driver);
         let t = thread::spawn(move || d.cancel_session(&rid("r1"), sid, "operator"));
         let mut io = ModelIo::new(storage.clone(), Arc::clone(&replica));
@@ -220,7 +222,9 @@ fn epoch_invalidation_against_execution() {
         let replica = Arc::new(Mutex::new(
             ModelReplica::from_primary(&storage, Lsn(10)).unwrap(),
         ));
-        let plan = driver.plan_recovery(&rid("r1"), Lsn(10)).unwrap();
+        let plan = driver
+            .plan_recovery(&rid("r1"), ReplicaHandshake::unverified(Lsn(10)))
+            .unwrap();
         let o = Arc::clone(driver.orchestrator());
         let t = thread::spawn(move || o.invalidate_epoch(Epoch(2)));
         let mut io = ModelIo::new(storage.clone(), Arc::clone(&replica));

@@ -47,10 +47,10 @@ fn recover_fully(
     let plan = driver
         .plan_recovery(&replica_id(name), hs)
         .map_err(|e| format!("plan after the fault: {e}"))?;
-    match plan.outcome {
+    match plan.outcome() {
         Outcome::ZeroGap => tally.add_path("zero_gap"),
         Outcome::CatchUp => {
-            let sid = plan.session_id.ok_or("catch-up plan without session")?;
+            let sid = plan.session_id().ok_or("catch-up plan without session")?;
             let mut io = h.io(name, Epoch(epoch), sid)?;
             let r = CatchUpExecutor::new(driver, plan)
                 .with_options(chunked(16, BASE_CHUNK))
@@ -63,7 +63,7 @@ fn recover_fully(
             let plan = driver
                 .plan_rebuild(&replica_id(name))
                 .map_err(|e| format!("plan_rebuild after the fault: {e}"))?;
-            let sid = plan.session_id.ok_or("rebuild plan without session")?;
+            let sid = plan.session_id().ok_or("rebuild plan without session")?;
             let mut io = h.io(name, Epoch(epoch), sid)?;
             let r = RebuildExecutor::new(driver, plan)
                 .with_options(chunked(16, BASE_CHUNK))
@@ -121,10 +121,10 @@ fn catch_up_setup(prefix: u64, checkpoint: Option<(u64, u64)>) -> Result<CatchUp
     let plan = driver
         .plan_recovery(&replica_id("r1"), hs)
         .map_err(|e| e.to_string())?;
-    ensure(plan.outcome == Outcome::CatchUp, || {
-        format!("planned {} instead of a catch-up", plan.outcome)
+    ensure(plan.outcome() == Outcome::CatchUp, || {
+        format!("planned {} instead of a catch-up", plan.outcome())
     })?;
-    let sid = plan.session_id.ok_or("catch-up plan without session")?;
+    let sid = plan.session_id().ok_or("catch-up plan without session")?;
     let io = h.io("r1", Epoch(1), sid)?;
     Ok(CatchUpSetup {
         h,
@@ -223,7 +223,7 @@ fn rebuild_with_bump(
     let plan = driver
         .plan_rebuild(&replica_id("r1"))
         .map_err(|e| e.to_string())?;
-    let sid = plan.session_id.ok_or("no session")?;
+    let sid = plan.session_id().ok_or("no session")?;
     let mut io = h.io("r1", Epoch(1), sid)?;
     let orch = Arc::clone(driver.orchestrator());
     let mut steps = 0u64;
@@ -514,7 +514,7 @@ pub fn replica_crash_mid_base_install() -> Result<ScenarioReport, String> {
     let plan = driver
         .plan_rebuild(&replica_id("r1"))
         .map_err(|e| e.to_string())?;
-    let sid = plan.session_id.ok_or("no session")?;
+    let sid = plan.session_id().ok_or("no session")?;
     let target = CrashAfter {
         inner: h.replica("r1")?.clone(),
         chunks_left: 2,
@@ -549,20 +549,20 @@ pub fn replica_crash_mid_base_install() -> Result<ScenarioReport, String> {
         "a half-installed replica matched".into()
     })?;
     let hs = h.replica_handshake("r1")?;
-    ensure(hs.incomplete, || {
+    ensure(hs.is_incomplete(), || {
         "handshake hides the incomplete install".into()
     })?;
     assign(&driver, 1, &[("r1", SessionKind::CatchUp)])?;
     let plan = driver
         .plan_recovery(&replica_id("r1"), hs)
         .map_err(|e| e.to_string())?;
-    let reason = plan.proof.as_ref().map(|p| p.reason.name()).unwrap_or("");
+    let reason = plan.proof().map(|p| p.reason.name()).unwrap_or("");
     ensure(
-        plan.outcome == Outcome::NeedsRebuild && reason == "replica_incomplete",
+        plan.outcome() == Outcome::NeedsRebuild && reason == "replica_incomplete",
         || {
             format!(
                 "half-installed replica planned as {} ({reason})",
-                plan.outcome
+                plan.outcome()
             )
         },
     )?;

@@ -124,7 +124,7 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
                 .plan_recovery(&replica_id("r1"), hs)
                 .map_err(|e| e.to_string())?;
             rounds += 1;
-            match plan.outcome {
+            match plan.outcome() {
                 Outcome::ZeroGap => {
                     tally.add_path("zero_gap");
                     if writer_done {
@@ -136,12 +136,12 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
                     continue;
                 }
                 Outcome::NeedsRebuild => {
-                    return Err(format!("replica fell beyond retention: {:?}", plan.proof));
+                    return Err(format!("replica fell beyond retention: {:?}", plan.proof()));
                 }
                 Outcome::CatchUp => {}
             }
-            let target = plan.catch_up_target.ok_or("no target")?;
-            let sid = plan.session_id.ok_or("no session")?;
+            let target = plan.target().ok_or("no target")?;
+            let sid = plan.session_id().ok_or("no session")?;
             let mut io = BridgeIo::new(
                 Arc::clone(&storage),
                 replica.clone(),

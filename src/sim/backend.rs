@@ -126,7 +126,7 @@ impl VolumeBackend for SimBackend {
         }
         Ok(
             if !reply.install_incomplete && w.bug(Bug::UnverifiedHandshake) {
-                ReplicaHandshake::from(to_engine(reply.head))
+                ReplicaHandshake::unverified(to_engine(reply.head))
             } else {
                 handshake(&reply)
             },

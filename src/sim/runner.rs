@@ -1,6 +1,8 @@
 //! The simulator proper: the servers' services, the master's deliveries, the operations, the
 //! step boundary (deferred work, invariant checks, the stream's top-up) and the two phases.
 
+use engine::ReplicaHandshake;
+use engine::testing::SenderProtocol;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -747,7 +749,11 @@ impl Sim {
             };
             // The bug: a zero gap claimed from the primary's own committed LSN, never asked of
             // the replica, with nothing moved.
-            let r2 = orch.execute_recovery(&replica_id(&r), Lsn(c), &history);
+            let r2 = orch.execute_recovery(
+                &replica_id(&r),
+                ReplicaHandshake::unverified(Lsn(c)),
+                &history,
+            );
             w.note(format!(
                 "BUG false in-sync for {r}: {:?}",
                 r2.map(|x| x.outcome)

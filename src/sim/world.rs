@@ -3,6 +3,7 @@
 //! reached through one `Rc<RefCell<World>>`; nothing here calls into a `BlockService`, so the
 //! step hook of a running recovery can use it (work that needs a service is deferred).
 
+use engine::testing::SenderProtocol;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;

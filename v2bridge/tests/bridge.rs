@@ -4,6 +4,7 @@
 
 mod common;
 
+use engine::ReplicaHandshake;
 use std::sync::Arc;
 
 use blockvol::{BaseInstallSpec, EntryInfo, RetentionPolicy};
@@ -95,10 +96,10 @@ fn committed_above_checkpoint_makes_a_catch_up_from_below_the_checkpoint_recover
     let driver = RecoveryDriver::new(storage);
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::CatchUp)]);
     let hs = h.replica_handshake("r1").unwrap();
-    assert_eq!(hs.flushed, lsn(17));
+    assert_eq!(hs.flushed(), lsn(17));
     let plan = driver.plan_recovery(&rid("r1"), hs).expect("plan");
-    assert_eq!(plan.outcome, Outcome::CatchUp);
-    let proof = plan.proof.clone().expect("proof");
+    assert_eq!(plan.outcome(), Outcome::CatchUp);
+    let proof = plan.proof().expect("proof");
     assert_eq!(
         proof.reason,
         ProofReason::GapWithinRetention {
@@ -109,7 +110,7 @@ fn committed_above_checkpoint_makes_a_catch_up_from_below_the_checkpoint_recover
     );
     assert!(matches!(proof.anchor, AnchorCheck::Matched(id) if id.lsn == lsn(17)));
     assert_eq!(
-        plan.retention_pin.as_ref().map(|p| p.start_lsn),
+        plan.catch_up().and_then(|c| c.pin()).map(|p| p.start_lsn),
         Some(lsn(17))
     );
     assert_eq!(h.pins_outstanding(), 1);
@@ -228,7 +229,7 @@ fn install_incomplete_volume_is_refused_as_a_primary() {
     let driver = RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn StorageAdapter>);
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::CatchUp)]);
     assert!(matches!(
-        driver.plan_recovery(&rid("r1"), lsn(0)),
+        driver.plan_recovery(&rid("r1"), ReplicaHandshake::unverified(lsn(0))),
         Err(engine::EngineError::HistoryUnavailable(_))
     ));
 }
@@ -278,7 +279,7 @@ fn a_catch_up_plan_pin_holds_the_tail_through_flushes_until_the_plan_is_dropped(
     let plan = driver
         .plan_recovery(&rid("r1"), h.replica_handshake("r1").unwrap())
         .unwrap();
-    assert_eq!(plan.outcome, Outcome::CatchUp);
+    assert_eq!(plan.outcome(), Outcome::CatchUp);
     assert_eq!(plan.pins_held(), 1);
     let p = Arc::clone(h.primary());
     p.set_retention(keep(0));
@@ -440,7 +441,10 @@ fn every_pin_kind_is_released_when_the_engine_drops_it() {
     let driver = RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn StorageAdapter>);
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::Rebuild)]);
     let plan = driver.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::SnapshotTail));
+    assert_eq!(
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::SnapshotTail)
+    );
     assert_eq!((p.status().pins_outstanding, storage.images_held()), (2, 1));
     drop(plan);
     assert_eq!((p.status().pins_outstanding, storage.images_held()), (0, 0));
@@ -451,14 +455,17 @@ fn every_pin_kind_is_released_when_the_engine_drops_it() {
     commit(&p2, lsn(5));
     let driver2 = RecoveryDriver::new(Arc::clone(&storage2) as Arc<dyn StorageAdapter>);
     assign(&driver2, 1, &[("r1", 1)], &[("r1", SessionKind::Rebuild)]);
-    let mut plan = driver2.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::FullBase));
+    let plan = driver2.plan_rebuild(&rid("r1")).unwrap();
+    assert_eq!(
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::FullBase)
+    );
     assert_eq!(
         (p2.status().pins_outstanding, storage2.images_held()),
         (1, 1)
     );
-    driver2.cancel_plan(&mut plan, "test");
-    assert_eq!(plan.pins_held(), 0);
+    assert_eq!(plan.pins_held(), 1);
+    driver2.cancel_plan(plan, "test");
     assert_eq!(
         (p2.status().pins_outstanding, storage2.images_held()),
         (0, 0)
@@ -699,7 +706,7 @@ fn a_pin_revoked_on_the_primary_turns_the_next_chunk_into_recycled() {
     let plan = driver
         .plan_recovery(&rid("r1"), h.replica_handshake("r1").unwrap())
         .unwrap();
-    assert_eq!(plan.outcome, Outcome::CatchUp);
+    assert_eq!(plan.outcome(), Outcome::CatchUp);
     let p = Arc::clone(h.primary());
     p.force_flush().unwrap();
     assert_eq!(

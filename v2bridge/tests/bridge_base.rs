@@ -33,8 +33,11 @@ fn a_full_base_rebuild_installs_byte_exact_and_sends_no_zero_runs() {
     let driver = RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn StorageAdapter>);
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::Rebuild)]);
     let plan = driver.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::FullBase));
-    assert_eq!(plan.rebuild_target_lsn, Some(head));
+    assert_eq!(
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::FullBase)
+    );
+    assert_eq!(plan.rebuild().map(|r| r.target), Some(head));
     assert_eq!((p.status().pins_outstanding, storage.images_held()), (1, 1));
 
     let mut io = io_for(&driver, &storage, &plan, local(&replica));
@@ -174,7 +177,10 @@ fn a_chunk_corrupted_in_transit_fails_with_checksum_and_leaves_the_replica_incom
     let driver = RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn StorageAdapter>);
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::Rebuild)]);
     let plan = driver.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::FullBase));
+    assert_eq!(
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::FullBase)
+    );
     let target = FlipByte {
         inner: local(&replica),
         corrupt: 1,
@@ -221,11 +227,8 @@ fn a_chunk_corrupted_in_transit_fails_with_checksum_and_leaves_the_replica_incom
     let plan = driver
         .plan_recovery(&rid("r1"), to_handshake(reply))
         .unwrap();
-    assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    assert_eq!(
-        plan.proof.as_ref().unwrap().reason,
-        ProofReason::ReplicaIncomplete
-    );
+    assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
+    assert_eq!(plan.proof().unwrap().reason, ProofReason::ReplicaIncomplete);
 
     // A clean rebuild over the same replica then succeeds.
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::Rebuild)]);
@@ -349,8 +352,12 @@ fn a_replica_dropped_mid_base_install_reopens_incomplete_and_is_rebuilt() {
     seed_replica(&p, &replica, 30);
     let driver = RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn StorageAdapter>);
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::Rebuild)]);
-    let mut plan = driver.plan_rebuild(&rid("r1")).unwrap();
-    let pin_id = plan.full_base_pin.as_ref().expect("full base pin").pin_id;
+    let plan = driver.plan_rebuild(&rid("r1")).unwrap();
+    let pin_id = plan
+        .rebuild()
+        .and_then(|r| r.full_base_pin())
+        .expect("full base pin")
+        .pin_id;
 
     let mut io = io_for(&driver, &storage, &plan, local(&replica));
     io.begin_base(&BaseRequest {
@@ -365,7 +372,7 @@ fn a_replica_dropped_mid_base_install_reopens_incomplete_and_is_rebuilt() {
     // Crash: every handle on the replica volume goes away without finishing or closing.
     drop(io);
     drop(replica);
-    driver.cancel_plan(&mut plan, "replica lost mid-install");
+    driver.cancel_plan(plan, "replica lost mid-install");
     assert_eq!((p.status().pins_outstanding, storage.images_held()), (0, 0));
 
     let replica = reopen_volume(dir.path(), "r1");
@@ -377,12 +384,12 @@ fn a_replica_dropped_mid_base_install_reopens_incomplete_and_is_rebuilt() {
     let reply = lr.handshake().unwrap();
     assert!(reply.install_incomplete);
     let hs = to_handshake(reply);
-    assert!(hs.incomplete && hs.tip.is_none());
+    assert!(hs.is_incomplete() && hs.tip().is_none());
 
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::CatchUp)]);
     let plan = driver.plan_recovery(&rid("r1"), hs).unwrap();
-    assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    let proof = plan.proof.clone().unwrap();
+    assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
+    let proof = plan.proof().unwrap();
     assert!(!proof.recoverable);
     assert_eq!(proof.reason.name(), "replica_incomplete");
     assert_eq!(plan.pins_held(), 0);

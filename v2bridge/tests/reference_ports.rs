@@ -234,9 +234,9 @@ fn p2_catch_up_closure_one_chain() {
     let plan = driver
         .plan_recovery(&rid("r1"), h.replica_handshake("r1").unwrap())
         .unwrap();
-    assert_eq!(plan.outcome, Outcome::CatchUp);
+    assert_eq!(plan.outcome(), Outcome::CatchUp);
     assert_eq!(
-        (plan.catch_up_start_lsn, plan.catch_up_target),
+        (plan.catch_up().map(|c| c.from), plan.target()),
         (Some(lsn(4)), Some(lsn(10)))
     );
     assert_eq!(h.pins_outstanding(), 1);
@@ -280,18 +280,24 @@ fn p2_rebuild_closure_full_base_one_chain() {
     let plan = driver
         .plan_recovery(&rid("r1"), h.replica_handshake("r1").unwrap())
         .unwrap();
-    assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    assert_eq!(
-        plan.proof.as_ref().unwrap().reason.name(),
-        "divergent_history"
-    );
+    assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
+    assert_eq!(plan.proof().unwrap().reason.name(), "divergent_history");
     assert_eq!(state(&driver, "r1"), ReplicaState::NeedsRebuild);
 
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::Rebuild)]);
     let plan = driver.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::FullBase));
-    assert_eq!(plan.rebuild_reason, Some(RebuildReason::NoCheckpoint));
-    assert!(plan.full_base_pin.is_some() && plan.snapshot_pin.is_none());
+    assert_eq!(
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::FullBase)
+    );
+    assert_eq!(
+        plan.rebuild().map(|r| r.reason.clone()),
+        Some(RebuildReason::NoCheckpoint)
+    );
+    assert!(
+        plan.rebuild().and_then(|r| r.full_base_pin()).is_some()
+            && plan.rebuild().and_then(|r| r.snapshot_pin()).is_none()
+    );
     let mut io = h.io("r1", Epoch(1), session_of(&plan)).unwrap();
     let r = RebuildExecutor::new(&driver, plan)
         .with_options(chunked(16, 64 << 10))
@@ -330,11 +336,14 @@ fn p2_rebuild_closure_after_a_flush_runs_snapshot_tail() {
     let plan = driver
         .plan_recovery(&rid("r1"), h.replica_handshake("r1").unwrap())
         .unwrap();
-    assert_eq!(plan.outcome, Outcome::NeedsRebuild);
+    assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::Rebuild)]);
     let plan = driver.plan_rebuild(&rid("r1")).unwrap();
-    assert_eq!(plan.rebuild_source, Some(RebuildSource::SnapshotTail));
-    assert_eq!(plan.rebuild_snapshot_lsn, Some(head));
+    assert_eq!(
+        plan.rebuild().map(|r| r.source()),
+        Some(RebuildSource::SnapshotTail)
+    );
+    assert_eq!(plan.rebuild().and_then(|r| r.snapshot_lsn()), Some(head));
     let mut io = h.io("r1", Epoch(1), session_of(&plan)).unwrap();
     let r = RebuildExecutor::new(&driver, plan)
         .with_options(chunked(16, 64 << 10))
@@ -415,7 +424,7 @@ fn p2_observability_execution_causality() {
     let plan = driver
         .plan_recovery(&rid("r1"), h.replica_handshake("r1").unwrap())
         .unwrap();
-    assert_eq!(plan.outcome, Outcome::NeedsRebuild);
+    assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
     assert!(in_order(
         &event_names(&driver, "r1"),
         &[
@@ -448,7 +457,7 @@ fn p2_fc1_changed_address() {
     let driver = driver_for(&h);
     assign(&driver, 1, &[("r1", 1)], &[("r1", SessionKind::CatchUp)]);
     let before = driver.orchestrator().sender(&rid("r1")).unwrap();
-    let mut stale = driver
+    let stale = driver
         .plan_recovery(&rid("r1"), h.replica_handshake("r1").unwrap())
         .unwrap();
     let old_sid = session_of(&stale);
@@ -461,7 +470,7 @@ fn p2_fc1_changed_address() {
     let new_sid = after.session_id().expect("new session");
     assert_ne!(new_sid, old_sid);
 
-    driver.cancel_plan(&mut stale, "endpoint changed");
+    driver.cancel_plan(stale, "endpoint changed");
     assert_eq!(h.pins_outstanding(), 0);
     assert_eq!(after.session_id(), Some(new_sid));
     assert!(after.has_active_session());
@@ -554,7 +563,7 @@ fn p2_fc3_real_catch_up_forced() {
     let plan = driver
         .plan_recovery(&rid("r1"), h.replica_handshake("r1").unwrap())
         .unwrap();
-    assert_eq!(plan.outcome, Outcome::CatchUp);
+    assert_eq!(plan.outcome(), Outcome::CatchUp);
     let mut io = h.io("r1", Epoch(1), session_of(&plan)).unwrap();
     let r = CatchUpExecutor::new(&driver, plan)
         .execute(&mut io)
@@ -580,8 +589,8 @@ fn p2_fc4_unrecoverable_gap_forced() {
     let plan = driver
         .plan_recovery(&rid("r1"), h.replica_handshake("r1").unwrap())
         .unwrap();
-    assert_eq!(plan.outcome, Outcome::NeedsRebuild);
-    let proof = plan.proof.clone().unwrap();
+    assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
+    let proof = plan.proof().unwrap();
     assert!(!proof.recoverable);
     assert_eq!(
         proof.reason,
@@ -622,7 +631,7 @@ fn p2_fc5_post_checkpoint_boundary() {
     let zero = driver
         .plan_recovery(&rid("at_cp"), h.replica_handshake("at_cp").unwrap())
         .unwrap();
-    assert_eq!(zero.outcome, Outcome::ZeroGap);
+    assert_eq!(zero.outcome(), Outcome::ZeroGap);
     assert_eq!(zero.pins_held(), 0);
     let live = driver
         .orchestrator()
@@ -638,9 +647,9 @@ fn p2_fc5_post_checkpoint_boundary() {
     let at_tail = driver
         .plan_recovery(&rid("at_tail"), h.replica_handshake("at_tail").unwrap())
         .unwrap();
-    assert_eq!(at_tail.outcome, Outcome::CatchUp);
+    assert_eq!(at_tail.outcome(), Outcome::CatchUp);
     assert_eq!(
-        at_tail.proof.as_ref().unwrap().reason,
+        at_tail.proof().unwrap().reason,
         ProofReason::GapWithinRetention {
             needed: LsnRange::new(lsn(5), head),
             tail: lsn(5),
@@ -658,9 +667,9 @@ fn p2_fc5_post_checkpoint_boundary() {
         let plan = driver
             .plan_recovery(&rid(name), h.replica_handshake(name).unwrap())
             .unwrap();
-        assert_eq!(plan.outcome, Outcome::NeedsRebuild, "{name}");
+        assert_eq!(plan.outcome(), Outcome::NeedsRebuild, "{name}");
         assert_eq!(
-            plan.proof.as_ref().unwrap().reason,
+            plan.proof().unwrap().reason,
             ProofReason::GapBeyondRetention {
                 first_needed: lsn(f + 1),
                 tail: lsn(5)

@@ -10,10 +10,12 @@
 
 mod harness;
 mod history;
+mod protocol;
 mod replica;
 mod storage;
 
 pub use harness::MemHarness;
 pub use history::{BlockState, ModelEntry, ModelError, WalHistory};
+pub use protocol::SenderProtocol;
 pub use replica::{IoFaults, IoStats, ModelIo, ModelReplica, ScriptedIo};
 pub use storage::MemStorage;

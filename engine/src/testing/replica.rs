@@ -77,10 +77,10 @@ impl ModelReplica {
         if self.installing.is_some() {
             return ReplicaHandshake::incomplete(self.head());
         }
-        ReplicaHandshake {
-            flushed: self.head(),
-            tip: self.tip(),
-            incomplete: false,
+        // An empty log has no tip to name: only its LSN (zero) can be reported.
+        match self.tip() {
+            Some(tip) => ReplicaHandshake::new(self.head(), tip),
+            None => ReplicaHandshake::unverified(self.head()),
         }
     }
 

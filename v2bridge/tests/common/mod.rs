@@ -207,14 +207,14 @@ pub fn state(driver: &RecoveryDriver, name: &str) -> ReplicaState {
 }
 
 pub fn session_of(plan: &RecoveryPlan) -> SessionId {
-    plan.session_id.expect("plan has a session")
+    plan.session_id().expect("plan has a session")
 }
 
 /// The lineage of a plan's session at the sender's epoch.
 pub fn lineage_of(driver: &RecoveryDriver, plan: &RecoveryPlan) -> Lineage {
     let sender = driver
         .orchestrator()
-        .sender(&plan.replica_id)
+        .sender(plan.replica_id())
         .expect("sender");
     Lineage::new(DRIVER, sender.epoch().get(), session_of(plan).get())
 }

@@ -122,7 +122,7 @@ fn catchup_once(ctx: &Ctx, storage: &Arc<BlockVolStorage>, n: u64) -> Result<f64
                 ReplicaHandshake::new(to_engine(hs.head), entry_id(hs.tip)),
             )
             .map_err(|e| format!("plan: {e}"))?;
-        let mut io = io_for(storage, replica.clone(), plan.session_id)?;
+        let mut io = io_for(storage, replica.clone(), plan.session_id())?;
         CatchUpExecutor::new(&driver, plan)
             .with_options(ExecutorOptions::default())
             .execute(&mut io)
@@ -328,7 +328,7 @@ fn rebuild_once(
         let plan = driver
             .plan_rebuild(&replica_id())
             .map_err(|e| format!("plan_rebuild: {e}"))?;
-        let mut io = io_for(storage, target.clone(), plan.session_id)?;
+        let mut io = io_for(storage, target.clone(), plan.session_id())?;
         RebuildExecutor::new(&driver, plan)
             .with_options(ExecutorOptions::default())
             .execute(&mut io)
