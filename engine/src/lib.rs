@@ -11,7 +11,7 @@
 //! Storage and data transfer are reached through traits the caller implements:
 //! [`StorageAdapter`] (retained history and pins), [`CatchUpIo`] and [`RebuildIo`] (moving data
 //! to the replica). The `testing` feature adds an in-memory reference implementation of all
-//! three ([`testing`]) and an exported conformance suite ([`conformance`]) that any
+//! three (module `testing`) and an exported conformance suite (module `conformance`) that any
 //! implementation can run.
 //!
 //! A replica 30 entries behind recovers by catch-up (the in-memory store of the `testing`

@@ -53,7 +53,7 @@ pub struct ReconcileResult {
     /// replica order.
     pub invalidated: Vec<Invalidation>,
     /// Senders the intent could not change because they are at a newer epoch than it (raised
-    /// alone, see [`Sender::reassign`]): left as they were, in replica order.
+    /// alone by `invalidate_epoch`): left as they were, in replica order.
     pub refused: Vec<(ReplicaId, EngineError)>,
 }
 
@@ -120,7 +120,7 @@ impl Registry {
     /// senders not listed are stopped and removed; existing senders get the endpoint first and
     /// then the epoch (so an endpoint change leaves them `disconnected`); missing senders are
     /// created. The same sender object survives an address change. A sender newer than the
-    /// intent (see [`Sender::reassign`]) is neither changed nor removed and is listed in
+    /// intent (raised alone by `invalidate_epoch`) is neither changed nor removed and is listed in
     /// [`ReconcileResult::refused`]. Runs under the map's write lock from start to end.
     pub fn reconcile(
         &self,

@@ -42,10 +42,10 @@ pub trait SenderProtocol {
     /// Applies an assignment's view of this replica, under one lock acquisition: the endpoint
     /// first (an endpoint change invalidates the session and leaves the sender
     /// `disconnected`: nothing is proven about the replica at its new address), then the
-    /// epoch (see [`update_epoch`](Self::update_epoch)). Returns what it invalidated.
+    /// epoch (see [`update_epoch`](SenderProtocol::update_epoch)). Returns what it invalidated.
     ///
     /// Fenced: an assignment from an epoch older than the sender's own is refused with
-    /// [`EngineError::StaleAssignment`] and changes nothing, whatever order concurrent
+    /// [`StaleAssignment`](crate::EngineError::StaleAssignment) and changes nothing, whatever order concurrent
     /// assignments arrive in and even when this sender alone was raised to a newer epoch.
     /// Within one epoch the last assignment wins (endpoint versions are not ordered: a master
     /// that restarts may number them afresh). A stopped sender ignores it.
