@@ -607,14 +607,7 @@ impl RecoveryDriver {
                 operation: "plan_rebuild",
             });
         }
-        if snap.phase != SessionPhase::Init {
-            return Err(EngineError::WrongPhase {
-                session: snap.id,
-                operation: "plan_rebuild",
-                expected: SessionPhase::Init,
-                found: snap.phase,
-            });
-        }
+        EngineError::require_phase(snap.id, "plan_rebuild", SessionPhase::Init, snap.phase)?;
         let sid = snap.id;
         // Claim the session before anything else: of two planners racing for it, the second
         // is refused here and leaves it alone.

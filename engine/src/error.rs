@@ -475,6 +475,26 @@ pub enum TransferError {
     },
 }
 
+impl EngineError {
+    /// `Ok` when a session's phase is the one `operation` needs, `WrongPhase` otherwise.
+    pub(crate) fn require_phase(
+        session: SessionId,
+        operation: &'static str,
+        expected: SessionPhase,
+        found: SessionPhase,
+    ) -> Result<()> {
+        if found == expected {
+            return Ok(());
+        }
+        Err(EngineError::WrongPhase {
+            session,
+            operation,
+            expected,
+            found,
+        })
+    }
+}
+
 impl TransferError {
     /// True when the failure means catch-up cannot succeed on this lineage and only a rebuild
     /// can restore the replica (as opposed to a transient failure that a new session at the

@@ -578,14 +578,12 @@ impl Sender {
     ) -> Result<Outcome> {
         self.with_session(id, |g| {
             let s = session_mut(g);
-            if s.phase != SessionPhase::Connecting {
-                return Err(EngineError::WrongPhase {
-                    session: s.id,
-                    operation: "record_handshake_with_outcome",
-                    expected: SessionPhase::Connecting,
-                    found: s.phase,
-                });
-            }
+            EngineError::require_phase(
+                s.id,
+                "record_handshake_with_outcome",
+                SessionPhase::Connecting,
+                s.phase,
+            )?;
             let f = hr.replica_flushed_lsn;
             let c = hr.committed_lsn;
             match outcome {
@@ -685,14 +683,12 @@ impl Sender {
         self.with_session(id, |g| {
             let s = session_mut(g);
             reject_rebuild(s, "record_catch_up_progress")?;
-            if s.phase != SessionPhase::CatchUp {
-                return Err(EngineError::WrongPhase {
-                    session: s.id,
-                    operation: "record_catch_up_progress",
-                    expected: SessionPhase::CatchUp,
-                    found: s.phase,
-                });
-            }
+            EngineError::require_phase(
+                s.id,
+                "record_catch_up_progress",
+                SessionPhase::CatchUp,
+                s.phase,
+            )?;
             if lsn <= s.recovered_to {
                 return Err(EngineError::ProgressRegression {
                     current: s.recovered_to,
@@ -848,14 +844,7 @@ impl Sender {
     ) -> Result<T> {
         self.with_session(id, |g| {
             let s = session_mut(g);
-            if s.phase != SessionPhase::Handshake {
-                return Err(EngineError::WrongPhase {
-                    session: s.id,
-                    operation,
-                    expected: SessionPhase::Handshake,
-                    found: s.phase,
-                });
-            }
+            EngineError::require_phase(s.id, operation, SessionPhase::Handshake, s.phase)?;
             let sid = s.id;
             let rebuild = s
                 .rebuild
@@ -943,14 +932,7 @@ impl Sender {
             if durable.is_none_or(|d| d < target) {
                 return Err(EngineError::BarrierMissing { target, durable });
             }
-            if s.phase != SessionPhase::Handshake {
-                return Err(EngineError::WrongPhase {
-                    session: sid,
-                    operation: "complete_rebuild",
-                    expected: SessionPhase::Handshake,
-                    found: s.phase,
-                });
-            }
+            EngineError::require_phase(sid, "complete_rebuild", SessionPhase::Handshake, s.phase)?;
             // Both checks passed, so neither of these can fail now; the state only changes
             // after both succeed.
             if let Some(r) = s.rebuild.as_mut() {
