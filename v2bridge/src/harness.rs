@@ -41,6 +41,29 @@ pub fn block_pattern(lsn: u64, salt: u64, block_size: usize) -> Vec<u8> {
     out
 }
 
+/// Appends `n` entries no primary wrote to `vol` (a replica that diverged: an old primary's
+/// uncommitted tail), synced; returns its new head.
+pub fn append_divergent(vol: &Volume, n: u64) -> Result<Lsn, String> {
+    let bs = HARNESS_BLOCK_SIZE as usize;
+    let mut head = vol.status().head.0;
+    for _ in 0..n {
+        let lsn = head + 1;
+        let entry = WalEntry {
+            lsn: blockvol::Lsn(lsn),
+            epoch: 1,
+            kind: EntryKind::Write {
+                lba: lsn % HARNESS_BLOCKS,
+                data: block_pattern(lsn, 0xD1FF, bs),
+            },
+        };
+        vol.apply(&entry)
+            .map_err(|e| format!("divergent apply {lsn}: {e}"))?;
+        head = lsn;
+    }
+    vol.sync().map_err(|e| format!("sync: {e}"))?;
+    Ok(Lsn(head))
+}
+
 /// Options for a replica or primary volume in the harness.
 pub fn volume_options(gate: FlushGate) -> OpenOptions {
     OpenOptions {
@@ -92,6 +115,32 @@ impl BlockVolHarness {
         let path = dir.join(format!("{name}.vol"));
         Volume::create(&path, &create, &volume_options(FlushGate::Committed))
             .map_err(|e| format!("create {}: {e}", path.display()))
+    }
+
+    /// Creates replica volume `dir/NAME.vol` holding the primary's first `prefix` entries, with
+    /// its committed point at `prefix`, synced. The caller may close it and let another process
+    /// open it.
+    pub fn create_replica(&self, dir: &Path, name: &str, prefix: Lsn) -> Result<Volume, String> {
+        let vol = Self::create_volume(dir, name)?;
+        vol.assign(Role::Replica, 1)
+            .map_err(|e| format!("assign replica {name}: {e}"))?;
+        if prefix > Lsn::ZERO {
+            let scan = self
+                .primary
+                .scan_from(blockvol::Lsn(1))
+                .map_err(|e| format!("scan primary for {name}: {e}"))?;
+            for item in scan.take(prefix.get() as usize) {
+                let entry = item.map_err(|e| format!("scan primary: {e}"))?;
+                vol.apply(&entry)
+                    .map_err(|e| format!("apply {} to {name}: {e}", entry.lsn))?;
+            }
+        }
+        vol.set_committed(to_blockvol(prefix));
+        vol.sync().map_err(|e| format!("sync {name}: {e}"))?;
+        if to_engine(vol.status().head) != prefix {
+            return Err(format!("replica {name} did not reach {prefix}"));
+        }
+        Ok(vol)
     }
 
     /// Keeps the volume files after the harness is dropped; returns their directory.
@@ -228,50 +277,14 @@ impl Harness for BlockVolHarness {
     }
 
     fn add_replica(&mut self, name: &str, prefix: Lsn) -> Result<(), String> {
-        let vol = Arc::new(Self::create_volume(self.dir.path(), name)?);
-        vol.assign(Role::Replica, 1)
-            .map_err(|e| format!("assign replica {name}: {e}"))?;
-        if prefix > Lsn::ZERO {
-            let scan = self
-                .primary
-                .scan_from(blockvol::Lsn(1))
-                .map_err(|e| format!("scan primary for {name}: {e}"))?;
-            for item in scan.take(prefix.get() as usize) {
-                let entry = item.map_err(|e| format!("scan primary: {e}"))?;
-                vol.apply(&entry)
-                    .map_err(|e| format!("apply {} to {name}: {e}", entry.lsn))?;
-            }
-        }
-        vol.set_committed(to_blockvol(prefix));
-        vol.sync().map_err(|e| format!("sync {name}: {e}"))?;
-        if to_engine(vol.status().head) != prefix {
-            return Err(format!("replica {name} did not reach {prefix}"));
-        }
+        let vol = self.create_replica(self.dir.path(), name, prefix)?;
         self.replicas
-            .insert(name.to_owned(), LocalReplica::new(vol));
+            .insert(name.to_owned(), LocalReplica::new(Arc::new(vol)));
         Ok(())
     }
 
     fn replica_append_divergent(&mut self, name: &str, n: u64) -> Result<Lsn, String> {
-        let vol = self.replica(name)?.volume();
-        let bs = HARNESS_BLOCK_SIZE as usize;
-        let mut head = vol.status().head.0;
-        for _ in 0..n {
-            let lsn = head + 1;
-            let entry = WalEntry {
-                lsn: blockvol::Lsn(lsn),
-                epoch: 1,
-                kind: EntryKind::Write {
-                    lba: lsn % HARNESS_BLOCKS,
-                    data: block_pattern(lsn, 0xD1FF, bs),
-                },
-            };
-            vol.apply(&entry)
-                .map_err(|e| format!("divergent apply {lsn} to {name}: {e}"))?;
-            head = lsn;
-        }
-        vol.sync().map_err(|e| format!("sync {name}: {e}"))?;
-        Ok(Lsn(head))
+        append_divergent(&self.replica(name)?.volume(), n)
     }
 
     fn replica_handshake(&mut self, name: &str) -> Result<ReplicaHandshake, String> {

@@ -88,7 +88,9 @@ fn transfer_error(e: TargetError) -> TransferError {
         },
         TargetError::BadFrame(detail) => TransferError::Checksum { detail },
         TargetError::Storage(detail) => TransferError::Storage { detail },
-        TargetError::Protocol(detail) => TransferError::Transport { detail },
+        TargetError::Protocol(detail) | TargetError::Transport(detail) => {
+            TransferError::Transport { detail }
+        }
     }
 }
 

@@ -197,6 +197,10 @@ pub enum TargetError {
     /// The request does not fit the replica's state (no install in progress, and so on).
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The replica could not be reached, or the connection to it failed or was closed: the
+    /// request may or may not have been applied.
+    #[error("transport: {0}")]
+    Transport(String),
 }
 
 /// A replica, reached through messages.

@@ -1,0 +1,280 @@
+//! The conformance [`Harness`] with its replicas in another process (feature `testing`).
+//!
+//! The primary is a real volume in this process (through `v2bridge`'s harness); the replicas
+//! are volume files served by a `swblock-replicad` process, reached through
+//! [`RemoteReplica`]. A replica file is made here and handed over before its first request:
+//! from then on only the replica process opens it, and every check (handshake, digest, head)
+//! asks it over the network.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use blockvol::{Digest, Volume};
+use engine::conformance::Harness;
+use engine::{Epoch, Lsn, PinKind, ReplicaHandshake, SessionId, StorageAdapter};
+use v2bridge::harness::{BlockVolHarness, append_divergent, volume_options};
+use v2bridge::{BridgeIo, Lineage, ReplicaTarget};
+
+use crate::net::{ClientConfig, RemoteReplica};
+
+/// A `swblock-replicad` process serving the volumes in one directory. Killed (SIGKILL) and
+/// reaped when dropped.
+#[derive(Debug)]
+pub struct ReplicaProcess {
+    bin: PathBuf,
+    dir: PathBuf,
+    child: Option<Child>,
+    addr: SocketAddr,
+}
+
+impl ReplicaProcess {
+    /// Starts `bin --dir DIR --listen 127.0.0.1:0` and waits for its address.
+    pub fn start(bin: &Path, dir: &Path) -> Result<ReplicaProcess, String> {
+        let (child, addr) = Self::spawn(bin, dir, "127.0.0.1:0")?;
+        Ok(ReplicaProcess {
+            bin: bin.to_owned(),
+            dir: dir.to_owned(),
+            child: Some(child),
+            addr,
+        })
+    }
+
+    fn spawn(bin: &Path, dir: &Path, listen: &str) -> Result<(Child, SocketAddr), String> {
+        let mut child = Command::new(bin)
+            .arg("--dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg(listen)
+            .env("SWBLOCK_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", bin.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        let addr = match read {
+            Ok(_) => line
+                .trim()
+                .strip_prefix("listening on ")
+                .and_then(|a| a.parse().ok()),
+            Err(_) => None,
+        };
+        match addr {
+            Some(a) => Ok((child, a)),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(format!("{} did not start: {line:?}", bin.display()))
+            }
+        }
+    }
+
+    /// The address it serves on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills it with SIGKILL (no chance to sync or close anything) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills it if it runs and starts it again on the same address.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.kill();
+        let listen = self.addr.to_string();
+        // The port was just released; another process could take it in between, which the
+        // error then says.
+        let (child, addr) = Self::spawn(&self.bin, &self.dir, &listen)?;
+        self.child = Some(child);
+        self.addr = addr;
+        Ok(())
+    }
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The path of the `swblock-replicad` binary next to the running executable's target
+/// directory (`target/<profile>/`), or `SWBLOCK_REPLICAD` when set.
+pub fn replicad_path() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("SWBLOCK_REPLICAD") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("current executable: {e}"))?;
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        let candidate = d.join("swblock-replicad");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    Err(
+        "swblock-replicad not found next to this executable: run `cargo build -p transport \
+         --bin swblock-replicad` or set SWBLOCK_REPLICAD"
+            .into(),
+    )
+}
+
+/// A primary here, replicas in a replica process.
+pub struct NetHarness {
+    local: BlockVolHarness,
+    dir: PathBuf,
+    process: ReplicaProcess,
+    client: ClientConfig,
+    /// Replicas the process may have opened (no local change after that).
+    handed_over: BTreeSet<String>,
+    /// Bytes the network moved, over every connection this harness opened.
+    pub net_bytes: u64,
+}
+
+impl NetHarness {
+    /// A fresh primary and a replica process started from `bin`.
+    pub fn new(bin: &Path) -> Result<NetHarness, String> {
+        let local = BlockVolHarness::new()?;
+        let dir = local.dir().join("replica-server");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let process = ReplicaProcess::start(bin, &dir)?;
+        Ok(NetHarness {
+            local,
+            dir,
+            process,
+            client: ClientConfig {
+                node: "harness-primary".into(),
+                ..ClientConfig::default()
+            },
+            handed_over: BTreeSet::new(),
+            net_bytes: 0,
+        })
+    }
+
+    /// The replica process.
+    pub fn process(&mut self) -> &mut ReplicaProcess {
+        &mut self.process
+    }
+
+    /// The in-process side (the primary).
+    pub fn local(&self) -> &BlockVolHarness {
+        &self.local
+    }
+
+    /// A connection to replica `name`.
+    pub fn connect(&mut self, name: &str) -> Result<RemoteReplica, String> {
+        self.handed_over.insert(name.to_owned());
+        RemoteReplica::connect(self.process.addr(), name, &self.client)
+            .map_err(|e| format!("connect to replica {name}: {e}"))
+    }
+
+    fn replica_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.vol"))
+    }
+}
+
+impl Harness for NetHarness {
+    type Io = BridgeIo<RemoteReplica>;
+
+    fn storage(&self) -> Arc<dyn StorageAdapter> {
+        self.local.storage()
+    }
+
+    fn primary_write(&mut self, n: u64) -> Result<Lsn, String> {
+        self.local.primary_write(n)
+    }
+
+    fn primary_commit(&mut self, lsn: Lsn) -> Result<(), String> {
+        self.local.primary_commit(lsn)
+    }
+
+    fn primary_checkpoint(&mut self, checkpoint: Lsn, tail: Lsn) -> Result<(), String> {
+        self.local.primary_checkpoint(checkpoint, tail)
+    }
+
+    fn add_replica(&mut self, name: &str, prefix: Lsn) -> Result<(), String> {
+        let vol = self.local.create_replica(&self.dir, name, prefix)?;
+        vol.close()
+            .map_err(|e| format!("close replica {name}: {e}"))?;
+        Ok(())
+    }
+
+    fn replica_append_divergent(&mut self, name: &str, n: u64) -> Result<Lsn, String> {
+        if self.handed_over.contains(name) {
+            return Err(format!(
+                "replica {name} belongs to the replica process now: no local change"
+            ));
+        }
+        let path = self.replica_path(name);
+        let vol = Volume::open(&path, &volume_options(blockvol::FlushGate::Committed))
+            .map_err(|e| format!("open {}: {e}", path.display()))?;
+        let head = append_divergent(&vol, n)?;
+        vol.close()
+            .map_err(|e| format!("close replica {name}: {e}"))?;
+        Ok(head)
+    }
+
+    fn replica_handshake(&mut self, name: &str) -> Result<ReplicaHandshake, String> {
+        let mut r = self.connect(name)?;
+        let reply = r
+            .handshake()
+            .map_err(|e| format!("handshake with {name}: {e}"))?;
+        self.net_bytes += r.stats().bytes_out + r.stats().bytes_in;
+        Ok(v2bridge::convert::handshake(&reply))
+    }
+
+    fn io(&mut self, name: &str, epoch: Epoch, session: SessionId) -> Result<Self::Io, String> {
+        let target = self.connect(name)?;
+        let committed = v2bridge::convert::to_engine(self.local.primary().status().committed);
+        Ok(BridgeIo::new(
+            Arc::clone(self.local.storage_adapter()),
+            target,
+            Lineage::new("harness-primary", epoch.get(), session.get()),
+            committed,
+        ))
+    }
+
+    fn fail_next_pin(&mut self, kind: PinKind) {
+        self.local.fail_next_pin(kind);
+    }
+
+    fn pins_outstanding(&self) -> usize {
+        self.local.pins_outstanding()
+    }
+
+    fn replica_matches_primary(&mut self, name: &str, at: Lsn) -> Result<bool, String> {
+        let mut r = self.connect(name)?;
+        let probe = r.probe(true).map_err(|e| format!("probe {name}: {e}"))?;
+        if probe.install_incomplete || v2bridge::convert::to_engine(probe.head) != at {
+            return Ok(false);
+        }
+        let want = Digest::of_image(&self.local.oracle_image(at));
+        let primary = self.local.primary();
+        if v2bridge::convert::to_engine(primary.status().head) == at {
+            let own = primary
+                .digest()
+                .map_err(|e| format!("primary digest: {e}"))?;
+            if own != want {
+                return Err(format!(
+                    "the primary's own digest {own} differs from the oracle {want}"
+                ));
+            }
+        }
+        Ok(probe.digest == Some(want.0))
+    }
+}

@@ -1,0 +1,11 @@
+//! The socket layer: the wire codec over TCP. Blocking sockets and one thread per connection
+//! (see DECISIONS D35): a replica server serves a handful of peers, each connection's work is
+//! disk-bound, and deadlines on every read keep a silent or trickling peer from holding a thread.
+
+mod client;
+mod conn;
+mod server;
+
+pub use client::{ClientConfig, ClientStats, ConnectError, RemoteReplica};
+pub use conn::ConnError;
+pub use server::{ReplicaServer, ServerConfig, ServerError, ServerStats, Volumes};

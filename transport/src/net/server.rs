@@ -1,0 +1,526 @@
+//! The replica server: one listener, many volumes, one thread per connection.
+//!
+//! A connection must authenticate before it can send a request; requests name their volume and
+//! are dispatched to that volume's [`LocalReplica`], which applies the same lineage admission
+//! as in process. Requests on one connection are served in order, so a client may pipeline them
+//! (within the credit window the server grants) and match replies by order and ID. Every close
+//! is logged with its reason and counted in [`ServerStats`].
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use blockvol::{FlushGate, OpenOptions, Volume};
+use v2bridge::{LocalReplica, ReplicaTarget, TargetError};
+
+use super::conn::{Conn, ConnError};
+use crate::wire::{
+    AuthRole, Authenticator, Challenge, Close, CloseCode, DEFAULT_MAX_FRAME, FEATURES, Message,
+    Nonce, ProbeReply, Reply, Request, VERSION, check_volume_name,
+};
+
+/// How a replica server runs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The cluster secret; without one the server refuses any address but loopback.
+    pub secret: Option<Vec<u8>>,
+    /// The largest frame payload accepted.
+    pub max_frame: u32,
+    /// Request bytes a client may have in flight.
+    pub window: u32,
+    /// Connections served at once; more are refused with `Busy`.
+    pub max_connections: usize,
+    /// Time a client has to authenticate.
+    pub handshake_timeout: Duration,
+    /// Time a started frame has to arrive in full.
+    pub frame_timeout: Duration,
+    /// Time a connection may stay silent between requests.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            secret: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            window: 4 * DEFAULT_MAX_FRAME,
+            max_connections: 64,
+            handshake_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Without a secret only loopback addresses are allowed.
+    #[error("refusing to listen on {0} without a cluster secret (only loopback is allowed)")]
+    NeedsSecret(SocketAddr),
+    /// The socket could not be bound.
+    #[error("listen on {addr}: {error}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        error: std::io::Error,
+    },
+}
+
+/// The volumes a server serves, by name.
+pub struct Volumes {
+    dir: Option<PathBuf>,
+    open: Mutex<BTreeMap<String, LocalReplica>>,
+}
+
+impl std::fmt::Debug for Volumes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volumes").field("dir", &self.dir).finish()
+    }
+}
+
+impl Volumes {
+    /// Volumes added with [`insert`](Self::insert) only.
+    pub fn new() -> Self {
+        Volumes {
+            dir: None,
+            open: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Volumes in `dir`: volume `NAME` is the file `dir/NAME.vol`, opened as a replica (flusher
+    /// gated by the committed point) on its first request and kept open.
+    pub fn in_dir(dir: impl Into<PathBuf>) -> Self {
+        Volumes {
+            dir: Some(dir.into()),
+            open: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Serves `replica` as `name`.
+    pub fn insert(&self, name: &str, replica: LocalReplica) {
+        self.lock().insert(name.to_owned(), replica);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LocalReplica>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The replica named `name`, opened from the directory if needed.
+    pub fn get(&self, name: &str) -> Result<LocalReplica, TargetError> {
+        check_volume_name(name).map_err(|e| TargetError::Protocol(e.to_string()))?;
+        let mut open = self.lock();
+        if let Some(r) = open.get(name) {
+            return Ok(r.clone());
+        }
+        let Some(dir) = &self.dir else {
+            return Err(TargetError::Protocol(format!("no volume {name:?} here")));
+        };
+        let path = dir.join(format!("{name}.vol"));
+        if !path.is_file() {
+            return Err(TargetError::Protocol(format!("no volume {name:?} here")));
+        }
+        let opts = OpenOptions {
+            flush_gate: FlushGate::Committed,
+            ..OpenOptions::default()
+        };
+        let vol = Volume::open(&path, &opts)
+            .map_err(|e| TargetError::Storage(format!("open {}: {e}", path.display())))?;
+        let replica = LocalReplica::new(Arc::new(vol));
+        open.insert(name.to_owned(), replica.clone());
+        Ok(replica)
+    }
+
+    /// Closes every open volume (syncing it); used at shutdown.
+    pub fn close_all(&self) {
+        let all = std::mem::take(&mut *self.lock());
+        for (name, replica) in all {
+            if let Err(e) = replica.volume().sync() {
+                log::warn!("volume {name}: sync at shutdown: {e}");
+            }
+        }
+    }
+}
+
+impl Default for Volumes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the server has seen, by outcome. Every close increments exactly one counter.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections that authenticated.
+    pub authenticated: AtomicU64,
+    /// Requests served (including refused ones, answered with an error reply).
+    pub requests: AtomicU64,
+    /// Closed: too many connections.
+    pub refused_busy: AtomicU64,
+    /// Closed: authentication failed.
+    pub auth_failed: AtomicU64,
+    /// Closed: a bad frame or a message out of order.
+    pub protocol_errors: AtomicU64,
+    /// Closed: a deadline passed.
+    pub timeouts: AtomicU64,
+    /// Closed by the peer or by a socket error.
+    pub disconnects: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicUsize,
+}
+
+impl ServerStats {
+    /// A counter's value.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A running replica server. Dropping it stops the listener; connections end at their next
+/// deadline or request.
+pub struct ReplicaServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ServerStats>,
+    volumes: Arc<Volumes>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ReplicaServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    config: ServerConfig,
+    auth: Authenticator,
+    volumes: Arc<Volumes>,
+    stats: Arc<ServerStats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ReplicaServer {
+    /// Binds `addr` and serves `volumes` on a background thread.
+    pub fn start(
+        addr: SocketAddr,
+        config: ServerConfig,
+        volumes: Arc<Volumes>,
+    ) -> Result<ReplicaServer, ServerError> {
+        if config.secret.as_deref().is_none_or(<[u8]>::is_empty) && !addr.ip().is_loopback() {
+            return Err(ServerError::NeedsSecret(addr));
+        }
+        let listener =
+            TcpListener::bind(addr).map_err(|error| ServerError::Bind { addr, error })?;
+        let local = listener
+            .local_addr()
+            .map_err(|error| ServerError::Bind { addr, error })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(ServerStats::default());
+        let shared = Arc::new(Shared {
+            auth: Authenticator::new(config.secret.as_deref()),
+            config,
+            volumes: Arc::clone(&volumes),
+            stats: Arc::clone(&stats),
+            stop: Arc::clone(&stop),
+        });
+        let accept = std::thread::Builder::new()
+            .name(format!("replica-accept-{}", local.port()))
+            .spawn(move || accept_loop(listener, shared))
+            .map_err(|error| ServerError::Bind { addr, error })?;
+        log::info!("replica server listening on {local}");
+        Ok(ReplicaServer {
+            addr: local,
+            stop,
+            stats,
+            volumes,
+            accept: Some(accept),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What it has seen.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// The volumes it serves.
+    pub fn volumes(&self) -> &Arc<Volumes> {
+        &self.volumes
+    }
+
+    /// Stops accepting connections and waits for the listener thread.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ReplicaServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let open = shared.stats.open.fetch_add(1, Ordering::SeqCst);
+        if open >= shared.config.max_connections {
+            shared.stats.open.fetch_sub(1, Ordering::SeqCst);
+            shared.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+            log::warn!("closing connection from {peer}: busy ({open} connections open)");
+            if let Ok(mut conn) = Conn::new(stream, shared.config.max_frame) {
+                let _ = conn.send(
+                    &close(CloseCode::Busy, "too many connections"),
+                    Duration::from_millis(100),
+                );
+            }
+            continue;
+        }
+        let conn_shared = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name(format!("replica-conn-{peer}"))
+            .spawn(move || {
+                serve(stream, &peer, &conn_shared);
+                conn_shared.stats.open.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            shared.stats.open.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("cannot start a connection thread: {e}");
+        }
+    }
+}
+
+fn close(code: CloseCode, reason: &str) -> Message {
+    Message::Close(Close {
+        code: code as u16,
+        reason: reason.to_owned(),
+    })
+}
+
+/// How a served connection ended.
+enum End {
+    Auth(String),
+    Protocol(String),
+    Timeout(String),
+    Gone(String),
+    Version(String),
+    Shutdown,
+}
+
+fn serve(stream: TcpStream, peer: &str, shared: &Shared) {
+    let mut conn = match Conn::new(stream, shared.config.max_frame) {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("connection from {peer}: {e}");
+            shared.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let end = match handshake(&mut conn, shared) {
+        Ok(node) => {
+            shared.stats.authenticated.fetch_add(1, Ordering::Relaxed);
+            log::info!("connection from {peer} authenticated as {node:?}");
+            requests(&mut conn, shared)
+        }
+        Err(end) => end,
+    };
+    let stats = &shared.stats;
+    let (counter, code, reason) = match &end {
+        End::Auth(r) => (&stats.auth_failed, CloseCode::AuthFailed, r.clone()),
+        End::Protocol(r) => (&stats.protocol_errors, CloseCode::Protocol, r.clone()),
+        End::Version(r) => (&stats.protocol_errors, CloseCode::Version, r.clone()),
+        End::Timeout(r) => (&stats.timeouts, CloseCode::Timeout, r.clone()),
+        End::Gone(r) => (&stats.disconnects, CloseCode::Protocol, r.clone()),
+        End::Shutdown => (
+            &stats.disconnects,
+            CloseCode::Shutdown,
+            "shutdown".to_owned(),
+        ),
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    if matches!(end, End::Gone(_)) {
+        log::info!("connection from {peer} ended: {reason}");
+    } else {
+        log::warn!("closing connection from {peer}: {reason}");
+        let _ = conn.send(&close(code, &reason), Duration::from_millis(200));
+    }
+}
+
+fn conn_end(e: ConnError) -> End {
+    match e {
+        ConnError::Wire(w) => End::Protocol(w.to_string()),
+        ConnError::Timeout(what) => End::Timeout(format!("timed out waiting for {what}")),
+        e @ (ConnError::Eof { .. } | ConnError::Io(_)) => End::Gone(e.to_string()),
+    }
+}
+
+/// Runs the server side of the authentication; returns the client's node name.
+fn handshake(conn: &mut Conn, shared: &Shared) -> Result<String, End> {
+    let budget = shared.config.handshake_timeout;
+    let hello = match conn.recv(budget, budget, "hello").map_err(conn_end)? {
+        Message::Hello(h) => h,
+        other => {
+            return Err(End::Protocol(format!(
+                "expected hello, got {}",
+                other.frame_type().name()
+            )));
+        }
+    };
+    if hello.version != VERSION {
+        return Err(End::Version(format!(
+            "client speaks version {}, this server {VERSION}",
+            hello.version
+        )));
+    }
+    let nonce = Nonce::random().map_err(|e| End::Gone(format!("random source: {e}")))?;
+    let features = hello.features & FEATURES;
+    let mac = shared
+        .auth
+        .sign(AuthRole::Server, &hello.nonce, &nonce, features);
+    let challenge = Message::Challenge(Challenge {
+        version: VERSION,
+        features,
+        nonce,
+        mac,
+        max_frame: shared.config.max_frame,
+        window: shared.config.window,
+    });
+    conn.send(&challenge, budget).map_err(conn_end)?;
+    let tag = match conn.recv(budget, budget, "auth").map_err(conn_end)? {
+        Message::Auth(tag) => tag,
+        Message::Close(c) => return Err(End::Gone(format!("client closed: {}", c.reason))),
+        other => {
+            return Err(End::Protocol(format!(
+                "expected auth, got {}",
+                other.frame_type().name()
+            )));
+        }
+    };
+    if !shared
+        .auth
+        .verify(AuthRole::Client, &hello.nonce, &nonce, features, &tag)
+    {
+        return Err(End::Auth(format!(
+            "client {:?} does not know the cluster secret",
+            hello.node
+        )));
+    }
+    conn.send(&Message::Ready, budget).map_err(conn_end)?;
+    Ok(hello.node)
+}
+
+fn requests(conn: &mut Conn, shared: &Shared) -> End {
+    let cfg = &shared.config;
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return End::Shutdown;
+        }
+        let msg = match conn.recv(cfg.idle_timeout, cfg.frame_timeout, "a request") {
+            Ok(m) => m,
+            Err(e) => return conn_end(e),
+        };
+        let (id, volume, body) = match msg {
+            Message::Request { id, volume, body } => (id, volume, body),
+            Message::Close(c) => return End::Gone(format!("client closed: {}", c.reason)),
+            other => {
+                return End::Protocol(format!(
+                    "expected a request, got {}",
+                    other.frame_type().name()
+                ));
+            }
+        };
+        shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let lineage = body.lineage();
+        let reply = shared
+            .volumes
+            .get(&volume)
+            .and_then(|mut replica| dispatch(&mut replica, body))
+            .unwrap_or_else(|e| Reply::Error(lineage, e));
+        if let Err(e) = conn.send(&Message::Reply { id, body: reply }, cfg.frame_timeout) {
+            return conn_end(e);
+        }
+    }
+}
+
+fn dispatch(replica: &mut LocalReplica, body: Request) -> Result<Reply, TargetError> {
+    Ok(match body {
+        Request::Handshake => Reply::Handshake(replica.handshake()?),
+        Request::Probe { digest } => {
+            let vol = replica.volume();
+            let st = vol.status();
+            let digest = if digest {
+                Some(
+                    vol.digest()
+                        .map_err(|e| TargetError::Storage(format!("digest: {e}")))?
+                        .0,
+                )
+            } else {
+                None
+            };
+            Reply::Probe(ProbeReply {
+                head: st.head,
+                checkpoint: st.checkpoint,
+                committed: st.committed,
+                epoch: st.epoch,
+                install_incomplete: st.install_incomplete,
+                digest,
+            })
+        }
+        Request::Apply(r) => {
+            let l = r.lineage;
+            Reply::Apply(l, replica.apply(r)?)
+        }
+        Request::Truncate(r) => {
+            let l = r.lineage;
+            Reply::Truncate(l, replica.truncate(r)?)
+        }
+        Request::BaseBegin(r) => {
+            let l = r.lineage;
+            replica.begin_base(r)?;
+            Reply::Ack(l)
+        }
+        Request::BaseChunk(r) => {
+            let l = r.lineage;
+            replica.base_chunk(r)?;
+            Reply::Ack(l)
+        }
+        Request::BaseFinish(l) => Reply::BaseFinish(l, replica.finish_base(l)?),
+        Request::Barrier(r) => {
+            let l = r.lineage;
+            Reply::Barrier(l, replica.barrier(r)?)
+        }
+    })
+}
