@@ -241,6 +241,7 @@ mod tests {
             "volume_open",
             "replica_frames",
             "assignment",
+            "wire_frames",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing");
             assert!(
