@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use engine::conformance::{self, Harness, ScenarioReport};
 use engine::testing::{MemHarness, ModelEntry};
+use transport::harness::{NetHarness, replicad_path};
 use v2bridge::harness::{BlockVolHarness, HARNESS_BLOCK_SIZE, HARNESS_BLOCKS};
 
 use crate::scenarios::{self, Moved};
@@ -20,6 +21,9 @@ pub enum Store {
     /// The chain-closure scenarios (failure replays, control-plane driven, concurrent writer)
     /// on real volume files.
     Chain,
+    /// The conformance scenarios with the primary here and the replicas in a
+    /// `swblock-replicad` process, over TCP.
+    Net,
 }
 
 impl Store {
@@ -29,6 +33,7 @@ impl Store {
             Store::Memory => "memory",
             Store::Blockvol => "blockvol",
             Store::Chain => "chain",
+            Store::Net => "net",
         }
     }
 }
@@ -47,7 +52,8 @@ pub fn expected_moved(store: Store, name: &str) -> Option<Moved> {
         Store::Memory => (ModelEntry::WIRE_BYTES, |lsn| {
             lsn.min(8) * ModelEntry::WIRE_BYTES
         }),
-        Store::Blockvol => (scenarios::wal_entry_bytes(HARNESS_BLOCK_SIZE), |lsn| {
+        // The network store runs the blockvol harness's volumes: the same entries and images.
+        Store::Blockvol | Store::Net => (scenarios::wal_entry_bytes(HARNESS_BLOCK_SIZE), |lsn| {
             scenarios::image_bytes(lsn, HARNESS_BLOCKS, HARNESS_BLOCK_SIZE)
         }),
         Store::Chain => return None,
@@ -93,6 +99,15 @@ pub fn run_conformance(store: Store, name: &str) -> Option<ScenarioReport> {
                 .into_iter()
                 .find(|(n, _)| *n == name)?;
             match scenarios::harness() {
+                Ok(h) => conformance::run_scenario(name, h)?,
+                Err(e) => ScenarioReport::failed(known, e),
+            }
+        }
+        Store::Net => {
+            let (known, _) = conformance::scenarios::<NetHarness>()
+                .into_iter()
+                .find(|(n, _)| *n == name)?;
+            match replicad_path().and_then(|bin| NetHarness::new(&bin)) {
                 Ok(h) => conformance::run_scenario(name, h)?,
                 Err(e) => ScenarioReport::failed(known, e),
             }
@@ -179,6 +194,7 @@ pub fn run(opts: &ChainOptions) -> Vec<ChainRow> {
     let mut rows = Vec::new();
     run_conformance_store::<MemHarness>(opts, Store::Memory, &mut rows);
     run_conformance_store::<BlockVolHarness>(opts, Store::Blockvol, &mut rows);
+    run_conformance_store::<NetHarness>(opts, Store::Net, &mut rows);
     for (name, _) in scenarios::all() {
         if !selected(opts, Store::Chain, name) {
             continue;
@@ -296,7 +312,7 @@ mod tests {
     #[test]
     fn every_conformance_scenario_has_expected_entries_and_bytes_on_both_stores() {
         for (name, _) in conformance::scenarios::<MemHarness>() {
-            for store in [Store::Memory, Store::Blockvol] {
+            for store in [Store::Memory, Store::Blockvol, Store::Net] {
                 assert!(
                     expected_moved(store, name).is_some(),
                     "{}/{name}",

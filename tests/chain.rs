@@ -1,5 +1,6 @@
 //! The chain scenarios, one rstest case each: the engine's conformance scenarios on real
-//! blockvol volume files through v2bridge and on the in-memory store (each must move exactly
+//! blockvol volume files through v2bridge, over TCP to a replica process, and on the in-memory
+//! store (each must move exactly
 //! the WAL entries and bytes `swblock::chain::expected_moved` gives), and the chain scenarios
 //! of `swblock::scenarios` on real volume files across crates. `cargo xtask chain-test` runs
 //! the same scenarios and prints a row for each.
@@ -39,6 +40,22 @@ fn blockvol_conformance(#[case] name: &str) {
         "no expectation for {name}"
     );
     assert_clean(&run_conformance(Store::Blockvol, name).expect("known scenario"));
+}
+
+/// The same scenarios with the replicas in a `swblock-replicad` process: every byte crosses a
+/// TCP socket, and the replica process itself reports the digest checked against the oracle.
+#[rstest]
+#[case::budget_escalation("budget_escalation")]
+#[case::catch_up("catch_up")]
+#[case::endpoint_change_mid_execution("endpoint_change_mid_execution")]
+#[case::epoch_bump_mid_execution("epoch_bump_mid_execution")]
+#[case::pin_failure("pin_failure")]
+#[case::rebuild_full_base("rebuild_full_base")]
+#[case::rebuild_snapshot_tail("rebuild_snapshot_tail")]
+#[case::truncation("truncation")]
+#[case::zero_gap("zero_gap")]
+fn net_conformance(#[case] name: &str) {
+    assert_clean(&run_conformance(Store::Net, name).expect("known scenario"));
 }
 
 #[rstest]

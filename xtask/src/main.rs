@@ -63,6 +63,32 @@ pub(crate) fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Builds `swblock-replicad` (the `net/` rows put their replicas in that process) in this
+/// task's profile, next to this executable, where the harness looks for it.
+fn build_replicad() -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "transport",
+        "--bin",
+        "swblock-replicad",
+    ]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("cargo build swblock-replicad: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build swblock-replicad: {status}"));
+    }
+    Ok(())
+}
+
 fn chain_test(args: &[String]) -> Result<ExitCode, String> {
     let mut opts = ChainOptions::default();
     let mut json_path = workspace_root().join("target").join("chain-report.json");
@@ -79,6 +105,7 @@ fn chain_test(args: &[String]) -> Result<ExitCode, String> {
             other => return Err(format!("chain-test: unknown option {other}")),
         }
     }
+    build_replicad()?;
     let rows = chain::run(&opts);
     if rows.is_empty() {
         return Err(format!(
