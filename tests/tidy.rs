@@ -35,6 +35,7 @@ fn workspace_deps() -> BTreeMap<String, BTreeSet<String>> {
         "blockvol",
         "v2bridge",
         "controlbridge",
+        "transport",
         "xtask",
     ]
     .into_iter()
@@ -76,6 +77,7 @@ fn dependencies_point_one_way() {
         ("blockvol", &[][..]),
         ("controlbridge", &["engine"][..]),
         ("v2bridge", &["engine", "blockvol"][..]),
+        ("transport", &["engine", "blockvol", "v2bridge"][..]),
     ]);
     assert!(
         deps.contains_key("engine"),
@@ -160,7 +162,7 @@ fn engine_manifest_has_no_workspace_dependencies() {
         .nth(1)
         .and_then(|s| s.split("\n[").next())
         .unwrap_or_default();
-    for krate in ["blockvol", "v2bridge", "controlbridge", "swblock"] {
+    for krate in ["blockvol", "v2bridge", "controlbridge", "transport", "swblock"] {
         assert!(!deps.contains(krate), "engine depends on {krate}");
     }
 }
