@@ -162,7 +162,13 @@ fn engine_manifest_has_no_workspace_dependencies() {
         .nth(1)
         .and_then(|s| s.split("\n[").next())
         .unwrap_or_default();
-    for krate in ["blockvol", "v2bridge", "controlbridge", "transport", "swblock"] {
+    for krate in [
+        "blockvol",
+        "v2bridge",
+        "controlbridge",
+        "transport",
+        "swblock",
+    ] {
         assert!(!deps.contains(krate), "engine depends on {krate}");
     }
 }

@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod net;
+pub mod stream;
 pub mod wire;
 
 #[cfg(feature = "testing")]

@@ -115,6 +115,11 @@ impl<T: ReplicaTarget> BridgeIo<T> {
         &self.target
     }
 
+    /// The replica target back (a connection to reuse after the recovery).
+    pub fn into_target(self) -> T {
+        self.target
+    }
+
     fn primary_anchor(&self, after: Lsn) -> Result<EntryInfo, TransferError> {
         self.primary
             .entry_info(to_blockvol(after))

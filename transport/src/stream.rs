@@ -1,0 +1,658 @@
+//! The live replication stream of one primary volume, with durability modes.
+//!
+//! A [`Replicator`] runs one shipper thread per replica. A shipper connects, joins through the
+//! engine (the replica's handshake is planned like any recovery: a zero gap joins at once, a
+//! catch-up or truncation runs over the same connection, a replica the primary's WAL cannot
+//! bring back is rebuilt from an image), and then streams: every WAL entry after the replica's
+//! tip, in order, in batches, each batch anchored on the entry before it so the replica refuses
+//! a gap, a duplicate or a divergent history. Writers never wait for a shipper. A
+//! [`Replicator::flush`] syncs the primary, asks the shippers for a barrier (one barrier covers
+//! every flush that arrived before it: group commit), and returns only when the volume's
+//! [`DurabilityMode`] is satisfied; then it raises the primary's committed point to what the
+//! mode proved. A replica that fails (connection, refusal, timeout) leaves the stream, is marked
+//! degraded, and its shipper joins again through the engine after a backoff, while writes go
+//! on; it counts for durability again from its first barrier after it rejoins.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use blockvol::{EntryInfo, Lsn, Volume};
+use engine::{
+    AssignmentIntent, CatchUpExecutor, Endpoint, Epoch, ExecutorOptions, PlanStep, RebuildExecutor,
+    RecoveryDriver, ReplicaAssignment, ReplicaId, SessionKind,
+};
+use v2bridge::convert::{handshake, to_engine};
+use v2bridge::{ApplyRequest, BarrierRequest, BlockVolStorage, BridgeIo, Lineage, ReplicaTarget};
+
+use crate::net::{ClientConfig, RemoteReplica};
+
+/// What a flush must prove before it returns (the master's `durability_mode`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DurabilityMode {
+    /// The primary's own WAL is synced; replicas follow when they can.
+    BestEffort,
+    /// Every replica of the volume holds the entries durably; one that cannot fails the flush.
+    SyncAll,
+    /// The primary plus enough replicas for a majority of the replication factor
+    /// (RF = replicas + 1; quorum = RF / 2 + 1).
+    SyncQuorum,
+}
+
+impl DurabilityMode {
+    /// Replicas that must be durable, besides the primary, out of `replicas`.
+    pub fn replicas_required(self, replicas: usize) -> usize {
+        match self {
+            DurabilityMode::BestEffort => 0,
+            DurabilityMode::SyncAll => replicas,
+            DurabilityMode::SyncQuorum => (replicas + 1) / 2 + 1 - 1,
+        }
+    }
+
+    /// The master's name for the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DurabilityMode::BestEffort => "best_effort",
+            DurabilityMode::SyncAll => "sync_all",
+            DurabilityMode::SyncQuorum => "sync_quorum",
+        }
+    }
+}
+
+/// One replica of the volume.
+#[derive(Clone, Debug)]
+pub struct ReplicaSpec {
+    /// Its stable replica ID (`<volume>/<server id>`).
+    pub id: String,
+    /// Its replica server.
+    pub addr: SocketAddr,
+    /// The volume's name on that server.
+    pub volume: String,
+}
+
+/// How the stream runs.
+#[derive(Clone, Debug)]
+pub struct StreamConfig {
+    /// The durability mode.
+    pub mode: DurabilityMode,
+    /// The primary's server ID (the lineage's driver).
+    pub driver: String,
+    /// The primary's epoch.
+    pub epoch: u64,
+    /// How to connect to replicas.
+    pub client: ClientConfig,
+    /// Most entries in one batch.
+    pub max_batch_entries: u32,
+    /// Most encoded bytes in one batch.
+    pub max_batch_bytes: usize,
+    /// Longest a flush waits for its replicas.
+    pub flush_timeout: Duration,
+    /// Wait before a failed replica is joined again (doubles up to `max_backoff`).
+    pub min_backoff: Duration,
+    /// Longest wait between attempts.
+    pub max_backoff: Duration,
+    /// Options of the recoveries a join runs.
+    pub recovery: ExecutorOptions,
+}
+
+impl StreamConfig {
+    /// A configuration for `mode`, driven by server `driver` at `epoch`.
+    pub fn new(mode: DurabilityMode, driver: &str, epoch: u64) -> Self {
+        StreamConfig {
+            mode,
+            driver: driver.to_owned(),
+            epoch,
+            client: ClientConfig {
+                node: driver.to_owned(),
+                ..ClientConfig::default()
+            },
+            max_batch_entries: 256,
+            max_batch_bytes: 4 << 20,
+            flush_timeout: Duration::from_secs(30),
+            min_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_secs(2),
+            recovery: ExecutorOptions::default(),
+        }
+    }
+}
+
+/// Where a replica stands in the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamState {
+    /// Connecting or joining through the engine.
+    Joining,
+    /// Receiving the stream.
+    Streaming,
+    /// Out of the stream after a failure; joined again after a backoff.
+    Degraded(String),
+}
+
+/// One replica's view, as [`Replicator::status`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// The replica ID.
+    pub id: String,
+    /// Its state.
+    pub state: StreamState,
+    /// The last entry it acknowledged applying.
+    pub shipped: Lsn,
+    /// The last entry it reported durable (from a barrier since it last joined).
+    pub durable: Lsn,
+    /// Times it joined (the first join included).
+    pub joins: u64,
+    /// Joins that moved data through the engine (catch-up, truncation or rebuild).
+    pub recoveries: u64,
+    /// Entries it reported as duplicates while streaming (must stay 0: the stream resumes at
+    /// exactly the next entry).
+    pub duplicates: u64,
+    /// Entries shipped by the stream (not by joins).
+    pub streamed: u64,
+}
+
+/// Why a flush did not return an acknowledgement.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlushError {
+    /// The primary's own sync failed.
+    #[error("primary sync: {0}")]
+    Primary(String),
+    /// The mode needs replicas that are out of the stream.
+    #[error("{mode}: {needed} replica(s) must be durable at {lsn}, {available} can be ({detail})")]
+    ReplicasUnavailable {
+        /// The mode.
+        mode: &'static str,
+        /// The flush's LSN.
+        lsn: Lsn,
+        /// Replicas required.
+        needed: usize,
+        /// Replicas in the stream.
+        available: usize,
+        /// Which are out, and why.
+        detail: String,
+    },
+    /// The replicas did not report durability in time.
+    #[error("{mode}: {durable} of {needed} required replica(s) durable at {lsn} after {waited:?}")]
+    Timeout {
+        /// The mode.
+        mode: &'static str,
+        /// The flush's LSN.
+        lsn: Lsn,
+        /// Replicas required.
+        needed: usize,
+        /// Replicas durable.
+        durable: usize,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// The replicator is stopped.
+    #[error("the replicator is stopped")]
+    Stopped,
+}
+
+struct Slot {
+    spec: ReplicaSpec,
+    status: ReplicaStatus,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    /// The highest LSN a flush is waiting for.
+    flush_want: Lsn,
+    /// Bumped on every write notification, so shippers see new entries.
+    writes: u64,
+    stop: bool,
+}
+
+struct Shared {
+    primary: Arc<Volume>,
+    storage: Arc<BlockVolStorage>,
+    driver: RecoveryDriver,
+    config: StreamConfig,
+    state: Mutex<State>,
+    /// Shippers wait here for entries, flush requests or stop.
+    work: Condvar,
+    /// Flushers wait here for durability.
+    acks: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn update(&self, i: usize, f: impl FnOnce(&mut ReplicaStatus)) {
+        let mut st = self.lock();
+        f(&mut st.slots[i].status);
+        drop(st);
+        self.acks.notify_all();
+    }
+
+    fn stopped(&self) -> bool {
+        self.lock().stop
+    }
+}
+
+/// The live stream of one primary volume to its replicas.
+pub struct Replicator {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Replicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator")
+            .field("mode", &self.shared.config.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replicator {
+    /// Starts streaming `primary` to `replicas`.
+    pub fn start(
+        primary: Arc<Volume>,
+        replicas: Vec<ReplicaSpec>,
+        config: StreamConfig,
+    ) -> std::io::Result<Replicator> {
+        let storage = Arc::new(BlockVolStorage::new(Arc::clone(&primary)));
+        let slots = replicas
+            .into_iter()
+            .map(|spec| Slot {
+                status: ReplicaStatus {
+                    id: spec.id.clone(),
+                    state: StreamState::Joining,
+                    shipped: Lsn(0),
+                    durable: Lsn(0),
+                    joins: 0,
+                    recoveries: 0,
+                    duplicates: 0,
+                    streamed: 0,
+                },
+                spec,
+            })
+            .collect::<Vec<_>>();
+        let n = slots.len();
+        let shared = Arc::new(Shared {
+            driver: RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn engine::StorageAdapter>),
+            storage,
+            primary,
+            config,
+            state: Mutex::new(State {
+                slots,
+                flush_want: Lsn(0),
+                writes: 0,
+                stop: false,
+            }),
+            work: Condvar::new(),
+            acks: Condvar::new(),
+        });
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = Arc::clone(&shared);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("shipper-{i}"))
+                    .spawn(move || ship(&s, i))?,
+            );
+        }
+        Ok(Replicator { shared, threads })
+    }
+
+    /// Tells the shippers that new entries are in the primary's WAL (call after writes; a
+    /// flush does it too).
+    pub fn notify(&self) {
+        self.shared.lock().writes += 1;
+        self.shared.work.notify_all();
+    }
+
+    /// Makes everything written so far durable as the mode requires; returns the LSN it
+    /// covers. Never returns `Ok` for an LSN the mode does not back.
+    pub fn flush(&self) -> Result<Lsn, FlushError> {
+        let sh = &self.shared;
+        let lsn = sh
+            .primary
+            .sync()
+            .map_err(|e| FlushError::Primary(e.to_string()))?;
+        let mode = sh.config.mode;
+        let mut st = sh.lock();
+        if st.stop {
+            return Err(FlushError::Stopped);
+        }
+        let needed = mode.replicas_required(st.slots.len());
+        if st.flush_want < lsn {
+            st.flush_want = lsn;
+        }
+        st.writes += 1;
+        sh.work.notify_all();
+        let start = Instant::now();
+        loop {
+            let durable = st
+                .slots
+                .iter()
+                .filter(|s| s.status.state == StreamState::Streaming && s.status.durable >= lsn)
+                .count();
+            if durable >= needed {
+                break;
+            }
+            // Replicas that can still make it: those not degraded.
+            let out: Vec<String> = st
+                .slots
+                .iter()
+                .filter_map(|s| match &s.status.state {
+                    StreamState::Degraded(why) => Some(format!("{}: {why}", s.spec.id)),
+                    _ => None,
+                })
+                .collect();
+            let available = st.slots.len() - out.len();
+            if available < needed {
+                return Err(FlushError::ReplicasUnavailable {
+                    mode: mode.as_str(),
+                    lsn,
+                    needed,
+                    available,
+                    detail: out.join("; "),
+                });
+            }
+            let waited = start.elapsed();
+            if waited >= sh.config.flush_timeout || st.stop {
+                return Err(FlushError::Timeout {
+                    mode: mode.as_str(),
+                    lsn,
+                    needed,
+                    durable,
+                    waited,
+                });
+            }
+            let left = sh.config.flush_timeout - waited;
+            st = sh
+                .acks
+                .wait_timeout(st, left.min(Duration::from_millis(200)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        // The committed point is what the mode proved: the needed-th highest durable replica
+        // LSN (capped by the primary's own), or the primary's for best effort.
+        let committed = if needed == 0 {
+            lsn
+        } else {
+            let mut d: Vec<Lsn> = st
+                .slots
+                .iter()
+                .filter(|s| s.status.state == StreamState::Streaming)
+                .map(|s| s.status.durable)
+                .collect();
+            d.sort_unstable_by(|a, b| b.cmp(a));
+            d.get(needed - 1).copied().unwrap_or(Lsn(0)).min(lsn)
+        };
+        drop(st);
+        if committed > sh.primary.status().committed {
+            sh.primary.set_committed(committed);
+        }
+        Ok(lsn)
+    }
+
+    /// Every replica's state.
+    pub fn status(&self) -> Vec<ReplicaStatus> {
+        self.shared
+            .lock()
+            .slots
+            .iter()
+            .map(|s| s.status.clone())
+            .collect()
+    }
+
+    /// The engine driver the joins run through (its log explains every join).
+    pub fn driver(&self) -> &RecoveryDriver {
+        &self.shared.driver
+    }
+
+    /// Stops the shippers and waits for them.
+    pub fn stop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.work.notify_all();
+        self.shared.acks.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A shipper: join, stream, and on failure back off and join again.
+fn ship(sh: &Shared, i: usize) {
+    let mut backoff = sh.config.min_backoff;
+    while !sh.stopped() {
+        sh.update(i, |s| s.state = StreamState::Joining);
+        let result = join(sh, i).and_then(|(conn, lineage, tip)| {
+            backoff = sh.config.min_backoff;
+            stream(sh, i, conn, lineage, tip)
+        });
+        let Err(why) = result else {
+            return;
+        };
+        if sh.stopped() {
+            return;
+        }
+        log::warn!(
+            "replica {} left the stream: {why}",
+            sh.lock().slots[i].spec.id
+        );
+        sh.update(i, |s| s.state = StreamState::Degraded(why));
+        // Back off, waking early only to stop.
+        let st = sh.lock();
+        let _ = sh.work.wait_timeout_while(st, backoff, |st| !st.stop);
+        backoff = (backoff * 2).min(sh.config.max_backoff);
+    }
+}
+
+fn replica_id(spec: &ReplicaSpec) -> Result<ReplicaId, String> {
+    ReplicaId::new(&spec.id).map_err(|e| e.to_string())
+}
+
+/// The assignment that names every replica of the volume, asking for `kind` on replica `i`.
+fn assign(sh: &Shared, i: usize, kind: SessionKind) -> Result<(), String> {
+    let specs: Vec<ReplicaSpec> = sh.lock().slots.iter().map(|s| s.spec.clone()).collect();
+    let mut replicas = Vec::with_capacity(specs.len());
+    for spec in &specs {
+        let addr = spec.addr.to_string();
+        replicas.push(ReplicaAssignment {
+            replica_id: replica_id(spec)?,
+            endpoint: Endpoint::new(&addr, &addr, 1),
+        });
+    }
+    let intent = AssignmentIntent {
+        replicas,
+        epoch: Epoch(sh.config.epoch),
+        recovery_targets: [(replica_id(&specs[i])?, kind)].into(),
+        catch_up_budget: None,
+    };
+    let res = sh
+        .driver
+        .orchestrator()
+        .process_assignment(&intent)
+        .map_err(|e| format!("assignment: {e}"))?;
+    if let Some((_, e)) = res.refused.first() {
+        return Err(format!("assignment refused: {e}"));
+    }
+    Ok(())
+}
+
+/// Connects and brings the replica to a point the stream can continue from, through the
+/// engine; returns the connection, the lineage to stream under and the replica's tip.
+fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), String> {
+    let spec = sh.lock().slots[i].spec.clone();
+    let id = replica_id(&spec)?;
+    let connect = || {
+        RemoteReplica::connect(spec.addr, &spec.volume, &sh.config.client)
+            .map_err(|e| e.to_string())
+    };
+    let mut conn = connect()?;
+    assign(sh, i, SessionKind::CatchUp)?;
+    let hs = conn.handshake().map_err(|e| format!("handshake: {e}"))?;
+    let plan = sh
+        .driver
+        .plan_recovery(&id, handshake(&hs))
+        .map_err(|e| format!("plan: {e}"))?;
+    let sid = plan.session_id().ok_or("plan without a session")?.get();
+    let lineage = |sid: u64| Lineage::new(&sh.config.driver, sh.config.epoch, sid);
+    let committed = to_engine(sh.primary.status().committed);
+    let (conn, lineage, moved) = match plan.step() {
+        PlanStep::InSync => (conn, lineage(sid), false),
+        PlanStep::CatchUp(_) | PlanStep::Truncate(_) => {
+            let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed);
+            CatchUpExecutor::new(&sh.driver, plan)
+                .with_options(sh.config.recovery)
+                .execute(&mut io)
+                .map_err(|e| format!("catch-up: {e}"))?;
+            (io.into_target(), lineage(sid), true)
+        }
+        PlanStep::NeedsRebuild | PlanStep::Rebuild(_) => {
+            drop(plan);
+            assign(sh, i, SessionKind::Rebuild)?;
+            let plan = sh
+                .driver
+                .plan_rebuild(&id)
+                .map_err(|e| format!("plan rebuild: {e}"))?;
+            let sid = plan.session_id().ok_or("rebuild without a session")?.get();
+            let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed);
+            RebuildExecutor::new(&sh.driver, plan)
+                .with_options(sh.config.recovery)
+                .execute(&mut io)
+                .map_err(|e| format!("rebuild: {e}"))?;
+            (io.into_target(), lineage(sid), true)
+        }
+    };
+    let mut conn = conn;
+    // Where the replica stands now: the stream continues after exactly this entry.
+    let hs = conn
+        .handshake()
+        .map_err(|e| format!("handshake after join: {e}"))?;
+    if hs.install_incomplete {
+        return Err("replica still incomplete after its join".into());
+    }
+    sh.update(i, |s| {
+        s.state = StreamState::Streaming;
+        s.shipped = hs.head;
+        s.durable = hs.head;
+        s.joins += 1;
+        s.recoveries += u64::from(moved);
+    });
+    Ok((conn, lineage, hs.tip))
+}
+
+/// Streams entries after `tip` and answers flushes with barriers until something fails.
+fn stream(
+    sh: &Shared,
+    i: usize,
+    mut conn: RemoteReplica,
+    lineage: Lineage,
+    mut tip: EntryInfo,
+) -> Result<(), String> {
+    let mut frames = Vec::new();
+    loop {
+        // Wait for entries to ship, a flush to answer, or stop.
+        let flush_want = {
+            let mut st = sh.lock();
+            loop {
+                if st.stop {
+                    return Ok(());
+                }
+                let head = sh.primary.status().head;
+                let durable = st.slots[i].status.durable;
+                if head > tip.lsn || (st.flush_want > durable && tip.lsn > durable) {
+                    break st.flush_want;
+                }
+                st = sh
+                    .work
+                    .wait_timeout(st, Duration::from_millis(500))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        };
+        let head = sh.primary.status().head;
+        if head > tip.lsn {
+            tip = ship_batch(sh, i, &mut conn, lineage, tip, &mut frames)?;
+        }
+        let durable = sh.lock().slots[i].status.durable;
+        // A barrier once everything a waiting flush covers is shipped (or everything there
+        // is): one barrier answers every flush that arrived before it.
+        let head = sh.primary.status().head;
+        if flush_want > durable && (tip.lsn >= flush_want || tip.lsn >= head) {
+            let reply = conn
+                .barrier(BarrierRequest {
+                    lineage,
+                    target: tip.lsn,
+                    expected_tip: Some(tip),
+                    committed: sh.primary.status().committed,
+                })
+                .map_err(|e| format!("barrier at {}: {e}", tip.lsn))?;
+            if reply.durable < tip.lsn || reply.tip != tip {
+                return Err(format!(
+                    "barrier at {}: replica durable at {} with tip {:?}, expected {tip:?}",
+                    tip.lsn, reply.durable, reply.tip
+                ));
+            }
+            sh.update(i, |s| s.durable = reply.durable);
+        }
+    }
+}
+
+/// Ships the next batch after `tip`; returns the new tip.
+fn ship_batch(
+    sh: &Shared,
+    i: usize,
+    conn: &mut RemoteReplica,
+    lineage: Lineage,
+    tip: EntryInfo,
+    frames: &mut Vec<u8>,
+) -> Result<EntryInfo, String> {
+    let cfg = &sh.config;
+    let mut scan = sh
+        .primary
+        .scan_from(Lsn(tip.lsn.0 + 1))
+        .map_err(|e| format!("scan after {}: {e}", tip.lsn))?;
+    frames.clear();
+    let mut count = 0u32;
+    let mut last = tip;
+    while count < cfg.max_batch_entries && frames.len() < cfg.max_batch_bytes {
+        let Some(item) = scan.next_encoded(frames) else {
+            break;
+        };
+        let info = item.map_err(|e| format!("read entry after {}: {e}", last.lsn))?;
+        if info.lsn.0 != last.lsn.0 + 1 {
+            return Err(format!("primary WAL gap: {} after {}", info.lsn, last.lsn));
+        }
+        last = info;
+        count += 1;
+    }
+    drop(scan);
+    if count == 0 {
+        return Ok(tip);
+    }
+    let reply = conn
+        .apply(ApplyRequest {
+            lineage,
+            committed: sh.primary.status().committed,
+            anchor: tip,
+            count,
+            frames: std::mem::take(frames),
+        })
+        .map_err(|e| format!("apply after {}: {e}", tip.lsn))?;
+    if reply.applied_to != last.lsn {
+        return Err(format!(
+            "replica applied to {}, batch ended at {}",
+            reply.applied_to, last.lsn
+        ));
+    }
+    sh.update(i, |s| {
+        s.shipped = last.lsn;
+        s.streamed += reply.applied;
+        s.duplicates += reply.duplicates;
+    });
+    Ok(last)
+}

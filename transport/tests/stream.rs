@@ -1,0 +1,316 @@
+//! The live stream between real processes: a primary volume here, two replicas in two
+//! `swblock-replicad` processes. A flush acknowledged under a mode must be backed by it (the
+//! replicas it names hold the bytes after a kill -9), a flush the mode cannot back is an
+//! error, and a replica that missed entries rejoins under a steady writer, through the engine,
+//! at exactly the next entry, ending byte-identical to an oracle image.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockvol::{CreateOptions, Digest, FlushGate, Lsn, Role, Volume};
+use transport::harness::ReplicaProcess;
+use transport::net::{ClientConfig, RemoteReplica};
+use transport::stream::{
+    DurabilityMode, FlushError, ReplicaSpec, Replicator, StreamConfig, StreamState,
+};
+use v2bridge::harness::volume_options;
+
+const BLOCK: usize = 4096;
+const BLOCKS: u64 = 512;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_swblock-replicad"))
+}
+
+fn create(path: &Path, role: Role) -> Volume {
+    let opts = CreateOptions {
+        volume_size_bytes: BLOCKS * BLOCK as u64,
+        wal_size_bytes: 32 << 20,
+        block_size: BLOCK as u32,
+    };
+    let vol = Volume::create(path, &opts, &volume_options(FlushGate::Committed)).expect("create");
+    vol.assign(role, 1).expect("assign");
+    vol
+}
+
+/// A primary here, `n` replica processes, and an oracle image of every write.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    primary: Arc<Volume>,
+    processes: Vec<ReplicaProcess>,
+    oracle: Vec<u8>,
+    writes: u64,
+}
+
+impl Cluster {
+    fn new(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let primary = Arc::new(create(&dir.path().join("primary.vol"), Role::Primary));
+        let mut processes = Vec::new();
+        for i in 0..n {
+            let d: PathBuf = dir.path().join(format!("server-{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            create(&d.join("vol1.vol"), Role::Replica).close().unwrap();
+            processes.push(ReplicaProcess::start(bin(), &d).expect("replica process"));
+        }
+        Cluster {
+            _dir: dir,
+            primary,
+            processes,
+            oracle: vec![0; BLOCKS as usize * BLOCK],
+            writes: 0,
+        }
+    }
+
+    fn specs(&self) -> Vec<ReplicaSpec> {
+        self.processes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ReplicaSpec {
+                id: format!("vol1/server-{i}"),
+                addr: p.addr(),
+                volume: "vol1".into(),
+            })
+            .collect()
+    }
+
+    fn replicator(&self, mode: DurabilityMode) -> Replicator {
+        let mut config = StreamConfig::new(mode, "server-p", 1);
+        config.flush_timeout = Duration::from_secs(20);
+        Replicator::start(Arc::clone(&self.primary), self.specs(), config).expect("replicator")
+    }
+
+    /// Writes `n` blocks (a pattern naming the write) and keeps the oracle in step.
+    fn write(&mut self, n: u64) -> Lsn {
+        let mut lsn = Lsn(0);
+        for _ in 0..n {
+            self.writes += 1;
+            let w = self.writes;
+            let lba = (w.wrapping_mul(0x9E37_79B9) >> 7) % BLOCKS;
+            let mut data = vec![0u8; BLOCK];
+            for (k, chunk) in data.chunks_mut(8).enumerate() {
+                chunk.copy_from_slice(&(w << 20 | k as u64 | 1).to_le_bytes());
+            }
+            let off = lba as usize * BLOCK;
+            self.oracle[off..off + BLOCK].copy_from_slice(&data);
+            lsn = self.primary.write(lba, &data).expect("primary write");
+        }
+        lsn
+    }
+
+    fn oracle_digest(&self) -> Digest {
+        Digest::of_image(&self.oracle)
+    }
+
+    /// The replica's head and digest, as its process reports them.
+    fn probe(&self, i: usize) -> (Lsn, u128) {
+        let mut r =
+            RemoteReplica::connect(self.processes[i].addr(), "vol1", &ClientConfig::default())
+                .expect("connect for probe");
+        let p = r.probe(true).expect("probe");
+        (p.head, p.digest.expect("digest"))
+    }
+}
+
+/// Waits (bounded) until replica `i` streams again after joining `joins` times.
+fn wait_streaming(r: &Replicator, i: usize, joins: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = &r.status()[i];
+        if s.state == StreamState::Streaming && s.joins >= joins {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {i} did not rejoin: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sync_all_flush_is_durable_on_every_replica_across_kill_9() {
+    let mut c = Cluster::new(2);
+    let r = c.replicator(DurabilityMode::SyncAll);
+    wait_streaming(&r, 0, 1);
+    wait_streaming(&r, 1, 1);
+    let last = c.write(300);
+    r.notify();
+    let flushed = r
+        .flush()
+        .expect("sync_all flush with both replicas streaming");
+    assert_eq!(flushed, last);
+    assert_eq!(
+        c.primary.status().committed,
+        last,
+        "committed follows the mode"
+    );
+    // Kill both replica processes at once: whatever the flush acknowledged must survive.
+    for p in &mut c.processes {
+        p.kill();
+    }
+    for p in &mut c.processes {
+        p.restart().expect("restart");
+    }
+    for i in 0..2 {
+        let (head, digest) = c.probe(i);
+        assert!(
+            head >= last,
+            "replica {i} lost acknowledged entries: head {head}"
+        );
+        assert_eq!(Digest(digest), c.oracle_digest(), "replica {i} bytes");
+    }
+    assert_eq!(c.primary.digest().unwrap(), c.oracle_digest());
+    for s in r.status() {
+        assert_eq!(s.duplicates, 0, "{s:?}");
+        assert!(s.streamed >= 300, "{s:?}");
+    }
+}
+
+#[test]
+fn sync_all_refuses_to_acknowledge_without_every_replica_and_recovers_after() {
+    let mut c = Cluster::new(2);
+    let r = c.replicator(DurabilityMode::SyncAll);
+    wait_streaming(&r, 0, 1);
+    wait_streaming(&r, 1, 1);
+    c.write(50);
+    r.notify();
+    r.flush().expect("first flush");
+    c.processes[1].kill();
+    let last = c.write(50);
+    r.notify();
+    let err = r.flush().expect_err("a sync_all flush without replica 1");
+    assert!(
+        matches!(
+            err,
+            FlushError::ReplicasUnavailable { .. } | FlushError::Timeout { .. }
+        ),
+        "{err}"
+    );
+    assert!(
+        c.primary.status().committed < last,
+        "an unacknowledged flush does not raise the committed point"
+    );
+    // Writes go on while the replica is away; it rejoins through the engine.
+    c.write(100);
+    c.processes[1].restart().expect("restart");
+    wait_streaming(&r, 1, 2);
+    let last = c.write(20);
+    r.notify();
+    assert_eq!(r.flush().expect("flush after the rejoin"), last);
+    let st = r.status();
+    // The replica was at the committed point (the last acknowledged flush), so the engine
+    // planned a zero gap and the stream shipped everything after it.
+    assert_eq!(st[1].joins, 2, "{:?}", st[1]);
+    assert!(st[1].streamed >= 220, "{:?}", st[1]);
+    assert_eq!(st[1].duplicates, 0);
+    for i in 0..2 {
+        let (head, digest) = c.probe(i);
+        assert_eq!(head, last);
+        assert_eq!(Digest(digest), c.oracle_digest(), "replica {i} bytes");
+    }
+}
+
+#[test]
+fn sync_quorum_acknowledges_with_a_majority_and_refuses_without() {
+    let mut c = Cluster::new(2);
+    let r = c.replicator(DurabilityMode::SyncQuorum);
+    assert_eq!(DurabilityMode::SyncQuorum.replicas_required(2), 1);
+    wait_streaming(&r, 0, 1);
+    wait_streaming(&r, 1, 1);
+    c.processes[0].kill();
+    let last = c.write(40);
+    r.notify();
+    assert_eq!(
+        r.flush().expect("primary + one replica is a majority of 3"),
+        last
+    );
+    let (head, digest) = c.probe(1);
+    assert!(head >= last);
+    assert_eq!(Digest(digest), c.oracle_digest());
+    // The committed point moved past replica 0 while it was away: it rejoins by an engine
+    // catch-up to committed, then the stream.
+    assert_eq!(c.primary.status().committed, last);
+    c.processes[0].restart().expect("restart");
+    wait_streaming(&r, 0, 2);
+    let st = r.status();
+    assert_eq!(st[0].recoveries, 1, "{:?}", st[0]);
+    let last = c.write(5);
+    r.notify();
+    assert_eq!(r.flush().expect("flush"), last);
+    let (head, digest) = c.probe(0);
+    assert_eq!(head, last);
+    assert_eq!(Digest(digest), c.oracle_digest());
+    c.processes[0].kill();
+    c.processes[1].kill();
+    c.write(10);
+    r.notify();
+    let err = r.flush().expect_err("no replica left");
+    assert!(
+        matches!(
+            err,
+            FlushError::ReplicasUnavailable { .. } | FlushError::Timeout { .. }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn best_effort_acknowledges_on_the_primary_alone() {
+    let mut c = Cluster::new(2);
+    let r = c.replicator(DurabilityMode::BestEffort);
+    for p in &mut c.processes {
+        p.kill();
+    }
+    let last = c.write(30);
+    r.notify();
+    assert_eq!(r.flush().expect("best effort"), last);
+    assert_eq!(c.primary.status().committed, last);
+}
+
+#[test]
+fn a_replica_that_missed_entries_rejoins_under_a_steady_writer() {
+    let mut c = Cluster::new(2);
+    let r = c.replicator(DurabilityMode::SyncAll);
+    wait_streaming(&r, 0, 1);
+    wait_streaming(&r, 1, 1);
+    let mut rejoin = None;
+    for round in 0..60u64 {
+        c.write(20);
+        r.notify();
+        match round {
+            10 => c.processes[1].kill(),
+            30 => {
+                c.processes[1].restart().expect("restart");
+                rejoin = Some(Instant::now());
+            }
+            _ => {}
+        }
+        if round > 30
+            && rejoin.is_some()
+            && r.status()[1].state == StreamState::Streaming
+            && r.status()[1].joins >= 2
+        {
+            let t = rejoin.take().unwrap().elapsed();
+            eprintln!("replica rejoined {t:?} after its restart, under the writer");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_streaming(&r, 1, 2);
+    let last = c.write(1);
+    r.notify();
+    assert_eq!(r.flush().expect("flush after the rejoin"), last);
+    let st = r.status();
+    assert_eq!(st[0].joins, 1, "replica 0 never left: {:?}", st[0]);
+    assert!(st[1].recoveries >= 1, "{:?}", st[1]);
+    assert_eq!(
+        st[1].duplicates, 0,
+        "the stream resumed at exactly the next entry"
+    );
+    for i in 0..2 {
+        let (head, digest) = c.probe(i);
+        assert_eq!(head, last);
+        assert_eq!(Digest(digest), c.oracle_digest(), "replica {i} bytes");
+    }
+}
