@@ -46,7 +46,8 @@ impl DurabilityMode {
         match self {
             DurabilityMode::BestEffort => 0,
             DurabilityMode::SyncAll => replicas,
-            DurabilityMode::SyncQuorum => (replicas + 1) / 2 + 1 - 1,
+            // quorum - 1 = (replicas + 1) / 2 + 1 - 1.
+            DurabilityMode::SyncQuorum => replicas.div_ceil(2),
         }
     }
 
