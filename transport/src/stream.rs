@@ -555,6 +555,13 @@ fn stream(
     mut tip: EntryInfo,
 ) -> Result<(), String> {
     let mut frames = Vec::new();
+    // Keep the primary's WAL after the replica's durable point while the replica streams: a
+    // replica that is slow holds the primary back (backpressure) instead of falling out of
+    // the WAL and needing an image. A replica out of the stream holds nothing.
+    let mut pin = sh
+        .primary
+        .pin_wal(tip.lsn)
+        .map_err(|e| format!("pin the WAL after {}: {e}", tip.lsn))?;
     loop {
         // Wait for entries to ship, a flush to answer, or stop.
         let flush_want = {
@@ -599,6 +606,13 @@ fn stream(
                 ));
             }
             sh.update(i, |s| s.durable = reply.durable);
+            if reply.durable > pin.lsn() {
+                let newer = sh
+                    .primary
+                    .pin_wal(reply.durable)
+                    .map_err(|e| format!("pin the WAL after {}: {e}", reply.durable))?;
+                pin = newer;
+            }
         }
     }
 }
