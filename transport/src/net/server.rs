@@ -187,6 +187,7 @@ impl ServerStats {
 /// deadline or request.
 pub struct ReplicaServer {
     addr: SocketAddr,
+    shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
     volumes: Arc<Volumes>,
@@ -202,6 +203,8 @@ impl std::fmt::Debug for ReplicaServer {
 }
 
 struct Shared {
+    /// The open connections, so stopping the server closes them.
+    conns: Mutex<BTreeMap<u64, TcpStream>>,
     config: ServerConfig,
     auth: Authenticator,
     volumes: Arc<Volumes>,
@@ -227,19 +230,22 @@ impl ReplicaServer {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ServerStats::default());
         let shared = Arc::new(Shared {
+            conns: Mutex::new(BTreeMap::new()),
             auth: Authenticator::new(config.secret.as_deref()),
             config,
             volumes: Arc::clone(&volumes),
             stats: Arc::clone(&stats),
             stop: Arc::clone(&stop),
         });
+        let accept_shared = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
             .name(format!("replica-accept-{}", local.port()))
-            .spawn(move || accept_loop(listener, shared))
+            .spawn(move || accept_loop(listener, accept_shared))
             .map_err(|error| ServerError::Bind { addr, error })?;
         log::info!("replica server listening on {local}");
         Ok(ReplicaServer {
             addr: local,
+            shared,
             stop,
             stats,
             volumes,
@@ -262,13 +268,26 @@ impl ReplicaServer {
         &self.volumes
     }
 
-    /// Stops accepting connections and waits for the listener thread.
+    /// Stops accepting connections, closes the open ones (their peers see the connection
+    /// end) and waits for the listener thread.
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        if self.stop.swap(true, Ordering::SeqCst) {
+            return;
+        }
         // Wake the blocking accept.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(t) = self.accept.take() {
             let _ = t.join();
+        }
+        let conns = std::mem::take(
+            &mut *self
+                .shared
+                .conns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for (_, c) in conns {
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
     }
 }
@@ -309,11 +328,24 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
             continue;
         }
+        let key = shared.stats.accepted.load(Ordering::Relaxed);
+        if let Ok(clone) = stream.try_clone() {
+            shared
+                .conns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key, clone);
+        }
         let conn_shared = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .name(format!("replica-conn-{peer}"))
             .spawn(move || {
                 serve(stream, &peer, &conn_shared);
+                conn_shared
+                    .conns
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&key);
                 conn_shared.stats.open.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {

@@ -7,6 +7,8 @@
 //!   `scan_independent_of_wal`, `open_recovery`.
 //! - `recovery`: through the engine and the bridge: `catchup`, `rebuild_full`,
 //!   `rebuild_sparse`, `rebuild_heap`, and the registry's `reconcile_scaling`.
+//! - `net`: over TCP through `transport`: `net_catchup`, `net_rebuild_full`,
+//!   `replicated_write` (the live stream under `sync_all`), `net_rejoin` (reported).
 //! - `report`: the table, `target/bench-report.json` (hand-written JSON), machine facts.
 //! - `raw`, `alloc`: the only `unsafe` (baseline file calls; the counting allocator).
 //!
@@ -15,6 +17,7 @@
 
 mod alloc;
 mod measure;
+mod net;
 mod raw;
 mod recovery;
 mod report;
@@ -38,6 +41,10 @@ const ALL: &[&str] = &[
     "rebuild_sparse",
     "open_recovery",
     "reconcile_scaling",
+    "net_catchup",
+    "net_rebuild_full",
+    "replicated_write",
+    "net_rejoin",
     "rebuild_heap",
 ];
 
@@ -181,6 +188,10 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
             "open_recovery" => store::open_recovery(&ctx)?,
             "reconcile_scaling" => recovery::reconcile_scaling(&ctx)?,
             "rebuild_heap" => recovery::rebuild_heap(&ctx, &mut shared)?,
+            "net_catchup" => net::net_catchup(&ctx)?,
+            "net_rebuild_full" => net::net_rebuild_full(&ctx)?,
+            "replicated_write" => net::replicated_write(&ctx)?,
+            "net_rejoin" => net::net_rejoin(&ctx)?,
             other => return Err(format!("no measurement for {other}")),
         };
         eprintln!(

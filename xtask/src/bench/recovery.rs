@@ -32,7 +32,11 @@ fn gated() -> OpenOptions {
     }
 }
 
-fn create_gated(path: &Path, volume_bytes: u64, wal_bytes: u64) -> Result<Volume, String> {
+pub(super) fn create_gated(
+    path: &Path,
+    volume_bytes: u64,
+    wal_bytes: u64,
+) -> Result<Volume, String> {
     Volume::create(path, &CreateOptions::new(volume_bytes, wal_bytes), &gated())
         .map_err(|e| format!("create {}: {e}", path.display()))
 }
@@ -68,11 +72,11 @@ fn driver_for(storage: &Arc<BlockVolStorage>, kind: SessionKind) -> Result<Recov
     Ok(driver)
 }
 
-fn io_for(
+pub(super) fn io_for<T: ReplicaTarget>(
     storage: &Arc<BlockVolStorage>,
-    target: LocalReplica,
+    target: T,
     session: Option<engine::SessionId>,
-) -> Result<BridgeIo<LocalReplica>, String> {
+) -> Result<BridgeIo<T>, String> {
     let session = session.ok_or("plan has no session")?;
     let committed = to_engine(storage.volume().status().committed);
     Ok(BridgeIo::new(
@@ -85,10 +89,13 @@ fn io_for(
 
 // ---- catchup ------------------------------------------------------------------------------
 
-const CATCHUP_BLOCKS: u64 = 16384;
+pub(super) const CATCHUP_BLOCKS: u64 = 16384;
 
 /// A primary holding `n` committed, synced 4 KiB entries (nothing flushed).
-fn catchup_primary(ctx: &Ctx, n: u64) -> Result<(Arc<BlockVolStorage>, PathBuf), String> {
+pub(super) fn catchup_primary(
+    ctx: &Ctx,
+    n: u64,
+) -> Result<(Arc<BlockVolStorage>, PathBuf), String> {
     let path = ctx.scratch.path(&format!("catchup_{n}.primary"));
     let vol = create_gated(&path, CATCHUP_BLOCKS * BS as u64, wal_for(n))?;
     vol.assign(Role::Primary, 1)
@@ -112,22 +119,7 @@ fn catchup_once(ctx: &Ctx, storage: &Arc<BlockVolStorage>, n: u64) -> Result<f64
     vol.assign(Role::Replica, 1)
         .map_err(|e| format!("assign replica: {e}"))?;
     let replica = LocalReplica::new(Arc::clone(&vol));
-    let (d, report) = timed(|| {
-        let driver = driver_for(storage, SessionKind::CatchUp)?;
-        let mut target = replica.clone();
-        let hs = target.handshake().map_err(|e| format!("handshake: {e}"))?;
-        let plan = driver
-            .plan_recovery(
-                &replica_id(),
-                ReplicaHandshake::new(to_engine(hs.head), entry_id(hs.tip)),
-            )
-            .map_err(|e| format!("plan: {e}"))?;
-        let mut io = io_for(storage, replica.clone(), plan.session_id())?;
-        CatchUpExecutor::new(&driver, plan)
-            .with_options(ExecutorOptions::default())
-            .execute(&mut io)
-            .map_err(|e| format!("catch-up: {e}"))
-    })?;
+    let (d, report) = catchup_with(storage, replica.clone())?;
     check_catchup(&report, n)?;
     let st = vol.status();
     if st.durable.0 != n {
@@ -139,7 +131,30 @@ fn catchup_once(ctx: &Ctx, storage: &Arc<BlockVolStorage>, n: u64) -> Result<f64
     Ok(mib_per_s(n * BS as u64, d))
 }
 
-fn check_catchup(r: &ExecutionReport, n: u64) -> Result<(), String> {
+/// One catch-up of `target` to the primary's head through the engine, timed from the handshake
+/// to the final barrier.
+pub(super) fn catchup_with<T: ReplicaTarget>(
+    storage: &Arc<BlockVolStorage>,
+    mut target: T,
+) -> Result<(Duration, ExecutionReport), String> {
+    timed(|| {
+        let driver = driver_for(storage, SessionKind::CatchUp)?;
+        let hs = target.handshake().map_err(|e| format!("handshake: {e}"))?;
+        let plan = driver
+            .plan_recovery(
+                &replica_id(),
+                ReplicaHandshake::new(to_engine(hs.head), entry_id(hs.tip)),
+            )
+            .map_err(|e| format!("plan: {e}"))?;
+        let mut io = io_for(storage, target, plan.session_id())?;
+        CatchUpExecutor::new(&driver, plan)
+            .with_options(ExecutorOptions::default())
+            .execute(&mut io)
+            .map_err(|e| format!("catch-up: {e}"))
+    })
+}
+
+pub(super) fn check_catchup(r: &ExecutionReport, n: u64) -> Result<(), String> {
     if r.path != RecoveryPath::CatchUp || r.entries_applied != n {
         return Err(format!(
             "catch-up took path {} and applied {} entries, expected catchup / {n}",
@@ -152,7 +167,7 @@ fn check_catchup(r: &ExecutionReport, n: u64) -> Result<(), String> {
 /// The physical reference for a catch-up of `n` entries: the same ring bytes (`n` x 4160)
 /// written sequentially with 1 MiB pwrites into a new preallocated file, then fdatasync;
 /// payload MiB/s (`n` x 4 KiB over the time), comparable with the catch-up's figure.
-fn disk_reference(ctx: &Ctx, n: u64) -> Result<f64, String> {
+pub(super) fn disk_reference(ctx: &Ctx, n: u64) -> Result<f64, String> {
     let path = ctx.scratch.path("catchup_disk.base");
     let bytes = n * super::store::ENTRY_BYTES;
     let f = std::fs::OpenOptions::new()
@@ -249,11 +264,11 @@ pub struct RebuildFull {
     pub peak_heap: usize,
 }
 
-const REBUILD_WAL: u64 = 64 * MIB;
+pub(super) const REBUILD_WAL: u64 = 64 * MIB;
 
 /// A primary of `volume` bytes with the blocks `pick(lba)` selects written (in runs of
 /// consecutive blocks, as multi-block entries), committed and flushed into the extent.
-fn rebuild_primary(
+pub(super) fn rebuild_primary(
     ctx: &Ctx,
     name: &str,
     volume: u64,
@@ -300,7 +315,11 @@ fn rebuild_primary(
 }
 
 /// A replica volume of the same geometry.
-fn rebuild_replica(ctx: &Ctx, name: &str, volume: u64) -> Result<(Arc<Volume>, PathBuf), String> {
+pub(super) fn rebuild_replica(
+    ctx: &Ctx,
+    name: &str,
+    volume: u64,
+) -> Result<(Arc<Volume>, PathBuf), String> {
     let path = ctx.scratch.path(name);
     let vol = create_gated(&path, volume, REBUILD_WAL)?;
     vol.assign(Role::Replica, 1)
@@ -309,10 +328,10 @@ fn rebuild_replica(ctx: &Ctx, name: &str, volume: u64) -> Result<(Arc<Volume>, P
 }
 
 /// What one engine rebuild did.
-struct RebuildRun {
-    took: Duration,
-    peak_heap: usize,
-    report: ExecutionReport,
+pub(super) struct RebuildRun {
+    pub(super) took: Duration,
+    pub(super) peak_heap: usize,
+    pub(super) report: ExecutionReport,
 }
 
 /// One rebuild of `replica` from the primary through the engine, from the rebuild plan to the
@@ -321,14 +340,22 @@ fn rebuild_once(
     storage: &Arc<BlockVolStorage>,
     replica: &Arc<Volume>,
 ) -> Result<RebuildRun, String> {
-    let target = LocalReplica::new(Arc::clone(replica));
+    rebuild_with(storage, LocalReplica::new(Arc::clone(replica)))
+}
+
+/// One rebuild of `target` from the primary through the engine, from the rebuild plan to the
+/// final sync of the install and the barrier.
+pub(super) fn rebuild_with<T: ReplicaTarget>(
+    storage: &Arc<BlockVolStorage>,
+    target: T,
+) -> Result<RebuildRun, String> {
     let driver = driver_for(storage, SessionKind::Rebuild)?;
     let start_heap = alloc::reset_peak();
     let (took, report) = timed(|| {
         let plan = driver
             .plan_rebuild(&replica_id())
             .map_err(|e| format!("plan_rebuild: {e}"))?;
-        let mut io = io_for(storage, target.clone(), plan.session_id())?;
+        let mut io = io_for(storage, target, plan.session_id())?;
         RebuildExecutor::new(&driver, plan)
             .with_options(ExecutorOptions::default())
             .execute(&mut io)
@@ -349,7 +376,7 @@ fn rebuild_once(
     })
 }
 
-fn same_image(primary: &Volume, replica: &Volume) -> Result<(), String> {
+pub(super) fn same_image(primary: &Volume, replica: &Volume) -> Result<(), String> {
     let a = primary.digest().map_err(|e| format!("digest: {e}"))?;
     let b = replica.digest().map_err(|e| format!("digest: {e}"))?;
     if a != b {
@@ -360,7 +387,7 @@ fn same_image(primary: &Volume, replica: &Volume) -> Result<(), String> {
 
 /// The baseline: read the primary's extent bytes from its file with a 1 MiB buffer, write
 /// them to a new file, fsync it. ms.
-fn copy_baseline(ctx: &Ctx, src: &Path, offset: u64, len: u64) -> Result<f64, String> {
+pub(super) fn copy_baseline(ctx: &Ctx, src: &Path, offset: u64, len: u64) -> Result<f64, String> {
     let dst_path = ctx.scratch.path("rebuild_copy.base");
     let (d, ()) = timed(|| {
         let mut from = File::open(src).map_err(|e| format!("open: {e}"))?;
