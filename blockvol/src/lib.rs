@@ -39,8 +39,11 @@
 //! - [`error`]: the single [`BlockVolError`] enum and the [`Result`] alias.
 //! - [`format`](mod@format): every offset, size and magic number; superblock and entry-header codecs.
 //! - [`entry`]: logical entries ([`WalEntry`]) and their self-checking wire form.
-//! - `volume`: the [`Volume`] itself: state, locking, write/read/sync, flusher, recovery,
-//!   fencing, apply and truncation.
+//! - `volume`: the [`Volume`] itself, one file per concern: `mod.rs` (shared state, locking,
+//!   lifecycle: create, open, assign, status, close), `state` (what the state mutex guards),
+//!   `superblock`, `retention` (the tail), `append` (and the client writes), `sync`, `read`,
+//!   `flush` (and the background flusher), `pins`, `recovery` (open), `replica` (apply and
+//!   truncation) and `sim_hooks` (feature `testing`).
 //! - `scan`: [`WalPin`] and [`WalScan`].
 //! - `base`: [`BasePin`], [`BaseReader`], [`BaseChunk`], [`BaseInstall`].
 //! - `walk`: the recovery walk over the ring, shared with [`inspect`].
