@@ -9,7 +9,7 @@
 //! durable, read it back, close, reopen (recovery replays the WAL), and compare digests:
 //!
 //! ```
-//! use blockvol::{CreateOptions, OpenOptions, Volume};
+//! use blockvol::{CreateOptions, Lba, OpenOptions, Volume};
 //!
 //! # fn main() -> blockvol::Result<()> {
 //! let dir = tempfile::tempdir().unwrap();
@@ -20,9 +20,9 @@
 //!     block_size: 4096,
 //! };
 //! let vol = Volume::create(&path, &create, &OpenOptions::manual())?;
-//! let lsn = vol.write(3, &[7u8; 4096])?;
+//! let lsn = vol.write(Lba(3), &[7u8; 4096])?;
 //! assert_eq!(vol.sync()?, lsn); // durable from here on, whatever crashes
-//! assert_eq!(vol.read(3, 1)?, vec![7u8; 4096]);
+//! assert_eq!(vol.read(Lba(3), 1)?, vec![7u8; 4096]);
 //! let before = vol.digest()?;
 //! vol.close()?;
 //!
@@ -35,7 +35,8 @@
 //!
 //! # Modules
 //!
-//! - [`types`]: `Lsn`, `Geometry`, `Role`, `EntryInfo`, `Digest`, options and `Status`.
+//! - [`types`]: `Lsn`, `Epoch`, `Lba`, `Geometry`, `Role`, `EntryInfo`, `Digest`, options and
+//!   `Status`.
 //! - [`error`]: the single [`BlockVolError`] enum and the [`Result`] alias.
 //! - [`format`](mod@format): every offset, size and magic number; superblock and entry-header codecs.
 //! - [`entry`]: logical entries ([`WalEntry`]) and their self-checking wire form.
@@ -159,8 +160,8 @@ pub use scan::{WalPin, WalScan};
 #[cfg(any(test, feature = "testing"))]
 pub use sim::{CrashMode, SimDisk, SyncHook, SyncPoint};
 pub use types::{
-    ApplyOutcome, CreateOptions, Digest, EntryInfo, FlushGate, FlusherMode, Geometry, Lsn,
-    OpenOptions, RetentionPolicy, Role, Status,
+    ApplyOutcome, CreateOptions, Digest, EntryInfo, Epoch, FlushGate, FlusherMode, Geometry, Lba,
+    Lsn, OpenOptions, RetentionPolicy, Role, Status,
 };
 pub use volume::Volume;
 

@@ -9,7 +9,7 @@ use crate::format::{
     ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, KIND_BARRIER, KIND_PADDING, KIND_TRIM,
     KIND_WRITE, MAX_ENTRY_SIZE, content_crc, entry_size,
 };
-use crate::types::{ApplyOutcome, EntryInfo, Lsn};
+use crate::types::{ApplyOutcome, EntryInfo, Epoch, Lba, Lsn};
 use crate::walk::IndexEntry;
 
 /// Longest a writer sleeps between re-checks while it waits for WAL space.
@@ -18,11 +18,11 @@ const SPACE_POLL: Duration = Duration::from_millis(20);
 /// Which append is being made.
 pub(crate) enum AppendMode {
     /// A client write; `epoch` is the caller's epoch when it asked for a fenced write.
-    Client { epoch: Option<u64> },
+    Client { epoch: Option<Epoch> },
     /// A replicated entry with its primary's LSN and epoch.
     Apply {
         lsn: u64,
-        epoch: u64,
+        epoch: Epoch,
         info: EntryInfo,
     },
 }
@@ -138,7 +138,7 @@ impl Shared {
             let free = self.wal_size() - (st.head_pos - st.tail_pos);
             if need <= free {
                 self.append_locked(
-                    &mut st, kind, lba, blocks, payload, crc, lsn, epoch, skip, size,
+                    &mut st, kind, lba, blocks, payload, crc, lsn, epoch.0, skip, size,
                 )?;
                 return Ok((lsn, ApplyOutcome::Applied));
             }
@@ -258,7 +258,7 @@ impl Shared {
 }
 
 impl Volume {
-    fn write_impl(&self, epoch: Option<u64>, lba: u64, data: &[u8]) -> Result<Lsn> {
+    fn write_impl(&self, epoch: Option<Epoch>, lba: Lba, data: &[u8]) -> Result<Lsn> {
         let blocks = self.blocks_of(data.len())?;
         self.check_range(lba, blocks)?;
         let blocks32 = u32::try_from(blocks).map_err(|_| {
@@ -268,10 +268,10 @@ impl Volume {
         self.shared.check_entry_len(data.len())?;
         // The checksum is computed before taking the lock, so the critical section is only the
         // copy into the map.
-        let crc = content_crc(KIND_WRITE, lba, data.len() as u64, data);
+        let crc = content_crc(KIND_WRITE, lba.0, data.len() as u64, data);
         let (lsn, _) = self.shared.append(
             KIND_WRITE,
-            lba,
+            lba.0,
             blocks32,
             data,
             crc,
@@ -280,15 +280,15 @@ impl Volume {
         Ok(Lsn(lsn))
     }
 
-    fn trim_impl(&self, epoch: Option<u64>, lba: u64, blocks: u64) -> Result<Lsn> {
+    fn trim_impl(&self, epoch: Option<Epoch>, lba: Lba, blocks: u64) -> Result<Lsn> {
         self.check_range(lba, blocks)?;
         let blocks32 = u32::try_from(blocks).map_err(|_| {
             BlockVolError::InvalidArgument(format!("trim of {blocks} blocks is too large"))
         })?;
-        let crc = content_crc(KIND_TRIM, lba, blocks, &[]);
+        let crc = content_crc(KIND_TRIM, lba.0, blocks, &[]);
         let (lsn, _) = self.shared.append(
             KIND_TRIM,
-            lba,
+            lba.0,
             blocks32,
             &[],
             crc,
@@ -299,22 +299,22 @@ impl Volume {
 
     /// Writes one or more whole blocks at `lba`; returns the entry's LSN. Not durable until a
     /// later `sync` returns.
-    pub fn write(&self, lba: u64, data: &[u8]) -> Result<Lsn> {
+    pub fn write(&self, lba: Lba, data: &[u8]) -> Result<Lsn> {
         self.write_impl(None, lba, data)
     }
 
     /// `write`, refused with `StaleEpoch` unless `epoch` is the volume's current epoch.
-    pub fn write_in_epoch(&self, epoch: u64, lba: u64, data: &[u8]) -> Result<Lsn> {
+    pub fn write_in_epoch(&self, epoch: Epoch, lba: Lba, data: &[u8]) -> Result<Lsn> {
         self.write_impl(Some(epoch), lba, data)
     }
 
     /// Zeroes `blocks` blocks at `lba` (at least one).
-    pub fn trim(&self, lba: u64, blocks: u64) -> Result<Lsn> {
+    pub fn trim(&self, lba: Lba, blocks: u64) -> Result<Lsn> {
         self.trim_impl(None, lba, blocks)
     }
 
     /// `trim`, refused with `StaleEpoch` unless `epoch` is the volume's current epoch.
-    pub fn trim_in_epoch(&self, epoch: u64, lba: u64, blocks: u64) -> Result<Lsn> {
+    pub fn trim_in_epoch(&self, epoch: Epoch, lba: Lba, blocks: u64) -> Result<Lsn> {
         self.trim_impl(Some(epoch), lba, blocks)
     }
 

@@ -44,7 +44,7 @@ use crate::format::{
 };
 use crate::medium::{FileMedium, Medium, ReadOnlyFileMedium};
 use crate::types::{
-    CreateOptions, FlushGate, FlusherMode, Geometry, Lsn, OpenOptions, Role, Status,
+    CreateOptions, Epoch, FlushGate, FlusherMode, Geometry, Lba, Lsn, OpenOptions, Role, Status,
 };
 
 use append::AppendMode;
@@ -354,9 +354,9 @@ impl Volume {
         payload / bs * bs
     }
 
-    fn check_range(&self, lba: u64, blocks: u64) -> Result<()> {
+    fn check_range(&self, lba: Lba, blocks: u64) -> Result<()> {
         let vb = self.shared.geo.volume_blocks;
-        if blocks == 0 || lba.checked_add(blocks).is_none_or(|e| e > vb) {
+        if blocks == 0 || lba.0.checked_add(blocks).is_none_or(|e| e > vb) {
             return Err(BlockVolError::OutOfRange {
                 lba,
                 blocks,
@@ -378,7 +378,7 @@ impl Volume {
     }
 
     /// Persists a new role and epoch. An epoch below the current one is refused.
-    pub fn assign(&self, role: Role, epoch: u64) -> Result<()> {
+    pub fn assign(&self, role: Role, epoch: Epoch) -> Result<()> {
         let s = &self.shared;
         let mut w = s.sb_writer();
         {
@@ -394,7 +394,7 @@ impl Volume {
         s.persist_with(&mut w, |st| {
             let mut sb = s.sb_from_state(st);
             sb.role = role;
-            sb.epoch = epoch;
+            sb.epoch = epoch.0;
             sb
         })?;
         let mut st = s.lock_state();
@@ -515,9 +515,9 @@ mod tests {
         let (v, _d) = Volume::create_sim(&o, &OpenOptions::manual()).expect("create");
         let max = v.max_write_bytes();
         assert_eq!(max, 7 * 4096);
-        assert!(v.write(0, &vec![1u8; max as usize]).is_ok());
+        assert!(v.write(Lba(0), &vec![1u8; max as usize]).is_ok());
         assert!(matches!(
-            v.write(0, &vec![1u8; max as usize + 4096]),
+            v.write(Lba(0), &vec![1u8; max as usize + 4096]),
             Err(BlockVolError::EntryTooLarge { .. })
         ));
     }

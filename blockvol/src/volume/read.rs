@@ -4,11 +4,11 @@
 use super::state::TRIM_SRC;
 use super::{IO_CHUNK, Volume};
 use crate::error::{BlockVolError, Result};
-use crate::types::Digest;
+use crate::types::{Digest, Lba};
 
 impl Volume {
     /// Reads `blocks` blocks at `lba`.
-    pub fn read(&self, lba: u64, blocks: u64) -> Result<Vec<u8>> {
+    pub fn read(&self, lba: Lba, blocks: u64) -> Result<Vec<u8>> {
         self.check_range(lba, blocks)?;
         let len = blocks
             .checked_mul(self.shared.block_size())
@@ -23,7 +23,7 @@ impl Volume {
 
     /// Reads `buf.len()` bytes (whole blocks) at `lba`: newest data from the dirty map (the
     /// WAL), everything else from the extent.
-    pub fn read_into(&self, lba: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn read_into(&self, lba: Lba, buf: &mut [u8]) -> Result<()> {
         let blocks = self.blocks_of(buf.len())?;
         self.check_range(lba, blocks)?;
         let s = &self.shared;
@@ -40,7 +40,7 @@ impl Volume {
             s.check_installed(&st, "read")?;
             for i in 0..blocks as usize {
                 let dst = &mut buf[i * bs..(i + 1) * bs];
-                match st.dirty.get(&(lba + i as u64)) {
+                match st.dirty.get(&(lba.0 + i as u64)) {
                     Some(d) if d.src == TRIM_SRC => dst.fill(0),
                     Some(d) => s.read_wal(d.src, dst)?,
                     None => match misses.last_mut() {
@@ -51,7 +51,7 @@ impl Volume {
             }
         }
         for (first, n) in misses {
-            let off = s.extent_offset + (lba + first as u64) * bs as u64;
+            let off = s.extent_offset + (lba.0 + first as u64) * bs as u64;
             s.medium
                 .read_at(off, &mut buf[first * bs..(first + n) * bs])
                 .map_err(|e| BlockVolError::io("read extent", format!("file offset {off}"), e))?;
@@ -69,7 +69,7 @@ impl Volume {
         while lba < g.volume_blocks {
             let n = per.min(g.volume_blocks - lba);
             buf.resize((n * u64::from(g.block_size)) as usize, 0);
-            self.read_into(lba, &mut buf)?;
+            self.read_into(Lba(lba), &mut buf)?;
             h.update(&buf);
             lba += n;
         }

@@ -29,7 +29,7 @@ use crate::format::{
     SB_SLOT_B_OFFSET, SB_SLOT_SIZE, Superblock, WAL_OFFSET,
 };
 use crate::medium::Medium;
-use crate::types::{EntryInfo, FlusherMode, Geometry, Lsn, OpenOptions, Role};
+use crate::types::{EntryInfo, Epoch, FlusherMode, Geometry, Lsn, OpenOptions, Role};
 use crate::walk::{IndexEntry, Leftover, WalkParams, WalkResult, wal_stamp, walk};
 
 impl Volume {
@@ -115,7 +115,7 @@ fn state_from_superblock(sb: &Superblock, opts: &OpenOptions, read_only: bool) -
     let install_incomplete = sb.flags & SB_FLAG_INSTALL_INCOMPLETE != 0;
     let tail_info = EntryInfo {
         lsn: Lsn(sb.tail_lsn),
-        epoch: sb.tail_epoch,
+        epoch: Epoch(sb.tail_epoch),
         content_crc: sb.tail_crc,
     };
     State {
@@ -136,7 +136,7 @@ fn state_from_superblock(sb: &Superblock, opts: &OpenOptions, read_only: bool) -
         durable: sb.checkpoint,
         synced_pos: sb.tail_pos,
         committed: 0,
-        epoch: sb.epoch,
+        epoch: Epoch(sb.epoch),
         // A primary that restarts comes back fenced: another primary may have been
         // promoted meanwhile, so writes wait for a fresh assignment.
         role: if sb.role == Role::Primary {
@@ -242,7 +242,7 @@ fn adopt_log(st: &mut State, sb: &Superblock, res: &mut WalkResult) {
         st.head_pos = res.end_pos;
         st.tail_info = EntryInfo {
             lsn: Lsn(sb.checkpoint),
-            epoch: 0,
+            epoch: Epoch(0),
             content_crc: 0,
         };
     } else {
@@ -281,7 +281,7 @@ fn persist_repair(
     r.seq = w.seq + 1;
     r.tail_lsn = st.tail;
     r.tail_pos = st.tail_pos;
-    r.tail_epoch = st.tail_info.epoch;
+    r.tail_epoch = st.tail_info.epoch.0;
     r.tail_crc = st.tail_info.content_crc;
     r.head_hint = st.head;
     r.durable_mark = sb.durable_mark.min(st.head);

@@ -8,7 +8,7 @@ use crate::format::{
     ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, KIND_BARRIER, KIND_TRIM, KIND_WRITE,
     WAL_OFFSET,
 };
-use crate::types::{ApplyOutcome, EntryInfo, Lsn};
+use crate::types::{ApplyOutcome, EntryInfo, Epoch, Lba, Lsn};
 use crate::walk::IndexEntry;
 
 impl Volume {
@@ -28,14 +28,14 @@ impl Volume {
                 let b = u32::try_from(b).map_err(|_| {
                     BlockVolError::InvalidArgument(format!("entry of {b} blocks is too large"))
                 })?;
-                (KIND_WRITE, *lba, b, data.as_slice())
+                (KIND_WRITE, lba.0, b, data.as_slice())
             }
             EntryKind::Trim { lba, blocks } => {
                 self.check_range(*lba, *blocks)?;
                 let b = u32::try_from(*blocks).map_err(|_| {
                     BlockVolError::InvalidArgument(format!("trim of {blocks} blocks is too large"))
                 })?;
-                (KIND_TRIM, *lba, b, &[][..])
+                (KIND_TRIM, lba.0, b, &[][..])
             }
             EntryKind::Barrier => (KIND_BARRIER, 0, 0, &[][..]),
         };
@@ -65,21 +65,21 @@ impl Volume {
         let (lba, blocks) = match h.kind {
             KIND_WRITE => {
                 let b = self.blocks_of(payload.len())?;
-                self.check_range(h.lba, b)?;
+                self.check_range(Lba(h.lba), b)?;
                 let b = u32::try_from(b).map_err(|_| {
                     BlockVolError::InvalidArgument(format!("entry of {b} blocks is too large"))
                 })?;
                 (h.lba, b)
             }
             KIND_TRIM => {
-                self.check_range(h.lba, u64::from(h.blocks))?;
+                self.check_range(Lba(h.lba), u64::from(h.blocks))?;
                 (h.lba, h.blocks)
             }
             _ => (0, 0),
         };
         let info = EntryInfo {
             lsn: Lsn(h.lsn),
-            epoch: h.epoch,
+            epoch: Epoch(h.epoch),
             content_crc: h.content_crc,
         };
         let (_, outcome) = self.shared.append(
@@ -90,7 +90,7 @@ impl Volume {
             h.content_crc,
             AppendMode::Apply {
                 lsn: h.lsn,
-                epoch: h.epoch,
+                epoch: Epoch(h.epoch),
                 info,
             },
         )?;

@@ -78,7 +78,7 @@ impl Shared {
             sb.checkpoint = cp;
             sb.tail_lsn = t;
             sb.tail_pos = tail_pos;
-            sb.tail_epoch = tail_info.epoch;
+            sb.tail_epoch = tail_info.epoch.0;
             sb.tail_crc = tail_info.content_crc;
             sb.flush_mark = if announce {
                 self.announced_mark(&st, cp)

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::format::{ENTRY_HEADER_SIZE, KIND_TRIM, KIND_WRITE};
-use crate::types::{EntryInfo, Lsn, RetentionPolicy, Role};
+use crate::types::{EntryInfo, Epoch, Lsn, RetentionPolicy, Role};
 use crate::walk::IndexEntry;
 
 /// Marks a dirty-map entry that reads as zeros (a trim).
@@ -86,7 +86,7 @@ pub(crate) struct State {
     pub durable: u64,
     pub synced_pos: u64,
     pub committed: u64,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub role: Role,
     pub generation: u64,
     pub stamp: u64,
@@ -129,7 +129,7 @@ impl State {
         }
         self.entry(lsn).map(|e| EntryInfo {
             lsn: Lsn(e.lsn),
-            epoch: e.epoch,
+            epoch: Epoch(e.epoch),
             content_crc: e.content_crc,
         })
     }
@@ -144,7 +144,7 @@ impl State {
                 e.end,
                 EntryInfo {
                     lsn: Lsn(e.lsn),
-                    epoch: e.epoch,
+                    epoch: Epoch(e.epoch),
                     content_crc: e.content_crc,
                 },
             ),

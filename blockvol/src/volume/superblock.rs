@@ -41,10 +41,10 @@ impl Shared {
             checkpoint: st.checkpoint,
             tail_lsn: st.tail,
             tail_pos: st.tail_pos,
-            tail_epoch: st.tail_info.epoch,
+            tail_epoch: st.tail_info.epoch.0,
             tail_crc: st.tail_info.content_crc,
             role: st.role,
-            epoch: st.epoch,
+            epoch: st.epoch.0,
             head_hint: st.head,
             install_lsn: if st.install_incomplete {
                 st.install_lsn
