@@ -35,11 +35,15 @@
 //!
 //! # Modules
 //!
-//! - [`types`]: `Lsn`, `Epoch`, `Lba`, `Geometry`, `Role`, `EntryInfo`, `Digest`, options and
-//!   `Status`.
-//! - [`error`]: the single [`BlockVolError`] enum and the [`Result`] alias.
-//! - [`format`](mod@format): every offset, size and magic number; superblock and entry-header codecs.
-//! - [`entry`]: logical entries ([`WalEntry`]) and their self-checking wire form.
+//! Every item has one path: the crate root re-exports the items of the private modules, and
+//! the two public modules ([`format`](mod@format) and [`inspect`]) re-export nothing at the root.
+//!
+//! - `types`: [`Lsn`], [`Epoch`], [`Lba`], [`Geometry`], [`Role`], [`EntryInfo`], [`Digest`],
+//!   options and [`Status`].
+//! - `error`: the single [`BlockVolError`] enum and the [`Result`] alias.
+//! - [`format`](mod@format): every offset, size and magic number; superblock and entry-header
+//!   codecs.
+//! - `entry`: logical entries ([`WalEntry`], [`EntryKind`]) and their self-checking wire form.
 //! - `volume`: the [`Volume`] itself, one file per concern: `mod.rs` (shared state, locking,
 //!   lifecycle: create, open, assign, status, close), `state` (what the state mutex guards),
 //!   `superblock`, `retention` (the tail), `append` (and the client writes), `sync`, `read`,
@@ -53,7 +57,7 @@
 //!   disk); `sys`: the only module with `unsafe` (the WAL memory map, `posix_fallocate`,
 //!   `FALLOC_FL_ZERO_RANGE`).
 //! - `sim` (feature `testing`): `SimDisk`, a disk that keeps written and synced bytes apart
-//!   and builds crash images.
+//!   and builds crash images (with `CrashMode`, `SyncHook` and `SyncPoint`).
 //!
 //! # Invariants
 //!
@@ -140,16 +144,16 @@
 #![warn(missing_docs)]
 
 mod base;
-pub mod entry;
-pub mod error;
+mod entry;
+mod error;
 pub mod format;
 pub mod inspect;
 mod medium;
 mod scan;
 #[cfg(any(test, feature = "testing"))]
-pub mod sim;
+mod sim;
 mod sys;
-pub mod types;
+mod types;
 mod volume;
 mod walk;
 

@@ -25,7 +25,7 @@ fn entry() -> impl Strategy<Value = WalEntry> {
     ];
     (1u64.., any::<u64>(), kind).prop_map(|(lsn, epoch, kind)| WalEntry {
         lsn: Lsn(lsn),
-        epoch: blockvol::types::Epoch(epoch),
+        epoch: blockvol::Epoch(epoch),
         kind,
     })
 }

@@ -70,15 +70,15 @@ fn apply_with_edge_lsns_epochs_and_ranges_is_refused_typed() {
             for lba in EDGES {
                 let kinds = [
                     EntryKind::Write {
-                        lba: blockvol::types::Lba(lba),
+                        lba: blockvol::Lba(lba),
                         data: vec![7u8; bs],
                     },
                     EntryKind::Write {
-                        lba: blockvol::types::Lba(lba),
+                        lba: blockvol::Lba(lba),
                         data: vec![7u8; bs + 1],
                     },
                     EntryKind::Trim {
-                        lba: blockvol::types::Lba(lba),
+                        lba: blockvol::Lba(lba),
                         blocks: lba,
                     },
                     EntryKind::Trim {
@@ -90,7 +90,7 @@ fn apply_with_edge_lsns_epochs_and_ranges_is_refused_typed() {
                 for kind in kinds {
                     let e = WalEntry {
                         lsn: Lsn(lsn),
-                        epoch: blockvol::types::Epoch(epoch),
+                        epoch: blockvol::Epoch(epoch),
                         kind,
                     };
                     // LSN 6 with an in-range write at an epoch not beyond the volume's is the
@@ -297,9 +297,9 @@ proptest! {
         let (b, _db, _) = replica();
         let bs = a.geometry().block_size as u64;
         let kind = if trim {
-            EntryKind::Trim { lba: blockvol::types::Lba(lba), blocks }
+            EntryKind::Trim { lba: blockvol::Lba(lba), blocks }
         } else {
-            EntryKind::Write { lba: blockvol::types::Lba(lba), data: vec![0x3C; (blocks * bs) as usize] }
+            EntryKind::Write { lba: blockvol::Lba(lba), data: vec![0x3C; (blocks * bs) as usize] }
         };
         let f = if use_noise == 0 { noise } else { frame(lsn, kind, &edits, recrc) };
         let fast = a.apply_encoded(&f);

@@ -662,7 +662,7 @@ fn d4_replica_accepts_retained_entries_from_older_epochs() {
     for (i, epoch) in [(1u64, 1u64), (2, 1), (3, 2), (4, 3)] {
         let e = WalEntry {
             lsn: Lsn(i),
-            epoch: blockvol::types::Epoch(epoch),
+            epoch: blockvol::Epoch(epoch),
             kind: EntryKind::Write {
                 lba: Lba(i),
                 data: data(i, 1, o.block_size),
@@ -697,7 +697,7 @@ fn d5_divergent_tail_is_truncated_and_replica_converges() {
     r.assign(Role::Replica, Epoch(1)).expect("assign");
     let entry = |lsn: u64, tag: u64, epoch: u64| WalEntry {
         lsn: Lsn(lsn),
-        epoch: blockvol::types::Epoch(epoch),
+        epoch: blockvol::Epoch(epoch),
         kind: EntryKind::Write {
             lba: Lba(lsn),
             data: data(tag, 1, bs),
