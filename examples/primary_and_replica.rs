@@ -5,7 +5,7 @@
 //!
 //! Run: `cargo run --example primary_and_replica`.
 
-use blockvol::{CreateOptions, OpenOptions};
+use blockvol::{CreateOptions, Lba, OpenOptions};
 use controlbridge::{BlockVolumeAssignment, RecoveryRecord};
 use swblock::cluster::{Fabric, server};
 
@@ -44,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fabric.set_down("vs2:3260", true);
     let primary = vs1.backend().volume(VOLUME).ok_or("no primary volume")?;
     for lba in 0..100u64 {
-        primary.write(lba, &vec![lba as u8 + 1; 4096])?;
+        primary.write(Lba(lba), &vec![lba as u8 + 1; 4096])?;
     }
     primary.sync()?;
     primary.set_committed(primary.status().head);

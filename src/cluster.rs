@@ -193,7 +193,11 @@ impl DataDirBackend {
     /// recoveries at the same epoch (found by the simulator).
     fn lineage(&self, epoch: Epoch, session: SessionId) -> Lineage {
         let driver = format!("{}#{:016x}", self.cfg.server_id, self.instance);
-        Lineage::new(&driver, epoch.get(), session.get())
+        Lineage::new(
+            &driver,
+            v2bridge::convert::epoch_to_blockvol(epoch),
+            session.get(),
+        )
     }
 }
 
@@ -220,8 +224,11 @@ impl VolumeBackend for DataDirBackend {
         _lease_ttl_ms: u64,
     ) -> Result<(), BackendError> {
         let vol = self.open_or_create(volume)?;
-        vol.assign(blockvol_role(role), epoch.get())
-            .map_err(|e| BackendError(format!("assign {volume}: {e}")))?;
+        vol.assign(
+            blockvol_role(role),
+            v2bridge::convert::epoch_to_blockvol(epoch),
+        )
+        .map_err(|e| BackendError(format!("assign {volume}: {e}")))?;
         let key_data = (self.cfg.data_addr.clone(), volume.to_owned());
         let key_rebuild = (self.cfg.rebuild_addr.clone(), volume.to_owned());
         let mut g = self.fabric.lock();

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use blockvol::{CreateOptions, FlushGate, FlusherMode, OpenOptions, RetentionPolicy, Role, Volume};
+use blockvol::{
+    CreateOptions, Epoch, FlushGate, FlusherMode, Lba, OpenOptions, RetentionPolicy, Role, Volume,
+};
 use controlbridge::BlockRole;
 use engine::{CatchUpIo, Lsn, ReplicaState};
 use swblock::sim::{Interleave, Op, Sim, SimOptions};
@@ -144,19 +146,19 @@ fn replica_ring_full_of_unannounced_commits_takes_the_next_chunk() {
     };
     let (primary, _pd) = Volume::create_sim(&geometry(512 << 10), &open).expect("primary");
     let primary = Arc::new(primary);
-    primary.assign(Role::Primary, 1).expect("assign");
+    primary.assign(Role::Primary, Epoch(1)).expect("assign");
     let (replica, _rd) = Volume::create_sim(&geometry(64 << 10), &open).expect("replica");
     let replica = Arc::new(replica);
-    replica.assign(Role::Replica, 1).expect("assign");
+    replica.assign(Role::Replica, Epoch(1)).expect("assign");
     for i in 0..150u64 {
         primary
-            .write(i % 64, &vec![(i % 251) as u8 + 1; 512])
+            .write(Lba(i % 64), &vec![(i % 251) as u8 + 1; 512])
             .expect("write");
     }
     primary.sync().expect("sync");
     primary.set_committed(blockvol::Lsn(150));
     let storage = Arc::new(BlockVolStorage::new(Arc::clone(&primary)));
-    let lineage = Lineage::new("s1", 1, 1);
+    let lineage = Lineage::new("s1", Epoch(1), 1);
 
     // The stream fills the replica's ring without telling it anything is committed.
     let mut unannounced = BridgeIo::new(
@@ -263,19 +265,21 @@ fn truncation_below_the_replicas_committed_point_is_refused() {
     };
     let (primary, _pd) = Volume::create_sim(&create, &open).expect("primary");
     let primary = Arc::new(primary);
-    primary.assign(Role::Primary, 1).expect("assign");
+    primary.assign(Role::Primary, Epoch(1)).expect("assign");
     for i in 0..20u64 {
-        primary.write(i, &vec![i as u8 + 1; 512]).expect("write");
+        primary
+            .write(Lba(i), &vec![i as u8 + 1; 512])
+            .expect("write");
     }
     primary.sync().expect("sync");
     primary.set_committed(blockvol::Lsn(20));
     let (replica, _rd) = Volume::create_sim(&create, &open).expect("replica");
     let replica = Arc::new(replica);
-    replica.assign(Role::Replica, 1).expect("assign");
+    replica.assign(Role::Replica, Epoch(1)).expect("assign");
     let mut io = BridgeIo::new(
         Arc::new(BlockVolStorage::new(Arc::clone(&primary))),
         LocalReplica::new(Arc::clone(&replica)),
-        Lineage::new("s1#2", 1, 4),
+        Lineage::new("s1#2", Epoch(1), 4),
         Lsn(20),
     );
     let c = io.stream_wal_chunk(Lsn(0), Lsn(20), 64).expect("stream");
@@ -287,7 +291,7 @@ fn truncation_below_the_replicas_committed_point_is_refused() {
     // A truncation from the previous run of the same server, delivered late.
     let mut late = LocalReplica::new(Arc::clone(&replica));
     let r = late.truncate(v2bridge::TruncateRequest {
-        lineage: Lineage::new("s1#1", 1, 9),
+        lineage: Lineage::new("s1#1", Epoch(1), 9),
         after: blockvol::Lsn(12),
         committed: blockvol::Lsn(12),
     });

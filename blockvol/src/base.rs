@@ -17,7 +17,7 @@ use crate::format::{
     CHUNK_HEADER_SIZE, CHUNK_MAGIC, CHUNK_OFF_BLOCKS, CHUNK_OFF_CRC, CHUNK_OFF_DATA_LEN,
     CHUNK_OFF_LBA, CHUNK_OFF_MAGIC, get_u32, get_u64, put_u32, put_u64,
 };
-use crate::types::{EntryInfo, Geometry, Lsn};
+use crate::types::{EntryInfo, Geometry, Lba, Lsn};
 use crate::volume::{FenceRec, Shared, Volume};
 use crate::walk::wal_stamp;
 
@@ -28,7 +28,7 @@ pub const MAX_CHUNK_BYTES: usize = 64 << 20;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BaseChunk {
     /// First block.
-    pub lba: u64,
+    pub lba: Lba,
     /// Number of blocks.
     pub blocks: u32,
     /// `blocks` blocks of data.
@@ -88,7 +88,7 @@ fn decode_frame(buf: &[u8]) -> Result<(u64, u32, &[u8])> {
     let found = chunk_crc(lba, blocks, data);
     if found != expected {
         return Err(BlockVolError::ChunkChecksum {
-            lba,
+            lba: Lba(lba),
             expected,
             found,
         });
@@ -98,8 +98,8 @@ fn decode_frame(buf: &[u8]) -> Result<(u64, u32, &[u8])> {
 
 impl BaseChunk {
     /// A chunk with its CRC computed.
-    pub fn new(lba: u64, blocks: u32, data: Vec<u8>) -> BaseChunk {
-        let crc = chunk_crc(lba, blocks, &data);
+    pub fn new(lba: Lba, blocks: u32, data: Vec<u8>) -> BaseChunk {
+        let crc = chunk_crc(lba.0, blocks, &data);
         BaseChunk {
             lba,
             blocks,
@@ -110,7 +110,7 @@ impl BaseChunk {
 
     /// Checks the CRC.
     pub fn verify(&self) -> Result<()> {
-        let found = chunk_crc(self.lba, self.blocks, &self.data);
+        let found = chunk_crc(self.lba.0, self.blocks, &self.data);
         if found != self.crc {
             return Err(BlockVolError::ChunkChecksum {
                 lba: self.lba,
@@ -126,7 +126,7 @@ impl BaseChunk {
         let len = u32::try_from(self.data.len())
             .map_err(|_| BlockVolError::InvalidArgument("chunk data too large".into()))?;
         let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE + self.data.len());
-        out.extend_from_slice(&chunk_header(self.lba, self.blocks, len, self.crc));
+        out.extend_from_slice(&chunk_header(self.lba.0, self.blocks, len, self.crc));
         out.extend_from_slice(&self.data);
         Ok(out)
     }
@@ -135,7 +135,7 @@ impl BaseChunk {
     pub fn decode(buf: &[u8]) -> Result<BaseChunk> {
         let (lba, blocks, data) = decode_frame(buf)?;
         Ok(BaseChunk {
-            lba,
+            lba: Lba(lba),
             blocks,
             data: data.to_vec(),
             crc: get_u32(buf, CHUNK_OFF_CRC),
@@ -401,7 +401,7 @@ impl BaseReader<'_> {
     fn next_chunk(&mut self) -> Result<Option<BaseChunk>> {
         Ok(self
             .next_run()?
-            .map(|(lba, blocks, run)| BaseChunk::new(lba, blocks, self.window[run].to_vec())))
+            .map(|(lba, blocks, run)| BaseChunk::new(Lba(lba), blocks, self.window[run].to_vec())))
     }
 
     /// The next chunk in wire form: exactly the bytes `BaseChunk::encode` would produce for the
@@ -498,7 +498,7 @@ impl BaseInstall {
     /// Verifies the chunk's CRC, then writes it straight into the extent.
     pub fn write_chunk(&mut self, chunk: &BaseChunk) -> Result<()> {
         chunk.verify()?;
-        self.write_verified(chunk.lba, chunk.blocks, &chunk.data)
+        self.write_verified(chunk.lba.0, chunk.blocks, &chunk.data)
     }
 
     /// `write_chunk` for a chunk in wire form (`BaseChunk::encode`): the frame is checked in
@@ -521,7 +521,7 @@ impl BaseInstall {
                 .is_none_or(|e| e > g.volume_blocks)
         {
             return Err(BlockVolError::OutOfRange {
-                lba: chunk.lba,
+                lba: Lba(chunk.lba),
                 blocks: u64::from(chunk.blocks),
                 volume_blocks: g.volume_blocks,
             });
@@ -568,7 +568,7 @@ impl BaseInstall {
             sb.checkpoint = base;
             sb.tail_lsn = base;
             sb.tail_pos = 0;
-            sb.tail_epoch = info.epoch;
+            sb.tail_epoch = info.epoch.0;
             sb.tail_crc = info.content_crc;
             sb.head_hint = base;
             sb.durable_mark = base;

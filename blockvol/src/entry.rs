@@ -5,7 +5,7 @@ use crate::format::{
     ENTRY_HEADER_SIZE, ENTRY_MAGIC_WIRE, EntryHeader, KIND_BARRIER, KIND_PADDING, KIND_TRIM,
     KIND_WRITE, content_crc, header_count,
 };
-use crate::types::{EntryInfo, Lsn};
+use crate::types::{EntryInfo, Epoch, Lba, Lsn};
 
 /// What an entry does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,14 +13,14 @@ pub enum EntryKind {
     /// Write `data` (whole blocks) starting at block `lba`.
     Write {
         /// First block.
-        lba: u64,
+        lba: Lba,
         /// Whole blocks of data.
         data: Vec<u8>,
     },
     /// Zero `blocks` blocks starting at `lba`.
     Trim {
         /// First block.
-        lba: u64,
+        lba: Lba,
         /// Number of blocks.
         blocks: u64,
     },
@@ -34,7 +34,7 @@ pub struct WalEntry {
     /// The entry's LSN.
     pub lsn: Lsn,
     /// The epoch it was written under.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// What it does.
     pub kind: EntryKind,
 }
@@ -51,8 +51,8 @@ impl WalEntry {
     /// `(lba, count, payload)` as they enter the content CRC.
     fn crc_fields(&self) -> (u64, u64, &[u8]) {
         match &self.kind {
-            EntryKind::Write { lba, data } => (*lba, data.len() as u64, data.as_slice()),
-            EntryKind::Trim { lba, blocks } => (*lba, *blocks, &[][..]),
+            EntryKind::Write { lba, data } => (lba.0, data.len() as u64, data.as_slice()),
+            EntryKind::Trim { lba, blocks } => (lba.0, *blocks, &[][..]),
             EntryKind::Barrier => (0, 0, &[][..]),
         }
     }
@@ -103,7 +103,7 @@ impl WalEntry {
             kind: self.kind_code(),
             generation: 0,
             lsn: self.lsn.0,
-            epoch: self.epoch,
+            epoch: self.epoch.0,
             lba,
             blocks,
             payload_len,
@@ -145,11 +145,11 @@ impl WalEntry {
         let payload = &buf[ENTRY_HEADER_SIZE..total];
         let kind = match h.kind {
             KIND_WRITE => EntryKind::Write {
-                lba: h.lba,
+                lba: Lba(h.lba),
                 data: payload.to_vec(),
             },
             KIND_TRIM => EntryKind::Trim {
-                lba: h.lba,
+                lba: Lba(h.lba),
                 blocks: u64::from(h.blocks),
             },
             _ => EntryKind::Barrier,
@@ -157,7 +157,7 @@ impl WalEntry {
         Ok((
             WalEntry {
                 lsn: Lsn(h.lsn),
-                epoch: h.epoch,
+                epoch: Epoch(h.epoch),
                 kind,
             },
             total,
@@ -223,15 +223,18 @@ mod tests {
     fn wire_round_trip_each_kind() {
         for kind in [
             EntryKind::Write {
-                lba: 7,
+                lba: Lba(7),
                 data: vec![0xAB; 1024],
             },
-            EntryKind::Trim { lba: 3, blocks: 9 },
+            EntryKind::Trim {
+                lba: Lba(3),
+                blocks: 9,
+            },
             EntryKind::Barrier,
         ] {
             let e = WalEntry {
                 lsn: Lsn(42),
-                epoch: 5,
+                epoch: Epoch(5),
                 kind,
             };
             let bytes = e.encode().expect("encode");
@@ -246,9 +249,9 @@ mod tests {
     fn every_single_bit_flip_is_detected() {
         let e = WalEntry {
             lsn: Lsn(9),
-            epoch: 2,
+            epoch: Epoch(2),
             kind: EntryKind::Write {
-                lba: 1,
+                lba: Lba(1),
                 data: (0..512u32).map(|i| i as u8).collect(),
             },
         };
@@ -267,17 +270,20 @@ mod tests {
     fn empty_write_and_zero_trim_are_refused() {
         let w = WalEntry {
             lsn: Lsn(1),
-            epoch: 0,
+            epoch: Epoch(0),
             kind: EntryKind::Write {
-                lba: 0,
+                lba: Lba(0),
                 data: vec![],
             },
         };
         assert!(matches!(w.encode(), Err(BlockVolError::InvalidArgument(_))));
         let t = WalEntry {
             lsn: Lsn(1),
-            epoch: 0,
-            kind: EntryKind::Trim { lba: 0, blocks: 0 },
+            epoch: Epoch(0),
+            kind: EntryKind::Trim {
+                lba: Lba(0),
+                blocks: 0,
+            },
         };
         assert!(matches!(t.encode(), Err(BlockVolError::InvalidArgument(_))));
     }

@@ -3,7 +3,7 @@
 //! Every variant carries the values that explain it (offsets, expected and found LSNs, the region
 //! that failed) so a log line or a test failure says what was wrong without a debugger.
 
-use crate::types::{EntryInfo, Lsn, Role};
+use crate::types::{EntryInfo, Epoch, Lba, Lsn, Role};
 
 /// Result alias used throughout the crate.
 pub type Result<T> = std::result::Result<T, BlockVolError>;
@@ -32,7 +32,7 @@ pub enum BlockVolError {
     )]
     OutOfRange {
         /// First block of the request.
-        lba: u64,
+        lba: Lba,
         /// Number of blocks requested.
         blocks: u64,
         /// Size of the volume in blocks.
@@ -86,15 +86,15 @@ pub enum BlockVolError {
         /// The current role.
         role: Role,
         /// The current epoch.
-        epoch: u64,
+        epoch: Epoch,
     },
     /// A write named an epoch that is not the volume's current epoch.
     #[error("stale epoch: write at epoch {given}, volume is at epoch {current}")]
     StaleEpoch {
         /// The epoch the caller wrote under.
-        given: u64,
+        given: Epoch,
         /// The volume's epoch.
-        current: u64,
+        current: Epoch,
     },
     /// An assignment tried to lower the epoch.
     #[error(
@@ -102,9 +102,9 @@ pub enum BlockVolError {
     )]
     EpochRegression {
         /// The persisted epoch.
-        current: u64,
+        current: Epoch,
         /// The epoch that was asked for.
-        requested: u64,
+        requested: Epoch,
     },
     /// A replicated entry carries an epoch newer than the replica's own.
     #[error(
@@ -114,9 +114,9 @@ pub enum BlockVolError {
         /// LSN of the entry.
         lsn: Lsn,
         /// Epoch stamped on the entry.
-        entry_epoch: u64,
+        entry_epoch: Epoch,
         /// The volume's epoch.
-        volume_epoch: u64,
+        volume_epoch: Epoch,
     },
     /// `apply` got an entry beyond `head + 1`.
     #[error("gap: expected lsn {expected}, found {found}")]
@@ -255,7 +255,7 @@ pub enum BlockVolError {
     )]
     ChunkChecksum {
         /// First block of the chunk.
-        lba: u64,
+        lba: Lba,
         /// The CRC carried by the chunk.
         expected: u32,
         /// The CRC of the bytes received.

@@ -9,7 +9,7 @@
 //! durable, read it back, close, reopen (recovery replays the WAL), and compare digests:
 //!
 //! ```
-//! use blockvol::{CreateOptions, OpenOptions, Volume};
+//! use blockvol::{CreateOptions, Lba, OpenOptions, Volume};
 //!
 //! # fn main() -> blockvol::Result<()> {
 //! let dir = tempfile::tempdir().unwrap();
@@ -20,9 +20,9 @@
 //!     block_size: 4096,
 //! };
 //! let vol = Volume::create(&path, &create, &OpenOptions::manual())?;
-//! let lsn = vol.write(3, &[7u8; 4096])?;
+//! let lsn = vol.write(Lba(3), &[7u8; 4096])?;
 //! assert_eq!(vol.sync()?, lsn); // durable from here on, whatever crashes
-//! assert_eq!(vol.read(3, 1)?, vec![7u8; 4096]);
+//! assert_eq!(vol.read(Lba(3), 1)?, vec![7u8; 4096]);
 //! let before = vol.digest()?;
 //! vol.close()?;
 //!
@@ -35,12 +35,20 @@
 //!
 //! # Modules
 //!
-//! - [`types`]: `Lsn`, `Geometry`, `Role`, `EntryInfo`, `Digest`, options and `Status`.
-//! - [`error`]: the single [`BlockVolError`] enum and the [`Result`] alias.
-//! - [`format`](mod@format): every offset, size and magic number; superblock and entry-header codecs.
-//! - [`entry`]: logical entries ([`WalEntry`]) and their self-checking wire form.
-//! - `volume`: the [`Volume`] itself: state, locking, write/read/sync, flusher, recovery,
-//!   fencing, apply and truncation.
+//! Every item has one path: the crate root re-exports the items of the private modules, and
+//! the two public modules ([`format`](mod@format) and [`inspect`]) re-export nothing at the root.
+//!
+//! - `types`: [`Lsn`], [`Epoch`], [`Lba`], [`Geometry`], [`Role`], [`EntryInfo`], [`Digest`],
+//!   options and [`Status`].
+//! - `error`: the single [`BlockVolError`] enum and the [`Result`] alias.
+//! - [`format`](mod@format): every offset, size and magic number; superblock and entry-header
+//!   codecs.
+//! - `entry`: logical entries ([`WalEntry`], [`EntryKind`]) and their self-checking wire form.
+//! - `volume`: the [`Volume`] itself, one file per concern: `mod.rs` (shared state, locking,
+//!   lifecycle: create, open, assign, status, close), `state` (what the state mutex guards),
+//!   `superblock`, `retention` (the tail), `append` (and the client writes), `sync`, `read`,
+//!   `flush` (and the background flusher), `pins`, `recovery` (open), `replica` (apply and
+//!   truncation) and `sim_hooks` (feature `testing`).
 //! - `scan`: [`WalPin`] and [`WalScan`].
 //! - `base`: [`BasePin`], [`BaseReader`], [`BaseChunk`], [`BaseInstall`].
 //! - `walk`: the recovery walk over the ring, shared with [`inspect`].
@@ -49,7 +57,7 @@
 //!   disk); `sys`: the only module with `unsafe` (the WAL memory map, `posix_fallocate`,
 //!   `FALLOC_FL_ZERO_RANGE`).
 //! - `sim` (feature `testing`): `SimDisk`, a disk that keeps written and synced bytes apart
-//!   and builds crash images.
+//!   and builds crash images (with `CrashMode`, `SyncHook` and `SyncPoint`).
 //!
 //! # Invariants
 //!
@@ -136,16 +144,16 @@
 #![warn(missing_docs)]
 
 mod base;
-pub mod entry;
-pub mod error;
+mod entry;
+mod error;
 pub mod format;
 pub mod inspect;
 mod medium;
 mod scan;
 #[cfg(any(test, feature = "testing"))]
-pub mod sim;
+mod sim;
 mod sys;
-pub mod types;
+mod types;
 mod volume;
 mod walk;
 
@@ -156,8 +164,8 @@ pub use scan::{WalPin, WalScan};
 #[cfg(any(test, feature = "testing"))]
 pub use sim::{CrashMode, SimDisk, SyncHook, SyncPoint};
 pub use types::{
-    ApplyOutcome, CreateOptions, Digest, EntryInfo, FlushGate, FlusherMode, Geometry, Lsn,
-    OpenOptions, RetentionPolicy, Role, Status,
+    ApplyOutcome, CreateOptions, Digest, EntryInfo, Epoch, FlushGate, FlusherMode, Geometry, Lba,
+    Lsn, OpenOptions, RetentionPolicy, Role, Status,
 };
 pub use volume::Volume;
 

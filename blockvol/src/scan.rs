@@ -8,7 +8,7 @@ use crate::format::{
     ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, ENTRY_MAGIC_WIRE, EntryHeader, KIND_TRIM, KIND_WRITE,
     content_crc, header_count,
 };
-use crate::types::{EntryInfo, Lsn};
+use crate::types::{EntryInfo, Epoch, Lba, Lsn};
 use crate::volume::{Shared, Volume};
 
 /// Keeps every entry with LSN greater than `lsn()` in the WAL until dropped or revoked.
@@ -139,18 +139,18 @@ impl WalScan {
         let payload = &self.buf[ENTRY_HEADER_SIZE..];
         let kind = match h.kind {
             KIND_WRITE => EntryKind::Write {
-                lba: h.lba,
+                lba: Lba(h.lba),
                 data: payload.to_vec(),
             },
             KIND_TRIM => EntryKind::Trim {
-                lba: h.lba,
+                lba: Lba(h.lba),
                 blocks: u64::from(h.blocks),
             },
             _ => EntryKind::Barrier,
         };
         Ok(WalEntry {
             lsn: Lsn(lsn),
-            epoch: h.epoch,
+            epoch: Epoch(h.epoch),
             kind,
         })
     }
@@ -196,7 +196,7 @@ impl WalScan {
         h.encode_into(ENTRY_MAGIC_WIRE, &mut buf[..ENTRY_HEADER_SIZE]);
         Ok(EntryInfo {
             lsn: Lsn(lsn),
-            epoch: h.epoch,
+            epoch: Epoch(h.epoch),
             content_crc: h.content_crc,
         })
     }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::medium::Medium;
 
 /// Sector size used for dirty tracking and tearing.
-pub const SECTOR: u64 = 512;
+pub(crate) const SECTOR: u64 = 512;
 
 /// Called before (`after == false`) and after (`after == true`) every sync.
 pub type SyncHook = Arc<dyn Fn(&SimDisk, &SyncPoint) + Send + Sync>;

@@ -1,4 +1,5 @@
-//! Small value types shared by the whole crate: LSNs, geometry, roles, options and status.
+//! Small value types shared by the whole crate: LSNs, epochs, block addresses, geometry,
+//! roles, options and status.
 
 use std::fmt;
 use std::time::Duration;
@@ -22,6 +23,51 @@ impl Lsn {
 }
 
 impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A fencing epoch: the volume persists one with its role, client writes can be fenced by it
+/// (`Volume::write_in_epoch`) and every entry carries the epoch it was written under.
+///
+/// blockvol's own type: the replication layers above define theirs and convert explicitly.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    /// The epoch of a volume that was never assigned one.
+    pub const ZERO: Epoch = Epoch(0);
+
+    /// The next epoch.
+    pub fn next(self) -> Epoch {
+        Epoch(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A logical block address: the index of a block in the volume's extent, `0 ..
+/// volume_blocks`. Block counts are plain `u64`s.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lba(pub u64);
+
+impl Lba {
+    /// The first block.
+    pub const ZERO: Lba = Lba(0);
+
+    /// The address `blocks` blocks after this one (saturating; out-of-range addresses are
+    /// refused by the volume, not here).
+    pub fn offset(self, blocks: u64) -> Lba {
+        Lba(self.0.saturating_add(blocks))
+    }
+}
+
+impl fmt::Display for Lba {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
     }
@@ -129,7 +175,7 @@ pub struct EntryInfo {
     /// The entry's LSN.
     pub lsn: Lsn,
     /// The epoch the entry was written under.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// CRC32 over the entry's kind, LBA, block count and payload (see docs/format.md).
     pub content_crc: u32,
 }
@@ -138,7 +184,7 @@ impl EntryInfo {
     /// The identity of `Lsn(0)`, the origin before any entry.
     pub const ORIGIN: EntryInfo = EntryInfo {
         lsn: Lsn(0),
-        epoch: 0,
+        epoch: Epoch(0),
         content_crc: 0,
     };
 }
@@ -279,7 +325,7 @@ pub struct Status {
     /// Superblock valid, recovery clean (no repair), no incomplete install.
     pub checkpoint_trusted: bool,
     /// Persisted fencing epoch.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// Persisted role.
     pub role: Role,
     /// Current WAL generation.

@@ -4,7 +4,7 @@
 use blockvol::format::{
     ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, SB_COUNTER_LIMIT, SB_SLOT_SIZE, Superblock,
 };
-use blockvol::{BaseChunk, BlockVolError, EntryKind, Lsn, Role, WalEntry};
+use blockvol::{BaseChunk, BlockVolError, EntryKind, Lba, Lsn, Role, WalEntry};
 use proptest::prelude::*;
 
 fn entry() -> impl Strategy<Value = WalEntry> {
@@ -14,18 +14,18 @@ fn entry() -> impl Strategy<Value = WalEntry> {
             proptest::collection::vec(any::<u8>(), 1..2048)
         )
             .prop_map(|(lba, data)| EntryKind::Write {
-                lba: lba >> 8,
+                lba: Lba(lba >> 8),
                 data
             }),
         (any::<u64>(), 1u64..=u64::from(u32::MAX)).prop_map(|(lba, blocks)| EntryKind::Trim {
-            lba: lba >> 33,
+            lba: Lba(lba >> 33),
             blocks
         }),
         Just(EntryKind::Barrier),
     ];
     (1u64.., any::<u64>(), kind).prop_map(|(lsn, epoch, kind)| WalEntry {
         lsn: Lsn(lsn),
-        epoch,
+        epoch: blockvol::Epoch(epoch),
         kind,
     })
 }
@@ -177,7 +177,7 @@ proptest! {
         pos in any::<usize>(),
         x in 1u8..=255,
     ) {
-        let c = BaseChunk::new(lba, blocks, data);
+        let c = BaseChunk::new(Lba(lba), blocks, data);
         c.verify().expect("fresh chunk verifies");
         let bytes = c.encode().expect("encode");
         prop_assert_eq!(BaseChunk::decode(&bytes).expect("decode"), c);

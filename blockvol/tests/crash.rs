@@ -7,7 +7,7 @@
 
 mod common;
 
-use blockvol::{Lsn, RetentionPolicy};
+use blockvol::{Epoch, Lba, Lsn, RetentionPolicy};
 use common::crashplan::{ack, checkpointed, label, record, run_crash_plan};
 use common::{Op, data, manual, tiny};
 
@@ -25,14 +25,14 @@ fn crash_plan_writes_trims_syncs_and_flushes_across_wraps() {
             let lba = (i * 7) % 60;
             let blocks = 1 + i % 4;
             if i % 11 == 5 {
-                let lsn = v.trim(lba, blocks).expect("trim");
+                let lsn = v.trim(Lba(lba), blocks).expect("trim");
                 record(o, v, lsn, Op::Trim { lba, blocks });
             } else if i % 17 == 3 {
                 let lsn = v.barrier().expect("barrier");
                 record(o, v, lsn, Op::Barrier);
             } else {
                 let d = data(i, blocks, bs);
-                let lsn = v.write(lba, &d).expect("write");
+                let lsn = v.write(Lba(lba), &d).expect("write");
                 record(o, v, lsn, Op::Write { lba, data: d });
             }
             if i % 3 == 2 {
@@ -67,7 +67,7 @@ fn crash_plan_partial_flushes_with_retention_keep_history() {
         for i in 0..70u64 {
             let lba = (i * 13) % 62;
             let d = data(1000 + i, 2, bs);
-            let lsn = v.write(lba, &d).expect("write");
+            let lsn = v.write(Lba(lba), &d).expect("write");
             record(o, v, lsn, Op::Write { lba, data: d });
             if i % 4 == 3 {
                 let d = v.sync().expect("sync");
@@ -99,7 +99,7 @@ fn crash_plan_large_multiblock_entries_and_overwrites() {
             let blocks = 8 + (i * 5) % 41;
             let lba = (i * 3) % (64 - blocks);
             let d = data(5000 + i, blocks, bs);
-            let lsn = v.write(lba, &d).expect("write");
+            let lsn = v.write(Lba(lba), &d).expect("write");
             record(o, v, lsn, Op::Write { lba, data: d });
             let d = v.sync().expect("sync");
             ack(o, d);
@@ -133,7 +133,7 @@ fn truncation_crash_is_never_reported_as_corruption() {
             for i in 0..5 + round {
                 let lba = (tag * 3) % 60;
                 let d = data(9000 + tag, 1 + tag % 3, bs);
-                let lsn = v.write(lba, &d).expect("write");
+                let lsn = v.write(Lba(lba), &d).expect("write");
                 record(o, v, lsn, Op::Write { lba, data: d });
                 if i < 3 + round {
                     let d = v.sync().expect("sync");
@@ -192,7 +192,7 @@ fn crash_plan_base_install_is_old_incomplete_or_new() {
     let bs = opts.block_size;
     let (p, _pd) = Volume::create_sim(&opts, &manual()).expect("primary");
     for i in 0..40u64 {
-        p.write((i * 5) % 60, &data(20_000 + i, 1 + i % 3, bs))
+        p.write(Lba((i * 5) % 60), &data(20_000 + i, 1 + i % 3, bs))
             .expect("write");
     }
     p.sync().expect("sync");
@@ -200,15 +200,15 @@ fn crash_plan_base_install_is_old_incomplete_or_new() {
     let want = p.digest().expect("digest");
     // The replica's own history: applied, partly flushed, synced.
     let (r, rd) = Volume::create_sim(&opts, &manual()).expect("replica");
-    r.assign(Role::Rebuilding, 0).expect("assign");
+    r.assign(Role::Rebuilding, Epoch(0)).expect("assign");
     let mut old_ops = Vec::new();
     for i in 1..=15u64 {
         let d = data(30_000 + i, 1, bs);
         r.apply(&WalEntry {
             lsn: Lsn(i),
-            epoch: 0,
+            epoch: Epoch(0),
             kind: EntryKind::Write {
-                lba: i,
+                lba: Lba(i),
                 data: d.clone(),
             },
         })
@@ -220,7 +220,7 @@ fn crash_plan_base_install_is_old_incomplete_or_new() {
     }
     r.sync().expect("sync");
     // Role none, so the checks can write after reopening (a rebuilding replica only applies).
-    r.assign(Role::None, 0).expect("assign");
+    r.assign(Role::None, Epoch(0)).expect("assign");
     let old_gen = r.status().generation;
     let old_cp = r.status().checkpoint.0;
     let counts = Arc::new(Mutex::new([0usize; 3]));
@@ -252,7 +252,10 @@ fn crash_plan_base_install_is_old_incomplete_or_new() {
             let kind = if s.install_incomplete {
                 assert!(!s.checkpoint_trusted, "{what}");
                 assert!(
-                    matches!(v.read(0, 1), Err(BlockVolError::InstallIncomplete { .. })),
+                    matches!(
+                        v.read(Lba(0), 1),
+                        Err(BlockVolError::InstallIncomplete { .. })
+                    ),
                     "{what}: an incomplete install must refuse reads"
                 );
                 drop(v);

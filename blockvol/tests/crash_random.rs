@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use blockvol::{
-    BlockVolError, CrashMode, CreateOptions, Lsn, OpenOptions, RetentionPolicy, SimDisk, Volume,
-    WalPin,
+    BlockVolError, CrashMode, CreateOptions, Lba, Lsn, OpenOptions, RetentionPolicy, SimDisk,
+    Volume, WalPin,
 };
 use common::crashplan::{Oracle, SharedOracle, ack, checkpointed, install_hook, label, record};
 use common::{Model, Op, data, tiny};
@@ -92,7 +92,7 @@ fn run_workload(opts: &CreateOptions, seed: u64, steps: &[Step]) -> Result<(), T
             Step::Write { lba, blocks, tag } => {
                 let blocks = blocks.min(64 - lba);
                 let d = data(tag, blocks, bs);
-                match v.write(lba, &d) {
+                match v.write(Lba(lba), &d) {
                     Ok(lsn) => record(&oracle, &v, lsn, Op::Write { lba, data: d }),
                     Err(BlockVolError::WalFull { .. }) => {
                         prop_assert_eq!(v.status().head.0, head_of(&oracle));
@@ -102,7 +102,7 @@ fn run_workload(opts: &CreateOptions, seed: u64, steps: &[Step]) -> Result<(), T
             }
             Step::Trim { lba, blocks } => {
                 let blocks = blocks.min(64 - lba);
-                match v.trim(lba, blocks) {
+                match v.trim(Lba(lba), blocks) {
                     Ok(lsn) => record(&oracle, &v, lsn, Op::Trim { lba, blocks }),
                     Err(BlockVolError::WalFull { .. }) => {}
                     Err(e) => panic!("trim: {e}"),

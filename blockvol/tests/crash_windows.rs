@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use blockvol::format::WAL_OFFSET;
 use blockvol::{
-    BasePin, BlockVolError, CrashMode, Digest, FlushGate, Lsn, OpenOptions, RetentionPolicy,
+    BasePin, BlockVolError, CrashMode, Digest, FlushGate, Lba, Lsn, OpenOptions, RetentionPolicy,
     SimDisk, SyncPoint, Volume,
 };
 use common::{Model, Op, data, manual, tiny};
@@ -98,7 +98,7 @@ fn check_repair_crash_windows(disk: &SimDisk, expect_head: u64, intact_blocks: u
         assert_eq!(s.head, Lsn(expect_head), "{what}");
         for i in 0..intact_blocks {
             assert_eq!(
-                v.read(i, 1).unwrap(),
+                v.read(Lba(i), 1).unwrap(),
                 data(100 + i, 1, bs),
                 "{what}: block {i}"
             );
@@ -118,7 +118,7 @@ fn repair_open_crash_windows_above_the_checkpoint() {
     let bs = o.block_size;
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
     for i in 0..10u64 {
-        v.write(i, &data(100 + i, 1, bs)).unwrap();
+        v.write(Lba(i), &data(100 + i, 1, bs)).unwrap();
         v.sync().unwrap();
     }
     let off = v.entry_file_offset(Lsn(5)).unwrap();
@@ -146,7 +146,7 @@ fn repair_open_crash_windows_below_the_checkpoint() {
     };
     let (v, disk) = Volume::create_sim(&o, &keep).expect("create");
     for i in 0..12u64 {
-        v.write(i, &data(100 + i, 1, bs)).unwrap();
+        v.write(Lba(i), &data(100 + i, 1, bs)).unwrap();
         v.sync().unwrap();
         if i == 9 {
             assert_eq!(v.force_flush().unwrap(), Lsn(10));
@@ -188,8 +188,8 @@ fn flush_ops() -> Vec<Op> {
 
 fn apply_op(v: &Volume, op: &Op) -> Lsn {
     match op {
-        Op::Write { lba, data } => v.write(*lba, data).expect("write"),
-        Op::Trim { lba, blocks } => v.trim(*lba, *blocks).expect("trim"),
+        Op::Write { lba, data } => v.write(Lba(*lba), data).expect("write"),
+        Op::Trim { lba, blocks } => v.trim(Lba(*lba), *blocks).expect("trim"),
         Op::Barrier => v.barrier().expect("barrier"),
     }
 }
@@ -205,7 +205,7 @@ fn base_image(pin: &BasePin) -> Vec<u8> {
     let mut img = vec![0u8; o.volume_size_bytes as usize];
     for c in pin.reader(4 * bs) {
         let c = c.expect("base chunk");
-        let a = c.lba as usize * bs;
+        let a = c.lba.0 as usize * bs;
         img[a..a + c.data.len()].copy_from_slice(&c.data);
     }
     img
@@ -469,7 +469,7 @@ fn flush_intent_costs_at_most_one_superblock_sync() {
     };
     let write = |from: u64, to: u64| {
         for i in from..to {
-            v.write(i, &data(900 + i, 1, bs)).unwrap();
+            v.write(Lba(i), &data(900 + i, 1, bs)).unwrap();
         }
     };
     write(0, 6);
@@ -510,7 +510,7 @@ fn flush_intent_costs_at_most_one_superblock_sync() {
     // Truncating below the announced mark lowers it; the new entry 16 (block 20) is never
     // redone. (Entry k wrote block k - 1.)
     v.truncate_after(Lsn(15)).unwrap();
-    v.write(20, &data(7777, 1, bs)).unwrap();
+    v.write(Lba(20), &data(7777, 1, bs)).unwrap();
     v.sync().unwrap();
     disk.set_sync_hook(None);
     let d = SimDisk::from_image(disk.crash_image_with(0, CrashMode::DurableOnly));
@@ -523,10 +523,10 @@ fn flush_intent_costs_at_most_one_superblock_sync() {
         "redone up to the lowered mark"
     );
     v.truncate_after(Lsn(15)).unwrap();
-    assert_eq!(v.read(20, 1).unwrap(), vec![0u8; bs as usize]);
-    assert_eq!(v.read(14, 1).unwrap(), data(914, 1, bs), "entry 15");
+    assert_eq!(v.read(Lba(20), 1).unwrap(), vec![0u8; bs as usize]);
+    assert_eq!(v.read(Lba(14), 1).unwrap(), data(914, 1, bs), "entry 15");
     assert_eq!(
-        v.read(15, 1).unwrap(),
+        v.read(Lba(15), 1).unwrap(),
         vec![0u8; bs as usize],
         "dropped entry 16"
     );
@@ -550,7 +550,7 @@ fn info_shows_a_pending_flush_mark() {
     let o = tiny();
     let v = Volume::create(&path, &o, &manual()).expect("create");
     for i in 0..3u64 {
-        v.write(i, &data(i, 1, o.block_size)).unwrap();
+        v.write(Lba(i), &data(i, 1, o.block_size)).unwrap();
     }
     // One background cycle only announces the entries: the mark is above the checkpoint.
     v.run_flusher_cycle().unwrap();

@@ -6,8 +6,8 @@
 mod common;
 
 use blockvol::{
-    BaseChunk, BaseInstallSpec, BlockVolError, EntryInfo, EntryKind, Lsn, Role, SimDisk, Volume,
-    WalEntry,
+    BaseChunk, BaseInstallSpec, BlockVolError, EntryInfo, EntryKind, Epoch, Lba, Lsn, Role,
+    SimDisk, Volume, WalEntry,
 };
 use common::{Model, Op, data, manual, tiny};
 use proptest::prelude::*;
@@ -29,15 +29,15 @@ const EDGES: [u64; 10] = [
 fn replica() -> (Volume, SimDisk, Model) {
     let opts = tiny();
     let (v, disk) = Volume::create_sim(&opts, &manual()).expect("create");
-    v.assign(Role::Replica, 3).expect("assign");
+    v.assign(Role::Replica, Epoch(3)).expect("assign");
     let mut ops = Vec::new();
     for lsn in 1..=5u64 {
         let d = data(lsn, 1, opts.block_size);
         let e = WalEntry {
             lsn: Lsn(lsn),
-            epoch: 3,
+            epoch: Epoch(3),
             kind: EntryKind::Write {
-                lba: lsn,
+                lba: Lba(lsn),
                 data: d.clone(),
             },
         };
@@ -70,16 +70,19 @@ fn apply_with_edge_lsns_epochs_and_ranges_is_refused_typed() {
             for lba in EDGES {
                 let kinds = [
                     EntryKind::Write {
-                        lba,
+                        lba: blockvol::Lba(lba),
                         data: vec![7u8; bs],
                     },
                     EntryKind::Write {
-                        lba,
+                        lba: blockvol::Lba(lba),
                         data: vec![7u8; bs + 1],
                     },
-                    EntryKind::Trim { lba, blocks: lba },
                     EntryKind::Trim {
-                        lba: 0,
+                        lba: blockvol::Lba(lba),
+                        blocks: lba,
+                    },
+                    EntryKind::Trim {
+                        lba: Lba(0),
                         blocks: u64::MAX,
                     },
                     EntryKind::Barrier,
@@ -87,7 +90,7 @@ fn apply_with_edge_lsns_epochs_and_ranges_is_refused_typed() {
                 for kind in kinds {
                     let e = WalEntry {
                         lsn: Lsn(lsn),
-                        epoch,
+                        epoch: blockvol::Epoch(epoch),
                         kind,
                     };
                     // LSN 6 with an in-range write at an epoch not beyond the volume's is the
@@ -136,20 +139,20 @@ fn lsn_arguments_at_the_edges_are_refused_or_harmless() {
 fn epochs_at_the_edges_persist_without_overflow() {
     let (v, disk, model) = replica();
     for epoch in [3, 4, (1 << 63) - 1, u64::MAX - 1, u64::MAX] {
-        v.assign(Role::Replica, epoch)
+        v.assign(Role::Replica, Epoch(epoch))
             .expect("a higher epoch is accepted");
         assert!(
             matches!(
-                v.assign(Role::Replica, epoch.saturating_sub(1)),
+                v.assign(Role::Replica, Epoch(epoch.saturating_sub(1))),
                 Err(BlockVolError::EpochRegression { .. })
             ) || epoch == 3
         );
     }
     let block = vec![1u8; v.geometry().block_size as usize];
-    let _ = v.write_in_epoch(u64::MAX, 0, &block);
+    let _ = v.write_in_epoch(Epoch(u64::MAX), Lba(0), &block);
     reopen_unchanged(v, &disk, &model, "epochs");
     let v = Volume::open_sim(&disk, &manual()).expect("reopen");
-    assert_eq!(v.status().epoch, u64::MAX);
+    assert_eq!(v.status().epoch, Epoch(u64::MAX));
 }
 
 /// Regression: `begin_base_install` accepted any base LSN and persisted it as the install
@@ -164,7 +167,7 @@ fn regression_base_install_at_an_edge_lsn_is_refused_before_writing() {
             base_lsn: Lsn(base),
             base_entry: EntryInfo {
                 lsn: Lsn(base),
-                epoch: 3,
+                epoch: Epoch(3),
                 content_crc: 0,
             },
             geometry,
@@ -188,19 +191,19 @@ fn base_install_just_below_the_limit_finishes_and_continues() {
         base_lsn: Lsn(base),
         base_entry: EntryInfo {
             lsn: Lsn(base),
-            epoch: 3,
+            epoch: Epoch(3),
             content_crc: 0,
         },
         geometry: v.geometry(),
     };
     let mut inst = v.begin_base_install(spec).expect("begin");
     let bs = v.geometry().block_size as usize;
-    inst.write_chunk(&BaseChunk::new(2, 1, vec![9u8; bs]))
+    inst.write_chunk(&BaseChunk::new(Lba(2), 1, vec![9u8; bs]))
         .expect("chunk");
     inst.finish().expect("finish");
     let e = WalEntry {
         lsn: Lsn(base + 1),
-        epoch: 3,
+        epoch: Epoch(3),
         kind: EntryKind::Barrier,
     };
     v.apply(&e).expect("apply after the base");
@@ -208,7 +211,7 @@ fn base_install_just_below_the_limit_finishes_and_continues() {
     drop(v);
     let v = Volume::open_sim(&disk, &manual()).expect("reopen");
     assert_eq!(v.status().head, Lsn(base + 1));
-    assert_eq!(v.read(2, 1).expect("read"), vec![9u8; bs]);
+    assert_eq!(v.read(Lba(2), 1).expect("read"), vec![9u8; bs]);
 }
 
 proptest! {
@@ -225,11 +228,11 @@ proptest! {
         let (v, _disk, _) = replica();
         let spec = BaseInstallSpec {
             base_lsn: Lsn(9),
-            base_entry: EntryInfo { lsn: Lsn(9), epoch: 3, content_crc: 0 },
+            base_entry: EntryInfo { lsn: Lsn(9), epoch: Epoch(3), content_crc: 0 },
             geometry: v.geometry(),
         };
         let mut inst = v.begin_base_install(spec).expect("begin");
-        let chunk = BaseChunk::new(lba, blocks, vec![5u8; len]);
+        let chunk = BaseChunk::new(Lba(lba), blocks, vec![5u8; len]);
         let bs = v.geometry().block_size as u64;
         let fits = blocks > 0
             && lba.checked_add(u64::from(blocks)).is_some_and(|e| e <= 64)
@@ -257,7 +260,7 @@ fn shape<T: std::fmt::Debug>(r: &Result<T, BlockVolError>) -> String {
 fn frame(lsn: u64, kind: EntryKind, edits: &[(usize, u8)], recrc: bool) -> Vec<u8> {
     let mut f = WalEntry {
         lsn: Lsn(lsn),
-        epoch: 3,
+        epoch: Epoch(3),
         kind,
     }
     .encode()
@@ -294,9 +297,9 @@ proptest! {
         let (b, _db, _) = replica();
         let bs = a.geometry().block_size as u64;
         let kind = if trim {
-            EntryKind::Trim { lba, blocks }
+            EntryKind::Trim { lba: blockvol::Lba(lba), blocks }
         } else {
-            EntryKind::Write { lba, data: vec![0x3C; (blocks * bs) as usize] }
+            EntryKind::Write { lba: blockvol::Lba(lba), data: vec![0x3C; (blocks * bs) as usize] }
         };
         let f = if use_noise == 0 { noise } else { frame(lsn, kind, &edits, recrc) };
         let fast = a.apply_encoded(&f);
@@ -318,7 +321,7 @@ proptest! {
     ) {
         let spec = |v: &Volume| BaseInstallSpec {
             base_lsn: Lsn(9),
-            base_entry: EntryInfo { lsn: Lsn(9), epoch: 3, content_crc: 0 },
+            base_entry: EntryInfo { lsn: Lsn(9), epoch: Epoch(3), content_crc: 0 },
             geometry: v.geometry(),
         };
         let (a, _da, _) = replica();
@@ -326,7 +329,7 @@ proptest! {
         let mut f = if use_noise == 0 {
             noise
         } else {
-            BaseChunk::new(lba, blocks, vec![0x6B; len]).encode().expect("encode")
+            BaseChunk::new(Lba(lba), blocks, vec![0x6B; len]).encode().expect("encode")
         };
         for &(at, v) in &edits {
             if !f.is_empty() {

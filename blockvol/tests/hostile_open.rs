@@ -22,7 +22,7 @@ use blockvol::format::{
     SB_OFF_VERSION, SB_OFF_VOLUME_BLOCKS, SB_OFF_WAL_OFFSET, SB_OFF_WAL_SIZE, SB_SLOT_SIZE,
     content_crc,
 };
-use blockvol::{BlockVolError, OpenOptions, RetentionPolicy, SimDisk, Volume};
+use blockvol::{BlockVolError, Lba, OpenOptions, RetentionPolicy, SimDisk, Volume};
 use common::known::{Known, known_volume};
 use common::manual;
 use proptest::prelude::*;
@@ -51,8 +51,8 @@ fn exercise(v: Volume, disk: &SimDisk, opts: &OpenOptions) {
     let st = v.status();
     let g = v.geometry();
     let _ = v.digest();
-    let _ = v.read(0, 1);
-    let _ = v.read(g.volume_blocks.saturating_sub(1), 1);
+    let _ = v.read(Lba(0), 1);
+    let _ = v.read(Lba(g.volume_blocks.saturating_sub(1)), 1);
     let _ = v.entry_info(st.head);
     let _ = v.entry_info(st.tail);
     let _ = v.retained_gaps();
@@ -65,8 +65,8 @@ fn exercise(v: Volume, disk: &SimDisk, opts: &OpenOptions) {
     }
     let _ = v.pin_wal(st.tail);
     let block = vec![0xA5u8; g.block_size as usize];
-    let _ = v.write(0, &block);
-    let _ = v.trim(g.volume_blocks.saturating_sub(1), 1);
+    let _ = v.write(Lba(0), &block);
+    let _ = v.trim(Lba(g.volume_blocks.saturating_sub(1)), 1);
     let _ = v.barrier();
     let _ = v.sync();
     let _ = v.force_flush();
@@ -75,7 +75,7 @@ fn exercise(v: Volume, disk: &SimDisk, opts: &OpenOptions) {
         keep_bytes: 0,
     });
     let _ = v.truncate_after(v.status().checkpoint);
-    let _ = v.write(0, &block);
+    let _ = v.write(Lba(0), &block);
     let _ = v.sync();
     let _ = v.close();
     if let Ok(v) = Volume::open_sim(disk, opts) {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use blockvol::{BlockVolError, CrashMode, Lsn, OpenOptions, SimDisk, Volume, WalPin};
+use blockvol::{BlockVolError, CrashMode, Lba, Lsn, OpenOptions, SimDisk, Volume, WalPin};
 use common::{Model, Op, data, tiny};
 use proptest::prelude::*;
 
@@ -71,7 +71,7 @@ proptest! {
                 Step::Write { lba, blocks, tag } => {
                     let blocks = blocks.min(64 - lba);
                     let d = data(tag, blocks, bs);
-                    match v.write(lba, &d) {
+                    match v.write(Lba(lba), &d) {
                         Ok(l) => {
                             prop_assert_eq!(l.0, ops.len() as u64 + 1);
                             ops.push(Op::Write { lba, data: d });
@@ -84,7 +84,7 @@ proptest! {
                 }
                 Step::Trim { lba, blocks } => {
                     let blocks = blocks.min(64 - lba);
-                    match v.trim(lba, blocks) {
+                    match v.trim(Lba(lba), blocks) {
                         Ok(l) => {
                             prop_assert_eq!(l.0, ops.len() as u64 + 1);
                             ops.push(Op::Trim { lba, blocks });
@@ -129,7 +129,7 @@ proptest! {
                 Step::Read { lba, blocks } => {
                     let blocks = blocks.min(64 - lba);
                     let m = Model::at(&o, &ops, ops.len() as u64);
-                    prop_assert_eq!(v.read(lba, blocks).expect("read"), m.read(lba, blocks).to_vec());
+                    prop_assert_eq!(v.read(Lba(lba), blocks).expect("read"), m.read(lba, blocks).to_vec());
                 }
                 Step::Reopen => {
                     pins.clear();

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use blockvol::{BlockVolError, FlusherMode, Lsn, OpenOptions, RetentionPolicy, Volume};
+use blockvol::{BlockVolError, Epoch, FlusherMode, Lba, Lsn, OpenOptions, RetentionPolicy, Volume};
 use common::{Op, data, manual, tiny};
 
 fn written(v: &Volume, n: u64, bs: u32) -> Vec<Op> {
     (0..n)
         .map(|i| {
             let d = data(i, 1, bs);
-            v.write(i % 60, &d).expect("write");
+            v.write(Lba(i % 60), &d).expect("write");
             Op::Write {
                 lba: i % 60,
                 data: d,
@@ -78,7 +78,7 @@ fn scan_yields_exactly_the_range_captured_at_creation() {
     written(&v, 6, o.block_size);
     let scan = v.scan_from(Lsn(3)).expect("scan");
     assert_eq!(scan.end(), Lsn(6));
-    v.write(1, &data(99, 1, o.block_size))
+    v.write(Lba(1), &data(99, 1, o.block_size))
         .expect("write during scan");
     let lsns: Vec<u64> = scan.map(|e| e.expect("entry").lsn.0).collect();
     assert_eq!(lsns, vec![3, 4, 5, 6]);
@@ -137,11 +137,11 @@ fn revoked_scan_pin_reports_recycled_instead_of_a_short_scan() {
 fn truncation_invalidates_an_open_scan() {
     let o = tiny();
     let (v, _d) = Volume::create_sim(&o, &manual()).expect("create");
-    v.assign(blockvol::Role::Replica, 0).expect("assign");
+    v.assign(blockvol::Role::Replica, Epoch(0)).expect("assign");
     for i in 1..=6u64 {
         v.apply(&blockvol::WalEntry {
             lsn: Lsn(i),
-            epoch: 0,
+            epoch: Epoch(0),
             kind: blockvol::EntryKind::Barrier,
         })
         .expect("apply");
@@ -176,7 +176,7 @@ fn retention_keeps_history_behind_the_checkpoint_but_yields_under_pressure() {
     );
     // Fill the ring: the soft policy gives way instead of failing writes.
     for i in 0..200u64 {
-        v.write(i % 60, &data(i, 4, bs))
+        v.write(Lba(i % 60), &data(i, 4, bs))
             .expect("retention never blocks writes");
         if i % 10 == 9 {
             v.force_flush().expect("flush");
@@ -228,7 +228,7 @@ fn c1_scan_under_flusher_and_wrap_is_contiguous_or_typed_error() {
         std::thread::spawn(move || {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                match v.write(i % 60, &data(i, 1 + i % 3, bs)) {
+                match v.write(Lba(i % 60), &data(i, 1 + i % 3, bs)) {
                     Ok(_) => i += 1,
                     Err(BlockVolError::WalFull { .. }) => {}
                     Err(e) => panic!("write: {e}"),
@@ -376,12 +376,12 @@ fn base_pins_fence_the_flusher_at_the_lowest_and_refuse_what_they_cannot_hold() 
 fn base_reader_skips_zero_runs_and_reports_both_counts() {
     let o = tiny();
     let (v, _d) = Volume::create_sim(&o, &manual()).expect("create");
-    v.write(10, &data(1, 3, o.block_size)).expect("write");
-    v.write(40, &data(2, 1, o.block_size)).expect("write");
+    v.write(Lba(10), &data(1, 3, o.block_size)).expect("write");
+    v.write(Lba(40), &data(2, 1, o.block_size)).expect("write");
     let base = v.pin_base(Lsn(2)).expect("pin");
     let mut r = base.reader(8 * 512);
     let chunks: Vec<blockvol::BaseChunk> = r.by_ref().map(|c| c.expect("chunk")).collect();
-    let spans: Vec<(u64, u32)> = chunks.iter().map(|c| (c.lba, c.blocks)).collect();
+    let spans: Vec<(u64, u32)> = chunks.iter().map(|c| (c.lba.0, c.blocks)).collect();
     assert_eq!(spans, vec![(10, 3), (40, 1)]);
     for c in &chunks {
         c.verify().expect("crc");

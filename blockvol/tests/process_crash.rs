@@ -27,7 +27,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use blockvol::{
-    BlockVolError, CreateOptions, FlusherMode, Lsn, OpenOptions, RetentionPolicy, Volume,
+    BlockVolError, CreateOptions, FlusherMode, Lba, Lsn, OpenOptions, RetentionPolicy, Volume,
 };
 use common::{Model, Op, data, manual};
 
@@ -83,8 +83,8 @@ fn cycle(path: &Path, limit: u64, report: &mut dyn Write) {
         for _ in 0..batch {
             lsn += 1;
             let got = match op_at(lsn) {
-                Op::Write { lba, data } => v.write(lba, &data),
-                Op::Trim { lba, blocks } => v.trim(lba, blocks),
+                Op::Write { lba, data } => v.write(Lba(lba), &data),
+                Op::Trim { lba, blocks } => v.trim(Lba(lba), blocks),
                 Op::Barrier => v.barrier(),
             }
             .expect("child write");

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use blockvol::{BlockVolError, Digest, Lsn, Role, SimDisk, SyncPoint, Volume};
+use blockvol::{BlockVolError, Digest, Epoch, Lba, Lsn, Role, SimDisk, SyncPoint, Volume};
 use common::cli::{corrupt_log_volume, torn_tail_volume};
 use common::{data, manual, small, tiny};
 
@@ -26,7 +26,7 @@ fn read_only_open_recovers_in_memory_and_never_writes() {
     let s = v.status();
     assert_eq!((s.head, s.checkpoint, s.durable), (Lsn(3), Lsn(0), Lsn(3)));
     assert_eq!(v.digest().expect("digest"), Digest::of_image(&image));
-    assert_eq!(v.read(2, 1).expect("read"), data(2, 1, bs));
+    assert_eq!(v.read(Lba(2), 1).expect("read"), data(2, 1, bs));
     let scanned: Vec<u64> = v
         .scan_from(Lsn(1))
         .expect("scan")
@@ -47,12 +47,12 @@ fn read_only_open_recovers_in_memory_and_never_writes() {
             "{what}: {r:?} on a read-only volume"
         );
     };
-    ro(v.write(0, &data(9, 1, bs)).map(drop), "write");
-    ro(v.trim(0, 1).map(drop), "trim");
+    ro(v.write(Lba(0), &data(9, 1, bs)).map(drop), "write");
+    ro(v.trim(Lba(0), 1).map(drop), "trim");
     ro(v.barrier().map(drop), "barrier");
     ro(v.sync().map(drop), "sync");
     ro(v.force_flush().map(drop), "force_flush");
-    ro(v.assign(Role::Primary, 1), "assign");
+    ro(v.assign(Role::Primary, Epoch(1)), "assign");
     ro(v.truncate_after(Lsn(1)), "truncate_after");
     ro(v.pin_snapshot().map(drop), "pin_snapshot");
     ro(v.pin_base(Lsn(3)).map(drop), "pin_base");
@@ -93,16 +93,16 @@ fn read_only_open_sees_what_recovery_persists_at_every_flush_crash_window() {
     let bs = o.block_size;
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
     for i in 0..8u64 {
-        v.write(i, &data(i, 1, bs)).expect("write");
+        v.write(Lba(i), &data(i, 1, bs)).expect("write");
     }
     v.force_flush().expect("flush");
     // Overwrites, a multi-block write and a trim after the checkpoint: a flush interrupted
     // half-way leaves blocks in the extent that the WAL rewrites.
     for i in 0..6u64 {
-        v.write(i * 2, &data(100 + i, 2, bs)).expect("write");
+        v.write(Lba(i * 2), &data(100 + i, 2, bs)).expect("write");
     }
-    v.trim(3, 2).expect("trim");
-    v.write(1, &data(200, 1, bs)).expect("write");
+    v.trim(Lba(3), 2).expect("trim");
+    v.write(Lba(1), &data(200, 1, bs)).expect("write");
     v.sync().expect("sync");
     let images: Arc<Mutex<Vec<Image>>> = Arc::new(Mutex::new(Vec::new()));
     let out = images.clone();

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use blockvol::format::{ENTRY_HEADER_SIZE, WAL_OFFSET};
 use blockvol::{
-    ApplyOutcome, BlockVolError, CrashMode, EntryKind, FlushGate, FlusherMode, Lsn, OpenOptions,
-    RetentionPolicy, Role, SimDisk, Volume, WalEntry,
+    ApplyOutcome, BlockVolError, CrashMode, EntryKind, Epoch, FlushGate, FlusherMode, Lba, Lsn,
+    OpenOptions, RetentionPolicy, Role, SimDisk, Volume, WalEntry,
 };
 use common::{Model, Op, data, manual, small, tiny};
 
@@ -43,7 +43,7 @@ fn a1_crash_before_first_checkpoint_recovers_lsn_head_not_bytes() {
     let o = tiny();
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
     for i in 0..5 {
-        v.write(i, &data(i, 1, o.block_size)).expect("write");
+        v.write(Lba(i), &data(i, 1, o.block_size)).expect("write");
     }
     v.sync().expect("sync");
     drop(v);
@@ -53,7 +53,7 @@ fn a1_crash_before_first_checkpoint_recovers_lsn_head_not_bytes() {
     assert_eq!(v.status().head, Lsn(5));
     assert_eq!(v.status().checkpoint, Lsn(0));
     assert_eq!(
-        v.write(9, &data(9, 1, o.block_size)).expect("write"),
+        v.write(Lba(9), &data(9, 1, o.block_size)).expect("write"),
         Lsn(6)
     );
 }
@@ -66,7 +66,7 @@ fn a2_stale_head_then_write_keeps_acknowledged() {
     let mut ops = Vec::new();
     for i in 0..6u64 {
         let d = data(i, 2, bs);
-        v.write(i * 2, &d).expect("write");
+        v.write(Lba(i * 2), &d).expect("write");
         ops.push(Op::Write {
             lba: i * 2,
             data: d,
@@ -78,7 +78,7 @@ fn a2_stale_head_then_write_keeps_acknowledged() {
     // the writer after the last recovered entry, not at the hint.
     let (v, disk) = crash_reopen(&disk);
     let d = data(100, 1, bs);
-    assert_eq!(v.write(40, &d).expect("write"), Lsn(7));
+    assert_eq!(v.write(Lba(40), &d).expect("write"), Lsn(7));
     ops.push(Op::Write { lba: 40, data: d });
     v.sync().expect("sync");
     // Variant (b): a flush right after recovery must not push the tail past the head.
@@ -94,7 +94,7 @@ fn a2_stale_head_then_write_keeps_acknowledged() {
     assert_eq!(v.digest().expect("digest"), Model::at(&o, &ops, 7).digest());
     // Writes keep working after the flush: the WAL does not read as full.
     for i in 0..60 {
-        v.write(i % 64, &data(i, 1, bs))
+        v.write(Lba(i % 64), &data(i, 1, bs))
             .expect("write after recovery and flush");
         if i % 20 == 19 {
             v.force_flush().expect("flush");
@@ -106,9 +106,9 @@ fn a2_stale_head_then_write_keeps_acknowledged() {
 fn a3_simulated_crash_really_drops_unsynced_writes() {
     let o = tiny();
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
-    v.write(0, &data(1, 1, o.block_size)).expect("write");
+    v.write(Lba(0), &data(1, 1, o.block_size)).expect("write");
     v.sync().expect("sync");
-    v.write(1, &data(2, 1, o.block_size))
+    v.write(Lba(1), &data(2, 1, o.block_size))
         .expect("unsynced write");
     assert!(disk.unsynced_sectors() > 0);
     drop(v);
@@ -116,7 +116,7 @@ fn a3_simulated_crash_really_drops_unsynced_writes() {
     let v = reopen_durable(&disk);
     assert_eq!(v.status().head, Lsn(1));
     assert_eq!(
-        v.read(1, 1).expect("read"),
+        v.read(Lba(1), 1).expect("read"),
         vec![0u8; o.block_size as usize]
     );
 }
@@ -129,13 +129,13 @@ fn a4_corrupt_post_wrap_entry_is_reported_and_repair_keeps_a_prefix() {
     // Fill most of a lap, checkpoint, then write past the ring end so entries wrap.
     let mut lsn = 0;
     for i in 0..40u64 {
-        lsn = v.write(i % 60, &data(i, 2, bs)).expect("write").0;
+        lsn = v.write(Lba(i % 60), &data(i, 2, bs)).expect("write").0;
     }
     v.force_flush().expect("flush");
     let first_after_cp = lsn + 1;
     let mut wrapped = None;
     for i in 0..40u64 {
-        let l = v.write(i % 60, &data(500 + i, 2, bs)).expect("write");
+        let l = v.write(Lba(i % 60), &data(500 + i, 2, bs)).expect("write");
         let off = v.entry_file_offset(l).expect("offset");
         if wrapped.is_none() && off < WAL_OFFSET + 4096 && l.0 > first_after_cp {
             wrapped = Some(l);
@@ -190,7 +190,7 @@ fn a4_torn_last_entry_ends_the_log_without_error() {
     let o = tiny();
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
     for i in 0..5 {
-        v.write(i, &data(i, 1, o.block_size)).expect("write");
+        v.write(Lba(i), &data(i, 1, o.block_size)).expect("write");
     }
     v.sync().expect("sync");
     let off = v.entry_file_offset(Lsn(5)).expect("offset");
@@ -208,17 +208,17 @@ fn a5_install_base_then_reopen_does_not_replay_old_generation() {
     // The primary: 30 entries, base at 30.
     let (p, _pd) = Volume::create_sim(&o, &manual()).expect("primary");
     for i in 0..30u64 {
-        p.write(i % 50, &data(i, 1, bs)).expect("write");
+        p.write(Lba(i % 50), &data(i, 1, bs)).expect("write");
     }
     // The replica held a different history in its WAL (not flushed).
     let (r, rd) = Volume::create_sim(&o, &manual()).expect("replica");
-    r.assign(Role::Rebuilding, 0).expect("assign");
+    r.assign(Role::Rebuilding, Epoch(0)).expect("assign");
     for i in 1..=12u64 {
         r.apply(&WalEntry {
             lsn: Lsn(i),
-            epoch: 0,
+            epoch: Epoch(0),
             kind: EntryKind::Write {
-                lba: i,
+                lba: Lba(i),
                 data: data(9000 + i, 1, bs),
             },
         })
@@ -248,15 +248,15 @@ fn a5_truncate_then_reopen_does_not_resurrect_dropped_entries() {
     let o = tiny();
     let bs = o.block_size;
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
-    v.assign(Role::Replica, 1).expect("assign");
+    v.assign(Role::Replica, Epoch(1)).expect("assign");
     let mut ops = Vec::new();
     for i in 1..=10u64 {
         let d = data(i, 1, bs);
         v.apply(&WalEntry {
             lsn: Lsn(i),
-            epoch: 1,
+            epoch: Epoch(1),
             kind: EntryKind::Write {
-                lba: i,
+                lba: Lba(i),
                 data: d.clone(),
             },
         })
@@ -277,14 +277,14 @@ fn a6_damaged_padding_is_not_followed_blindly() {
     let bs = o.block_size;
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
     // Large entries: entry 3 does not fit before the ring end, so padding precedes it.
-    v.write(0, &data(1, 50, bs)).expect("write 1");
+    v.write(Lba(0), &data(1, 50, bs)).expect("write 1");
     v.sync().expect("sync");
     v.force_flush().expect("flush");
-    v.write(0, &data(2, 40, bs)).expect("write 2");
-    let l3 = v.write(0, &data(3, 40, bs)).expect("write 3");
+    v.write(Lba(0), &data(2, 40, bs)).expect("write 2");
+    let l3 = v.write(Lba(0), &data(3, 40, bs)).expect("write 3");
     v.sync().expect("sync");
     // Entry 4 is appended after entry 3 was synced: its durable hint proves it.
-    v.write(1, &data(4, 1, bs)).expect("write 4");
+    v.write(Lba(1), &data(4, 1, bs)).expect("write 4");
     v.sync().expect("sync");
     let off3 = v.entry_file_offset(l3).expect("offset");
     assert_eq!(
@@ -319,7 +319,7 @@ fn a6_damaged_padding_is_not_followed_blindly() {
 fn a7_torn_superblock_write_falls_back_to_the_other_slot() {
     let o = tiny();
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
-    v.write(0, &data(1, 1, o.block_size)).expect("write");
+    v.write(Lba(0), &data(1, 1, o.block_size)).expect("write");
     v.force_flush().expect("flush");
     let cp = v.status().checkpoint;
     drop(v);
@@ -330,7 +330,7 @@ fn a7_torn_superblock_write_falls_back_to_the_other_slot() {
         let v = Volume::open_sim(&d, &manual()).expect("one valid slot is enough");
         assert!(v.status().checkpoint <= cp);
         assert!(v.status().checkpoint_trusted);
-        assert_eq!(v.read(0, 1).expect("read"), data(1, 1, o.block_size));
+        assert_eq!(v.read(Lba(0), 1).expect("read"), data(1, 1, o.block_size));
     }
     let d = SimDisk::from_image(disk.durable_image());
     d.corrupt(100, &[0xAA; 8]);
@@ -345,15 +345,15 @@ fn a7_torn_superblock_write_falls_back_to_the_other_slot() {
 fn a8_zero_length_operations_are_refused() {
     let (v, _d) = Volume::create_sim(&tiny(), &manual()).expect("create");
     assert!(matches!(
-        v.trim(0, 0),
+        v.trim(Lba(0), 0),
         Err(BlockVolError::OutOfRange { .. })
     ));
     assert!(matches!(
-        v.write(0, &[]),
+        v.write(Lba(0), &[]),
         Err(BlockVolError::Misaligned { .. })
     ));
     assert!(matches!(
-        v.read(0, 0),
+        v.read(Lba(0), 0),
         Err(BlockVolError::OutOfRange { .. })
     ));
     assert_eq!(
@@ -371,7 +371,7 @@ fn b1_wal_full_timeout_burns_no_lsn() {
     let pin = v.pin_wal(Lsn(0)).expect("pin");
     let mut last = Lsn(0);
     let err = loop {
-        match v.write(last.0 % 60, &data(last.0, 4, bs)) {
+        match v.write(Lba(last.0 % 60), &data(last.0, 4, bs)) {
             Ok(l) => last = l,
             Err(e) => break e,
         }
@@ -384,7 +384,7 @@ fn b1_wal_full_timeout_burns_no_lsn() {
     drop(pin);
     v.force_flush().expect("flush");
     assert_eq!(
-        v.write(0, &data(7, 1, bs)).expect("write after room"),
+        v.write(Lba(0), &data(7, 1, bs)).expect("write after room"),
         Lsn(last.0 + 1)
     );
     for e in v.scan_from(Lsn(last.0 + 1)).expect("scan") {
@@ -421,7 +421,7 @@ fn b2_concurrent_writes_to_one_lba_read_highest_lsn() {
                 for i in 0..150u64 {
                     let d = data(t * 1000 + i, 1, bs);
                     let l = loop {
-                        match v.write(3, &d) {
+                        match v.write(Lba(3), &d) {
                             Ok(l) => break l,
                             Err(BlockVolError::WalFull { .. }) => continue,
                             Err(e) => panic!("write: {e}"),
@@ -443,16 +443,20 @@ fn b2_concurrent_writes_to_one_lba_read_highest_lsn() {
     all.sort_by_key(|(l, _)| *l);
     let newest = &all.last().expect("writes").1;
     assert_eq!(
-        &v.read(3, 1).expect("read"),
+        &v.read(Lba(3), 1).expect("read"),
         newest,
         "read must show the highest LSN"
     );
     v.force_flush().expect("flush");
-    assert_eq!(&v.read(3, 1).expect("read"), newest, "after flush too");
+    assert_eq!(&v.read(Lba(3), 1).expect("read"), newest, "after flush too");
     let v = Arc::try_unwrap(v).expect("sole owner");
     v.close().expect("close");
     let v = Volume::open(&path, &manual()).expect("reopen");
-    assert_eq!(&v.read(3, 1).expect("read"), newest, "and after reopen");
+    assert_eq!(
+        &v.read(Lba(3), 1).expect("read"),
+        newest,
+        "and after reopen"
+    );
 }
 
 #[test]
@@ -462,7 +466,7 @@ fn b3_checkpoint_never_decreases_under_pins_and_partial_flushes() {
     let mut last_cp = Lsn(0);
     for round in 0..6u64 {
         for i in 0..5 {
-            v.write(i, &data(round * 10 + i, 1, o.block_size))
+            v.write(Lba(i), &data(round * 10 + i, 1, o.block_size))
                 .expect("write");
         }
         let pin = v.pin_wal(v.status().checkpoint).expect("pin");
@@ -483,7 +487,7 @@ fn b4_released_pin_unwedges_full_wal_without_new_flush() {
     let (v, _d) = Volume::create_sim(&o, &manual()).expect("create");
     let pin = v.pin_wal(Lsn(0)).expect("pin");
     loop {
-        match v.write(0, &data(1, 4, bs)) {
+        match v.write(Lba(0), &data(1, 4, bs)) {
             Ok(_) => {}
             Err(BlockVolError::WalFull { .. }) => break,
             Err(e) => panic!("{e}"),
@@ -493,12 +497,12 @@ fn b4_released_pin_unwedges_full_wal_without_new_flush() {
     let cp = v.force_flush().expect("flush");
     assert_eq!(cp, v.status().head);
     assert!(matches!(
-        v.write(0, &data(2, 4, bs)),
+        v.write(Lba(0), &data(2, 4, bs)),
         Err(BlockVolError::WalFull { .. })
     ));
     drop(pin);
     // No flush in between: the tail must move by itself.
-    v.write(0, &data(3, 4, bs))
+    v.write(Lba(0), &data(3, 4, bs))
         .expect("write after the pin is released");
     assert_eq!(v.status().tail, cp);
 }
@@ -509,7 +513,7 @@ fn b5_revoking_a_pin_releases_the_tail_while_idle() {
     let bs = o.block_size;
     let (v, _d) = Volume::create_sim(&o, &manual()).expect("create");
     let pin = v.pin_wal(Lsn(0)).expect("pin");
-    while v.write(0, &data(1, 4, bs)).is_ok() {}
+    while v.write(Lba(0), &data(1, 4, bs)).is_ok() {}
     v.force_flush().expect("flush");
     assert_eq!(v.status().pins_outstanding, 1);
     assert_eq!(v.revoke_wal_pins("replica gone too long"), 1);
@@ -520,7 +524,7 @@ fn b5_revoking_a_pin_releases_the_tail_while_idle() {
         v.status().checkpoint,
         "the tail moved without a flush"
     );
-    v.write(0, &data(2, 4, bs))
+    v.write(Lba(0), &data(2, 4, bs))
         .expect("writes resume while the revoked pin is still alive");
 }
 
@@ -528,8 +532,8 @@ fn b5_revoking_a_pin_releases_the_tail_while_idle() {
 fn b6_damaged_wal_entry_stops_the_flush_with_an_error() {
     let o = tiny();
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
-    v.write(0, &data(1, 1, o.block_size)).expect("write");
-    let l2 = v.write(1, &data(2, 1, o.block_size)).expect("write");
+    v.write(Lba(0), &data(1, 1, o.block_size)).expect("write");
+    let l2 = v.write(Lba(1), &data(2, 1, o.block_size)).expect("write");
     v.sync().expect("sync");
     let off = v.entry_file_offset(l2).expect("offset");
     disk.corrupt(off + ENTRY_HEADER_SIZE as u64 + 1, &[0x42]);
@@ -547,7 +551,7 @@ fn b6_damaged_wal_entry_stops_the_flush_with_an_error() {
 fn b8_failed_sync_poisons_the_volume() {
     let o = tiny();
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
-    v.write(0, &data(1, 1, o.block_size)).expect("write");
+    v.write(Lba(0), &data(1, 1, o.block_size)).expect("write");
     disk.fail_next_syncs(1);
     let first = v.sync().expect_err("the sync fails");
     assert!(matches!(first, BlockVolError::Io { .. }), "{first}");
@@ -557,7 +561,7 @@ fn b8_failed_sync_poisons_the_volume() {
         r => panic!("expected Poisoned, got {r:?}"),
     }
     assert!(matches!(
-        v.write(1, &data(2, 1, o.block_size)),
+        v.write(Lba(1), &data(2, 1, o.block_size)),
         Err(BlockVolError::Poisoned { .. })
     ));
     assert!(matches!(
@@ -566,7 +570,7 @@ fn b8_failed_sync_poisons_the_volume() {
     ));
     assert!(v.status().poisoned);
     // Reads still work.
-    assert_eq!(v.read(0, 1).expect("read"), data(1, 1, o.block_size));
+    assert_eq!(v.read(Lba(0), 1).expect("read"), data(1, 1, o.block_size));
 }
 
 #[test]
@@ -582,13 +586,13 @@ fn b9_role_change_while_waiting_for_wal_space_refuses_the_write() {
     let pin = v.pin_wal(Lsn(0)).expect("pin");
     // Fill the ring (with a short-timeout probe we cannot use here; fill by size instead).
     while v.status().wal_used_bytes + 3000 < v.status().wal_size_bytes {
-        v.write(0, &data(1, 4, bs)).expect("fill");
+        v.write(Lba(0), &data(1, 4, bs)).expect("fill");
     }
     let writer = {
         let v = v.clone();
-        std::thread::spawn(move || v.write(0, &data(2, 8, bs)))
+        std::thread::spawn(move || v.write(Lba(0), &data(2, 8, bs)))
     };
-    v.assign(Role::Stale, 1).expect("demote");
+    v.assign(Role::Stale, Epoch(1)).expect("demote");
     let r = writer.join().expect("writer");
     assert!(
         matches!(
@@ -615,7 +619,7 @@ fn c2_retained_start_is_the_first_lsn_physically_present() {
     };
     let (v, _d) = Volume::create_sim(&o, &open).expect("create");
     for i in 0..10 {
-        v.write(i, &data(i, 1, o.block_size)).expect("write");
+        v.write(Lba(i), &data(i, 1, o.block_size)).expect("write");
     }
     v.force_flush().expect("flush");
     let s = v.status();
@@ -641,7 +645,7 @@ fn c4_committed_is_set_by_replication_not_by_the_checkpoint() {
     let o = tiny();
     let (v, _d) = Volume::create_sim(&o, &manual()).expect("create");
     for i in 0..4 {
-        v.write(i, &data(i, 1, o.block_size)).expect("write");
+        v.write(Lba(i), &data(i, 1, o.block_size)).expect("write");
     }
     v.force_flush().expect("flush");
     assert_eq!(v.status().checkpoint, Lsn(4));
@@ -654,13 +658,13 @@ fn c4_committed_is_set_by_replication_not_by_the_checkpoint() {
 fn d4_replica_accepts_retained_entries_from_older_epochs() {
     let o = tiny();
     let (r, _d) = Volume::create_sim(&o, &manual()).expect("create");
-    r.assign(Role::Replica, 3).expect("assign");
+    r.assign(Role::Replica, Epoch(3)).expect("assign");
     for (i, epoch) in [(1u64, 1u64), (2, 1), (3, 2), (4, 3)] {
         let e = WalEntry {
             lsn: Lsn(i),
-            epoch,
+            epoch: blockvol::Epoch(epoch),
             kind: EntryKind::Write {
-                lba: i,
+                lba: Lba(i),
                 data: data(i, 1, o.block_size),
             },
         };
@@ -671,7 +675,7 @@ fn d4_replica_accepts_retained_entries_from_older_epochs() {
     }
     let future = WalEntry {
         lsn: Lsn(5),
-        epoch: 4,
+        epoch: Epoch(4),
         kind: EntryKind::Barrier,
     };
     assert!(matches!(
@@ -690,12 +694,12 @@ fn d5_divergent_tail_is_truncated_and_replica_converges() {
     };
     // Old primary history: 1..=8, of which 1..=4 were committed.
     let (r, rd) = Volume::create_sim(&o, &gate).expect("replica");
-    r.assign(Role::Replica, 1).expect("assign");
+    r.assign(Role::Replica, Epoch(1)).expect("assign");
     let entry = |lsn: u64, tag: u64, epoch: u64| WalEntry {
         lsn: Lsn(lsn),
-        epoch,
+        epoch: blockvol::Epoch(epoch),
         kind: EntryKind::Write {
-            lba: lsn,
+            lba: Lba(lsn),
             data: data(tag, 1, bs),
         },
     };
@@ -707,13 +711,13 @@ fn d5_divergent_tail_is_truncated_and_replica_converges() {
     assert_eq!(r.force_flush().expect("flush"), Lsn(4));
     // New primary: same 1..=4, then its own 5..=10 at epoch 2.
     let (p, _pd) = Volume::create_sim(&o, &manual()).expect("primary");
-    p.assign(Role::Replica, 1).expect("assign");
+    p.assign(Role::Replica, Epoch(1)).expect("assign");
     for i in 1..=4 {
         p.apply(&entry(i, i, 1)).expect("apply");
     }
-    p.assign(Role::Primary, 2).expect("promote");
+    p.assign(Role::Primary, Epoch(2)).expect("promote");
     for i in 5..=10 {
-        p.write(i, &data(100 + i, 1, bs)).expect("write");
+        p.write(Lba(i), &data(100 + i, 1, bs)).expect("write");
     }
     // Catch-up without truncation is refused as divergent, never silently skipped.
     let e5 = p
@@ -722,7 +726,7 @@ fn d5_divergent_tail_is_truncated_and_replica_converges() {
         .next()
         .expect("entry")
         .expect("ok");
-    r.assign(Role::Replica, 2).expect("assign");
+    r.assign(Role::Replica, Epoch(2)).expect("assign");
     assert!(matches!(
         r.apply(&e5),
         Err(BlockVolError::Divergent { lsn: Lsn(5), .. })
@@ -746,13 +750,13 @@ fn d5_divergent_tail_is_truncated_and_replica_converges() {
 fn d6_concurrent_apply_of_one_lsn_appends_once() {
     let o = tiny();
     let (r, _d) = Volume::create_sim(&o, &manual()).expect("create");
-    r.assign(Role::Replica, 1).expect("assign");
+    r.assign(Role::Replica, Epoch(1)).expect("assign");
     let r = Arc::new(r);
     let e = WalEntry {
         lsn: Lsn(1),
-        epoch: 1,
+        epoch: Epoch(1),
         kind: EntryKind::Write {
-            lba: 0,
+            lba: Lba(0),
             data: data(1, 1, o.block_size),
         },
     };
@@ -803,7 +807,7 @@ fn e1_full_base_under_continuous_writes_equals_primary_at_base_lsn() {
     let p = Arc::new(Volume::create(dir.path().join("p.vol"), &o, &open).expect("primary"));
     // Dirty some LBAs before the base is taken.
     for i in 0..40u64 {
-        p.write(i, &data(i, 1, bs)).expect("write");
+        p.write(Lba(i), &data(i, 1, bs)).expect("write");
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -814,7 +818,7 @@ fn e1_full_base_under_continuous_writes_equals_primary_at_base_lsn() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // Rewrites LBAs that were dirty when the base was pinned. While the base pin
                 // fences the flusher the ring can fill; a full ring is a clean, retryable error.
-                match p.write(i % 48, &data(10_000 + i, 1, bs)) {
+                match p.write(Lba(i % 48), &data(10_000 + i, 1, bs)) {
                     Ok(_) => i += 1,
                     Err(BlockVolError::WalFull { .. }) => continue,
                     Err(e) => panic!("write: {e}"),
@@ -833,7 +837,7 @@ fn e1_full_base_under_continuous_writes_equals_primary_at_base_lsn() {
     let base = p.pin_base(at).expect("pin base");
     assert_eq!(base.lsn(), at);
     let r = Volume::create(dir.path().join("r.vol"), &o, &manual()).expect("replica");
-    r.assign(Role::Rebuilding, 0).expect("assign");
+    r.assign(Role::Rebuilding, Epoch(0)).expect("assign");
     let mut inst = r.begin_base_install(base.install_spec()).expect("begin");
     for c in base.reader(64 * 1024) {
         inst.write_chunk(&c.expect("chunk")).expect("write chunk");
@@ -865,17 +869,17 @@ fn e3_install_pauses_the_flusher_and_refuses_apply_until_finished() {
     let bs = o.block_size;
     let (p, _pd) = Volume::create_sim(&o, &manual()).expect("primary");
     for i in 0..5 {
-        p.write(i, &data(i, 1, bs)).expect("write");
+        p.write(Lba(i), &data(i, 1, bs)).expect("write");
     }
     let base = p.pin_base(Lsn(5)).expect("pin");
     let (r, rd) = Volume::create_sim(&o, &manual()).expect("replica");
-    r.assign(Role::Rebuilding, 0).expect("assign");
+    r.assign(Role::Rebuilding, Epoch(0)).expect("assign");
     // Stale dirty entries on the replica must not be flushed over the installed image.
     r.apply(&WalEntry {
         lsn: Lsn(1),
-        epoch: 0,
+        epoch: Epoch(0),
         kind: EntryKind::Write {
-            lba: 2,
+            lba: Lba(2),
             data: data(777, 1, bs),
         },
     })
@@ -884,7 +888,7 @@ fn e3_install_pauses_the_flusher_and_refuses_apply_until_finished() {
     let mut inst = r.begin_base_install(base.install_spec()).expect("begin");
     let probe = WalEntry {
         lsn: Lsn(2),
-        epoch: 0,
+        epoch: Epoch(0),
         kind: EntryKind::Barrier,
     };
     assert!(matches!(
@@ -914,7 +918,7 @@ fn e3_install_pauses_the_flusher_and_refuses_apply_until_finished() {
             Err(BlockVolError::InstallIncomplete { .. })
         ));
         assert!(matches!(
-            c.read(0, 1),
+            c.read(Lba(0), 1),
             Err(BlockVolError::InstallIncomplete { .. })
         ));
     }
@@ -931,7 +935,7 @@ fn f1_snapshot_lsn_is_the_contiguous_checkpoint_and_image_matches() {
     let mut ops = Vec::new();
     for i in 0..12u64 {
         let d = data(i, 1, bs);
-        p.write(i % 5, &d).expect("write");
+        p.write(Lba(i % 5), &d).expect("write");
         ops.push(Op::Write {
             lba: i % 5,
             data: d,
@@ -942,7 +946,7 @@ fn f1_snapshot_lsn_is_the_contiguous_checkpoint_and_image_matches() {
     let snap = p.pin_snapshot().expect("snapshot");
     assert_eq!(snap.lsn(), Lsn(7));
     for i in 0..5u64 {
-        p.write(i, &data(900 + i, 1, bs)).expect("write");
+        p.write(Lba(i), &data(900 + i, 1, bs)).expect("write");
     }
     assert_eq!(p.force_flush().expect("flush is fenced"), Lsn(7));
     let (r, _rd) = Volume::create_sim(&o, &manual()).expect("replica");
@@ -960,7 +964,7 @@ fn f2_install_rejects_a_corrupted_chunk_before_writing() {
     let o = tiny();
     let bs = o.block_size;
     let (p, _pd) = Volume::create_sim(&o, &manual()).expect("primary");
-    p.write(3, &data(3, 2, bs)).expect("write");
+    p.write(Lba(3), &data(3, 2, bs)).expect("write");
     let base = p.pin_base(Lsn(1)).expect("pin");
     let (r, _rd) = Volume::create_sim(&o, &manual()).expect("replica");
     let mut inst = r.begin_base_install(base.install_spec()).expect("begin");
@@ -968,7 +972,7 @@ fn f2_install_rejects_a_corrupted_chunk_before_writing() {
     chunk.data[5] ^= 0x01;
     assert!(matches!(
         inst.write_chunk(&chunk),
-        Err(BlockVolError::ChunkChecksum { lba: 3, .. })
+        Err(BlockVolError::ChunkChecksum { lba: Lba(3), .. })
     ));
     drop(inst);
     // Nothing of the bad chunk reached the extent, and the volume says it is incomplete.
@@ -979,33 +983,33 @@ fn f2_install_rejects_a_corrupted_chunk_before_writing() {
 fn g1_persisted_role_and_epoch_survive_reopen_and_a_primary_comes_back_fenced() {
     let o = tiny();
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
-    v.assign(Role::Primary, 3).expect("promote");
-    v.write(0, &data(1, 1, o.block_size)).expect("write");
+    v.assign(Role::Primary, Epoch(3)).expect("promote");
+    v.write(Lba(0), &data(1, 1, o.block_size)).expect("write");
     v.sync().expect("sync");
     drop(v);
     let v = reopen_durable(&disk);
     let s = v.status();
-    assert_eq!((s.role, s.epoch), (Role::Stale, 3));
+    assert_eq!((s.role, s.epoch), (Role::Stale, Epoch(3)));
     assert!(matches!(
-        v.write(0, &data(2, 1, o.block_size)),
+        v.write(Lba(0), &data(2, 1, o.block_size)),
         Err(BlockVolError::WrongRole { .. })
     ));
     assert!(matches!(
-        v.assign(Role::Primary, 2),
+        v.assign(Role::Primary, Epoch(2)),
         Err(BlockVolError::EpochRegression {
-            current: 3,
-            requested: 2
+            current: Epoch(3),
+            requested: Epoch(2)
         })
     ));
-    v.assign(Role::Primary, 3)
+    v.assign(Role::Primary, Epoch(3))
         .expect("re-assign at the same epoch");
     assert!(matches!(
-        v.write_in_epoch(2, 0, &data(3, 1, o.block_size)),
+        v.write_in_epoch(Epoch(2), Lba(0), &data(3, 1, o.block_size)),
         Err(BlockVolError::StaleEpoch {
-            given: 2,
-            current: 3
+            given: Epoch(2),
+            current: Epoch(3)
         })
     ));
-    v.write_in_epoch(3, 0, &data(4, 1, o.block_size))
+    v.write_in_epoch(Epoch(3), Lba(0), &data(4, 1, o.block_size))
         .expect("write at the current epoch");
 }

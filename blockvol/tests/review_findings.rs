@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use blockvol::format::WAL_OFFSET;
 use blockvol::{
-    BlockVolError, CrashMode, CreateOptions, Lsn, OpenOptions, SimDisk, SyncPoint, Volume,
+    BlockVolError, CrashMode, CreateOptions, Lba, Lsn, OpenOptions, SimDisk, SyncPoint, Volume,
 };
 use common::{data, manual, tiny};
 
@@ -32,8 +32,8 @@ fn f1_truncate_after_crash_mid_flush_returns_dropped_data() {
     let o = tiny();
     let bs = o.block_size;
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create"); // FlushGate::Durable
-    assert_eq!(v.write(0, &data(1, 1, bs)).unwrap(), Lsn(1));
-    assert_eq!(v.write(1, &data(2, 1, bs)).unwrap(), Lsn(2));
+    assert_eq!(v.write(Lba(0), &data(1, 1, bs)).unwrap(), Lsn(1));
+    assert_eq!(v.write(Lba(1), &data(2, 1, bs)).unwrap(), Lsn(2));
     v.sync().unwrap();
     let (arm, img) = capture_at_sb_sync(&disk);
     *arm.lock().unwrap() = true;
@@ -47,7 +47,7 @@ fn f1_truncate_after_crash_mid_flush_returns_dropped_data() {
     v.truncate_after(Lsn(1))
         .expect("truncate above the checkpoint");
     assert_eq!(
-        v.read(1, 1).unwrap(),
+        v.read(Lba(1), 1).unwrap(),
         vec![0u8; bs as usize],
         "block 1 was written only by the dropped entry 2, yet read returns its data"
     );
@@ -58,7 +58,7 @@ fn f1b_snapshot_at_checkpoint_after_crash_mid_flush_holds_later_entries() {
     let o = tiny();
     let bs = o.block_size;
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
-    v.write(0, &data(1, 1, bs)).unwrap();
+    v.write(Lba(0), &data(1, 1, bs)).unwrap();
     v.sync().unwrap();
     let (arm, img) = capture_at_sb_sync(&disk);
     *arm.lock().unwrap() = true;
@@ -83,7 +83,7 @@ fn f2_crash_during_repair_loses_the_repaired_mark() {
     let bs = o.block_size;
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
     for i in 0..10u64 {
-        v.write(i, &data(100 + i, 1, bs)).unwrap();
+        v.write(Lba(i), &data(100 + i, 1, bs)).unwrap();
         v.sync().unwrap();
     }
     let off = v.entry_file_offset(Lsn(5)).unwrap();
@@ -126,18 +126,18 @@ fn f4_revoked_base_reader_ends_cleanly_with_a_wrong_image() {
         block_size: 4096,
     };
     let v = Volume::create(&path, &o, &manual()).unwrap();
-    v.write(32, &data(7, 32, 4096)).unwrap();
+    v.write(Lba(32), &data(7, 32, 4096)).unwrap();
     assert_eq!(v.force_flush().unwrap(), Lsn(1));
     let pin = v.pin_base(Lsn(1)).unwrap();
     let mut r = pin.reader(16 * 4096);
     let c = r.next().unwrap().unwrap();
-    assert_eq!((c.lba, c.blocks), (32, 16));
-    v.trim(48, 16).unwrap();
+    assert_eq!((c.lba, c.blocks), (Lba(32), 16));
+    v.trim(Lba(48), 16).unwrap();
     assert_eq!(v.revoke_wal_pins("pressure"), 2);
     assert_eq!(v.force_flush().unwrap(), Lsn(2));
     match r.next() {
         Some(Err(BlockVolError::Revoked { .. })) => {}
-        Some(Ok(c)) => assert_eq!(c.lba, 48),
+        Some(Ok(c)) => assert_eq!(c.lba, Lba(48)),
         Some(Err(e)) => panic!("unexpected error {e}"),
         None => {
             panic!("reader ended cleanly after revocation: blocks 48..64 missing from the image")
@@ -154,7 +154,7 @@ fn f6_truncation_crash_recovers_a_prefix_between_the_truncated_and_the_old_log()
     let bs = o.block_size;
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
     for i in 0..8u64 {
-        v.write(i, &data(300 + i, 1, bs)).unwrap();
+        v.write(Lba(i), &data(300 + i, 1, bs)).unwrap();
         v.sync().unwrap();
     }
     let img: Arc<Mutex<Option<Vec<u8>>>> = Arc::new(Mutex::new(None));
@@ -188,7 +188,7 @@ fn f6_truncation_crash_recovers_a_prefix_between_the_truncated_and_the_old_log()
             vec![0u8; bs as usize]
         };
         assert_eq!(
-            v.read(i, 1).unwrap(),
+            v.read(Lba(i), 1).unwrap(),
             want,
             "block {i} at recovered head {h}"
         );
@@ -208,14 +208,14 @@ fn leftover_search_starts_at_the_end_of_the_last_accepted_entry() {
     let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
     // One-block entries take 576 bytes: 113 of them leave 448 bytes before the ring end.
     for i in 0..113u64 {
-        v.write(i % 64, &data(i, 1, bs)).unwrap();
+        v.write(Lba(i % 64), &data(i, 1, bs)).unwrap();
     }
     assert_eq!(v.force_flush().unwrap(), Lsn(113));
     let s = v.status();
     assert_eq!(s.wal_used_bytes, 0);
     let pad = WAL_OFFSET + 113 * 576;
     // Eight blocks do not fit in 448 bytes: a padding header, then the entry at ring offset 0.
-    assert_eq!(v.write(0, &data(999, 8, bs)).unwrap(), Lsn(114));
+    assert_eq!(v.write(Lba(0), &data(999, 8, bs)).unwrap(), Lsn(114));
     v.sync().unwrap();
     assert_eq!(v.entry_file_offset(Lsn(114)).unwrap(), WAL_OFFSET);
     assert_ne!(

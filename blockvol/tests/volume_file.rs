@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Arc, Barrier};
 
-use blockvol::{BlockVolError, CreateOptions, Lsn, OpenOptions, Volume};
+use blockvol::{BlockVolError, CreateOptions, Lba, Lsn, OpenOptions, Volume};
 use common::{Model, Op, data, manual, small};
 
 #[test]
@@ -79,7 +79,7 @@ fn file_is_preallocated_locked_and_reopens_with_its_data() {
     let mut ops = Vec::new();
     for i in 0..30u64 {
         let d = data(i, 1 + i % 3, o.block_size);
-        v.write(i * 3, &d).expect("write");
+        v.write(Lba(i * 3), &d).expect("write");
         ops.push(Op::Write {
             lba: i * 3,
             data: d,
@@ -88,7 +88,7 @@ fn file_is_preallocated_locked_and_reopens_with_its_data() {
             v.force_flush().expect("flush");
         }
     }
-    v.trim(0, 10).expect("trim");
+    v.trim(Lba(0), 10).expect("trim");
     ops.push(Op::Trim { lba: 0, blocks: 10 });
     let want = Model::at(&o, &ops, ops.len() as u64).digest();
     assert_eq!(v.digest().expect("digest"), want);
@@ -103,30 +103,30 @@ fn file_is_preallocated_locked_and_reopens_with_its_data() {
 fn reads_cover_the_dirty_map_and_the_extent() {
     let (v, _d) = Volume::create_sim(&small(), &manual()).expect("create");
     let bs = 4096;
-    v.write(0, &data(1, 4, bs)).expect("write");
+    v.write(Lba(0), &data(1, 4, bs)).expect("write");
     v.force_flush().expect("flush");
-    v.write(1, &data(2, 1, bs))
+    v.write(Lba(1), &data(2, 1, bs))
         .expect("overwrite the middle, unflushed");
-    v.trim(3, 1).expect("trim, unflushed");
-    let got = v.read(0, 5).expect("read");
+    v.trim(Lba(3), 1).expect("trim, unflushed");
+    let got = v.read(Lba(0), 5).expect("read");
     let a = data(1, 4, bs);
     assert_eq!(&got[..4096], &a[..4096]);
     assert_eq!(&got[4096..8192], &data(2, 1, bs)[..]);
     assert_eq!(&got[8192..12288], &a[8192..12288]);
     assert_eq!(&got[12288..], &vec![0u8; 8192][..]);
     let mut buf = vec![0u8; 4096];
-    v.read_into(1, &mut buf).expect("read_into");
+    v.read_into(Lba(1), &mut buf).expect("read_into");
     assert_eq!(buf, data(2, 1, bs));
     assert!(matches!(
-        v.read(255, 2),
+        v.read(Lba(255), 2),
         Err(BlockVolError::OutOfRange { .. })
     ));
     assert!(matches!(
-        v.write(0, &[0u8; 100]),
+        v.write(Lba(0), &[0u8; 100]),
         Err(BlockVolError::Misaligned { .. })
     ));
     assert!(matches!(
-        v.write(0, &vec![0u8; 64 * 1024]),
+        v.write(Lba(0), &vec![0u8; 64 * 1024]),
         Err(BlockVolError::EntryTooLarge { .. })
     ));
 }
@@ -154,7 +154,7 @@ fn group_commit_serves_concurrent_writers_with_contiguous_lsns() {
                 let mut lsns = Vec::new();
                 for i in 0..per {
                     let l = v
-                        .write(t * per + i, &data(t * 1000 + i, 1, 4096))
+                        .write(Lba(t * per + i), &data(t * 1000 + i, 1, 4096))
                         .expect("write");
                     let d = v.sync().expect("sync");
                     assert!(
@@ -180,7 +180,7 @@ fn group_commit_serves_concurrent_writers_with_contiguous_lsns() {
     for t in 0..threads {
         for i in 0..per {
             assert_eq!(
-                v.read(t * per + i, 1).expect("read"),
+                v.read(Lba(t * per + i), 1).expect("read"),
                 data(t * 1000 + i, 1, 4096)
             );
         }
@@ -200,7 +200,7 @@ fn background_flusher_checkpoints_without_help() {
     )
     .expect("create");
     for i in 0..10 {
-        v.write(i, &data(i, 1, 4096)).expect("write");
+        v.write(Lba(i), &data(i, 1, 4096)).expect("write");
     }
     // The flusher syncs and flushes on its own; wait for the outcome, not for a duration.
     while v.status().checkpoint < Lsn(10) {

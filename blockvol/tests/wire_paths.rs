@@ -5,8 +5,8 @@
 //! `write_chunk`.
 
 use blockvol::{
-    ApplyOutcome, BaseChunk, BlockVolError, CreateOptions, EntryKind, FlushGate, Lsn, OpenOptions,
-    Role, Volume, WalEntry,
+    ApplyOutcome, BaseChunk, BlockVolError, CreateOptions, EntryKind, Epoch, FlushGate, Lba, Lsn,
+    OpenOptions, Role, Volume, WalEntry,
 };
 
 fn opts() -> CreateOptions {
@@ -34,14 +34,14 @@ fn block(seed: u64) -> Vec<u8> {
 fn primary() -> Volume {
     let (v, _d) = Volume::create_sim(&opts(), &open()).expect("create");
     for i in 0..20u64 {
-        v.write(i % 50, &block(i)).expect("write");
+        v.write(Lba(i % 50), &block(i)).expect("write");
     }
     let mut two = block(100);
     two.extend_from_slice(&block(101));
-    v.write(60, &two).expect("write two blocks");
-    v.trim(3, 4).expect("trim");
+    v.write(Lba(60), &two).expect("write two blocks");
+    v.trim(Lba(3), 4).expect("trim");
     v.barrier().expect("barrier");
-    v.write(7, &block(7)).expect("write");
+    v.write(Lba(7), &block(7)).expect("write");
     v
 }
 
@@ -80,8 +80,8 @@ fn apply_encoded_applies_like_apply() {
     }
     let (a, _da) = Volume::create_sim(&opts(), &open()).expect("create");
     let (b, _db) = Volume::create_sim(&opts(), &open()).expect("create");
-    a.assign(Role::Replica, 1).expect("assign");
-    b.assign(Role::Replica, 1).expect("assign");
+    a.assign(Role::Replica, Epoch(1)).expect("assign");
+    b.assign(Role::Replica, Epoch(1)).expect("assign");
     let mut rest = frames.as_slice();
     for _ in 0..n {
         let (e, used) = WalEntry::decode_prefix(rest).expect("decode");
@@ -99,9 +99,9 @@ fn apply_encoded_applies_like_apply() {
     assert_eq!(outcome, ApplyOutcome::Duplicate);
     let other = WalEntry {
         lsn: Lsn(1),
-        epoch: 1,
+        epoch: Epoch(1),
         kind: EntryKind::Write {
-            lba: 0,
+            lba: Lba(0),
             data: block(999),
         },
     }
@@ -115,9 +115,9 @@ fn apply_encoded_applies_like_apply() {
     let head = a.status().head;
     let mut bad = WalEntry {
         lsn: Lsn(head.0 + 1),
-        epoch: 1,
+        epoch: Epoch(1),
         kind: EntryKind::Write {
-            lba: 1,
+            lba: Lba(1),
             data: block(5),
         },
     }
@@ -149,7 +149,7 @@ fn base_frames_are_encoded_chunks_and_install_like_chunks() {
         assert_eq!(f, &c.encode().expect("encode"));
     }
     let (r, _dr) = Volume::create_sim(&opts(), &open()).expect("create");
-    r.assign(Role::Replica, 1).expect("assign");
+    r.assign(Role::Replica, Epoch(1)).expect("assign");
     let mut install = r.begin_base_install(pin.install_spec()).expect("begin");
     let mut bad = frames[0].clone();
     let last = bad.len() - 1;
@@ -171,7 +171,7 @@ fn start_writeback_changes_nothing_visible() {
     let path = dir.path().join("v.vol");
     let v = Volume::create(&path, &opts(), &open()).expect("create");
     for i in 0..10u64 {
-        v.write(i, &block(i)).expect("write");
+        v.write(Lba(i), &block(i)).expect("write");
     }
     let before = v.status();
     v.start_writeback();

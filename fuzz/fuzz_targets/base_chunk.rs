@@ -3,7 +3,7 @@
 //! re-encodes to the same bytes.
 #![no_main]
 
-use blockvol::BaseChunk;
+use blockvol::{BaseChunk, Lba};
 use blockvol::format::{
     CHUNK_HEADER_SIZE, CHUNK_MAGIC, CHUNK_OFF_BLOCKS, CHUNK_OFF_CRC, CHUNK_OFF_DATA_LEN,
     CHUNK_OFF_LBA, CHUNK_OFF_MAGIC,
@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
                 .try_into()
                 .expect("4"),
         );
-        let crc = BaseChunk::new(lba, blocks, b[CHUNK_HEADER_SIZE..].to_vec()).crc;
+        let crc = BaseChunk::new(Lba(lba), blocks, b[CHUNK_HEADER_SIZE..].to_vec()).crc;
         b[CHUNK_OFF_CRC..CHUNK_OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
     }
     if let Ok(c) = BaseChunk::decode(&b) {

@@ -13,15 +13,15 @@ use blockvol::format::{
     content_crc,
 };
 use blockvol::{
-    CreateOptions, EntryInfo, EntryKind, FlushGate, Lsn, OpenOptions, Role, SimDisk, Volume,
-    WalEntry,
+    CreateOptions, EntryInfo, EntryKind, Epoch, FlushGate, Lba, Lsn, OpenOptions, Role, SimDisk,
+    Volume, WalEntry,
 };
 use libfuzzer_sys::fuzz_target;
 use v2bridge::{
     ApplyRequest, BaseBeginRequest, BaseChunkRequest, Lineage, LocalReplica, ReplicaTarget,
 };
 
-const EPOCH: u64 = 5;
+const EPOCH: Epoch = Epoch(5);
 
 fn opts() -> OpenOptions {
     OpenOptions {
@@ -36,7 +36,7 @@ fn entry(lsn: u64) -> WalEntry {
         lsn: Lsn(lsn),
         epoch: EPOCH,
         kind: EntryKind::Write {
-            lba: lsn % 64,
+            lba: Lba(lsn % 64),
             data: vec![lsn as u8; 512],
         },
     }
@@ -104,7 +104,7 @@ fuzz_target!(|data: &[u8]| {
         if epoch_sel < 200 {
             EPOCH
         } else {
-            u64::from(epoch_sel)
+            Epoch(u64::from(epoch_sel))
         },
         1,
     );

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use blockvol::format::{ENTRY_HEADER_SIZE, ENTRY_OFF_HEADER_CRC, SB_OFF_CRC, SB_SLOT_SIZE};
-use blockvol::{CreateOptions, Lsn, OpenOptions, RetentionPolicy, SimDisk, Volume};
+use blockvol::{CreateOptions, Lba, Lsn, OpenOptions, RetentionPolicy, SimDisk, Volume};
 use libfuzzer_sys::fuzz_target;
 
 struct Known {
@@ -46,9 +46,9 @@ fn known() -> &'static Known {
             let blocks = 1 + (i * 5) % 9;
             let lba = (i * 11) % (64 - blocks);
             if i % 11 == 4 {
-                v.trim(lba, blocks).expect("trim");
+                v.trim(Lba(lba), blocks).expect("trim");
             } else {
-                v.write(lba, &vec![i as u8; (blocks * 512) as usize])
+                v.write(Lba(lba), &vec![i as u8; (blocks * 512) as usize])
                     .expect("write");
             }
             if i % 3 == 2 {
@@ -84,7 +84,7 @@ fn exercise(v: Volume, disk: &SimDisk) {
         }
     }
     let block = vec![0x5Au8; g.block_size as usize];
-    let _ = v.write(g.volume_blocks.saturating_sub(1), &block);
+    let _ = v.write(Lba(g.volume_blocks.saturating_sub(1)), &block);
     let _ = v.sync();
     let _ = v.force_flush();
     let _ = v.truncate_after(v.status().checkpoint);

@@ -522,7 +522,7 @@ pub fn replica_crash_mid_base_install() -> Result<ScenarioReport, String> {
     let mut io = BridgeIo::new(
         Arc::clone(h.storage_adapter()),
         target,
-        Lineage::new("harness-primary", 1, sid.get()),
+        Lineage::new("harness-primary", blockvol::Epoch(1), sid.get()),
         head,
     );
     let result = RebuildExecutor::new(&driver, plan)

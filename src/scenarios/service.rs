@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use blockvol::{CreateOptions, OpenOptions, RetentionPolicy, Volume};
+use blockvol::{CreateOptions, Lba, OpenOptions, RetentionPolicy, Volume};
 use controlbridge::{BlockVolumeAssignment, RecoveryRecord};
 use engine::ReplicaState;
 use engine::conformance::ScenarioReport;
@@ -146,7 +146,10 @@ fn write_committed(vol: &Volume, n: u64) -> Result<u64, String> {
     for _ in 0..n {
         let lsn = head + 1;
         let got = vol
-            .write(lsn % BLOCKS, &block_pattern(lsn, 0, BLOCK_SIZE as usize))
+            .write(
+                Lba(lsn % BLOCKS),
+                &block_pattern(lsn, 0, BLOCK_SIZE as usize),
+            )
             .map_err(|e| format!("write {lsn}: {e}"))?;
         head = got.0;
     }

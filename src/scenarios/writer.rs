@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use blockvol::{CreateOptions, FlushGate, RetentionPolicy, Role, Volume};
+use blockvol::{CreateOptions, Epoch, FlushGate, Lba, RetentionPolicy, Role, Volume};
 use engine::conformance::{ScenarioReport, replica_id};
 use engine::{
     CatchUpExecutor, Lsn, Outcome, RecoveryDriver, ReplicaHandshake, ReplicaState, SessionKind,
@@ -41,7 +41,7 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
             .map_err(|e| e.to_string())?,
     );
     primary
-        .assign(Role::Primary, 1)
+        .assign(Role::Primary, Epoch(1))
         .map_err(|e| e.to_string())?;
     // Keep enough history behind the checkpoint that the chase never falls beyond retention
     // (the WAL holds all of it): this scenario is about chasing a moving head, not about
@@ -54,7 +54,7 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
         Volume::create(dir.path().join("r1.vol"), &create, &opts).map_err(|e| e.to_string())?,
     );
     replica_vol
-        .assign(Role::Replica, 1)
+        .assign(Role::Replica, Epoch(1))
         .map_err(|e| e.to_string())?;
     let mut replica = LocalReplica::new(Arc::clone(&replica_vol));
     let storage = Arc::new(BlockVolStorage::new(Arc::clone(&primary)));
@@ -64,7 +64,7 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
     let bs = BLOCK_SIZE as usize;
     for lsn in 1..=200u64 {
         primary
-            .write(lsn % BLOCKS, &block_pattern(lsn, 0, bs))
+            .write(Lba(lsn % BLOCKS), &block_pattern(lsn, 0, bs))
             .map_err(|e| e.to_string())?;
     }
     primary.sync().map_err(|e| e.to_string())?;
@@ -95,7 +95,7 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
             while head < WRITES && !stop.load(Ordering::Relaxed) {
                 let lsn = head + 1;
                 let got = primary
-                    .write(lsn % BLOCKS, &block_pattern(lsn, 0, bs))
+                    .write(Lba(lsn % BLOCKS), &block_pattern(lsn, 0, bs))
                     .map_err(|e| format!("writer at {lsn}: {e}"))?;
                 head = got.0;
                 if head % 50 == 0 {
@@ -145,7 +145,7 @@ pub fn recovery_with_concurrent_writer() -> Result<ScenarioReport, String> {
             let mut io = BridgeIo::new(
                 Arc::clone(&storage),
                 replica.clone(),
-                Lineage::new("vs1", 1, sid.get()),
+                Lineage::new("vs1", Epoch(1), sid.get()),
                 target,
             );
             let seen = Arc::clone(&written);

@@ -72,7 +72,10 @@ impl VolumeBackend for SimBackend {
             .proc(&self.server)
             .ok_or_else(|| be(format!("{} has no process", self.server)))?;
         p.vol
-            .assign(blockvol_role(role), epoch.get())
+            .assign(
+                blockvol_role(role),
+                v2bridge::convert::epoch_to_blockvol(epoch),
+            )
             .map_err(|e| be(format!("assign {}: {e}", self.server)))?;
         let (data, rebuild) = match role {
             BlockRole::Primary => (false, true),
@@ -146,7 +149,11 @@ impl VolumeBackend for SimBackend {
         // `DataDirBackend::lineage`: session IDs restart with a restarted registry.
         let incarnation = w.proc(&self.server).map_or(0, |p| p.incarnation);
         let driver = format!("{}#{incarnation}", self.server);
-        let lineage = Lineage::new(&driver, epoch.get(), session.get());
+        let lineage = Lineage::new(
+            &driver,
+            v2bridge::convert::epoch_to_blockvol(epoch),
+            session.get(),
+        );
         let (storage, target, source) = match route {
             Route::Push { endpoint } => {
                 let p = w

@@ -24,11 +24,11 @@ pub struct Oracle {
 pub fn apply_entry(image: &mut [u8], entry: &WalEntry, block_bytes: usize) {
     match &entry.kind {
         EntryKind::Write { lba, data } => {
-            let off = *lba as usize * block_bytes;
+            let off = lba.0 as usize * block_bytes;
             image[off..off + data.len()].copy_from_slice(data);
         }
         EntryKind::Trim { lba, blocks } => {
-            let off = *lba as usize * block_bytes;
+            let off = lba.0 as usize * block_bytes;
             image[off..off + *blocks as usize * block_bytes].fill(0);
         }
         EntryKind::Barrier => {}
@@ -180,13 +180,14 @@ impl Oracle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blockvol::{Epoch, Lba};
 
     fn write(lsn: u64, lba: u64, byte: u8) -> WalEntry {
         WalEntry {
             lsn: Lsn(lsn),
-            epoch: 1,
+            epoch: Epoch(1),
             kind: EntryKind::Write {
-                lba,
+                lba: Lba(lba),
                 data: vec![byte; 512],
             },
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use blockvol::{
     BlockVolError, CrashMode, CreateOptions, Digest, EntryInfo, EntryKind, FlushGate, FlusherMode,
-    Lsn as BvLsn, OpenOptions, RetentionPolicy, Role, SimDisk, Volume, WalEntry,
+    Lba, Lsn as BvLsn, OpenOptions, RetentionPolicy, Role, SimDisk, Volume, WalEntry,
 };
 use controlbridge::{BlockVolumeAssignment, ReplicaAddr};
 use engine::{
@@ -379,7 +379,7 @@ pub(crate) struct VolPrint {
     durable: u64,
     checkpoint: u64,
     tail: u64,
-    epoch: u64,
+    epoch: blockvol::Epoch,
     role: Role,
     generation: u64,
     install_incomplete: bool,
@@ -625,11 +625,17 @@ impl World {
                 let lba = self.rng.below(BLOCKS - blocks + 1);
                 let mut data = vec![0u8; blocks as usize * bs];
                 self.rng.fill(&mut data);
-                EntryKind::Write { lba, data }
+                EntryKind::Write {
+                    lba: Lba(lba),
+                    data,
+                }
             } else {
                 let blocks = self.rng.range(1, 8);
                 let lba = self.rng.below(BLOCKS - blocks + 1);
-                EntryKind::Trim { lba, blocks }
+                EntryKind::Trim {
+                    lba: Lba(lba),
+                    blocks,
+                }
             };
             let write = |kind: &EntryKind| match kind {
                 EntryKind::Write { lba, data } => p.vol.write_in_epoch(st.epoch, *lba, data),
@@ -1075,16 +1081,18 @@ impl World {
         let mut stale: Vec<Lineage> = self
             .lineages
             .iter()
-            .filter(|(s, l)| s == server && l.epoch < known)
+            .filter(|(s, l)| s == server && l.epoch < blockvol::Epoch(known))
             .map(|(_, l)| *l)
             .collect();
         stale.extend(self.net.superseded_lineages(server));
         let picked = self.rng.pick(&stale).copied();
         let mut lineage = match picked {
             Some(l) => l,
-            None if known > 0 => {
-                Lineage::new(&self.master.primary, known - 1, 1 + self.rng.below(5))
-            }
+            None if known > 0 => Lineage::new(
+                &self.master.primary,
+                blockvol::Epoch(known - 1),
+                1 + self.rng.below(5),
+            ),
             None => return,
         };
         if self.bug(Bug::StaleStampedCurrent) {
@@ -1227,16 +1235,19 @@ impl World {
         for s in self.master.servers.clone() {
             let Some(p) = self.proc(&s) else { continue };
             let st = p.vol.status();
-            if s != self.master.primary && st.role != Role::Primary && st.epoch == 0 {
+            if s != self.master.primary
+                && st.role != Role::Primary
+                && st.epoch == blockvol::Epoch(0)
+            {
                 continue;
             }
-            let old = st.epoch.saturating_sub(1 + self.rng.below(2));
+            let old = blockvol::Epoch(st.epoch.0.saturating_sub(1 + self.rng.below(2)));
             if old == st.epoch {
                 continue;
             }
             let before = self.vol_print(&s);
             let data = vec![0xEE; BLOCK_BYTES as usize];
-            let r = p.vol.write_in_epoch(old, 0, &data);
+            let r = p.vol.write_in_epoch(old, Lba(0), &data);
             let after = self.vol_print(&s);
             self.stats.stale_checks += 1;
             if r.is_ok() || before != after {

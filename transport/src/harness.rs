@@ -244,7 +244,11 @@ impl Harness for NetHarness {
         Ok(BridgeIo::new(
             Arc::clone(self.local.storage_adapter()),
             target,
-            Lineage::new("harness-primary", epoch.get(), session.get()),
+            Lineage::new(
+                "harness-primary",
+                v2bridge::convert::epoch_to_blockvol(epoch),
+                session.get(),
+            ),
             committed,
         ))
     }

@@ -22,7 +22,7 @@
 //! # let dir = tempfile::tempdir()?;
 //! # let opts = blockvol::CreateOptions { volume_size_bytes: 1 << 20, wal_size_bytes: 1 << 20, block_size: 4096 };
 //! # let vol = blockvol::Volume::create(dir.path().join("r.vol"), &opts, &blockvol::OpenOptions::default())?;
-//! # vol.assign(blockvol::Role::Replica, 1)?;
+//! # vol.assign(blockvol::Role::Replica, blockvol::Epoch(1))?;
 //! let volumes = Arc::new(Volumes::new());
 //! volumes.insert("vol1", LocalReplica::new(Arc::new(vol)));
 //! let server = ReplicaServer::start("127.0.0.1:0".parse()?, ServerConfig::default(), volumes)?;

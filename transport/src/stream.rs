@@ -500,7 +500,7 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
         .plan_recovery(&id, handshake(&hs))
         .map_err(|e| format!("plan: {e}"))?;
     let sid = plan.session_id().ok_or("plan without a session")?.get();
-    let lineage = |sid: u64| Lineage::new(&sh.config.driver, sh.config.epoch, sid);
+    let lineage = |sid: u64| Lineage::new(&sh.config.driver, blockvol::Epoch(sh.config.epoch), sid);
     let committed = to_engine(sh.primary.status().committed);
     let (conn, lineage, moved) = match plan.step() {
         PlanStep::InSync => (conn, lineage(sid), false),

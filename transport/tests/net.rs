@@ -38,7 +38,8 @@ fn replica_volume(dir: &std::path::Path, name: &str) -> Arc<Volume> {
         &OpenOptions::manual(),
     )
     .expect("create volume");
-    vol.assign(Role::Replica, 1).expect("assign replica");
+    vol.assign(Role::Replica, blockvol::Epoch(1))
+        .expect("assign replica");
     Arc::new(vol)
 }
 
@@ -166,7 +167,7 @@ impl Raw {
 }
 
 fn lineage(epoch: u64, session: u64) -> Lineage {
-    Lineage::new("test-primary", epoch, session)
+    Lineage::new("test-primary", blockvol::Epoch(epoch), session)
 }
 
 fn barrier(l: Lineage) -> BarrierRequest {

@@ -30,7 +30,7 @@ fn create(path: &Path, role: Role) -> Volume {
         block_size: BLOCK as u32,
     };
     let vol = Volume::create(path, &opts, &volume_options(FlushGate::Committed)).expect("create");
-    vol.assign(role, 1).expect("assign");
+    vol.assign(role, blockvol::Epoch(1)).expect("assign");
     vol
 }
 
@@ -94,7 +94,10 @@ impl Cluster {
             }
             let off = lba as usize * BLOCK;
             self.oracle[off..off + BLOCK].copy_from_slice(&data);
-            lsn = self.primary.write(lba, &data).expect("primary write");
+            lsn = self
+                .primary
+                .write(blockvol::Lba(lba), &data)
+                .expect("primary write");
         }
         lsn
     }

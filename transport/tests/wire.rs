@@ -16,13 +16,13 @@ use v2bridge::{
 };
 
 fn lineage() -> Lineage {
-    Lineage::new("primary-a", 7, 42)
+    Lineage::new("primary-a", blockvol::Epoch(7), 42)
 }
 
 fn entry(lsn: u64) -> EntryInfo {
     EntryInfo {
         lsn: Lsn(lsn),
-        epoch: 3,
+        epoch: blockvol::Epoch(3),
         content_crc: 0xDEAD_BEEF,
     }
 }
@@ -102,14 +102,14 @@ fn samples() -> Vec<Message> {
             head: Lsn(70),
             tip: entry(70),
             checkpoint: Lsn(40),
-            epoch: 3,
+            epoch: blockvol::Epoch(3),
             install_incomplete: false,
         })),
         reply(Reply::Probe(ProbeReply {
             head: Lsn(70),
             checkpoint: Lsn(40),
             committed: Lsn(60),
-            epoch: 3,
+            epoch: blockvol::Epoch(3),
             install_incomplete: true,
             digest: Some(u128::MAX - 5),
         })),
@@ -295,7 +295,7 @@ fn lying_fields_are_typed_errors() {
     ));
     // A zero lineage.
     let zero = encoded(&request(Request::BaseFinish(Lineage {
-        epoch: 0,
+        epoch: blockvol::Epoch(0),
         session: 0,
         driver: 1,
     })));

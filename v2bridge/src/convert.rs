@@ -1,5 +1,6 @@
 //! Conversions between blockvol's and the engine's vocabularies. The two crates define their
-//! own `Lsn` on purpose (neither knows the other); this is the only place that maps them.
+//! own `Lsn` and `Epoch` on purpose (neither knows the other); this is the only place that maps
+//! them.
 
 use blockvol::{BlockVolError, EntryInfo};
 use engine::{EntryId, Epoch, Lsn, ReplicaHandshake, StorageError, TransferError};
@@ -16,11 +17,21 @@ pub fn to_blockvol(lsn: Lsn) -> blockvol::Lsn {
     blockvol::Lsn(lsn.get())
 }
 
+/// blockvol epoch to engine epoch.
+pub fn epoch_to_engine(epoch: blockvol::Epoch) -> Epoch {
+    Epoch(epoch.0)
+}
+
+/// Engine epoch to blockvol epoch.
+pub fn epoch_to_blockvol(epoch: Epoch) -> blockvol::Epoch {
+    blockvol::Epoch(epoch.get())
+}
+
 /// blockvol's entry identity as the engine's.
 pub fn entry_id(info: EntryInfo) -> EntryId {
     EntryId {
         lsn: to_engine(info.lsn),
-        epoch: Epoch(info.epoch),
+        epoch: epoch_to_engine(info.epoch),
         checksum: info.content_crc,
     }
 }
@@ -39,7 +50,7 @@ pub fn handshake(reply: &HandshakeReply) -> ReplicaHandshake {
 pub fn entry_info(id: EntryId) -> EntryInfo {
     EntryInfo {
         lsn: to_blockvol(id.lsn),
-        epoch: id.epoch.get(),
+        epoch: epoch_to_blockvol(id.epoch),
         content_crc: id.checksum,
     }
 }

@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blockvol::{
-    CreateOptions, Digest, EntryKind, FlushGate, OpenOptions, RetentionPolicy, Role, Volume,
+    CreateOptions, Digest, EntryKind, FlushGate, Lba, OpenOptions, RetentionPolicy, Role, Volume,
     WalEntry,
 };
 use engine::conformance::Harness;
 use engine::{Epoch, Lsn, PinKind, ReplicaHandshake, SessionId, StorageAdapter};
 
-use crate::convert::{to_blockvol, to_engine};
+use crate::convert::{epoch_to_blockvol, to_blockvol, to_engine};
 use crate::io::BridgeIo;
 use crate::storage::BlockVolStorage;
 use crate::target::{Lineage, LocalReplica, ReplicaTarget};
@@ -50,9 +50,9 @@ pub fn append_divergent(vol: &Volume, n: u64) -> Result<Lsn, String> {
         let lsn = head + 1;
         let entry = WalEntry {
             lsn: blockvol::Lsn(lsn),
-            epoch: 1,
+            epoch: blockvol::Epoch(1),
             kind: EntryKind::Write {
-                lba: lsn % HARNESS_BLOCKS,
+                lba: Lba(lsn % HARNESS_BLOCKS),
                 data: block_pattern(lsn, 0xD1FF, bs),
             },
         };
@@ -93,7 +93,7 @@ impl BlockVolHarness {
             .map_err(|e| format!("temporary directory: {e}"))?;
         let primary = Arc::new(Self::create_volume(dir.path(), "primary")?);
         primary
-            .assign(Role::Primary, 1)
+            .assign(Role::Primary, blockvol::Epoch(1))
             .map_err(|e| format!("assign primary: {e}"))?;
         let storage = Arc::new(BlockVolStorage::new(Arc::clone(&primary)));
         Ok(BlockVolHarness {
@@ -122,7 +122,7 @@ impl BlockVolHarness {
     /// open it.
     pub fn create_replica(&self, dir: &Path, name: &str, prefix: Lsn) -> Result<Volume, String> {
         let vol = Self::create_volume(dir, name)?;
-        vol.assign(Role::Replica, 1)
+        vol.assign(Role::Replica, blockvol::Epoch(1))
             .map_err(|e| format!("assign replica {name}: {e}"))?;
         if prefix > Lsn::ZERO {
             let scan = self
@@ -239,7 +239,7 @@ impl Harness for BlockVolHarness {
             let lba = lsn % HARNESS_BLOCKS;
             let got = self
                 .primary
-                .write(lba, &block_pattern(lsn, 0, bs))
+                .write(Lba(lba), &block_pattern(lsn, 0, bs))
                 .map_err(|e| format!("primary write {lsn}: {e}"))?;
             if got.0 != lsn {
                 return Err(format!("primary assigned lsn {got}, expected {lsn}"));
@@ -301,7 +301,7 @@ impl Harness for BlockVolHarness {
         Ok(BridgeIo::new(
             Arc::clone(&self.storage),
             target,
-            Lineage::new("harness-primary", epoch.get(), session.get()),
+            Lineage::new("harness-primary", epoch_to_blockvol(epoch), session.get()),
             committed,
         ))
     }

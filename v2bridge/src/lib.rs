@@ -23,7 +23,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use blockvol::{CreateOptions, OpenOptions, Role, Volume};
+//! use blockvol::{CreateOptions, Lba, OpenOptions, Role, Volume};
 //! use engine::*;
 //! use v2bridge::{BlockVolStorage, BridgeIo, Lineage, LocalReplica, ReplicaTarget};
 //!
@@ -32,10 +32,10 @@
 //! let open = OpenOptions::manual();
 //! let primary = Arc::new(Volume::create(dir.path().join("p.img"), &create, &open).unwrap());
 //! let replica = Arc::new(Volume::create(dir.path().join("r.img"), &create, &open).unwrap());
-//! primary.assign(Role::Primary, 1).unwrap();
-//! replica.assign(Role::Replica, 1).unwrap();
+//! primary.assign(Role::Primary, blockvol::Epoch(1)).unwrap();
+//! replica.assign(Role::Replica, blockvol::Epoch(1)).unwrap();
 //! for lba in 0..50 {
-//!     primary.write(lba, &[lba as u8 + 1; 4096]).unwrap();
+//!     primary.write(Lba(lba), &[lba as u8 + 1; 4096]).unwrap();
 //! }
 //! primary.sync().unwrap();
 //! primary.set_committed(primary.status().head); // as the replicas' acknowledgements would
@@ -55,7 +55,7 @@
 //! let handshake = v2bridge::convert::handshake(&target.handshake().unwrap());
 //! let plan = driver.plan_recovery(&id, handshake).unwrap();
 //! let committed = storage.get_retained_history().unwrap().committed_lsn;
-//! let lineage = Lineage::new("vs1", 1, session.get());
+//! let lineage = Lineage::new("vs1", v2bridge::convert::epoch_to_blockvol(intent.epoch), session.get());
 //! let mut io = BridgeIo::new(storage, target, lineage, committed);
 //! let report = CatchUpExecutor::new(&driver, plan).execute(&mut io).unwrap();
 //! assert_eq!((report.entries_applied, report.final_state), (50, ReplicaState::InSync));

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use blockvol::{
-    ApplyOutcome, BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Geometry, Lsn, Role,
-    Volume,
+    ApplyOutcome, BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Epoch, Geometry, Lsn,
+    Role, Volume,
 };
 
 /// The recovery session a request belongs to. Within one driver, ordered by epoch, then
@@ -26,7 +26,7 @@ use blockvol::{
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lineage {
     /// The session's epoch.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// The session's ID, unique within the driver's registry.
     pub session: u64,
     /// A stable tag of the engine driving the session (see [`Lineage::driver_tag`]).
@@ -35,7 +35,7 @@ pub struct Lineage {
 
 impl Lineage {
     /// A lineage for `session` at `epoch`, driven by the server `driver`.
-    pub fn new(driver: &str, epoch: u64, session: u64) -> Self {
+    pub fn new(driver: &str, epoch: Epoch, session: u64) -> Self {
         Lineage {
             epoch,
             session,
@@ -61,7 +61,7 @@ pub struct HandshakeReply {
     /// Entries at or below this are in the replica's extent and cannot be truncated.
     pub checkpoint: Lsn,
     /// The replica's persisted epoch.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// A base install was interrupted: the replica is not a valid copy.
     pub install_incomplete: bool,
 }

@@ -7,7 +7,7 @@ mod common;
 use engine::ReplicaHandshake;
 use std::sync::Arc;
 
-use blockvol::{BaseInstallSpec, EntryInfo, RetentionPolicy};
+use blockvol::{BaseInstallSpec, EntryInfo, Lba, RetentionPolicy};
 use common::*;
 use engine::conformance::Harness;
 use engine::{
@@ -205,7 +205,7 @@ fn install_incomplete_volume_is_refused_as_a_primary() {
         base_lsn: blsn(5),
         base_entry: EntryInfo {
             lsn: blsn(5),
-            epoch: 1,
+            epoch: blockvol::Epoch(1),
             content_crc: 0xDEAD_BEEF,
         },
         geometry: p.geometry(),
@@ -386,7 +386,7 @@ fn a_full_base_pin_freezes_the_extent_at_its_lsn_while_writes_continue() {
     assert_eq!(p.force_flush().unwrap(), blsn(8), "the fence must hold");
     for lba in 0..8 {
         assert_eq!(
-            p.read(lba, 1).unwrap(),
+            p.read(Lba(lba), 1).unwrap(),
             block_pattern(9 + lba, 7, BS),
             "reads see the new write at lba {lba}"
         );

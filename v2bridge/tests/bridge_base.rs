@@ -443,7 +443,7 @@ fn local_replica_refuses_older_lineages_and_persists_a_newer_epoch() {
     let replica = replica_volume(dir.path(), "r1");
     seed_replica(&p, &replica, 10);
     let mut lr = local(&replica);
-    let current = Lineage::new(DRIVER, 1, 5);
+    let current = Lineage::new(DRIVER, blockvol::Epoch(1), 5);
     let r = lr.apply(apply_req(&p, current, 11, 12)).unwrap();
     assert_eq!((r.applied_to, r.applied), (blsn(12), 2));
 
@@ -453,7 +453,10 @@ fn local_replica_refuses_older_lineages_and_persists_a_newer_epoch() {
         base_entry: p.entry_info(blsn(20)).unwrap(),
         geometry: p.geometry(),
     };
-    for stale in [Lineage::new(DRIVER, 1, 4), Lineage::new(DRIVER, 0, 99)] {
+    for stale in [
+        Lineage::new(DRIVER, blockvol::Epoch(1), 4),
+        Lineage::new(DRIVER, blockvol::Epoch(0), 99),
+    ] {
         let before = (replica.status(), digest(&replica));
         assert!(fenced(lr.apply(apply_req(&p, stale, 13, 14))));
         assert!(fenced(lr.truncate(TruncateRequest {
@@ -488,14 +491,14 @@ fn local_replica_refuses_older_lineages_and_persists_a_newer_epoch() {
     let before = (replica.status(), digest(&replica));
     assert!(fenced(lr.apply(apply_req(
         &p,
-        Lineage::new("other", 0, 1),
+        Lineage::new("other", blockvol::Epoch(0), 1),
         13,
         14
     ))));
     assert_eq!((replica.status(), digest(&replica)), before);
     let b = lr
         .barrier(BarrierRequest {
-            lineage: Lineage::new("other", 1, 1),
+            lineage: Lineage::new("other", blockvol::Epoch(1), 1),
             target: blsn(12),
             expected_tip: p.entry_info(blsn(12)).ok(),
             committed: p.status().committed,
@@ -505,36 +508,41 @@ fn local_replica_refuses_older_lineages_and_persists_a_newer_epoch() {
 
     // The accepted lineage still works; a newer epoch wins over a higher session number.
     lr.apply(apply_req(&p, current, 13, 14)).unwrap();
-    let newer = Lineage::new(DRIVER, 2, 1);
+    let newer = Lineage::new(DRIVER, blockvol::Epoch(2), 1);
     lr.apply(apply_req(&p, newer, 15, 15)).unwrap();
-    assert_eq!(replica.status().epoch, 2);
+    assert_eq!(replica.status().epoch, blockvol::Epoch(2));
     assert_eq!(replica.status().role, Role::Replica);
     assert!(fenced(lr.apply(apply_req(
         &p,
-        Lineage::new(DRIVER, 1, 100),
+        Lineage::new(DRIVER, blockvol::Epoch(1), 100),
         16,
         16
     ))));
     assert_eq!(replica.status().head, blsn(15));
-    assert_eq!(lr.handshake().unwrap().epoch, 2);
+    assert_eq!(lr.handshake().unwrap().epoch, blockvol::Epoch(2));
 
     // The epoch is on disk: a fresh replica process over the reopened volume still fences
     // epoch 1, whatever session it names.
     drop(lr);
     drop(replica);
     let replica = reopen_volume(dir.path(), "r1");
-    assert_eq!(replica.status().epoch, 2);
+    assert_eq!(replica.status().epoch, blockvol::Epoch(2));
     assert_eq!(replica.status().head, blsn(15));
     let mut lr = local(&replica);
     assert!(fenced(lr.apply(apply_req(
         &p,
-        Lineage::new(DRIVER, 1, 1000),
+        Lineage::new(DRIVER, blockvol::Epoch(1), 1000),
         16,
         16
     ))));
     assert_eq!(replica.status().head, blsn(15));
-    lr.apply(apply_req(&p, Lineage::new(DRIVER, 2, 1), 16, 16))
-        .unwrap();
+    lr.apply(apply_req(
+        &p,
+        Lineage::new(DRIVER, blockvol::Epoch(2), 1),
+        16,
+        16,
+    ))
+    .unwrap();
     assert_eq!(replica.status().head, blsn(16));
 }
 

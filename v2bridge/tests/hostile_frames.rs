@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockvol::{
-    BaseChunk, CreateOptions, EntryInfo, EntryKind, FlushGate, Geometry, Lsn, OpenOptions, Role,
-    Volume, WalEntry,
+    BaseChunk, CreateOptions, EntryInfo, EntryKind, Epoch, FlushGate, Geometry, Lba, Lsn,
+    OpenOptions, Role, Volume, WalEntry,
 };
 use proptest::prelude::*;
 use v2bridge::{
@@ -42,15 +42,15 @@ struct Fixture {
 fn entry(lsn: u64) -> WalEntry {
     WalEntry {
         lsn: Lsn(lsn),
-        epoch: EPOCH,
+        epoch: Epoch(EPOCH),
         kind: if lsn.is_multiple_of(5) {
             EntryKind::Trim {
-                lba: lsn % BLOCKS,
+                lba: Lba(lsn % BLOCKS),
                 blocks: 1,
             }
         } else {
             EntryKind::Write {
-                lba: (lsn * 3) % BLOCKS,
+                lba: Lba((lsn * 3) % BLOCKS),
                 data: vec![lsn as u8; BS as usize],
             }
         },
@@ -66,7 +66,7 @@ fn fixture(held: u64) -> Fixture {
         block_size: BS as u32,
     };
     let vol = Volume::create(&path, &opts, &open_opts()).expect("create");
-    vol.assign(Role::Replica, EPOCH).expect("assign");
+    vol.assign(Role::Replica, Epoch(EPOCH)).expect("assign");
     for lsn in 1..=held {
         vol.apply(&entry(lsn)).expect("apply");
     }
@@ -120,7 +120,7 @@ fn crc32(data: &[u8]) -> u32 {
 }
 
 fn lineage(epoch: u64) -> Lineage {
-    Lineage::new("primary-a", epoch, 7)
+    Lineage::new("primary-a", Epoch(epoch), 7)
 }
 
 fn typed(e: &TargetError) -> bool {
@@ -191,7 +191,7 @@ proptest! {
         let anchor = if anchor_ok {
             tip
         } else {
-            EntryInfo { lsn: Lsn(anchor_lsn), epoch: EPOCH, content_crc: 0xDEAD_BEEF }
+            EntryInfo { lsn: Lsn(anchor_lsn), epoch: Epoch(EPOCH), content_crc: 0xDEAD_BEEF }
         };
         // How many leading frames are valid entries for held + 1...
         let (bytes, valid_prefix) = match &f {
@@ -267,10 +267,10 @@ proptest! {
         fx.replica.begin_base(BaseBeginRequest {
             lineage: lineage(EPOCH),
             base_lsn: Lsn(20),
-            base_entry: EntryInfo { lsn: Lsn(20), epoch: EPOCH, content_crc: 1 },
+            base_entry: EntryInfo { lsn: Lsn(20), epoch: Epoch(EPOCH), content_crc: 1 },
             geometry,
         }).expect("begin");
-        let valid = BaseChunk::new(lba, blocks.min(2), vec![0x77; (u64::from(blocks.min(2)) * BS) as usize]);
+        let valid = BaseChunk::new(Lba(lba), blocks.min(2), vec![0x77; (u64::from(blocks.min(2)) * BS) as usize]);
         let frame = match mode {
             0 => noise,
             1 => {
@@ -279,7 +279,7 @@ proptest! {
                 f[i] ^= x;
                 f
             }
-            2 => BaseChunk::new(lba, blocks, vec![0x77; 100]).encode().expect("encode"),
+            2 => BaseChunk::new(Lba(lba), blocks, vec![0x77; 100]).encode().expect("encode"),
             _ => valid.encode().expect("encode"),
         };
         let fits = mode == 3 && lba + u64::from(blocks.min(2)) <= BLOCKS;
@@ -338,7 +338,7 @@ fn every_request_with_edge_scalars_is_answered_typed() {
                 target: Lsn(x),
                 expected_tip: Some(EntryInfo {
                     lsn: Lsn(x),
-                    epoch: x,
+                    epoch: Epoch(x),
                     content_crc: x as u32,
                 }),
                 committed: Lsn(x),
@@ -349,7 +349,7 @@ fn every_request_with_edge_scalars_is_answered_typed() {
                 base_lsn: Lsn(x),
                 base_entry: EntryInfo {
                     lsn: Lsn(x),
-                    epoch: EPOCH,
+                    epoch: Epoch(EPOCH),
                     content_crc: 0,
                 },
                 geometry: Geometry {
@@ -376,7 +376,7 @@ fn every_request_with_edge_scalars_is_answered_typed() {
             base_lsn: Lsn(x),
             base_entry: EntryInfo {
                 lsn: Lsn(x),
-                epoch: EPOCH,
+                epoch: Epoch(EPOCH),
                 content_crc: 0,
             },
             geometry: g,

@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
+use engine::CatchUpIo;
 use engine::conformance::Harness;
-use engine::{CatchUpIo, Epoch};
 use v2bridge::Lineage;
 
 /// Lineages carry a stable tag of the driving server's ID: FNV-1a 64, pinned to its published
@@ -30,7 +30,9 @@ fn a_fenced_replica_at_the_same_epoch_accepts_its_primarys_entries() {
     let vol = h.replica("r1").unwrap().volume();
     let epoch = vol.status().epoch;
     vol.assign(blockvol::Role::Stale, epoch).unwrap();
-    let mut io = h.io("r1", Epoch(epoch), sid(1)).unwrap();
+    let mut io = h
+        .io("r1", v2bridge::convert::epoch_to_engine(epoch), sid(1))
+        .unwrap();
     let chunk = io.stream_wal_chunk(lsn(10), head, 100).unwrap();
     assert_eq!(chunk.applied_to, head);
     assert_eq!(vol.status().role, blockvol::Role::Replica);

@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use blockvol::RetentionPolicy;
+use blockvol::{Lba, RetentionPolicy};
 use common::*;
 use engine::conformance::Harness;
 use engine::{
@@ -155,7 +155,7 @@ fn executor_real_blockvol_stream_partial_range() {
         );
     }
     // The harness writes LSN n at LBA n: 4 and 5 did not arrive.
-    assert_eq!(vol.read(4, 2).unwrap(), vec![0u8; 2 * BS]);
+    assert_eq!(vol.read(Lba(4), 2).unwrap(), vec![0u8; 2 * BS]);
     assert!(h.replica_matches_primary("r1", lsn(3)).unwrap());
 }
 
@@ -540,7 +540,10 @@ fn p2_fc2_stale_epoch() {
         .expect("catch-up at epoch 2");
     assert_eq!(r.entries_applied, 20);
     assert_eq!(state(&driver, "r1"), ReplicaState::InSync);
-    assert_eq!(h.replica("r1").unwrap().volume().status().epoch, 2);
+    assert_eq!(
+        h.replica("r1").unwrap().volume().status().epoch,
+        blockvol::Epoch(2)
+    );
 
     // The replica itself now fences the epoch-1 I/O, even if it were still around.
     assert!(matches!(

@@ -6,7 +6,7 @@
 
 mod common;
 
-use blockvol::{EntryInfo, EntryKind, Volume, WalEntry};
+use blockvol::{EntryInfo, EntryKind, Epoch, Lba, Volume, WalEntry};
 use common::*;
 use v2bridge::{ApplyRequest, BarrierRequest, Lineage, LocalReplica, ReplicaTarget};
 
@@ -41,7 +41,7 @@ fn fixture() -> Fixture {
 }
 
 fn lineage() -> Lineage {
-    Lineage::new(DRIVER, 1, 1)
+    Lineage::new(DRIVER, Epoch(1), 1)
 }
 
 /// The primary's entries `from..=to` on top of its entry at `from - 1`, told that
@@ -68,9 +68,9 @@ fn append_unverified(vol: &Volume, n: u64) {
         head += 1;
         vol.apply(&WalEntry {
             lsn: blsn(head),
-            epoch: 1,
+            epoch: Epoch(1),
             kind: EntryKind::Write {
-                lba: head % 256,
+                lba: Lba(head % 256),
                 data: block_pattern_of(head),
             },
         })

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use blockvol::format::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_WAL_SIZE, WAL_SIZE_ALIGN, entry_size};
 use blockvol::inspect::{Inspection, inspect};
-use blockvol::{CreateOptions, Lsn, OpenOptions, RetentionPolicy, Volume};
+use blockvol::{CreateOptions, Lba, Lsn, OpenOptions, RetentionPolicy, Volume};
 use clap::{Parser, Subcommand};
 
 /// The exit codes, printed by `--help` (of the program and of every command).
@@ -450,7 +450,7 @@ fn write_and_flush(v: Volume, lba: u64, data: &[u8], sync: bool) -> blockvol::Re
         if s.wal_size_bytes - s.wal_used_bytes < need {
             v.force_flush()?;
         }
-        let lsn = v.write(lba, data)?;
+        let lsn = v.write(Lba(lba), data)?;
         if sync {
             v.sync()?;
         }
@@ -521,7 +521,7 @@ fn main() -> ExitCode {
         }
         Cmd::Read { path, lba, blocks } => {
             let r = Volume::open_read_only(&path).and_then(|v| {
-                let d = v.read(lba, blocks)?;
+                let d = v.read(Lba(lba), blocks)?;
                 v.close()?;
                 Ok(d)
             });

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use blockvol::{Lsn, Volume};
+use blockvol::{Lba, Lsn, Volume};
 
 use super::{data, manual, small};
 
@@ -117,10 +117,11 @@ pub fn torn_tail_volume(path: &Path) {
     let o = small();
     let v = Volume::create(path, &o, &manual()).expect("create");
     for lba in 1..=3u64 {
-        v.write(lba, &data(lba, 1, o.block_size)).expect("write");
+        v.write(Lba(lba), &data(lba, 1, o.block_size))
+            .expect("write");
     }
     v.sync().expect("sync");
-    v.write(4, &data(4, 1, o.block_size)).expect("write 4");
+    v.write(Lba(4), &data(4, 1, o.block_size)).expect("write 4");
     let off = v.entry_file_offset(Lsn(4)).expect("offset of entry 4");
     // No close: the superblock still says checkpoint 0, and the mapped ring bytes are in the
     // page cache, so the file holds them.
@@ -136,7 +137,8 @@ pub fn corrupt_log_volume(path: &Path) {
     let o = small();
     let v = Volume::create(path, &o, &manual()).expect("create");
     for lba in 1..=3u64 {
-        v.write(lba, &data(lba, 1, o.block_size)).expect("write");
+        v.write(Lba(lba), &data(lba, 1, o.block_size))
+            .expect("write");
         v.sync().expect("sync");
     }
     let off = v.entry_file_offset(Lsn(2)).expect("offset of entry 2");

@@ -23,7 +23,7 @@
 use std::sync::{Arc, Mutex};
 
 use blockvol::format::entry_size;
-use blockvol::{CrashMode, CreateOptions, Lsn, SimDisk, SyncPoint, Volume};
+use blockvol::{CrashMode, CreateOptions, Lba, Lsn, SimDisk, SyncPoint, Volume};
 
 use super::{Model, Op, data, manual};
 
@@ -139,7 +139,7 @@ pub fn check_image(
     );
     // Invariant 4: a write after recovery lands at head + 1 and changes nothing older.
     let extra = data(0xE0E0 + head, 1, opts.block_size);
-    let lsn = v.write(5, &extra).expect("write after reopen");
+    let lsn = v.write(Lba(5), &extra).expect("write after reopen");
     assert_eq!(
         lsn,
         Lsn(head + 1),

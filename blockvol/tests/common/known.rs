@@ -5,7 +5,7 @@ use blockvol::format::{
     ENTRY_HEADER_SIZE, SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET, SB_SLOT_SIZE, Superblock, WAL_OFFSET,
     entry_size,
 };
-use blockvol::{CrashMode, CreateOptions, Digest, Lsn, RetentionPolicy, Volume};
+use blockvol::{CrashMode, CreateOptions, Digest, Lba, Lsn, RetentionPolicy, Volume};
 
 use super::{Model, Op, data, manual, tiny};
 
@@ -97,8 +97,8 @@ pub fn known_volume(closed: bool) -> Known {
             }
         };
         let lsn = match &op {
-            Op::Write { lba, data } => v.write(*lba, data),
-            Op::Trim { lba, blocks } => v.trim(*lba, *blocks),
+            Op::Write { lba, data } => v.write(Lba(*lba), data),
+            Op::Trim { lba, blocks } => v.trim(Lba(*lba), *blocks),
             Op::Barrier => v.barrier(),
         }
         .expect("append");
@@ -116,7 +116,7 @@ pub fn known_volume(closed: bool) -> Known {
     for i in 0..6u64 {
         let lba = 3 + i * 7;
         let d = data(80_000 + i, 2, bs);
-        v.write(lba, &d).expect("write");
+        v.write(Lba(lba), &d).expect("write");
         ops.push(Op::Write { lba, data: d });
         if i < 4 {
             v.sync().expect("sync");

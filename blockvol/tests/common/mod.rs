@@ -62,11 +62,11 @@ impl Op {
     pub fn from_entry(e: &WalEntry) -> Op {
         match &e.kind {
             EntryKind::Write { lba, data } => Op::Write {
-                lba: *lba,
+                lba: lba.0,
                 data: data.clone(),
             },
             EntryKind::Trim { lba, blocks } => Op::Trim {
-                lba: *lba,
+                lba: lba.0,
                 blocks: *blocks,
             },
             EntryKind::Barrier => Op::Barrier,

@@ -1,7 +1,7 @@
 //! Field readers and writers: big-endian integers, bounded strings and byte strings. Every read
 //! checks what is left first, so a short or lying payload is a typed error, never a panic.
 
-use blockvol::{EntryInfo, Geometry, Lsn};
+use blockvol::{EntryInfo, Epoch, Geometry, Lsn};
 use bytes::{Buf, BufMut, BytesMut};
 use v2bridge::Lineage;
 
@@ -115,7 +115,7 @@ impl<'a> Reader<'a> {
     pub(crate) fn entry_info(&mut self, field: &'static str) -> Result<EntryInfo, WireError> {
         Ok(EntryInfo {
             lsn: self.lsn(field)?,
-            epoch: self.u64(field)?,
+            epoch: Epoch(self.u64(field)?),
             content_crc: self.u32(field)?,
         })
     }
@@ -123,11 +123,11 @@ impl<'a> Reader<'a> {
     pub(crate) fn lineage(&mut self) -> Result<Lineage, WireError> {
         let lineage = Lineage {
             driver: self.u64("lineage.driver")?,
-            epoch: self.u64("lineage.epoch")?,
+            epoch: Epoch(self.u64("lineage.epoch")?),
             session: self.u64("lineage.session")?,
         };
         // A zero field is never a real session: refuse it rather than let it compare low.
-        if lineage.epoch == 0 || lineage.session == 0 {
+        if lineage.epoch.0 == 0 || lineage.session == 0 {
             return Err(WireError::BadValue {
                 field: "lineage",
                 detail: format!(
@@ -216,13 +216,13 @@ impl Writer<'_> {
 
     pub(crate) fn entry_info(&mut self, e: &EntryInfo) {
         self.u64(e.lsn.0);
-        self.u64(e.epoch);
+        self.u64(e.epoch.0);
         self.u32(e.content_crc);
     }
 
     pub(crate) fn lineage(&mut self, l: &Lineage) {
         self.u64(l.driver);
-        self.u64(l.epoch);
+        self.u64(l.epoch.0);
         self.u64(l.session);
     }
 

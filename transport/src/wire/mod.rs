@@ -15,7 +15,7 @@
 mod auth;
 mod codec;
 
-use blockvol::{EntryInfo, Lsn};
+use blockvol::{EntryInfo, Epoch, Lsn};
 use bytes::{BufMut, BytesMut};
 use v2bridge::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
@@ -258,7 +258,7 @@ pub struct ProbeReply {
     /// The committed point the replica was told.
     pub committed: Lsn,
     /// The replica's persisted epoch.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// A base install was interrupted.
     pub install_incomplete: bool,
     /// The digest of the replica's image at `head`, when asked for.
@@ -547,14 +547,14 @@ fn encode_reply(body: &Reply, w: &mut Writer<'_>) {
             w.u64(h.head.0);
             w.entry_info(&h.tip);
             w.u64(h.checkpoint.0);
-            w.u64(h.epoch);
+            w.u64(h.epoch.0);
             w.bool(h.install_incomplete);
         }
         Reply::Probe(p) => {
             w.u64(p.head.0);
             w.u64(p.checkpoint.0);
             w.u64(p.committed.0);
-            w.u64(p.epoch);
+            w.u64(p.epoch.0);
             w.bool(p.install_incomplete);
             match p.digest {
                 Some(d) => {
@@ -823,14 +823,14 @@ fn decode_reply(kind: FrameType, r: &mut Reader<'_>) -> Result<Reply, WireError>
             head: r.lsn("handshake.head")?,
             tip: r.entry_info("handshake.tip")?,
             checkpoint: r.lsn("handshake.checkpoint")?,
-            epoch: r.u64("handshake.epoch")?,
+            epoch: Epoch(r.u64("handshake.epoch")?),
             install_incomplete: r.bool("handshake.install_incomplete")?,
         }),
         FrameType::ProbeRep => Reply::Probe(ProbeReply {
             head: r.lsn("probe.head")?,
             checkpoint: r.lsn("probe.checkpoint")?,
             committed: r.lsn("probe.committed")?,
-            epoch: r.u64("probe.epoch")?,
+            epoch: Epoch(r.u64("probe.epoch")?),
             install_incomplete: r.bool("probe.install_incomplete")?,
             digest: if r.bool("probe.has_digest")? {
                 Some(r.u128("probe.digest")?)

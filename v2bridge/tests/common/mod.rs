@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use blockvol::{BasePin, FlushGate, Lsn as BLsn, Role, Volume, WalEntry};
+use blockvol::{BasePin, FlushGate, Lba, Lsn as BLsn, Role, Volume, WalEntry};
 use engine::conformance::replica_id;
 use engine::{
     AssignmentIntent, Endpoint, EngineError, Epoch, ExecFailure, ExecutionReport, ExecutorOptions,
@@ -73,7 +73,8 @@ pub fn reopen_volume(dir: &Path, name: &str) -> Arc<Volume> {
 /// A primary volume (role primary, epoch 1) and its storage adapter.
 pub fn primary(dir: &Path) -> (Arc<Volume>, Arc<BlockVolStorage>) {
     let vol = create_volume(dir, "primary");
-    vol.assign(Role::Primary, 1).expect("assign primary");
+    vol.assign(Role::Primary, blockvol::Epoch(1))
+        .expect("assign primary");
     let storage = Arc::new(BlockVolStorage::new(Arc::clone(&vol)));
     (vol, storage)
 }
@@ -81,7 +82,8 @@ pub fn primary(dir: &Path) -> (Arc<Volume>, Arc<BlockVolStorage>) {
 /// A replica volume (role replica, epoch 1).
 pub fn replica_volume(dir: &Path, name: &str) -> Arc<Volume> {
     let vol = create_volume(dir, name);
-    vol.assign(Role::Replica, 1).expect("assign replica");
+    vol.assign(Role::Replica, blockvol::Epoch(1))
+        .expect("assign replica");
     vol
 }
 
@@ -91,7 +93,7 @@ pub fn write_blocks(vol: &Volume, lbas: impl IntoIterator<Item = u64>, salt: u64
     for lba in lbas {
         let lsn = last.next();
         let got = vol
-            .write(lba, &block_pattern(lsn.get(), salt, BS))
+            .write(Lba(lba), &block_pattern(lsn.get(), salt, BS))
             .expect("primary write");
         assert_eq!(got.0, lsn.get(), "primary assigned an unexpected LSN");
         last = lsn;
@@ -133,7 +135,7 @@ pub fn image_of(pin: &BasePin) -> Vec<u8> {
     for chunk in pin.reader(64 << 10) {
         let chunk = chunk.expect("image chunk");
         chunk.verify().expect("chunk crc");
-        let off = chunk.lba as usize * bs;
+        let off = chunk.lba.0 as usize * bs;
         image[off..off + chunk.data.len()].copy_from_slice(&chunk.data);
     }
     image
@@ -142,7 +144,7 @@ pub fn image_of(pin: &BasePin) -> Vec<u8> {
 /// The whole visible contents of a volume.
 pub fn contents(vol: &Volume) -> Vec<u8> {
     let g = vol.geometry();
-    vol.read(0, g.volume_blocks).expect("read volume")
+    vol.read(Lba(0), g.volume_blocks).expect("read volume")
 }
 
 /// What a replica's handshake reply tells the engine.
@@ -216,7 +218,11 @@ pub fn lineage_of(driver: &RecoveryDriver, plan: &RecoveryPlan) -> Lineage {
         .orchestrator()
         .sender(plan.replica_id())
         .expect("sender");
-    Lineage::new(DRIVER, sender.epoch().get(), session_of(plan).get())
+    Lineage::new(
+        DRIVER,
+        v2bridge::convert::epoch_to_blockvol(sender.epoch()),
+        session_of(plan).get(),
+    )
 }
 
 /// Bridge I/O for a plan, to `target`, with the primary's committed LSN.

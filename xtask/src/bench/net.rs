@@ -101,7 +101,7 @@ fn net_catchup_once(
 ) -> Result<f64, String> {
     let path = ctx.scratch.path("net_catchup.replica");
     let vol = Arc::new(create_gated(&path, CATCHUP_BLOCKS * BS as u64, wal_for(n))?);
-    vol.assign(Role::Replica, 1)
+    vol.assign(Role::Replica, blockvol::Epoch(1))
         .map_err(|e| format!("assign replica: {e}"))?;
     let server = serve(&vol)?;
     let (d, report) = catchup_with(storage, connect(&server)?)?;
@@ -244,7 +244,7 @@ impl Streamed {
         let p = ctx.scratch.path(&format!("{name}.primary"));
         let primary = Arc::new(create_gated(&p, volume, wal)?);
         primary
-            .assign(Role::Primary, 1)
+            .assign(Role::Primary, blockvol::Epoch(1))
             .map_err(|e| format!("assign: {e}"))?;
         paths.push(p);
         let mut replicas = Vec::new();
@@ -252,7 +252,7 @@ impl Streamed {
         for i in 0..2 {
             let p = ctx.scratch.path(&format!("{name}.replica{i}"));
             let r = Arc::new(create_gated(&p, volume, wal)?);
-            r.assign(Role::Replica, 1)
+            r.assign(Role::Replica, blockvol::Epoch(1))
                 .map_err(|e| format!("assign: {e}"))?;
             servers.push(serve(&r)?);
             replicas.push(r);
@@ -327,7 +327,10 @@ fn replicated_writes(r: &Replicator, primary: &Arc<Volume>, secs: f64) -> Result
                 while !stop.load(Ordering::Relaxed) {
                     let lba = (w * 64 + i % 64) % 4096;
                     let off = (w as usize % 16) * BS;
-                    if primary.write(lba, &src[off..off + BS]).is_err() {
+                    if primary
+                        .write(blockvol::Lba(lba), &src[off..off + BS])
+                        .is_err()
+                    {
                         failed.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
@@ -466,7 +469,7 @@ pub fn net_rejoin(ctx: &Ctx) -> Result<Metric, String> {
         let off = ((i % 64) as usize) * BS;
         cluster
             .primary
-            .write(i % CATCHUP_BLOCKS, &src[off..off + BS])
+            .write(blockvol::Lba(i % CATCHUP_BLOCKS), &src[off..off + BS])
             .map(|_| ())
             .map_err(|e| format!("write: {e}"))
     };

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockvol::{CreateOptions, FlushGate, OpenOptions, Role, Volume};
+use blockvol::{CreateOptions, FlushGate, Lba, OpenOptions, Role, Volume};
 use engine::{
     AssignmentIntent, CatchUpExecutor, Endpoint, Epoch, ExecutionReport, ExecutorOptions,
     RebuildExecutor, RecoveryDriver, RecoveryPath, Registry, ReplicaAssignment, ReplicaHandshake,
@@ -82,7 +82,7 @@ pub(super) fn io_for<T: ReplicaTarget>(
     Ok(BridgeIo::new(
         Arc::clone(storage),
         target,
-        Lineage::new("bench", 1, session.get()),
+        Lineage::new("bench", blockvol::Epoch(1), session.get()),
         committed,
     ))
 }
@@ -98,12 +98,12 @@ pub(super) fn catchup_primary(
 ) -> Result<(Arc<BlockVolStorage>, PathBuf), String> {
     let path = ctx.scratch.path(&format!("catchup_{n}.primary"));
     let vol = create_gated(&path, CATCHUP_BLOCKS * BS as u64, wal_for(n))?;
-    vol.assign(Role::Primary, 1)
+    vol.assign(Role::Primary, blockvol::Epoch(1))
         .map_err(|e| format!("assign: {e}"))?;
     let src = source(1024);
     for i in 0..n {
         let s = ((i % 1024) as usize) * BS;
-        vol.write(i % CATCHUP_BLOCKS, &src[s..s + BS])
+        vol.write(Lba(i % CATCHUP_BLOCKS), &src[s..s + BS])
             .map_err(|e| format!("write: {e}"))?;
     }
     let head = vol.sync().map_err(|e| format!("sync: {e}"))?;
@@ -116,7 +116,7 @@ pub(super) fn catchup_primary(
 fn catchup_once(ctx: &Ctx, storage: &Arc<BlockVolStorage>, n: u64) -> Result<f64, String> {
     let path = ctx.scratch.path("catchup.replica");
     let vol = Arc::new(create_gated(&path, CATCHUP_BLOCKS * BS as u64, wal_for(n))?);
-    vol.assign(Role::Replica, 1)
+    vol.assign(Role::Replica, blockvol::Epoch(1))
         .map_err(|e| format!("assign replica: {e}"))?;
     let replica = LocalReplica::new(Arc::clone(&vol));
     let (d, report) = catchup_with(storage, replica.clone())?;
@@ -276,7 +276,7 @@ pub(super) fn rebuild_primary(
 ) -> Result<(Arc<BlockVolStorage>, PathBuf, u64), String> {
     let path = ctx.scratch.path(name);
     let vol = create_gated(&path, volume, REBUILD_WAL)?;
-    vol.assign(Role::Primary, 1)
+    vol.assign(Role::Primary, blockvol::Epoch(1))
         .map_err(|e| format!("assign: {e}"))?;
     let blocks = volume / BS as u64;
     let max_run = 256u64; // 1 MiB entries
@@ -297,7 +297,8 @@ pub(super) fn rebuild_primary(
         for (i, c) in buf.chunks_exact_mut(BS).enumerate() {
             block(lba + i as u64, 1, c);
         }
-        vol.write(lba, &buf).map_err(|e| format!("write: {e}"))?;
+        vol.write(Lba(lba), &buf)
+            .map_err(|e| format!("write: {e}"))?;
         written += n;
         since_flush += n * BS as u64 + 64;
         lba += n;
@@ -322,7 +323,7 @@ pub(super) fn rebuild_replica(
 ) -> Result<(Arc<Volume>, PathBuf), String> {
     let path = ctx.scratch.path(name);
     let vol = create_gated(&path, volume, REBUILD_WAL)?;
-    vol.assign(Role::Replica, 1)
+    vol.assign(Role::Replica, blockvol::Epoch(1))
         .map_err(|e| format!("assign replica: {e}"))?;
     Ok((Arc::new(vol), path))
 }

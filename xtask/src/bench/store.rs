@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use blockvol::{CreateOptions, Lsn, OpenOptions, Volume};
+use blockvol::{CreateOptions, Lba, Lsn, OpenOptions, Volume};
 
 use super::measure::{
     MIB, Metric, Target, fmt_num, interleaved, median, mib_per_s, ms, spread, timed,
@@ -104,7 +104,7 @@ fn append_volume(ctx: &Ctx, total: u64, src: &[u8]) -> Result<f64, String> {
     let (d, ()) = timed(|| {
         for i in 0..n {
             let s = ((i % src_blocks) as usize) * BS;
-            vol.write(i, &src[s..s + BS])
+            vol.write(Lba(i), &src[s..s + BS])
                 .map_err(|e| format!("write {i}: {e}"))?;
         }
         Ok(())
@@ -230,7 +230,7 @@ fn durable_volume(ctx: &Ctx, ops: u64, writers: u64, src: &[u8]) -> Result<f64, 
                 for i in 0..per {
                     let lba = w * per + i;
                     let s = ((lba % src_blocks) as usize) * BS;
-                    vol.write(lba, &src[s..s + BS])
+                    vol.write(Lba(lba), &src[s..s + BS])
                         .map_err(|e| format!("write {lba}: {e}"))?;
                     vol.sync().map_err(|e| format!("sync: {e}"))?;
                 }
@@ -339,7 +339,8 @@ pub fn read_random(ctx: &Ctx) -> Result<Metric, String> {
     // Every block at version 1, flushed into the extent ...
     for lba in 0..blocks {
         block(lba, 1, &mut buf);
-        vol.write(lba, &buf).map_err(|e| format!("write: {e}"))?;
+        vol.write(Lba(lba), &buf)
+            .map_err(|e| format!("write: {e}"))?;
     }
     vol.force_flush().map_err(|e| format!("flush: {e}"))?;
     // ... then a random half rewritten at version 2, synced but not flushed: those reads are
@@ -357,7 +358,8 @@ pub fn read_random(ctx: &Ctx) -> Result<Metric, String> {
     for lba in 0..blocks {
         if dirty[lba as usize] {
             block(lba, 2, &mut buf);
-            vol.write(lba, &buf).map_err(|e| format!("write: {e}"))?;
+            vol.write(Lba(lba), &buf)
+                .map_err(|e| format!("write: {e}"))?;
         }
     }
     vol.sync().map_err(|e| format!("sync: {e}"))?;
@@ -400,7 +402,7 @@ pub fn read_random(ctx: &Ctx) -> Result<Metric, String> {
             let mut fold = 0u64;
             let (d, ()) = timed(|| {
                 for &lba in &lbas {
-                    vol.read_into(lba, &mut buf)
+                    vol.read_into(Lba(lba), &mut buf)
                         .map_err(|e| format!("read {lba}: {e}"))?;
                     fold = fold
                         .wrapping_add(u64::from_le_bytes(buf[..8].try_into().unwrap_or_default()));
@@ -462,7 +464,7 @@ fn history_volume(
     let src_blocks = (src.len() / BS) as u64;
     for i in 0..n {
         let s = ((i % src_blocks) as usize) * BS;
-        vol.write(i % blocks, &src[s..s + BS])
+        vol.write(Lba(i % blocks), &src[s..s + BS])
             .map_err(|e| format!("write: {e}"))?;
     }
     vol.sync().map_err(|e| format!("sync: {e}"))?;
@@ -552,7 +554,7 @@ pub fn open_recovery(ctx: &Ctx) -> Result<Metric, String> {
         let n = wal / ENTRY_BYTES - 1;
         for i in 0..n {
             let s = ((i % 1024) as usize) * BS;
-            vol.write(i % blocks, &src[s..s + BS])
+            vol.write(Lba(i % blocks), &src[s..s + BS])
                 .map_err(|e| format!("write: {e}"))?;
         }
         entries = n;
