@@ -702,6 +702,12 @@ impl Volume {
             let st = s.lock_state();
             return Err(unavailable(&st, format!("the flush stopped at {cp}")));
         }
+        self.base_pin(fence_id, pin_id, at)
+    }
+
+    /// The pin over a registered image at `at`, with the identity of its entry; the
+    /// registration is dropped when that entry cannot be read.
+    fn base_pin(&self, fence_id: u64, pin_id: u64, at: Lsn) -> Result<BasePin> {
         let info = match self.entry_info(at) {
             Ok(i) => i,
             Err(e) => {
@@ -710,7 +716,7 @@ impl Volume {
             }
         };
         Ok(BasePin {
-            shared: s.clone(),
+            shared: self.shared.clone(),
             fence_id,
             pin_id,
             lsn: at,
@@ -730,20 +736,7 @@ impl Volume {
             st.checkpoint
         };
         let (fence_id, pin_id) = self.register_base(at)?;
-        let info = match self.entry_info(Lsn(at)) {
-            Ok(i) => i,
-            Err(e) => {
-                self.drop_base(fence_id, pin_id);
-                return Err(e);
-            }
-        };
-        Ok(BasePin {
-            shared: s.clone(),
-            fence_id,
-            pin_id,
-            lsn: Lsn(at),
-            info,
-        })
+        self.base_pin(fence_id, pin_id, Lsn(at))
     }
 
     /// Starts installing a base image: persists an "install in progress" mark first, pauses

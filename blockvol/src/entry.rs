@@ -28,6 +28,24 @@ pub enum EntryKind {
     Barrier,
 }
 
+impl EntryKind {
+    /// The kind a checked header and its payload describe (anything but a write or a trim is
+    /// a barrier: padding never reaches here).
+    pub(crate) fn from_header(h: &EntryHeader, payload: &[u8]) -> EntryKind {
+        match h.kind {
+            KIND_WRITE => EntryKind::Write {
+                lba: Lba(h.lba),
+                data: payload.to_vec(),
+            },
+            KIND_TRIM => EntryKind::Trim {
+                lba: Lba(h.lba),
+                blocks: u64::from(h.blocks),
+            },
+            _ => EntryKind::Barrier,
+        }
+    }
+}
+
 /// One logical entry: what a scan yields and what `apply` accepts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WalEntry {
@@ -142,18 +160,7 @@ impl WalEntry {
     /// Decodes one wire-form entry from the front of `buf`, returning it and the bytes used.
     pub fn decode_prefix(buf: &[u8]) -> Result<(WalEntry, usize)> {
         let (h, total) = decode_wire(buf)?;
-        let payload = &buf[ENTRY_HEADER_SIZE..total];
-        let kind = match h.kind {
-            KIND_WRITE => EntryKind::Write {
-                lba: Lba(h.lba),
-                data: payload.to_vec(),
-            },
-            KIND_TRIM => EntryKind::Trim {
-                lba: Lba(h.lba),
-                blocks: u64::from(h.blocks),
-            },
-            _ => EntryKind::Barrier,
-        };
+        let kind = EntryKind::from_header(&h, &buf[ENTRY_HEADER_SIZE..total]);
         Ok((
             WalEntry {
                 lsn: Lsn(h.lsn),

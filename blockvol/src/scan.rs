@@ -5,10 +5,10 @@ use std::sync::Arc;
 use crate::entry::{EntryKind, WalEntry};
 use crate::error::{BlockVolError, Result};
 use crate::format::{
-    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, ENTRY_MAGIC_WIRE, EntryHeader, KIND_TRIM, KIND_WRITE,
-    content_crc, header_count,
+    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, ENTRY_MAGIC_WIRE, EntryHeader, KIND_WRITE, content_crc,
+    header_count,
 };
-use crate::types::{EntryInfo, Epoch, Lba, Lsn};
+use crate::types::{EntryInfo, Epoch, Lsn};
 use crate::volume::{Shared, Volume};
 
 /// Keeps every entry with LSN greater than `lsn()` in the WAL until dropped or revoked.
@@ -136,18 +136,7 @@ impl WalScan {
         let checked = self.read_checked(&mut buf, 0);
         self.buf = buf;
         let h = checked?;
-        let payload = &self.buf[ENTRY_HEADER_SIZE..];
-        let kind = match h.kind {
-            KIND_WRITE => EntryKind::Write {
-                lba: Lba(h.lba),
-                data: payload.to_vec(),
-            },
-            KIND_TRIM => EntryKind::Trim {
-                lba: Lba(h.lba),
-                blocks: u64::from(h.blocks),
-            },
-            _ => EntryKind::Barrier,
-        };
+        let kind = EntryKind::from_header(&h, &self.buf[ENTRY_HEADER_SIZE..]);
         Ok(WalEntry {
             lsn: Lsn(lsn),
             epoch: Epoch(h.epoch),
