@@ -33,6 +33,15 @@
 //! # }
 //! ```
 //!
+//! Epochs and block addresses are types, so the two cannot be swapped or passed as bare numbers
+//! (this does not compile, error E0308):
+//!
+//! ```compile_fail,E0308
+//! # fn f(vol: &blockvol::Volume) {
+//! vol.write_in_epoch(3, 7, &[0u8; 4096]);
+//! # }
+//! ```
+//!
 //! # Modules
 //!
 //! Every item has one path: the crate root re-exports the items of the private modules, and
