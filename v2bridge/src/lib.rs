@@ -15,7 +15,7 @@
 //!   truncates, transfers and installs base images chunk by chunk (each chunk verified on
 //!   arrival), and runs the durability barrier. Every call reports what the replica did, and
 //!   every WAL chunk and barrier re-checks that the replica's log matches the primary's.
-//! - [`harness`] (feature `testing`): the engine's conformance harness on real volume files.
+//! - `harness` (feature `testing`): the engine's conformance harness on real volume files.
 //!
 //! A replica volume behind by 50 writes, brought back by the engine through the bridge: the
 //! replica's handshake (its head and the identity of its last entry), a plan, and the
