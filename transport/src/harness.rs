@@ -144,6 +144,8 @@ pub struct NetHarness {
     handed_over: BTreeSet<String>,
     /// Bytes the network moved, over every connection this harness opened.
     pub net_bytes: u64,
+    /// Where recovery I/O connects instead of the replica process (a [`FaultProxy`]).
+    io_via: Option<SocketAddr>,
 }
 
 impl NetHarness {
@@ -163,6 +165,7 @@ impl NetHarness {
             },
             handed_over: BTreeSet::new(),
             net_bytes: 0,
+            io_via: None,
         })
     }
 
@@ -181,6 +184,12 @@ impl NetHarness {
         self.handed_over.insert(name.to_owned());
         RemoteReplica::connect(self.process.addr(), name, &self.client)
             .map_err(|e| format!("connect to replica {name}: {e}"))
+    }
+
+    /// Routes the connections of [`Harness::io`] through `addr` (a proxy in front of the
+    /// replica process); handshakes and probes still connect directly.
+    pub fn route_io_via(&mut self, addr: Option<SocketAddr>) {
+        self.io_via = addr;
     }
 
     fn replica_path(&self, name: &str) -> PathBuf {
@@ -239,7 +248,14 @@ impl Harness for NetHarness {
     }
 
     fn io(&mut self, name: &str, epoch: Epoch, session: SessionId) -> Result<Self::Io, String> {
-        let target = self.connect(name)?;
+        let target = match self.io_via {
+            Some(addr) => {
+                self.handed_over.insert(name.to_owned());
+                RemoteReplica::connect(addr, name, &self.client)
+                    .map_err(|e| format!("connect to replica {name} via {addr}: {e}"))?
+            }
+            None => self.connect(name)?,
+        };
         let committed = v2bridge::convert::to_engine(self.local.primary().status().committed);
         Ok(BridgeIo::new(
             Arc::clone(self.local.storage_adapter()),
@@ -281,4 +297,177 @@ impl Harness for NetHarness {
         }
         Ok(probe.digest == Some(want.0))
     }
+}
+
+/// A fault to inject into the byte stream of one direction of a proxied connection, at a byte
+/// offset counted from the start of that direction (the handshake included).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward everything.
+    None,
+    /// Flip one bit of the byte at this offset.
+    FlipBit(u64),
+    /// Close both sides once this many bytes were forwarded (a cut, possibly mid-frame).
+    CutAfter(u64),
+    /// Send the `len` bytes starting at this offset twice.
+    Duplicate(u64, u64),
+    /// Hold every piece of data this long before forwarding it.
+    Delay(std::time::Duration),
+}
+
+/// Which way bytes flow through the proxy.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to server (requests).
+    Up,
+    /// Server to client (replies).
+    Down,
+}
+
+#[derive(Debug, Default)]
+struct ProxyState {
+    up: Option<Fault>,
+    down: Option<Fault>,
+    /// Faults apply to connections accepted after they were set, once each.
+    connections: u64,
+    faults_fired: u64,
+}
+
+/// A TCP proxy on loopback that forwards to one address and injects [`Fault`]s, for tests
+/// (feature `testing`). Each accepted connection takes the faults set at that moment; its two
+/// directions run on their own threads and end when either side closes.
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    state: Arc<std::sync::Mutex<ProxyState>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultProxy {
+    /// A proxy in front of `upstream`.
+    pub fn start(upstream: SocketAddr) -> Result<FaultProxy, String> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let state = Arc::new(std::sync::Mutex::new(ProxyState::default()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (st, sp) = (Arc::clone(&state), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if sp.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let (up, down) = {
+                    let mut s = st.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    s.connections += 1;
+                    (s.up.take(), s.down.take())
+                };
+                let pipe = |from: &std::net::TcpStream, to: &std::net::TcpStream, f| {
+                    let (from, to) = (from.try_clone(), to.try_clone());
+                    let st = Arc::clone(&st);
+                    if let (Ok(from), Ok(to)) = (from, to) {
+                        std::thread::spawn(move || forward(from, to, f, &st));
+                    }
+                };
+                pipe(&client, &server, up.unwrap_or(Fault::None));
+                pipe(&server, &client, down.unwrap_or(Fault::None));
+            }
+        });
+        Ok(FaultProxy { addr, state, stop })
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sets the fault for the next connection's `direction`.
+    pub fn set(&self, direction: Direction, fault: Fault) {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match direction {
+            Direction::Up => s.up = Some(fault),
+            Direction::Down => s.down = Some(fault),
+        }
+    }
+
+    /// Faults that fired so far (a bit flipped, a cut, a duplicate sent).
+    pub fn fired(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .faults_fired
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+fn forward(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    fault: Fault,
+    state: &std::sync::Mutex<ProxyState>,
+) {
+    use std::io::{Read, Write};
+    let fired = || {
+        state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .faults_fired += 1;
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pos = 0u64;
+    let mut done = false;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        let (start, end) = (pos, pos + n as u64);
+        pos = end;
+        let mut extra: Option<Vec<u8>> = None;
+        match fault {
+            Fault::FlipBit(at) if !done && (start..end).contains(&at) => {
+                chunk[(at - start) as usize] ^= 0x04;
+                done = true;
+                fired();
+            }
+            Fault::CutAfter(at) if !done && end > at => {
+                let keep = (at - start) as usize;
+                let _ = to.write_all(&chunk[..keep]);
+                fired();
+                break;
+            }
+            Fault::Duplicate(at, len) if !done && (start..end).contains(&at) => {
+                let from_i = (at - start) as usize;
+                let to_i = (from_i + len as usize).min(n);
+                extra = Some(chunk[from_i..to_i].to_vec());
+                done = true;
+                fired();
+            }
+            Fault::Delay(d) => std::thread::sleep(d),
+            _ => {}
+        }
+        if to.write_all(chunk).is_err() {
+            break;
+        }
+        if let Some(e) = extra
+            && to.write_all(&e).is_err()
+        {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
 }
