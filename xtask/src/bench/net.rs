@@ -230,6 +230,24 @@ pub fn net_rebuild_full(ctx: &Ctx) -> Result<Metric, String> {
     })
 }
 
+/// A volume as a server runs it: the background flusher on, gated by the committed point.
+fn create_served(
+    path: &std::path::Path,
+    volume_bytes: u64,
+    wal_bytes: u64,
+) -> Result<Volume, String> {
+    let opts = blockvol::OpenOptions {
+        flush_gate: blockvol::FlushGate::Committed,
+        ..blockvol::OpenOptions::default()
+    };
+    Volume::create(
+        path,
+        &blockvol::CreateOptions::new(volume_bytes, wal_bytes),
+        &opts,
+    )
+    .map_err(|e| format!("create {}: {e}", path.display()))
+}
+
 /// A primary and two replicas behind their own replica servers, streaming under `mode`.
 struct Streamed {
     primary: Arc<Volume>,
@@ -242,7 +260,7 @@ impl Streamed {
     fn new(ctx: &Ctx, name: &str, volume: u64, wal: u64) -> Result<Streamed, String> {
         let mut paths = Vec::new();
         let p = ctx.scratch.path(&format!("{name}.primary"));
-        let primary = Arc::new(create_gated(&p, volume, wal)?);
+        let primary = Arc::new(create_served(&p, volume, wal)?);
         primary
             .assign(Role::Primary, blockvol::Epoch(1))
             .map_err(|e| format!("assign: {e}"))?;
@@ -251,7 +269,7 @@ impl Streamed {
         let mut servers = Vec::new();
         for i in 0..2 {
             let p = ctx.scratch.path(&format!("{name}.replica{i}"));
-            let r = Arc::new(create_gated(&p, volume, wal)?);
+            let r = Arc::new(create_served(&p, volume, wal)?);
             r.assign(Role::Replica, blockvol::Epoch(1))
                 .map_err(|e| format!("assign: {e}"))?;
             servers.push(serve(&r)?);
