@@ -6,9 +6,9 @@ use blockvol::{EntryInfo, Geometry, Lsn};
 use bytes::BytesMut;
 use proptest::prelude::*;
 use transport::wire::{
-    Challenge, Close, DEFAULT_MAX_FRAME, Decoder, FEATURES, FrameType, HEADER_LEN, Hello, MAC_LEN,
-    MAGIC, MAX_STRING, MAX_VOLUME_NAME, Message, NONCE_LEN, Nonce, ProbeReply, Reply, Request,
-    VERSION, WireError, encode,
+    Challenge, Close, DEFAULT_MAX_FRAME, Decoder, FEATURES, FrameType, HEADER_LEN, Hello,
+    HistoryReply, ImageChunkReply, MAC_LEN, MAGIC, MAX_STRING, MAX_VOLUME_NAME, Message, NONCE_LEN,
+    Nonce, PinWhat, ProbeReply, Reply, Request, VERSION, WireError, encode,
 };
 use v2bridge::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
@@ -112,6 +112,7 @@ fn samples() -> Vec<Message> {
             epoch: blockvol::Epoch(3),
             install_incomplete: true,
             digest: Some(u128::MAX - 5),
+            pins: 3,
         })),
         reply(Reply::Apply(
             l,
@@ -138,6 +139,56 @@ fn samples() -> Vec<Message> {
                 found: Lsn(75),
             },
         )),
+        request(Request::History),
+        request(Request::EntryId(Lsn(50))),
+        request(Request::Pin {
+            what: PinWhat::FullBase,
+            lsn: Lsn(100),
+            lease_ms: 5000,
+        }),
+        request(Request::Renew { lease_ms: 5000 }),
+        request(Request::Release(4)),
+        request(Request::ReadWal {
+            after: Lsn(70),
+            want: 30,
+        }),
+        request(Request::ImageOpen {
+            lease: 4,
+            lsn: Lsn(100),
+        }),
+        request(Request::ImageRead(1 << 20)),
+        reply(Reply::History(HistoryReply {
+            head: Lsn(120),
+            tail: Lsn(40),
+            committed: Lsn(100),
+            checkpoint: Some(Lsn(40)),
+            checkpoint_trusted: true,
+            missing: vec![(Lsn(60), Lsn(65))],
+        })),
+        reply(Reply::EntryId(Some(entry(50)))),
+        reply(Reply::Pinned {
+            lease: 4,
+            lsn: Lsn(100),
+        }),
+        reply(Reply::Done),
+        reply(Reply::Wal {
+            count: 2,
+            frames: vec![9; 40],
+        }),
+        reply(Reply::ImageOpen {
+            base_lsn: Lsn(100),
+            base_entry: entry(100),
+            geometry: Geometry {
+                block_size: 4096,
+                volume_blocks: 256,
+                wal_size_bytes: 4 << 20,
+            },
+        }),
+        reply(Reply::ImageChunk(ImageChunkReply {
+            frame: Some(vec![1; 64]),
+            scanned: 1 << 20,
+            sent: 64,
+        })),
     ]
 }
 

@@ -2,12 +2,17 @@
 //! [`ReplicaTarget`]: WAL entries are scanned from the primary, encoded, shipped and applied on
 //! the replica; base images are read from a pinned image in checksummed chunks and installed.
 //! Every call reports what the replica actually did.
+//!
+//! Where the entries and images come from is a [`PrimarySource`]: [`LocalSource`] reads the
+//! primary's volume in this process (a primary pushing to its replica); another crate's source
+//! can read them over a network (a replica pulling its own rebuild), with the same checks.
 
 use std::sync::Arc;
 
-use blockvol::{BasePin, BaseReader, EntryInfo, Volume};
+use blockvol::{BaseInstallSpec, BasePin, BaseReader, EntryInfo, Volume};
 use engine::{
-    BaseChunkProgress, BaseRequest, CatchUpIo, EntryId, Lsn, RebuildIo, TransferError, WalChunk,
+    BaseChunkProgress, BaseRequest, CatchUpIo, EntryId, Lsn, PinId, RebuildIo, TransferError,
+    WalChunk,
 };
 
 use crate::convert::{entry_id, primary_transfer_error, to_blockvol, to_engine};
@@ -40,27 +45,178 @@ pub struct IoStats {
     pub barriers: u64,
 }
 
-struct BaseTransfer {
+/// One chunk of an image read by a [`PrimarySource`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageChunk {
+    /// The next non-zero run in blockvol's checksummed chunk form; `None` at the image's end.
+    pub frame: Option<Vec<u8>>,
+    /// Image bytes this chunk covers (zero runs skipped since the last chunk included).
+    pub scanned: u64,
+    /// Data bytes it carries.
+    pub sent: u64,
+}
+
+/// Where a transfer reads the primary's entries and images.
+pub trait PrimarySource: Send {
+    /// The identity of the primary's entry at `lsn`.
+    fn entry_at(&mut self, lsn: Lsn) -> Result<EntryInfo, TransferError>;
+    /// Appends exactly `want` entries after `after` to `frames` in wire form, in LSN order
+    /// (anything less is a `Gap` error); returns how many.
+    fn read_entries(
+        &mut self,
+        after: Lsn,
+        want: u64,
+        frames: &mut Vec<u8>,
+    ) -> Result<u32, TransferError>;
+    /// Opens the image that pin `pin_id` holds, which must be at `lsn`; returns how to install
+    /// it.
+    fn open_image(&mut self, pin_id: PinId, lsn: Lsn) -> Result<BaseInstallSpec, TransferError>;
+    /// The next chunk of the open image, of at most `max_bytes` data bytes.
+    fn next_image_chunk(&mut self, max_bytes: u64) -> Result<ImageChunk, TransferError>;
+    /// Lets go of the open image (a failed or finished transfer).
+    fn close_image(&mut self);
+}
+
+struct OpenImage {
     lsn: Lsn,
     reader: Option<BaseReader<'static>>,
     pin: Arc<BasePin>,
-    done: bool,
 }
 
-/// Moves real data from a primary volume to one replica for one recovery session.
-pub struct BridgeIo<T: ReplicaTarget> {
+/// The primary's volume in this process, and the images its [`BlockVolStorage`] pinned.
+pub struct LocalSource {
     primary: Arc<Volume>,
     storage: Arc<BlockVolStorage>,
+    image: Option<OpenImage>,
+}
+
+impl LocalSource {
+    /// A source over `storage`'s volume.
+    pub fn new(storage: Arc<BlockVolStorage>) -> Self {
+        LocalSource {
+            primary: Arc::clone(storage.volume()),
+            storage,
+            image: None,
+        }
+    }
+}
+
+impl PrimarySource for LocalSource {
+    fn entry_at(&mut self, lsn: Lsn) -> Result<EntryInfo, TransferError> {
+        self.primary
+            .entry_info(to_blockvol(lsn))
+            .map_err(|e| primary_transfer_error(e, lsn))
+    }
+
+    fn read_entries(
+        &mut self,
+        after: Lsn,
+        want: u64,
+        frames: &mut Vec<u8>,
+    ) -> Result<u32, TransferError> {
+        let mut scan = self
+            .primary
+            .scan_from(to_blockvol(after.next()))
+            .map_err(|e| primary_transfer_error(e, after))?;
+        let mut count: u32 = 0;
+        let mut expected = after.next();
+        while u64::from(count) < want {
+            // Each entry goes from the primary's ring straight into the frame buffer, already
+            // in wire form (one copy, its stored CRC checked once on the way).
+            let Some(item) = scan.next_encoded(frames) else {
+                return Err(TransferError::Gap {
+                    expected,
+                    found: to_engine(scan.end()).next(),
+                });
+            };
+            let info = item.map_err(|e| primary_transfer_error(e, after))?;
+            if to_engine(info.lsn) != expected {
+                return Err(TransferError::Gap {
+                    expected,
+                    found: to_engine(info.lsn),
+                });
+            }
+            count += 1;
+            expected = expected.next();
+        }
+        Ok(count)
+    }
+
+    fn open_image(&mut self, pin_id: PinId, lsn: Lsn) -> Result<BaseInstallSpec, TransferError> {
+        let pin = self
+            .storage
+            .image(pin_id)
+            .ok_or_else(|| TransferError::BaseUnavailable {
+                detail: format!("pin {pin_id} holds no image (released?)"),
+            })?;
+        if to_engine(pin.lsn()) != lsn {
+            return Err(TransferError::BaseUnavailable {
+                detail: format!(
+                    "pin {pin_id} holds an image at {}, plan wants {lsn}",
+                    pin.lsn()
+                ),
+            });
+        }
+        let spec = pin.install_spec();
+        self.image = Some(OpenImage {
+            lsn,
+            reader: None,
+            pin,
+        });
+        Ok(spec)
+    }
+
+    fn next_image_chunk(&mut self, max_bytes: u64) -> Result<ImageChunk, TransferError> {
+        let Some(image) = self.image.as_mut() else {
+            return Err(TransferError::BaseUnavailable {
+                detail: "no image open".into(),
+            });
+        };
+        let chunk_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+        let reader = image
+            .reader
+            .get_or_insert_with(|| BasePin::reader_owned(Arc::clone(&image.pin), chunk_bytes));
+        let scanned_before = reader.bytes_scanned();
+        let sent_before = reader.bytes_sent();
+        // One non-zero run per call at most `chunk_bytes` long; zero runs are skipped by the
+        // reader and only counted as covered bytes. The chunk is encoded straight from the
+        // reader's window (one copy, one CRC pass).
+        let frame = match reader.next_frame() {
+            None => None,
+            Some(Ok(frame)) => Some(frame),
+            Some(Err(e)) => {
+                return Err(TransferError::BaseUnavailable {
+                    detail: format!("reading the image at {}: {e}", image.lsn),
+                });
+            }
+        };
+        Ok(ImageChunk {
+            frame,
+            scanned: reader.bytes_scanned() - scanned_before,
+            sent: reader.bytes_sent() - sent_before,
+        })
+    }
+
+    fn close_image(&mut self) {
+        self.image = None;
+    }
+}
+
+/// Moves real data from a primary to one replica for one recovery session.
+pub struct BridgeIo<T: ReplicaTarget, S: PrimarySource = LocalSource> {
+    source: S,
     target: T,
     lineage: Lineage,
     committed: Lsn,
-    base: Option<BaseTransfer>,
+    /// A base transfer in progress: whether its image ended.
+    base: Option<bool>,
     frames: Vec<u8>,
     /// What moved so far.
     pub stats: IoStats,
 }
 
-fn transfer_error(e: TargetError) -> TransferError {
+/// A replica's refusal as the engine's transfer error.
+pub fn transfer_error(e: TargetError) -> TransferError {
     match e {
         TargetError::Fenced(detail) => TransferError::Fenced { detail },
         TargetError::Gap { expected, found } => TransferError::Gap {
@@ -98,9 +254,15 @@ impl<T: ReplicaTarget> BridgeIo<T> {
     /// I/O for the session `lineage`, recovering the replica to `committed` (the plan's
     /// frozen target, which the replica uses to gate its flusher).
     pub fn new(storage: Arc<BlockVolStorage>, target: T, lineage: Lineage, committed: Lsn) -> Self {
+        Self::with_source(LocalSource::new(storage), target, lineage, committed)
+    }
+}
+
+impl<T: ReplicaTarget, S: PrimarySource> BridgeIo<T, S> {
+    /// I/O reading the primary through `source`.
+    pub fn with_source(source: S, target: T, lineage: Lineage, committed: Lsn) -> Self {
         BridgeIo {
-            primary: Arc::clone(storage.volume()),
-            storage,
+            source,
             target,
             lineage,
             committed,
@@ -120,14 +282,12 @@ impl<T: ReplicaTarget> BridgeIo<T> {
         self.target
     }
 
-    fn primary_anchor(&self, after: Lsn) -> Result<EntryInfo, TransferError> {
-        self.primary
-            .entry_info(to_blockvol(after))
-            .map_err(|e| primary_transfer_error(e, after))
+    fn primary_anchor(&mut self, after: Lsn) -> Result<EntryInfo, TransferError> {
+        self.source.entry_at(after)
     }
 }
 
-impl<T: ReplicaTarget> CatchUpIo for BridgeIo<T> {
+impl<T: ReplicaTarget, S: PrimarySource> CatchUpIo for BridgeIo<T, S> {
     fn truncate_after(&mut self, lsn: Lsn) -> Result<EntryId, TransferError> {
         let tip = self
             .target
@@ -157,33 +317,11 @@ impl<T: ReplicaTarget> CatchUpIo for BridgeIo<T> {
         }
         // The entry the run builds on: the replica must hold exactly this one (log matching).
         let anchor = self.primary_anchor(after)?;
-        let mut scan = self
-            .primary
-            .scan_from(to_blockvol(after.next()))
-            .map_err(|e| primary_transfer_error(e, after))?;
         self.frames.clear();
-        let mut count: u32 = 0;
-        let mut expected = after.next();
-        while u64::from(count) < want {
-            // Each entry goes from the primary's ring straight into the frame buffer, already
-            // in wire form (one copy, its stored CRC checked once on the way).
-            let Some(item) = scan.next_encoded(&mut self.frames) else {
-                return Err(TransferError::Gap {
-                    expected,
-                    found: to_engine(scan.end()).next(),
-                });
-            };
-            let info = item.map_err(|e| primary_transfer_error(e, after))?;
-            if to_engine(info.lsn) != expected {
-                return Err(TransferError::Gap {
-                    expected,
-                    found: to_engine(info.lsn),
-                });
-            }
-            count += 1;
-            expected = expected.next();
-        }
-        drop(scan);
+        let mut frames = std::mem::take(&mut self.frames);
+        let read = self.source.read_entries(after, want, &mut frames);
+        self.frames = frames;
+        let count = read?;
         let bytes = self.frames.len() as u64;
         let reply = self
             .target
@@ -236,90 +374,70 @@ impl<T: ReplicaTarget> CatchUpIo for BridgeIo<T> {
     }
 }
 
-impl<T: ReplicaTarget> RebuildIo for BridgeIo<T> {
+impl<T: ReplicaTarget, S: PrimarySource> RebuildIo for BridgeIo<T, S> {
     fn begin_base(&mut self, base: &BaseRequest) -> Result<u64, TransferError> {
-        let pin =
-            self.storage
-                .image(base.pin_id)
-                .ok_or_else(|| TransferError::BaseUnavailable {
-                    detail: format!("pin {} holds no image (released?)", base.pin_id),
-                })?;
-        if to_engine(pin.lsn()) != base.lsn {
-            return Err(TransferError::BaseUnavailable {
-                detail: format!(
-                    "pin {} holds an image at {}, plan wants {}",
-                    base.pin_id,
-                    pin.lsn(),
-                    base.lsn
-                ),
-            });
-        }
-        let spec = pin.install_spec();
-        self.target
+        let spec = self.source.open_image(base.pin_id, base.lsn)?;
+        let begun = self
+            .target
             .begin_base(BaseBeginRequest {
                 lineage: self.lineage,
                 base_lsn: spec.base_lsn,
                 base_entry: spec.base_entry,
                 geometry: spec.geometry,
             })
-            .map_err(transfer_error)?;
-        let total = spec.geometry.volume_bytes();
-        self.base = Some(BaseTransfer {
-            lsn: base.lsn,
-            reader: None,
-            pin,
-            done: false,
-        });
-        Ok(total)
+            .map_err(transfer_error);
+        if let Err(e) = begun {
+            self.source.close_image();
+            return Err(e);
+        }
+        self.base = Some(false);
+        Ok(spec.geometry.volume_bytes())
     }
 
     fn transfer_base_chunk(&mut self, max_bytes: u64) -> Result<BaseChunkProgress, TransferError> {
         let lineage = self.lineage;
-        let Some(base) = self.base.as_mut() else {
-            return Err(TransferError::BaseUnavailable {
-                detail: "no base transfer in progress".into(),
-            });
-        };
-        if base.done {
-            return Ok(BaseChunkProgress {
-                bytes: 0,
-                bytes_sent: 0,
-                done: true,
-            });
-        }
-        let chunk_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
-        let reader = base
-            .reader
-            .get_or_insert_with(|| BasePin::reader_owned(Arc::clone(&base.pin), chunk_bytes));
-        let scanned_before = reader.bytes_scanned();
-        let sent_before = reader.bytes_sent();
-        // One non-zero run per call at most `chunk_bytes` long; zero runs are skipped by the
-        // reader and only counted as covered bytes.
-        // The chunk is encoded straight from the reader's window (one copy, one CRC pass).
-        let next = reader.next_frame();
-        let next_was_chunk = matches!(next, Some(Ok(_)));
-        let scanned = reader.bytes_scanned() - scanned_before;
-        let sent = reader.bytes_sent() - sent_before;
-        let sent_chunk = match next {
+        match self.base {
             None => {
-                base.done = true;
-                Ok(())
+                return Err(TransferError::BaseUnavailable {
+                    detail: "no base transfer in progress".into(),
+                });
             }
-            Some(Err(e)) => Err(TransferError::BaseUnavailable {
-                detail: format!("reading the image at {}: {e}", base.lsn),
-            }),
-            Some(Ok(frame)) => self
-                .target
-                .base_chunk(BaseChunkRequest { lineage, frame })
-                .map_err(transfer_error),
-        };
-        if let Err(e) = sent_chunk {
-            // A failed transfer lets go of the image at once, so the primary's flusher is not
-            // kept fenced until this I/O object happens to be dropped.
-            self.base = None;
-            return Err(e);
+            Some(true) => {
+                return Ok(BaseChunkProgress {
+                    bytes: 0,
+                    bytes_sent: 0,
+                    done: true,
+                });
+            }
+            Some(false) => {}
         }
-        if next_was_chunk {
+        let chunk = self.source.next_image_chunk(max_bytes).and_then(|c| {
+            let ImageChunk {
+                frame,
+                scanned,
+                sent,
+            } = c;
+            let Some(frame) = frame else {
+                return Ok((false, scanned, sent));
+            };
+            self.target
+                .base_chunk(BaseChunkRequest { lineage, frame })
+                .map_err(transfer_error)?;
+            Ok((true, scanned, sent))
+        });
+        let (was_chunk, scanned, sent) = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                // A failed transfer lets go of the image at once, so the primary's flusher is
+                // not kept fenced until this I/O object happens to be dropped.
+                self.base = None;
+                self.source.close_image();
+                return Err(e);
+            }
+        };
+        let done = !was_chunk;
+        self.base = Some(done);
+        if was_chunk {
             self.stats.base_chunks += 1;
         }
         self.stats.base_bytes_scanned += scanned;
@@ -327,22 +445,22 @@ impl<T: ReplicaTarget> RebuildIo for BridgeIo<T> {
         Ok(BaseChunkProgress {
             bytes: scanned,
             bytes_sent: sent,
-            done: base.done,
+            done,
         })
     }
 
     fn finish_base(&mut self) -> Result<Lsn, TransferError> {
-        let Some(base) = self.base.take() else {
+        let Some(done) = self.base.take() else {
             return Err(TransferError::BaseUnavailable {
                 detail: "no base transfer in progress".into(),
             });
         };
-        if !base.done {
+        self.source.close_image();
+        if !done {
             return Err(TransferError::BaseUnavailable {
                 detail: "finish before the whole image was transferred".into(),
             });
         }
-        drop(base.reader);
         let lsn = self
             .target
             .finish_base(self.lineage)

@@ -70,7 +70,7 @@ mod io;
 mod storage;
 mod target;
 
-pub use io::{BridgeIo, IoStats};
+pub use io::{BridgeIo, ImageChunk, IoStats, LocalSource, PrimarySource, transfer_error};
 pub use storage::BlockVolStorage;
 pub use target::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,

@@ -135,7 +135,11 @@ fn state_from_superblock(sb: &Superblock, opts: &OpenOptions, read_only: bool) -
         },
         durable: sb.checkpoint,
         synced_pos: sb.tail_pos,
-        committed: 0,
+        // What is in the extent was committed when it was flushed (the flusher moves only
+        // committed entries when gated, and nothing there can be truncated): the committed
+        // point restarts there, not at zero, so a restarted primary's history never names a
+        // committed point below its own checkpoint.
+        committed: sb.checkpoint,
         epoch: Epoch(sb.epoch),
         // A primary that restarts comes back fenced: another primary may have been
         // promoted meanwhile, so writes wait for a fresh assignment.

@@ -235,6 +235,12 @@ impl RemoteReplica {
         }
     }
 
+    /// Closes the connection at once (both directions); later calls fail as `Transport`.
+    pub fn shutdown(&mut self) {
+        let _ = self.conn.stream().shutdown(std::net::Shutdown::Both);
+        self.broken.get_or_insert_with(|| "shut down".into());
+    }
+
     /// The volume addressed.
     pub fn volume(&self) -> &str {
         &self.volume
@@ -359,7 +365,7 @@ impl RemoteReplica {
     }
 
     /// One request and its reply, after everything sent before it is settled.
-    fn call(&mut self, body: Request) -> Result<Reply, TargetError> {
+    pub(crate) fn call(&mut self, body: Request) -> Result<Reply, TargetError> {
         self.check_usable()?;
         self.settle()?;
         let lineage = body.lineage();

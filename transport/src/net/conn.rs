@@ -99,6 +99,11 @@ impl Conn {
         self.flush(timeout)
     }
 
+    /// Whether a frame has started arriving.
+    pub(crate) fn mid_frame(&self) -> bool {
+        self.decoder.mid_frame()
+    }
+
     /// The next message. Waits at most `idle` for a frame to start and at most `frame` for a
     /// started frame to finish, so a peer that trickles bytes cannot hold the connection.
     pub(crate) fn recv(

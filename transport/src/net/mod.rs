@@ -4,8 +4,10 @@
 
 mod client;
 mod conn;
+mod pull;
 mod server;
 
 pub use client::{ClientConfig, ClientStats, ConnectError, RemoteReplica};
 pub use conn::ConnError;
-pub use server::{ReplicaServer, ServerConfig, ServerError, ServerStats, Volumes};
+pub use pull::{RemotePrimary, RemoteSource};
+pub use server::{MAX_LEASE, ReplicaServer, ServerConfig, ServerError, ServerStats, Volumes};

@@ -12,16 +12,25 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blockvol::{FlushGate, OpenOptions, Volume};
-use v2bridge::{LocalReplica, ReplicaTarget, TargetError};
+use engine::{FullBasePin, RetentionPin, SnapshotPin, StorageAdapter};
+use v2bridge::convert::{entry_info, to_blockvol, to_engine};
+use v2bridge::{
+    BlockVolStorage, ImageChunk, LocalReplica, LocalSource, PrimarySource, ReplicaTarget,
+    TargetError,
+};
 
 use super::conn::{Conn, ConnError};
 use crate::wire::{
-    AuthRole, Authenticator, Challenge, Close, CloseCode, DEFAULT_MAX_FRAME, FEATURES, Message,
-    Nonce, ProbeReply, Reply, Request, VERSION, check_volume_name,
+    AuthRole, Authenticator, Challenge, Close, CloseCode, DEFAULT_MAX_FRAME, FEATURES,
+    HistoryReply, ImageChunkReply, Message, Nonce, PinWhat, ProbeReply, Reply, Request, VERSION,
+    check_volume_name,
 };
+
+/// The longest lease a puller may ask for.
+pub const MAX_LEASE: Duration = Duration::from_secs(60);
 
 /// How a replica server runs.
 #[derive(Clone, Debug)]
@@ -76,6 +85,8 @@ pub enum ServerError {
 pub struct Volumes {
     dir: Option<PathBuf>,
     open: Mutex<BTreeMap<String, LocalReplica>>,
+    /// The primary side of each volume that a puller asked for (history, pins, images).
+    storage: Mutex<BTreeMap<String, Arc<BlockVolStorage>>>,
 }
 
 impl std::fmt::Debug for Volumes {
@@ -90,6 +101,7 @@ impl Volumes {
         Volumes {
             dir: None,
             open: Mutex::new(BTreeMap::new()),
+            storage: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -99,6 +111,7 @@ impl Volumes {
         Volumes {
             dir: Some(dir.into()),
             open: Mutex::new(BTreeMap::new()),
+            storage: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -134,6 +147,16 @@ impl Volumes {
         let replica = LocalReplica::new(Arc::new(vol));
         open.insert(name.to_owned(), replica.clone());
         Ok(replica)
+    }
+
+    /// The primary side of volume `name`: its retained history, pins and images, shared by
+    /// every connection.
+    pub fn storage(&self, name: &str) -> Result<Arc<BlockVolStorage>, TargetError> {
+        let replica = self.get(name)?;
+        let mut map = self.storage.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(Arc::clone(map.entry(name.to_owned()).or_insert_with(
+            || Arc::new(BlockVolStorage::new(replica.volume())),
+        )))
     }
 
     /// Closes every open volume (syncing it); used at shutdown.
@@ -172,6 +195,10 @@ pub struct ServerStats {
     pub timeouts: AtomicU64,
     /// Closed by the peer or by a socket error.
     pub disconnects: AtomicU64,
+    /// Leases that ran out without a renewal (their pins released).
+    pub leases_expired: AtomicU64,
+    /// Leases granted.
+    pub leases_granted: AtomicU64,
     /// Connections open now.
     pub open: AtomicUsize,
 }
@@ -474,14 +501,249 @@ fn handshake(conn: &mut Conn, shared: &Shared) -> Result<String, End> {
     Ok(hello.node)
 }
 
+/// A pin a puller holds under a lease.
+enum Held {
+    Wal(#[allow(dead_code)] RetentionPin),
+    Snapshot(SnapshotPin),
+    Full(FullBasePin),
+}
+
+impl Held {
+    fn image_pin(&self) -> Option<engine::PinId> {
+        match self {
+            Held::Wal(_) => None,
+            Held::Snapshot(p) => Some(p.pin_id),
+            Held::Full(p) => Some(p.pin_id),
+        }
+    }
+}
+
+struct Lease {
+    volume: String,
+    held: Held,
+    deadline: Instant,
+}
+
+/// What one connection holds of the primary side: leased pins and open sources. Dropped with
+/// the connection, which releases every pin (a puller that closes or dies).
+#[derive(Default)]
+struct PrimarySide {
+    leases: BTreeMap<u64, Lease>,
+    next_lease: u64,
+    sources: BTreeMap<String, LocalSource>,
+}
+
+impl PrimarySide {
+    fn earliest(&self) -> Option<Instant> {
+        self.leases.values().map(|l| l.deadline).min()
+    }
+
+    /// Releases the pins of expired leases; returns how many.
+    fn expire(&mut self, now: Instant) -> usize {
+        let before = self.leases.len();
+        self.leases.retain(|id, l| {
+            let keep = l.deadline > now;
+            if !keep {
+                log::warn!("lease {id} on volume {} expired: pin released", l.volume);
+            }
+            keep
+        });
+        // A source whose image's lease is gone must not keep reading it.
+        let open: std::collections::BTreeSet<&str> =
+            self.leases.values().map(|l| l.volume.as_str()).collect();
+        self.sources.retain(|v, _| open.contains(v.as_str()));
+        before - self.leases.len()
+    }
+
+    fn source(&mut self, volumes: &Volumes, name: &str) -> Result<&mut LocalSource, TargetError> {
+        if !self.sources.contains_key(name) {
+            let storage = volumes.storage(name)?;
+            self.sources
+                .insert(name.to_owned(), LocalSource::new(storage));
+        }
+        self.sources
+            .get_mut(name)
+            .ok_or_else(|| TargetError::Protocol("source vanished".into()))
+    }
+}
+
+fn lease_of(ms: u32) -> Duration {
+    Duration::from_millis(u64::from(ms).max(1)).min(MAX_LEASE)
+}
+
+fn transfer(e: engine::TransferError) -> TargetError {
+    TargetError::Storage(e.to_string())
+}
+
+fn storage_err(e: engine::StorageError) -> TargetError {
+    TargetError::Storage(e.to_string())
+}
+
+/// Serves a request against the volume's primary side.
+fn primary_request(
+    side: &mut PrimarySide,
+    shared: &Shared,
+    volume: &str,
+    body: Request,
+) -> Result<Reply, TargetError> {
+    let volumes = &shared.volumes;
+    Ok(match body {
+        Request::History => {
+            let h = volumes
+                .storage(volume)?
+                .get_retained_history()
+                .map_err(storage_err)?;
+            Reply::History(HistoryReply {
+                head: to_blockvol(h.head_lsn),
+                tail: to_blockvol(h.tail_lsn),
+                committed: to_blockvol(h.committed_lsn),
+                checkpoint: h.checkpoint_lsn.map(to_blockvol),
+                checkpoint_trusted: h.checkpoint_trusted,
+                missing: h
+                    .missing
+                    .iter()
+                    .map(|r| (to_blockvol(r.after), to_blockvol(r.to)))
+                    .collect(),
+            })
+        }
+        Request::EntryId(lsn) => Reply::EntryId(
+            volumes
+                .storage(volume)?
+                .entry_id(to_engine(lsn))
+                .map_err(storage_err)?
+                .map(entry_info),
+        ),
+        Request::Pin {
+            what,
+            lsn,
+            lease_ms,
+        } => {
+            let storage = volumes.storage(volume)?;
+            let at = to_engine(lsn);
+            let (held, pinned) = match what {
+                PinWhat::Wal => {
+                    let p = storage.pin_wal_retention(at).map_err(storage_err)?;
+                    let start = p.start_lsn;
+                    (Held::Wal(p), start)
+                }
+                PinWhat::Snapshot => {
+                    let p = storage.pin_snapshot(at).map_err(storage_err)?;
+                    let l = p.lsn;
+                    (Held::Snapshot(p), l)
+                }
+                PinWhat::FullBase => {
+                    let p = storage.pin_full_base(at).map_err(storage_err)?;
+                    let l = p.committed_lsn;
+                    (Held::Full(p), l)
+                }
+            };
+            side.next_lease += 1;
+            let lease = side.next_lease;
+            side.leases.insert(
+                lease,
+                Lease {
+                    volume: volume.to_owned(),
+                    held,
+                    deadline: Instant::now() + lease_of(lease_ms),
+                },
+            );
+            shared.stats.leases_granted.fetch_add(1, Ordering::Relaxed);
+            Reply::Pinned {
+                lease,
+                lsn: to_blockvol(pinned),
+            }
+        }
+        Request::Renew { lease_ms } => {
+            let deadline = Instant::now() + lease_of(lease_ms);
+            for l in side.leases.values_mut() {
+                l.deadline = deadline;
+            }
+            Reply::Done
+        }
+        Request::Release(lease) => {
+            side.leases
+                .remove(&lease)
+                .ok_or_else(|| TargetError::Protocol(format!("no lease {lease}")))?;
+            Reply::Done
+        }
+        Request::ReadWal { after, want } => {
+            let mut frames = Vec::new();
+            let count = side
+                .source(volumes, volume)?
+                .read_entries(to_engine(after), u64::from(want), &mut frames)
+                .map_err(transfer)?;
+            Reply::Wal { count, frames }
+        }
+        Request::ImageOpen { lease, lsn } => {
+            let pin = side
+                .leases
+                .get(&lease)
+                .filter(|l| l.volume == volume)
+                .and_then(|l| l.held.image_pin())
+                .ok_or_else(|| TargetError::Protocol(format!("lease {lease} holds no image")))?;
+            let spec = side
+                .source(volumes, volume)?
+                .open_image(pin, to_engine(lsn))
+                .map_err(transfer)?;
+            Reply::ImageOpen {
+                base_lsn: spec.base_lsn,
+                base_entry: spec.base_entry,
+                geometry: spec.geometry,
+            }
+        }
+        Request::ImageRead(max) => {
+            let ImageChunk {
+                frame,
+                scanned,
+                sent,
+            } = side
+                .source(volumes, volume)?
+                .next_image_chunk(u64::from(max).max(1))
+                .map_err(transfer)?;
+            Reply::ImageChunk(ImageChunkReply {
+                frame,
+                scanned,
+                sent,
+            })
+        }
+        other => {
+            return Err(TargetError::Protocol(format!(
+                "{} is not a primary-side request",
+                Message::Request {
+                    id: 0,
+                    volume: String::new(),
+                    body: other
+                }
+                .frame_type()
+                .name()
+            )));
+        }
+    })
+}
+
 fn requests(conn: &mut Conn, shared: &Shared) -> End {
     let cfg = &shared.config;
+    let mut side = PrimarySide::default();
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return End::Shutdown;
         }
-        let msg = match conn.recv(cfg.idle_timeout, cfg.frame_timeout, "a request") {
+        // Wake for the earliest lease deadline, so an unrenewed lease ends on time even
+        // while the puller is silent.
+        let now = Instant::now();
+        let expired = side.expire(now);
+        shared
+            .stats
+            .leases_expired
+            .fetch_add(expired as u64, Ordering::Relaxed);
+        let idle = side.earliest().map_or(cfg.idle_timeout, |d| {
+            d.saturating_duration_since(now).min(cfg.idle_timeout)
+        });
+        let msg = match conn.recv(idle, cfg.frame_timeout, "a request") {
             Ok(m) => m,
+            Err(ConnError::Timeout(_)) if !conn.mid_frame() && side.earliest().is_some() => {
+                continue;
+            }
             Err(e) => return conn_end(e),
         };
         let (id, volume, body) = match msg {
@@ -496,11 +758,26 @@ fn requests(conn: &mut Conn, shared: &Shared) -> End {
         };
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         let lineage = body.lineage();
-        let reply = shared
-            .volumes
-            .get(&volume)
-            .and_then(|mut replica| dispatch(&mut replica, body))
-            .unwrap_or_else(|e| Reply::Error(lineage, e));
+        let primary_side = matches!(
+            body,
+            Request::History
+                | Request::EntryId(_)
+                | Request::Pin { .. }
+                | Request::Renew { .. }
+                | Request::Release(_)
+                | Request::ReadWal { .. }
+                | Request::ImageOpen { .. }
+                | Request::ImageRead(_)
+        );
+        let reply = if primary_side {
+            primary_request(&mut side, shared, &volume, body)
+        } else {
+            shared
+                .volumes
+                .get(&volume)
+                .and_then(|mut replica| dispatch(&mut replica, body))
+        }
+        .unwrap_or_else(|e| Reply::Error(lineage, e));
         if let Err(e) = conn.send(&Message::Reply { id, body: reply }, cfg.frame_timeout) {
             return conn_end(e);
         }
@@ -529,6 +806,7 @@ fn dispatch(replica: &mut LocalReplica, body: Request) -> Result<Reply, TargetEr
                 epoch: st.epoch,
                 install_incomplete: st.install_incomplete,
                 digest,
+                pins: u32::try_from(st.pins_outstanding).unwrap_or(u32::MAX),
             })
         }
         Request::Apply(r) => {
@@ -554,5 +832,6 @@ fn dispatch(replica: &mut LocalReplica, body: Request) -> Result<Reply, TargetEr
             let l = r.lineage;
             Reply::Barrier(l, replica.barrier(r)?)
         }
+        _ => return Err(TargetError::Protocol("not a replica request".into())),
     })
 }

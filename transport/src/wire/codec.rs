@@ -33,6 +33,11 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    /// Bytes left in the payload.
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.remaining()
+    }
+
     pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, WireError> {
         self.need(1, field)?;
         Ok(self.buf.get_u8())

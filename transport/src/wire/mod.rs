@@ -173,6 +173,22 @@ frame_types! {
     BaseFinishReq = 0x16,
     /// Request: make everything durable and report how far.
     BarrierReq = 0x17,
+    /// Remote-primary request: the volume's retained history.
+    HistoryReq = 0x18,
+    /// Remote-primary request: the identity of the entry at an LSN.
+    EntryIdReq = 0x19,
+    /// Remote-primary request: pin WAL, a snapshot or a full base image under a lease.
+    PinReq = 0x1a,
+    /// Remote-primary request: extend every lease of this connection.
+    RenewReq = 0x1b,
+    /// Remote-primary request: release one lease (and its pin).
+    ReleaseReq = 0x1c,
+    /// Remote-primary request: WAL entries after an LSN, in wire form.
+    ReadWalReq = 0x1d,
+    /// Remote-primary request: open the image a lease pins.
+    ImageOpenReq = 0x1e,
+    /// Remote-primary request: the next chunk of the open image.
+    ImageReadReq = 0x1f,
     /// Reply to `HandshakeReq`.
     HandshakeRep = 0x20,
     /// Reply to `ProbeReq`.
@@ -187,6 +203,20 @@ frame_types! {
     BaseFinishRep = 0x25,
     /// Reply to `BarrierReq`.
     BarrierRep = 0x26,
+    /// Reply to `HistoryReq`.
+    HistoryRep = 0x27,
+    /// Reply to `EntryIdReq`.
+    EntryIdRep = 0x28,
+    /// Reply to `PinReq`: the lease and the pinned LSN.
+    PinnedRep = 0x29,
+    /// Reply to `RenewReq` and `ReleaseReq`.
+    DoneRep = 0x2a,
+    /// Reply to `ReadWalReq`.
+    WalRep = 0x2b,
+    /// Reply to `ImageOpenReq`: how to install the image.
+    ImageOpenRep = 0x2c,
+    /// Reply to `ImageReadReq`.
+    ImageChunkRep = 0x2d,
     /// Reply to any request the replica refused or failed.
     ErrorRep = 0x2f,
 }
@@ -263,6 +293,49 @@ pub struct ProbeReply {
     pub install_incomplete: bool,
     /// The digest of the replica's image at `head`, when asked for.
     pub digest: Option<u128>,
+    /// Pins held on the volume (by recoveries, pullers and scans).
+    pub pins: u32,
+}
+
+/// What a `PinReq` pins.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PinWhat {
+    /// Every WAL entry after the LSN.
+    Wal = 1,
+    /// The checkpoint image at the LSN (and nothing else: a snapshot + tail rebuild pins the
+    /// WAL after it separately).
+    Snapshot = 2,
+    /// A full base image at the LSN (the committed point).
+    FullBase = 3,
+}
+
+/// A primary's retained history, as `HistoryRep` carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryReply {
+    /// The last LSN written.
+    pub head: Lsn,
+    /// Entries at or below this are gone from the WAL.
+    pub tail: Lsn,
+    /// The committed point.
+    pub committed: Lsn,
+    /// The checkpoint, if any was flushed.
+    pub checkpoint: Option<Lsn>,
+    /// Whether the checkpoint image can be trusted.
+    pub checkpoint_trusted: bool,
+    /// Ranges `(after, to]` inside the retained span that are missing.
+    pub missing: Vec<(Lsn, Lsn)>,
+}
+
+/// One chunk of an image, as `ImageChunkRep` carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageChunkReply {
+    /// The chunk in blockvol's checksummed form; `None` at the image's end.
+    pub frame: Option<Vec<u8>>,
+    /// Image bytes it covers.
+    pub scanned: u64,
+    /// Data bytes it carries.
+    pub sent: u64,
 }
 
 /// A request body.
@@ -287,13 +360,58 @@ pub enum Request {
     BaseFinish(Lineage),
     /// [`FrameType::BarrierReq`].
     Barrier(BarrierRequest),
+    /// [`FrameType::HistoryReq`].
+    History,
+    /// [`FrameType::EntryIdReq`].
+    EntryId(Lsn),
+    /// [`FrameType::PinReq`].
+    Pin {
+        /// What to pin.
+        what: PinWhat,
+        /// At or after which LSN.
+        lsn: Lsn,
+        /// How long the lease lasts without a renewal, in milliseconds.
+        lease_ms: u32,
+    },
+    /// [`FrameType::RenewReq`]: every lease of the connection, for this long.
+    Renew {
+        /// Milliseconds.
+        lease_ms: u32,
+    },
+    /// [`FrameType::ReleaseReq`].
+    Release(u64),
+    /// [`FrameType::ReadWalReq`].
+    ReadWal {
+        /// Entries after this LSN.
+        after: Lsn,
+        /// Exactly this many.
+        want: u32,
+    },
+    /// [`FrameType::ImageOpenReq`].
+    ImageOpen {
+        /// The lease pinning the image.
+        lease: u64,
+        /// The image's LSN.
+        lsn: Lsn,
+    },
+    /// [`FrameType::ImageReadReq`]: at most this many data bytes.
+    ImageRead(u32),
 }
 
 impl Request {
     /// The lineage of a mutating request; `None` for reads.
     pub fn lineage(&self) -> Option<Lineage> {
         match self {
-            Request::Handshake | Request::Probe { .. } => None,
+            Request::Handshake
+            | Request::Probe { .. }
+            | Request::History
+            | Request::EntryId(_)
+            | Request::Pin { .. }
+            | Request::Renew { .. }
+            | Request::Release(_)
+            | Request::ReadWal { .. }
+            | Request::ImageOpen { .. }
+            | Request::ImageRead(_) => None,
             Request::Apply(r) => Some(r.lineage),
             Request::Truncate(r) => Some(r.lineage),
             Request::BaseBegin(r) => Some(r.lineage),
@@ -313,6 +431,14 @@ impl Request {
             Request::BaseChunk(_) => FrameType::BaseChunkReq,
             Request::BaseFinish(_) => FrameType::BaseFinishReq,
             Request::Barrier(_) => FrameType::BarrierReq,
+            Request::History => FrameType::HistoryReq,
+            Request::EntryId(_) => FrameType::EntryIdReq,
+            Request::Pin { .. } => FrameType::PinReq,
+            Request::Renew { .. } => FrameType::RenewReq,
+            Request::Release(_) => FrameType::ReleaseReq,
+            Request::ReadWal { .. } => FrameType::ReadWalReq,
+            Request::ImageOpen { .. } => FrameType::ImageOpenReq,
+            Request::ImageRead(_) => FrameType::ImageReadReq,
         }
     }
 }
@@ -336,13 +462,52 @@ pub enum Reply {
     Barrier(Lineage, BarrierReply),
     /// [`FrameType::ErrorRep`]: the request's lineage (if it had one) and why it failed.
     Error(Option<Lineage>, TargetError),
+    /// [`FrameType::HistoryRep`].
+    History(HistoryReply),
+    /// [`FrameType::EntryIdRep`].
+    EntryId(Option<EntryInfo>),
+    /// [`FrameType::PinnedRep`]: the lease and the LSN pinned.
+    Pinned {
+        /// The lease, named in renewals and releases.
+        lease: u64,
+        /// The pinned LSN (the WAL pin's start, or the image's LSN).
+        lsn: Lsn,
+    },
+    /// [`FrameType::DoneRep`].
+    Done,
+    /// [`FrameType::WalRep`]: `count` entries in wire form.
+    Wal {
+        /// How many.
+        count: u32,
+        /// The entries, back to back.
+        frames: Vec<u8>,
+    },
+    /// [`FrameType::ImageOpenRep`].
+    ImageOpen {
+        /// The image's LSN.
+        base_lsn: Lsn,
+        /// The primary's entry there.
+        base_entry: EntryInfo,
+        /// The primary's geometry.
+        geometry: blockvol::Geometry,
+    },
+    /// [`FrameType::ImageChunkRep`].
+    ImageChunk(ImageChunkReply),
 }
 
 impl Reply {
     /// The lineage the reply echoes.
     pub fn lineage(&self) -> Option<Lineage> {
         match self {
-            Reply::Handshake(_) | Reply::Probe(_) => None,
+            Reply::Handshake(_)
+            | Reply::Probe(_)
+            | Reply::History(_)
+            | Reply::EntryId(_)
+            | Reply::Pinned { .. }
+            | Reply::Done
+            | Reply::Wal { .. }
+            | Reply::ImageOpen { .. }
+            | Reply::ImageChunk(_) => None,
             Reply::Apply(l, _)
             | Reply::Truncate(l, _)
             | Reply::Ack(l)
@@ -362,6 +527,13 @@ impl Reply {
             Reply::BaseFinish(..) => FrameType::BaseFinishRep,
             Reply::Barrier(..) => FrameType::BarrierRep,
             Reply::Error(..) => FrameType::ErrorRep,
+            Reply::History(_) => FrameType::HistoryRep,
+            Reply::EntryId(_) => FrameType::EntryIdRep,
+            Reply::Pinned { .. } => FrameType::PinnedRep,
+            Reply::Done => FrameType::DoneRep,
+            Reply::Wal { .. } => FrameType::WalRep,
+            Reply::ImageOpen { .. } => FrameType::ImageOpenRep,
+            Reply::ImageChunk(_) => FrameType::ImageChunkRep,
         }
     }
 }
@@ -492,7 +664,7 @@ fn encode_payload(msg: &Message, w: &mut Writer<'_>) -> Result<(), WireError> {
         }
         Message::Reply { id, body } => {
             w.u64(*id);
-            encode_reply(body, w);
+            encode_reply(body, w)?;
         }
     }
     Ok(())
@@ -537,11 +709,33 @@ fn encode_request(body: &Request, w: &mut Writer<'_>) -> Result<(), WireError> {
             }
             w.u64(r.committed.0);
         }
+        Request::History => {}
+        Request::EntryId(lsn) => w.u64(lsn.0),
+        Request::Pin {
+            what,
+            lsn,
+            lease_ms,
+        } => {
+            w.u8(*what as u8);
+            w.u64(lsn.0);
+            w.u32(*lease_ms);
+        }
+        Request::Renew { lease_ms } => w.u32(*lease_ms),
+        Request::Release(lease) => w.u64(*lease),
+        Request::ReadWal { after, want } => {
+            w.u64(after.0);
+            w.u32(*want);
+        }
+        Request::ImageOpen { lease, lsn } => {
+            w.u64(*lease);
+            w.u64(lsn.0);
+        }
+        Request::ImageRead(max) => w.u32(*max),
     }
     Ok(())
 }
 
-fn encode_reply(body: &Reply, w: &mut Writer<'_>) {
+fn encode_reply(body: &Reply, w: &mut Writer<'_>) -> Result<(), WireError> {
     match body {
         Reply::Handshake(h) => {
             w.u64(h.head.0);
@@ -563,6 +757,7 @@ fn encode_reply(body: &Reply, w: &mut Writer<'_>) {
                 }
                 None => w.bool(false),
             }
+            w.u32(p.pins);
         }
         Reply::Apply(l, r) => {
             w.lineage(l);
@@ -594,7 +789,67 @@ fn encode_reply(body: &Reply, w: &mut Writer<'_>) {
             }
             encode_target_error(e, w);
         }
+        Reply::History(h) => {
+            w.u64(h.head.0);
+            w.u64(h.tail.0);
+            w.u64(h.committed.0);
+            match h.checkpoint {
+                Some(c) => {
+                    w.bool(true);
+                    w.u64(c.0);
+                }
+                None => w.bool(false),
+            }
+            w.bool(h.checkpoint_trusted);
+            w.u32(
+                u32::try_from(h.missing.len()).map_err(|_| WireError::BadValue {
+                    field: "history.missing",
+                    detail: "too many ranges".into(),
+                })?,
+            );
+            for (after, to) in &h.missing {
+                w.u64(after.0);
+                w.u64(to.0);
+            }
+        }
+        Reply::EntryId(e) => match e {
+            Some(e) => {
+                w.bool(true);
+                w.entry_info(e);
+            }
+            None => w.bool(false),
+        },
+        Reply::Pinned { lease, lsn } => {
+            w.u64(*lease);
+            w.u64(lsn.0);
+        }
+        Reply::Done => {}
+        Reply::Wal { count, frames } => {
+            w.u32(*count);
+            w.bytes(frames)?;
+        }
+        Reply::ImageOpen {
+            base_lsn,
+            base_entry,
+            geometry,
+        } => {
+            w.u64(base_lsn.0);
+            w.entry_info(base_entry);
+            w.geometry(geometry);
+        }
+        Reply::ImageChunk(c) => {
+            match &c.frame {
+                Some(f) => {
+                    w.bool(true);
+                    w.bytes(f)?;
+                }
+                None => w.bool(false),
+            }
+            w.u64(c.scanned);
+            w.u64(c.sent);
+        }
     }
+    Ok(())
 }
 
 /// Error codes of [`FrameType::ErrorRep`].
@@ -737,7 +992,15 @@ fn decode_payload(kind: FrameType, payload: &[u8]) -> Result<Message, WireError>
         | FrameType::BaseBeginReq
         | FrameType::BaseChunkReq
         | FrameType::BaseFinishReq
-        | FrameType::BarrierReq => {
+        | FrameType::BarrierReq
+        | FrameType::HistoryReq
+        | FrameType::EntryIdReq
+        | FrameType::PinReq
+        | FrameType::RenewReq
+        | FrameType::ReleaseReq
+        | FrameType::ReadWalReq
+        | FrameType::ImageOpenReq
+        | FrameType::ImageReadReq => {
             let id = r.u64("request.id")?;
             let volume = r.string("request.volume", MAX_VOLUME_NAME)?;
             check_volume_name(&volume)?;
@@ -751,7 +1014,14 @@ fn decode_payload(kind: FrameType, payload: &[u8]) -> Result<Message, WireError>
         | FrameType::AckRep
         | FrameType::BaseFinishRep
         | FrameType::BarrierRep
-        | FrameType::ErrorRep => {
+        | FrameType::ErrorRep
+        | FrameType::HistoryRep
+        | FrameType::EntryIdRep
+        | FrameType::PinnedRep
+        | FrameType::DoneRep
+        | FrameType::WalRep
+        | FrameType::ImageOpenRep
+        | FrameType::ImageChunkRep => {
             let id = r.u64("reply.id")?;
             let body = decode_reply(kind, &mut r)?;
             Message::Reply { id, body }
@@ -808,6 +1078,36 @@ fn decode_request(kind: FrameType, r: &mut Reader<'_>) -> Result<Request, WireEr
             },
             committed: r.lsn("barrier.committed")?,
         }),
+        FrameType::HistoryReq => Request::History,
+        FrameType::EntryIdReq => Request::EntryId(r.lsn("entry_id.lsn")?),
+        FrameType::PinReq => Request::Pin {
+            what: match r.u8("pin.what")? {
+                1 => PinWhat::Wal,
+                2 => PinWhat::Snapshot,
+                3 => PinWhat::FullBase,
+                v => {
+                    return Err(WireError::BadValue {
+                        field: "pin.what",
+                        detail: format!("unknown pin kind {v}"),
+                    });
+                }
+            },
+            lsn: r.lsn("pin.lsn")?,
+            lease_ms: r.u32("pin.lease_ms")?,
+        },
+        FrameType::RenewReq => Request::Renew {
+            lease_ms: r.u32("renew.lease_ms")?,
+        },
+        FrameType::ReleaseReq => Request::Release(r.u64("release.lease")?),
+        FrameType::ReadWalReq => Request::ReadWal {
+            after: r.lsn("read_wal.after")?,
+            want: r.u32("read_wal.want")?,
+        },
+        FrameType::ImageOpenReq => Request::ImageOpen {
+            lease: r.u64("image_open.lease")?,
+            lsn: r.lsn("image_open.lsn")?,
+        },
+        FrameType::ImageReadReq => Request::ImageRead(r.u32("image_read.max_bytes")?),
         other => {
             return Err(WireError::BadValue {
                 field: "type",
@@ -837,6 +1137,7 @@ fn decode_reply(kind: FrameType, r: &mut Reader<'_>) -> Result<Reply, WireError>
             } else {
                 None
             },
+            pins: r.u32("probe.pins")?,
         }),
         FrameType::ApplyRep => Reply::Apply(
             r.lineage()?,
@@ -866,6 +1167,63 @@ fn decode_reply(kind: FrameType, r: &mut Reader<'_>) -> Result<Reply, WireError>
                 None
             };
             Reply::Error(lineage, decode_target_error(r)?)
+        }
+        FrameType::HistoryRep => {
+            let head = r.lsn("history.head")?;
+            let tail = r.lsn("history.tail")?;
+            let committed = r.lsn("history.committed")?;
+            let checkpoint = if r.bool("history.has_checkpoint")? {
+                Some(r.lsn("history.checkpoint")?)
+            } else {
+                None
+            };
+            let checkpoint_trusted = r.bool("history.checkpoint_trusted")?;
+            let n = r.u32("history.missing")? as usize;
+            // Each range is 16 bytes: the count is checked against the frame before any
+            // allocation.
+            let mut missing = Vec::with_capacity(n.min(r.remaining() / 16));
+            for _ in 0..n {
+                missing.push((r.lsn("history.missing")?, r.lsn("history.missing")?));
+            }
+            Reply::History(HistoryReply {
+                head,
+                tail,
+                committed,
+                checkpoint,
+                checkpoint_trusted,
+                missing,
+            })
+        }
+        FrameType::EntryIdRep => Reply::EntryId(if r.bool("entry_id.has")? {
+            Some(r.entry_info("entry_id.entry")?)
+        } else {
+            None
+        }),
+        FrameType::PinnedRep => Reply::Pinned {
+            lease: r.u64("pinned.lease")?,
+            lsn: r.lsn("pinned.lsn")?,
+        },
+        FrameType::DoneRep => Reply::Done,
+        FrameType::WalRep => Reply::Wal {
+            count: r.u32("wal.count")?,
+            frames: r.bytes("wal.frames")?,
+        },
+        FrameType::ImageOpenRep => Reply::ImageOpen {
+            base_lsn: r.lsn("image_open.base_lsn")?,
+            base_entry: r.entry_info("image_open.base_entry")?,
+            geometry: r.geometry()?,
+        },
+        FrameType::ImageChunkRep => {
+            let frame = if r.bool("image_chunk.has_frame")? {
+                Some(r.bytes("image_chunk.frame")?)
+            } else {
+                None
+            };
+            Reply::ImageChunk(ImageChunkReply {
+                frame,
+                scanned: r.u64("image_chunk.scanned")?,
+                sent: r.u64("image_chunk.sent")?,
+            })
         }
         other => {
             return Err(WireError::BadValue {
