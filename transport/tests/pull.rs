@@ -85,6 +85,61 @@ fn rid() -> ReplicaId {
     ReplicaId::new("vol1/server-b").unwrap()
 }
 
+/// A `rebuilding` assignment for this replica.
+fn assign_rebuild(driver: &RecoveryDriver) -> Result<(), String> {
+    driver
+        .orchestrator()
+        .process_assignment(&AssignmentIntent {
+            replicas: vec![ReplicaAssignment {
+                replica_id: rid(),
+                endpoint: Endpoint::new("b.data", "b.ctrl", 1),
+            }],
+            epoch: Epoch(1),
+            recovery_targets: [(rid(), SessionKind::Rebuild)].into(),
+            catch_up_budget: None,
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Pulls a rebuild of `local` from the primary at `addr` through the engine, calling `step`
+/// after every executor step.
+fn pull_rebuild(
+    addr: std::net::SocketAddr,
+    local: &Arc<Volume>,
+    chunk_bytes: u64,
+    step: impl FnMut(&engine::StepInfo),
+) -> Result<engine::ExecutionReport, String> {
+    let remote = Arc::new(
+        RemotePrimary::connect(
+            addr,
+            "vol1",
+            &ClientConfig::default(),
+            Duration::from_secs(2),
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let driver = RecoveryDriver::new(Arc::clone(&remote) as Arc<dyn StorageAdapter>);
+    assign_rebuild(&driver)?;
+    let plan = driver.plan_rebuild(&rid()).map_err(|e| e.to_string())?;
+    let sid = plan.session_id().ok_or("no session")?;
+    let committed = plan.target().ok_or("no target")?;
+    let mut io = BridgeIo::with_source(
+        remote.source(),
+        LocalReplica::new(Arc::clone(local)),
+        Lineage::new("server-b", blockvol::Epoch(1), sid.get()),
+        committed,
+    );
+    RebuildExecutor::new(&driver, plan)
+        .with_options(engine::ExecutorOptions {
+            max_base_chunk_bytes: chunk_bytes,
+            ..engine::ExecutorOptions::default()
+        })
+        .with_on_step(step)
+        .execute(&mut io)
+        .map_err(|e| e.to_string())
+}
+
 #[test]
 fn a_replica_pulls_its_rebuild_from_a_remote_primary() {
     let dir = tempfile::tempdir().unwrap();
@@ -101,18 +156,7 @@ fn a_replica_pulls_its_rebuild_from_a_remote_primary() {
         .unwrap(),
     );
     let driver = RecoveryDriver::new(Arc::clone(&remote) as Arc<dyn StorageAdapter>);
-    driver
-        .orchestrator()
-        .process_assignment(&AssignmentIntent {
-            replicas: vec![ReplicaAssignment {
-                replica_id: rid(),
-                endpoint: Endpoint::new("b.data", "b.ctrl", 1),
-            }],
-            epoch: Epoch(1),
-            recovery_targets: [(rid(), SessionKind::Rebuild)].into(),
-            catch_up_budget: None,
-        })
-        .unwrap();
+    assign_rebuild(&driver).unwrap();
     let plan = driver.plan_rebuild(&rid()).unwrap();
     assert!(plan.pins_held() >= 1);
     assert_eq!(
@@ -202,12 +246,23 @@ fn a_puller_that_closes_without_releasing_loses_its_pins() {
     );
 }
 
-/// The child half of the kill -9 test: pins and waits to be killed.
+/// The child half of the kill -9 tests: pins and waits to be killed, or (with
+/// `SWBLOCK_PULLER_FILE`) pulls a slow rebuild into that replica file until killed.
 #[test]
 fn puller_child() {
     let Ok(addr) = std::env::var("SWBLOCK_PULLER_CHILD") else {
         return;
     };
+    if let Ok(file) = std::env::var("SWBLOCK_PULLER_FILE") {
+        let local = Arc::new(
+            Volume::open(&file, &volume_options(FlushGate::Committed)).expect("replica file"),
+        );
+        // 4 KiB chunks, 20 ms each: the image takes seconds, so the parent kills it midway.
+        let _ = pull_rebuild(addr.parse().unwrap(), &local, 4096, |_| {
+            std::thread::sleep(Duration::from_millis(20));
+        });
+        return;
+    }
     let remote = RemotePrimary::connect(
         addr.parse().unwrap(),
         "vol1",
@@ -236,4 +291,52 @@ fn a_puller_killed_with_sigkill_loses_its_pins() {
     let _ = child.wait();
     assert_eq!(pinned, 1, "the child pinned the primary's image");
     assert_eq!(wait_pins(&primary, 0), 0, "the dead puller's pin came back");
+}
+
+#[test]
+fn a_puller_killed_mid_rebuild_gives_the_pins_back_and_the_next_pull_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = primary_process(dir.path(), 200);
+    let file = dir.path().join("replica.vol");
+    create(&file, Role::Replica).close().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "puller_child", "--nocapture", "--test-threads=1"])
+        .env("SWBLOCK_PULLER_CHILD", primary.addr().to_string())
+        .env("SWBLOCK_PULLER_FILE", &file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the child holds the primary's pins (its rebuild is under way), then let it
+    // move some of the image and kill it.
+    let pinned = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pins = probe(&primary).2;
+            if pins > 0 || Instant::now() > deadline {
+                break pins;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(pinned > 0, "the child's rebuild pinned the primary");
+    assert_eq!(
+        wait_pins(&primary, 0),
+        0,
+        "the killed puller's pins came back"
+    );
+    // Its replica knows the install was interrupted; the next pull rebuilds it completely.
+    let local = Arc::new(Volume::open(&file, &volume_options(FlushGate::Committed)).unwrap());
+    assert!(
+        local.status().install_incomplete,
+        "the kill landed mid-image"
+    );
+    let report = pull_rebuild(primary.addr(), &local, 64 << 10, |_| {}).expect("second pull");
+    assert_eq!(report.final_state, ReplicaState::InSync);
+    let (head, digest, _) = probe(&primary);
+    assert_eq!(local.status().head, head);
+    assert_eq!(local.digest().unwrap(), Digest(digest));
+    assert_eq!(wait_pins(&primary, 0), 0);
 }
