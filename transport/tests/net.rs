@@ -468,3 +468,65 @@ fn a_reply_that_echoes_another_lineage_is_refused_and_breaks_the_connection() {
     let err = r.handshake().expect_err("broken connection");
     assert!(matches!(err, TargetError::Transport(_)));
 }
+
+#[test]
+fn remote_primary_reads_are_bounded_by_one_reply_whatever_is_asked() {
+    let config = ServerConfig {
+        max_frame: 64 << 10,
+        ..secret_config()
+    };
+    let f = serve(config, &["vol-a"]);
+    let vol = &f.vols[0];
+    vol.assign(Role::Primary, blockvol::Epoch(2)).unwrap();
+    for i in 0..100u64 {
+        vol.write(blockvol::Lba(i % 64), &[7u8; 4096]).unwrap();
+    }
+    vol.sync().unwrap();
+    let mut raw = Raw::connect(f.server.local_addr());
+    raw.decoder = Decoder::new(64 << 10);
+    assert!(matches!(
+        raw.authenticate(Some(SECRET)),
+        Some(Message::Ready)
+    ));
+    let ask = |raw: &mut Raw, id: u64, body: Request| {
+        raw.send(&Message::Request {
+            id,
+            volume: "vol-a".into(),
+            body,
+        });
+        match raw.recv() {
+            Some(Message::Reply { id: got, body }) if got == id => body,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    };
+    // Four billion entries asked for: one reply's worth comes back.
+    match ask(
+        &mut raw,
+        1,
+        Request::ReadWal {
+            after: Lsn(0),
+            want: u32::MAX,
+        },
+    ) {
+        Reply::Wal { count, frames } => {
+            assert!(count >= 1 && count < 100, "{count}");
+            assert!(frames.len() <= 64 << 10, "{}", frames.len());
+        }
+        other => panic!("{other:?}"),
+    }
+    // A 4 GiB image chunk with no image open: refused, nothing allocated.
+    assert!(matches!(
+        ask(&mut raw, 2, Request::ImageRead(u32::MAX)),
+        Reply::Error(None, TargetError::Storage(_))
+    ));
+    // A lease on nothing cannot be released.
+    assert!(matches!(
+        ask(&mut raw, 3, Request::Release(99)),
+        Reply::Error(None, TargetError::Protocol(_))
+    ));
+    // And the connection still serves.
+    assert!(matches!(
+        ask(&mut raw, 4, Request::History),
+        Reply::History(_)
+    ));
+}

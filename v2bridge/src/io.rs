@@ -60,8 +60,9 @@ pub struct ImageChunk {
 pub trait PrimarySource: Send {
     /// The identity of the primary's entry at `lsn`.
     fn entry_at(&mut self, lsn: Lsn) -> Result<EntryInfo, TransferError>;
-    /// Appends exactly `want` entries after `after` to `frames` in wire form, in LSN order
-    /// (anything less is a `Gap` error); returns how many.
+    /// Appends entries after `after` to `frames` in wire form, in LSN order: at least one and
+    /// at most `want` (a source may stop early to bound one read; fewer than `want` because
+    /// the log ends is a `Gap` error); returns how many.
     fn read_entries(
         &mut self,
         after: Lsn,
@@ -99,28 +100,26 @@ impl LocalSource {
             image: None,
         }
     }
-}
 
-impl PrimarySource for LocalSource {
-    fn entry_at(&mut self, lsn: Lsn) -> Result<EntryInfo, TransferError> {
-        self.primary
-            .entry_info(to_blockvol(lsn))
-            .map_err(|e| primary_transfer_error(e, lsn))
-    }
-
-    fn read_entries(
+    /// Like [`PrimarySource::read_entries`], but stops early (after at least one entry) before
+    /// `frames` would grow by more than `max_bytes`: a server answering a peer's request bounds what it
+    /// reads by what one reply may carry.
+    pub fn read_entries_bounded(
         &mut self,
         after: Lsn,
         want: u64,
+        max_bytes: usize,
         frames: &mut Vec<u8>,
     ) -> Result<u32, TransferError> {
         let mut scan = self
             .primary
             .scan_from(to_blockvol(after.next()))
             .map_err(|e| primary_transfer_error(e, after))?;
+        let start = frames.len();
         let mut count: u32 = 0;
         let mut expected = after.next();
         while u64::from(count) < want {
+            let before = frames.len();
             // Each entry goes from the primary's ring straight into the frame buffer, already
             // in wire form (one copy, its stored CRC checked once on the way).
             let Some(item) = scan.next_encoded(frames) else {
@@ -136,10 +135,32 @@ impl PrimarySource for LocalSource {
                     found: to_engine(info.lsn),
                 });
             }
+            if count > 0 && frames.len() - start > max_bytes {
+                // Over the budget: this entry waits for the next read.
+                frames.truncate(before);
+                break;
+            }
             count += 1;
             expected = expected.next();
         }
         Ok(count)
+    }
+}
+
+impl PrimarySource for LocalSource {
+    fn entry_at(&mut self, lsn: Lsn) -> Result<EntryInfo, TransferError> {
+        self.primary
+            .entry_info(to_blockvol(lsn))
+            .map_err(|e| primary_transfer_error(e, lsn))
+    }
+
+    fn read_entries(
+        &mut self,
+        after: Lsn,
+        want: u64,
+        frames: &mut Vec<u8>,
+    ) -> Result<u32, TransferError> {
+        self.read_entries_bounded(after, want, usize::MAX, frames)
     }
 
     fn open_image(&mut self, pin_id: PinId, lsn: Lsn) -> Result<BaseInstallSpec, TransferError> {

@@ -567,6 +567,13 @@ impl PrimarySide {
     }
 }
 
+/// Payload bytes a reply may carry besides its fields.
+fn reply_budget(shared: &Shared) -> usize {
+    (shared.config.max_frame as usize)
+        .saturating_sub(4096)
+        .max(4096)
+}
+
 fn lease_of(ms: u32) -> Duration {
     Duration::from_millis(u64::from(ms).max(1)).min(MAX_LEASE)
 }
@@ -667,11 +674,18 @@ fn primary_request(
             Reply::Done
         }
         Request::ReadWal { after, want } => {
+            // What one reply may carry bounds what is read, whatever the peer asked for.
+            let budget = reply_budget(shared);
             let mut frames = Vec::new();
             let count = side
                 .source(volumes, volume)?
-                .read_entries(to_engine(after), u64::from(want), &mut frames)
+                .read_entries_bounded(to_engine(after), u64::from(want), budget, &mut frames)
                 .map_err(transfer)?;
+            if frames.len() > budget {
+                return Err(TargetError::Protocol(format!(
+                    "the entry after {after} does not fit one reply"
+                )));
+            }
             Reply::Wal { count, frames }
         }
         Request::ImageOpen { lease, lsn } => {
@@ -698,7 +712,7 @@ fn primary_request(
                 sent,
             } = side
                 .source(volumes, volume)?
-                .next_image_chunk(u64::from(max).max(1))
+                .next_image_chunk(u64::from(max).clamp(1, reply_budget(shared) as u64))
                 .map_err(transfer)?;
             Reply::ImageChunk(ImageChunkReply {
                 frame,
