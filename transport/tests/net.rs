@@ -509,7 +509,7 @@ fn remote_primary_reads_are_bounded_by_one_reply_whatever_is_asked() {
         },
     ) {
         Reply::Wal { count, frames } => {
-            assert!(count >= 1 && count < 100, "{count}");
+            assert!((1..100).contains(&count), "{count}");
             assert!(frames.len() <= 64 << 10, "{}", frames.len());
         }
         other => panic!("{other:?}"),

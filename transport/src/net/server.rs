@@ -531,6 +531,8 @@ struct PrimarySide {
     leases: BTreeMap<u64, Lease>,
     next_lease: u64,
     sources: BTreeMap<String, LocalSource>,
+    /// The lease whose image each volume's source has open: the image is closed with it.
+    open_images: BTreeMap<String, u64>,
 }
 
 impl PrimarySide {
@@ -540,19 +542,31 @@ impl PrimarySide {
 
     /// Releases the pins of expired leases; returns how many.
     fn expire(&mut self, now: Instant) -> usize {
-        let before = self.leases.len();
-        self.leases.retain(|id, l| {
-            let keep = l.deadline > now;
-            if !keep {
+        let expired: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            if let Some(l) = self.release(*id) {
                 log::warn!("lease {id} on volume {} expired: pin released", l.volume);
             }
-            keep
-        });
-        // A source whose image's lease is gone must not keep reading it.
-        let open: std::collections::BTreeSet<&str> =
-            self.leases.values().map(|l| l.volume.as_str()).collect();
-        self.sources.retain(|v, _| open.contains(v.as_str()));
-        before - self.leases.len()
+        }
+        expired.len()
+    }
+
+    /// Ends lease `id`: its pin is released, and an image open under it is closed (a source
+    /// must not keep reading an image that is no longer pinned).
+    fn release(&mut self, id: u64) -> Option<Lease> {
+        let lease = self.leases.remove(&id)?;
+        if self.open_images.get(&lease.volume) == Some(&id) {
+            self.open_images.remove(&lease.volume);
+            if let Some(src) = self.sources.get_mut(&lease.volume) {
+                src.close_image();
+            }
+        }
+        Some(lease)
     }
 
     fn source(&mut self, volumes: &Volumes, name: &str) -> Result<&mut LocalSource, TargetError> {
@@ -668,8 +682,7 @@ fn primary_request(
             Reply::Done
         }
         Request::Release(lease) => {
-            side.leases
-                .remove(&lease)
+            side.release(lease)
                 .ok_or_else(|| TargetError::Protocol(format!("no lease {lease}")))?;
             Reply::Done
         }
@@ -699,6 +712,7 @@ fn primary_request(
                 .source(volumes, volume)?
                 .open_image(pin, to_engine(lsn))
                 .map_err(transfer)?;
+            side.open_images.insert(volume.to_owned(), lease);
             Reply::ImageOpen {
                 base_lsn: spec.base_lsn,
                 base_entry: spec.base_entry,
