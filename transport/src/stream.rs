@@ -149,6 +149,10 @@ pub struct ReplicaStatus {
     pub duplicates: u64,
     /// Entries shipped by the stream (not by joins).
     pub streamed: u64,
+    /// Apply batches sent by the stream.
+    pub batches: u64,
+    /// Barriers answered (each may cover many flushes: group commit).
+    pub barriers: u64,
 }
 
 /// Why a flush did not return an acknowledgement.
@@ -268,6 +272,8 @@ impl Replicator {
                     recoveries: 0,
                     duplicates: 0,
                     streamed: 0,
+                    batches: 0,
+                    barriers: 0,
                 },
                 spec,
             })
@@ -310,21 +316,33 @@ impl Replicator {
     /// covers. Never returns `Ok` for an LSN the mode does not back.
     pub fn flush(&self) -> Result<Lsn, FlushError> {
         let sh = &self.shared;
-        let lsn = sh
+        // Every write that completed before this call is at or below the head now. The
+        // shippers are asked for barriers at it first, so the replicas' syncs run while the
+        // primary syncs its own WAL, not after.
+        let lsn = sh.primary.status().head;
+        let mode = sh.config.mode;
+        {
+            let mut st = sh.lock();
+            if st.stop {
+                return Err(FlushError::Stopped);
+            }
+            if st.flush_want < lsn {
+                st.flush_want = lsn;
+            }
+            st.writes += 1;
+        }
+        sh.work.notify_all();
+        let synced = sh
             .primary
             .sync()
             .map_err(|e| FlushError::Primary(e.to_string()))?;
-        let mode = sh.config.mode;
+        if synced < lsn {
+            return Err(FlushError::Primary(format!(
+                "synced to {synced}, below the head {lsn} it had to cover"
+            )));
+        }
         let mut st = sh.lock();
-        if st.stop {
-            return Err(FlushError::Stopped);
-        }
         let needed = mode.replicas_required(st.slots.len());
-        if st.flush_want < lsn {
-            st.flush_want = lsn;
-        }
-        st.writes += 1;
-        sh.work.notify_all();
         let start = Instant::now();
         loop {
             let durable = st
@@ -605,7 +623,10 @@ fn stream(
                     tip.lsn, reply.durable, reply.tip
                 ));
             }
-            sh.update(i, |s| s.durable = reply.durable);
+            sh.update(i, |s| {
+                s.durable = reply.durable;
+                s.barriers += 1;
+            });
             if reply.durable > pin.lsn() {
                 let newer = sh
                     .primary
@@ -668,6 +689,7 @@ fn ship_batch(
         s.shipped = last.lsn;
         s.streamed += reply.applied;
         s.duplicates += reply.duplicates;
+        s.batches += 1;
     });
     Ok(last)
 }

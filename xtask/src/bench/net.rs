@@ -440,6 +440,8 @@ pub fn replicated_write(ctx: &Ctx) -> Result<Metric, String> {
     }
     same_image(&cluster.primary, &cluster.replicas[0])?;
     same_image(&cluster.primary, &cluster.replicas[1])?;
+    let st = r.status();
+    let (batches, barriers) = (st[0].batches, st[0].barriers);
     drop(r);
     cluster.cleanup();
     let (bm, sm) = (median(&b), median(&s));
@@ -458,8 +460,8 @@ pub fn replicated_write(ctx: &Ctx) -> Result<Metric, String> {
                         fdatasync of each, from one thread (16 ops per round)"
             .into(),
         detail: format!(
-            "{:.1} s per rep; stream {} ops/s, three files {} ops/s; both replicas' digests \
-             equal the primary's",
+            "{:.1} s per rep; stream {} ops/s, three files {} ops/s; replica 0 got {batches} \
+             batches and {barriers} barriers in all; both replicas' digests equal the primary's",
             secs,
             spread(&s),
             spread(&b)
