@@ -261,7 +261,9 @@ struct Node {
     vol: Arc<Volume>,
     /// The newest lineage accepted from each driver.
     newest: BTreeMap<u64, Lineage>,
-    install: Option<BaseInstall>,
+    /// An install in progress and the session that began it: only that session may send its
+    /// chunks and finish it.
+    install: Option<(Lineage, BaseInstall)>,
 }
 
 /// An in-process replica over a blockvol volume (opened with `FlushGate::Committed`, so it can
@@ -448,15 +450,23 @@ impl ReplicaTarget for LocalReplica {
     fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError> {
         let mut node = self.lock();
         node.admit(req.lineage)?;
-        // Abandon an older half-finished install before starting over.
-        node.install = None;
+        // Abandon a half-finished install before starting over; if another session began it,
+        // that session's next chunk or finish is refused (its image is gone).
+        if let Some((owner, _)) = node.install.take()
+            && owner != req.lineage
+        {
+            log::warn!(
+                "install of session {owner:?} abandoned for session {:?}",
+                req.lineage
+            );
+        }
         let spec = BaseInstallSpec {
             base_lsn: req.base_lsn,
             base_entry: req.base_entry,
             geometry: req.geometry,
         };
         let install = node.vol.begin_base_install(spec).map_err(storage)?;
-        node.install = Some(install);
+        node.install = Some((req.lineage, install));
         Ok(())
     }
 
@@ -467,17 +477,32 @@ impl ReplicaTarget for LocalReplica {
             .install
             .as_mut()
             .ok_or_else(|| TargetError::Protocol("base chunk without an install".into()))?;
+        if install.0 != req.lineage {
+            return Err(TargetError::Fenced(format!(
+                "base chunk of session {:?}, but the install in progress is session {:?}'s",
+                req.lineage, install.0
+            )));
+        }
         // Checked in place and written into the extent straight from the frame.
-        install.write_frame(&req.frame).map_err(storage)
+        install.1.write_frame(&req.frame).map_err(storage)
     }
 
     fn finish_base(&mut self, lineage: Lineage) -> Result<Lsn, TargetError> {
         let mut node = self.lock();
         node.admit(lineage)?;
-        let install = node
-            .install
-            .take()
-            .ok_or_else(|| TargetError::Protocol("finish without an install".into()))?;
+        match &node.install {
+            None => return Err(TargetError::Protocol("finish without an install".into())),
+            Some((owner, _)) if *owner != lineage => {
+                return Err(TargetError::Fenced(format!(
+                    "finish of session {lineage:?}, but the install in progress is session \
+                     {owner:?}'s"
+                )));
+            }
+            Some(_) => {}
+        }
+        let Some((_, install)) = node.install.take() else {
+            return Err(TargetError::Protocol("finish without an install".into()));
+        };
         install.finish().map_err(storage)?;
         Ok(node.vol.status().head)
     }

@@ -70,3 +70,64 @@ fn no_snapshot_pin_without_a_checkpoint() {
         }
     );
 }
+
+/// Two sessions (a primary pushing and the replica pulling) at the same epoch both install a
+/// base: the second abandons the first's install, and the first session's later chunks and
+/// finish are refused instead of landing in the second's image (which left blocks zeroed
+/// behind a replica declared in sync).
+#[test]
+fn a_base_install_belongs_to_the_session_that_began_it() {
+    use blockvol::EntryInfo;
+    use v2bridge::{
+        BaseBeginRequest, BaseChunkRequest, Lineage, LocalReplica, ReplicaTarget, TargetError,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let vol = std::sync::Arc::new(
+        blockvol::Volume::create(
+            dir.path().join("r.vol"),
+            &blockvol::CreateOptions::new(64 * 4096, 1 << 20),
+            &blockvol::OpenOptions::manual(),
+        )
+        .unwrap(),
+    );
+    vol.assign(blockvol::Role::Replica, blockvol::Epoch(1))
+        .unwrap();
+    let mut replica = LocalReplica::new(std::sync::Arc::clone(&vol));
+    let base = EntryInfo {
+        lsn: blockvol::Lsn(10),
+        epoch: blockvol::Epoch(1),
+        content_crc: 7,
+    };
+    let begin = |l: Lineage| BaseBeginRequest {
+        lineage: l,
+        base_lsn: base.lsn,
+        base_entry: base,
+        geometry: vol.geometry(),
+    };
+    let pusher = Lineage::new("server-a", blockvol::Epoch(1), 4);
+    let puller = Lineage::new("server-b", blockvol::Epoch(1), 1);
+    replica.begin_base(begin(pusher)).unwrap();
+    replica.begin_base(begin(puller)).unwrap();
+    let chunk = blockvol::BaseChunk::new(blockvol::Lba(0), 1, vec![9u8; 4096])
+        .encode()
+        .unwrap();
+    let err = replica
+        .base_chunk(BaseChunkRequest {
+            lineage: pusher,
+            frame: chunk.clone(),
+        })
+        .expect_err("the abandoned session's chunk");
+    assert!(matches!(err, TargetError::Fenced(_)), "{err}");
+    let err = replica
+        .finish_base(pusher)
+        .expect_err("the abandoned session's finish");
+    assert!(matches!(err, TargetError::Fenced(_)), "{err}");
+    // The owner finishes its own install.
+    replica
+        .base_chunk(BaseChunkRequest {
+            lineage: puller,
+            frame: chunk,
+        })
+        .unwrap();
+    assert_eq!(replica.finish_base(puller).unwrap(), blockvol::Lsn(10));
+}
