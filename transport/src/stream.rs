@@ -210,6 +210,10 @@ struct State {
 }
 
 struct Shared {
+    /// The lineage driver of this run: the server ID and a random nonce, so a restarted
+    /// replicator (whose session IDs start at 1 again) is neither fenced by nor confused with
+    /// an earlier run at the same epoch.
+    run_driver: String,
     primary: Arc<Volume>,
     storage: Arc<BlockVolStorage>,
     driver: RecoveryDriver,
@@ -279,7 +283,10 @@ impl Replicator {
             })
             .collect::<Vec<_>>();
         let n = slots.len();
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
         let shared = Arc::new(Shared {
+            run_driver: format!("{}#{:016x}", config.driver, u64::from_le_bytes(nonce)),
             driver: RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn engine::StorageAdapter>),
             storage,
             primary,
@@ -518,7 +525,15 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
         .plan_recovery(&id, handshake(&hs))
         .map_err(|e| format!("plan: {e}"))?;
     let sid = plan.session_id().ok_or("plan without a session")?.get();
-    let lineage = |sid: u64| Lineage::new(&sh.config.driver, blockvol::Epoch(sh.config.epoch), sid);
+    let lineage = |sid: u64| Lineage::new(&sh.run_driver, blockvol::Epoch(sh.config.epoch), sid);
+    // A replicator that stops cancels the join's session, so a long recovery ends at its next
+    // step instead of holding `stop` up.
+    let stop_hook = |step: &engine::StepInfo| {
+        if sh.stopped() {
+            sh.driver
+                .cancel_session(&id, step.session_id, "replicator stopped");
+        }
+    };
     let committed = to_engine(sh.primary.status().committed);
     let (conn, lineage, moved) = match plan.step() {
         PlanStep::InSync => (conn, lineage(sid), false),
@@ -526,6 +541,7 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
             let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed);
             CatchUpExecutor::new(&sh.driver, plan)
                 .with_options(sh.config.recovery)
+                .with_on_step(stop_hook)
                 .execute(&mut io)
                 .map_err(|e| format!("catch-up: {e}"))?;
             (io.into_target(), lineage(sid), true)
@@ -541,6 +557,7 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
             let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed);
             RebuildExecutor::new(&sh.driver, plan)
                 .with_options(sh.config.recovery)
+                .with_on_step(stop_hook)
                 .execute(&mut io)
                 .map_err(|e| format!("rebuild: {e}"))?;
             (io.into_target(), lineage(sid), true)
@@ -554,6 +571,29 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
     if hs.install_incomplete {
         return Err("replica still incomplete after its join".into());
     }
+    // The stream continues from the replica's tip only if the primary holds that very entry:
+    // the first batch is anchored on the primary's own entry, and the durability credited
+    // below is for a prefix of the primary's log.
+    let primary_head = sh.primary.status().head;
+    if hs.head > primary_head {
+        return Err(format!(
+            "replica reports head {} beyond the primary's {primary_head} after its join",
+            hs.head
+        ));
+    }
+    let primary_tip = if hs.head.0 == 0 {
+        EntryInfo::ORIGIN
+    } else {
+        sh.primary
+            .entry_info(hs.head)
+            .map_err(|e| format!("primary entry at {}: {e}", hs.head))?
+    };
+    if primary_tip != hs.tip {
+        return Err(format!(
+            "replica tip {:?} differs from the primary's entry {primary_tip:?} after its join",
+            hs.tip
+        ));
+    }
     sh.update(i, |s| {
         s.state = StreamState::Streaming;
         s.shipped = hs.head;
@@ -561,7 +601,7 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
         s.joins += 1;
         s.recoveries += u64::from(moved);
     });
-    Ok((conn, lineage, hs.tip))
+    Ok((conn, lineage, primary_tip))
 }
 
 /// Streams entries after `tip` and answers flushes with barriers until something fails.
@@ -687,8 +727,8 @@ fn ship_batch(
     }
     sh.update(i, |s| {
         s.shipped = last.lsn;
-        s.streamed += reply.applied;
-        s.duplicates += reply.duplicates;
+        s.streamed = s.streamed.saturating_add(reply.applied);
+        s.duplicates = s.duplicates.saturating_add(reply.duplicates);
         s.batches += 1;
     });
     Ok(last)

@@ -354,13 +354,24 @@ impl<T: ReplicaTarget, S: PrimarySource> CatchUpIo for BridgeIo<T, S> {
                 frames: std::mem::take(&mut self.frames),
             })
             .map_err(transfer_error)?;
+        // The replica's counts are checked, not trusted: they must add up to the run sent.
+        let entries = reply
+            .applied
+            .checked_add(reply.duplicates)
+            .filter(|e| *e == u64::from(count))
+            .ok_or_else(|| TransferError::Transport {
+                detail: format!(
+                    "replica reports {} applied and {} duplicates for a run of {count}",
+                    reply.applied, reply.duplicates
+                ),
+            })?;
         self.stats.wal_chunks += 1;
-        self.stats.entries_applied += reply.applied;
-        self.stats.duplicates += reply.duplicates;
-        self.stats.wal_bytes += bytes;
+        self.stats.entries_applied = self.stats.entries_applied.saturating_add(reply.applied);
+        self.stats.duplicates = self.stats.duplicates.saturating_add(reply.duplicates);
+        self.stats.wal_bytes = self.stats.wal_bytes.saturating_add(bytes);
         Ok(WalChunk {
             applied_to: to_engine(reply.applied_to),
-            entries: reply.applied + reply.duplicates,
+            entries,
             bytes,
         })
     }
@@ -461,8 +472,8 @@ impl<T: ReplicaTarget, S: PrimarySource> RebuildIo for BridgeIo<T, S> {
         if was_chunk {
             self.stats.base_chunks += 1;
         }
-        self.stats.base_bytes_scanned += scanned;
-        self.stats.base_bytes_sent += sent;
+        self.stats.base_bytes_scanned = self.stats.base_bytes_scanned.saturating_add(scanned);
+        self.stats.base_bytes_sent = self.stats.base_bytes_sent.saturating_add(sent);
         Ok(BaseChunkProgress {
             bytes: scanned,
             bytes_sent: sent,
