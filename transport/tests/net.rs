@@ -182,13 +182,21 @@ fn barrier(l: Lineage) -> BarrierRequest {
 #[test]
 fn authenticated_client_reaches_every_volume_on_one_listener() {
     let f = serve(secret_config(), &["vol-a", "vol-b"]);
-    for name in ["vol-a", "vol-b"] {
+    // Different contents, so a request served by the wrong volume shows.
+    for (i, vol) in f.vols.iter().enumerate() {
+        vol.assign(Role::Primary, blockvol::Epoch(1)).unwrap();
+        vol.write(blockvol::Lba(i as u64), &[i as u8 + 1; 4096])
+            .unwrap();
+        vol.sync().unwrap();
+    }
+    assert_ne!(f.vols[0].digest().unwrap(), f.vols[1].digest().unwrap());
+    for (i, name) in ["vol-a", "vol-b"].into_iter().enumerate() {
         let mut r = RemoteReplica::connect(f.server.local_addr(), name, &client(Some(SECRET)))
             .expect("connect");
         let hs = r.handshake().expect("handshake");
-        assert_eq!((hs.head, hs.install_incomplete), (Lsn(0), false));
+        assert_eq!((hs.head, hs.install_incomplete), (Lsn(1), false));
         let probe = r.probe(true).expect("probe");
-        assert_eq!(probe.digest, Some(f.vols[0].digest().unwrap().0));
+        assert_eq!(probe.digest, Some(f.vols[i].digest().unwrap().0), "{name}");
     }
     // An unknown volume is a typed refusal, and the connection stays usable.
     let mut r = RemoteReplica::connect(f.server.local_addr(), "vol-c", &client(Some(SECRET)))
@@ -259,7 +267,13 @@ fn random_bytes_and_huge_lengths_are_closed_before_anything_is_allocated() {
     let (code, reason) = raw.expect_close();
     assert_eq!(code, CloseCode::Protocol as u16);
     assert!(reason.contains("exceeds the maximum"), "{reason}");
-    assert_eq!(wait_for(&f.server.stats().protocol_errors, 2), 2);
+    // Before authenticating, even 2 KiB is more than a handshake frame may be.
+    let mut raw = Raw::connect(f.server.local_addr());
+    header[4..8].copy_from_slice(&2048u32.to_be_bytes());
+    raw.stream.write_all(&header).unwrap();
+    let (_, reason) = raw.expect_close();
+    assert!(reason.contains("maximum of 1024"), "{reason}");
+    assert_eq!(wait_for(&f.server.stats().protocol_errors, 3), 3);
     // The server still serves.
     let mut r = RemoteReplica::connect(f.server.local_addr(), "vol-a", &client(Some(SECRET)))
         .expect("connect after hostile peers");
@@ -524,9 +538,37 @@ fn remote_primary_reads_are_bounded_by_one_reply_whatever_is_asked() {
         ask(&mut raw, 3, Request::Release(99)),
         Reply::Error(None, TargetError::Protocol(_))
     ));
+    // A WAL read of nothing is refused.
+    assert!(matches!(
+        ask(
+            &mut raw,
+            4,
+            Request::ReadWal {
+                after: Lsn(0),
+                want: 0
+            }
+        ),
+        Reply::Error(None, TargetError::Protocol(_))
+    ));
+    // At most 16 leases per connection.
+    let pin = || Request::Pin {
+        what: transport::wire::PinWhat::Wal,
+        lsn: Lsn(100),
+        lease_ms: 10_000,
+    };
+    for id in 0..16 {
+        assert!(matches!(
+            ask(&mut raw, 10 + id, pin()),
+            Reply::Pinned { .. }
+        ));
+    }
+    assert!(matches!(
+        ask(&mut raw, 40, pin()),
+        Reply::Error(None, TargetError::Protocol(_))
+    ));
     // And the connection still serves.
     assert!(matches!(
-        ask(&mut raw, 4, Request::History),
+        ask(&mut raw, 41, Request::History),
         Reply::History(_)
     ));
 }

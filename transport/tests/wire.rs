@@ -7,8 +7,8 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 use transport::wire::{
     Challenge, Close, DEFAULT_MAX_FRAME, Decoder, FEATURES, FrameType, HEADER_LEN, Hello,
-    HistoryReply, ImageChunkReply, MAC_LEN, MAGIC, MAX_STRING, MAX_VOLUME_NAME, Message, NONCE_LEN,
-    Nonce, PinWhat, ProbeReply, Reply, Request, VERSION, WireError, encode,
+    HistoryReply, ImageChunkReply, MAC_LEN, MAGIC, MAX_NODE_NAME, MAX_STRING, MAX_VOLUME_NAME,
+    Message, NONCE_LEN, Nonce, PinWhat, ProbeReply, Reply, Request, VERSION, WireError, encode,
 };
 use v2bridge::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
@@ -490,6 +490,11 @@ fn docs_wire_md_states_the_constants_the_code_uses() {
     assert_eq!(get("nonce bytes"), NONCE_LEN.to_string());
     assert_eq!(get("MAC bytes"), MAC_LEN.to_string());
     assert_eq!(get("longest volume name"), MAX_VOLUME_NAME.to_string());
+    assert_eq!(get("longest node name"), MAX_NODE_NAME.to_string());
+    assert_eq!(
+        get("largest frame before authentication"),
+        transport::net::HANDSHAKE_MAX_FRAME.to_string()
+    );
     assert_eq!(get("longest string"), MAX_STRING.to_string());
 }
 

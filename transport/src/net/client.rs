@@ -156,6 +156,8 @@ impl RemoteReplica {
         let stream = TcpStream::connect_timeout(&addr, config.connect_timeout)
             .map_err(|e| io(ConnError::Io(e)))?;
         let mut conn = Conn::new(stream, config.max_frame).map_err(|e| io(ConnError::Io(e)))?;
+        // Until the server has proven itself, its frames are handshake-sized.
+        conn.set_recv_max(crate::net::server::HANDSHAKE_MAX_FRAME);
         let auth = Authenticator::new(config.secret.as_deref());
         let nonce = Nonce::random().map_err(|e| io(ConnError::Io(e)))?;
         let t = config.connect_timeout;
@@ -258,6 +260,8 @@ impl RemoteReplica {
         if self.broken.is_none() {
             log::warn!("connection for volume {} broken: {why}", self.volume);
             self.broken = Some(why.clone());
+            // Closed at once: a server that sees the connection end releases what it held.
+            let _ = self.conn.stream().shutdown(std::net::Shutdown::Both);
         }
         TargetError::Transport(why)
     }

@@ -78,19 +78,42 @@ impl Conn {
         encode(msg, self.send_max, &mut self.out)
     }
 
-    /// Writes everything queued.
+    /// Writes everything queued, within `timeout` in all (not per system call: a peer that
+    /// reads a few bytes at a time cannot stretch it).
     pub(crate) fn flush(&mut self, timeout: Duration) -> Result<(), ConnError> {
         if self.out.is_empty() {
             return Ok(());
         }
-        self.stream.set_write_timeout(Some(timeout))?;
-        let res = self.stream.write_all(&self.out);
-        self.bytes_out += self.out.len() as u64;
+        let deadline = Instant::now() + timeout;
+        let mut written = 0;
+        let res = loop {
+            if written == self.out.len() {
+                break Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(ConnError::Timeout("the peer to read"));
+            }
+            if let Err(e) = self.stream.set_write_timeout(Some(left)) {
+                break Err(ConnError::Io(e));
+            }
+            match self.stream.write(&self.out[written..]) {
+                Ok(0) => break Err(ConnError::Eof { mid_frame: true }),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    break Err(ConnError::Timeout("the peer to read"));
+                }
+                Err(e) => break Err(ConnError::Io(e)),
+            }
+        };
+        self.bytes_out += written as u64;
         self.out.clear();
-        res.map_err(|e| match e.kind() {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => ConnError::Timeout("the peer to read"),
-            _ => ConnError::Io(e),
-        })
+        // A large frame's buffer is not kept for the connection's life.
+        if self.out.capacity() > 4 * READ_CHUNK {
+            self.out = BytesMut::with_capacity(READ_CHUNK);
+        }
+        res
     }
 
     /// Queues and writes one message.

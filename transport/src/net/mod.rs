@@ -10,4 +10,7 @@ mod server;
 pub use client::{ClientConfig, ClientStats, ConnectError, RemoteReplica};
 pub use conn::ConnError;
 pub use pull::{RemotePrimary, RemoteSource};
-pub use server::{MAX_LEASE, ReplicaServer, ServerConfig, ServerError, ServerStats, Volumes};
+pub use server::{
+    HANDSHAKE_MAX_FRAME, MAX_LEASE, MAX_LEASES_PER_CONNECTION, ReplicaServer, ServerConfig,
+    ServerError, ServerStats, Volumes,
+};

@@ -156,14 +156,20 @@ impl Drop for RemotePrimary {
     }
 }
 
-/// Renews the connection's leases every third of a lease while pins are held.
+/// Renews the connection's leases every third of a lease while pins are held (waking at
+/// least every 100 ms to notice a stop).
 fn renew(s: &Shared) {
-    let tick = s.lease / 3;
+    let every = s.lease / 3;
+    let mut last = std::time::Instant::now();
     while !s.stop.load(Ordering::SeqCst) {
-        std::thread::sleep(tick.min(Duration::from_millis(200)));
-        if s.held.load(Ordering::SeqCst) == 0 || s.paused.load(Ordering::SeqCst) {
+        std::thread::sleep(every.min(Duration::from_millis(100)));
+        if last.elapsed() < every
+            || s.held.load(Ordering::SeqCst) == 0
+            || s.paused.load(Ordering::SeqCst)
+        {
             continue;
         }
+        last = std::time::Instant::now();
         let lease_ms = s.lease_ms();
         if let Err(e) = s.conn().call(Request::Renew { lease_ms }) {
             log::warn!("lease renewal failed: {e}");

@@ -31,6 +31,11 @@ use crate::wire::{
 
 /// The longest lease a puller may ask for.
 pub const MAX_LEASE: Duration = Duration::from_secs(60);
+/// Leases one connection may hold at once (a rebuild needs at most two).
+pub const MAX_LEASES_PER_CONNECTION: usize = 16;
+/// The largest frame accepted before a peer has authenticated (the handshake's frames are
+/// small).
+pub const HANDSHAKE_MAX_FRAME: u32 = 1024;
 
 /// How a replica server runs.
 #[derive(Clone, Debug)]
@@ -448,7 +453,13 @@ fn conn_end(e: ConnError) -> End {
 
 /// Runs the server side of the authentication; returns the client's node name.
 fn handshake(conn: &mut Conn, shared: &Shared) -> Result<String, End> {
-    let budget = shared.config.handshake_timeout;
+    // One deadline for the whole exchange, and frames no larger than the handshake needs
+    // until the peer has proven itself: an unauthenticated peer can make the server buffer
+    // at most a kilobyte, for at most the handshake timeout.
+    conn.set_recv_max(HANDSHAKE_MAX_FRAME);
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let budget = left();
     let hello = match conn.recv(budget, budget, "hello").map_err(conn_end)? {
         Message::Hello(h) => h,
         other => {
@@ -477,7 +488,8 @@ fn handshake(conn: &mut Conn, shared: &Shared) -> Result<String, End> {
         max_frame: shared.config.max_frame,
         window: shared.config.window,
     });
-    conn.send(&challenge, budget).map_err(conn_end)?;
+    conn.send(&challenge, left()).map_err(conn_end)?;
+    let budget = left();
     let tag = match conn.recv(budget, budget, "auth").map_err(conn_end)? {
         Message::Auth(tag) => tag,
         Message::Close(c) => return Err(End::Gone(format!("client closed: {}", c.reason))),
@@ -497,7 +509,8 @@ fn handshake(conn: &mut Conn, shared: &Shared) -> Result<String, End> {
             hello.node
         )));
     }
-    conn.send(&Message::Ready, budget).map_err(conn_end)?;
+    conn.send(&Message::Ready, left()).map_err(conn_end)?;
+    conn.set_recv_max(shared.config.max_frame);
     Ok(hello.node)
 }
 
@@ -639,6 +652,11 @@ fn primary_request(
             lsn,
             lease_ms,
         } => {
+            if side.leases.len() >= MAX_LEASES_PER_CONNECTION {
+                return Err(TargetError::Protocol(format!(
+                    "{MAX_LEASES_PER_CONNECTION} leases are held on this connection already"
+                )));
+            }
             let storage = volumes.storage(volume)?;
             let at = to_engine(lsn);
             let (held, pinned) = match what {
@@ -675,8 +693,9 @@ fn primary_request(
             }
         }
         Request::Renew { lease_ms } => {
-            let deadline = Instant::now() + lease_of(lease_ms);
-            for l in side.leases.values_mut() {
+            let now = Instant::now();
+            let deadline = now + lease_of(lease_ms);
+            for l in side.leases.values_mut().filter(|l| l.deadline > now) {
                 l.deadline = deadline;
             }
             Reply::Done
@@ -685,6 +704,9 @@ fn primary_request(
             side.release(lease)
                 .ok_or_else(|| TargetError::Protocol(format!("no lease {lease}")))?;
             Reply::Done
+        }
+        Request::ReadWal { want: 0, .. } => {
+            return Err(TargetError::Protocol("a WAL read of zero entries".into()));
         }
         Request::ReadWal { after, want } => {
             // What one reply may carry bounds what is read, whatever the peer asked for.
@@ -785,6 +807,13 @@ fn requests(conn: &mut Conn, shared: &Shared) -> End {
             }
         };
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        // A lease that ran out while the request arrived is over before the request is
+        // served: a late renewal cannot bring it back, and its image cannot be read.
+        let expired = side.expire(Instant::now());
+        shared
+            .stats
+            .leases_expired
+            .fetch_add(expired as u64, Ordering::Relaxed);
         let lineage = body.lineage();
         let primary_side = matches!(
             body,

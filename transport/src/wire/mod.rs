@@ -41,8 +41,8 @@ pub const FEATURE_PIPELINED_BASE: u64 = 1;
 pub const FEATURES: u64 = FEATURE_PIPELINED_BASE;
 /// Longest volume name.
 pub const MAX_VOLUME_NAME: usize = 128;
-/// Longest node name in a `Hello`.
-pub const MAX_NODE_NAME: usize = 128;
+/// Longest node name in a `Hello` (a server ID: up to 255 bytes).
+pub const MAX_NODE_NAME: usize = 255;
 
 /// Why bytes are not a valid frame. Every variant closes the connection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -384,7 +384,7 @@ pub enum Request {
     ReadWal {
         /// Entries after this LSN.
         after: Lsn,
-        /// Exactly this many.
+        /// At most this many (at least one is sent).
         want: u32,
     },
     /// [`FrameType::ImageOpenReq`].
