@@ -535,6 +535,25 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
         }
     };
     let committed = to_engine(sh.primary.status().committed);
+    // A replica ahead of the committed point whose tip is the primary's own entry holds a
+    // prefix of the primary's log (every run it applied was anchored on the primary's entry
+    // before it): nothing of it needs truncating, and the stream continues from its tip. This
+    // matters after a primary restart, whose committed point restarts at its checkpoint: the
+    // engine's plan would truncate entries that flushes acknowledged under sync_all.
+    let verified_prefix = matches!(plan.step(), PlanStep::Truncate(_))
+        && hs.head <= sh.primary.status().head
+        && sh.primary.entry_info(hs.head).is_ok_and(|e| e == hs.tip);
+    if verified_prefix {
+        log::info!(
+            "replica {} is ahead of committed {committed} on the primary's own log (tip {}): \
+             no truncation",
+            spec.id,
+            hs.head
+        );
+        sh.driver
+            .cancel_plan(plan, "replica holds a prefix of the primary's log");
+        return finish_join(sh, i, conn, lineage(sid), false);
+    }
     let (conn, lineage, moved) = match plan.step() {
         PlanStep::InSync => (conn, lineage(sid), false),
         PlanStep::CatchUp(_) | PlanStep::Truncate(_) => {
@@ -563,6 +582,17 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
             (io.into_target(), lineage(sid), true)
         }
     };
+    finish_join(sh, i, conn, lineage, moved)
+}
+
+/// After a join: checks where the replica stands against the primary and marks it streaming.
+fn finish_join(
+    sh: &Shared,
+    i: usize,
+    conn: RemoteReplica,
+    lineage: Lineage,
+    moved: bool,
+) -> Result<(RemoteReplica, Lineage, EntryInfo), String> {
     let mut conn = conn;
     // Where the replica stands now: the stream continues after exactly this entry.
     let hs = conn

@@ -319,11 +319,58 @@ fn a_replica_that_missed_entries_rejoins_under_a_steady_writer() {
     assert_eq!(r.flush().expect("flush after the rejoin"), last);
     let st = r.status();
     assert_eq!(st[0].joins, 1, "replica 0 never left: {:?}", st[0]);
-    assert!(st[1].recoveries >= 1, "{:?}", st[1]);
+    // No flush ran while it was away, so it came back ahead of the committed point on the
+    // primary's own log: it joined without a truncation and the stream shipped the rest.
+    assert_eq!(st[1].joins, 2, "{:?}", st[1]);
+    assert_eq!(st[1].recoveries, 0, "{:?}", st[1]);
     assert_eq!(
         st[1].duplicates, 0,
         "the stream resumed at exactly the next entry"
     );
+    for i in 0..2 {
+        let (head, digest) = c.probe(i);
+        assert_eq!(head, last);
+        assert_eq!(Digest(digest), c.oracle_digest(), "replica {i} bytes");
+    }
+}
+
+#[test]
+fn acknowledged_entries_stay_on_the_replicas_when_the_primary_restarts() {
+    let mut c = Cluster::new(2);
+    let r = c.replicator(DurabilityMode::SyncAll);
+    wait_streaming(&r, 0, 1);
+    wait_streaming(&r, 1, 1);
+    let last = c.write(100);
+    r.notify();
+    assert_eq!(r.flush().expect("sync_all flush"), last);
+    drop(r);
+    // The primary restarts: its committed point is not stored and comes back at its
+    // checkpoint, below the acknowledged entries.
+    let path = c._dir.path().join("primary.vol");
+    let primary = std::sync::Arc::try_unwrap(std::mem::replace(
+        &mut c.primary,
+        Arc::new(create(&c._dir.path().join("scratch.vol"), Role::Replica)),
+    ))
+    .expect("only the cluster holds the primary");
+    primary.close().unwrap();
+    let reopened = Volume::open(&path, &volume_options(FlushGate::Committed)).unwrap();
+    reopened.assign(Role::Primary, blockvol::Epoch(1)).unwrap();
+    assert!(reopened.status().committed < last);
+    c.primary = Arc::new(reopened);
+    let r = c.replicator(DurabilityMode::SyncAll);
+    wait_streaming(&r, 0, 1);
+    wait_streaming(&r, 1, 1);
+    // The replicas hold a prefix of the primary's own log: nothing acknowledged is truncated.
+    for (i, s) in r.status().iter().enumerate() {
+        assert_eq!(
+            s.recoveries, 0,
+            "replica {i} was truncated or rebuilt: {s:?}"
+        );
+        assert_eq!(c.probe(i).0, last, "replica {i} lost acknowledged entries");
+    }
+    let last = c.write(10);
+    r.notify();
+    assert_eq!(r.flush().expect("flush after the restart"), last);
     for i in 0..2 {
         let (head, digest) = c.probe(i);
         assert_eq!(head, last);
