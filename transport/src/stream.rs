@@ -153,6 +153,10 @@ pub struct ReplicaStatus {
     pub batches: u64,
     /// Barriers answered (each may cover many flushes: group commit).
     pub barriers: u64,
+    /// Time spent waiting for barrier replies, in microseconds.
+    pub barrier_micros: u64,
+    /// Time spent waiting for apply replies, in microseconds.
+    pub apply_micros: u64,
 }
 
 /// Why a flush did not return an acknowledgement.
@@ -278,6 +282,8 @@ impl Replicator {
                     streamed: 0,
                     batches: 0,
                     barriers: 0,
+                    barrier_micros: 0,
+                    apply_micros: 0,
                 },
                 spec,
             })
@@ -679,6 +685,7 @@ fn stream(
         // is): one barrier answers every flush that arrived before it.
         let head = sh.primary.status().head;
         if flush_want > durable && (tip.lsn >= flush_want || tip.lsn >= head) {
+            let asked = Instant::now();
             let reply = conn
                 .barrier(BarrierRequest {
                     lineage,
@@ -693,9 +700,11 @@ fn stream(
                     tip.lsn, reply.durable, reply.tip
                 ));
             }
+            let waited = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
             sh.update(i, |s| {
                 s.durable = reply.durable;
                 s.barriers += 1;
+                s.barrier_micros = s.barrier_micros.saturating_add(waited);
             });
             if reply.durable > pin.lsn() {
                 let newer = sh
@@ -740,6 +749,7 @@ fn ship_batch(
     if count == 0 {
         return Ok(tip);
     }
+    let asked = Instant::now();
     let reply = conn
         .apply(ApplyRequest {
             lineage,
@@ -760,6 +770,9 @@ fn ship_batch(
         s.streamed = s.streamed.saturating_add(reply.applied);
         s.duplicates = s.duplicates.saturating_add(reply.duplicates);
         s.batches += 1;
+        s.apply_micros = s
+            .apply_micros
+            .saturating_add(u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX));
     });
     Ok(last)
 }

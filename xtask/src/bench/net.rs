@@ -442,6 +442,11 @@ pub fn replicated_write(ctx: &Ctx) -> Result<Metric, String> {
     same_image(&cluster.primary, &cluster.replicas[1])?;
     let st = r.status();
     let (batches, barriers) = (st[0].batches, st[0].barriers);
+    let per = |us: u64, n: u64| us as f64 / n.max(1) as f64 / 1000.0;
+    let (barrier_ms, apply_ms) = (
+        per(st[0].barrier_micros, barriers),
+        per(st[0].apply_micros, batches),
+    );
     drop(r);
     cluster.cleanup();
     let (bm, sm) = (median(&b), median(&s));
@@ -461,7 +466,7 @@ pub fn replicated_write(ctx: &Ctx) -> Result<Metric, String> {
             .into(),
         detail: format!(
             "{:.1} s per rep; stream {} ops/s, three files {} ops/s; replica 0 got {batches} \
-             batches and {barriers} barriers in all; both replicas' digests equal the primary's",
+             batches ({apply_ms:.2} ms each) and {barriers} barriers ({barrier_ms:.2} ms each); both replicas' digests equal the primary's",
             secs,
             spread(&s),
             spread(&b)
