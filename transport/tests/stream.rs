@@ -377,3 +377,71 @@ fn acknowledged_entries_stay_on_the_replicas_when_the_primary_restarts() {
         assert_eq!(Digest(digest), c.oracle_digest(), "replica {i} bytes");
     }
 }
+
+/// A power loss, not a process kill: the replicas run on simulated disks, and what survives is
+/// only what was synced. Every entry a `sync_all` flush acknowledged must be in each replica's
+/// durable image (a barrier that did not sync would fail this; a kill -9 keeps the page cache
+/// and could not tell).
+#[test]
+fn a_sync_all_flush_survives_a_power_loss_on_every_replica() {
+    use blockvol::{OpenOptions, SimDisk};
+    use transport::net::{ReplicaServer, ServerConfig, Volumes};
+    use v2bridge::LocalReplica;
+
+    let mut c = Cluster::new(0);
+    let opts = CreateOptions {
+        volume_size_bytes: BLOCKS * BLOCK as u64,
+        wal_size_bytes: 32 << 20,
+        block_size: BLOCK as u32,
+    };
+    let mut disks = Vec::new();
+    let mut servers = Vec::new();
+    let mut specs = Vec::new();
+    for i in 0..2 {
+        let (vol, disk) = Volume::create_sim(&opts, &volume_options(FlushGate::Committed)).unwrap();
+        vol.assign(Role::Replica, blockvol::Epoch(1)).unwrap();
+        let volumes = Arc::new(Volumes::new());
+        volumes.insert("vol1", LocalReplica::new(Arc::new(vol)));
+        let server = ReplicaServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            ServerConfig::default(),
+            volumes,
+        )
+        .unwrap();
+        specs.push(ReplicaSpec {
+            id: format!("vol1/sim-{i}"),
+            addr: server.local_addr(),
+            volume: "vol1".into(),
+        });
+        servers.push(server);
+        disks.push(disk);
+    }
+    let r = Replicator::start(
+        Arc::clone(&c.primary),
+        specs,
+        StreamConfig::new(DurabilityMode::SyncAll, "server-p", 1),
+    )
+    .unwrap();
+    wait_streaming(&r, 0, 1);
+    wait_streaming(&r, 1, 1);
+    let last = c.write(200);
+    r.notify();
+    assert_eq!(r.flush().expect("sync_all flush"), last);
+    // Power loss on both replicas at this instant: only synced sectors remain.
+    for (i, disk) in disks.iter().enumerate() {
+        let image = SimDisk::from_image(disk.durable_image());
+        let vol = Volume::open_sim(&image, &OpenOptions::manual()).expect("replica reopens");
+        assert!(
+            vol.status().head >= last,
+            "replica {i} lost acknowledged entries: durable head {} < {last}",
+            vol.status().head
+        );
+        assert_eq!(
+            vol.digest().unwrap(),
+            c.oracle_digest(),
+            "replica {i} bytes"
+        );
+    }
+    drop(r);
+    drop(servers);
+}
