@@ -835,7 +835,15 @@ fn requests(conn: &mut Conn, shared: &Shared) -> End {
                 .and_then(|mut replica| dispatch(&mut replica, body))
         }
         .unwrap_or_else(|e| Reply::Error(lineage, e));
-        if let Err(e) = conn.send(&Message::Reply { id, body: reply }, cfg.frame_timeout) {
+        // A reply the peer does not read in time ends the connection; with leases held, "in
+        // time" is also before the earliest lease runs out, so a puller that stopped reading
+        // (SIGSTOP) cannot keep its pins past their lease by leaving a reply unread.
+        let now = Instant::now();
+        let send_budget = side.earliest().map_or(cfg.frame_timeout, |d| {
+            d.saturating_duration_since(now)
+                .clamp(Duration::from_millis(1), cfg.frame_timeout)
+        });
+        if let Err(e) = conn.send(&Message::Reply { id, body: reply }, send_budget) {
             return conn_end(e);
         }
     }
