@@ -411,6 +411,9 @@ proptest! {
         d.feed(&bytes);
         while let Ok(Some(_)) = d.next_message() {}
         prop_assert!(d.buffered() <= bytes.len());
+        // Whatever length a header claims, the decoder never reserves past one maximum frame
+        // (256 here) plus the input, give or take the buffer's growth.
+        prop_assert!(d.reserved() <= 4 * (HEADER_LEN + 256 + bytes.len()), "{}", d.reserved());
     }
 
     /// A valid header in front of arbitrary payload bytes exercises every payload parser.

@@ -1307,6 +1307,12 @@ impl Decoder {
         self.buf.len()
     }
 
+    /// Bytes of buffer the decoder has allocated (bounded by one maximum frame plus what was
+    /// fed, whatever a header claims).
+    pub fn reserved(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Whether a frame has started but not finished.
     pub fn mid_frame(&self) -> bool {
         !self.buf.is_empty()
