@@ -538,6 +538,36 @@ fn remote_primary_reads_are_bounded_by_one_reply_whatever_is_asked() {
         ask(&mut raw, 3, Request::Release(99)),
         Reply::Error(None, TargetError::Protocol(_))
     ));
+    // An open image read with a 4 GiB budget: one frame's worth comes back.
+    let head = vol.status().head;
+    vol.set_committed(head);
+    let lease = match ask(
+        &mut raw,
+        5,
+        Request::Pin {
+            what: transport::wire::PinWhat::FullBase,
+            lsn: head,
+            lease_ms: 10_000,
+        },
+    ) {
+        Reply::Pinned { lease, .. } => lease,
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(
+        ask(&mut raw, 6, Request::ImageOpen { lease, lsn: head }),
+        Reply::ImageOpen { .. }
+    ));
+    match ask(&mut raw, 7, Request::ImageRead(u32::MAX)) {
+        Reply::ImageChunk(c) => {
+            let frame = c.frame.expect("the image has data");
+            assert!(frame.len() <= 64 << 10, "{}", frame.len());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        ask(&mut raw, 8, Request::Release(lease)),
+        Reply::Done
+    ));
     // A WAL read of nothing is refused.
     assert!(matches!(
         ask(
