@@ -815,18 +815,7 @@ fn requests(conn: &mut Conn, shared: &Shared) -> End {
             .leases_expired
             .fetch_add(expired as u64, Ordering::Relaxed);
         let lineage = body.lineage();
-        let primary_side = matches!(
-            body,
-            Request::History
-                | Request::EntryId(_)
-                | Request::Pin { .. }
-                | Request::Renew { .. }
-                | Request::Release(_)
-                | Request::ReadWal { .. }
-                | Request::ImageOpen { .. }
-                | Request::ImageRead(_)
-        );
-        let reply = if primary_side {
+        let reply = if body.is_primary_side() {
             primary_request(&mut side, shared, &volume, body)
         } else {
             shared

@@ -399,9 +399,26 @@ pub enum Request {
 }
 
 impl Request {
+    /// Whether the request is for the volume's primary side (a puller's history, pins and
+    /// reads) rather than its replica side.
+    pub fn is_primary_side(&self) -> bool {
+        matches!(
+            self,
+            Request::History
+                | Request::EntryId(_)
+                | Request::Pin { .. }
+                | Request::Renew { .. }
+                | Request::Release(_)
+                | Request::ReadWal { .. }
+                | Request::ImageOpen { .. }
+                | Request::ImageRead(_)
+        )
+    }
+
     /// The lineage of a mutating request; `None` for reads.
     pub fn lineage(&self) -> Option<Lineage> {
         match self {
+            // Exhaustive on purpose: a new mutating request must say where its lineage is.
             Request::Handshake
             | Request::Probe { .. }
             | Request::History

@@ -18,13 +18,13 @@ use transport::net::{ClientConfig, RemoteReplica, ReplicaServer, ServerConfig, V
 use transport::stream::{DurabilityMode, ReplicaSpec, Replicator, StreamConfig, StreamState};
 use v2bridge::LocalReplica;
 
+use super::Ctx;
 use super::measure::{MIB, Metric, Target, interleaved, median, mib_per_s, ms, spread, timed};
 use super::recovery::{
     CATCHUP_BLOCKS, catchup_primary, catchup_with, check_catchup, create_gated, rebuild_primary,
     rebuild_replica, rebuild_with, same_image,
 };
-use super::store::{BS, ENTRY_BYTES, source, wal_for};
-use super::{Ctx, raw};
+use super::store::{BS, ENTRY_BYTES, plain_file, source, wal_for};
 
 /// A replica server on loopback serving `vol` as `vol1`.
 fn serve(vol: &Arc<Volume>) -> Result<ReplicaServer, String> {
@@ -50,13 +50,7 @@ fn socket_to_file(ctx: &Ctx, bytes: u64) -> Result<Duration, String> {
     let path = ctx.scratch.path("net_socket.base");
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = listener.local_addr().map_err(|e| format!("addr: {e}"))?;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| format!("create: {e}"))?;
-    raw::preallocate(&file, bytes).map_err(|e| format!("fallocate: {e}"))?;
+    let file = plain_file(&path, bytes)?;
     let receiver = std::thread::spawn(move || -> Result<(), String> {
         let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         let mut buf = vec![0u8; MIB as usize];
@@ -384,16 +378,7 @@ fn three_files(ctx: &Ctx, secs: f64) -> Result<f64, String> {
         .collect();
     let files = paths
         .iter()
-        .map(|p| {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(p)
-                .map_err(|e| format!("create: {e}"))?;
-            raw::preallocate(&f, 64 * MIB).map_err(|e| format!("fallocate: {e}"))?;
-            Ok(f)
-        })
+        .map(|p| plain_file(p, 64 * MIB))
         .collect::<Result<Vec<_>, String>>()?;
     let src = source(16);
     let start = Instant::now();

@@ -170,13 +170,7 @@ pub(super) fn check_catchup(r: &ExecutionReport, n: u64) -> Result<(), String> {
 pub(super) fn disk_reference(ctx: &Ctx, n: u64) -> Result<f64, String> {
     let path = ctx.scratch.path("catchup_disk.base");
     let bytes = n * super::store::ENTRY_BYTES;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| format!("create: {e}"))?;
-    super::raw::preallocate(&f, bytes).map_err(|e| format!("fallocate: {e}"))?;
+    let f = super::store::plain_file(&path, bytes)?;
     let src = source(256);
     let (d, ()) = timed(|| {
         use std::os::unix::fs::FileExt;

@@ -62,7 +62,7 @@ fn remove(path: &Path) {
 }
 
 /// A new, preallocated plain file (as a volume file is preallocated).
-fn plain_file(path: &Path, len: u64) -> Result<File, String> {
+pub fn plain_file(path: &Path, len: u64) -> Result<File, String> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
