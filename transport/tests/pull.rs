@@ -192,18 +192,20 @@ fn a_replica_pulls_its_rebuild_from_a_remote_primary() {
     assert_eq!(pins, 0);
 }
 
+/// A puller connected to the primary with leases of `lease`, and the primary's committed
+/// point.
+fn puller(primary: &ReplicaProcess, lease: Duration) -> (RemotePrimary, engine::Lsn) {
+    let remote =
+        RemotePrimary::connect(primary.addr(), "vol1", &ClientConfig::default(), lease).unwrap();
+    let committed = remote.get_retained_history().unwrap().committed_lsn;
+    (remote, committed)
+}
+
 #[test]
 fn an_unrenewed_lease_releases_the_primarys_pin() {
     let dir = tempfile::tempdir().unwrap();
     let primary = primary_process(dir.path(), 50);
-    let remote = RemotePrimary::connect(
-        primary.addr(),
-        "vol1",
-        &ClientConfig::default(),
-        Duration::from_millis(400),
-    )
-    .unwrap();
-    let committed = remote.get_retained_history().unwrap().committed_lsn;
+    let (remote, committed) = puller(&primary, Duration::from_millis(400));
     let pin = remote.pin_full_base(committed).unwrap();
     assert_eq!(probe(&primary).2, 1);
     // Renewed, the pin outlives several leases.
@@ -224,14 +226,7 @@ fn an_unrenewed_lease_releases_the_primarys_pin() {
 fn a_puller_that_closes_without_releasing_loses_its_pins() {
     let dir = tempfile::tempdir().unwrap();
     let primary = primary_process(dir.path(), 50);
-    let remote = RemotePrimary::connect(
-        primary.addr(),
-        "vol1",
-        &ClientConfig::default(),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let committed = remote.get_retained_history().unwrap().committed_lsn;
+    let (remote, committed) = puller(&primary, Duration::from_secs(30));
     let pin = remote.pin_wal_retention(committed).unwrap();
     let image = remote.pin_full_base(committed).unwrap();
     assert_eq!(probe(&primary).2, 2);
