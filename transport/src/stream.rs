@@ -208,8 +208,6 @@ struct State {
     slots: Vec<Slot>,
     /// The highest LSN a flush is waiting for.
     flush_want: Lsn,
-    /// Bumped on every write notification, so shippers see new entries.
-    writes: u64,
     stop: bool,
 }
 
@@ -300,7 +298,6 @@ impl Replicator {
             state: Mutex::new(State {
                 slots,
                 flush_want: Lsn(0),
-                writes: 0,
                 stop: false,
             }),
             work: Condvar::new(),
@@ -321,7 +318,10 @@ impl Replicator {
     /// Tells the shippers that new entries are in the primary's WAL (call after writes; a
     /// flush does it too).
     pub fn notify(&self) {
-        self.shared.lock().writes += 1;
+        // Taking the lock orders this wake-up after a shipper that just found no new entries
+        // has started waiting (it checks the primary's head under this lock), so it is not
+        // lost.
+        drop(self.shared.lock());
         self.shared.work.notify_all();
     }
 
@@ -342,7 +342,6 @@ impl Replicator {
             if st.flush_want < lsn {
                 st.flush_want = lsn;
             }
-            st.writes += 1;
         }
         sh.work.notify_all();
         let synced = sh
