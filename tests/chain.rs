@@ -24,6 +24,9 @@ fn assert_clean(r: &ScenarioReport) {
     assert!(!r.path.is_empty(), "{}: no recovery path ran", r.name);
 }
 
+/// Each conformance scenario on real volume files in this process (`Store::Blockvol`) and with
+/// the replicas in a `swblock-replicad` process, every byte crossing a TCP socket and the
+/// replica process itself reporting the digest checked against the oracle (`Store::Net`).
 #[rstest]
 #[case::budget_escalation("budget_escalation")]
 #[case::catch_up("catch_up")]
@@ -34,28 +37,13 @@ fn assert_clean(r: &ScenarioReport) {
 #[case::rebuild_snapshot_tail("rebuild_snapshot_tail")]
 #[case::truncation("truncation")]
 #[case::zero_gap("zero_gap")]
-fn blockvol_conformance(#[case] name: &str) {
+fn conformance_on_volumes(#[case] name: &str, #[values(Store::Blockvol, Store::Net)] store: Store) {
     assert!(
-        expected_moved(Store::Blockvol, name).is_some(),
-        "no expectation for {name}"
+        expected_moved(store, name).is_some(),
+        "no expectation for {}/{name}",
+        store.as_str()
     );
-    assert_clean(&run_conformance(Store::Blockvol, name).expect("known scenario"));
-}
-
-/// The same scenarios with the replicas in a `swblock-replicad` process: every byte crosses a
-/// TCP socket, and the replica process itself reports the digest checked against the oracle.
-#[rstest]
-#[case::budget_escalation("budget_escalation")]
-#[case::catch_up("catch_up")]
-#[case::endpoint_change_mid_execution("endpoint_change_mid_execution")]
-#[case::epoch_bump_mid_execution("epoch_bump_mid_execution")]
-#[case::pin_failure("pin_failure")]
-#[case::rebuild_full_base("rebuild_full_base")]
-#[case::rebuild_snapshot_tail("rebuild_snapshot_tail")]
-#[case::truncation("truncation")]
-#[case::zero_gap("zero_gap")]
-fn net_conformance(#[case] name: &str) {
-    assert_clean(&run_conformance(Store::Net, name).expect("known scenario"));
+    assert_clean(&run_conformance(store, name).expect("known scenario"));
 }
 
 #[rstest]
