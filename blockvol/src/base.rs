@@ -283,6 +283,16 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl BaseReader<'_> {
+    /// Starts the reader at `lba` instead of 0 (an install resuming there): the blocks below
+    /// are neither read nor counted. Only before the first chunk; past the end it yields
+    /// nothing.
+    pub fn starting_at(mut self, lba: Lba) -> Self {
+        if self.next_lba == 0 && self.win_blocks == 0 {
+            self.next_lba = lba.0.min(self.pin.shared.geo.volume_blocks);
+        }
+        self
+    }
+
     /// Extent bytes read so far.
     pub fn bytes_scanned(&self) -> u64 {
         self.bytes_scanned
@@ -481,6 +491,25 @@ pub struct BaseInstall {
     spec: BaseInstallSpec,
     finished: bool,
     bytes_written: u64,
+    /// Where this attempt started: blocks below it were already durable from an earlier one.
+    resume_from: u64,
+    /// The end of the highest chunk written; with `ordered`, every image block below it has
+    /// been written (zero runs were zeroed at the start).
+    high: u64,
+    /// Chunks have arrived in ascending order so far (only then can `high` be a resume point).
+    ordered: bool,
+    /// The resume point last made durable.
+    durable_to: u64,
+    /// Data bytes written since then.
+    since_durable: u64,
+    /// Data bytes between two durable resume points.
+    stride: u64,
+}
+
+/// Data bytes between two resume points of an install: a sixteenth of the extent, at least
+/// 4 MiB and at most 1 GiB (each point costs one fdatasync and one superblock write).
+fn progress_stride(extent_bytes: u64) -> u64 {
+    (extent_bytes / 16).clamp(4 << 20, 1 << 30)
 }
 
 impl std::fmt::Debug for BaseInstall {
@@ -490,9 +519,56 @@ impl std::fmt::Debug for BaseInstall {
 }
 
 impl BaseInstall {
-    /// Data bytes written so far.
+    /// Data bytes written so far (by this attempt).
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written
+    }
+
+    /// Where this attempt resumes: every block below this LBA already holds the image durably
+    /// (an earlier attempt at the same image got that far), so the sender starts here. 0 when
+    /// the install started over.
+    pub fn resume_from(&self) -> Lba {
+        Lba(self.resume_from)
+    }
+
+    /// The resume point made durable so far: an attempt interrupted now (connection lost,
+    /// process killed, machine crashed) resumes here.
+    pub fn durable_to(&self) -> Lba {
+        Lba(self.durable_to)
+    }
+
+    /// Sets the data bytes between two durable resume points (default: a sixteenth of the
+    /// extent, 4 MiB to 1 GiB).
+    pub fn set_progress_stride(&mut self, bytes: u64) {
+        self.stride = bytes.max(1);
+    }
+
+    /// Makes every chunk written so far durable and records the resume point in the
+    /// superblock: an fdatasync, then a superblock write. Runs by itself every stride; a
+    /// no-op when chunks arrived out of order (no prefix is known complete) or nothing new
+    /// was written.
+    pub fn make_progress_durable(&mut self) -> Result<()> {
+        if !self.ordered || self.high <= self.durable_to {
+            return Ok(());
+        }
+        let s = self.shared.clone();
+        if let Err(e) = s.medium.sync_range(s.extent_offset, s.extent_len()) {
+            let err = BlockVolError::io("fdatasync extent", s.medium.describe(), e);
+            let mut st = s.lock_state();
+            s.poison(&mut st, err.to_string());
+            return Err(err);
+        }
+        let high = self.high;
+        let mut w = s.sb_writer();
+        s.persist_with(&mut w, |st| {
+            let mut sb = s.sb_from_state(st);
+            sb.install_resume = high;
+            sb
+        })?;
+        s.lock_state().install_resume = high;
+        self.durable_to = high;
+        self.since_durable = 0;
+        Ok(())
     }
 
     /// Verifies the chunk's CRC, then writes it straight into the extent.
@@ -543,6 +619,17 @@ impl BaseInstall {
             .write_at(off, chunk.data)
             .map_err(|e| BlockVolError::io("write extent", format!("file offset {off}"), e))?;
         self.bytes_written += chunk.data.len() as u64;
+        let end = chunk.lba + u64::from(chunk.blocks);
+        if chunk.lba < self.high {
+            // Out of order (or a rewrite below the resume point): no prefix is known complete
+            // from here on; the install still works, it just cannot resume.
+            self.ordered = false;
+        }
+        self.high = self.high.max(end);
+        self.since_durable += chunk.data.len() as u64;
+        if self.ordered && self.since_durable >= self.stride {
+            self.make_progress_durable()?;
+        }
         Ok(())
     }
 
@@ -564,6 +651,9 @@ impl BaseInstall {
             let mut sb = s.sb_from_state(st);
             sb.flags = 0;
             sb.install_lsn = 0;
+            sb.install_epoch = 0;
+            sb.install_crc = 0;
+            sb.install_resume = 0;
             sb.generation = generation;
             sb.checkpoint = base;
             sb.tail_lsn = base;
@@ -592,6 +682,8 @@ impl BaseInstall {
         st.installing = false;
         st.install_incomplete = false;
         st.install_lsn = 0;
+        st.install_entry = EntryInfo::default();
+        st.install_resume = 0;
         st.repaired = false;
         st.lineage += 1;
         s.cond.notify_all();
@@ -741,6 +833,12 @@ impl Volume {
 
     /// Starts installing a base image: persists an "install in progress" mark first, pauses
     /// this volume's flusher, refuses I/O, and zeroes the extent.
+    ///
+    /// **Resume.** When the volume holds an incomplete install of the very same image (the
+    /// same base LSN and sender's entry identity at it) with a durable resume point, the
+    /// extent is kept: blocks below the point already hold the image, and blocks above it hold
+    /// zeros or chunks of that same image. `BaseInstall::resume_from` says where the sender
+    /// starts. Any other image starts over from a zeroed extent.
     pub fn begin_base_install(&self, spec: BaseInstallSpec) -> Result<BaseInstall> {
         let s = &self.shared;
         if spec.geometry != s.geo {
@@ -764,6 +862,7 @@ impl Volume {
         }
         let _f = s.flush_guard();
         let mut w = s.sb_writer();
+        let resume;
         {
             let mut st = s.lock_state();
             s.check_usable(&st)?;
@@ -776,11 +875,22 @@ impl Volume {
                 ));
             }
             st.installing = true;
+            resume = if st.install_incomplete
+                && st.install_lsn == spec.base_lsn.0
+                && st.install_entry == spec.base_entry
+            {
+                st.install_resume.min(s.geo.volume_blocks)
+            } else {
+                0
+            };
         }
         let r = s.persist_with(&mut w, |st| {
             let mut sb = s.sb_from_state(st);
             sb.flags |= crate::format::SB_FLAG_INSTALL_INCOMPLETE;
             sb.install_lsn = spec.base_lsn.0;
+            sb.install_epoch = spec.base_entry.epoch.0;
+            sb.install_crc = spec.base_entry.content_crc;
+            sb.install_resume = resume;
             sb
         });
         {
@@ -791,6 +901,8 @@ impl Volume {
             }
             st.install_incomplete = true;
             st.install_lsn = spec.base_lsn.0;
+            st.install_entry = spec.base_entry;
+            st.install_resume = resume;
             st.lineage += 1;
             st.index.clear();
             st.dirty.clear();
@@ -807,10 +919,25 @@ impl Volume {
             spec,
             finished: false,
             bytes_written: 0,
+            resume_from: resume,
+            high: resume,
+            ordered: true,
+            durable_to: resume,
+            since_durable: 0,
+            stride: progress_stride(s.extent_len()),
         };
-        s.medium
-            .zero_range(s.extent_offset, s.extent_len())
-            .map_err(|e| BlockVolError::io("zero extent", s.medium.describe(), e))?;
+        if resume == 0 {
+            // The first resume point's fdatasync makes this zeroing durable before any point
+            // is recorded, so a resumed install never finds stale data in an elided zero run.
+            s.medium
+                .zero_range(s.extent_offset, s.extent_len())
+                .map_err(|e| BlockVolError::io("zero extent", s.medium.describe(), e))?;
+        } else {
+            log::info!(
+                "resuming the install of the image at lsn {} from lba {resume}",
+                spec.base_lsn
+            );
+        }
         Ok(install)
     }
 }

@@ -83,8 +83,17 @@ pub const SB_OFF_DURABLE_MARK: usize = 152;
 /// persisted before the flush touches the extent). Recovery redoes the flush of
 /// `(checkpoint, flush_mark]`; zero (files written before the field existed) means no intent.
 pub const SB_OFF_FLUSH_MARK: usize = 160;
+/// Offset of the u64 epoch of the sender's entry at `install_lsn` (0 when no install).
+pub const SB_OFF_INSTALL_EPOCH: usize = 168;
+/// Offset of the u32 content CRC of the sender's entry at `install_lsn` (0 when no install).
+pub const SB_OFF_INSTALL_CRC: usize = 176;
+/// Offset of four zero bytes after `install_crc`.
+pub const SB_OFF_INSTALL_PAD: usize = 180;
+/// Offset of the u64 resume point of an install: every block below it holds the image
+/// `(install_lsn, install_epoch, install_crc)` durably (0: nothing is known durable).
+pub const SB_OFF_INSTALL_RESUME: usize = 184;
 /// First byte after the fields; bytes up to the CRC must be zero.
-pub const SB_FIELDS_END: usize = 168;
+pub const SB_FIELDS_END: usize = 192;
 /// Offset of the u32 CRC32 over bytes `[0, SB_OFF_CRC)` of the slot.
 pub const SB_OFF_CRC: usize = 4092;
 
@@ -262,6 +271,12 @@ pub struct Superblock {
     pub head_hint: u64,
     /// Base LSN of an install in progress.
     pub install_lsn: u64,
+    /// Epoch of the sender's entry at `install_lsn` (the image's identity, with the CRC).
+    pub install_epoch: u64,
+    /// Content CRC of the sender's entry at `install_lsn`.
+    pub install_crc: u32,
+    /// Blocks below this LBA hold the image durably (an interrupted install resumes here).
+    pub install_resume: u64,
     /// An LSN known durable when the slot was written.
     pub durable_mark: u64,
     /// The extent may hold entries up to this LSN (0: no more than the checkpoint). When it is
@@ -295,6 +310,9 @@ impl Superblock {
         put_u64(&mut b, SB_OFF_INSTALL_LSN, self.install_lsn);
         put_u64(&mut b, SB_OFF_DURABLE_MARK, self.durable_mark);
         put_u64(&mut b, SB_OFF_FLUSH_MARK, self.flush_mark);
+        put_u64(&mut b, SB_OFF_INSTALL_EPOCH, self.install_epoch);
+        put_u32(&mut b, SB_OFF_INSTALL_CRC, self.install_crc);
+        put_u64(&mut b, SB_OFF_INSTALL_RESUME, self.install_resume);
         let crc = crc32fast::hash(&b[..SB_OFF_CRC]);
         put_u32(&mut b, SB_OFF_CRC, crc);
         b
@@ -358,7 +376,13 @@ impl Superblock {
             install_lsn: get_u64(buf, SB_OFF_INSTALL_LSN),
             durable_mark: get_u64(buf, SB_OFF_DURABLE_MARK),
             flush_mark: get_u64(buf, SB_OFF_FLUSH_MARK),
+            install_epoch: get_u64(buf, SB_OFF_INSTALL_EPOCH),
+            install_crc: get_u32(buf, SB_OFF_INSTALL_CRC),
+            install_resume: get_u64(buf, SB_OFF_INSTALL_RESUME),
         };
+        if get_u32(buf, SB_OFF_INSTALL_PAD) != 0 {
+            return Err(bad("nonzero padding after the install crc".into()));
+        }
         if buf[SB_FIELDS_END..SB_OFF_CRC].iter().any(|b| *b != 0) {
             return Err(bad("nonzero bytes after the fields".into()));
         }
@@ -425,6 +449,22 @@ impl Superblock {
         }
         if self.generation == 0 {
             return Err("generation 0 is never written".into());
+        }
+        if self.flags & SB_FLAG_INSTALL_INCOMPLETE == 0
+            && (
+                self.install_lsn,
+                self.install_epoch,
+                self.install_crc,
+                self.install_resume,
+            ) != (0, 0, 0, 0)
+        {
+            return Err("install fields are set with no install in progress".into());
+        }
+        if self.install_resume > self.volume_blocks {
+            return Err(format!(
+                "install resume point {} is beyond the volume's {} blocks",
+                self.install_resume, self.volume_blocks
+            ));
         }
         for (name, v) in [
             ("seq", self.seq),

@@ -96,7 +96,10 @@ impl Inspection {
                 self.file_len,
                 sb.file_len()
             ),
-            Some((_, sb)) => format!("base install incomplete (target lsn {})", sb.install_lsn),
+            Some((_, sb)) => format!(
+                "base install incomplete (target lsn {}, durable below lba {})",
+                sb.install_lsn, sb.install_resume
+            ),
         })
     }
 

@@ -54,8 +54,10 @@ fn superblock() -> impl Strategy<Value = Superblock> {
                 let wal_size = wal_pages * 4096;
                 let mut lsns = [a >> 2, b >> 2, c >> 2];
                 lsns.sort();
+                // Every third slot is written during a resumable base install.
+                let installing = seq % 3 == 0;
                 Superblock {
-                    flags: 0,
+                    flags: u32::from(installing),
                     seq,
                     volume_id: id,
                     block_size: 1 << bs_shift,
@@ -79,7 +81,10 @@ fn superblock() -> impl Strategy<Value = Superblock> {
                     },
                     epoch,
                     head_hint: lsns[2],
-                    install_lsn: 0,
+                    install_lsn: if installing { lsns[2] } else { 0 },
+                    install_epoch: if installing { epoch } else { 0 },
+                    install_crc: if installing { crc } else { 0 },
+                    install_resume: if installing { blocks / 2 } else { 0 },
                     durable_mark: lsns[2],
                     flush_mark: if seq % 2 == 0 {
                         0

@@ -302,3 +302,146 @@ fn crash_plan_base_install_is_old_incomplete_or_new() {
         "every outcome must occur: {old} old, {incomplete} incomplete, {new} new"
     );
 }
+
+/// An interrupted install resumes to exactly the image (docs/format.md 8.4, resume points): an
+/// install with a resume point every 4 blocks is crashed at every sync boundary (the four
+/// modes and every single-sector subset); every image that reopens incomplete begins the same
+/// install again, is sent only the blocks from its resume point on, and must then hold the
+/// primary's image. Some images must resume from a point above 0 (the path ran), and none may
+/// resume beyond the chunks written when it crashed.
+#[test]
+fn crash_plan_interrupted_install_resumes_to_the_image() {
+    use blockvol::{CrashMode, SimDisk, SyncPoint, Volume};
+    use common::crashplan::single_sector_images;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let opts = tiny();
+    let bs = opts.block_size;
+    let (p, _pd) = Volume::create_sim(&opts, &manual()).expect("primary");
+    // Dense data with a zero run in the middle, so elided runs are part of the image.
+    for i in 0..64u64 {
+        if !(20..26).contains(&i) {
+            p.write(Lba(i), &data(50_000 + i, 1, bs)).expect("write");
+        }
+    }
+    p.sync().expect("sync");
+    let base = Arc::new(p.pin_base(p.status().head).expect("pin base"));
+    let want = p.digest().expect("digest");
+    let spec = base.install_spec();
+    let (r, rd) = Volume::create_sim(&opts, &manual()).expect("replica");
+    // The highest block written so far by the interrupted install (an upper bound for any
+    // resume point a crash image may claim).
+    let high = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new(Mutex::new([0usize; 3]));
+    let (c2, h2, b2) = (counts.clone(), high.clone(), base.clone());
+    rd.set_sync_hook(Some(Arc::new(move |d: &SimDisk, sp: &SyncPoint| {
+        let mut images: Vec<(String, Vec<u8>)> = [
+            CrashMode::DurableOnly,
+            CrashMode::AllWritten,
+            CrashMode::RandomSectors,
+            CrashMode::RandomSectorsTorn,
+        ]
+        .into_iter()
+        .map(|m| (format!("{m:?}"), d.crash_image_with(sp.index, m)))
+        .collect();
+        for (s, alone, img) in single_sector_images(d) {
+            images.push((format!("sector {s} alone={alone}"), img));
+        }
+        for (mode, img) in images {
+            let what = format!("resume: sync #{} ({}), {mode}", sp.index, sp.after);
+            let disk = SimDisk::from_image(img);
+            let v = Volume::open_sim(&disk, &manual())
+                .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+            if !v.status().install_incomplete {
+                c2.lock().expect("counts")[0] += 1;
+                continue;
+            }
+            let mut inst = v.begin_base_install(spec).expect("begin again");
+            let from = inst.resume_from();
+            assert!(
+                from.0 <= h2.load(Ordering::SeqCst),
+                "{what}: resumes at {from}, beyond the {} blocks written",
+                h2.load(Ordering::SeqCst)
+            );
+            for c in b2.reader(512).starting_at(from) {
+                inst.write_chunk(&c.expect("chunk")).expect("write chunk");
+            }
+            inst.finish().expect("finish");
+            assert_eq!(v.digest().expect("digest"), want, "{what}: from {from}");
+            c2.lock().expect("counts")[if from.0 > 0 { 2 } else { 1 }] += 1;
+        }
+    })));
+    let mut inst = r.begin_base_install(spec).expect("begin");
+    assert_eq!(inst.resume_from(), Lba(0));
+    inst.set_progress_stride(4 * u64::from(bs));
+    for c in base.reader(512) {
+        let c = c.expect("chunk");
+        high.store(c.lba.0 + u64::from(c.blocks), Ordering::SeqCst);
+        inst.write_chunk(&c).expect("write chunk");
+    }
+    assert!(inst.durable_to().0 > 40, "resume points were recorded");
+    inst.finish().expect("finish");
+    rd.set_sync_hook(None);
+    assert_eq!(r.digest().expect("digest"), want);
+    let [other, from_zero, resumed] = *counts.lock().expect("counts");
+    eprintln!("resume: {other} not incomplete, {from_zero} restarted, {resumed} resumed");
+    assert!(
+        from_zero > 0 && resumed > 10,
+        "{from_zero} restarted, {resumed} resumed"
+    );
+}
+
+/// A resume point belongs to one image: an interrupted install of image A does not resume for
+/// image B (another base LSN), which starts over from a zeroed extent and installs exactly B;
+/// and an install of A in the same process (no reopen) resumes where A stopped.
+#[test]
+fn a_resume_point_belongs_to_one_image() {
+    use blockvol::Volume;
+    let opts = tiny();
+    let bs = opts.block_size;
+    let (p, _pd) = Volume::create_sim(&opts, &manual()).expect("primary");
+    for i in 0..64u64 {
+        p.write(Lba(i), &data(60_000 + i, 1, bs)).expect("write");
+    }
+    p.sync().expect("sync");
+    let a = p.pin_base(p.status().head).expect("pin a");
+    let want_a = p.digest().expect("digest a");
+    let (r, _rd) = Volume::create_sim(&opts, &manual()).expect("replica");
+    let mut inst = r.begin_base_install(a.install_spec()).expect("begin a");
+    inst.set_progress_stride(8 * u64::from(bs));
+    for c in a.reader(512).take(30) {
+        inst.write_chunk(&c.expect("chunk")).expect("write");
+    }
+    let durable = inst.durable_to();
+    assert_eq!(durable, Lba(24), "three strides of 8 blocks");
+    drop(inst);
+    // The same image again: resumes at the durable point.
+    let inst = r
+        .begin_base_install(a.install_spec())
+        .expect("begin a again");
+    assert_eq!(inst.resume_from(), durable);
+    drop(inst);
+    drop(a);
+    // Another image (the primary moved on): starts over, and the result is exactly B even
+    // though the extent held a prefix of A.
+    for i in 0..10u64 {
+        p.write(Lba(i * 3), &data(70_000 + i, 1, bs))
+            .expect("write");
+    }
+    p.sync().expect("sync");
+    let b = p.pin_base(p.status().head).expect("pin b");
+    let want_b = p.digest().expect("digest b");
+    assert_ne!(want_a, want_b);
+    let mut inst = r.begin_base_install(b.install_spec()).expect("begin b");
+    assert_eq!(
+        inst.resume_from(),
+        Lba(0),
+        "a resume point of A is not one of B"
+    );
+    for c in b.reader(512) {
+        inst.write_chunk(&c.expect("chunk")).expect("write");
+    }
+    inst.finish().expect("finish b");
+    assert_eq!(r.digest().expect("digest"), want_b);
+}

@@ -158,6 +158,12 @@ fn state_from_superblock(sb: &Superblock, opts: &OpenOptions, read_only: bool) -
         installing: false,
         install_incomplete,
         install_lsn: sb.install_lsn,
+        install_entry: EntryInfo {
+            lsn: Lsn(sb.install_lsn),
+            epoch: Epoch(sb.install_epoch),
+            content_crc: sb.install_crc,
+        },
+        install_resume: sb.install_resume,
         repaired: sb.flags & SB_FLAG_REPAIRED != 0,
         poisoned: None,
         closed: false,

@@ -98,6 +98,11 @@ pub(crate) struct State {
     pub installing: bool,
     pub install_incomplete: bool,
     pub install_lsn: u64,
+    /// The identity of the image an incomplete install is receiving (the sender's entry at
+    /// `install_lsn`).
+    pub install_entry: EntryInfo,
+    /// Blocks below this LBA hold that image durably.
+    pub install_resume: u64,
     pub repaired: bool,
     pub poisoned: Option<String>,
     pub closed: bool,

@@ -53,6 +53,21 @@ impl Shared {
             },
             durable_mark: st.durable,
             flush_mark: st.flush_mark,
+            install_epoch: if st.install_incomplete {
+                st.install_entry.epoch.0
+            } else {
+                0
+            },
+            install_crc: if st.install_incomplete {
+                st.install_entry.content_crc
+            } else {
+                0
+            },
+            install_resume: if st.install_incomplete {
+                st.install_resume
+            } else {
+                0
+            },
         }
     }
 
@@ -124,6 +139,9 @@ pub(super) fn initial_superblock(geo: &Geometry, volume_id: [u8; 16]) -> Superbl
         install_lsn: 0,
         durable_mark: 0,
         flush_mark: 0,
+        install_epoch: 0,
+        install_crc: 0,
+        install_resume: 0,
     }
 }
 
