@@ -482,7 +482,7 @@ impl ReplicaTarget for CrashAfter {
     fn truncate(&mut self, req: TruncateRequest) -> Result<EntryInfo, TargetError> {
         self.inner.truncate(req)
     }
-    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError> {
+    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<blockvol::Lba, TargetError> {
         self.inner.begin_base(req)
     }
     fn base_chunk(&mut self, req: BaseChunkRequest) -> Result<(), TargetError> {

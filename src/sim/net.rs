@@ -311,7 +311,7 @@ impl ReplicaTarget for SimTarget {
         let r = self.live()?.truncate(req);
         self.accepted(lineage, r)
     }
-    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError> {
+    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<blockvol::Lba, TargetError> {
         let lineage = req.lineage;
         let r = self.live()?.begin_base(req);
         self.accepted(lineage, r)

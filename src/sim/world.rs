@@ -1118,12 +1118,14 @@ impl World {
                     committed: BvLsn(0),
                 })
                 .map(|_| ()),
-            StaleKind::BeginBase => replica.begin_base(BaseBeginRequest {
-                lineage,
-                base_lsn: BvLsn(0),
-                base_entry: EntryInfo::ORIGIN,
-                geometry: p.vol.geometry(),
-            }),
+            StaleKind::BeginBase => replica
+                .begin_base(BaseBeginRequest {
+                    lineage,
+                    base_lsn: BvLsn(0),
+                    base_entry: EntryInfo::ORIGIN,
+                    geometry: p.vol.geometry(),
+                })
+                .map(|_| ()),
             StaleKind::Barrier => replica
                 .barrier(BarrierRequest {
                     lineage,

@@ -29,26 +29,40 @@ pub struct ReplicaProcess {
     dir: PathBuf,
     child: Option<Child>,
     addr: SocketAddr,
+    args: Vec<String>,
 }
 
 impl ReplicaProcess {
     /// Starts `bin --dir DIR --listen 127.0.0.1:0` and waits for its address.
     pub fn start(bin: &Path, dir: &Path) -> Result<ReplicaProcess, String> {
-        let (child, addr) = Self::spawn(bin, dir, "127.0.0.1:0")?;
+        Self::start_with(bin, dir, &[])
+    }
+
+    /// `start` with more arguments (kept for restarts).
+    pub fn start_with(bin: &Path, dir: &Path, args: &[&str]) -> Result<ReplicaProcess, String> {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let (child, addr) = Self::spawn(bin, dir, "127.0.0.1:0", &args)?;
         Ok(ReplicaProcess {
             bin: bin.to_owned(),
             dir: dir.to_owned(),
             child: Some(child),
             addr,
+            args,
         })
     }
 
-    fn spawn(bin: &Path, dir: &Path, listen: &str) -> Result<(Child, SocketAddr), String> {
+    fn spawn(
+        bin: &Path,
+        dir: &Path,
+        listen: &str,
+        args: &[String],
+    ) -> Result<(Child, SocketAddr), String> {
         let mut child = Command::new(bin)
             .arg("--dir")
             .arg(dir)
             .arg("--listen")
             .arg(listen)
+            .args(args)
             .env("SWBLOCK_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -99,7 +113,7 @@ impl ReplicaProcess {
         let listen = self.addr.to_string();
         // The port was just released; another process could take it in between, which the
         // error then says.
-        let (child, addr) = Self::spawn(&self.bin, &self.dir, &listen)?;
+        let (child, addr) = Self::spawn(&self.bin, &self.dir, &listen, &self.args)?;
         self.child = Some(child);
         self.addr = addr;
         Ok(())
@@ -151,10 +165,15 @@ pub struct NetHarness {
 impl NetHarness {
     /// A fresh primary and a replica process started from `bin`.
     pub fn new(bin: &Path) -> Result<NetHarness, String> {
+        Self::with_replica_args(bin, &[])
+    }
+
+    /// `new`, with more arguments for the replica process.
+    pub fn with_replica_args(bin: &Path, args: &[&str]) -> Result<NetHarness, String> {
         let local = BlockVolHarness::new()?;
         let dir = local.dir().join("replica-server");
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let process = ReplicaProcess::start(bin, &dir)?;
+        let process = ReplicaProcess::start_with(bin, &dir, args)?;
         Ok(NetHarness {
             local,
             dir,
@@ -328,6 +347,9 @@ pub enum Direction {
 struct ProxyState {
     up: Option<Fault>,
     down: Option<Fault>,
+    /// Faults every new connection takes (after a one-shot fault, if one is set).
+    every_up: Option<Fault>,
+    every_down: Option<Fault>,
     /// Faults apply to connections accepted after they were set, once each.
     connections: u64,
     faults_fired: u64,
@@ -363,7 +385,7 @@ impl FaultProxy {
                 let (up, down) = {
                     let mut s = st.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     s.connections += 1;
-                    (s.up.take(), s.down.take())
+                    (s.up.take().or(s.every_up), s.down.take().or(s.every_down))
                 };
                 let pipe = |from: &std::net::TcpStream, to: &std::net::TcpStream, f| {
                     let (from, to) = (from.try_clone(), to.try_clone());
@@ -393,6 +415,19 @@ impl FaultProxy {
         match direction {
             Direction::Up => s.up = Some(fault),
             Direction::Down => s.down = Some(fault),
+        }
+    }
+
+    /// Sets (or with `None` clears) a fault every later connection takes in `direction`:
+    /// a link that keeps failing the same way.
+    pub fn set_every(&self, direction: Direction, fault: Option<Fault>) {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match direction {
+            Direction::Up => s.every_up = fault,
+            Direction::Down => s.every_down = fault,
         }
     }
 

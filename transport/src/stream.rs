@@ -95,6 +95,10 @@ pub struct StreamConfig {
     pub max_backoff: Duration,
     /// Options of the recoveries a join runs.
     pub recovery: ExecutorOptions,
+    /// How long an image a failed rebuild let go of stays pinned, so the next attempt can
+    /// pin the same image and the replica resumes its install where it stopped (zero: not
+    /// kept). The primary's flusher stays fenced at that image meanwhile, so its WAL grows.
+    pub image_linger: Duration,
 }
 
 impl StreamConfig {
@@ -114,6 +118,7 @@ impl StreamConfig {
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_secs(2),
             recovery: ExecutorOptions::default(),
+            image_linger: Duration::from_secs(30),
         }
     }
 }
@@ -157,6 +162,10 @@ pub struct ReplicaStatus {
     pub barrier_micros: u64,
     /// Time spent waiting for apply replies, in microseconds.
     pub apply_micros: u64,
+    /// Image data bytes rebuilds sent it (all attempts).
+    pub base_bytes_sent: u64,
+    /// Image bytes rebuilds did not send because it resumed an interrupted install.
+    pub base_bytes_resumed: u64,
 }
 
 /// Why a flush did not return an acknowledgement.
@@ -225,6 +234,8 @@ struct Shared {
     work: Condvar,
     /// Flushers wait here for durability.
     acks: Condvar,
+    /// Images failed rebuilds let go of, until `image_linger` ends or a rebuild is planned.
+    kept: crate::net::Reaper,
 }
 
 impl Shared {
@@ -266,6 +277,7 @@ impl Replicator {
         config: StreamConfig,
     ) -> std::io::Result<Replicator> {
         let storage = Arc::new(BlockVolStorage::new(Arc::clone(&primary)));
+        let kept = crate::net::Reaper::start("replicator-images")?;
         let slots = replicas
             .into_iter()
             .map(|spec| Slot {
@@ -282,6 +294,8 @@ impl Replicator {
                     barriers: 0,
                     barrier_micros: 0,
                     apply_micros: 0,
+                    base_bytes_sent: 0,
+                    base_bytes_resumed: 0,
                 },
                 spec,
             })
@@ -302,7 +316,19 @@ impl Replicator {
             }),
             work: Condvar::new(),
             acks: Condvar::new(),
+            kept,
         });
+        if !shared.config.image_linger.is_zero() {
+            // Weak: the keeper lives in the storage the shared state owns.
+            let weak = Arc::downgrade(&shared);
+            shared.storage.set_image_keeper(Some(Arc::new(move |pin| {
+                if let Some(sh) = weak.upgrade() {
+                    log::info!("keeping the image at {} for a resumed rebuild", pin.lsn());
+                    sh.kept
+                        .hold(Instant::now() + sh.config.image_linger, Box::new(pin));
+                }
+            })));
+        }
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
             let s = Arc::clone(&shared);
@@ -577,13 +603,26 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
                 .driver
                 .plan_rebuild(&id)
                 .map_err(|e| format!("plan rebuild: {e}"))?;
+            // The plan holds its own image now (the same one as a kept image when the primary
+            // kept it in place): kept images have done their work.
+            sh.kept.release_all();
             let sid = plan.session_id().ok_or("rebuild without a session")?.get();
             let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed);
-            RebuildExecutor::new(&sh.driver, plan)
+            let done = RebuildExecutor::new(&sh.driver, plan)
                 .with_options(sh.config.recovery)
                 .with_on_step(stop_hook)
-                .execute(&mut io)
-                .map_err(|e| format!("rebuild: {e}"))?;
+                .execute(&mut io);
+            {
+                let mut st = sh.lock();
+                let s = &mut st.slots[i].status;
+                s.base_bytes_sent = s.base_bytes_sent.saturating_add(io.stats.base_bytes_sent);
+                s.base_bytes_resumed = s
+                    .base_bytes_resumed
+                    .saturating_add(io.stats.base_bytes_resumed);
+            }
+            done.map_err(|e| format!("rebuild: {e}"))?;
+            // Finished: the image it let go of is not needed again.
+            sh.kept.release_all();
             (io.into_target(), lineage(sid), true)
         }
     };

@@ -554,7 +554,15 @@ fn remote_primary_reads_are_bounded_by_one_reply_whatever_is_asked() {
         other => panic!("{other:?}"),
     };
     assert!(matches!(
-        ask(&mut raw, 6, Request::ImageOpen { lease, lsn: head }),
+        ask(
+            &mut raw,
+            6,
+            Request::ImageOpen {
+                lease,
+                lsn: head,
+                from: blockvol::Lba(0)
+            }
+        ),
         Reply::ImageOpen { .. }
     ));
     match ask(&mut raw, 7, Request::ImageRead(u32::MAX)) {

@@ -165,3 +165,90 @@ fn kill_9_of_the_replica_mid_image_then_a_rebuild_to_identical_bytes() {
     assert!(h.replica_matches_primary("r1", head).unwrap());
     assert_eq!(h.pins_outstanding(), 0);
 }
+
+/// Resumable base: the replica process is killed mid-image; the primary keeps the image it
+/// let go of (its image keeper), so the next rebuild pins the very same image, and the
+/// restarted replica resumes its install at its last durable resume point: fewer image bytes
+/// cross the network the second time, the ones skipped are reported as resumed, and the
+/// replica ends byte-identical to the primary.
+#[test]
+fn kill_9_mid_image_then_the_next_rebuild_resumes_on_the_same_image() {
+    use std::sync::{Arc, Mutex};
+    let mut h = NetHarness::with_replica_args(bin(), &["--install-stride", "16384"])
+        .expect("start a replica process");
+    let head = h.primary_write(200).unwrap();
+    h.primary_commit(head).unwrap();
+    h.add_replica("r1", Lsn(0)).unwrap();
+    let storage = Arc::clone(h.local().storage_adapter());
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let k2 = Arc::clone(&kept);
+    storage.set_image_keeper(Some(Arc::new(move |pin| k2.lock().unwrap().push(pin))));
+    let driver = RecoveryDriver::new(h.storage());
+    assign(&driver, 1, SessionKind::Rebuild);
+
+    let plan = driver.plan_rebuild(&rid()).unwrap();
+    let sid = plan.session_id().unwrap();
+    let mut io = h.io("r1", Epoch(1), sid).unwrap();
+    let steps = Cell::new(0u64);
+    let err = {
+        let process = h.process();
+        RebuildExecutor::new(&driver, plan)
+            .with_options(chunked(16, 16 << 10))
+            .with_on_step(|_| {
+                // Chunks are pipelined: pace them so the replica applies (and makes durable)
+                // a good part of what was sent before it dies.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                steps.set(steps.get() + 1);
+                if steps.get() == 30 {
+                    process.kill();
+                }
+            })
+            .execute(&mut io)
+            .expect_err("the replica process died mid-image")
+    };
+    assert!(err.to_string().contains("transport"), "{err}");
+    let first = io.stats;
+    drop(io);
+    assert_eq!(kept.lock().unwrap().len(), 1, "the keeper holds the image");
+
+    h.process().restart().unwrap();
+    assert!(h.replica_handshake("r1").unwrap().is_incomplete());
+    assign(&driver, 2, SessionKind::Rebuild);
+    let plan = driver.plan_rebuild(&rid()).unwrap();
+    // The plan holds its own pin on the same image now.
+    kept.lock().unwrap().clear();
+    let sid = plan.session_id().unwrap();
+    let mut io = h.io("r1", Epoch(2), sid).unwrap();
+    let report = RebuildExecutor::new(&driver, plan)
+        .with_options(chunked(16, 16 << 10))
+        .execute(&mut io)
+        .expect("rebuild after the restart");
+    let second = io.stats;
+    drop(io);
+    eprintln!(
+        "first attempt {first:?}, second {second:?}, {:?}",
+        report.path
+    );
+    assert!(
+        second.base_bytes_resumed > 0,
+        "the second attempt resumed: {second:?}"
+    );
+    assert!(
+        second.base_bytes_resumed <= first.base_bytes_sent,
+        "it resumed no further than the first attempt sent: {first:?} {second:?}"
+    );
+    assert!(
+        second.base_bytes_sent + second.base_bytes_resumed >= report.base_bytes_sent,
+        "{second:?} {report:?}"
+    );
+    assert_eq!(report.final_state, ReplicaState::InSync);
+    assert!(h.replica_matches_primary("r1", head).unwrap());
+    storage.set_image_keeper(None);
+    assert_eq!(
+        kept.lock().unwrap().len(),
+        1,
+        "the finished rebuild's image, kept"
+    );
+    kept.lock().unwrap().clear();
+    assert_eq!(h.pins_outstanding(), 0);
+}

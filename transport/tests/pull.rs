@@ -110,6 +110,30 @@ fn pull_rebuild(
     chunk_bytes: u64,
     step: impl FnMut(&engine::StepInfo),
 ) -> Result<engine::ExecutionReport, String> {
+    pull_rebuild_stats(addr, local, chunk_bytes, step).0
+}
+
+/// `pull_rebuild`, also returning what the I/O moved. The replica records a resume point every
+/// 16 KiB of image data.
+fn pull_rebuild_stats(
+    addr: std::net::SocketAddr,
+    local: &Arc<Volume>,
+    chunk_bytes: u64,
+    step: impl FnMut(&engine::StepInfo),
+) -> (Result<engine::ExecutionReport, String>, v2bridge::IoStats) {
+    local.set_install_stride(16 << 10);
+    let mut stats = v2bridge::IoStats::default();
+    let r = pull_rebuild_into(addr, local, chunk_bytes, step, &mut stats);
+    (r, stats)
+}
+
+fn pull_rebuild_into(
+    addr: std::net::SocketAddr,
+    local: &Arc<Volume>,
+    chunk_bytes: u64,
+    step: impl FnMut(&engine::StepInfo),
+    stats: &mut v2bridge::IoStats,
+) -> Result<engine::ExecutionReport, String> {
     let remote = Arc::new(
         RemotePrimary::connect(
             addr,
@@ -130,14 +154,16 @@ fn pull_rebuild(
         Lineage::new("server-b", blockvol::Epoch(1), sid.get()),
         committed,
     );
-    RebuildExecutor::new(&driver, plan)
+    let r = RebuildExecutor::new(&driver, plan)
         .with_options(engine::ExecutorOptions {
             max_base_chunk_bytes: chunk_bytes,
             ..engine::ExecutorOptions::default()
         })
         .with_on_step(step)
         .execute(&mut io)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    *stats = io.stats;
+    r
 }
 
 #[test]
@@ -262,7 +288,7 @@ fn puller_child() {
         addr.parse().unwrap(),
         "vol1",
         &ClientConfig::default(),
-        Duration::from_secs(30),
+        Duration::from_secs(3),
     )
     .unwrap();
     let committed = remote.get_retained_history().unwrap().committed_lsn;
@@ -285,6 +311,15 @@ fn a_puller_killed_with_sigkill_loses_its_pins() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(pinned, 1, "the child pinned the primary's image");
+    // Its connection broke without a goodbye: the lease (3 s, renewed every second, so at
+    // least 2 s left at the kill) keeps the pin for a puller that reconnects...
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        probe(&primary).2,
+        1,
+        "the broken connection's lease holds the pin"
+    );
+    // ...and ends on its deadline.
     assert_eq!(wait_pins(&primary, 0), 0, "the dead puller's pin came back");
 }
 
@@ -313,25 +348,31 @@ fn a_puller_killed_mid_rebuild_gives_the_pins_back_and_the_next_pull_finishes() 
             std::thread::sleep(Duration::from_millis(10));
         }
     };
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(600));
     let _ = child.kill();
     let _ = child.wait();
     assert!(pinned > 0, "the child's rebuild pinned the primary");
-    assert_eq!(
-        wait_pins(&primary, 0),
-        0,
-        "the killed puller's pins came back"
-    );
-    // Its replica knows the install was interrupted; the next pull rebuilds it completely.
+    // Its replica knows the install was interrupted; the next pull (while the dead puller's
+    // leases still hold the image) resumes the install where the child's last durable resume
+    // point left it, and finishes it.
     let local = Arc::new(Volume::open(&file, &volume_options(FlushGate::Committed)).unwrap());
     assert!(
         local.status().install_incomplete,
         "the kill landed mid-image"
     );
-    let report = pull_rebuild(primary.addr(), &local, 64 << 10, |_| {}).expect("second pull");
+    let (report, stats) = pull_rebuild_stats(primary.addr(), &local, 64 << 10, |_| {});
+    let report = report.expect("second pull");
     assert_eq!(report.final_state, ReplicaState::InSync);
+    assert!(
+        stats.base_bytes_resumed > 0 && stats.base_bytes_resumed % 4096 == 0,
+        "the second pull resumed the image: {stats:?}"
+    );
     let (head, digest, _) = probe(&primary);
     assert_eq!(local.status().head, head);
     assert_eq!(local.digest().unwrap(), Digest(digest));
-    assert_eq!(wait_pins(&primary, 0), 0);
+    assert_eq!(
+        wait_pins(&primary, 0),
+        0,
+        "the killed puller's leases ended and the second pull released its own"
+    );
 }

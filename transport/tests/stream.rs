@@ -45,6 +45,11 @@ struct Cluster {
 
 impl Cluster {
     fn new(n: usize) -> Cluster {
+        Self::with_replica_args(n, &[])
+    }
+
+    /// `new`, with more arguments for each replica process.
+    fn with_replica_args(n: usize, args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let primary = Arc::new(create(&dir.path().join("primary.vol"), Role::Primary));
         let mut processes = Vec::new();
@@ -52,7 +57,7 @@ impl Cluster {
             let d: PathBuf = dir.path().join(format!("server-{i}"));
             std::fs::create_dir_all(&d).unwrap();
             create(&d.join("vol1.vol"), Role::Replica).close().unwrap();
-            processes.push(ReplicaProcess::start(bin(), &d).expect("replica process"));
+            processes.push(ReplicaProcess::start_with(bin(), &d, args).expect("replica process"));
         }
         Cluster {
             _dir: dir,
@@ -444,4 +449,82 @@ fn a_sync_all_flush_survives_a_power_loss_on_every_replica() {
     }
     drop(r);
     drop(servers);
+}
+
+/// Resumable rebuild under a steady writer over a link that keeps breaking: every connection to
+/// the replica is cut after 512 KiB of requests, less than the 2 MiB image. The primary keeps
+/// the image a failed rebuild let go of (`image_linger`), so its flushes (run here as a
+/// background flusher would) cannot move the checkpoint away from it, every attempt pins the
+/// same image, and the replica resumes each time where its last durable resume point (every
+/// 32 KiB) left it: the rebuild converges, though no single connection could carry the image.
+/// Restarting from zero each time would never finish.
+#[test]
+fn a_rebuild_over_a_link_that_keeps_breaking_converges_by_resuming() {
+    use transport::harness::{Direction, Fault, FaultProxy};
+    const CUT: u64 = 512 << 10;
+    let mut c = Cluster::with_replica_args(1, &["--install-stride", "32768"]);
+    // A dense image, flushed and recycled: a replica at 0 can only be rebuilt.
+    let mut head = c.write(4 * BLOCKS);
+    c.primary.set_committed(head);
+    c.primary.force_flush().expect("flush");
+    assert!(c.primary.status().tail > Lsn(0));
+    let proxy = FaultProxy::start(c.processes[0].addr()).expect("proxy");
+    let mut specs = c.specs();
+    specs[0].addr = proxy.addr();
+    let mut config = StreamConfig::new(DurabilityMode::BestEffort, "server-p", 1);
+    // Image chunks of 32 KiB: a cut loses at most one.
+    config.recovery.max_base_chunk_bytes = 32 << 10;
+    config.recovery.max_entries_per_chunk = 16;
+    config.min_backoff = Duration::from_millis(10);
+    config.max_backoff = Duration::from_millis(50);
+    let r = Replicator::start(Arc::clone(&c.primary), specs, config).expect("replicator");
+    proxy.set_every(Direction::Up, Some(Fault::CutAfter(CUT)));
+    let mut converged = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for round in 0..20_000u64 {
+        head = c.write(1);
+        r.notify();
+        if round % 20 == 0 {
+            // The writer flushes (best_effort: the committed point moves with the primary)
+            // and the primary's flusher follows.
+            r.flush().expect("best-effort flush");
+            c.primary.force_flush().expect("flush");
+        }
+        let st = r.status()[0].clone();
+        if !converged && st.state == StreamState::Streaming && st.recoveries > 0 {
+            eprintln!("converged after {} cuts: {st:?}", proxy.fired());
+            converged = true;
+            proxy.set_every(Direction::Up, None);
+        }
+        if converged && st.state == StreamState::Streaming && round % 50 == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no convergence: {} cuts, {st:?}",
+            proxy.fired()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(converged);
+    let st = r.status()[0].clone();
+    let cuts = proxy.fired();
+    assert!(
+        cuts >= 3,
+        "the image needed several connections: {cuts} cuts"
+    );
+    assert!(st.base_bytes_resumed > 0, "{st:?}");
+    // Everything written reaches the replica and matches the oracle.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        r.notify();
+        let _ = r.flush();
+        if r.status()[0].durable >= head || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (rhead, digest) = c.probe(0);
+    assert_eq!(rhead, head);
+    assert_eq!(Digest(digest), c.oracle_digest(), "replica bytes");
 }

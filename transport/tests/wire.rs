@@ -124,6 +124,7 @@ fn samples() -> Vec<Message> {
         )),
         reply(Reply::Truncate(l, entry(100))),
         reply(Reply::Ack(l)),
+        reply(Reply::BaseBegun(l, blockvol::Lba(4096))),
         reply(Reply::BaseFinish(l, Lsn(100))),
         reply(Reply::Barrier(
             l,
@@ -155,6 +156,7 @@ fn samples() -> Vec<Message> {
         request(Request::ImageOpen {
             lease: 4,
             lsn: Lsn(100),
+            from: blockvol::Lba(96),
         }),
         request(Request::ImageRead(1 << 20)),
         reply(Reply::History(HistoryReply {

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use blockvol::{BaseInstallSpec, BasePin, BaseReader, EntryInfo, Volume};
+use blockvol::{BaseInstallSpec, BasePin, BaseReader, EntryInfo, Lba, Volume};
 use engine::{
     BaseChunkProgress, BaseRequest, CatchUpIo, EntryId, Lsn, PinId, RebuildIo, TransferError,
     WalChunk,
@@ -41,6 +41,9 @@ pub struct IoStats {
     pub base_bytes_scanned: u64,
     /// Base data bytes shipped.
     pub base_bytes_sent: u64,
+    /// Image bytes not sent because the replica resumed an interrupted install of the same
+    /// image (they were already durable there).
+    pub base_bytes_resumed: u64,
     /// Barriers.
     pub barriers: u64,
 }
@@ -69,9 +72,14 @@ pub trait PrimarySource: Send {
         want: u64,
         frames: &mut Vec<u8>,
     ) -> Result<u32, TransferError>;
-    /// Opens the image that pin `pin_id` holds, which must be at `lsn`; returns how to install
-    /// it.
-    fn open_image(&mut self, pin_id: PinId, lsn: Lsn) -> Result<BaseInstallSpec, TransferError>;
+    /// Opens the image that pin `pin_id` holds, which must be at `lsn`, to be read from block
+    /// `from` on (0: the whole image); returns how to install it.
+    fn open_image(
+        &mut self,
+        pin_id: PinId,
+        lsn: Lsn,
+        from: Lba,
+    ) -> Result<BaseInstallSpec, TransferError>;
     /// The next chunk of the open image, of at most `max_bytes` data bytes.
     fn next_image_chunk(&mut self, max_bytes: u64) -> Result<ImageChunk, TransferError>;
     /// Lets go of the open image (a failed or finished transfer).
@@ -79,6 +87,7 @@ pub trait PrimarySource: Send {
 }
 
 struct OpenImage {
+    from: Lba,
     lsn: Lsn,
     reader: Option<BaseReader<'static>>,
     pin: Arc<BasePin>,
@@ -163,7 +172,12 @@ impl PrimarySource for LocalSource {
         self.read_entries_bounded(after, want, usize::MAX, frames)
     }
 
-    fn open_image(&mut self, pin_id: PinId, lsn: Lsn) -> Result<BaseInstallSpec, TransferError> {
+    fn open_image(
+        &mut self,
+        pin_id: PinId,
+        lsn: Lsn,
+        from: Lba,
+    ) -> Result<BaseInstallSpec, TransferError> {
         let pin = self
             .storage
             .image(pin_id)
@@ -180,6 +194,7 @@ impl PrimarySource for LocalSource {
         }
         let spec = pin.install_spec();
         self.image = Some(OpenImage {
+            from,
             lsn,
             reader: None,
             pin,
@@ -194,9 +209,9 @@ impl PrimarySource for LocalSource {
             });
         };
         let chunk_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
-        let reader = image
-            .reader
-            .get_or_insert_with(|| BasePin::reader_owned(Arc::clone(&image.pin), chunk_bytes));
+        let reader = image.reader.get_or_insert_with(|| {
+            BasePin::reader_owned(Arc::clone(&image.pin), chunk_bytes).starting_at(image.from)
+        });
         let scanned_before = reader.bytes_scanned();
         let sent_before = reader.bytes_sent();
         // One non-zero run per call at most `chunk_bytes` long; zero runs are skipped by the
@@ -231,6 +246,9 @@ pub struct BridgeIo<T: ReplicaTarget, S: PrimarySource = LocalSource> {
     committed: Lsn,
     /// A base transfer in progress: whether its image ended.
     base: Option<bool>,
+    /// Image bytes the replica already held (a resumed install), reported as covered with the
+    /// next chunk.
+    resumed: u64,
     frames: Vec<u8>,
     /// What moved so far.
     pub stats: IoStats,
@@ -288,6 +306,7 @@ impl<T: ReplicaTarget, S: PrimarySource> BridgeIo<T, S> {
             lineage,
             committed,
             base: None,
+            resumed: 0,
             frames: Vec::new(),
             stats: IoStats::default(),
         }
@@ -408,7 +427,7 @@ impl<T: ReplicaTarget, S: PrimarySource> CatchUpIo for BridgeIo<T, S> {
 
 impl<T: ReplicaTarget, S: PrimarySource> RebuildIo for BridgeIo<T, S> {
     fn begin_base(&mut self, base: &BaseRequest) -> Result<u64, TransferError> {
-        let spec = self.source.open_image(base.pin_id, base.lsn)?;
+        let spec = self.source.open_image(base.pin_id, base.lsn, Lba(0))?;
         let begun = self
             .target
             .begin_base(BaseBeginRequest {
@@ -417,10 +436,44 @@ impl<T: ReplicaTarget, S: PrimarySource> RebuildIo for BridgeIo<T, S> {
                 base_entry: spec.base_entry,
                 geometry: spec.geometry,
             })
-            .map_err(transfer_error);
-        if let Err(e) = begun {
-            self.source.close_image();
-            return Err(e);
+            .map_err(transfer_error)
+            .and_then(|from| {
+                let geo = spec.geometry;
+                if from.0 > geo.volume_blocks {
+                    return Err(TransferError::Transport {
+                        detail: format!(
+                            "the replica resumes at block {from}, beyond the image's {}",
+                            geo.volume_blocks
+                        ),
+                    });
+                }
+                if from.0 > 0 {
+                    // The replica holds this image durably below `from`: read from there.
+                    self.source.close_image();
+                    let again = self.source.open_image(base.pin_id, base.lsn, from)?;
+                    if again != spec {
+                        return Err(TransferError::BaseUnavailable {
+                            detail: "the image changed when reopened to resume".into(),
+                        });
+                    }
+                    log::info!(
+                        "replica resumes the image at {} from block {from} of {}",
+                        base.lsn,
+                        geo.volume_blocks
+                    );
+                }
+                Ok(from.0 * u64::from(geo.block_size))
+            });
+        match begun {
+            Ok(resumed) => {
+                self.resumed = resumed;
+                self.stats.base_bytes_resumed =
+                    self.stats.base_bytes_resumed.saturating_add(resumed);
+            }
+            Err(e) => {
+                self.source.close_image();
+                return Err(e);
+            }
         }
         self.base = Some(false);
         Ok(spec.geometry.volume_bytes())
@@ -469,13 +522,14 @@ impl<T: ReplicaTarget, S: PrimarySource> RebuildIo for BridgeIo<T, S> {
         };
         let done = !was_chunk;
         self.base = Some(done);
+        let covered = scanned.saturating_add(std::mem::take(&mut self.resumed));
         if was_chunk {
             self.stats.base_chunks += 1;
         }
         self.stats.base_bytes_scanned = self.stats.base_bytes_scanned.saturating_add(scanned);
         self.stats.base_bytes_sent = self.stats.base_bytes_sent.saturating_add(sent);
         Ok(BaseChunkProgress {
-            bytes: scanned,
+            bytes: covered,
             bytes_sent: sent,
             done,
         })

@@ -71,7 +71,7 @@ mod storage;
 mod target;
 
 pub use io::{BridgeIo, ImageChunk, IoStats, LocalSource, PrimarySource, transfer_error};
-pub use storage::BlockVolStorage;
+pub use storage::{BlockVolStorage, ImageKeeper};
 pub use target::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
     HandshakeReply, Lineage, LocalReplica, ReplicaTarget, TargetError, TruncateRequest,

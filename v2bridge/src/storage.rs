@@ -24,6 +24,9 @@ use crate::convert::{entry_id, storage_error, to_blockvol, to_engine};
 
 type Images = Arc<Mutex<HashMap<PinId, Arc<BasePin>>>>;
 
+/// Called with each image the engine lets go of (see [`BlockVolStorage::set_image_keeper`]).
+pub type ImageKeeper = Arc<dyn Fn(Arc<BasePin>) + Send + Sync>;
+
 fn lock_images(images: &Images) -> MutexGuard<'_, HashMap<PinId, Arc<BasePin>>> {
     images.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -32,6 +35,7 @@ fn lock_images(images: &Images) -> MutexGuard<'_, HashMap<PinId, Arc<BasePin>>> 
 pub struct BlockVolStorage {
     vol: Arc<Volume>,
     images: Images,
+    keeper: Arc<Mutex<Option<ImageKeeper>>>,
     next_pin: AtomicU64,
     #[cfg(feature = "testing")]
     fail_next: Mutex<Vec<engine::PinKind>>,
@@ -56,6 +60,7 @@ impl BlockVolStorage {
         BlockVolStorage {
             vol,
             images: Arc::new(Mutex::new(HashMap::new())),
+            keeper: Arc::new(Mutex::new(None)),
             next_pin: AtomicU64::new(0),
             #[cfg(feature = "testing")]
             fail_next: Mutex::new(Vec::new()),
@@ -70,6 +75,15 @@ impl BlockVolStorage {
     /// The base image a snapshot or full-base pin holds, while the engine holds the pin.
     pub fn image(&self, pin: PinId) -> Option<Arc<BasePin>> {
         lock_images(&self.images).get(&pin).cloned()
+    }
+
+    /// Hands every image the engine lets go of to `keeper` (or, with `None`, drops it at
+    /// once, the default). A keeper that holds the image for a while keeps the primary's extent
+    /// at that image (its flusher stays fenced) so that a rebuild interrupted mid-image can
+    /// pin the very same image again and the replica resumes its install instead of starting
+    /// over; it must let go within a bounded time, since the WAL grows while it holds.
+    pub fn set_image_keeper(&self, keeper: Option<ImageKeeper>) {
+        *self.keeper.lock().unwrap_or_else(PoisonError::into_inner) = keeper;
     }
 
     /// Images currently registered (engine snapshot and full-base pins alive).
@@ -117,8 +131,16 @@ impl BlockVolStorage {
         let id = self.next_id();
         lock_images(&self.images).insert(id, Arc::new(pin));
         let images = Arc::clone(&self.images);
+        let keeper = Arc::clone(&self.keeper);
         let guard = PinGuard::on_release(move || {
-            lock_images(&images).remove(&id);
+            let pin = lock_images(&images).remove(&id);
+            let keeper = keeper
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if let (Some(pin), Some(keep)) = (pin, keeper) {
+                keep(pin);
+            }
         });
         (id, guard)
     }

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use blockvol::{
-    ApplyOutcome, BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Epoch, Geometry, Lsn,
-    Role, Volume,
+    ApplyOutcome, BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Epoch, Geometry, Lba,
+    Lsn, Role, Volume,
 };
 
 /// The recovery session a request belongs to. Within one driver, ordered by epoch, then
@@ -211,8 +211,10 @@ pub trait ReplicaTarget: Send {
     fn apply(&mut self, req: ApplyRequest) -> Result<ApplyReply, TargetError>;
     /// Truncates; returns the identity of the new tip.
     fn truncate(&mut self, req: TruncateRequest) -> Result<EntryInfo, TargetError>;
-    /// Starts a base install.
-    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError>;
+    /// Starts a base install; returns where the sender starts: every block below that LBA
+    /// already holds this very image durably (an interrupted install of it resumes), `Lba(0)`
+    /// when it starts over.
+    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<Lba, TargetError>;
     /// Writes one base chunk.
     fn base_chunk(&mut self, req: BaseChunkRequest) -> Result<(), TargetError>;
     /// Finishes the install; returns the base LSN now held.
@@ -447,7 +449,7 @@ impl ReplicaTarget for LocalReplica {
         node.tip(head)
     }
 
-    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError> {
+    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<Lba, TargetError> {
         let mut node = self.lock();
         node.admit(req.lineage)?;
         // Abandon a half-finished install before starting over; if another session began it,
@@ -466,8 +468,9 @@ impl ReplicaTarget for LocalReplica {
             geometry: req.geometry,
         };
         let install = node.vol.begin_base_install(spec).map_err(storage)?;
+        let from = install.resume_from();
         node.install = Some((req.lineage, install));
-        Ok(())
+        Ok(from)
     }
 
     fn base_chunk(&mut self, req: BaseChunkRequest) -> Result<(), TargetError> {

@@ -146,7 +146,7 @@ impl ReplicaTarget for FlipByte {
     fn truncate(&mut self, req: TruncateRequest) -> Result<blockvol::EntryInfo, TargetError> {
         self.inner.truncate(req)
     }
-    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError> {
+    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<blockvol::Lba, TargetError> {
         self.inner.begin_base(req)
     }
     fn base_chunk(&mut self, mut req: BaseChunkRequest) -> Result<(), TargetError> {

@@ -357,7 +357,8 @@ fn every_request_with_edge_scalars_is_answered_typed() {
                     volume_blocks: x,
                     wal_size_bytes: x,
                 },
-            }),
+            })
+            .map(|_| ()),
             r.base_chunk(BaseChunkRequest {
                 lineage: lineage(EPOCH),
                 frame: x.to_le_bytes().to_vec(),

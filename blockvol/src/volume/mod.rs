@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     /// Readers of the extent share it; the flusher takes it exclusively per extent write.
     pub extent_rw: RwLock<()>,
     pub sb: Mutex<SbWriter>,
+    /// Data bytes between two resume points of a base install (0: the default).
+    pub install_stride: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

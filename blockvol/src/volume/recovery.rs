@@ -355,5 +355,6 @@ fn assemble(
         flush_lock: Mutex::new(()),
         extent_rw: RwLock::new(()),
         sb: Mutex::new(w),
+        install_stride: std::sync::atomic::AtomicU64::new(0),
     }
 }

@@ -1,4 +1,4 @@
-//! `swblock-replicad --dir DIR --listen ADDR [--secret-file FILE] [--max-connections N]`:
+//! `swblock-replicad --dir DIR --listen ADDR [--secret-file FILE] [--max-connections N] [--install-stride BYTES]`:
 //! serves the replica volumes in DIR (`NAME.vol`) over the transport until killed. Prints
 //! `listening on ADDR` on stdout once it accepts connections (ADDR with the real port when
 //! `--listen` names port 0). Logs go to stderr (`RUST_LOG`-style level in `SWBLOCK_LOG`,
@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use transport::net::{ReplicaServer, ServerConfig, Volumes};
 
-const USAGE: &str =
-    "usage: swblock-replicad --dir DIR --listen ADDR [--secret-file FILE] [--max-connections N]";
+const USAGE: &str = "usage: swblock-replicad --dir DIR --listen ADDR [--secret-file FILE] [--max-connections N] [--install-stride BYTES]";
 
 struct StderrLog(log::LevelFilter);
 
@@ -69,6 +68,12 @@ fn run() -> Result<(), String> {
                     return Err(format!("--secret-file {path}: empty"));
                 }
                 config.secret = Some(secret);
+            }
+            "--install-stride" => {
+                let v = value()?;
+                config.install_stride = v
+                    .parse()
+                    .map_err(|e| format!("--install-stride {v}: {e}"))?;
             }
             "--max-connections" => {
                 let v = value()?;

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use blockvol::{EntryInfo, Lsn};
+use blockvol::{EntryInfo, Lba, Lsn};
 use v2bridge::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
     HandshakeReply, Lineage, ReplicaTarget, TargetError, TruncateRequest,
@@ -22,8 +22,8 @@ use v2bridge::{
 
 use super::conn::{Conn, ConnError};
 use crate::wire::{
-    AuthRole, Authenticator, DEFAULT_MAX_FRAME, FEATURES, Hello, Message, Nonce, ProbeReply, Reply,
-    Request, VERSION, check_volume_name,
+    AuthRole, Authenticator, Close, CloseCode, DEFAULT_MAX_FRAME, FEATURES, Hello, Message, Nonce,
+    ProbeReply, Reply, Request, VERSION, check_volume_name,
 };
 
 /// How a client connects.
@@ -237,6 +237,21 @@ impl RemoteReplica {
         }
     }
 
+    /// Says goodbye (a `Close` frame with code `Done`), then shuts the connection down: the
+    /// server releases whatever the connection held at once instead of at its lease deadlines.
+    pub fn close(&mut self, reason: &str) {
+        if self.broken.is_none() && self.pending.is_empty() {
+            let bye = Message::Close(Close {
+                code: CloseCode::Done as u16,
+                reason: reason.to_owned(),
+            });
+            if let Err(e) = self.conn.send(&bye, Duration::from_millis(500)) {
+                log::debug!("goodbye to {}: {e}", self.volume);
+            }
+        }
+        self.shutdown();
+    }
+
     /// Closes the connection at once (both directions); later calls fail as `Transport`.
     pub fn shutdown(&mut self) {
         let _ = self.conn.stream().shutdown(std::net::Shutdown::Both);
@@ -403,9 +418,9 @@ impl ReplicaTarget for RemoteReplica {
         }
     }
 
-    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<(), TargetError> {
+    fn begin_base(&mut self, req: BaseBeginRequest) -> Result<Lba, TargetError> {
         match self.call(Request::BaseBegin(req))? {
-            Reply::Ack(_) => Ok(()),
+            Reply::BaseBegun(_, from) => Ok(from),
             other => Err(self.unexpected(&other)),
         }
     }

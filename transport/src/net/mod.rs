@@ -5,11 +5,13 @@
 mod client;
 mod conn;
 mod pull;
+mod reaper;
 mod server;
 
 pub use client::{ClientConfig, ClientStats, ConnectError, RemoteReplica};
 pub use conn::ConnError;
 pub use pull::{RemotePrimary, RemoteSource};
+pub(crate) use reaper::Reaper;
 pub use server::{
     HANDSHAKE_MAX_FRAME, MAX_LEASE, MAX_LEASES_PER_CONNECTION, ReplicaServer, ServerConfig,
     ServerError, ServerStats, Volumes,

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use blockvol::{BaseInstallSpec, EntryInfo};
+use blockvol::{BaseInstallSpec, EntryInfo, Lba};
 use engine::{
     EntryId, FullBasePin, Lsn, LsnRange, PinGuard, PinId, RetainedHistory, RetentionPin,
     SnapshotPin, StorageAdapter, StorageError, TransferError,
@@ -109,11 +109,12 @@ impl RemotePrimary {
         self.shared.held.load(Ordering::Relaxed)
     }
 
-    /// Closes the connection: the primary releases every pin it still holds for it (the
-    /// pins' own releases then fail harmlessly).
+    /// Closes the connection with a goodbye: the primary releases every pin it still holds
+    /// for it at once (the pins' own releases then fail harmlessly). A connection that just
+    /// breaks instead leaves its leases to their deadlines (see `docs/wire.md`).
     pub fn close(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.conn().shutdown();
+        self.shared.conn().close("puller closed");
     }
 
     /// Stops (or resumes) renewing leases: what a puller that hangs does. For tests.
@@ -287,10 +288,16 @@ impl PrimarySource for RemoteSource {
         }
     }
 
-    fn open_image(&mut self, pin_id: PinId, lsn: Lsn) -> Result<BaseInstallSpec, TransferError> {
+    fn open_image(
+        &mut self,
+        pin_id: PinId,
+        lsn: Lsn,
+        from: Lba,
+    ) -> Result<BaseInstallSpec, TransferError> {
         match self.call(Request::ImageOpen {
             lease: pin_id.0,
             lsn: to_blockvol(lsn),
+            from,
         })? {
             Reply::ImageOpen {
                 base_lsn,

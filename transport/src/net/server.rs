@@ -23,6 +23,7 @@ use v2bridge::{
 };
 
 use super::conn::{Conn, ConnError};
+use super::reaper::Reaper;
 use crate::wire::{
     AuthRole, Authenticator, Challenge, Close, CloseCode, DEFAULT_MAX_FRAME, FEATURES,
     HistoryReply, ImageChunkReply, Message, Nonce, PinWhat, ProbeReply, Reply, Request, VERSION,
@@ -54,6 +55,9 @@ pub struct ServerConfig {
     pub frame_timeout: Duration,
     /// Time a connection may stay silent between requests.
     pub idle_timeout: Duration,
+    /// Data bytes between two durable resume points of a base install a replica volume
+    /// receives (0: blockvol's default, a sixteenth of the extent, 4 MiB to 1 GiB).
+    pub install_stride: u64,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +70,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(5),
             frame_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
+            install_stride: 0,
         }
     }
 }
@@ -204,6 +209,9 @@ pub struct ServerStats {
     pub leases_expired: AtomicU64,
     /// Leases granted.
     pub leases_granted: AtomicU64,
+    /// Leases of connections that broke (no `Close`), kept until their deadlines so a puller
+    /// that reconnects finds its image still pinned.
+    pub leases_orphaned: AtomicU64,
     /// Connections open now.
     pub open: AtomicUsize,
 }
@@ -242,6 +250,8 @@ struct Shared {
     volumes: Arc<Volumes>,
     stats: Arc<ServerStats>,
     stop: Arc<AtomicBool>,
+    /// Leases of broken connections, until their deadlines.
+    orphans: Reaper,
 }
 
 impl ReplicaServer {
@@ -268,6 +278,8 @@ impl ReplicaServer {
             volumes: Arc::clone(&volumes),
             stats: Arc::clone(&stats),
             stop: Arc::clone(&stop),
+            orphans: Reaper::start(&format!("replica-leases-{}", local.port()))
+                .map_err(|error| ServerError::Bind { addr, error })?,
         });
         let accept_shared = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
@@ -321,6 +333,13 @@ impl ReplicaServer {
         for (_, c) in conns {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
+        // A stopped server holds no pins.
+        self.shared.orphans.release_all();
+    }
+
+    /// Leases of broken connections still held (until their deadlines).
+    pub fn orphaned_leases(&self) -> usize {
+        self.shared.orphans.len()
     }
 }
 
@@ -723,7 +742,7 @@ fn primary_request(
             }
             Reply::Wal { count, frames }
         }
-        Request::ImageOpen { lease, lsn } => {
+        Request::ImageOpen { lease, lsn, from } => {
             let pin = side
                 .leases
                 .get(&lease)
@@ -732,7 +751,7 @@ fn primary_request(
                 .ok_or_else(|| TargetError::Protocol(format!("lease {lease} holds no image")))?;
             let spec = side
                 .source(volumes, volume)?
-                .open_image(pin, to_engine(lsn))
+                .open_image(pin, to_engine(lsn), from)
                 .map_err(transfer)?;
             side.open_images.insert(volume.to_owned(), lease);
             Reply::ImageOpen {
@@ -771,9 +790,36 @@ fn primary_request(
     })
 }
 
+/// Serves requests until the connection ends. A puller that says goodbye (`Close`) or a
+/// server that stops releases the connection's pins at once; a connection that breaks (reset,
+/// cut, killed puller, timeout, bad frame) leaves its leases to run out on their own deadlines,
+/// so a puller that reconnects within its lease still finds the image it was reading pinned
+/// and its replica can resume the install. No lease outlives its deadline either way.
 fn requests(conn: &mut Conn, shared: &Shared) -> End {
-    let cfg = &shared.config;
     let mut side = PrimarySide::default();
+    let end = serve_requests(conn, shared, &mut side);
+    let clean = matches!(&end, End::Gone(r) if r.starts_with(CLIENT_CLOSED))
+        || matches!(end, End::Shutdown);
+    if !clean && !side.leases.is_empty() {
+        let now = Instant::now();
+        side.expire(now);
+        let n = side.leases.len();
+        for (_, lease) in std::mem::take(&mut side.leases) {
+            shared.orphans.hold(lease.deadline, Box::new(lease.held));
+        }
+        shared
+            .stats
+            .leases_orphaned
+            .fetch_add(n as u64, Ordering::Relaxed);
+        log::info!("connection broke holding {n} leases: kept until their deadlines");
+    }
+    end
+}
+
+const CLIENT_CLOSED: &str = "client closed";
+
+fn serve_requests(conn: &mut Conn, shared: &Shared, side: &mut PrimarySide) -> End {
+    let cfg = &shared.config;
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return End::Shutdown;
@@ -798,7 +844,7 @@ fn requests(conn: &mut Conn, shared: &Shared) -> End {
         };
         let (id, volume, body) = match msg {
             Message::Request { id, volume, body } => (id, volume, body),
-            Message::Close(c) => return End::Gone(format!("client closed: {}", c.reason)),
+            Message::Close(c) => return End::Gone(format!("{CLIENT_CLOSED}: {}", c.reason)),
             other => {
                 return End::Protocol(format!(
                     "expected a request, got {}",
@@ -816,12 +862,14 @@ fn requests(conn: &mut Conn, shared: &Shared) -> End {
             .fetch_add(expired as u64, Ordering::Relaxed);
         let lineage = body.lineage();
         let reply = if body.is_primary_side() {
-            primary_request(&mut side, shared, &volume, body)
+            primary_request(side, shared, &volume, body)
         } else {
-            shared
-                .volumes
-                .get(&volume)
-                .and_then(|mut replica| dispatch(&mut replica, body))
+            shared.volumes.get(&volume).and_then(|mut replica| {
+                if cfg.install_stride > 0 && matches!(body, Request::BaseBegin(_)) {
+                    replica.volume().set_install_stride(cfg.install_stride);
+                }
+                dispatch(&mut replica, body)
+            })
         }
         .unwrap_or_else(|e| Reply::Error(lineage, e));
         // A reply the peer does not read in time ends the connection; with leases held, "in
@@ -873,8 +921,7 @@ fn dispatch(replica: &mut LocalReplica, body: Request) -> Result<Reply, TargetEr
         }
         Request::BaseBegin(r) => {
             let l = r.lineage;
-            replica.begin_base(r)?;
-            Reply::Ack(l)
+            Reply::BaseBegun(l, replica.begin_base(r)?)
         }
         Request::BaseChunk(r) => {
             let l = r.lineage;

@@ -15,7 +15,7 @@
 mod auth;
 mod codec;
 
-use blockvol::{EntryInfo, Epoch, Lsn};
+use blockvol::{EntryInfo, Epoch, Lba, Lsn};
 use bytes::{BufMut, BytesMut};
 use v2bridge::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
@@ -29,7 +29,7 @@ use codec::{Reader, Writer};
 /// The first bytes of every connection's first frame payload (`Hello`, `Challenge`).
 pub const MAGIC: [u8; 4] = *b"SWBT";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 12;
 /// The largest frame payload a connection accepts unless configured lower: 16 MiB, enough for
@@ -197,7 +197,7 @@ frame_types! {
     ApplyRep = 0x22,
     /// Reply to `TruncateReq`: the new tip.
     TruncateRep = 0x23,
-    /// Reply to `BaseBeginReq` and `BaseChunkReq`.
+    /// Reply to `BaseChunkReq`.
     AckRep = 0x24,
     /// Reply to `BaseFinishReq`: the base LSN now held.
     BaseFinishRep = 0x25,
@@ -217,6 +217,8 @@ frame_types! {
     ImageOpenRep = 0x2c,
     /// Reply to `ImageReadReq`.
     ImageChunkRep = 0x2d,
+    /// Reply to `BaseBeginReq`: the block the sender starts at (a resumed install).
+    BaseBegunRep = 0x2e,
     /// Reply to any request the replica refused or failed.
     ErrorRep = 0x2f,
 }
@@ -276,6 +278,8 @@ pub enum CloseCode {
     Shutdown = 5,
     /// Another protocol version.
     Version = 6,
+    /// The client is done with the connection (a puller that closes: its pins go at once).
+    Done = 7,
 }
 
 /// The replica's state as a probe reports it.
@@ -393,6 +397,8 @@ pub enum Request {
         lease: u64,
         /// The image's LSN.
         lsn: Lsn,
+        /// The first block to read (the replica's resume point; 0 for the whole image).
+        from: Lba,
     },
     /// [`FrameType::ImageReadReq`]: at most this many data bytes.
     ImageRead(u32),
@@ -473,6 +479,8 @@ pub enum Reply {
     Truncate(Lineage, EntryInfo),
     /// [`FrameType::AckRep`].
     Ack(Lineage),
+    /// [`FrameType::BaseBegunRep`]: the block the sender starts the image at.
+    BaseBegun(Lineage, Lba),
     /// [`FrameType::BaseFinishRep`]: the base LSN held.
     BaseFinish(Lineage, Lsn),
     /// [`FrameType::BarrierRep`].
@@ -528,6 +536,7 @@ impl Reply {
             Reply::Apply(l, _)
             | Reply::Truncate(l, _)
             | Reply::Ack(l)
+            | Reply::BaseBegun(l, _)
             | Reply::BaseFinish(l, _)
             | Reply::Barrier(l, _) => Some(*l),
             Reply::Error(l, _) => *l,
@@ -541,6 +550,7 @@ impl Reply {
             Reply::Apply(..) => FrameType::ApplyRep,
             Reply::Truncate(..) => FrameType::TruncateRep,
             Reply::Ack(_) => FrameType::AckRep,
+            Reply::BaseBegun(..) => FrameType::BaseBegunRep,
             Reply::BaseFinish(..) => FrameType::BaseFinishRep,
             Reply::Barrier(..) => FrameType::BarrierRep,
             Reply::Error(..) => FrameType::ErrorRep,
@@ -743,9 +753,10 @@ fn encode_request(body: &Request, w: &mut Writer<'_>) -> Result<(), WireError> {
             w.u64(after.0);
             w.u32(*want);
         }
-        Request::ImageOpen { lease, lsn } => {
+        Request::ImageOpen { lease, lsn, from } => {
             w.u64(*lease);
             w.u64(lsn.0);
+            w.u64(from.0);
         }
         Request::ImageRead(max) => w.u32(*max),
     }
@@ -787,6 +798,10 @@ fn encode_reply(body: &Reply, w: &mut Writer<'_>) -> Result<(), WireError> {
             w.entry_info(tip);
         }
         Reply::Ack(l) => w.lineage(l),
+        Reply::BaseBegun(l, from) => {
+            w.lineage(l);
+            w.u64(from.0);
+        }
         Reply::BaseFinish(l, lsn) => {
             w.lineage(l);
             w.u64(lsn.0);
@@ -1029,6 +1044,7 @@ fn decode_payload(kind: FrameType, payload: &[u8]) -> Result<Message, WireError>
         | FrameType::ApplyRep
         | FrameType::TruncateRep
         | FrameType::AckRep
+        | FrameType::BaseBegunRep
         | FrameType::BaseFinishRep
         | FrameType::BarrierRep
         | FrameType::ErrorRep
@@ -1123,6 +1139,7 @@ fn decode_request(kind: FrameType, r: &mut Reader<'_>) -> Result<Request, WireEr
         FrameType::ImageOpenReq => Request::ImageOpen {
             lease: r.u64("image_open.lease")?,
             lsn: r.lsn("image_open.lsn")?,
+            from: Lba(r.u64("image_open.from")?),
         },
         FrameType::ImageReadReq => Request::ImageRead(r.u32("image_read.max_bytes")?),
         other => {
@@ -1166,6 +1183,7 @@ fn decode_reply(kind: FrameType, r: &mut Reader<'_>) -> Result<Reply, WireError>
         ),
         FrameType::TruncateRep => Reply::Truncate(r.lineage()?, r.entry_info("truncate.tip")?),
         FrameType::AckRep => Reply::Ack(r.lineage()?),
+        FrameType::BaseBegunRep => Reply::BaseBegun(r.lineage()?, Lba(r.u64("base_begun.from")?)),
         FrameType::BaseFinishRep => Reply::BaseFinish(r.lineage()?, r.lsn("base_finish.lsn")?),
         FrameType::BarrierRep => {
             let l = r.lineage()?;
