@@ -36,6 +36,7 @@ fn workspace_deps() -> BTreeMap<String, BTreeSet<String>> {
         "v2bridge",
         "controlbridge",
         "transport",
+        "server",
         "xtask",
     ]
     .into_iter()
@@ -78,6 +79,16 @@ fn dependencies_point_one_way() {
         ("controlbridge", &["engine"][..]),
         ("v2bridge", &["engine", "blockvol"][..]),
         ("transport", &["engine", "blockvol", "v2bridge"][..]),
+        (
+            "server",
+            &[
+                "engine",
+                "blockvol",
+                "v2bridge",
+                "transport",
+                "controlbridge",
+            ][..],
+        ),
     ]);
     assert!(
         deps.contains_key("engine"),
