@@ -62,7 +62,7 @@ impl DurabilityMode {
 }
 
 /// One replica of the volume.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaSpec {
     /// Its stable replica ID (`<volume>/<server id>`).
     pub id: String,
@@ -258,7 +258,7 @@ impl Shared {
 /// The live stream of one primary volume to its replicas.
 pub struct Replicator {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -338,7 +338,10 @@ impl Replicator {
                     .spawn(move || ship(&s, i))?,
             );
         }
-        Ok(Replicator { shared, threads })
+        Ok(Replicator {
+            shared,
+            threads: Mutex::new(threads),
+        })
     }
 
     /// Tells the shippers that new entries are in the primary's WAL (call after writes; a
@@ -463,12 +466,15 @@ impl Replicator {
         &self.shared.driver
     }
 
-    /// Stops the shippers and waits for them.
-    pub fn stop(&mut self) {
+    /// Stops the shippers and waits for them (a flush waiting meanwhile fails with
+    /// `Stopped`). Shared callers may stop it through `&self`.
+    pub fn stop(&self) {
         self.shared.lock().stop = true;
         self.shared.work.notify_all();
         self.shared.acks.notify_all();
-        for t in self.threads.drain(..) {
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for t in threads {
             let _ = t.join();
         }
     }

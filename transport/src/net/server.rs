@@ -169,6 +169,20 @@ impl Volumes {
         )))
     }
 
+    /// Stops serving `name`; returns its replica (the volume stays open while others hold it).
+    pub fn remove(&self, name: &str) -> Option<LocalReplica> {
+        self.storage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        self.lock().remove(name)
+    }
+
+    /// Names of the volumes served now.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
     /// Closes every open volume (syncing it); used at shutdown.
     pub fn close_all(&self) {
         let all = std::mem::take(&mut *self.lock());

@@ -1,0 +1,697 @@
+//! One volume server's volumes and what the master told it about each: role, epoch, lease,
+//! replica set. A primary streams its WAL to its replicas through a `transport` `Replicator`
+//! (which also recovers them through the engine); every volume, whatever its role, is served to
+//! other servers' replicators by one `transport` `ReplicaServer`.
+//!
+//! The master's word arrives as `controlbridge::BlockVolumeAssignment`s ([`Node::apply`]):
+//! - an assignment from an older epoch than the volume's changes nothing (`NodeError::Stale`);
+//! - `primary` at a new epoch (or with a new replica set) fences the volume at that epoch in its
+//!   superblock, restarts the replicator for the new set and grants the lease; at the same
+//!   epoch with no addresses it only renews the lease (how the master renews);
+//! - `replica`, `rebuilding`, `stale`, `none`, `draining` stop the replicator and drop the lease.
+//!
+//! A primary serves I/O only while its lease is valid ([`Node::check_io`]): one whose lease ran
+//! out (the master unreachable) refuses writes and flushes until renewed, which is what lets the
+//! master promote another server once the lease has expired without two primaries
+//! acknowledging writes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use blockvol::{CreateOptions, Epoch, FlushGate, Lsn, OpenOptions, Role, Volume};
+use controlbridge::{BlockRole, BlockVolumeAssignment, ControlBridge};
+use transport::net::{ReplicaServer, ServerConfig, Volumes};
+use transport::stream::{DurabilityMode, ReplicaSpec, Replicator, StreamConfig, StreamState};
+use v2bridge::LocalReplica;
+
+/// Block size of the volumes this server creates.
+pub const BLOCK_SIZE: u32 = 4096;
+/// WAL size when the master asks for none.
+pub const DEFAULT_WAL_BYTES: u64 = 64 << 20;
+
+/// What went wrong, typed so callers can tell a stale master from a broken disk.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// No such volume on this server.
+    #[error("no volume {0:?} on this server")]
+    UnknownVolume(String),
+    /// The assignment is from an older epoch than the volume's.
+    #[error("volume {name}: assignment at epoch {got} is older than the volume's epoch {have}")]
+    Stale {
+        /// The volume.
+        name: String,
+        /// Its epoch.
+        have: u64,
+        /// The assignment's.
+        got: u64,
+    },
+    /// The request is malformed or conflicts with what exists.
+    #[error("{0}")]
+    Invalid(String),
+    /// The volume refused I/O: not a primary, or its lease ran out.
+    #[error("volume {name}: {why}")]
+    NotServing {
+        /// The volume.
+        name: String,
+        /// Why.
+        why: String,
+    },
+    /// The volume file or its directory failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// A flush the durability mode does not back.
+    #[error("flush: {0}")]
+    Flush(#[from] transport::stream::FlushError),
+}
+
+/// How this server runs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The stable server ID the master knows it by.
+    pub id: String,
+    /// Where its volumes live (`NAME.vol` and `NAME.meta`).
+    pub data: PathBuf,
+    /// Where the replication server listens.
+    pub repl_listen: SocketAddr,
+    /// The cluster secret of the replication transport (none: loopback only).
+    pub secret: Option<Vec<u8>>,
+}
+
+/// A volume's creation parameters and durability mode, kept beside its file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeMeta {
+    /// Bytes.
+    pub size_bytes: u64,
+    /// WAL bytes.
+    pub wal_size_bytes: u64,
+    /// The durability mode its flushes honour.
+    pub mode: DurabilityMode,
+}
+
+impl VolumeMeta {
+    fn encode(&self) -> String {
+        format!(
+            "size_bytes={}\nwal_size_bytes={}\ndurability_mode={}\n",
+            self.size_bytes,
+            self.wal_size_bytes,
+            self.mode.as_str()
+        )
+    }
+
+    fn decode(text: &str) -> Result<VolumeMeta, String> {
+        let mut size = None;
+        let mut wal = None;
+        let mut mode = None;
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| format!("line {line:?} is not key=value"))?;
+            match k {
+                "size_bytes" => size = Some(v.parse::<u64>().map_err(|e| format!("{k}: {e}"))?),
+                "wal_size_bytes" => {
+                    wal = Some(v.parse::<u64>().map_err(|e| format!("{k}: {e}"))?);
+                }
+                "durability_mode" => mode = Some(parse_mode(v)?),
+                _ => {} // unknown keys from a newer version are kept out of the way
+            }
+        }
+        Ok(VolumeMeta {
+            size_bytes: size.ok_or("size_bytes missing")?,
+            wal_size_bytes: wal.ok_or("wal_size_bytes missing")?,
+            mode: mode.ok_or("durability_mode missing")?,
+        })
+    }
+}
+
+/// A durability mode by its protocol name (`""` is `best_effort`, the master's default).
+pub fn parse_mode(s: &str) -> Result<DurabilityMode, String> {
+    match s {
+        "" | "best_effort" => Ok(DurabilityMode::BestEffort),
+        "sync_all" => Ok(DurabilityMode::SyncAll),
+        "sync_quorum" => Ok(DurabilityMode::SyncQuorum),
+        other => Err(format!("unknown durability mode {other:?}")),
+    }
+}
+
+/// One volume's state on this server.
+struct Ctl {
+    vol: Arc<Volume>,
+    meta: VolumeMeta,
+    role: BlockRole,
+    epoch: u64,
+    lease_until: Option<Instant>,
+    replicator: Option<Arc<Replicator>>,
+    /// The replica set the replicator streams to (IDs and data addresses).
+    replicas: Vec<ReplicaSpec>,
+}
+
+/// What a volume looks like to the master and to people.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Its name.
+    pub name: String,
+    /// Its file.
+    pub path: PathBuf,
+    /// Bytes.
+    pub size_bytes: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Epoch.
+    pub epoch: u64,
+    /// Role (the master's wire value).
+    pub role: BlockRole,
+    /// Last LSN in its WAL.
+    pub head: u64,
+    /// Committed LSN.
+    pub committed: u64,
+    /// Checkpoint LSN.
+    pub checkpoint: u64,
+    /// A primary with a valid lease.
+    pub has_lease: bool,
+    /// The durability mode.
+    pub mode: DurabilityMode,
+    /// Replica IDs and data addresses (a primary's set).
+    pub replicas: Vec<(String, String)>,
+    /// A replica of a primary is out of the stream.
+    pub replica_degraded: bool,
+    /// The volume holds an unfinished base install.
+    pub needs_rebuild: bool,
+    /// Per replica: ID, state, durable LSN (a primary's).
+    pub replica_states: Vec<(String, String, u64)>,
+}
+
+/// Facts a master reads before promoting this server's copy of a volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Evidence {
+    /// Epoch.
+    pub epoch: u64,
+    /// Committed LSN as this copy knows it.
+    pub committed: u64,
+    /// Last durable LSN in its WAL.
+    pub head: u64,
+    /// Checkpoint.
+    pub checkpoint: u64,
+    /// Whether it may be promoted.
+    pub eligible: bool,
+    /// Why not, when not.
+    pub reason: String,
+}
+
+/// The volume server's volumes.
+pub struct Node {
+    cfg: NodeConfig,
+    volumes: Arc<Volumes>,
+    repl: Mutex<Option<ReplicaServer>>,
+    repl_addr: SocketAddr,
+    state: Mutex<BTreeMap<String, Ctl>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.cfg.id)
+            .field("data", &self.cfg.data)
+            .finish_non_exhaustive()
+    }
+}
+
+fn volume_options() -> OpenOptions {
+    OpenOptions {
+        // Nothing reaches the extent before the durability mode committed it, so a replica or
+        // an old primary can always truncate what was never committed.
+        flush_gate: FlushGate::Committed,
+        ..OpenOptions::default()
+    }
+}
+
+fn storage(what: impl std::fmt::Display, e: impl std::fmt::Display) -> NodeError {
+    NodeError::Storage(format!("{what}: {e}"))
+}
+
+fn blockvol_role(r: BlockRole) -> Role {
+    match r {
+        BlockRole::None => Role::None,
+        BlockRole::Primary => Role::Primary,
+        BlockRole::Replica => Role::Replica,
+        BlockRole::Stale => Role::Stale,
+        BlockRole::Rebuilding => Role::Rebuilding,
+        BlockRole::Draining => Role::Draining,
+    }
+}
+
+fn block_role(r: Role) -> BlockRole {
+    match r {
+        Role::None => BlockRole::None,
+        Role::Primary => BlockRole::Primary,
+        Role::Replica => BlockRole::Replica,
+        Role::Stale => BlockRole::Stale,
+        Role::Rebuilding => BlockRole::Rebuilding,
+        Role::Draining => BlockRole::Draining,
+    }
+}
+
+impl Node {
+    /// Opens every volume in the data directory and starts the replication server.
+    pub fn start(cfg: NodeConfig) -> Result<Arc<Node>, NodeError> {
+        controlbridge::validate_name(&cfg.id)
+            .map_err(|e| NodeError::Invalid(format!("server id {:?}: {e}", cfg.id)))?;
+        std::fs::create_dir_all(&cfg.data).map_err(|e| storage(cfg.data.display(), e))?;
+        let volumes = Arc::new(Volumes::new());
+        let mut state = BTreeMap::new();
+        let mut names: Vec<String> = std::fs::read_dir(&cfg.data)
+            .map_err(|e| storage(cfg.data.display(), e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".vol").map(str::to_owned)
+            })
+            .collect();
+        names.sort();
+        for name in names {
+            let ctl = open_volume(&cfg.data, &name)?;
+            volumes.insert(&name, LocalReplica::new(Arc::clone(&ctl.vol)));
+            log::info!(
+                "volume {name}: opened, role {:?}, epoch {}",
+                ctl.role,
+                ctl.epoch
+            );
+            state.insert(name, ctl);
+        }
+        let server_cfg = ServerConfig {
+            secret: cfg.secret.clone(),
+            ..ServerConfig::default()
+        };
+        let repl = ReplicaServer::start(cfg.repl_listen, server_cfg, Arc::clone(&volumes))
+            .map_err(|e| storage("replication listener", e))?;
+        let repl_addr = repl.local_addr();
+        log::info!("server {}: replication on {repl_addr}", cfg.id);
+        Ok(Arc::new(Node {
+            cfg,
+            volumes,
+            repl: Mutex::new(Some(repl)),
+            repl_addr,
+            state: Mutex::new(state),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Ctl>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The server ID.
+    pub fn id(&self) -> &str {
+        &self.cfg.id
+    }
+
+    /// Where other servers' replicators reach this server's volumes.
+    pub fn repl_addr(&self) -> SocketAddr {
+        self.repl_addr
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.cfg.data
+    }
+
+    /// Names of the volumes here.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Creates volume `name` (idempotent when it exists with the same size and mode).
+    pub fn allocate(&self, name: &str, meta: VolumeMeta) -> Result<PathBuf, NodeError> {
+        controlbridge::validate_name(name)
+            .map_err(|e| NodeError::Invalid(format!("volume name {name:?}: {e}")))?;
+        let path = self.cfg.data.join(format!("{name}.vol"));
+        let mut st = self.lock();
+        if let Some(c) = st.get(name) {
+            if c.meta.size_bytes == meta.size_bytes && c.meta.mode == meta.mode {
+                return Ok(path);
+            }
+            return Err(NodeError::Invalid(format!(
+                "volume {name} exists with {} bytes, {}",
+                c.meta.size_bytes,
+                c.meta.mode.as_str()
+            )));
+        }
+        if meta.size_bytes == 0 || !meta.size_bytes.is_multiple_of(u64::from(BLOCK_SIZE)) {
+            return Err(NodeError::Invalid(format!(
+                "size {} is not a positive multiple of {BLOCK_SIZE}",
+                meta.size_bytes
+            )));
+        }
+        let opts = CreateOptions {
+            volume_size_bytes: meta.size_bytes,
+            wal_size_bytes: meta.wal_size_bytes,
+            block_size: BLOCK_SIZE,
+        };
+        let meta_path = self.cfg.data.join(format!("{name}.meta"));
+        std::fs::write(&meta_path, meta.encode()).map_err(|e| storage(meta_path.display(), e))?;
+        let vol = Volume::create(&path, &opts, &volume_options())
+            .map_err(|e| storage(path.display(), e))?;
+        let vol = Arc::new(vol);
+        self.volumes
+            .insert(name, LocalReplica::new(Arc::clone(&vol)));
+        st.insert(
+            name.to_owned(),
+            Ctl {
+                vol,
+                meta,
+                role: BlockRole::None,
+                epoch: 0,
+                lease_until: None,
+                replicator: None,
+                replicas: Vec::new(),
+            },
+        );
+        log::info!("volume {name}: created at {}", path.display());
+        Ok(path)
+    }
+
+    /// Deletes volume `name` and its files (idempotent).
+    pub fn delete(&self, name: &str) -> Result<(), NodeError> {
+        let ctl = self.lock().remove(name);
+        let Some(ctl) = ctl else {
+            return Ok(());
+        };
+        if let Some(r) = &ctl.replicator {
+            r.stop();
+        }
+        self.volumes.remove(name);
+        drop(ctl);
+        for ext in ["vol", "meta"] {
+            let p = self.cfg.data.join(format!("{name}.{ext}"));
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(storage(p.display(), e)),
+            }
+        }
+        log::info!("volume {name}: deleted");
+        Ok(())
+    }
+
+    /// Applies the master's assignment for one volume.
+    pub fn apply(&self, a: &BlockVolumeAssignment) -> Result<(), NodeError> {
+        let conv = ControlBridge
+            .convert_assignment(a, &self.cfg.id)
+            .map_err(|e| NodeError::Invalid(format!("assignment for {}: {e}", a.path)))?;
+        for s in &conv.skipped {
+            log::warn!(
+                "volume {}: replica left out of the assignment: {s:?}",
+                a.path
+            );
+        }
+        let now = Instant::now();
+        let to_stop;
+        let mut to_start = None;
+        {
+            let mut st = self.lock();
+            let ctl = st
+                .get_mut(&a.path)
+                .ok_or_else(|| NodeError::UnknownVolume(a.path.clone()))?;
+            if a.epoch < ctl.epoch {
+                return Err(NodeError::Stale {
+                    name: a.path.clone(),
+                    have: ctl.epoch,
+                    got: a.epoch,
+                });
+            }
+            let lease = Duration::from_millis(a.lease_ttl_ms);
+            let addressless = a.replica_addrs.is_empty() && a.replica_data_addr.is_empty();
+            if conv.role == BlockRole::Primary {
+                let specs = replica_specs(a, &conv)?;
+                let same_set = specs == ctl.replicas || addressless;
+                if a.epoch == ctl.epoch && ctl.role == BlockRole::Primary && same_set {
+                    // A renewal (or the same assignment again): only the lease moves.
+                    ctl.lease_until = Some(now + lease);
+                    return Ok(());
+                }
+                ctl.vol
+                    .assign(Role::Primary, Epoch(a.epoch))
+                    .map_err(|e| storage(format!("volume {}: assign primary", a.path), e))?;
+                to_stop = ctl.replicator.take();
+                let specs = if a.epoch == ctl.epoch && addressless {
+                    ctl.replicas.clone()
+                } else {
+                    specs
+                };
+                ctl.role = BlockRole::Primary;
+                ctl.epoch = a.epoch;
+                ctl.lease_until = Some(now + lease);
+                ctl.replicas = specs.clone();
+                to_start = Some((Arc::clone(&ctl.vol), specs, ctl.meta.mode, a.epoch));
+            } else {
+                ctl.vol
+                    .assign(blockvol_role(conv.role), Epoch(a.epoch))
+                    .map_err(|e| {
+                        storage(format!("volume {}: assign {:?}", a.path, conv.role), e)
+                    })?;
+                to_stop = ctl.replicator.take();
+                ctl.role = conv.role;
+                ctl.epoch = a.epoch;
+                ctl.lease_until = None;
+                ctl.replicas.clear();
+            }
+        }
+        if let Some(r) = to_stop {
+            r.stop();
+        }
+        if let Some((vol, specs, mode, epoch)) = to_start {
+            let config = StreamConfig::new(mode, &self.cfg.id, epoch);
+            let n = specs.len();
+            let r = Replicator::start(vol, specs, config)
+                .map_err(|e| storage(format!("volume {}: replicator", a.path), e))?;
+            let mut st = self.lock();
+            match st.get_mut(&a.path) {
+                // Still the primary at this epoch (nothing newer arrived meanwhile).
+                Some(ctl) if ctl.role == BlockRole::Primary && ctl.epoch == epoch => {
+                    ctl.replicator = Some(Arc::new(r));
+                }
+                _ => r.stop(),
+            }
+            log::info!(
+                "volume {}: primary at epoch {epoch}, {n} replica(s), {}",
+                a.path,
+                mode.as_str()
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses I/O unless `name` is a primary with a valid lease.
+    pub fn check_io(&self, name: &str) -> Result<(), NodeError> {
+        let st = self.lock();
+        let ctl = st
+            .get(name)
+            .ok_or_else(|| NodeError::UnknownVolume(name.to_owned()))?;
+        let not = |why: String| {
+            Err(NodeError::NotServing {
+                name: name.to_owned(),
+                why,
+            })
+        };
+        if ctl.role != BlockRole::Primary {
+            return not(format!("not a primary (role {:?})", ctl.role));
+        }
+        match ctl.lease_until {
+            Some(t) if t > Instant::now() => Ok(()),
+            _ => not("the primary's lease has expired".into()),
+        }
+    }
+
+    /// The primary volume `name` and its replicator, for a frontend (checked like
+    /// [`Node::check_io`]).
+    pub fn primary(&self, name: &str) -> Result<(Arc<Volume>, Option<Arc<Replicator>>), NodeError> {
+        self.check_io(name)?;
+        let st = self.lock();
+        let ctl = st
+            .get(name)
+            .ok_or_else(|| NodeError::UnknownVolume(name.to_owned()))?;
+        Ok((Arc::clone(&ctl.vol), ctl.replicator.clone()))
+    }
+
+    /// Makes everything written to `name` durable as its mode requires (only while serving).
+    pub fn flush(&self, name: &str) -> Result<Lsn, NodeError> {
+        let (vol, replicator) = self.primary(name)?;
+        let lsn = match replicator {
+            Some(r) => r.flush()?,
+            None => vol
+                .sync()
+                .map_err(|e| storage(format!("volume {name}: sync"), e))?,
+        };
+        // A lease that ran out while the flush waited: the acknowledgement is withheld.
+        self.check_io(name)?;
+        Ok(lsn)
+    }
+
+    /// Wakes `name`'s shippers after writes.
+    pub fn notify(&self, name: &str) {
+        let r = self.lock().get(name).and_then(|c| c.replicator.clone());
+        if let Some(r) = r {
+            r.notify();
+        }
+    }
+
+    /// Every volume, as the master and people see it.
+    pub fn inventory(&self) -> Vec<VolumeInfo> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .map(|(name, c)| {
+                let s = c.vol.status();
+                let states = c
+                    .replicator
+                    .as_ref()
+                    .map(|r| r.status())
+                    .unwrap_or_default();
+                VolumeInfo {
+                    name: name.clone(),
+                    path: self.cfg.data.join(format!("{name}.vol")),
+                    size_bytes: c.meta.size_bytes,
+                    block_size: BLOCK_SIZE,
+                    epoch: c.epoch,
+                    role: c.role,
+                    head: s.head.0,
+                    committed: s.committed.0,
+                    checkpoint: s.checkpoint.0,
+                    has_lease: c.role == BlockRole::Primary
+                        && c.lease_until.is_some_and(|t| t > now),
+                    mode: c.meta.mode,
+                    replicas: c
+                        .replicas
+                        .iter()
+                        .map(|r| (r.id.clone(), r.addr.to_string()))
+                        .collect(),
+                    replica_degraded: states.iter().any(|r| r.state != StreamState::Streaming),
+                    needs_rebuild: s.install_incomplete,
+                    replica_states: states
+                        .iter()
+                        .map(|r| {
+                            let state = match &r.state {
+                                StreamState::Joining => "joining".to_owned(),
+                                StreamState::Streaming => "streaming".to_owned(),
+                                StreamState::Degraded(why) => format!("degraded: {why}"),
+                            };
+                            (r.id.clone(), state, r.durable.0)
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// What the master reads before promoting this copy of `name` at `expected_epoch`.
+    pub fn evidence(&self, name: &str, expected_epoch: u64) -> Result<Evidence, NodeError> {
+        let st = self.lock();
+        let c = st
+            .get(name)
+            .ok_or_else(|| NodeError::UnknownVolume(name.to_owned()))?;
+        let s = c.vol.status();
+        let mut reason = String::new();
+        if s.install_incomplete {
+            reason = "an unfinished base install".into();
+        } else if c.epoch != expected_epoch {
+            reason = format!("at epoch {}, expected {expected_epoch}", c.epoch);
+        } else if !matches!(c.role, BlockRole::Replica | BlockRole::Primary) {
+            reason = format!("role {:?}", c.role);
+        }
+        Ok(Evidence {
+            epoch: c.epoch,
+            committed: s.committed.0,
+            head: s.head.0,
+            checkpoint: s.checkpoint.0,
+            eligible: reason.is_empty(),
+            reason,
+        })
+    }
+
+    /// Stops every replicator and the replication server, and closes the volumes.
+    pub fn shutdown(&self) {
+        let replicators: Vec<Arc<Replicator>> = self
+            .lock()
+            .values_mut()
+            .filter_map(|c| c.replicator.take())
+            .collect();
+        for r in replicators {
+            r.stop();
+        }
+        if let Some(mut s) = self
+            .repl
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            s.stop();
+        }
+        self.volumes.close_all();
+    }
+}
+
+/// The replicator's replica set from a primary assignment: replica `<volume>/<server_id>` at its
+/// data address.
+fn replica_specs(
+    a: &BlockVolumeAssignment,
+    conv: &controlbridge::Conversion,
+) -> Result<Vec<ReplicaSpec>, NodeError> {
+    conv.intent
+        .replicas
+        .iter()
+        .map(|r| {
+            let data = &r.endpoint.data_addr;
+            let addr = data.parse::<SocketAddr>().map_err(|e| {
+                NodeError::Invalid(format!(
+                    "replica {} data address {data:?}: {e}",
+                    r.replica_id.as_str()
+                ))
+            })?;
+            Ok(ReplicaSpec {
+                id: r.replica_id.as_str().to_owned(),
+                addr,
+                volume: a.path.clone(),
+            })
+        })
+        .collect()
+}
+
+fn open_volume(dir: &Path, name: &str) -> Result<Ctl, NodeError> {
+    let meta_path = dir.join(format!("{name}.meta"));
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| storage(meta_path.display(), e))?;
+    let meta = VolumeMeta::decode(&text).map_err(|e| storage(meta_path.display(), e))?;
+    let path = dir.join(format!("{name}.vol"));
+    let vol = Volume::open(&path, &volume_options()).map_err(|e| storage(path.display(), e))?;
+    let s = vol.status();
+    Ok(Ctl {
+        vol: Arc::new(vol),
+        meta,
+        // A restarted primary comes back fenced (blockvol reports it stale) until the master
+        // says otherwise.
+        role: block_role(s.role),
+        epoch: s.epoch.0,
+        lease_until: None,
+        replicator: None,
+        replicas: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trips_and_refuses_garbage() {
+        let m = VolumeMeta {
+            size_bytes: 1 << 30,
+            wal_size_bytes: 64 << 20,
+            mode: DurabilityMode::SyncQuorum,
+        };
+        assert_eq!(VolumeMeta::decode(&m.encode()).unwrap(), m);
+        assert!(VolumeMeta::decode("size_bytes=x").is_err());
+        assert!(VolumeMeta::decode("garbage").is_err());
+        assert!(VolumeMeta::decode("size_bytes=1\nwal_size_bytes=2").is_err());
+        assert!(parse_mode("sync_most").is_err());
+    }
+}

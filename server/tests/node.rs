@@ -1,0 +1,199 @@
+//! Two volume servers in this process, each a `Node` with its own data directory and
+//! replication listener on loopback: the master's assignments make one primary and one
+//! replica, writes flushed under `sync_all` reach the replica's bytes, a lease that runs out
+//! stops I/O, an older epoch changes nothing, and a restarted primary comes back fenced.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockvol::{Digest, Lba};
+use controlbridge::{BlockRole, BlockVolumeAssignment, ReplicaAddr};
+use server::node::{Node, NodeConfig, NodeError, VolumeMeta};
+use transport::stream::DurabilityMode;
+
+fn node(dir: &std::path::Path, id: &str) -> Arc<Node> {
+    Node::start(NodeConfig {
+        id: id.into(),
+        data: dir.join(id),
+        repl_listen: "127.0.0.1:0".parse().unwrap(),
+        secret: None,
+    })
+    .expect("node")
+}
+
+fn meta(mode: DurabilityMode) -> VolumeMeta {
+    VolumeMeta {
+        size_bytes: 4 << 20,
+        wal_size_bytes: 8 << 20,
+        mode,
+    }
+}
+
+fn primary(
+    name: &str,
+    epoch: u64,
+    lease_ms: u64,
+    replicas: &[(&Node, &str)],
+) -> BlockVolumeAssignment {
+    BlockVolumeAssignment {
+        path: name.into(),
+        epoch,
+        role: BlockRole::Primary.to_wire(),
+        lease_ttl_ms: lease_ms,
+        replica_addrs: replicas
+            .iter()
+            .map(|(n, id)| ReplicaAddr {
+                data_addr: n.repl_addr().to_string(),
+                ctrl_addr: n.repl_addr().to_string(),
+                server_id: (*id).into(),
+            })
+            .collect(),
+        ..BlockVolumeAssignment::default()
+    }
+}
+
+fn replica(name: &str, epoch: u64) -> BlockVolumeAssignment {
+    BlockVolumeAssignment {
+        path: name.into(),
+        epoch,
+        role: BlockRole::Replica.to_wire(),
+        ..BlockVolumeAssignment::default()
+    }
+}
+
+fn block(tag: u8) -> Vec<u8> {
+    vec![tag; 4096]
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_primary_streams_to_its_replica_and_a_flush_is_durable_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "vs1");
+    let b = node(dir.path(), "vs2");
+    for n in [&a, &b] {
+        n.allocate("v1", meta(DurabilityMode::SyncAll)).unwrap();
+    }
+    b.apply(&replica("v1", 1)).unwrap();
+    a.apply(&primary("v1", 1, 10_000, &[(&b, "vs2")])).unwrap();
+    let (vol, _) = a.primary("v1").unwrap();
+    for i in 0..64u64 {
+        vol.write(Lba(i), &block(i as u8 + 1)).unwrap();
+    }
+    a.notify("v1");
+    let lsn = a
+        .flush("v1")
+        .expect("sync_all flush with the replica streaming");
+    assert_eq!(lsn.0, 64);
+    let inv = a.inventory();
+    assert_eq!(inv[0].role, BlockRole::Primary);
+    assert!(inv[0].has_lease);
+    assert_eq!(inv[0].replicas.len(), 1);
+    // The replica's bytes equal the primary's (read through its own volume file's digest).
+    let want = vol.digest().unwrap();
+    wait_for("the replica's digest", || {
+        b.inventory()[0].head >= 64 && replica_digest(&b) == want
+    });
+    // The replica refuses I/O: it is not a primary.
+    assert!(matches!(
+        b.check_io("v1"),
+        Err(NodeError::NotServing { .. })
+    ));
+    a.shutdown();
+    b.shutdown();
+}
+
+fn replica_digest(n: &Node) -> Digest {
+    // A probe over the replication port, as another server would see it.
+    let mut r = transport::net::RemoteReplica::connect(
+        n.repl_addr(),
+        "v1",
+        &transport::net::ClientConfig::default(),
+    )
+    .unwrap();
+    Digest(r.probe(true).unwrap().digest.unwrap())
+}
+
+#[test]
+fn an_expired_lease_stops_io_until_renewed_and_an_older_epoch_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "vs1");
+    a.allocate("v1", meta(DurabilityMode::BestEffort)).unwrap();
+    a.apply(&primary("v1", 3, 300, &[])).unwrap();
+    a.check_io("v1").expect("serving under its lease");
+    a.flush("v1").expect("flush under the lease");
+    std::thread::sleep(Duration::from_millis(400));
+    let e = a.check_io("v1").expect_err("the lease ran out");
+    assert!(e.to_string().contains("lease"), "{e}");
+    assert!(
+        a.flush("v1").is_err(),
+        "no flush is acknowledged without a lease"
+    );
+    assert!(!a.inventory()[0].has_lease);
+    // A renewal (same epoch, no addresses) brings it back.
+    a.apply(&primary("v1", 3, 10_000, &[])).unwrap();
+    a.check_io("v1").expect("renewed");
+    // An assignment from an older epoch is refused and changes nothing.
+    let e = a.apply(&replica("v1", 2)).expect_err("stale");
+    assert!(
+        matches!(
+            e,
+            NodeError::Stale {
+                have: 3,
+                got: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(a.inventory()[0].role, BlockRole::Primary);
+    // A newer epoch demotes it.
+    a.apply(&replica("v1", 4)).unwrap();
+    assert!(a.check_io("v1").is_err());
+    assert_eq!(a.inventory()[0].epoch, 4);
+    a.shutdown();
+}
+
+#[test]
+fn a_restarted_primary_comes_back_fenced_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = {
+        let a = node(dir.path(), "vs1");
+        a.allocate("v1", meta(DurabilityMode::BestEffort)).unwrap();
+        a.apply(&primary("v1", 1, 10_000, &[])).unwrap();
+        let (vol, _) = a.primary("v1").unwrap();
+        vol.write(Lba(7), &block(0x5a)).unwrap();
+        a.flush("v1").unwrap();
+        let d = vol.digest().unwrap();
+        drop(vol);
+        a.shutdown();
+        d
+    };
+    let a = node(dir.path(), "vs1");
+    let inv = a.inventory();
+    assert_eq!(inv.len(), 1);
+    assert_eq!(
+        inv[0].role,
+        BlockRole::Stale,
+        "a restarted primary is fenced"
+    );
+    assert_eq!(inv[0].epoch, 1);
+    assert!(a.check_io("v1").is_err());
+    let ev = a.evidence("v1", 1).unwrap();
+    assert_eq!(ev.head, 1);
+    // Assigned again, it serves the same bytes.
+    a.apply(&primary("v1", 2, 10_000, &[])).unwrap();
+    let (vol, _) = a.primary("v1").unwrap();
+    assert_eq!(vol.digest().unwrap(), want);
+    a.shutdown();
+    // Deleting removes its files.
+    a.delete("v1").unwrap();
+    assert!(!dir.path().join("vs1").join("v1.vol").exists());
+}
