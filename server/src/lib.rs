@@ -7,4 +7,5 @@
 //! recovery engine (`engine`) and the volume files (`blockvol`).
 #![warn(missing_docs)]
 
+pub mod master;
 pub mod node;
