@@ -1,19 +1,75 @@
 //! `swblock`: the volume server, the development master, operator commands and a local cluster.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: swblock <volume|master|block|cluster> ...";
+use clap::{Parser, Subcommand};
+
+use server::cli;
+
+#[derive(Parser, Debug)]
+#[command(name = "swblock", about = "Replicated block volumes: servers, a development master, operator commands")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a volume server.
+    Volume(cli::VolumeArgs),
+    /// Run the development master (a stand-in for the SeaweedFS sw-block master).
+    Master(cli::MasterArgs),
+    /// Operator commands against a master.
+    Block {
+        #[command(subcommand)]
+        command: cli::BlockCommand,
+    },
+    /// A local cluster of processes on loopback.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Start a master and N volume servers as processes; write DIR/cluster.json.
+    Up {
+        /// How many volume servers.
+        #[arg(long, default_value_t = 3)]
+        servers: usize,
+        /// Where the cluster's data, logs and cluster.json go.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Stop the processes DIR/cluster.json names.
+    Down {
+        /// The cluster's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("-h" | "--help") => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        _ => {
-            eprintln!("{USAGE}");
-            ExitCode::from(2)
+    let args = Args::parse();
+    server::logging::init();
+    let r = match args.command {
+        Command::Volume(a) => cli::run_volume(a),
+        Command::Master(a) => cli::run_master(a),
+        Command::Block { command } => cli::run_block(command),
+        Command::Cluster { command } => match command {
+            ClusterCommand::Up { servers, dir } => server::cluster::up(&dir, servers).map(|c| {
+                println!("{}", c.to_json_pretty());
+            }),
+            ClusterCommand::Down { dir } => server::cluster::down(&dir),
+        },
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("swblock: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -328,9 +328,22 @@ impl MasterState {
     pub fn promote(&mut self, volume: &str, answers: &[Candidate]) -> Option<String> {
         self.failing_over.remove(volume);
         let v = self.persisted.volumes.get(volume)?.clone();
-        let best = answers
+        let eligible: Vec<&Candidate> = answers
             .iter()
             .filter(|c| c.eligible && c.epoch == v.epoch && v.replicas.contains(&c.server))
+            .collect();
+        let needed = answers_needed(&v.durability_mode, v.replicas.len());
+        if eligible.len() < needed {
+            log::warn!(
+                "volume {volume}: {} eligible answer(s), {needed} needed under {} to be sure \
+                 one holds every acknowledged write; retrying later",
+                eligible.len(),
+                v.durability_mode
+            );
+            return None;
+        }
+        let best = eligible
+            .into_iter()
             .max_by_key(|c| (c.head, c.committed))?
             .server
             .clone();
@@ -437,6 +450,31 @@ impl MasterState {
             replica_addrs,
             ..BlockVolumeAssignment::default()
         });
+    }
+}
+
+/// Eligible answers a promotion needs so that one of them holds every acknowledged write:
+/// under `sync_all` every replica holds them (one answer); under `sync_quorum` at least
+/// `quorum - 1` of the `replicas` do, so any `replicas - (quorum - 1) + 1` answers include one;
+/// under `best_effort` nothing is promised (one answer).
+pub fn answers_needed(mode: &str, replicas: usize) -> usize {
+    match mode {
+        "sync_quorum" => {
+            let quorum = (replicas + 1) / 2 + 1;
+            (replicas + 1).saturating_sub(quorum - 1).clamp(1, replicas.max(1))
+        }
+        _ => 1,
+    }
+}
+
+/// Learns addresses a server reported outside its heartbeats (an allocation's answer).
+impl MasterState {
+    /// Merges `addrs` into what is known of server `id`.
+    pub fn learn_addrs(&mut self, id: &str, addrs: &ServerAddrs) {
+        if let Some(s) = self.servers.get_mut(id) {
+            merge_addrs(&mut s.addrs, addrs);
+        }
+        merge_addrs(self.persisted.servers.entry(id.to_owned()).or_default(), addrs);
     }
 }
 
@@ -602,6 +640,42 @@ mod tests {
             a.iter()
                 .any(|a| a.epoch == 2 && a.role == BlockRole::Replica.to_wire())
         );
+    }
+
+    #[test]
+    fn sync_quorum_promotes_only_with_enough_answers() {
+        assert_eq!(answers_needed("sync_all", 2), 1);
+        assert_eq!(answers_needed("best_effort", 2), 1);
+        // RF 3: a write acknowledged by a quorum of 2 is on at least one of the 2 replicas.
+        assert_eq!(answers_needed("sync_quorum", 2), 2);
+        // RF 2: quorum 2, every acknowledged write is on the one replica.
+        assert_eq!(answers_needed("sync_quorum", 1), 1);
+        // RF 5: quorum 3, on at least 2 of 4 replicas: 3 answers include one of them.
+        assert_eq!(answers_needed("sync_quorum", 4), 3);
+        let t = Instant::now();
+        let mut m = three(t);
+        let p = m.place("v", 3).unwrap();
+        m.created(VolumeRecord {
+            durability_mode: "sync_quorum".into(),
+            ..record(&p)
+        });
+        let one = vec![Candidate {
+            server: p[1].clone(),
+            epoch: 1,
+            head: 10,
+            committed: 10,
+            eligible: true,
+        }];
+        assert_eq!(m.promote("v", &one), None, "one of two replicas is not enough");
+        let mut two = one.clone();
+        two.push(Candidate {
+            server: p[2].clone(),
+            epoch: 1,
+            head: 12,
+            committed: 10,
+            eligible: true,
+        });
+        assert_eq!(m.promote("v", &two), Some(p[2].clone()));
     }
 
     #[test]
