@@ -8,4 +8,5 @@
 #![warn(missing_docs)]
 
 pub mod master;
+pub mod nbd;
 pub mod node;
