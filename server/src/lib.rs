@@ -6,3 +6,5 @@
 //! (`swblock cluster up|down`). Below it sit the replication transport (`transport`), the
 //! recovery engine (`engine`) and the volume files (`blockvol`).
 #![warn(missing_docs)]
+
+pub mod proto;
