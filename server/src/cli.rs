@@ -207,9 +207,7 @@ pub fn run_master(a: MasterArgs) -> Result<(), Error> {
     ))
 }
 
-async fn master_client(
-    master: &str,
-) -> Result<SeaweedClient<tonic::transport::Channel>, Error> {
+async fn master_client(master: &str) -> Result<SeaweedClient<tonic::transport::Channel>, Error> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{master}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60));

@@ -84,7 +84,11 @@ fn field(fields: &[(String, String)], key: &str) -> Result<String, Error> {
 }
 
 /// Starts `exe args` with stderr to `log`, and waits (at most 30 s) for its `ready` line.
-fn spawn_ready(exe: &Path, args: &[String], log: &Path) -> Result<(Child, Vec<(String, String)>), Error> {
+fn spawn_ready(
+    exe: &Path,
+    args: &[String],
+    log: &Path,
+) -> Result<(Child, Vec<(String, String)>), Error> {
     let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let mut child = Command::new(exe)
         .args(args)
@@ -129,7 +133,10 @@ pub fn http_get(addr: &str, path: &str) -> Result<String, Error> {
     let sock: std::net::SocketAddr = addr.parse()?;
     let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = String::new();
     s.take(16 << 20).read_to_string(&mut buf)?;
     let (head, body) = buf.split_once("\r\n\r\n").ok_or("malformed HTTP reply")?;
@@ -148,7 +155,12 @@ pub fn up(dir: &Path, n: usize) -> Result<ClusterInfo, Error> {
     if let Ok(c) = ClusterInfo::load(dir)
         && alive(c.master_pid)
     {
-        return Err(format!("a cluster is already up in {} (master pid {})", dir.display(), c.master_pid).into());
+        return Err(format!(
+            "a cluster is already up in {} (master pid {})",
+            dir.display(),
+            c.master_pid
+        )
+        .into());
     }
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();

@@ -102,8 +102,7 @@ impl Exports for NodeExports {
             },
         })?;
         let (n1, v1) = (Arc::clone(&self.node), name.to_owned());
-        let flush: DeviceHook =
-            Arc::new(move || n1.flush(&v1).map(|_| ()).map_err(device_error));
+        let flush: DeviceHook = Arc::new(move || n1.flush(&v1).map(|_| ()).map_err(device_error));
         let (n2, v2) = (Arc::clone(&self.node), name.to_owned());
         let gate: DeviceHook = Arc::new(move || n2.check_io(&v2).map_err(device_error));
         Ok(Arc::new(PrimaryDevice {

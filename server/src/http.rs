@@ -46,11 +46,17 @@ where
                 let route = Arc::clone(&route);
                 async move {
                     let r = if req.method() != Method::GET {
-                        reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into())
+                        reply(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "text/plain",
+                            "GET only\n".into(),
+                        )
                     } else {
                         match route(req.uri().path()) {
                             Some((ct, body)) => reply(StatusCode::OK, &ct, body),
-                            None => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+                            None => {
+                                reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
+                            }
                         }
                     };
                     Ok::<_, Infallible>(r)
@@ -106,9 +112,16 @@ pub fn volume_metrics(node: &Node) -> String {
     let gauge = |out: &mut String, name: &str, help: &str| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
     };
-    gauge(&mut out, "swblock_volume_head_lsn", "Last LSN in the volume's WAL.");
+    gauge(
+        &mut out,
+        "swblock_volume_head_lsn",
+        "Last LSN in the volume's WAL.",
+    );
     for v in &inv {
-        out.push_str(&format!("swblock_volume_head_lsn{{volume=\"{}\"}} {}\n", v.name, v.head));
+        out.push_str(&format!(
+            "swblock_volume_head_lsn{{volume=\"{}\"}} {}\n",
+            v.name, v.head
+        ));
     }
     gauge(&mut out, "swblock_volume_committed_lsn", "Committed LSN.");
     for v in &inv {
@@ -119,9 +132,16 @@ pub fn volume_metrics(node: &Node) -> String {
     }
     gauge(&mut out, "swblock_volume_epoch", "The volume's epoch.");
     for v in &inv {
-        out.push_str(&format!("swblock_volume_epoch{{volume=\"{}\"}} {}\n", v.name, v.epoch));
+        out.push_str(&format!(
+            "swblock_volume_epoch{{volume=\"{}\"}} {}\n",
+            v.name, v.epoch
+        ));
     }
-    gauge(&mut out, "swblock_volume_has_lease", "1 when a primary holds a valid lease.");
+    gauge(
+        &mut out,
+        "swblock_volume_has_lease",
+        "1 when a primary holds a valid lease.",
+    );
     for v in &inv {
         out.push_str(&format!(
             "swblock_volume_has_lease{{volume=\"{}\"}} {}\n",
@@ -129,7 +149,11 @@ pub fn volume_metrics(node: &Node) -> String {
             u8::from(v.has_lease)
         ));
     }
-    gauge(&mut out, "swblock_replica_lag_entries", "Entries a replica is behind its primary.");
+    gauge(
+        &mut out,
+        "swblock_replica_lag_entries",
+        "Entries a replica is behind its primary.",
+    );
     for v in &inv {
         for (id, _, durable) in &v.replica_states {
             out.push_str(&format!(

@@ -7,6 +7,14 @@
 //! recovery engine (`engine`) and the volume files (`blockvol`).
 #![warn(missing_docs)]
 
+pub mod cli;
+pub mod cluster;
+pub mod convert;
+pub mod frontend;
+pub mod http;
+pub mod logging;
 pub mod master;
 pub mod nbd;
 pub mod node;
+pub mod proto;
+pub mod volume_server;

@@ -137,7 +137,12 @@ pub struct HeartbeatConfig {
 }
 
 /// Builds one heartbeat: a full inventory, or the deltas since `known` (which it updates).
-fn heartbeat(node: &Node, cfg: &HeartbeatConfig, full: bool, known: &mut BTreeSet<String>) -> Heartbeat {
+fn heartbeat(
+    node: &Node,
+    cfg: &HeartbeatConfig,
+    full: bool,
+    known: &mut BTreeSet<String>,
+) -> Heartbeat {
     let data = node.repl_addr().to_string();
     let inv = node.inventory();
     let names: BTreeSet<String> = inv.iter().map(|v| v.name.clone()).collect();
@@ -201,7 +206,12 @@ async fn heartbeat_once(
         loop {
             tokio::time::sleep(PULSE).await;
             n += 1;
-            let hb = heartbeat(&sender_node, &sender_cfg, n % FULL_EVERY == 0, &mut known);
+            let hb = heartbeat(
+                &sender_node,
+                &sender_cfg,
+                n.is_multiple_of(FULL_EVERY),
+                &mut known,
+            );
             if tx.send(hb).await.is_err() {
                 return;
             }
@@ -213,8 +223,8 @@ async fn heartbeat_once(
                 for a in &resp.block_volume_assignments {
                     let a = assignment_from_proto(a);
                     let node = Arc::clone(node);
-                    let applied = tokio::task::spawn_blocking(move || node.apply(&a).map(|()| a))
-                        .await;
+                    let applied =
+                        tokio::task::spawn_blocking(move || node.apply(&a).map(|()| a)).await;
                     match applied {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => log::warn!("assignment refused: {e}"),

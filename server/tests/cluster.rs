@@ -15,8 +15,7 @@ fn swblock() -> &'static Path {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run a command");
-    out
+    cmd.output().expect("run a command")
 }
 
 fn ok(cmd: &mut Command) -> String {
@@ -50,7 +49,8 @@ impl Drop for Up {
 }
 
 fn lookup(master: &str, name: &str) -> serde_json::Value {
-    let out = ok(Command::new(swblock()).args(["block", "lookup", name, "--json", "--master", master]));
+    let out =
+        ok(Command::new(swblock()).args(["block", "lookup", name, "--json", "--master", master]));
     serde_json::from_str(out.trim()).expect("lookup json")
 }
 
@@ -70,7 +70,10 @@ fn random_image(path: &Path, bytes: usize, seed: u64) {
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -110,16 +113,34 @@ fn a_cluster_takes_an_image_fails_over_and_brings_the_old_primary_back() {
     // A random image in, and back out equal to the byte (qemu-img flushes at the end).
     let image = tmp.path().join("image.raw");
     random_image(&image, 64 << 20, 0x5eed);
-    ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&image).arg(&uri));
+    ok(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&image)
+        .arg(&uri));
     let back = tmp.path().join("back.raw");
-    ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &uri]).arg(&back));
-    assert!(std::fs::read(&back).unwrap() == std::fs::read(&image).unwrap(), "read back differs");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&back));
+    assert!(
+        std::fs::read(&back).unwrap() == std::fs::read(&image).unwrap(),
+        "read back differs"
+    );
 
     // kill -9 of the primary after the flushed writes: the master waits for its lease, then
     // promotes a replica holding every flushed write.
-    let victim = info.servers.iter().find(|s| s.id == primary).unwrap().clone();
-    Command::new("kill").args(["-9", &victim.pid.to_string()]).status().unwrap();
-    wait_until("the victim to die", Duration::from_secs(5), || !alive(victim.pid));
+    let victim = info
+        .servers
+        .iter()
+        .find(|s| s.id == primary)
+        .unwrap()
+        .clone();
+    Command::new("kill")
+        .args(["-9", &victim.pid.to_string()])
+        .status()
+        .unwrap();
+    wait_until("the victim to die", Duration::from_secs(5), || {
+        !alive(victim.pid)
+    });
     let mut new_primary = String::new();
     let mut new_uri = String::new();
     wait_until("a promotion", Duration::from_secs(40), || {
@@ -134,7 +155,9 @@ fn a_cluster_takes_an_image_fails_over_and_brings_the_old_primary_back() {
             .success()
     });
     let back2 = tmp.path().join("back2.raw");
-    ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &new_uri]).arg(&back2));
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &new_uri])
+        .arg(&back2));
     assert!(
         std::fs::read(&back2).unwrap() == std::fs::read(&image).unwrap(),
         "the promoted replica lost flushed writes"
@@ -142,7 +165,15 @@ fn a_cluster_takes_an_image_fails_over_and_brings_the_old_primary_back() {
 
     // A new write on the new primary, then the old primary restarts: it comes back as a
     // replica of the new epoch and catches up to the same bytes.
-    ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x7e 1M 64k", "-c", "flush", &new_uri]));
+    ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x7e 1M 64k",
+        "-c",
+        "flush",
+        &new_uri,
+    ]));
     let mut child = Command::new(swblock())
         .args(["volume", "--id", &victim.id, "--data"])
         .arg(&victim.data)
@@ -165,7 +196,12 @@ fn a_cluster_takes_an_image_fails_over_and_brings_the_old_primary_back() {
         .find_map(|kv| kv.strip_prefix("repl="))
         .unwrap_or_else(|| panic!("ready line {ready:?}"))
         .to_owned();
-    let new = info.servers.iter().find(|s| s.id == new_primary).unwrap().clone();
+    let new = info
+        .servers
+        .iter()
+        .find(|s| s.id == new_primary)
+        .unwrap()
+        .clone();
     wait_until(
         "every replica streaming at the new primary's head",
         Duration::from_secs(60),

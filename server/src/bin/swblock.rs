@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 use server::cli;
 
 #[derive(Parser, Debug)]
-#[command(name = "swblock", about = "Replicated block volumes: servers, a development master, operator commands")]
+#[command(
+    name = "swblock",
+    about = "Replicated block volumes: servers, a development master, operator commands"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,

@@ -10,11 +10,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
-use super::state::{Action, Candidate, MasterError, MasterState, Persisted, ServerAddrs, Timing, VolumeRecord};
+use super::state::{
+    Action, Candidate, MasterError, MasterState, Persisted, ServerAddrs, Timing, VolumeRecord,
+};
 use crate::convert::{assignment_to_proto, volume_name};
 use crate::proto::master_pb::seaweed_server::{Seaweed, SeaweedServer};
 use crate::proto::master_pb::{
@@ -54,7 +56,9 @@ pub struct Master {
 
 impl std::fmt::Debug for Master {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Master").field("file", &self.file).finish_non_exhaustive()
+        f.debug_struct("Master")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
     }
 }
 
@@ -172,7 +176,10 @@ impl Master {
         })
     }
 
-    async fn client(&self, id: &str) -> Result<VolumeServerClient<tonic::transport::Channel>, Status> {
+    async fn client(
+        &self,
+        id: &str,
+    ) -> Result<VolumeServerClient<tonic::transport::Channel>, Status> {
         let addr = self
             .lock()
             .addrs(id)
@@ -327,7 +334,11 @@ impl Seaweed for SeaweedService {
     ) -> Result<Response<CreateBlockVolumeResponse>, Status> {
         let r = request.into_inner();
         crate::node::parse_mode(&r.durability_mode).map_err(Status::invalid_argument)?;
-        if r.size_bytes == 0 || r.size_bytes % u64::from(crate::node::BLOCK_SIZE) != 0 {
+        if r.size_bytes == 0
+            || !r
+                .size_bytes
+                .is_multiple_of(u64::from(crate::node::BLOCK_SIZE))
+        {
             return Err(Status::invalid_argument(format!(
                 "size {} is not a positive multiple of {}",
                 r.size_bytes,
@@ -349,7 +360,7 @@ impl Seaweed for SeaweedService {
         }
         let rf = usize::try_from(r.replica_factor.max(1)).unwrap_or(1);
         let servers = m.lock().place(&r.name, rf).map_err(status)?;
-        let mut done = Vec::new();
+        let mut done: Vec<String> = Vec::new();
         for id in &servers {
             if let Err(e) = m.allocate(id, &r).await {
                 for d in &done {
@@ -402,7 +413,9 @@ impl Seaweed for SeaweedService {
         &self,
         request: Request<LookupBlockVolumeRequest>,
     ) -> Result<Response<LookupBlockVolumeResponse>, Status> {
-        Ok(Response::new(self.master.lookup(&request.into_inner().name)?))
+        Ok(Response::new(
+            self.master.lookup(&request.into_inner().name)?,
+        ))
     }
 }
 

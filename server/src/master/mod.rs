@@ -2,4 +2,5 @@
 //! master for local clusters and tests, speaking the same protocol. It is not an HA control
 //! plane: one process, its state in one file in its data directory.
 
+pub mod grpc;
 pub mod state;

@@ -460,8 +460,11 @@ impl MasterState {
 pub fn answers_needed(mode: &str, replicas: usize) -> usize {
     match mode {
         "sync_quorum" => {
-            let quorum = (replicas + 1) / 2 + 1;
-            (replicas + 1).saturating_sub(quorum - 1).clamp(1, replicas.max(1))
+            let rf = replicas + 1;
+            let quorum = rf / 2 + 1;
+            (replicas + 1)
+                .saturating_sub(quorum - 1)
+                .clamp(1, replicas.max(1))
         }
         _ => 1,
     }
@@ -474,7 +477,10 @@ impl MasterState {
         if let Some(s) = self.servers.get_mut(id) {
             merge_addrs(&mut s.addrs, addrs);
         }
-        merge_addrs(self.persisted.servers.entry(id.to_owned()).or_default(), addrs);
+        merge_addrs(
+            self.persisted.servers.entry(id.to_owned()).or_default(),
+            addrs,
+        );
     }
 }
 
@@ -666,7 +672,11 @@ mod tests {
             committed: 10,
             eligible: true,
         }];
-        assert_eq!(m.promote("v", &one), None, "one of two replicas is not enough");
+        assert_eq!(
+            m.promote("v", &one),
+            None,
+            "one of two replicas is not enough"
+        );
         let mut two = one.clone();
         two.push(Candidate {
             server: p[2].clone(),
