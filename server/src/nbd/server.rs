@@ -480,7 +480,14 @@ fn serve(stream: TcpStream, peer: &str, shared: &Shared) {
             Err(end) => end,
         },
     };
-    let stopping = shared.stop.load(Ordering::SeqCst);
+    // A connection the server closed while stopping looks to its thread like a client that
+    // went away; it is counted and logged as the stop.
+    let end = match end {
+        End::Client(_) | End::Other(_) if shared.stop.load(Ordering::SeqCst) => {
+            End::Other("the server is stopping".into())
+        }
+        end => end,
+    };
     match end {
         End::Protocol(r) => {
             stats.closed_protocol.fetch_add(1, Ordering::SeqCst);
@@ -500,11 +507,7 @@ fn serve(stream: TcpStream, peer: &str, shared: &Shared) {
         }
         End::Other(r) => {
             stats.ended_other.fetch_add(1, Ordering::SeqCst);
-            if stopping {
-                log::info!("NBD: connection from {peer} closed: the server is stopping");
-            } else {
-                log::warn!("NBD: connection from {peer} ended: {r}");
-            }
+            log::warn!("NBD: connection from {peer} ended: {r}");
         }
     }
 }
@@ -572,6 +575,10 @@ fn negotiate(conn: &mut Conn, peer: &str, shared: &Shared) -> Result<Option<Sess
             }
             ClientOption::List => {
                 for name in shared.exports.list() {
+                    if name.len() > proto::MAX_STRING {
+                        log::warn!("NBD: export name of {} bytes is not listed", name.len());
+                        continue;
+                    }
                     proto::put_rep_server(&mut out, &name);
                 }
                 proto::put_option_reply(&mut out, option, REP_ACK, &[]);
