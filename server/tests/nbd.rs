@@ -400,6 +400,38 @@ fn qemu_img_convert_in_and_out_is_byte_equal() {
 }
 
 #[test]
+fn nbdcopy_over_several_connections_is_byte_equal() {
+    init_log();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32 * MIB;
+    let vol = volume(dir.path(), "v", size, 16 * MIB);
+    let server = serve(
+        StaticExports::new().with("mc", Arc::new(VolumeDevice::new(Arc::clone(&vol)))),
+        NbdConfig::default(),
+    );
+    let src = dir.path().join("random.img");
+    let data = random_bytes(size as usize, 0xc0ffee);
+    std::fs::write(&src, &data).unwrap();
+    // nbdcopy opens several connections when the server advertises multi-conn, keeps many
+    // requests in flight on each, and flushes at the end.
+    let r = run(Command::new(tool("nbdcopy", "libnbd-bin"))
+        .args(["--connections=4", "--requests=16", "--flush"])
+        .arg(&src)
+        .arg(uri(&server, "mc")));
+    assert!(r.ok(), "{}", r.text());
+    assert!(
+        NbdStats::get(&server.stats().transmissions) >= 2,
+        "nbdcopy used one connection: multi-conn was not used"
+    );
+    assert_eq!(
+        vol.status().durable,
+        vol.status().head,
+        "the flush reached the volume"
+    );
+    assert!(read_all(&vol) == data, "the volume differs from the image");
+}
+
+#[test]
 fn qemu_img_info_shows_the_size() {
     init_log();
     let dir = tempfile::tempdir().unwrap();
@@ -1026,5 +1058,7 @@ fn max_connections_and_stop_close_connections() {
     assert!(t.elapsed() < CLOSE_WITHIN, "stop took {:?}", t.elapsed());
     a.assert_closed(CLOSE_WITHIN);
     b.assert_closed(CLOSE_WITHIN);
+    assert_eq!(NbdStats::get(&server.stats().ended_other), 2);
+    assert_eq!(server.stats().open.load(Ordering::SeqCst), 0);
     assert!(TcpStream::connect_timeout(&server.local_addr(), Duration::from_secs(1)).is_err());
 }

@@ -117,7 +117,8 @@ pub enum ExportError {
 pub trait Exports: Send + Sync {
     /// The names `NBD_OPT_LIST` reports.
     fn list(&self) -> Vec<String>;
-    /// The device to serve under `name` now (a fenced or lease-less primary refuses).
+    /// The device to serve under `name` now (a fenced or lease-less primary refuses). Every
+    /// connection to one volume should get the same device (see [`VolumeDevice`]).
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, ExportError>;
 }
 
@@ -250,6 +251,10 @@ impl Drop for RangeGuard<'_> {
 ///   followed by that flush.
 /// - The gate ([`VolumeDevice::gated`]) runs before every request: the volume server uses it
 ///   for "only a primary with a valid lease serves I/O".
+///
+/// Serve one `VolumeDevice` per volume and share it (`Arc`) between connections: the range
+/// lock lives in it, so two devices over one volume would not see each other's
+/// read-modify-writes.
 pub struct VolumeDevice {
     vol: Arc<Volume>,
     block: u64,

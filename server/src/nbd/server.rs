@@ -403,12 +403,14 @@ impl Conn {
         Ok(())
     }
 
-    /// Fills `dst` completely by `deadline`.
+    /// Fills `dst` completely by `deadline`. `started`: `dst` continues a message already
+    /// begun (the end of the stream is then always in the middle of a message).
     fn read_exact(
         &mut self,
         dst: &mut [u8],
         deadline: Instant,
         what: &'static str,
+        started: bool,
     ) -> Result<(), ConnError> {
         let mut done = (self.end - self.start).min(dst.len());
         dst[..done].copy_from_slice(&self.buf[self.start..self.start + done]);
@@ -427,7 +429,10 @@ impl Conn {
                 n
             };
             if n == 0 {
-                return Err(ConnError::Eof { mid: true });
+                // Between messages (nothing of this one read yet) the end is a clean one.
+                return Err(ConnError::Eof {
+                    mid: started || done > 0,
+                });
             }
             done += n;
         }
@@ -480,7 +485,14 @@ fn serve(stream: TcpStream, peer: &str, shared: &Shared) {
             Err(end) => end,
         },
     };
-    let stopping = shared.stop.load(Ordering::SeqCst);
+    // A connection the server closed while stopping looks to its thread like a client that
+    // went away; it is counted and logged as the stop.
+    let end = match end {
+        End::Client(_) | End::Other(_) if shared.stop.load(Ordering::SeqCst) => {
+            End::Other("the server is stopping".into())
+        }
+        end => end,
+    };
     match end {
         End::Protocol(r) => {
             stats.closed_protocol.fetch_add(1, Ordering::SeqCst);
@@ -500,11 +512,7 @@ fn serve(stream: TcpStream, peer: &str, shared: &Shared) {
         }
         End::Other(r) => {
             stats.ended_other.fetch_add(1, Ordering::SeqCst);
-            if stopping {
-                log::info!("NBD: connection from {peer} closed: the server is stopping");
-            } else {
-                log::warn!("NBD: connection from {peer} ended: {r}");
-            }
+            log::warn!("NBD: connection from {peer} ended: {r}");
         }
     }
 }
@@ -530,17 +538,17 @@ fn negotiate(conn: &mut Conn, peer: &str, shared: &Shared) -> Result<Option<Sess
     let deadline = Instant::now() + shared.config.handshake_timeout;
     conn.write_all(&[&proto::greeting()], deadline)?;
     let mut flags = [0u8; 4];
-    conn.read_exact(&mut flags, deadline, "the client flags")?;
+    conn.read_exact(&mut flags, deadline, "the client flags", false)?;
     let client = ClientFlags::parse(u32::from_be_bytes(flags))?;
     let mut structured = false;
     let mut out = Vec::new();
     for _ in 0..MAX_OPTIONS {
         let mut h = [0u8; OPTION_HEADER_LEN];
-        conn.read_exact(&mut h, deadline, "an option")?;
+        conn.read_exact(&mut h, deadline, "an option", false)?;
         let header = OptionHeader::parse(&h)?;
         // Bounded by MAX_OPTION_DATA in `OptionHeader::parse`.
         let mut data = vec![0u8; header.len as usize];
-        conn.read_exact(&mut data, deadline, "option data")?;
+        conn.read_exact(&mut data, deadline, "option data", true)?;
         let option = header.option;
         out.clear();
         if shared.stop.load(Ordering::SeqCst) {
@@ -572,6 +580,10 @@ fn negotiate(conn: &mut Conn, peer: &str, shared: &Shared) -> Result<Option<Sess
             }
             ClientOption::List => {
                 for name in shared.exports.list() {
+                    if name.len() > proto::MAX_STRING {
+                        log::warn!("NBD: export name of {} bytes is not listed", name.len());
+                        continue;
+                    }
                     proto::put_rep_server(&mut out, &name);
                 }
                 proto::put_option_reply(&mut out, option, REP_ACK, &[]);
@@ -679,7 +691,7 @@ fn transmit(conn: &mut Conn, peer: &str, s: &Session, shared: &Shared) -> End {
         }
         let deadline = Instant::now() + cfg.request_timeout;
         let mut h = [0u8; REQUEST_HEADER_LEN];
-        if let Err(e) = conn.read_exact(&mut h, deadline, "a request header") {
+        if let Err(e) = conn.read_exact(&mut h, deadline, "a request header", true) {
             return e.into();
         }
         let req = match Request::parse(&h) {
@@ -696,7 +708,7 @@ fn transmit(conn: &mut Conn, peer: &str, s: &Session, shared: &Shared) -> End {
         // Old contents are overwritten: only a growing buffer is filled (no per-request
         // memset of the payload).
         data.resize(payload, 0);
-        if let Err(e) = conn.read_exact(&mut data, deadline, "a write payload") {
+        if let Err(e) = conn.read_exact(&mut data, deadline, "a write payload", true) {
             return e.into();
         }
         let result = req.check(&t).and_then(|()| execute(&req, s, &mut data));

@@ -9,6 +9,8 @@
 //!   `rebuild_sparse`, `rebuild_heap`, and the registry's `reconcile_scaling`.
 //! - `net`: over TCP through `transport`: `net_catchup`, `net_rebuild_full`,
 //!   `replicated_write` (the live stream under `sync_all`), `net_rejoin` (reported).
+//! - `nbd`: the NBD frontend: `nbd_write` (qemu-img convert into `server`'s NbdServer
+//!   against qemu-nbd).
 //! - `report`: the table, `target/bench-report.json` (hand-written JSON), machine facts.
 //! - `raw`, `alloc`: the only `unsafe` (baseline file calls; the counting allocator).
 //!
@@ -17,6 +19,7 @@
 
 mod alloc;
 mod measure;
+mod nbd;
 mod net;
 mod raw;
 mod recovery;
@@ -46,6 +49,7 @@ const ALL: &[&str] = &[
     "replicated_write",
     "net_rejoin",
     "rebuild_heap",
+    "nbd_write",
 ];
 
 const USAGE: &str =
@@ -192,6 +196,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
             "net_rebuild_full" => net::net_rebuild_full(&ctx)?,
             "replicated_write" => net::replicated_write(&ctx)?,
             "net_rejoin" => net::net_rejoin(&ctx)?,
+            "nbd_write" => nbd::nbd_write(&ctx)?,
             other => return Err(format!("no measurement for {other}")),
         };
         eprintln!(
