@@ -4,8 +4,9 @@
 //! durability mode (the replicator's flush, which also withholds the acknowledgement if the
 //! lease ran out meanwhile), and writes wake the volume's shippers.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::nbd::{
     BlockDevice, DeviceError, DeviceHook, ExportError, Exports, NbdConfig, NbdServer,
@@ -71,15 +72,21 @@ impl BlockDevice for PrimaryDevice {
     }
 }
 
-/// The node's leased primaries, as NBD exports.
+/// The node's leased primaries, as NBD exports. Every connection to a volume shares one device
+/// (its range lock serializes read-modify-writes across connections) for as long as the volume
+/// file is the same.
 pub struct NodeExports {
     node: Arc<Node>,
+    devices: Mutex<HashMap<String, Arc<PrimaryDevice>>>,
 }
 
 impl NodeExports {
     /// Exports of `node`.
     pub fn new(node: Arc<Node>) -> Self {
-        NodeExports { node }
+        NodeExports {
+            node,
+            devices: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -101,15 +108,23 @@ impl Exports for NodeExports {
                 reason: other.to_string(),
             },
         })?;
+        let mut devices = self.devices.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = devices.get(name)
+            && Arc::ptr_eq(d.inner.volume(), &vol)
+        {
+            return Ok(Arc::clone(d) as Arc<dyn BlockDevice>);
+        }
         let (n1, v1) = (Arc::clone(&self.node), name.to_owned());
         let flush: DeviceHook = Arc::new(move || n1.flush(&v1).map(|_| ()).map_err(device_error));
         let (n2, v2) = (Arc::clone(&self.node), name.to_owned());
         let gate: DeviceHook = Arc::new(move || n2.check_io(&v2).map_err(device_error));
-        Ok(Arc::new(PrimaryDevice {
+        let device = Arc::new(PrimaryDevice {
             inner: VolumeDevice::with_flush(vol, flush).gated(gate),
             node: Arc::clone(&self.node),
             name: name.to_owned(),
-        }))
+        });
+        devices.insert(name.to_owned(), Arc::clone(&device));
+        Ok(device)
     }
 }
 

@@ -469,7 +469,9 @@ impl Node {
             match st.get_mut(&a.path) {
                 // Still the primary at this epoch (nothing newer arrived meanwhile).
                 Some(ctl) if ctl.role == BlockRole::Primary && ctl.epoch == epoch => {
-                    ctl.replicator = Some(Arc::new(r));
+                    let r = Arc::new(r);
+                    spawn_committer(&a.path, &r, Arc::clone(&ctl.vol));
+                    ctl.replicator = Some(r);
                 }
                 _ => r.stop(),
             }
@@ -628,6 +630,42 @@ impl Node {
             s.stop();
         }
         self.volumes.close_all();
+    }
+}
+
+/// How often a primary's committer moves the committed point when nobody flushes.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A background group commit for a primary: every `COMMIT_INTERVAL`, when entries are written
+/// beyond the committed point, a flush through the replicator makes them durable as the mode
+/// requires and moves the committed point, so the flusher (gated by it) can move them to the
+/// extent and the WAL does not fill while a client writes a long run without flushing. A flush
+/// the mode cannot back (a replica out under `sync_all`) leaves the point where it is. Ends
+/// when the replicator is gone.
+fn spawn_committer(name: &str, r: &Arc<Replicator>, vol: Arc<Volume>) {
+    let weak = Arc::downgrade(r);
+    let name = name.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name(format!("committer-{name}"))
+        .spawn(move || {
+            loop {
+                std::thread::sleep(COMMIT_INTERVAL);
+                let Some(r) = weak.upgrade() else {
+                    return;
+                };
+                let s = vol.status();
+                if s.head > s.committed
+                    && let Err(e) = r.flush()
+                {
+                    if matches!(e, transport::stream::FlushError::Stopped) {
+                        return;
+                    }
+                    log::debug!("volume {name}: background commit: {e}");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("volume {}: no committer thread: {e}", r.status().len());
     }
 }
 

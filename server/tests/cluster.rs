@@ -163,9 +163,9 @@ fn a_cluster_takes_an_image_fails_over_and_brings_the_old_primary_back() {
         "the promoted replica lost flushed writes"
     );
 
-    // A new write on the new primary, then the old primary restarts: it comes back as a
-    // replica of the new epoch and catches up to the same bytes.
-    ok(Command::new("qemu-io").args([
+    // Under sync_all a replica that cannot be reached (the old primary, still in the set) means
+    // no write is acknowledged as durable: the flush fails, it does not lie.
+    let refused = run(Command::new("qemu-io").args([
         "-f",
         "raw",
         "-c",
@@ -174,6 +174,13 @@ fn a_cluster_takes_an_image_fails_over_and_brings_the_old_primary_back() {
         "flush",
         &new_uri,
     ]));
+    assert!(
+        !refused.status.success() || String::from_utf8_lossy(&refused.stdout).contains("error"),
+        "a sync_all flush was acknowledged with a replica down: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+    // The old primary restarts: it comes back as a replica of the new epoch, is caught up (or
+    // rebuilt) by the new primary, and the write goes through.
     let mut child = Command::new(swblock())
         .args(["volume", "--id", &victim.id, "--data"])
         .arg(&victim.data)
@@ -202,6 +209,22 @@ fn a_cluster_takes_an_image_fails_over_and_brings_the_old_primary_back() {
         .find(|s| s.id == new_primary)
         .unwrap()
         .clone();
+    wait_until(
+        "a durable write on the new primary",
+        Duration::from_secs(60),
+        || {
+            let out = run(Command::new("qemu-io").args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x7e 1M 64k",
+                "-c",
+                "flush",
+                &new_uri,
+            ]));
+            out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("error")
+        },
+    );
     wait_until(
         "every replica streaming at the new primary's head",
         Duration::from_secs(60),

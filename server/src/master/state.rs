@@ -234,6 +234,13 @@ impl MasterState {
         }
         rec.dead = false;
         rec.last_seen = now;
+        let known_data = self
+            .persisted
+            .servers
+            .get(id)
+            .map(|a| a.data.clone())
+            .unwrap_or_default();
+        let moved = !addrs.data.is_empty() && !known_data.is_empty() && addrs.data != known_data;
         merge_addrs(&mut rec.addrs, &addrs);
         let known = self.persisted.servers.entry(id.to_owned()).or_default();
         merge_addrs(known, &rec.addrs);
@@ -241,6 +248,24 @@ impl MasterState {
             rec.reported = inv.into_iter().map(|(n, e, r)| (n, (e, r))).collect();
         }
         let reported = rec.reported.clone();
+        if moved {
+            // The server came back on another replication address: every primary it is a
+            // replica of gets its assignment again, with the new address.
+            log::info!("server {id}: replication address now {}", addrs.data);
+            let recs: Vec<VolumeRecord> = self
+                .persisted
+                .volumes
+                .values()
+                .filter(|v| v.replicas.iter().any(|r| r == id))
+                .cloned()
+                .collect();
+            for v in recs {
+                let a = self.primary_assignment(&v);
+                let q = self.pending.entry(v.primary.clone()).or_default();
+                q.retain(|x| x.path != v.name);
+                q.push(a);
+            }
+        }
         let mut out = self.pending.remove(id).unwrap_or_default();
         for (name, v) in &self.persisted.volumes {
             let in_set = v.primary == id || v.replicas.iter().any(|r| r == id);
@@ -425,7 +450,7 @@ impl MasterState {
 
     /// Queues the assignments of `rec`'s epoch: the primary with its replica set and lease,
     /// each replica as a replica.
-    fn queue_epoch(&mut self, rec: &VolumeRecord) {
+    fn primary_assignment(&self, rec: &VolumeRecord) -> BlockVolumeAssignment {
         let replica_addrs = rec
             .replicas
             .iter()
@@ -435,6 +460,18 @@ impl MasterState {
                 server_id: r.clone(),
             })
             .collect();
+        BlockVolumeAssignment {
+            path: rec.name.clone(),
+            epoch: rec.epoch,
+            role: BlockRole::Primary.to_wire(),
+            lease_ttl_ms: self.timing.lease_ttl.as_millis() as u64,
+            replica_addrs,
+            ..BlockVolumeAssignment::default()
+        }
+    }
+
+    fn queue_epoch(&mut self, rec: &VolumeRecord) {
+        let primary = self.primary_assignment(rec);
         for r in &rec.replicas {
             let q = self.pending.entry(r.clone()).or_default();
             q.retain(|a| a.path != rec.name);
@@ -442,14 +479,7 @@ impl MasterState {
         }
         let q = self.pending.entry(rec.primary.clone()).or_default();
         q.retain(|a| a.path != rec.name);
-        q.push(BlockVolumeAssignment {
-            path: rec.name.clone(),
-            epoch: rec.epoch,
-            role: BlockRole::Primary.to_wire(),
-            lease_ttl_ms: self.timing.lease_ttl.as_millis() as u64,
-            replica_addrs,
-            ..BlockVolumeAssignment::default()
-        });
+        q.push(primary);
     }
 }
 
