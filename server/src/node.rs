@@ -644,16 +644,19 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// when the replicator is gone.
 fn spawn_committer(name: &str, r: &Arc<Replicator>, vol: Arc<Volume>) {
     let weak = Arc::downgrade(r);
+    // Weak too: a committer must never be what keeps a volume file open (and locked).
+    let vol = Arc::downgrade(&vol);
     let name = name.to_owned();
     let spawned = std::thread::Builder::new()
         .name(format!("committer-{name}"))
         .spawn(move || {
             loop {
                 std::thread::sleep(COMMIT_INTERVAL);
-                let Some(r) = weak.upgrade() else {
+                let (Some(r), Some(vol)) = (weak.upgrade(), vol.upgrade()) else {
                     return;
                 };
                 let s = vol.status();
+                drop(vol);
                 if s.head > s.committed
                     && let Err(e) = r.flush()
                 {

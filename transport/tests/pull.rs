@@ -53,9 +53,18 @@ fn primary_process(dir: &Path, n: u64) -> ReplicaProcess {
     // the one it pins.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut r = RemoteReplica::connect(p.addr(), "vol1", &ClientConfig::default()).unwrap();
-        let pr = r.probe(false).unwrap();
-        if pr.checkpoint == pr.head || Instant::now() > deadline {
+        // Tolerates a slow start under load (a refused or timed-out connection is retried
+        // until the deadline).
+        let caught_up = RemoteReplica::connect(p.addr(), "vol1", &ClientConfig::default())
+            .map_err(|e| e.to_string())
+            .and_then(|mut r| r.probe(false).map_err(|e| e.to_string()))
+            .map(|pr| pr.checkpoint == pr.head);
+        match caught_up {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => assert!(Instant::now() < deadline, "probing the primary: {e}"),
+        }
+        if Instant::now() > deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
