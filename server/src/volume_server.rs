@@ -246,8 +246,10 @@ pub async fn serve_grpc(
     service: VolumeService,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .add_service(VolumeServerServer::new(service))
-        .serve_with_incoming(TcpListenerStream::new(listener))
+        .serve_with_incoming(
+            VolumeServerServer::new(service),
+            TcpListenerStream::new(listener),
+        )
         .await
 }
 

@@ -462,8 +462,10 @@ pub async fn serve(
         }
     });
     tonic::transport::Server::builder()
-        .add_service(SeaweedServer::new(SeaweedService { master }))
-        .serve_with_incoming(TcpListenerStream::new(listener))
+        .serve_with_incoming(
+            SeaweedServer::new(SeaweedService { master }),
+            TcpListenerStream::new(listener),
+        )
         .await?;
     Ok(())
 }
