@@ -11,6 +11,25 @@ use blockvol::{Epoch, Lba, Lsn, RetentionPolicy};
 use common::crashplan::{ack, checkpointed, label, record, run_crash_plan};
 use common::{Op, data, manual, tiny};
 
+/// Every crash image of sync point `sp`: the four crash modes, then (when few sectors differ)
+/// each unsynced sector alone and each left out, labelled.
+fn crash_images(d: &blockvol::SimDisk, sp: &blockvol::SyncPoint) -> Vec<(String, Vec<u8>)> {
+    use blockvol::CrashMode;
+    let mut images: Vec<(String, Vec<u8>)> = [
+        CrashMode::DurableOnly,
+        CrashMode::AllWritten,
+        CrashMode::RandomSectors,
+        CrashMode::RandomSectorsTorn,
+    ]
+    .into_iter()
+    .map(|m| (format!("{m:?}"), d.crash_image_with(sp.index, m)))
+    .collect();
+    for (s, alone, img) in common::crashplan::single_sector_images(d) {
+        images.push((format!("sector {s} alone={alone}"), img));
+    }
+    images
+}
+
 fn images(o: &common::crashplan::SharedOracle) -> usize {
     o.lock().expect("oracle").images_checked
 }
@@ -182,10 +201,8 @@ fn truncation_crash_is_never_reported_as_corruption() {
 /// base, and a write after it lands at base + 1).
 #[test]
 fn crash_plan_base_install_is_old_incomplete_or_new() {
-    use blockvol::{
-        BlockVolError, CrashMode, EntryKind, Role, SimDisk, SyncPoint, Volume, WalEntry,
-    };
-    use common::crashplan::{check_image, single_sector_images};
+    use blockvol::{BlockVolError, EntryKind, Role, SimDisk, SyncPoint, Volume, WalEntry};
+    use common::crashplan::check_image;
     use std::sync::{Arc, Mutex};
 
     let opts = tiny();
@@ -227,19 +244,7 @@ fn crash_plan_base_install_is_old_incomplete_or_new() {
     let c2 = counts.clone();
     let opts2 = opts.clone();
     rd.set_sync_hook(Some(Arc::new(move |d: &SimDisk, sp: &SyncPoint| {
-        let mut images: Vec<(String, Vec<u8>)> = [
-            CrashMode::DurableOnly,
-            CrashMode::AllWritten,
-            CrashMode::RandomSectors,
-            CrashMode::RandomSectorsTorn,
-        ]
-        .into_iter()
-        .map(|m| (format!("{m:?}"), d.crash_image_with(sp.index, m)))
-        .collect();
-        for (s, alone, img) in single_sector_images(d) {
-            images.push((format!("sector {s} alone={alone}"), img));
-        }
-        for (mode, img) in images {
+        for (mode, img) in crash_images(d, sp) {
             let what = format!(
                 "install: sync #{} ({}), {mode}",
                 sp.index,
@@ -311,8 +316,7 @@ fn crash_plan_base_install_is_old_incomplete_or_new() {
 /// resume beyond the chunks written when it crashed.
 #[test]
 fn crash_plan_interrupted_install_resumes_to_the_image() {
-    use blockvol::{CrashMode, SimDisk, SyncPoint, Volume};
-    use common::crashplan::single_sector_images;
+    use blockvol::{SimDisk, SyncPoint, Volume};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
 
@@ -336,19 +340,7 @@ fn crash_plan_interrupted_install_resumes_to_the_image() {
     let counts = Arc::new(Mutex::new([0usize; 3]));
     let (c2, h2, b2) = (counts.clone(), high.clone(), base.clone());
     rd.set_sync_hook(Some(Arc::new(move |d: &SimDisk, sp: &SyncPoint| {
-        let mut images: Vec<(String, Vec<u8>)> = [
-            CrashMode::DurableOnly,
-            CrashMode::AllWritten,
-            CrashMode::RandomSectors,
-            CrashMode::RandomSectorsTorn,
-        ]
-        .into_iter()
-        .map(|m| (format!("{m:?}"), d.crash_image_with(sp.index, m)))
-        .collect();
-        for (s, alone, img) in single_sector_images(d) {
-            images.push((format!("sector {s} alone={alone}"), img));
-        }
-        for (mode, img) in images {
+        for (mode, img) in crash_images(d, sp) {
             let what = format!("resume: sync #{} ({}), {mode}", sp.index, sp.after);
             let disk = SimDisk::from_image(img);
             let v = Volume::open_sim(&disk, &manual())

@@ -214,10 +214,6 @@ async fn master_client(master: &str) -> Result<SeaweedClient<tonic::transport::C
     Ok(SeaweedClient::new(endpoint.connect().await?))
 }
 
-fn json_string(s: &str) -> String {
-    serde_json::Value::String(s.to_owned()).to_string()
-}
-
 /// Runs an operator command.
 pub fn run_block(cmd: BlockCommand) -> Result<(), Error> {
     let rt = runtime()?;
@@ -297,7 +293,7 @@ pub fn run_block(cmd: BlockCommand) -> Result<(), Error> {
                 let mut c = master_client(&master).await?;
                 c.delete_block_volume(DeleteBlockVolumeRequest { name: name.clone() })
                     .await?;
-                println!("deleted {}", json_string(&name));
+                println!("deleted {name}");
             }
         }
         Ok(())

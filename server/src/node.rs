@@ -644,6 +644,7 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// when the replicator is gone.
 fn spawn_committer(name: &str, r: &Arc<Replicator>, vol: Arc<Volume>) {
     let weak = Arc::downgrade(r);
+    let label = name.to_owned();
     // Weak too: a committer must never be what keeps a volume file open (and locked).
     let vol = Arc::downgrade(&vol);
     let name = name.to_owned();
@@ -668,7 +669,7 @@ fn spawn_committer(name: &str, r: &Arc<Replicator>, vol: Arc<Volume>) {
             }
         });
     if let Err(e) = spawned {
-        log::error!("volume {}: no committer thread: {e}", r.status().len());
+        log::error!("volume {label}: no committer thread: {e}");
     }
 }
 

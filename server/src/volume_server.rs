@@ -4,7 +4,6 @@
 //! frontend that serves each primary's volume while its lease is valid.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -251,9 +250,4 @@ pub async fn serve_grpc(
             TcpListenerStream::new(listener),
         )
         .await
-}
-
-/// The address string of a bound listener.
-pub fn addr_string(a: SocketAddr) -> String {
-    a.to_string()
 }
