@@ -57,8 +57,8 @@ pub struct MasterArgs {
     /// gRPC listen address.
     #[arg(long, default_value = "127.0.0.1:9333")]
     pub listen: SocketAddr,
-    /// HTTP status listen address.
-    #[arg(long, default_value = "127.0.0.1:0")]
+    /// HTTP status listen address (`swblock block list|status` ask it).
+    #[arg(long, default_value = "127.0.0.1:9334")]
     pub http: SocketAddr,
     /// Lease granted to primaries, in milliseconds.
     #[arg(long, default_value_t = 4000)]
@@ -109,6 +109,27 @@ pub enum BlockCommand {
         /// The master.
         #[arg(long, default_value = "127.0.0.1:9333")]
         master: String,
+    },
+    /// List every volume the master knows: size, mode, epoch, primary and replicas.
+    List {
+        /// The master's HTTP status address (`master_http` in cluster.json).
+        #[arg(long, default_value = "127.0.0.1:9334")]
+        master_http: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One volume as its servers see it: each copy's role, epoch, lease, head, committed and
+    /// checkpoint, and from the primary each replica's state, lag and recovery progress.
+    Status {
+        /// Volume name.
+        name: String,
+        /// The master's HTTP status address (`master_http` in cluster.json).
+        #[arg(long, default_value = "127.0.0.1:9334")]
+        master_http: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -216,6 +237,31 @@ async fn master_client(master: &str) -> Result<SeaweedClient<tonic::transport::C
 
 /// Runs an operator command.
 pub fn run_block(cmd: BlockCommand) -> Result<(), Error> {
+    match cmd {
+        BlockCommand::List { master_http, json } => {
+            let l = block_list(&master_http)?;
+            if json {
+                println!("{l}");
+            } else {
+                print!("{}", list_table(&l));
+            }
+            return Ok(());
+        }
+        BlockCommand::Status {
+            name,
+            master_http,
+            json,
+        } => {
+            let st = block_status(&master_http, &name)?;
+            if json {
+                println!("{st}");
+            } else {
+                print!("{}", status_text(&st));
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         match cmd {
@@ -295,9 +341,212 @@ pub fn run_block(cmd: BlockCommand) -> Result<(), Error> {
                     .await?;
                 println!("deleted {name}");
             }
+            BlockCommand::List { .. } | BlockCommand::Status { .. } => {}
         }
         Ok(())
     })
+}
+
+/// GETs `path` from the HTTP status server at `addr` and parses its JSON.
+fn get_json(addr: &str, path: &str) -> Result<serde_json::Value, Error> {
+    let body = crate::cluster::http_get(addr, path)?;
+    Ok(serde_json::from_str(&body).map_err(|e| format!("GET {addr}{path}: {e}"))?)
+}
+
+/// Every volume the master at `master_http` knows, as JSON:
+/// `{"volumes": [{"name", "size_bytes", "durability_mode", "epoch", "primary", "replicas"}],
+/// "alive": [server ids]}`.
+pub fn block_list(master_http: &str) -> Result<serde_json::Value, Error> {
+    let m = get_json(master_http, "/status")?;
+    let vols: Vec<serde_json::Value> = m["volumes"]
+        .as_object()
+        .map(|o| o.values().cloned().collect())
+        .unwrap_or_default();
+    Ok(serde_json::json!({ "volumes": vols, "alive": m["alive"] }))
+}
+
+fn list_table(l: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "{:<24} {:>10} {:<12} {:>6} {:<12} replicas\n",
+        "name", "size", "mode", "epoch", "primary"
+    );
+    for v in l["volumes"].as_array().into_iter().flatten() {
+        let replicas: Vec<&str> = v["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str())
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<24} {:>10} {:<12} {:>6} {:<12} {}",
+            v["name"].as_str().unwrap_or("?"),
+            human_bytes(v["size_bytes"].as_u64().unwrap_or(0)),
+            v["durability_mode"].as_str().unwrap_or("?"),
+            v["epoch"].as_u64().unwrap_or(0),
+            v["primary"].as_str().unwrap_or("?"),
+            replicas.join(",")
+        );
+    }
+    out
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
+    for (u, m) in UNITS {
+        if b >= m && b.is_multiple_of(m) {
+            return format!("{}{u}", b / m);
+        }
+    }
+    b.to_string()
+}
+
+/// One volume as its servers report it, as JSON: the master's record (`epoch`, `primary`,
+/// `replicas`, `durability_mode`, `size_bytes`) and `copies`, one per server holding it:
+/// `{"server", "alive", "status", "error"}` where `status` is that server's `/status` entry
+/// for the volume (role, epoch, lease, head, committed, checkpoint and, on the primary, each
+/// replica's state, lag and recovery progress), or `null` with `error` when the server
+/// cannot be reached.
+pub fn block_status(master_http: &str, name: &str) -> Result<serde_json::Value, Error> {
+    let m = get_json(master_http, "/status")?;
+    let rec = m["volumes"]
+        .get(name)
+        .cloned()
+        .ok_or_else(|| format!("no volume named {name:?}"))?;
+    let alive: Vec<&str> = m["alive"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let mut servers: Vec<String> = rec["primary"]
+        .as_str()
+        .map(str::to_owned)
+        .into_iter()
+        .collect();
+    servers.extend(
+        rec["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned)),
+    );
+    let mut copies = Vec::new();
+    for id in servers {
+        let http = m["servers"][&id]["http"].as_str().unwrap_or_default();
+        let found = get_json(http, "/status").and_then(|s| {
+            s["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == name)
+                .cloned()
+                .ok_or_else(|| format!("server {id} does not hold {name}").into())
+        });
+        let (status, error) = match found {
+            Ok(v) => (v, serde_json::Value::Null),
+            Err(e) => (serde_json::Value::Null, e.to_string().into()),
+        };
+        copies.push(serde_json::json!({
+            "server": id,
+            "alive": alive.contains(&id.as_str()),
+            "status": status,
+            "error": error,
+        }));
+    }
+    let mut out = rec;
+    out["copies"] = copies.into();
+    Ok(out)
+}
+
+fn status_text(st: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}: {} {}, epoch {}, primary {}",
+        st["name"].as_str().unwrap_or("?"),
+        human_bytes(st["size_bytes"].as_u64().unwrap_or(0)),
+        st["durability_mode"].as_str().unwrap_or("?"),
+        st["epoch"].as_u64().unwrap_or(0),
+        st["primary"].as_str().unwrap_or("?"),
+    );
+    for c in st["copies"].as_array().into_iter().flatten() {
+        let id = c["server"].as_str().unwrap_or("?");
+        let s = &c["status"];
+        if s.is_null() {
+            let _ = writeln!(
+                out,
+                "  {id:<12} unreachable ({}): {}",
+                if c["alive"] == true { "alive" } else { "dead" },
+                c["error"].as_str().unwrap_or("")
+            );
+            continue;
+        }
+        let wal = match (s["wal_used_bytes"].as_u64(), s["wal_size_bytes"].as_u64()) {
+            (Some(u), Some(t)) if t > 0 => format!("{:.0}%", u as f64 * 100.0 / t as f64),
+            _ => "?".into(),
+        };
+        let lease = if s["has_lease"] == true {
+            format!(
+                ", lease {:.1} s",
+                s["lease_left_ms"].as_u64().unwrap_or(0) as f64 / 1e3
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "  {id:<12} {:<8} epoch {} head {} committed {} checkpoint {} wal {wal}{lease}",
+            s["role"].as_str().unwrap_or("?"),
+            s["epoch"].as_u64().unwrap_or(0),
+            s["head"].as_u64().unwrap_or(0),
+            s["committed"].as_u64().unwrap_or(0),
+            s["checkpoint"].as_u64().unwrap_or(0),
+        );
+        for r in s["replicas"].as_array().into_iter().flatten() {
+            let mut line = format!(
+                "    -> {:<20} {:<10} lag {} durable {}",
+                r["id"].as_str().unwrap_or("?"),
+                r["state"].as_str().unwrap_or("?"),
+                r["lag"].as_u64().unwrap_or(0),
+                r["durable"].as_u64().unwrap_or(0),
+            );
+            if let Some(why) = r["degraded_reason"].as_str() {
+                let _ = write!(line, " ({why})");
+            }
+            let p = &r["recovery"];
+            if !p.is_null() {
+                let _ = write!(
+                    line,
+                    "; {} {}/{} {}",
+                    p["path"].as_str().unwrap_or("?"),
+                    p["done"].as_u64().unwrap_or(0),
+                    p["total"].as_u64().unwrap_or(0),
+                    p["unit"].as_str().unwrap_or(""),
+                );
+                if let Some(pc) = p["percent"].as_f64() {
+                    let _ = write!(line, " ({pc:.1}%)");
+                }
+                match p["eta_secs"].as_f64() {
+                    Some(eta) => {
+                        let _ = write!(line, ", ETA {eta:.1} s");
+                    }
+                    None => line.push_str(", ETA unknown"),
+                }
+            } else if let Some(path) = r["last_path"].as_str().filter(|p| !p.is_empty()) {
+                let _ = write!(line, "; joined by {path}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
 }
 
 /// The NBD URI of export `name` at `addr` (empty when no address is known).

@@ -75,7 +75,7 @@ fn ready_fields(line: &str) -> Option<Vec<(String, String)>> {
     )
 }
 
-fn field(fields: &[(String, String)], key: &str) -> Result<String, Error> {
+pub(crate) fn field(fields: &[(String, String)], key: &str) -> Result<String, Error> {
     fields
         .iter()
         .find(|(k, _)| k == key)
@@ -84,7 +84,7 @@ fn field(fields: &[(String, String)], key: &str) -> Result<String, Error> {
 }
 
 /// Starts `exe args` with stderr to `log`, and waits (at most 30 s) for its `ready` line.
-fn spawn_ready(
+pub(crate) fn spawn_ready(
     exe: &Path,
     args: &[String],
     log: &Path,
@@ -173,6 +173,8 @@ pub fn up(dir: &Path, n: usize) -> Result<ClusterInfo, Error> {
                 dir.join("master").display().to_string(),
                 "--listen".into(),
                 "127.0.0.1:0".into(),
+                "--http".into(),
+                "127.0.0.1:0".into(),
             ],
             &dir.join("master.log"),
         )?;
@@ -249,6 +251,75 @@ pub fn up(dir: &Path, n: usize) -> Result<ClusterInfo, Error> {
             Err(e)
         }
     }
+}
+
+/// Starts volume server `id` of the cluster in `dir` again (after it stopped or was killed),
+/// at the same data directory and master, with stderr appended to `dir/<id>.log`; records its
+/// new pid and addresses in `cluster.json` (so `down` stops it) and returns them.
+pub fn restart_server(dir: &Path, id: &str) -> Result<ServerEntry, Error> {
+    let mut info = ClusterInfo::load(dir)?;
+    let i = info
+        .servers
+        .iter()
+        .position(|s| s.id == id)
+        .ok_or_else(|| format!("no server {id} in {}", dir.display()))?;
+    if alive(info.servers[i].pid) {
+        return Err(format!("server {id} is still running (pid {})", info.servers[i].pid).into());
+    }
+    let exe = std::env::current_exe()?;
+    let (child, f) = spawn_ready(
+        &exe,
+        &[
+            "volume".into(),
+            "--id".into(),
+            id.to_owned(),
+            "--data".into(),
+            info.servers[i].data.display().to_string(),
+            "--master".into(),
+            info.master.clone(),
+        ],
+        &dir.join(format!("{id}.restarted.log")),
+    )?;
+    let entry = ServerEntry {
+        id: id.to_owned(),
+        pid: child.id(),
+        grpc: field(&f, "grpc")?,
+        repl: field(&f, "repl")?,
+        nbd: field(&f, "nbd")?,
+        http: field(&f, "http")?,
+        data: info.servers[i].data.clone(),
+    };
+    std::mem::forget(child);
+    info.servers[i] = entry.clone();
+    std::fs::write(dir.join("cluster.json"), info.to_json_pretty())?;
+    Ok(entry)
+}
+
+/// Starts the master of the cluster in `dir` again, at its old addresses and data directory
+/// (its persisted state), and records its pid in `cluster.json`.
+pub fn restart_master(dir: &Path) -> Result<ClusterInfo, Error> {
+    let mut info = ClusterInfo::load(dir)?;
+    if alive(info.master_pid) {
+        return Err(format!("the master is still running (pid {})", info.master_pid).into());
+    }
+    let exe = std::env::current_exe()?;
+    let (child, _) = spawn_ready(
+        &exe,
+        &[
+            "master".into(),
+            "--data".into(),
+            dir.join("master").display().to_string(),
+            "--listen".into(),
+            info.master.clone(),
+            "--http".into(),
+            info.master_http.clone(),
+        ],
+        &dir.join("master.restarted.log"),
+    )?;
+    info.master_pid = child.id();
+    std::mem::forget(child);
+    std::fs::write(dir.join("cluster.json"), info.to_json_pretty())?;
+    Ok(info)
 }
 
 /// Whether process `pid` exists (and is not a zombie).

@@ -7,6 +7,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use crate::metrics::Op;
 
 use crate::nbd::{
     BlockDevice, DeviceError, DeviceHook, ExportError, Exports, NbdConfig, NbdServer,
@@ -31,6 +34,23 @@ struct PrimaryDevice {
     name: String,
 }
 
+impl PrimaryDevice {
+    /// Runs `f` as one request of `op` moving `bytes`, timed and counted.
+    fn measured(
+        &self,
+        op: Op,
+        bytes: u64,
+        f: impl FnOnce() -> Result<(), DeviceError>,
+    ) -> Result<(), DeviceError> {
+        let start = Instant::now();
+        let r = f();
+        self.node
+            .io_metrics()
+            .record(&self.name, op, start.elapsed(), bytes, r.is_ok());
+        r
+    }
+}
+
 impl BlockDevice for PrimaryDevice {
     fn size(&self) -> u64 {
         self.inner.size()
@@ -41,29 +61,35 @@ impl BlockDevice for PrimaryDevice {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        self.inner.read(offset, buf)
+        let n = buf.len() as u64;
+        self.measured(Op::Read, n, || self.inner.read(offset, buf))
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
-        let r = self.inner.write(offset, data, fua);
+        let r = self.measured(Op::Write, data.len() as u64, || {
+            self.inner.write(offset, data, false)
+        });
         self.node.notify(&self.name);
-        r
+        r?;
+        // FUA: the write's durability is a flush under the volume's mode, measured as one.
+        if fua { self.flush() } else { Ok(()) }
     }
 
     fn flush(&self) -> Result<(), DeviceError> {
-        self.inner.flush()
+        self.measured(Op::Flush, 0, || self.inner.flush())
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        let r = self.inner.trim(offset, len);
+        let r = self.measured(Op::Write, 0, || self.inner.trim(offset, len));
         self.node.notify(&self.name);
         r
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
-        let r = self.inner.write_zeroes(offset, len, fua);
+        let r = self.measured(Op::Write, 0, || self.inner.write_zeroes(offset, len, false));
         self.node.notify(&self.name);
-        r
+        r?;
+        if fua { self.flush() } else { Ok(()) }
     }
 
     fn flush_covers_all_connections(&self) -> bool {

@@ -13,7 +13,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use crate::master::grpc::Master;
-use crate::node::Node;
+use transport::stream::StreamState;
+
+use crate::node::{Node, VolumeInfo};
 
 type Body = Full<Bytes>;
 
@@ -73,32 +75,80 @@ where
     }
 }
 
+/// One replica of a primary, as JSON.
+fn replica_json(head: u64, r: &transport::stream::ReplicaStatus) -> serde_json::Value {
+    let state = match &r.state {
+        StreamState::Joining => "joining".to_owned(),
+        StreamState::Streaming => "streaming".to_owned(),
+        StreamState::Degraded(_) => "degraded".to_owned(),
+    };
+    let recovery = r.recovery.as_ref().map(|p| {
+        let (done, total, unit) = if p.base_bytes_total > 0 {
+            (p.base_bytes_done, p.base_bytes_total, "bytes")
+        } else {
+            (p.entries_done, p.entries_total, "entries")
+        };
+        serde_json::json!({
+            "path": p.path,
+            "done": done,
+            "total": total,
+            "unit": unit,
+            "percent": p.fraction().map(|f| (f * 1000.0).round() / 10.0),
+            "elapsed_secs": p.elapsed.as_secs_f64(),
+            "eta_secs": p.eta().map(|d| d.as_secs_f64()),
+            "entries_applied": p.entries_done,
+            "base_bytes_done": p.base_bytes_done,
+            "base_bytes_total": p.base_bytes_total,
+        })
+    });
+    serde_json::json!({
+        "id": r.id,
+        "state": state,
+        "degraded_reason": match &r.state {
+            StreamState::Degraded(why) => Some(why.as_str()),
+            _ => None,
+        },
+        "shipped": r.shipped.0,
+        "durable": r.durable.0,
+        "lag": head.saturating_sub(r.durable.0),
+        "joins": r.joins,
+        "last_path": r.last_path,
+        "recoveries": {
+            "catch_up": r.catch_ups,
+            "truncate": r.truncations,
+            "rebuild": r.rebuilds,
+        },
+        "streamed_entries": r.streamed,
+        "barriers": r.barriers,
+        "rebuild_bytes_sent": r.base_bytes_sent,
+        "rebuild_bytes_resumed": r.base_bytes_resumed,
+        "recovery": recovery,
+    })
+}
+
+/// One volume of a server, as JSON (`/status` and `swblock block status`).
+pub fn volume_json(v: &VolumeInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": v.name,
+        "role": format!("{:?}", v.role).to_lowercase(),
+        "epoch": v.epoch,
+        "has_lease": v.has_lease,
+        "lease_left_ms": v.lease_left_ms,
+        "size_bytes": v.size_bytes,
+        "durability_mode": v.mode.as_str(),
+        "head": v.head,
+        "committed": v.committed,
+        "checkpoint": v.checkpoint,
+        "wal_used_bytes": v.wal_used_bytes,
+        "wal_size_bytes": v.wal_size_bytes,
+        "needs_rebuild": v.needs_rebuild,
+        "replicas": v.replica_states.iter().map(|r| replica_json(v.head, r)).collect::<Vec<_>>(),
+    })
+}
+
 /// A volume server's status as JSON.
 pub fn volume_status(node: &Node) -> serde_json::Value {
-    let vols: Vec<serde_json::Value> = node
-        .inventory()
-        .iter()
-        .map(|v| {
-            serde_json::json!({
-                "name": v.name,
-                "role": format!("{:?}", v.role).to_lowercase(),
-                "epoch": v.epoch,
-                "has_lease": v.has_lease,
-                "size_bytes": v.size_bytes,
-                "durability_mode": v.mode.as_str(),
-                "head": v.head,
-                "committed": v.committed,
-                "checkpoint": v.checkpoint,
-                "needs_rebuild": v.needs_rebuild,
-                "replicas": v.replica_states.iter().map(|(id, state, durable)| serde_json::json!({
-                    "id": id,
-                    "state": state,
-                    "durable": durable,
-                    "lag": v.head.saturating_sub(*durable),
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
+    let vols: Vec<serde_json::Value> = node.inventory().iter().map(volume_json).collect();
     serde_json::json!({
         "id": node.id(),
         "repl_addr": node.repl_addr().to_string(),
@@ -106,65 +156,9 @@ pub fn volume_status(node: &Node) -> serde_json::Value {
     })
 }
 
-/// Prometheus text for a volume server.
+/// Prometheus (OpenMetrics) text for a volume server.
 pub fn volume_metrics(node: &Node) -> String {
-    let mut out = String::new();
-    let inv = node.inventory();
-    let gauge = |out: &mut String, name: &str, help: &str| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
-    };
-    gauge(
-        &mut out,
-        "swblock_volume_head_lsn",
-        "Last LSN in the volume's WAL.",
-    );
-    for v in &inv {
-        out.push_str(&format!(
-            "swblock_volume_head_lsn{{volume=\"{}\"}} {}\n",
-            v.name, v.head
-        ));
-    }
-    gauge(&mut out, "swblock_volume_committed_lsn", "Committed LSN.");
-    for v in &inv {
-        out.push_str(&format!(
-            "swblock_volume_committed_lsn{{volume=\"{}\"}} {}\n",
-            v.name, v.committed
-        ));
-    }
-    gauge(&mut out, "swblock_volume_epoch", "The volume's epoch.");
-    for v in &inv {
-        out.push_str(&format!(
-            "swblock_volume_epoch{{volume=\"{}\"}} {}\n",
-            v.name, v.epoch
-        ));
-    }
-    gauge(
-        &mut out,
-        "swblock_volume_has_lease",
-        "1 when a primary holds a valid lease.",
-    );
-    for v in &inv {
-        out.push_str(&format!(
-            "swblock_volume_has_lease{{volume=\"{}\"}} {}\n",
-            v.name,
-            u8::from(v.has_lease)
-        ));
-    }
-    gauge(
-        &mut out,
-        "swblock_replica_lag_entries",
-        "Entries a replica is behind its primary.",
-    );
-    for v in &inv {
-        for (id, _, durable) in &v.replica_states {
-            out.push_str(&format!(
-                "swblock_replica_lag_entries{{volume=\"{}\",replica=\"{id}\"}} {}\n",
-                v.name,
-                v.head.saturating_sub(*durable)
-            ));
-        }
-    }
-    out
+    crate::metrics::render(node.io_metrics(), &node.inventory())
 }
 
 /// Serves a volume server's `/status` and `/metrics` on `listener` forever.
@@ -174,7 +168,10 @@ pub async fn serve_volume(listener: tokio::net::TcpListener, node: Arc<Node>) {
             "application/json".into(),
             format!("{:#}\n", volume_status(&node)),
         )),
-        "/metrics" => Some(("text/plain; version=0.0.4".into(), volume_metrics(&node))),
+        "/metrics" => Some((
+            "application/openmetrics-text; version=1.0.0; charset=utf-8".into(),
+            volume_metrics(&node),
+        )),
         _ => None,
     })
     .await;

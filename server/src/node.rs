@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use blockvol::{CreateOptions, Epoch, FlushGate, Lsn, OpenOptions, Role, Volume};
+use blockvol::{CreateOptions, Epoch, FlushGate, Lsn, OpenOptions, RetentionPolicy, Role, Volume};
 use controlbridge::{BlockRole, BlockVolumeAssignment, ControlBridge};
 use transport::net::{ReplicaServer, ServerConfig, Volumes};
 use transport::stream::{DurabilityMode, ReplicaSpec, Replicator, StreamConfig, StreamState};
@@ -171,6 +171,12 @@ pub struct VolumeInfo {
     pub checkpoint: u64,
     /// A primary with a valid lease.
     pub has_lease: bool,
+    /// How long the lease still runs, in milliseconds (0 without a valid lease).
+    pub lease_left_ms: u64,
+    /// Bytes of the WAL ring in use.
+    pub wal_used_bytes: u64,
+    /// The WAL ring's size.
+    pub wal_size_bytes: u64,
     /// The durability mode.
     pub mode: DurabilityMode,
     /// Replica IDs and data addresses (a primary's set).
@@ -179,8 +185,8 @@ pub struct VolumeInfo {
     pub replica_degraded: bool,
     /// The volume holds an unfinished base install.
     pub needs_rebuild: bool,
-    /// Per replica: ID, state, durable LSN (a primary's).
-    pub replica_states: Vec<(String, String, u64)>,
+    /// Per replica of a primary: its stream state, counters and running recovery.
+    pub replica_states: Vec<transport::stream::ReplicaStatus>,
 }
 
 /// Facts a master reads before promoting this server's copy of a volume.
@@ -207,6 +213,7 @@ pub struct Node {
     repl: Mutex<Option<ReplicaServer>>,
     repl_addr: SocketAddr,
     state: Mutex<BTreeMap<String, Ctl>>,
+    io: crate::metrics::IoMetrics,
 }
 
 impl std::fmt::Debug for Node {
@@ -218,11 +225,21 @@ impl std::fmt::Debug for Node {
     }
 }
 
-fn volume_options() -> OpenOptions {
+/// Options for a volume whose WAL ring is `wal_size_bytes`.
+fn volume_options(wal_size_bytes: u64) -> OpenOptions {
     OpenOptions {
         // Nothing reaches the extent before the durability mode committed it, so a replica or
         // an old primary can always truncate what was never committed.
         flush_gate: FlushGate::Committed,
+        // Keep up to half the ring of flushed entries (D45): a replica that was away for a
+        // while (restarted, partitioned) is caught up from them instead of rebuilt from an
+        // image. The retention yields to writers: it never holds space a writer waits for,
+        // so a replica that never returns costs no write stalls, only the rebuild it then
+        // needs.
+        retention: RetentionPolicy {
+            keep_entries: 0,
+            keep_bytes: wal_size_bytes / 2,
+        },
         ..OpenOptions::default()
     }
 }
@@ -294,11 +311,17 @@ impl Node {
             repl: Mutex::new(Some(repl)),
             repl_addr,
             state: Mutex::new(state),
+            io: crate::metrics::IoMetrics::default(),
         }))
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Ctl>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What the frontend measured (see [`crate::metrics`]).
+    pub fn io_metrics(&self) -> &crate::metrics::IoMetrics {
+        &self.io
     }
 
     /// The server ID.
@@ -350,7 +373,7 @@ impl Node {
         };
         let meta_path = self.cfg.data.join(format!("{name}.meta"));
         std::fs::write(&meta_path, meta.encode()).map_err(|e| storage(meta_path.display(), e))?;
-        let vol = Volume::create(&path, &opts, &volume_options())
+        let vol = Volume::create(&path, &opts, &volume_options(meta.wal_size_bytes))
             .map_err(|e| storage(path.display(), e))?;
         let vol = Arc::new(vol);
         self.volumes
@@ -562,6 +585,15 @@ impl Node {
                     checkpoint: s.checkpoint.0,
                     has_lease: c.role == BlockRole::Primary
                         && c.lease_until.is_some_and(|t| t > now),
+                    lease_left_ms: c
+                        .lease_until
+                        .filter(|_| c.role == BlockRole::Primary)
+                        .map_or(0, |t| {
+                            u64::try_from(t.saturating_duration_since(now).as_millis())
+                                .unwrap_or(u64::MAX)
+                        }),
+                    wal_used_bytes: s.wal_used_bytes,
+                    wal_size_bytes: s.wal_size_bytes,
                     mode: c.meta.mode,
                     replicas: c
                         .replicas
@@ -570,17 +602,7 @@ impl Node {
                         .collect(),
                     replica_degraded: states.iter().any(|r| r.state != StreamState::Streaming),
                     needs_rebuild: s.install_incomplete,
-                    replica_states: states
-                        .iter()
-                        .map(|r| {
-                            let state = match &r.state {
-                                StreamState::Joining => "joining".to_owned(),
-                                StreamState::Streaming => "streaming".to_owned(),
-                                StreamState::Degraded(why) => format!("degraded: {why}"),
-                            };
-                            (r.id.clone(), state, r.durable.0)
-                        })
-                        .collect(),
+                    replica_states: states,
                 }
             })
             .collect()
@@ -704,7 +726,8 @@ fn open_volume(dir: &Path, name: &str) -> Result<Ctl, NodeError> {
     let text = std::fs::read_to_string(&meta_path).map_err(|e| storage(meta_path.display(), e))?;
     let meta = VolumeMeta::decode(&text).map_err(|e| storage(meta_path.display(), e))?;
     let path = dir.join(format!("{name}.vol"));
-    let vol = Volume::open(&path, &volume_options()).map_err(|e| storage(path.display(), e))?;
+    let vol = Volume::open(&path, &volume_options(meta.wal_size_bytes))
+        .map_err(|e| storage(path.display(), e))?;
     let s = vol.status();
     Ok(Ctl {
         vol: Arc::new(vol),

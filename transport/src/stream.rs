@@ -166,6 +166,85 @@ pub struct ReplicaStatus {
     pub base_bytes_sent: u64,
     /// Image bytes rebuilds did not send because it resumed an interrupted install.
     pub base_bytes_resumed: u64,
+    /// Recoveries completed by path (counted when the executor finishes, even if the join
+    /// then fails): caught up from the primary's WAL.
+    pub catch_ups: u64,
+    /// A divergent tail truncated (and caught up).
+    pub truncations: u64,
+    /// Rebuilt from an image (and its tail).
+    pub rebuilds: u64,
+    /// The path of the last join that completed: `in_sync`, `prefix` (ahead of committed on
+    /// the primary's own log), `catch_up`, `truncate` or `rebuild`; empty before the first.
+    pub last_path: &'static str,
+    /// The recovery running now, if one is.
+    pub recovery: Option<RecoveryProgress>,
+}
+
+/// How far a running recovery is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryProgress {
+    /// `catch_up`, `truncate` or `rebuild`.
+    pub path: &'static str,
+    /// Time since it started.
+    pub elapsed: Duration,
+    /// Entries applied so far.
+    pub entries_done: u64,
+    /// Entries it has to apply (a catch-up's gap to the committed point when it was planned;
+    /// 0 for a rebuild, whose tail is known only after its image).
+    pub entries_total: u64,
+    /// Image bytes the replica holds so far.
+    pub base_bytes_done: u64,
+    /// The image's size (0 for a catch-up).
+    pub base_bytes_total: u64,
+}
+
+impl RecoveryProgress {
+    /// Done, as a fraction in [0, 1]: by image bytes for a rebuild, by entries for a
+    /// catch-up; `None` when there is nothing to measure yet.
+    pub fn fraction(&self) -> Option<f64> {
+        let (done, total) = if self.base_bytes_total > 0 {
+            (self.base_bytes_done, self.base_bytes_total)
+        } else {
+            (self.entries_done, self.entries_total)
+        };
+        (total > 0).then(|| (done.min(total) as f64 / total as f64).clamp(0.0, 1.0))
+    }
+
+    /// Time left at the rate so far; `None` before anything moved.
+    pub fn eta(&self) -> Option<Duration> {
+        let f = self.fraction()?;
+        if f <= 0.0 {
+            return None;
+        }
+        Some(self.elapsed.mul_f64((1.0 - f) / f))
+    }
+}
+
+impl std::fmt::Display for RecoveryProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.base_bytes_total > 0 {
+            write!(
+                f,
+                "{} {:.1}/{:.1} MiB",
+                self.path,
+                self.base_bytes_done as f64 / 1048576.0,
+                self.base_bytes_total as f64 / 1048576.0
+            )?;
+        } else {
+            write!(
+                f,
+                "{} {}/{} entries",
+                self.path, self.entries_done, self.entries_total
+            )?;
+        }
+        if let Some(frac) = self.fraction() {
+            write!(f, " ({:.0}%)", frac * 100.0)?;
+        }
+        match self.eta() {
+            Some(eta) => write!(f, ", ETA {:.1} s", eta.as_secs_f64()),
+            None => write!(f, ", ETA unknown"),
+        }
+    }
 }
 
 /// Why a flush did not return an acknowledgement.
@@ -211,6 +290,29 @@ pub enum FlushError {
 struct Slot {
     spec: ReplicaSpec,
     status: ReplicaStatus,
+    /// The recovery running now: its path, start, counters and entries to apply.
+    live: Option<Live>,
+}
+
+struct Live {
+    path: &'static str,
+    started: Instant,
+    counters: Arc<v2bridge::Progress>,
+    entries_total: u64,
+}
+
+impl Live {
+    fn progress(&self) -> RecoveryProgress {
+        let c = self.counters.snapshot();
+        RecoveryProgress {
+            path: self.path,
+            elapsed: self.started.elapsed(),
+            entries_done: c.entries,
+            entries_total: self.entries_total,
+            base_bytes_done: c.base_done,
+            base_bytes_total: c.base_total,
+        }
+    }
 }
 
 struct State {
@@ -296,8 +398,14 @@ impl Replicator {
                     apply_micros: 0,
                     base_bytes_sent: 0,
                     base_bytes_resumed: 0,
+                    catch_ups: 0,
+                    truncations: 0,
+                    rebuilds: 0,
+                    last_path: "",
+                    recovery: None,
                 },
                 spec,
+                live: None,
             })
             .collect::<Vec<_>>();
         let n = slots.len();
@@ -451,13 +559,17 @@ impl Replicator {
         Ok(lsn)
     }
 
-    /// Every replica's state.
+    /// Every replica's state, with the progress of the recoveries running now.
     pub fn status(&self) -> Vec<ReplicaStatus> {
         self.shared
             .lock()
             .slots
             .iter()
-            .map(|s| s.status.clone())
+            .map(|s| {
+                let mut st = s.status.clone();
+                st.recovery = s.live.as_ref().map(Live::progress);
+                st
+            })
             .collect()
     }
 
@@ -565,12 +677,32 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
     let lineage = |sid: u64| Lineage::new(&sh.run_driver, blockvol::Epoch(sh.config.epoch), sid);
     // A replicator that stops cancels the join's session, so a long recovery ends at its next
     // step instead of holding `stop` up.
+    // It also logs a long recovery's progress, at most every `PROGRESS_LOG_EVERY`.
+    let last_log = std::cell::Cell::new(Instant::now());
     let stop_hook = |step: &engine::StepInfo| {
         if sh.stopped() {
             sh.driver
                 .cancel_session(&id, step.session_id, "replicator stopped");
         }
+        if last_log.get().elapsed() >= PROGRESS_LOG_EVERY {
+            last_log.set(Instant::now());
+            if let Some(p) = sh.lock().slots[i].live.as_ref().map(Live::progress) {
+                log::info!("replica {}: {p}", spec.id);
+            }
+        }
     };
+    // The recovery's live counters, cleared however the join ends.
+    let track = |path: &'static str, entries_total: u64| {
+        let counters = Arc::new(v2bridge::Progress::default());
+        sh.lock().slots[i].live = Some(Live {
+            path,
+            started: Instant::now(),
+            counters: Arc::clone(&counters),
+            entries_total,
+        });
+        counters
+    };
+    let _clear = ClearLive(sh, i);
     let committed = to_engine(sh.primary.status().committed);
     // A replica ahead of the committed point whose tip is the primary's own entry holds a
     // prefix of the primary's log (every run it applied was anchored on the primary's entry
@@ -589,18 +721,29 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
         );
         sh.driver
             .cancel_plan(plan, "replica holds a prefix of the primary's log");
-        return finish_join(sh, i, conn, lineage(sid), false);
+        return finish_join(sh, i, conn, lineage(sid), "prefix");
     }
-    let (conn, lineage, moved) = match plan.step() {
-        PlanStep::InSync => (conn, lineage(sid), false),
-        PlanStep::CatchUp(_) | PlanStep::Truncate(_) => {
-            let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed);
+    let (conn, lineage, path) = match plan.step() {
+        PlanStep::InSync => (conn, lineage(sid), "in_sync"),
+        step @ (PlanStep::CatchUp(_) | PlanStep::Truncate(_)) => {
+            let path = if matches!(step, PlanStep::Truncate(_)) {
+                "truncate"
+            } else {
+                "catch_up"
+            };
+            let counters = track(path, committed.0.saturating_sub(hs.head.0));
+            let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed)
+                .with_progress(counters);
             CatchUpExecutor::new(&sh.driver, plan)
                 .with_options(sh.config.recovery)
                 .with_on_step(stop_hook)
                 .execute(&mut io)
-                .map_err(|e| format!("catch-up: {e}"))?;
-            (io.into_target(), lineage(sid), true)
+                .map_err(|e| format!("{path}: {e}"))?;
+            sh.update(i, |s| match path {
+                "truncate" => s.truncations += 1,
+                _ => s.catch_ups += 1,
+            });
+            (io.into_target(), lineage(sid), path)
         }
         PlanStep::NeedsRebuild | PlanStep::Rebuild(_) => {
             drop(plan);
@@ -613,7 +756,9 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
             // kept it in place): kept images have done their work.
             sh.kept.release_all();
             let sid = plan.session_id().ok_or("rebuild without a session")?.get();
-            let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed);
+            let counters = track("rebuild", 0);
+            let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed)
+                .with_progress(counters);
             let done = RebuildExecutor::new(&sh.driver, plan)
                 .with_options(sh.config.recovery)
                 .with_on_step(stop_hook)
@@ -627,12 +772,25 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
                     .saturating_add(io.stats.base_bytes_resumed);
             }
             done.map_err(|e| format!("rebuild: {e}"))?;
+            sh.update(i, |s| s.rebuilds += 1);
             // Finished: the image it let go of is not needed again.
             sh.kept.release_all();
-            (io.into_target(), lineage(sid), true)
+            (io.into_target(), lineage(sid), "rebuild")
         }
     };
-    finish_join(sh, i, conn, lineage, moved)
+    finish_join(sh, i, conn, lineage, path)
+}
+
+/// How often a long recovery logs its progress.
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Clears a slot's live recovery when a join ends, however it ends.
+struct ClearLive<'a>(&'a Shared, usize);
+
+impl Drop for ClearLive<'_> {
+    fn drop(&mut self) {
+        self.0.lock().slots[self.1].live = None;
+    }
 }
 
 /// After a join: checks where the replica stands against the primary and marks it streaming.
@@ -641,7 +799,7 @@ fn finish_join(
     i: usize,
     conn: RemoteReplica,
     lineage: Lineage,
-    moved: bool,
+    path: &'static str,
 ) -> Result<(RemoteReplica, Lineage, EntryInfo), String> {
     let mut conn = conn;
     // Where the replica stands now: the stream continues after exactly this entry.
@@ -679,7 +837,10 @@ fn finish_join(
         s.shipped = hs.head;
         s.durable = hs.head;
         s.joins += 1;
-        s.recoveries += u64::from(moved);
+        s.last_path = path;
+        if matches!(path, "catch_up" | "truncate" | "rebuild") {
+            s.recoveries += 1;
+        }
     });
     Ok((conn, lineage, primary_tip))
 }
@@ -819,4 +980,41 @@ fn ship_batch(
             .saturating_add(u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX));
     });
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(done: u64, total: u64, base: bool) -> RecoveryProgress {
+        RecoveryProgress {
+            path: if base { "rebuild" } else { "catch_up" },
+            elapsed: Duration::from_secs(10),
+            entries_done: if base { 7 } else { done },
+            entries_total: if base { 0 } else { total },
+            base_bytes_done: if base { done } else { 0 },
+            base_bytes_total: if base { total } else { 0 },
+        }
+    }
+
+    #[test]
+    fn progress_measures_a_rebuild_by_image_bytes_and_a_catch_up_by_entries() {
+        let p = progress(1 << 20, 4 << 20, true);
+        assert_eq!(p.fraction(), Some(0.25));
+        // A quarter in ten seconds: thirty to go.
+        assert_eq!(p.eta(), Some(Duration::from_secs(30)));
+        assert_eq!(p.to_string(), "rebuild 1.0/4.0 MiB (25%), ETA 30.0 s");
+        let p = progress(500, 1000, false);
+        assert_eq!(p.eta(), Some(Duration::from_secs(10)));
+        assert_eq!(p.to_string(), "catch_up 500/1000 entries (50%), ETA 10.0 s");
+        // Nothing moved yet, nothing to measure, more done than planned.
+        assert_eq!(progress(0, 1000, false).eta(), None);
+        assert_eq!(progress(0, 0, false).fraction(), None);
+        assert_eq!(
+            progress(0, 0, false).to_string(),
+            "catch_up 0/0 entries, ETA unknown"
+        );
+        assert_eq!(progress(2000, 1000, false).fraction(), Some(1.0));
+        assert_eq!(progress(2000, 1000, false).eta(), Some(Duration::ZERO));
+    }
 }

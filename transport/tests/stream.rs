@@ -244,6 +244,13 @@ fn sync_quorum_acknowledges_with_a_majority_and_refuses_without() {
     wait_streaming(&r, 0, 2);
     let st = r.status();
     assert_eq!(st[0].recoveries, 1, "{:?}", st[0]);
+    assert_eq!(
+        (st[0].catch_ups, st[0].rebuilds, st[0].last_path),
+        (1, 0, "catch_up"),
+        "{:?}",
+        st[0]
+    );
+    assert_eq!(st[0].recovery, None, "no recovery runs once it streams");
     let last = c.write(5);
     r.notify();
     assert_eq!(r.flush().expect("flush"), last);
@@ -328,6 +335,7 @@ fn a_replica_that_missed_entries_rejoins_under_a_steady_writer() {
     // primary's own log: it joined without a truncation and the stream shipped the rest.
     assert_eq!(st[1].joins, 2, "{:?}", st[1]);
     assert_eq!(st[1].recoveries, 0, "{:?}", st[1]);
+    assert_eq!(st[1].last_path, "prefix", "{:?}", st[1]);
     assert_eq!(
         st[1].duplicates, 0,
         "the stream resumed at exactly the next entry"
@@ -480,6 +488,7 @@ fn a_rebuild_over_a_link_that_keeps_breaking_converges_by_resuming() {
     let r = Replicator::start(Arc::clone(&c.primary), specs, config).expect("replicator");
     proxy.set_every(Direction::Up, Some(Fault::CutAfter(CUT)));
     let mut converged = false;
+    let mut seen_progress = 0u64;
     let deadline = Instant::now() + Duration::from_secs(60);
     for round in 0..20_000u64 {
         head = c.write(1);
@@ -491,6 +500,20 @@ fn a_rebuild_over_a_link_that_keeps_breaking_converges_by_resuming() {
             c.primary.force_flush().expect("flush");
         }
         let st = r.status()[0].clone();
+        if let Some(p) = &st.recovery {
+            // A rebuild in flight reports its image's size (once its image is open) and how
+            // much the replica holds; a catch-up (a cut during a rebuild's tail) its entries.
+            assert!(
+                p.entries_total == 0 || p.entries_done <= p.entries_total,
+                "{p:?}"
+            );
+            assert!(p.base_bytes_done <= p.base_bytes_total, "{p:?}");
+            if p.path == "rebuild" {
+                let size = c.primary.geometry().volume_bytes();
+                assert!([0, size].contains(&p.base_bytes_total), "{p:?}");
+                seen_progress = seen_progress.max(p.base_bytes_done);
+            }
+        }
         if !converged && st.state == StreamState::Streaming && st.recoveries > 0 {
             eprintln!("converged after {} cuts: {st:?}", proxy.fired());
             converged = true;
@@ -514,6 +537,10 @@ fn a_rebuild_over_a_link_that_keeps_breaking_converges_by_resuming() {
         "the image needed several connections: {cuts} cuts"
     );
     assert!(st.base_bytes_resumed > 0, "{st:?}");
+    assert!(
+        seen_progress > 0,
+        "the status never showed a rebuild's progress while it ran"
+    );
     // Everything written reaches the replica and matches the oracle.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -8,6 +8,7 @@
 //! can read them over a network (a replica pulling its own rebuild), with the same checks.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use blockvol::{BaseInstallSpec, BasePin, BaseReader, EntryInfo, Lba, Volume};
 use engine::{
@@ -46,6 +47,42 @@ pub struct IoStats {
     pub base_bytes_resumed: u64,
     /// Barriers.
     pub barriers: u64,
+}
+
+/// Live counters of one recovery, shared with whoever reports its progress (a status page, a
+/// progress log) while the recovery runs on another thread. Relaxed atomics: each counter is
+/// exact, a reader may see one a step ahead of another.
+#[derive(Debug, Default)]
+pub struct Progress {
+    base_total: AtomicU64,
+    base_done: AtomicU64,
+    entries: AtomicU64,
+    wal_bytes: AtomicU64,
+}
+
+/// What [`Progress`] counted so far.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgressSnapshot {
+    /// The image's size in bytes (0 before a base transfer began).
+    pub base_total: u64,
+    /// Image bytes the replica holds: scanned and sent, or kept from an interrupted install.
+    pub base_done: u64,
+    /// WAL entries applied on the replica.
+    pub entries: u64,
+    /// Encoded WAL bytes shipped.
+    pub wal_bytes: u64,
+}
+
+impl Progress {
+    /// What was counted so far.
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        ProgressSnapshot {
+            base_total: self.base_total.load(Ordering::Relaxed),
+            base_done: self.base_done.load(Ordering::Relaxed),
+            entries: self.entries.load(Ordering::Relaxed),
+            wal_bytes: self.wal_bytes.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// One chunk of an image read by a [`PrimarySource`].
@@ -252,6 +289,8 @@ pub struct BridgeIo<T: ReplicaTarget, S: PrimarySource = LocalSource> {
     frames: Vec<u8>,
     /// What moved so far.
     pub stats: IoStats,
+    /// Live counters for another thread, when asked for.
+    progress: Option<Arc<Progress>>,
 }
 
 /// A replica's refusal as the engine's transfer error.
@@ -309,6 +348,20 @@ impl<T: ReplicaTarget, S: PrimarySource> BridgeIo<T, S> {
             resumed: 0,
             frames: Vec::new(),
             stats: IoStats::default(),
+            progress: None,
+        }
+    }
+
+    /// Also counts into `progress` as the recovery goes (see [`Progress`]).
+    #[must_use]
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    fn count(&self, f: impl FnOnce(&Progress)) {
+        if let Some(p) = &self.progress {
+            f(p);
         }
     }
 
@@ -388,6 +441,10 @@ impl<T: ReplicaTarget, S: PrimarySource> CatchUpIo for BridgeIo<T, S> {
         self.stats.entries_applied = self.stats.entries_applied.saturating_add(reply.applied);
         self.stats.duplicates = self.stats.duplicates.saturating_add(reply.duplicates);
         self.stats.wal_bytes = self.stats.wal_bytes.saturating_add(bytes);
+        self.count(|p| {
+            p.entries.fetch_add(reply.applied, Ordering::Relaxed);
+            p.wal_bytes.fetch_add(bytes, Ordering::Relaxed);
+        });
         Ok(WalChunk {
             applied_to: to_engine(reply.applied_to),
             entries,
@@ -476,7 +533,13 @@ impl<T: ReplicaTarget, S: PrimarySource> RebuildIo for BridgeIo<T, S> {
             }
         }
         self.base = Some(false);
-        Ok(spec.geometry.volume_bytes())
+        let total = spec.geometry.volume_bytes();
+        self.count(|p| {
+            p.base_total.store(total, Ordering::Relaxed);
+            p.base_done
+                .store(self.resumed.min(total), Ordering::Relaxed);
+        });
+        Ok(total)
     }
 
     fn transfer_base_chunk(&mut self, max_bytes: u64) -> Result<BaseChunkProgress, TransferError> {
@@ -528,6 +591,9 @@ impl<T: ReplicaTarget, S: PrimarySource> RebuildIo for BridgeIo<T, S> {
         }
         self.stats.base_bytes_scanned = self.stats.base_bytes_scanned.saturating_add(scanned);
         self.stats.base_bytes_sent = self.stats.base_bytes_sent.saturating_add(sent);
+        self.count(|p| {
+            p.base_done.fetch_add(scanned, Ordering::Relaxed);
+        });
         Ok(BaseChunkProgress {
             bytes: covered,
             bytes_sent: sent,

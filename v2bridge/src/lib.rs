@@ -70,7 +70,10 @@ mod io;
 mod storage;
 mod target;
 
-pub use io::{BridgeIo, ImageChunk, IoStats, LocalSource, PrimarySource, transfer_error};
+pub use io::{
+    BridgeIo, ImageChunk, IoStats, LocalSource, PrimarySource, Progress, ProgressSnapshot,
+    transfer_error,
+};
 pub use storage::{BlockVolStorage, ImageKeeper};
 pub use target::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use swblock::chain::{self, ChainOptions};
+use engine::conformance::ScenarioReport;
+use swblock::chain::{self, ChainOptions, ChainRow, Store};
 
 mod bench;
 mod fuzz;
@@ -16,10 +17,13 @@ tasks:
   chain-test [--scenario NAME] [--keep] [--json PATH]
       Run every recovery scenario end to end (assignment -> plan -> executor -> store ->
       verified replica): the conformance scenarios on the in-memory reference store and on
-      real volume files, then the chain scenarios on real volume files. Prints one row per
-      scenario and writes the same as JSON to target/chain-report.json (or PATH). NAME is
-      `store/scenario` or a bare scenario name. --keep keeps the volume files and prints
-      where. Exits 1 if any scenario fails.
+      real volume files, over TCP to a replica process (net/), the chain scenarios on real
+      volume files, and the cluster scenario's steps (cluster/: a master and three volume
+      servers as processes, driven through NBD by qemu-io and qemu-img; needs qemu-utils).
+      Prints one row per scenario and writes the same as JSON to target/chain-report.json
+      (or PATH). NAME is `store/scenario`, a bare scenario name, or `cluster` (any cluster/
+      name runs the whole cluster scenario, whose steps build on each other). --keep keeps
+      the volume files and prints where. Exits 1 if any scenario fails.
   bench [--quick] [--only NAME[,NAME]] [--json PATH] [--keep]
       Measure the store, recovery and rebuild against baselines measured in the same run
       (release build); prints a table and writes target/bench-report.json.
@@ -63,30 +67,86 @@ pub(crate) fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Builds `swblock-replicad` (the `net/` rows put their replicas in that process) in this
-/// task's profile, next to this executable, where the harness looks for it.
-fn build_replicad() -> Result<(), String> {
+/// Builds binary `bin` of package `package` in this task's profile, next to this executable,
+/// where the harnesses look for it: `swblock-replicad` (the `net/` rows put their replicas in
+/// that process) and `swblock` (the `cluster/` rows' processes).
+fn build_bin(package: &str, bin: &str) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "transport",
-        "--bin",
-        "swblock-replicad",
-    ]);
+    cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
     if !cfg!(debug_assertions) {
         cmd.arg("--release");
     }
     let status = cmd
         .current_dir(workspace_root())
         .status()
-        .map_err(|e| format!("cargo build swblock-replicad: {e}"))?;
+        .map_err(|e| format!("cargo build {bin}: {e}"))?;
     if !status.success() {
-        return Err(format!("cargo build swblock-replicad: {status}"));
+        return Err(format!("cargo build {bin}: {status}"));
     }
     Ok(())
+}
+
+/// The `cluster/` rows: the cluster scenario's steps (the whole scenario runs whichever step
+/// is selected, since each step needs the ones before it).
+fn cluster_rows(opts: &ChainOptions) -> Result<Vec<ChainRow>, String> {
+    let wanted: Vec<&str> = server::scenarios::STEPS
+        .iter()
+        .copied()
+        .filter(|s| {
+            chain::selected(opts, Store::Cluster, s) || opts.scenario.as_deref() == Some("cluster")
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    build_bin("server", "swblock")?;
+    let bin = server::scenarios::swblock_path()?;
+    let work = workspace_root().join("target").join("chain-cluster");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let steps = match server::scenarios::clients_missing() {
+        Some(missing) => server::scenarios::STEPS
+            .iter()
+            .map(|name| server::scenarios::StepReport {
+                name,
+                outcome: "failed".into(),
+                path: String::new(),
+                bytes: 0,
+                digest_match: false,
+                passed: false,
+                failure: Some(missing.clone()),
+                elapsed: std::time::Duration::ZERO,
+            })
+            .collect(),
+        None => server::scenarios::run(&bin, &work),
+    };
+    let all_passed = steps.iter().all(|s| s.passed);
+    let rows = steps
+        .into_iter()
+        .filter(|s| wanted.contains(&s.name))
+        .map(|s| ChainRow {
+            store: Store::Cluster,
+            elapsed: s.elapsed,
+            report: ScenarioReport {
+                name: s.name,
+                outcome: s.outcome,
+                path: s.path,
+                entries_applied: 0,
+                bytes_transferred: s.bytes,
+                pins_outstanding: 0,
+                digest_match: s.digest_match,
+                passed: s.passed,
+                failure: s.failure,
+            },
+        })
+        .collect();
+    if all_passed && !opts.keep {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        println!("cluster logs: {}", work.join("cluster").display());
+    }
+    Ok(rows)
 }
 
 fn chain_test(args: &[String]) -> Result<ExitCode, String> {
@@ -105,8 +165,9 @@ fn chain_test(args: &[String]) -> Result<ExitCode, String> {
             other => return Err(format!("chain-test: unknown option {other}")),
         }
     }
-    build_replicad()?;
-    let rows = chain::run(&opts);
+    build_bin("transport", "swblock-replicad")?;
+    let mut rows = chain::run(&opts);
+    rows.extend(cluster_rows(&opts)?);
     if rows.is_empty() {
         return Err(format!(
             "no scenario matches {}",

@@ -52,6 +52,19 @@ enum ClusterCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Start a stopped (or killed) process of the cluster again: a volume server at its data
+    /// directory, or the master at its addresses and state; updates DIR/cluster.json.
+    Restart {
+        /// The cluster's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The volume server to restart.
+        #[arg(long, conflicts_with = "master", required_unless_present = "master")]
+        server: Option<String>,
+        /// Restart the master.
+        #[arg(long)]
+        master: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +79,18 @@ fn main() -> ExitCode {
                 println!("{}", c.to_json_pretty());
             }),
             ClusterCommand::Down { dir } => server::cluster::down(&dir),
+            ClusterCommand::Restart {
+                dir,
+                server,
+                master,
+            } => match server {
+                Some(id) if !master => server::cluster::restart_server(&dir, &id).map(|e| {
+                    println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                }),
+                _ => server::cluster::restart_master(&dir).map(|c| {
+                    println!("{}", c.to_json_pretty());
+                }),
+            },
         },
     };
     match r {
