@@ -34,11 +34,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let mut vs2 = server(dir.path(), "vs2", create, OpenOptions::manual(), &fabric)?;
 
-    // Epoch 1: vs2 holds the replica, vs1 the primary (both volumes are created empty).
-    let out = vs2.process_assignments(&[assignment(1, 2, &[])]);
-    assert_eq!(out[0].error, None);
-    let out = vs1.process_assignments(&[assignment(1, 1, &["vs2"])]);
-    println!("epoch 1: {:?}", out[0].recoveries);
+    // Epoch 1: vs2 holds the replica, vs1 the primary (both volumes are created empty). Each
+    // assignment's recoveries run at once (`_inline`).
+    let out = vs2.process_assignments_inline(&[assignment(1, 2, &[])]);
+    assert!(out[0].error.is_none(), "{:?}", out[0].error);
+    let out = vs1.process_assignments_inline(&[assignment(1, 1, &["vs2"])]);
+    for (id, record) in &out[0].recoveries {
+        println!("epoch 1: {id}: {record}");
+    }
 
     // vs2 is cut off while the primary takes 100 writes, durable and committed.
     fabric.set_down("vs2:3260", true);
@@ -51,12 +54,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fabric.set_down("vs2:3260", false);
 
     // Epoch 2: the master re-assigns; the primary hands vs2 to the engine, which plans a
-    // catch-up from vs2's handshake and ships the missing entries through v2bridge.
-    let out = vs2.process_assignments(&[assignment(2, 2, &[])]);
-    assert_eq!(out[0].error, None);
-    let out = vs1.process_assignments(&[assignment(2, 1, &["vs2"])]);
-    for (id, record) in &out[0].recoveries {
-        match record {
+    // catch-up from vs2's handshake and ships the missing entries through v2bridge. Processing
+    // the assignment only returns the recovery it calls for; a server would run it on a worker
+    // thread while it goes on with other assignments. Here it runs right after.
+    let out = vs2.process_assignments_inline(&[assignment(2, 2, &[])]);
+    assert!(out[0].error.is_none(), "{:?}", out[0].error);
+    let mut out = vs1.process_assignments(&[assignment(2, 1, &["vs2"])]);
+    assert!(out[0].error.is_none(), "{:?}", out[0].error);
+    let pending = std::mem::take(&mut out[0].pending);
+    for recovery in pending {
+        let id = recovery.replica().clone();
+        let record = vs1.run_pending(recovery);
+        match &record {
             RecoveryRecord::Recovered(r) => println!(
                 "{id}: {} of {} entries, {} bytes, now {}",
                 r.path,
@@ -64,7 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 r.bytes_transferred(),
                 r.final_state
             ),
-            other => println!("{id}: {other:?}"),
+            other => println!("{id}: {other}"),
         }
     }
 

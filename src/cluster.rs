@@ -7,13 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use blockvol::{CreateOptions, FlushGate, OpenOptions, Role, Volume};
+use blockvol::{BlockVolError, CreateOptions, FlushGate, OpenOptions, Role, Volume};
 use controlbridge::{
     BackendError, BlockRole, BlockService, BlockVolumeAssignment, ReplicaAddr, Route, VolumeBackend,
 };
 use engine::{Endpoint, Epoch, ReplicaHandshake, SessionId, StorageAdapter};
 use v2bridge::convert::{handshake, to_engine};
-use v2bridge::{BlockVolStorage, BridgeIo, Lineage, LocalReplica, ReplicaTarget};
+use v2bridge::{BlockVolStorage, BridgeIo, Lineage, LocalReplica, ReplicaTarget, TargetError};
 
 #[derive(Default)]
 struct FabricInner {
@@ -51,7 +51,7 @@ impl Fabric {
 
     fn reachable(g: &FabricInner, addr: &str) -> Result<(), BackendError> {
         if g.down.contains(addr) {
-            return Err(BackendError(format!("{addr} unreachable")));
+            return Err(BackendError::unavailable(format!("{addr} unreachable")));
         }
         Ok(())
     }
@@ -62,7 +62,7 @@ impl Fabric {
         g.replicas
             .get(&(addr.to_owned(), volume.to_owned()))
             .cloned()
-            .ok_or_else(|| BackendError(format!("no replica of {volume} at {addr}")))
+            .ok_or_else(|| BackendError::unavailable(format!("no replica of {volume} at {addr}")))
     }
 
     fn primary(&self, addr: &str, volume: &str) -> Result<Arc<BlockVolStorage>, BackendError> {
@@ -71,7 +71,7 @@ impl Fabric {
         g.primaries
             .get(&(addr.to_owned(), volume.to_owned()))
             .cloned()
-            .ok_or_else(|| BackendError(format!("no primary of {volume} at {addr}")))
+            .ok_or_else(|| BackendError::unavailable(format!("no primary of {volume} at {addr}")))
     }
 }
 
@@ -173,7 +173,7 @@ impl DataDirBackend {
         } else {
             Volume::create(&path, &self.cfg.create, &opts)
         }
-        .map_err(|e| BackendError(format!("open {}: {e}", path.display())))?;
+        .map_err(|e| volume_error(format!("open {}", path.display()), &e))?;
         let vol = Arc::new(vol);
         self.volumes.insert(name.to_owned(), Arc::clone(&vol));
         Ok(vol)
@@ -183,7 +183,7 @@ impl DataDirBackend {
         self.storages
             .get(volume)
             .cloned()
-            .ok_or_else(|| BackendError(format!("{volume} is not a primary here")))
+            .ok_or_else(|| BackendError::refused(format!("{volume} is not a primary here")))
     }
 
     /// The lineage of a session this server drives. Session IDs are only ordered within one
@@ -198,6 +198,33 @@ impl DataDirBackend {
             v2bridge::convert::epoch_to_blockvol(epoch),
             session.get(),
         )
+    }
+}
+
+/// A blockvol failure as a backend error: a refusal when the volume refused the request in
+/// its current state (a stale or regressing epoch, a wrong role, a closed or read-only volume),
+/// an I/O error otherwise (the file, its checksums, its recovery).
+pub(crate) fn volume_error(context: String, e: &BlockVolError) -> BackendError {
+    let message = format!("{context}: {e}");
+    match e {
+        BlockVolError::StaleEpoch { .. }
+        | BlockVolError::EpochRegression { .. }
+        | BlockVolError::WrongRole { .. }
+        | BlockVolError::Closed
+        | BlockVolError::ReadOnly
+        | BlockVolError::InvalidArgument(_) => BackendError::refused(message),
+        _ => BackendError::io(message),
+    }
+}
+
+/// A replica's answer as a backend error: unavailable when it could not be reached, refused
+/// when it fenced the request, an I/O error when its storage or the data failed.
+pub(crate) fn target_error(context: String, e: &TargetError) -> BackendError {
+    let message = format!("{context}: {e}");
+    match e {
+        TargetError::Transport(_) => BackendError::unavailable(message),
+        TargetError::Fenced(_) | TargetError::Protocol(_) => BackendError::refused(message),
+        _ => BackendError::io(message),
     }
 }
 
@@ -228,7 +255,7 @@ impl VolumeBackend for DataDirBackend {
             blockvol_role(role),
             v2bridge::convert::epoch_to_blockvol(epoch),
         )
-        .map_err(|e| BackendError(format!("assign {volume}: {e}")))?;
+        .map_err(|e| volume_error(format!("assign {volume}"), &e))?;
         let key_data = (self.cfg.data_addr.clone(), volume.to_owned());
         let key_rebuild = (self.cfg.rebuild_addr.clone(), volume.to_owned());
         let mut g = self.fabric.lock();
@@ -279,7 +306,7 @@ impl VolumeBackend for DataDirBackend {
         let mut target = self.fabric.replica(&endpoint.data_addr, volume)?;
         let reply = target
             .handshake()
-            .map_err(|e| BackendError(format!("handshake with {}: {e}", endpoint.data_addr)))?;
+            .map_err(|e| target_error(format!("handshake with {}", endpoint.data_addr), &e))?;
         Ok(handshake(&reply))
     }
 
@@ -302,11 +329,9 @@ impl VolumeBackend for DataDirBackend {
                 self.fabric.replica(&endpoint.data_addr, volume)?,
             ),
             Route::Pull { rebuild_addr } => {
-                let target = self
-                    .replicas
-                    .get(volume)
-                    .cloned()
-                    .ok_or_else(|| BackendError(format!("{volume} is not a replica here")))?;
+                let target = self.replicas.get(volume).cloned().ok_or_else(|| {
+                    BackendError::refused(format!("{volume} is not a replica here"))
+                })?;
                 (self.fabric.primary(rebuild_addr, volume)?, target)
             }
         };

@@ -4,8 +4,12 @@
 //!
 //! - [`ControlBridge::convert_assignment`]: one assignment to one [`Conversion`]; missing or
 //!   malformed identity fails closed with a typed reason the caller can see.
-//! - [`BlockService`]: applies assignments in order and drives the recoveries they call for,
-//!   through a [`VolumeBackend`] (blockvol + v2bridge in this workspace).
+//! - [`BlockService`]: applies assignments in order and returns the recoveries they call for
+//!   as [`PendingRecovery`]s, each bound to its engine session, to run on any thread through a
+//!   [`VolumeBackend`] (blockvol + v2bridge in this workspace); or runs them inline.
+//! - Refusals and failures are typed: [`AssignmentError`] (stale, invalid, backend),
+//!   [`BackendError`] (unavailable, I/O, refused), [`RecoveryFailure`] (fenced, plan,
+//!   transfer, backend).
 //!
 //! This crate depends on the engine only.
 //!
@@ -39,12 +43,15 @@
 #![warn(missing_docs)]
 
 mod assignment;
+mod error;
 mod service;
 
 pub use assignment::{
     BlockRole, BlockVolumeAssignment, ControlBridge, ControlError, Conversion, MAX_NAME_BYTES,
     NameError, ReplicaAddr, SkippedReplica, make_replica_id, validate_name,
 };
+pub use error::{AssignmentError, BackendError, RecoveryFailure, StaleAssignment};
 pub use service::{
-    AssignmentOutcome, BackendError, BlockService, RecoveryRecord, Route, VolumeBackend,
+    AssignmentOutcome, BlockService, PendingRecovery, RecoveryRecord, RecoveryRoute, Route,
+    VolumeBackend,
 };

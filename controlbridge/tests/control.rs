@@ -230,7 +230,7 @@ impl VolumeBackend for ModelBackend {
         let s = self
             .primaries
             .get(volume)
-            .ok_or_else(|| BackendError(format!("no primary {volume}")))?;
+            .ok_or_else(|| BackendError::refused(format!("no primary {volume}")))?;
         Ok(Arc::new(s.clone()))
     }
 
@@ -239,10 +239,9 @@ impl VolumeBackend for ModelBackend {
         _volume: &str,
         endpoint: &Endpoint,
     ) -> Result<ReplicaHandshake, BackendError> {
-        let r = self
-            .replicas
-            .get(&endpoint.data_addr)
-            .ok_or_else(|| BackendError(format!("unreachable {}", endpoint.data_addr)))?;
+        let r = self.replicas.get(&endpoint.data_addr).ok_or_else(|| {
+            BackendError::unavailable(format!("unreachable {}", endpoint.data_addr))
+        })?;
         Ok(r.lock().unwrap().handshake())
     }
 
@@ -254,7 +253,7 @@ impl VolumeBackend for ModelBackend {
         _session: SessionId,
     ) -> Result<ModelIo, BackendError> {
         let Route::Push { endpoint } = route else {
-            return Err(BackendError("pull not modelled".into()));
+            return Err(BackendError::refused("pull not modelled"));
         };
         let primary = self.primaries.get(volume).cloned().unwrap();
         let r = self.replicas.get(&endpoint.data_addr).cloned().unwrap();
@@ -287,7 +286,7 @@ fn v2_bridge_process_assignment_creates_engine_sender() {
     let mut a = primary("pvc-test-1", 1);
     a.replica_server_id = "vs2".into();
     a.replica_data_addr = "10.0.0.2:3260".into();
-    let out = svc.process_assignments(&[a]);
+    let out = svc.process_assignments_inline(&[a]);
     assert_eq!(out[0].error, None);
     let orch = svc.orchestrator("pvc-test-1").unwrap();
     let sender = orch.registry().sender(&rid("pvc-test-1/vs2")).unwrap();
@@ -317,7 +316,7 @@ fn v2_bridge_process_assignment_epoch_bump() {
     let mut a = primary("pvc-test-1", 1);
     a.replica_server_id = "vs2".into();
     a.replica_data_addr = "r2".into();
-    svc.process_assignments(&[a.clone()]);
+    svc.process_assignments_inline(&[a.clone()]);
     let orch = svc.orchestrator("pvc-test-1").unwrap();
     let sender = orch.registry().sender(&rid("pvc-test-1/vs2")).unwrap();
     assert_eq!(sender.state(), ReplicaState::InSync);
@@ -325,14 +324,20 @@ fn v2_bridge_process_assignment_epoch_bump() {
     orch.advance_epoch(Epoch(2));
     assert_eq!(sender.state(), ReplicaState::Disconnected);
     a.epoch = 2;
-    let out = svc.process_assignments(&[a.clone()]);
+    let out = svc.process_assignments_inline(&[a.clone()]);
     assert_eq!(out[0].recoveries[0].1, RecoveryRecord::ZeroGap);
     assert_eq!(sender.state(), ReplicaState::InSync);
     assert_eq!(sender.epoch(), Epoch(2));
     // A stale epoch-1 assignment is refused whole and changes nothing.
     a.epoch = 1;
-    let out = svc.process_assignments(&[a]);
-    assert!(out[0].error.as_deref().unwrap().contains("stale intent"));
+    let out = svc.process_assignments_inline(&[a]);
+    assert_eq!(
+        out[0].error,
+        Some(AssignmentError::Stale(StaleAssignment::Epoch {
+            assignment: Epoch(1),
+            accepted: Epoch(2)
+        }))
+    );
     assert_eq!(sender.epoch(), Epoch(2));
     assert_eq!(sender.state(), ReplicaState::InSync);
 }
@@ -345,7 +350,7 @@ fn v2_bridge_process_assignment_address_change() {
     let mut a = primary("pvc-test-1", 1);
     a.replica_server_id = "vs2".into();
     a.replica_data_addr = "old".into();
-    svc.process_assignments(&[a.clone()]);
+    svc.process_assignments_inline(&[a.clone()]);
     let orch = svc.orchestrator("pvc-test-1").unwrap();
     let before = orch.registry().sender(&rid("pvc-test-1/vs2")).unwrap();
     // The replica moved; its data moved with it.
@@ -353,7 +358,7 @@ fn v2_bridge_process_assignment_address_change() {
     svc.backend_mut().replicas.insert("new".into(), r);
     a.replica_data_addr = "new".into();
     a.addr_version = 2;
-    let out = svc.process_assignments(&[a]);
+    let out = svc.process_assignments_inline(&[a]);
     let after = orch.registry().sender(&rid("pvc-test-1/vs2")).unwrap();
     assert!(Arc::ptr_eq(&before, &after));
     assert_eq!(after.endpoint().data_addr, "new");
@@ -369,14 +374,14 @@ fn epoch_fencing_integrated_path() {
     let mut a = primary("pvc-test-1", 1);
     a.replica_server_id = "vs2".into();
     a.replica_data_addr = "unreachable".into();
-    svc.process_assignments(&[a.clone()]);
+    svc.process_assignments_inline(&[a.clone()]);
     let orch = svc.orchestrator("pvc-test-1").unwrap();
     let sender = orch.registry().sender(&rid("pvc-test-1/vs2")).unwrap();
     // The replica is unreachable: the session was cancelled, nothing is left running.
     assert!(!sender.has_active_session());
     orch.advance_epoch(Epoch(2));
     a.epoch = 2;
-    svc.process_assignments(&[a]);
+    svc.process_assignments_inline(&[a]);
     assert!(orch.log().contains("session_invalidated"));
     assert_eq!(sender.epoch(), Epoch(2));
 }
@@ -392,7 +397,7 @@ fn one_orchestrator_per_volume() {
     // pvc-test-1's senders (the reference shared one registry between all volumes).
     let mut other = primary("pvc-other", 1);
     other.role = 3;
-    svc.process_assignments(&[a, other]);
+    svc.process_assignments_inline(&[a, other]);
     let orch = svc.orchestrator("pvc-test-1").unwrap();
     assert_eq!(orch.registry().len(), 1);
     assert!(svc.orchestrator("pvc-other").unwrap().registry().is_empty());
@@ -415,7 +420,7 @@ fn three_replicas_three_outcomes() {
     add_replica(&mut svc, "r4", 10);
     let mut a = primary("pvc-test-1", 1);
     a.replica_addrs = vec![addr("r2", "vs2"), addr("r3", "vs3"), addr("r4", "vs4")];
-    let out = svc.process_assignments(&[a]);
+    let out = svc.process_assignments_inline(&[a]);
     let rec: BTreeMap<String, RecoveryRecord> = out[0]
         .recoveries
         .iter()
@@ -443,9 +448,9 @@ fn stale_epoch_assignment_applies_no_role_to_the_volume() {
     let mut a = primary("pvc-test-1", 1);
     a.replica_server_id = "vs2".into();
     a.replica_data_addr = "r2".into();
-    svc.process_assignments(&[a.clone()]);
+    svc.process_assignments_inline(&[a.clone()]);
     a.epoch = 2;
-    let out = svc.process_assignments(&[a.clone()]);
+    let out = svc.process_assignments_inline(&[a.clone()]);
     assert_eq!(out[0].error, None);
     let applied = vec![
         ("pvc-test-1".to_owned(), BlockRole::Primary, Epoch(1)),
@@ -471,9 +476,12 @@ fn stale_epoch_assignment_applies_no_role_to_the_volume() {
         stale.epoch = 1;
         stale.role = role.to_wire();
         stale.rebuild_addr = "primary-rebuild".into();
-        let out = svc.process_assignments(&[stale]);
+        let out = svc.process_assignments_inline(&[stale]);
         assert!(
-            out[0].error.as_deref().is_some_and(|e| e.contains("stale")),
+            matches!(
+                out[0].error,
+                Some(AssignmentError::Stale(StaleAssignment::Epoch { .. }))
+            ),
             "stale {role} assignment not refused: {:?}",
             out[0]
         );
@@ -503,7 +511,7 @@ fn stale_address_version_assignment_applies_no_role_and_keeps_the_endpoint() {
     a.replica_server_id = "vs2".into();
     a.replica_data_addr = "new".into();
     a.addr_version = 2;
-    let out = svc.process_assignments(&[a.clone()]);
+    let out = svc.process_assignments_inline(&[a.clone()]);
     assert_eq!(out[0].error, None);
     let applied = svc.backend().roles.clone();
     assert_eq!(
@@ -514,9 +522,16 @@ fn stale_address_version_assignment_applies_no_role_and_keeps_the_endpoint() {
     let mut late = a.clone();
     late.replica_data_addr = "old".into();
     late.addr_version = 1;
-    let out = svc.process_assignments(&[late]);
+    let out = svc.process_assignments_inline(&[late]);
     assert!(
-        out[0].error.as_deref().is_some_and(|e| e.contains("stale")),
+        matches!(
+            out[0].error,
+            Some(AssignmentError::Stale(StaleAssignment::AddressVersion {
+                assignment: 1,
+                accepted: 2,
+                ..
+            }))
+        ),
         "{:?}",
         out[0]
     );
@@ -548,9 +563,9 @@ fn duplicate_assignment_at_the_same_epoch_and_version_is_accepted() {
     a.addr_version = 2;
     a.replica_server_id = "vs2".into();
     a.replica_data_addr = "10.0.0.2:3260".into();
-    let first = svc.process_assignments(std::slice::from_ref(&a));
+    let first = svc.process_assignments_inline(std::slice::from_ref(&a));
     assert_eq!(first[0].error, None);
-    let again = svc.process_assignments(&[a]);
+    let again = svc.process_assignments_inline(&[a]);
     assert_eq!(again[0].error, None, "a duplicate delivery was refused");
     let sender = svc
         .orchestrator("pvc-test-1")

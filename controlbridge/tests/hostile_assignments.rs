@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use controlbridge::{
-    BackendError, BlockRole, BlockService, BlockVolumeAssignment, ControlBridge, ControlError,
-    MAX_NAME_BYTES, NameError, ReplicaAddr, Route, VolumeBackend, validate_name,
+    AssignmentError, BackendError, BlockRole, BlockService, BlockVolumeAssignment, ControlBridge,
+    ControlError, MAX_NAME_BYTES, NameError, ReplicaAddr, Route, VolumeBackend, validate_name,
 };
 use engine::testing::{MemStorage, ModelIo, ModelReplica};
 use engine::{Endpoint, Epoch, Lsn, ReplicaHandshake, SessionId, SessionKind, StorageAdapter};
@@ -251,7 +251,7 @@ impl VolumeBackend for AnyBackend {
         rebuild_addr: Option<&str>,
     ) -> Result<Arc<dyn StorageAdapter>, BackendError> {
         if rebuild_addr.is_some() {
-            return Err(BackendError("pull not modelled".into()));
+            return Err(BackendError::refused("pull not modelled"));
         }
         Ok(Arc::new(self.primary(volume)))
     }
@@ -262,7 +262,7 @@ impl VolumeBackend for AnyBackend {
         endpoint: &Endpoint,
     ) -> Result<ReplicaHandshake, BackendError> {
         if endpoint.data_addr.is_empty() {
-            return Err(BackendError("no address".into()));
+            return Err(BackendError::unavailable("no address"));
         }
         let p = self.primary(volume);
         let prefix = endpoint.data_addr.len() as u64 % 13;
@@ -285,14 +285,14 @@ impl VolumeBackend for AnyBackend {
         _session: SessionId,
     ) -> Result<ModelIo, BackendError> {
         let Route::Push { endpoint } = route else {
-            return Err(BackendError("pull not modelled".into()));
+            return Err(BackendError::refused("pull not modelled"));
         };
         let p = self.primary(volume);
         let r = self
             .replicas
             .get(&endpoint.data_addr)
             .cloned()
-            .ok_or_else(|| BackendError("unknown replica".into()))?;
+            .ok_or_else(|| BackendError::unavailable("unknown replica"))?;
         Ok(ModelIo::new(p, r))
     }
 }
@@ -319,15 +319,35 @@ proptest! {
     ) {
         let mut svc = BlockService::new(local.clone(), AnyBackend::default());
         let mut seen = BTreeSet::new();
-        for a in &seq {
-            let out = svc.process_assignments(std::slice::from_ref(a));
+        for (i, a) in seq.iter().enumerate() {
+            // Alternately inline and returned-then-run, so both paths see hostile input.
+            let mut out = if i % 2 == 0 {
+                svc.process_assignments_inline(std::slice::from_ref(a))
+            } else {
+                svc.process_assignments(std::slice::from_ref(a))
+            };
             prop_assert_eq!(out.len(), 1);
-            let o = &out[0];
+            let o = &mut out[0];
+            for p in std::mem::take(&mut o.pending) {
+                let id = p.replica().clone();
+                let rec = svc.run_pending(p);
+                o.recoveries.push((id, rec));
+            }
             let converted = ControlBridge.convert_assignment(a, &local);
             if let Err(e) = converted {
-                prop_assert!(o.error.is_some(), "conversion failed ({}) but no error reported", e);
+                prop_assert_eq!(
+                    o.error.as_ref(),
+                    Some(&AssignmentError::Invalid(e.clone())),
+                    "conversion failed ({}) but was not reported as invalid",
+                    e
+                );
                 prop_assert!(o.role.is_none() && o.recoveries.is_empty());
             } else {
+                prop_assert!(
+                    !matches!(o.error, Some(AssignmentError::Invalid(_))),
+                    "a valid assignment refused as invalid: {:?}",
+                    o.error
+                );
                 seen.insert(a.path.clone());
             }
         }

@@ -49,8 +49,8 @@ impl VolumeBackend for LocalCopyBackend {
         _volume: &str,
         _endpoint: &Endpoint,
     ) -> Result<ReplicaHandshake, BackendError> {
-        Err(BackendError(
-            "a rebuilding server pushes to no replica".into(),
+        Err(BackendError::refused(
+            "a rebuilding server pushes to no replica",
         ))
     }
 
@@ -62,7 +62,7 @@ impl VolumeBackend for LocalCopyBackend {
         _session: SessionId,
     ) -> Result<ModelIo, BackendError> {
         let Route::Pull { .. } = route else {
-            return Err(BackendError("push not expected".into()));
+            return Err(BackendError::refused("push not expected"));
         };
         Ok(ModelIo::new(self.primary.clone(), Arc::clone(&self.local)))
     }
@@ -112,7 +112,7 @@ fn deliver(
         local: Arc::new(Mutex::new(local)),
     };
     let mut svc = BlockService::new("vs2", backend);
-    let out = svc.process_assignments(&[rebuilding_assignment(1)]);
+    let out = svc.process_assignments_inline(&[rebuilding_assignment(1)]);
     assert_eq!(out[0].error, None, "{:?}", out[0]);
     assert_eq!(out[0].recoveries.len(), 1, "{:?}", out[0]);
     let (id, rec) = out[0].recoveries[0].clone();

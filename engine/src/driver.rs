@@ -458,6 +458,32 @@ impl RecoveryDriver {
     /// when the range was recycled between the history read and the pin, `disconnected`
     /// otherwise). A needs-rebuild plan holds nothing: a rebuild assignment must come first.
     pub fn plan_recovery(&self, id: &ReplicaId, replica: ReplicaHandshake) -> Result<RecoveryPlan> {
+        self.plan_recovery_inner(id, None, replica)
+    }
+
+    /// [`plan_recovery`](Self::plan_recovery) for the session `session` only. A caller that
+    /// was handed a session (by an assignment) and plans later, perhaps on another thread,
+    /// uses this: if a newer assignment or an epoch fence replaced or ended that session
+    /// meanwhile, the plan is refused ([`EngineError::SessionIdMismatch`],
+    /// [`EngineError::NoSession`], [`EngineError::StaleAuthority`], ...) and the sender's
+    /// current session is left untouched, instead of the late planner running its handshake
+    /// under the newer session. The check and the claim of the session (`init ->
+    /// connecting`) happen under the sender's lock, so no assignment slips between them.
+    pub fn plan_recovery_in(
+        &self,
+        id: &ReplicaId,
+        session: SessionId,
+        replica: ReplicaHandshake,
+    ) -> Result<RecoveryPlan> {
+        self.plan_recovery_inner(id, Some(session), replica)
+    }
+
+    fn plan_recovery_inner(
+        &self,
+        id: &ReplicaId,
+        expected: Option<SessionId>,
+        replica: ReplicaHandshake,
+    ) -> Result<RecoveryPlan> {
         let replica_flushed = replica.flushed();
         // One history snapshot and the primary's entry at F, both checked by the orchestrator
         // (storage contract, anchor at F) before anything is decided from them.
@@ -473,8 +499,9 @@ impl RecoveryDriver {
         } else {
             None
         };
-        let result = self.orchestrator.execute_recovery_with_anchor(
+        let result = self.orchestrator.execute_recovery_in(
             id,
+            expected,
             &replica,
             &history,
             primary_at_flushed,
@@ -594,12 +621,38 @@ impl RecoveryDriver {
     /// the WAL pin fails); full base pins a base image at committed. Any pin failure
     /// invalidates the session with the pin's reason and leaves the replica `needs_rebuild`.
     pub fn plan_rebuild(&self, id: &ReplicaId) -> Result<RecoveryPlan> {
+        self.plan_rebuild_inner(id, None)
+    }
+
+    /// [`plan_rebuild`](Self::plan_rebuild) for the session `session` only: if it is no longer
+    /// the sender's current, active session with its authority intact (a newer assignment or
+    /// an epoch fence replaced or ended it), the plan is refused and the current session left
+    /// untouched. The check and the claim happen under the sender's lock (see
+    /// [`plan_recovery_in`](Self::plan_recovery_in)).
+    pub fn plan_rebuild_in(&self, id: &ReplicaId, session: SessionId) -> Result<RecoveryPlan> {
+        self.plan_rebuild_inner(id, Some(session))
+    }
+
+    fn plan_rebuild_inner(
+        &self,
+        id: &ReplicaId,
+        expected: Option<SessionId>,
+    ) -> Result<RecoveryPlan> {
         let sender = self.orchestrator.sender(id)?;
         let snap = sender
             .session_snapshot()
             .ok_or_else(|| EngineError::NoSession {
                 replica: id.clone(),
             })?;
+        if let Some(given) = expected
+            && given != snap.id
+        {
+            return Err(EngineError::SessionIdMismatch {
+                replica: id.clone(),
+                given,
+                current: snap.id,
+            });
+        }
         if snap.kind != SessionKind::Rebuild {
             return Err(EngineError::WrongSessionKind {
                 session: snap.id,

@@ -140,6 +140,22 @@ impl RecoveryOrchestrator {
         history: &RetainedHistory,
         primary_at_flushed: Option<EntryId>,
     ) -> Result<RecoveryResult> {
+        self.execute_recovery_in(id, None, replica, history, primary_at_flushed)
+    }
+
+    /// [`execute_recovery_with_anchor`](Self::execute_recovery_with_anchor) for the session
+    /// `expected` only, when given: any other session (or none) is refused
+    /// ([`EngineError::SessionIdMismatch`], [`EngineError::NoSession`]) and left untouched. The
+    /// check is atomic with the claim: `begin_connect` re-checks the session's ID, activeness,
+    /// epoch and endpoint version under the sender's lock.
+    pub(crate) fn execute_recovery_in(
+        &self,
+        id: &ReplicaId,
+        expected: Option<SessionId>,
+        replica: &ReplicaHandshake,
+        history: &RetainedHistory,
+        primary_at_flushed: Option<EntryId>,
+    ) -> Result<RecoveryResult> {
         // Values from storage are checked before they decide anything.
         history
             .check_consistent()
@@ -159,6 +175,15 @@ impl RecoveryOrchestrator {
                 replica: id.clone(),
             })?;
         let sid = snap.id;
+        if let Some(given) = expected
+            && given != sid
+        {
+            return Err(EngineError::SessionIdMismatch {
+                replica: id.clone(),
+                given,
+                current: sid,
+            });
+        }
         // A rebuild session is driven by `plan_rebuild`, never by a handshake; refuse before
         // touching it so it stays usable.
         if snap.kind == SessionKind::Rebuild {

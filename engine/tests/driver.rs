@@ -483,3 +483,90 @@ fn cross_layer_storage_proves_recoverability() {
     assert!(!s.has_active_session());
     assert_eq!(s.state(), ReplicaState::Disconnected);
 }
+
+/// A planner handed session S1 (by an epoch-1 assignment) that plans only after an epoch-2
+/// assignment replaced S1 with S2 is refused, and S2 is left exactly as the assignment made it:
+/// the late planner's handshake must not run under the newer session. S2's own planner then
+/// plans normally.
+#[test]
+fn plan_recovery_in_refuses_a_session_a_newer_assignment_replaced() {
+    let p = primary(100, 100, 30, None);
+    let r = replica(&p, 70);
+    let d = with_target(&p, SessionKind::CatchUp);
+    let sender = d.orchestrator().sender(&rid("r1")).unwrap();
+    let s1 = sender.session_id().unwrap();
+    assign(
+        d.orchestrator(),
+        2,
+        &[("r1", ep("10.0.0.1", 1))],
+        &[("r1", SessionKind::CatchUp)],
+    );
+    let s2 = sender.session_id().unwrap();
+    assert_ne!(s1, s2);
+    assert_eq!(
+        d.plan_recovery_in(&rid("r1"), s1, handshake(&r))
+            .unwrap_err(),
+        EngineError::SessionIdMismatch {
+            replica: rid("r1"),
+            given: s1,
+            current: s2
+        }
+    );
+    let snap = sender.session_snapshot().unwrap();
+    assert_eq!((snap.id, snap.phase), (s2, SessionPhase::Init));
+    assert_eq!(p.pins_acquired(), 0);
+    let plan = d.plan_recovery_in(&rid("r1"), s2, handshake(&r)).unwrap();
+    assert_eq!(plan.session_id(), Some(s2));
+    assert_eq!(plan.outcome(), Outcome::CatchUp);
+    d.cancel_plan(plan, "test done");
+    assert_eq!(p.pins_outstanding(), 0);
+}
+
+/// An epoch fence that ends the session without attaching another: the late planner is refused
+/// (no session) and nothing changes.
+#[test]
+fn plan_recovery_in_refuses_a_fenced_session() {
+    let p = primary(100, 100, 30, None);
+    let r = replica(&p, 70);
+    let d = with_target(&p, SessionKind::CatchUp);
+    let sender = d.orchestrator().sender(&rid("r1")).unwrap();
+    let s1 = sender.session_id().unwrap();
+    d.orchestrator().advance_epoch(engine::Epoch(2));
+    assert!(matches!(
+        d.plan_recovery_in(&rid("r1"), s1, handshake(&r)),
+        Err(EngineError::NoSession { .. })
+    ));
+    assert_eq!(sender.state(), ReplicaState::Disconnected);
+    assert_eq!(p.pins_acquired(), 0);
+}
+
+/// The rebuild planner, likewise: a session replaced by a newer rebuild assignment is refused
+/// and the newer one is neither claimed nor ended.
+#[test]
+fn plan_rebuild_in_refuses_a_session_a_newer_assignment_replaced() {
+    let p = primary(100, 100, 30, Some((50, true)));
+    let d = with_target(&p, SessionKind::Rebuild);
+    let sender = d.orchestrator().sender(&rid("r1")).unwrap();
+    let s1 = sender.session_id().unwrap();
+    assign(
+        d.orchestrator(),
+        2,
+        &[("r1", ep("10.0.0.1", 1))],
+        &[("r1", SessionKind::Rebuild)],
+    );
+    let s2 = sender.session_id().unwrap();
+    assert_ne!(s1, s2);
+    assert_eq!(
+        d.plan_rebuild_in(&rid("r1"), s1).unwrap_err(),
+        EngineError::SessionIdMismatch {
+            replica: rid("r1"),
+            given: s1,
+            current: s2
+        }
+    );
+    assert_eq!(p.pins_acquired(), 0);
+    let plan = d.plan_rebuild_in(&rid("r1"), s2).unwrap();
+    assert_eq!(plan.session_id(), Some(s2));
+    d.cancel_plan(plan, "test done");
+    assert_eq!(p.pins_outstanding(), 0);
+}

@@ -83,13 +83,13 @@ impl Cluster {
     ) -> Result<BTreeMap<String, RecoveryRecord>, String> {
         for r in replicas {
             let a = self.assignment(2, &[]);
-            let out = self.server(r)?.process_assignments(&[a]);
+            let out = self.server(r)?.process_assignments_inline(&[a]);
             ensure(out[0].error.is_none(), || {
                 format!("replica assignment on {r}: {:?}", out[0].error)
             })?;
         }
         let a = self.assignment(1, replicas);
-        let out = self.server(primary)?.process_assignments(&[a]);
+        let out = self.server(primary)?.process_assignments_inline(&[a]);
         ensure(out[0].error.is_none(), || {
             format!("primary assignment: {:?}", out[0].error)
         })?;
@@ -112,7 +112,7 @@ impl Cluster {
     fn rebuild(&mut self, replica: &str, primary: &str) -> Result<RecoveryRecord, String> {
         let mut a = self.assignment(4, &[]);
         a.rebuild_addr = format!("{primary}:3270");
-        let out = self.server(replica)?.process_assignments(&[a]);
+        let out = self.server(replica)?.process_assignments_inline(&[a]);
         ensure(out[0].error.is_none(), || {
             format!("rebuild assignment: {:?}", out[0].error)
         })?;

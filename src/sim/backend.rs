@@ -7,7 +7,7 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::cluster::blockvol_role;
+use crate::cluster::{blockvol_role, target_error, volume_error};
 use controlbridge::{BackendError, BlockRole, Route, VolumeBackend};
 use engine::{Endpoint, Epoch, ReplicaHandshake, ReplicaId, SessionId, StepInfo, StorageAdapter};
 use v2bridge::convert::{handshake, to_engine};
@@ -44,7 +44,7 @@ impl SimBackend {
         if now == Some(self.incarnation) {
             Ok(())
         } else {
-            Err(be(format!(
+            Err(BackendError::unavailable(format!(
                 "{} run {} has crashed (now {now:?})",
                 self.server, self.incarnation
             )))
@@ -52,8 +52,9 @@ impl SimBackend {
     }
 }
 
-fn be(e: impl std::fmt::Display) -> BackendError {
-    BackendError(e.to_string())
+/// Nothing answers: an address that resolves to no live process, a process that is gone.
+fn unavailable(e: impl std::fmt::Display) -> BackendError {
+    BackendError::unavailable(e.to_string())
 }
 
 impl VolumeBackend for SimBackend {
@@ -70,13 +71,13 @@ impl VolumeBackend for SimBackend {
         let w = self.world.borrow();
         let p = w
             .proc(&self.server)
-            .ok_or_else(|| be(format!("{} has no process", self.server)))?;
+            .ok_or_else(|| unavailable(format!("{} has no process", self.server)))?;
         p.vol
             .assign(
                 blockvol_role(role),
                 v2bridge::convert::epoch_to_blockvol(epoch),
             )
-            .map_err(|e| be(format!("assign {}: {e}", self.server)))?;
+            .map_err(|e| volume_error(format!("assign {}", self.server), &e))?;
         let (data, rebuild) = match role {
             BlockRole::Primary => (false, true),
             BlockRole::Replica | BlockRole::Rebuilding => (true, false),
@@ -97,14 +98,17 @@ impl VolumeBackend for SimBackend {
             None => {
                 let p = w
                     .proc(&self.server)
-                    .ok_or_else(|| be(format!("{} has no process", self.server)))?;
+                    .ok_or_else(|| unavailable(format!("{} has no process", self.server)))?;
                 if !p.serves_rebuild {
-                    return Err(be(format!("{} is not a primary", self.server)));
+                    return Err(BackendError::refused(format!(
+                        "{} is not a primary",
+                        self.server
+                    )));
                 }
                 Ok(p.storage as Arc<dyn StorageAdapter>)
             }
             Some(addr) => {
-                let (_, storage, _) = w.net.resolve_rebuild(addr).map_err(be)?;
+                let (_, storage, _) = w.net.resolve_rebuild(addr).map_err(unavailable)?;
                 Ok(storage as Arc<dyn StorageAdapter>)
             }
         }
@@ -117,9 +121,11 @@ impl VolumeBackend for SimBackend {
     ) -> Result<ReplicaHandshake, BackendError> {
         self.alive()?;
         let mut w = self.world.borrow_mut();
-        let mut target =
-            SimTarget::connect(&w.net, Dest::Addr(endpoint.data_addr.clone())).map_err(be)?;
-        let reply = target.handshake().map_err(be)?;
+        let mut target = SimTarget::connect(&w.net, Dest::Addr(endpoint.data_addr.clone()))
+            .map_err(unavailable)?;
+        let reply = target
+            .handshake()
+            .map_err(|e| target_error(format!("handshake with {}", endpoint.data_addr), &e))?;
         // The committed LSN the plan will read right after this handshake: the recovery target
         // an in-sync claim from this handshake stands on (invariant (a)).
         if let Some(p) = w.proc(&self.server) {
@@ -158,12 +164,15 @@ impl VolumeBackend for SimBackend {
             Route::Push { endpoint } => {
                 let p = w
                     .proc(&self.server)
-                    .ok_or_else(|| be(format!("{} has no process", self.server)))?;
+                    .ok_or_else(|| unavailable(format!("{} has no process", self.server)))?;
                 if !p.serves_rebuild {
-                    return Err(be(format!("{} is not a primary", self.server)));
+                    return Err(BackendError::refused(format!(
+                        "{} is not a primary",
+                        self.server
+                    )));
                 }
                 let target = SimTarget::connect(&w.net, Dest::Addr(endpoint.data_addr.clone()))
-                    .map_err(be)?;
+                    .map_err(unavailable)?;
                 let source = Source {
                     net: Arc::clone(&w.net),
                     addr: None,
@@ -173,9 +182,10 @@ impl VolumeBackend for SimBackend {
                 (p.storage, target, Some(source))
             }
             Route::Pull { rebuild_addr } => {
-                let (srv, storage, inc) = w.net.resolve_rebuild(rebuild_addr).map_err(be)?;
-                let target =
-                    SimTarget::connect(&w.net, Dest::Local(self.server.clone())).map_err(be)?;
+                let (srv, storage, inc) =
+                    w.net.resolve_rebuild(rebuild_addr).map_err(unavailable)?;
+                let target = SimTarget::connect(&w.net, Dest::Local(self.server.clone()))
+                    .map_err(unavailable)?;
                 let source = Source {
                     net: Arc::clone(&w.net),
                     addr: Some(rebuild_addr.to_owned()),

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::rc::Rc;
 
-use controlbridge::{AssignmentOutcome, BlockService, BlockVolumeAssignment, RecoveryRecord};
+use controlbridge::{
+    AssignmentOutcome, BlockService, BlockVolumeAssignment, RecoveryFailure, RecoveryRecord,
+};
 use engine::{
     Epoch, ExecutorOptions, Lsn, PinKind, RegistryStatus, ReplicaState, SessionKind, Tick,
 };
@@ -281,7 +283,9 @@ impl Sim {
             w.proc(s).map(|p| p.incarnation)
         };
         let svc = self.services.get_mut(s)?;
-        let out = svc.process_assignments(std::slice::from_ref(&a)).pop();
+        let out = svc
+            .process_assignments_inline(std::slice::from_ref(&a))
+            .pop();
         let orch = svc.orchestrator(VOLUME);
         {
             let mut w = self.world.borrow_mut();
@@ -294,7 +298,7 @@ impl Sim {
                         w.stats
                             .failure_examples
                             .entry(cause.clone())
-                            .or_insert_with(|| e.clone());
+                            .or_insert_with(|| e.to_string());
                         *w.stats.failures.entry(cause).or_default() += 1;
                     }
                     w.note(format!("  {id}: {}", describe(rec)));
@@ -334,7 +338,7 @@ impl Sim {
                     }
                     Some(e) => {
                         w.note(format!("  refused: {e}"));
-                        self.last_refusal = Some((s.to_owned(), e.clone()));
+                        self.last_refusal = Some((s.to_owned(), e.to_string()));
                     }
                 }
             }
@@ -976,12 +980,17 @@ impl Sim {
 }
 
 /// The cause of a failed recovery without the parts that vary (replica, step, LSNs):
-/// `io_stream_failed: transport`, `wal_pin_failed`, `handshake with ...: unreachable`.
-fn failure_cause(msg: &str) -> String {
-    let msg = msg
+/// `io_stream_failed: transport`, `wal_pin_failed`, `handshake with ...: unreachable`. A
+/// transfer failure is named by the executor's release reason alone.
+fn failure_cause(failure: &RecoveryFailure) -> String {
+    let text = match failure {
+        RecoveryFailure::Transfer(e) => e.to_string(),
+        other => other.to_string(),
+    };
+    let msg = text
         .split_once(" failed: ")
         .filter(|(head, _)| head.starts_with("execution for"))
-        .map_or(msg, |(_, rest)| rest);
+        .map_or(text.as_str(), |(_, rest)| rest);
     let parts: Vec<&str> = msg.split(": ").take(2).collect();
     parts
         .iter()
