@@ -50,6 +50,7 @@ const ALL: &[&str] = &[
     "net_rejoin",
     "rebuild_heap",
     "nbd_write",
+    "nbd_write_replicated",
 ];
 
 const USAGE: &str =
@@ -197,6 +198,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
             "replicated_write" => net::replicated_write(&ctx)?,
             "net_rejoin" => net::net_rejoin(&ctx)?,
             "nbd_write" => nbd::nbd_write(&ctx)?,
+            "nbd_write_replicated" => nbd::nbd_write_replicated(&ctx)?,
             other => return Err(format!("no measurement for {other}")),
         };
         eprintln!(

@@ -1,6 +1,8 @@
 //! The NBD frontend (`nbd_write`): `qemu-img convert` of a random raw image into an export of
 //! the `server` crate's `NbdServer` over a `VolumeDevice` (an unreplicated volume), against the
-//! same conversion into `qemu-nbd` serving a preallocated raw file in the same directory.
+//! same conversion into `qemu-nbd` serving a preallocated raw file in the same directory; and
+//! `nbd_write_replicated`, the same conversion into a primary replicating to two replicas
+//! under `sync_all`, as a ratio to the unreplicated export.
 //!
 //! Both servers run with the host page cache (qemu-nbd `--cache=writeback`; the volume's WAL
 //! is a shared mapping and its extent is written with `pwrite`), both are reached over TCP on
@@ -16,12 +18,16 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use blockvol::{CreateOptions, Digest, OpenOptions, Volume};
-use server::nbd::{BlockDevice, DeviceError, NbdConfig, NbdServer, StaticExports, VolumeDevice};
+use server::nbd::{
+    BlockDevice, DeviceError, DeviceHook, NbdConfig, NbdServer, StaticExports, VolumeDevice,
+};
+use transport::stream::{DurabilityMode, Replicator};
 
 use super::Ctx;
 use super::measure::{
     MIB, Metric, Target, fmt_num, interleaved, median, mib_per_s, repeated, spread,
 };
+use super::net::Streamed;
 use super::store::plain_file;
 
 /// The longest one conversion may take before the benchmark gives up.
@@ -311,6 +317,153 @@ pub fn nbd_write(ctx: &Ctx) -> Result<Metric, String> {
             fmt_num(median(&burst) / b),
             fmt_num(median(&null)),
             spread(&null),
+        ),
+    })
+}
+
+/// A primary's volume as an NBD device the way the volume server serves it: a flush is the
+/// replicator's (the durability mode's proof), and writes wake the shippers.
+struct ReplicatedDevice {
+    inner: VolumeDevice,
+    replicator: Arc<Replicator>,
+}
+
+impl BlockDevice for ReplicatedDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
+        let r = self.inner.write(offset, data, fua);
+        self.replicator.notify();
+        r
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let r = self.inner.trim(offset, len);
+        self.replicator.notify();
+        r
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
+        let r = self.inner.write_zeroes(offset, len, fua);
+        self.replicator.notify();
+        r
+    }
+}
+
+pub fn nbd_write_replicated(ctx: &Ctx) -> Result<Metric, String> {
+    let size = ctx.size(256 * MIB, 16 * MIB);
+    let wal = ctx.size(64 * MIB, 8 * MIB);
+    let src = ctx.scratch.path("nbdr_source.raw");
+    let data = random_image(&src, size)?;
+    let want = Digest::of_image(&data);
+
+    // The reference: the unreplicated export of `nbd_write`.
+    let vpath = ctx.scratch.path("nbdr_single.vol");
+    let single = subject_volume(&vpath, size, wal)?;
+    let (single_server, single_uri) = our_server(Arc::new(VolumeDevice::new(Arc::clone(&single))))?;
+
+    // The subject: a primary streaming to two replicas (replica servers over loopback TCP)
+    // under sync_all; every flush returns only once all three copies are durable.
+    let cluster = Streamed::new(ctx, "nbdr", size, wal)?;
+    let replicator = Arc::new(cluster.replicator(DurabilityMode::SyncAll)?);
+    let r = Arc::clone(&replicator);
+    let flush: DeviceHook = Arc::new(move || {
+        r.flush()
+            .map(|_| ())
+            .map_err(|e| DeviceError::Io(e.to_string()))
+    });
+    let device = ReplicatedDevice {
+        inner: VolumeDevice::with_flush(Arc::clone(&cluster.primary), flush),
+        replicator: Arc::clone(&replicator),
+    };
+    let (repl_server, repl_uri) = our_server(Arc::new(device))?;
+    // The committer the volume server runs for each primary: under FlushGate::Committed the
+    // primary's flusher may only copy what a flush committed, so without periodic flushes a
+    // client that flushes only at the end would fill the WAL.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let committer = {
+        let (r, stop) = (Arc::clone(&replicator), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let _ = r.flush();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let primary = Arc::clone(&cluster.primary);
+    let (base, subject) = interleaved(
+        ctx.plan(),
+        || convert_into_volume(&src, &single_uri, &single, size),
+        || {
+            let speed = convert_into_volume(&src, &repl_uri, &primary, size)?;
+            // Untimed: the replicas drain too, so the next round starts on a quiet disk.
+            for rep in &cluster.replicas {
+                rep.force_flush()
+                    .map_err(|e| format!("drain a replica: {e}"))?;
+            }
+            Ok(speed)
+        },
+    )?;
+    drop(single_server);
+    drop(repl_server);
+    stop.store(true, Ordering::SeqCst);
+    let _ = committer.join();
+    let status = replicator.status();
+    replicator.stop();
+    for (what, vol) in std::iter::once(("the unreplicated volume", &single))
+        .chain(std::iter::once(("the primary", &cluster.primary)))
+        .chain(cluster.replicas.iter().map(|r| ("a replica", r)))
+    {
+        let got = vol.digest().map_err(|e| format!("digest: {e}"))?;
+        if got != want {
+            return Err(format!("{what}'s digest {got} is not the image's {want}"));
+        }
+    }
+    drop(single);
+    let _ = std::fs::remove_file(&vpath);
+    drop(primary);
+    cluster.cleanup();
+    let _ = std::fs::remove_file(&src);
+    let barriers: u64 = status.iter().map(|s| s.barriers).sum();
+    let streamed: u64 = status.iter().map(|s| s.streamed).sum();
+
+    let (b, s) = (median(&base), median(&subject));
+    Ok(Metric {
+        name: "nbd_write_replicated",
+        unit: "MiB/s",
+        value: s,
+        baseline: Some(b),
+        ratio: s / b,
+        // Three copies of every byte on one disk (the primary's and two replicas' WAL and
+        // extent writes): a third of the unreplicated run is what this machine allows.
+        target: Target::AtLeast(0.3),
+        what: format!(
+            "the nbd_write conversion ({} MiB image, {} MiB WALs) into a primary streaming \
+             to two replicas (replica servers on loopback TCP, same disk) under sync_all, \
+             the final flush acknowledged only once all three copies are durable",
+            size / MIB,
+            wal / MIB
+        ),
+        baseline_what: "the same conversion into the unreplicated export of nbd_write, \
+                        interleaved in the same run"
+            .into(),
+        detail: format!(
+            "replicated {} MiB/s ({}), unreplicated {} MiB/s ({}), ratio {}; {streamed} \
+             entries streamed and {barriers} barriers over both replicas; the primary, both \
+             replicas and the unreplicated volume checked byte-equal to the source",
+            fmt_num(s),
+            spread(&subject),
+            fmt_num(b),
+            spread(&base),
+            fmt_num(s / b),
         ),
     })
 }

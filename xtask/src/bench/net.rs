@@ -243,15 +243,15 @@ fn create_served(
 }
 
 /// A primary and two replicas behind their own replica servers, streaming under `mode`.
-struct Streamed {
-    primary: Arc<Volume>,
-    replicas: Vec<Arc<Volume>>,
+pub(super) struct Streamed {
+    pub(super) primary: Arc<Volume>,
+    pub(super) replicas: Vec<Arc<Volume>>,
     servers: Vec<ReplicaServer>,
     paths: Vec<PathBuf>,
 }
 
 impl Streamed {
-    fn new(ctx: &Ctx, name: &str, volume: u64, wal: u64) -> Result<Streamed, String> {
+    pub(super) fn new(ctx: &Ctx, name: &str, volume: u64, wal: u64) -> Result<Streamed, String> {
         let mut paths = Vec::new();
         let p = ctx.scratch.path(&format!("{name}.primary"));
         let primary = Arc::new(create_served(&p, volume, wal)?);
@@ -278,7 +278,7 @@ impl Streamed {
         })
     }
 
-    fn replicator(&self, mode: DurabilityMode) -> Result<Replicator, String> {
+    pub(super) fn replicator(&self, mode: DurabilityMode) -> Result<Replicator, String> {
         let specs = self
             .servers
             .iter()
@@ -300,7 +300,7 @@ impl Streamed {
         Ok(r)
     }
 
-    fn cleanup(self) {
+    pub(super) fn cleanup(self) {
         drop(self.servers);
         drop(self.replicas);
         drop(self.primary);
