@@ -254,8 +254,8 @@ pub fn up(dir: &Path, n: usize) -> Result<ClusterInfo, Error> {
 }
 
 /// Starts volume server `id` of the cluster in `dir` again (after it stopped or was killed),
-/// at the same data directory and master, with stderr appended to `dir/<id>.log`; records its
-/// new pid and addresses in `cluster.json` (so `down` stops it) and returns them.
+/// at the same data directory, master and addresses, with stderr to `dir/<id>.restarted.log`;
+/// records its new pid in `cluster.json` (so `down` stops it) and returns its entry.
 pub fn restart_server(dir: &Path, id: &str) -> Result<ServerEntry, Error> {
     let mut info = ClusterInfo::load(dir)?;
     let i = info
@@ -277,6 +277,17 @@ pub fn restart_server(dir: &Path, id: &str) -> Result<ServerEntry, Error> {
             info.servers[i].data.display().to_string(),
             "--master".into(),
             info.master.clone(),
+            // The same addresses: the master learns a server's NBD address only from its
+            // answer to AllocateBlockVolume (the protocol's heartbeat does not carry it), so
+            // a server that came back elsewhere would be looked up at its old export.
+            "--grpc".into(),
+            info.servers[i].grpc.clone(),
+            "--repl".into(),
+            info.servers[i].repl.clone(),
+            "--nbd".into(),
+            info.servers[i].nbd.clone(),
+            "--http".into(),
+            info.servers[i].http.clone(),
         ],
         &dir.join(format!("{id}.restarted.log")),
     )?;

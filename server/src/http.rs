@@ -141,6 +141,7 @@ pub fn volume_json(v: &VolumeInfo) -> serde_json::Value {
         "checkpoint": v.checkpoint,
         "wal_used_bytes": v.wal_used_bytes,
         "wal_size_bytes": v.wal_size_bytes,
+        "pins": v.pins,
         "needs_rebuild": v.needs_rebuild,
         "replicas": v.replica_states.iter().map(|r| replica_json(v.head, r)).collect::<Vec<_>>(),
     })

@@ -263,6 +263,7 @@ mod tests {
             lease_left_ms: 2500,
             wal_used_bytes: 1 << 18,
             wal_size_bytes: 1 << 20,
+            pins: 1,
             mode: DurabilityMode::SyncAll,
             replicas: vec![("v1/vs2".into(), "127.0.0.1:1".into())],
             replica_degraded: false,

@@ -146,6 +146,63 @@ struct Ctl {
     replicator: Option<Arc<Replicator>>,
     /// The replica set the replicator streams to (IDs and data addresses).
     replicas: Vec<ReplicaSpec>,
+    /// The epoch whose full primary assignment `replicas` came from (persisted beside the
+    /// volume as `NAME.replicas`), if any: a lease renewal, which carries no replica set, may
+    /// make this server primary only at that epoch.
+    replicas_epoch: Option<u64>,
+}
+
+/// The replica set of a primary's last full assignment: `epoch=E` then `replica=ID@ADDR` lines.
+fn encode_replicas(epoch: u64, specs: &[ReplicaSpec]) -> String {
+    let mut out = format!("epoch={epoch}\n");
+    for r in specs {
+        out.push_str(&format!("replica={}@{}\n", r.id, r.addr));
+    }
+    out
+}
+
+fn decode_replicas(text: &str, volume: &str) -> Result<(u64, Vec<ReplicaSpec>), String> {
+    let mut epoch = None;
+    let mut specs = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match line.split_once('=') {
+            Some(("epoch", v)) => {
+                epoch = Some(v.parse::<u64>().map_err(|e| format!("epoch: {e}"))?)
+            }
+            Some(("replica", v)) => {
+                let (id, addr) = v
+                    .rsplit_once('@')
+                    .ok_or_else(|| format!("replica {v:?} is not ID@ADDR"))?;
+                specs.push(ReplicaSpec {
+                    id: id.to_owned(),
+                    addr: addr.parse().map_err(|e| format!("replica {v:?}: {e}"))?,
+                    volume: volume.to_owned(),
+                });
+            }
+            _ => return Err(format!("line {line:?}")),
+        }
+    }
+    Ok((epoch.ok_or("epoch missing")?, specs))
+}
+
+/// Writes `dir/NAME.replicas` durably (temporary file, fsync, rename, fsync of the directory).
+fn persist_replicas(
+    dir: &Path,
+    name: &str,
+    epoch: u64,
+    specs: &[ReplicaSpec],
+) -> Result<(), NodeError> {
+    use std::io::Write as _;
+    let path = dir.join(format!("{name}.replicas"));
+    let tmp = dir.join(format!("{name}.replicas.tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(encode_replicas(epoch, specs).as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| storage(path.display(), e))
 }
 
 /// What a volume looks like to the master and to people.
@@ -177,6 +234,8 @@ pub struct VolumeInfo {
     pub wal_used_bytes: u64,
     /// The WAL ring's size.
     pub wal_size_bytes: u64,
+    /// Pins holding the volume's WAL or images (a streaming replica holds one).
+    pub pins: usize,
     /// The durability mode.
     pub mode: DurabilityMode,
     /// Replica IDs and data addresses (a primary's set).
@@ -388,6 +447,7 @@ impl Node {
                 lease_until: None,
                 replicator: None,
                 replicas: Vec::new(),
+                replicas_epoch: None,
             },
         );
         log::info!("volume {name}: created at {}", path.display());
@@ -405,7 +465,7 @@ impl Node {
         }
         self.volumes.remove(name);
         drop(ctl);
-        for ext in ["vol", "meta"] {
+        for ext in ["vol", "meta", "replicas"] {
             let p = self.cfg.data.join(format!("{name}.{ext}"));
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
@@ -453,11 +513,30 @@ impl Node {
                     ctl.lease_until = Some(now + lease);
                     return Ok(());
                 }
+                // An assignment that names no replicas is a renewal at the epoch whose full
+                // assignment this server holds the set of, or the full assignment of a new
+                // epoch of a volume without replicas (the protocol does not tell them apart).
+                // At an epoch whose set this server does not know and that is not newer than
+                // its own (a restarted primary that lost it), serving would acknowledge
+                // flushes on this copy alone whatever the mode: wait for the full assignment.
+                let renewal = addressless && ctl.replicas_epoch == Some(a.epoch);
+                if addressless && !renewal && a.epoch <= ctl.epoch {
+                    return Err(NodeError::Invalid(format!(
+                        "volume {}: a primary assignment at epoch {} without replicas, and no \
+                         replica set known for that epoch: waiting for the full assignment",
+                        a.path, a.epoch
+                    )));
+                }
+                if !renewal {
+                    persist_replicas(&self.cfg.data, &a.path, a.epoch, &specs)?;
+                    ctl.replicas_epoch = Some(a.epoch);
+                }
                 ctl.vol
                     .assign(Role::Primary, Epoch(a.epoch))
                     .map_err(|e| storage(format!("volume {}: assign primary", a.path), e))?;
                 to_stop = ctl.replicator.take();
-                let specs = if a.epoch == ctl.epoch && addressless {
+                let specs = if renewal {
+                    // The set of this epoch's full assignment.
                     ctl.replicas.clone()
                 } else {
                     specs
@@ -478,6 +557,7 @@ impl Node {
                 ctl.epoch = a.epoch;
                 ctl.lease_until = None;
                 ctl.replicas.clear();
+                ctl.replicas_epoch = None;
             }
         }
         if let Some(r) = to_stop {
@@ -594,6 +674,7 @@ impl Node {
                         }),
                     wal_used_bytes: s.wal_used_bytes,
                     wal_size_bytes: s.wal_size_bytes,
+                    pins: s.pins_outstanding,
                     mode: c.meta.mode,
                     replicas: c
                         .replicas
@@ -729,6 +810,20 @@ fn open_volume(dir: &Path, name: &str) -> Result<Ctl, NodeError> {
     let vol = Volume::open(&path, &volume_options(meta.wal_size_bytes))
         .map_err(|e| storage(path.display(), e))?;
     let s = vol.status();
+    // The replica set of the last full primary assignment, if it was for this epoch.
+    let rpath = dir.join(format!("{name}.replicas"));
+    let known = match std::fs::read_to_string(&rpath) {
+        Ok(text) => Some(decode_replicas(&text, name).map_err(|e| storage(rpath.display(), e))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(storage(rpath.display(), e)),
+    }
+    // At the volume's epoch, or newer (the assignment was recorded, the crash came before
+    // the volume file was fenced at its epoch).
+    .filter(|(e, _)| *e >= s.epoch.0);
+    let (replicas_epoch, replicas) = match known {
+        Some((e, specs)) => (Some(e), specs),
+        None => (None, Vec::new()),
+    };
     Ok(Ctl {
         vol: Arc::new(vol),
         meta,
@@ -738,7 +833,8 @@ fn open_volume(dir: &Path, name: &str) -> Result<Ctl, NodeError> {
         epoch: s.epoch.0,
         lease_until: None,
         replicator: None,
-        replicas: Vec::new(),
+        replicas,
+        replicas_epoch,
     })
 }
 

@@ -197,3 +197,51 @@ fn a_restarted_primary_comes_back_fenced_with_its_data() {
     a.delete("v1").unwrap();
     assert!(!dir.path().join("vs1").join("v1.vol").exists());
 }
+
+#[test]
+fn a_restarted_primary_renewed_serves_with_its_replica_set_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = node(dir.path(), "vs2");
+    b.allocate("v1", meta(DurabilityMode::SyncAll)).unwrap();
+    b.apply(&replica("v1", 3)).unwrap();
+    {
+        let a = node(dir.path(), "vs1");
+        a.allocate("v1", meta(DurabilityMode::SyncAll)).unwrap();
+        a.apply(&primary("v1", 3, 10_000, &[(&b, "vs2")])).unwrap();
+        assert_eq!(a.inventory()[0].replicas.len(), 1);
+        a.shutdown();
+    }
+    // The master renews the lease of the primary it still believes in; the renewal names no
+    // replicas. The restarted server serves with the set of epoch 3's full assignment.
+    let renewal = primary("v1", 3, 10_000, &[]);
+    let a = node(dir.path(), "vs1");
+    assert_eq!(a.inventory()[0].role, BlockRole::Stale);
+    a.apply(&renewal).unwrap();
+    let inv = a.inventory();
+    assert_eq!(inv[0].role, BlockRole::Primary);
+    assert_eq!(
+        inv[0].replicas,
+        vec![("v1/vs2".to_owned(), b.repl_addr().to_string())],
+        "the replica set of its full assignment"
+    );
+    let (vol, _) = a.primary("v1").unwrap();
+    vol.write(Lba(1), &block(0x11)).unwrap();
+    a.flush("v1")
+        .expect("a sync_all flush through the remembered replica");
+    drop(vol);
+    a.shutdown();
+    drop(a);
+    // Without that set (lost), a renewal at the same epoch must not make it a primary that
+    // acknowledges flushes alone.
+    std::fs::remove_file(dir.path().join("vs1").join("v1.replicas")).unwrap();
+    let a = node(dir.path(), "vs1");
+    assert!(matches!(a.apply(&renewal), Err(NodeError::Invalid(_))));
+    assert_eq!(a.inventory()[0].role, BlockRole::Stale);
+    assert!(a.check_io("v1").is_err());
+    assert!(a.flush("v1").is_err());
+    // The full assignment makes it primary again.
+    a.apply(&primary("v1", 3, 10_000, &[(&b, "vs2")])).unwrap();
+    assert!(a.check_io("v1").is_ok());
+    a.shutdown();
+    b.shutdown();
+}

@@ -274,7 +274,15 @@ impl MasterState {
             }
             let queued = out.iter().any(|a| a.path == *name);
             if v.primary == id && !self.failing_over.contains_key(name) {
-                if !queued {
+                let serving = reported
+                    .get(name)
+                    .is_none_or(|(e, r)| *e == v.epoch && *r == BlockRole::Primary.to_wire());
+                if !queued && !serving {
+                    // The primary reports the volume at another epoch or role (restarted, it
+                    // comes back fenced): the full assignment, with its replica set, not a
+                    // renewal that names no replicas.
+                    out.push(self.primary_assignment(v));
+                } else if !queued {
                     // Renewal: path, epoch, role and lease only.
                     out.push(BlockVolumeAssignment {
                         path: name.clone(),
@@ -610,6 +618,28 @@ mod tests {
         assert!(a[0].replica_addrs.is_empty());
         let a = m.heartbeat(&p[1], addrs(1), None, t);
         assert_eq!(a[0].role, BlockRole::Replica.to_wire());
+    }
+
+    #[test]
+    fn a_primary_back_fenced_gets_its_full_assignment_not_a_renewal() {
+        let t = Instant::now();
+        let mut m = three(t);
+        let p = m.place("v", 3).unwrap();
+        m.created(record(&p));
+        let a = m.heartbeat(&p[0], addrs(0), None, t);
+        assert_eq!(a[0].replica_addrs.len(), 2);
+        // Serving at epoch 1: renewals only.
+        let serving = vec![("v".to_owned(), 1, BlockRole::Primary.to_wire())];
+        let a = m.heartbeat(&p[0], addrs(0), Some(serving), t + Duration::from_secs(1));
+        assert!(a[0].replica_addrs.is_empty());
+        // Restarted within the dead time, it reports the volume fenced at epoch 1: the full
+        // assignment again, naming both replicas, so it never serves without them.
+        let fenced = vec![("v".to_owned(), 1, BlockRole::Stale.to_wire())];
+        let a = m.heartbeat(&p[0], addrs(0), Some(fenced), t + Duration::from_secs(2));
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].role, BlockRole::Primary.to_wire());
+        assert_eq!(a[0].replica_addrs.len(), 2, "{a:?}");
+        assert_eq!(a[0].epoch, 1);
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! [`device`] holds what a connection serves: the [`BlockDevice`] trait, [`Exports`],
 //! [`StaticExports`] and [`VolumeDevice`] (a blockvol volume, with read-modify-write for
 //! unaligned requests, a pluggable flush and a gate checked before every request).
+//! [`client`] is a minimal blocking client for tools that must know which requests a server
+//! acknowledged.
 
+pub mod client;
 pub mod device;
 pub mod proto;
 pub mod server;

@@ -1,0 +1,790 @@
+//! `cargo xtask nemesis`: a master and three volume servers as processes (`swblock cluster
+//! up`, on loopback), a workload writing self-describing blocks through NBD and recording every
+//! acknowledged flush, a seeded nemesis (kill -9 and restart of a primary or a replica, a
+//! primary paused past its lease, the master killed and restarted, a primary killed and then
+//! the replica promoted in its place), and a checker after every heal:
+//! - every block reads back, through NBD from the current primary, as its last acknowledged
+//!   write or a newer write of that block, never an older one, never zeros, never a write
+//!   that was not issued for it, never a torn mix;
+//! - the three copies have the same digest once the primary reports both replicas in sync;
+//! - no pin is left beyond the one each streaming replica holds;
+//! - the cluster converges within a bound.
+//!
+//! The report goes to `target/nemesis-report.json`; any violation exits 1. Every wait is
+//! bounded; the cluster is brought down when the run ends, also when it fails.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use server::cluster::{ClusterInfo, ServerEntry, alive, http_get};
+use server::nbd::client::NbdClient;
+
+use crate::workspace_root;
+
+const VOLUME: &str = "nem";
+const BLOCK: usize = 4096;
+const BLOCKS: u64 = 4096;
+const MAGIC: &[u8; 8] = b"NEMESIS1";
+/// The longest the cluster may take to converge after a heal.
+const CONVERGE_LIMIT: Duration = Duration::from_secs(90);
+
+/// A seeded xorshift64* generator: the same seed, the same run of faults and writes.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+}
+
+/// The bytes write `id` puts in `block`: a header naming both, then a stream derived from them,
+/// so a read names the write it returns and a torn block fails to regenerate.
+fn pattern(block: u64, id: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    b[..8].copy_from_slice(MAGIC);
+    b[8..16].copy_from_slice(&block.to_le_bytes());
+    b[16..24].copy_from_slice(&id.to_le_bytes());
+    let mut x = (block << 32) ^ id ^ 0x5eed_0000_0000_0001;
+    for chunk in b[24..].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    b
+}
+
+/// What a block read back holds: `None` for zeros, the (block, write) it names, or why it is
+/// neither.
+fn parse(buf: &[u8]) -> Result<Option<(u64, u64)>, String> {
+    if buf.iter().all(|&b| b == 0) {
+        return Ok(None);
+    }
+    if buf.len() != BLOCK || &buf[..8] != MAGIC {
+        return Err("not a workload block".into());
+    }
+    let block = u64::from_le_bytes(buf[8..16].try_into().map_err(|_| "short")?);
+    let id = u64::from_le_bytes(buf[16..24].try_into().map_err(|_| "short")?);
+    if pattern(block, id) != buf {
+        return Err(format!("torn: header says block {block} write {id}"));
+    }
+    Ok(Some((block, id)))
+}
+
+/// What the workload did, as the checker needs it.
+#[derive(Default)]
+struct History {
+    /// Per block: every write ID issued for it (ascending: IDs only grow).
+    issued: Vec<Vec<u64>>,
+    /// Per block: the highest write ID a flush acknowledged (0: none).
+    acked: Vec<u64>,
+    writes_sent: u64,
+    writes_acked: u64,
+    flushes_acked: u64,
+    flush_errors: u64,
+    write_errors: u64,
+    connects: u64,
+}
+
+struct Workload {
+    history: Mutex<History>,
+    stop: AtomicBool,
+    pause: AtomicBool,
+    /// Set by the workload when it is parked (no request in flight).
+    parked: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl Workload {
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The NBD address of the volume's primary, as the master says.
+fn primary_addr(swblock: &Path, master: &str) -> Option<(String, SocketAddr)> {
+    let out = Command::new(swblock)
+        .args(["block", "lookup", VOLUME, "--json", "--master", master])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let uri = v["nbd_uri"].as_str()?;
+    let hostport = uri.strip_prefix("nbd://")?.split('/').next()?;
+    Some((v["primary"].as_str()?.to_owned(), hostport.parse().ok()?))
+}
+
+fn run_workload(w: &Workload, swblock: &Path, master: &str, seed: u64) {
+    let mut rng = Rng::new(seed ^ 0x00c0_ffee);
+    let mut client: Option<NbdClient> = None;
+    let mut pending: Vec<(u64, u64)> = Vec::new();
+    while !w.stop.load(Ordering::SeqCst) {
+        if w.pause.load(Ordering::SeqCst) {
+            // Parked: the connection is dropped so the checker's reads and a failover see no
+            // request of ours in flight; unflushed writes stay unacknowledged.
+            client = None;
+            pending.clear();
+            w.parked.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        w.parked.store(false, Ordering::SeqCst);
+        let Some(c) = client.as_mut() else {
+            match primary_addr(swblock, master)
+                .and_then(|(_, a)| NbdClient::connect(a, VOLUME, Duration::from_secs(2)).ok())
+            {
+                Some(c) => {
+                    w.history().connects += 1;
+                    client = Some(c);
+                }
+                None => std::thread::sleep(Duration::from_millis(200)),
+            }
+            continue;
+        };
+        let block = rng.below(BLOCKS);
+        let id = w.next_id.fetch_add(1, Ordering::SeqCst);
+        {
+            // Issued before it is sent: a write may land even if its reply is lost.
+            let mut h = w.history();
+            h.issued[block as usize].push(id);
+            h.writes_sent += 1;
+        }
+        if c.write(block * BLOCK as u64, &pattern(block, id)).is_err() {
+            w.history().write_errors += 1;
+            client = None;
+            pending.clear();
+            continue;
+        }
+        pending.push((block, id));
+        if rng.below(8) == 0 || pending.len() >= 32 {
+            match c.flush() {
+                Ok(()) => {
+                    let mut h = w.history();
+                    h.flushes_acked += 1;
+                    h.writes_acked += pending.len() as u64;
+                    for (b, id) in pending.drain(..) {
+                        let a = &mut h.acked[b as usize];
+                        *a = (*a).max(id);
+                    }
+                }
+                Err(_) => {
+                    w.history().flush_errors += 1;
+                    client = None;
+                    pending.clear();
+                }
+            }
+        }
+    }
+}
+
+/// The faults the nemesis injects.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Fault {
+    KillPrimary,
+    KillReplica,
+    PausePrimary,
+    RestartMaster,
+    KillPromoted,
+}
+
+impl Fault {
+    const ALL: [Fault; 5] = [
+        Fault::KillPrimary,
+        Fault::KillReplica,
+        Fault::PausePrimary,
+        Fault::RestartMaster,
+        Fault::KillPromoted,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Fault::KillPrimary => "kill_primary",
+            Fault::KillReplica => "kill_replica",
+            Fault::PausePrimary => "pause_primary_past_lease",
+            Fault::RestartMaster => "restart_master",
+            Fault::KillPromoted => "kill_primary_then_promoted",
+        }
+    }
+}
+
+/// Violations and counts of one run.
+#[derive(Default)]
+struct Tally {
+    faults: Vec<(&'static str, u64)>,
+    lost: u64,
+    stale: u64,
+    phantom: u64,
+    torn: u64,
+    diverged: u64,
+    pins_left: u64,
+    unconverged: u64,
+    longest_convergence: Duration,
+    /// The first few violations, for people.
+    examples: Vec<String>,
+}
+
+impl Tally {
+    fn violation(&mut self, what: String) {
+        eprintln!("nemesis: VIOLATION: {what}");
+        if self.examples.len() < 20 {
+            self.examples.push(what);
+        }
+    }
+
+    fn violations(&self) -> u64 {
+        self.lost
+            + self.stale
+            + self.phantom
+            + self.torn
+            + self.diverged
+            + self.pins_left
+            + self.unconverged
+    }
+
+    fn count(&mut self, f: Fault) {
+        match self.faults.iter_mut().find(|(n, _)| *n == f.name()) {
+            Some((_, c)) => *c += 1,
+            None => self.faults.push((f.name(), 1)),
+        }
+    }
+}
+
+struct Cluster {
+    swblock: PathBuf,
+    dir: PathBuf,
+    info: ClusterInfo,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A paused process would not act on SIGTERM: wake everything first.
+        if let Ok(info) = ClusterInfo::load(&self.dir) {
+            for pid in info.servers.iter().map(|s| s.pid).chain([info.master_pid]) {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &pid.to_string()])
+                    .output();
+            }
+        }
+        let _ = Command::new(&self.swblock)
+            .args(["cluster", "down", "--dir"])
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+impl Cluster {
+    fn swblock(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.swblock)
+            .args(args)
+            .output()
+            .map_err(|e| format!("swblock {args:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "swblock {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn servers(&self) -> Vec<ServerEntry> {
+        ClusterInfo::load(&self.dir)
+            .map(|i| i.servers)
+            .unwrap_or_default()
+    }
+
+    fn server(&self, id: &str) -> Option<ServerEntry> {
+        self.servers().into_iter().find(|s| s.id == id)
+    }
+
+    fn primary(&self) -> Option<String> {
+        primary_addr(&self.swblock, &self.info.master).map(|(p, _)| p)
+    }
+
+    fn signal(&self, pid: u32, sig: &str) {
+        let _ = Command::new("kill").args([sig, &pid.to_string()]).output();
+    }
+
+    fn kill(&self, s: &ServerEntry) {
+        self.signal(s.pid, "-KILL");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(s.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn restart(&self, id: &str) -> Result<(), String> {
+        let d = self.dir.display().to_string();
+        self.swblock(&["cluster", "restart", "--dir", &d, "--server", id])
+            .map(|_| ())
+    }
+
+    /// The volume's `/status` entry on `s`.
+    fn status(&self, s: &ServerEntry) -> Option<serde_json::Value> {
+        let body = http_get(&s.http, "/status").ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["volumes"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"] == VOLUME)
+            .cloned()
+    }
+
+    /// Waits until every process runs, the master names a primary that holds a lease, and
+    /// that primary reports both replicas streaming and durable at its head.
+    fn converge(&self) -> Result<(ServerEntry, Duration), String> {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < CONVERGE_LIMIT {
+            let servers = self.servers();
+            let master_up = ClusterInfo::load(&self.dir).is_ok_and(|i| alive(i.master_pid));
+            let primary = (master_up && servers.iter().all(|s| alive(s.pid)))
+                .then(|| self.primary().and_then(|id| self.server(&id)))
+                .flatten();
+            if let Some(p) = primary
+                && let Some(st) = self.status(&p)
+            {
+                let head = st["head"].as_u64().unwrap_or(0);
+                let reps = st["replicas"].as_array().cloned().unwrap_or_default();
+                let ok = st["role"] == "primary"
+                    && st["has_lease"] == true
+                    && reps.len() == 2
+                    && reps
+                        .iter()
+                        .all(|r| r["state"] == "streaming" && r["durable"].as_u64() == Some(head));
+                if ok {
+                    return Ok((p, start.elapsed()));
+                }
+                last = st.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(format!(
+            "no convergence in {CONVERGE_LIMIT:?}; last primary status {last}"
+        ))
+    }
+
+    fn digest(&self, s: &ServerEntry) -> Result<u128, String> {
+        let addr = s.repl.parse().map_err(|e| format!("{}: {e}", s.repl))?;
+        let mut r = transport::net::RemoteReplica::connect(
+            addr,
+            VOLUME,
+            &transport::net::ClientConfig::default(),
+        )
+        .map_err(|e| format!("connect {}: {e}", s.id))?;
+        r.probe(true)
+            .map_err(|e| format!("probe {}: {e}", s.id))?
+            .digest
+            .ok_or_else(|| format!("{} sent no digest", s.id))
+    }
+}
+
+/// Injects `fault`; returns once it is healed.
+fn inject(c: &Cluster, fault: Fault, rng: &mut Rng) -> Result<String, String> {
+    let primary = c
+        .primary()
+        .and_then(|id| c.server(&id))
+        .ok_or("no primary to act on")?;
+    match fault {
+        Fault::KillPrimary => {
+            c.kill(&primary);
+            std::thread::sleep(rng.millis(500, 7000));
+            c.restart(&primary.id)?;
+            Ok(format!("killed primary {}", primary.id))
+        }
+        Fault::KillReplica => {
+            let reps: Vec<ServerEntry> = c
+                .servers()
+                .into_iter()
+                .filter(|s| s.id != primary.id)
+                .collect();
+            let victim = reps
+                .get(rng.below(reps.len() as u64) as usize)
+                .cloned()
+                .ok_or("no replica")?;
+            c.kill(&victim);
+            std::thread::sleep(rng.millis(500, 4000));
+            c.restart(&victim.id)?;
+            Ok(format!("killed replica {}", victim.id))
+        }
+        Fault::PausePrimary => {
+            // Past the lease (4 s) and the master's margin: a replica is promoted meanwhile,
+            // and the paused primary must not acknowledge anything when it wakes.
+            c.signal(primary.pid, "-STOP");
+            std::thread::sleep(rng.millis(6000, 9000));
+            c.signal(primary.pid, "-CONT");
+            Ok(format!("paused primary {}", primary.id))
+        }
+        Fault::RestartMaster => {
+            let info = ClusterInfo::load(&c.dir).map_err(|e| e.to_string())?;
+            c.signal(info.master_pid, "-KILL");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while alive(info.master_pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(rng.millis(500, 6000));
+            let d = c.dir.display().to_string();
+            c.swblock(&["cluster", "restart", "--dir", &d, "--master"])?;
+            Ok("restarted the master".into())
+        }
+        Fault::KillPromoted => {
+            c.kill(&primary);
+            // Wait (bounded) for the promotion, then kill the promoted server too: two of
+            // three down, during or right after a failover.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut second = None;
+            while Instant::now() < deadline {
+                if let Some(p) = c.primary().filter(|p| *p != primary.id) {
+                    second = c.server(&p);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if let Some(s) = &second {
+                std::thread::sleep(rng.millis(0, 1500));
+                c.kill(s);
+            }
+            std::thread::sleep(rng.millis(500, 3000));
+            c.restart(&primary.id)?;
+            if let Some(s) = &second {
+                c.restart(&s.id)?;
+            }
+            Ok(format!(
+                "killed primary {} then promoted {}",
+                primary.id,
+                second.map_or("(none in 30 s)".into(), |s| s.id)
+            ))
+        }
+    }
+}
+
+/// Checks the cluster after a heal (the workload parked).
+fn check(c: &Cluster, w: &Workload, t: &mut Tally, round: u64) {
+    let (primary, took) = match c.converge() {
+        Ok(p) => p,
+        Err(e) => {
+            t.unconverged += 1;
+            t.violation(format!("round {round}: {e}"));
+            return;
+        }
+    };
+    t.longest_convergence = t.longest_convergence.max(took);
+    // Every copy has the primary's bytes.
+    let servers = c.servers();
+    let digests: Vec<(String, Result<u128, String>)> = servers
+        .iter()
+        .map(|s| (s.id.clone(), c.digest(s)))
+        .collect();
+    let want = digests
+        .iter()
+        .find(|(id, _)| *id == primary.id)
+        .and_then(|(_, d)| d.clone().ok());
+    for (id, d) in &digests {
+        if d.as_ref().ok() != want.as_ref() {
+            t.diverged += 1;
+            t.violation(format!(
+                "round {round}: copy on {id} has digest {d:?}, the primary {} has {want:?}",
+                primary.id
+            ));
+        }
+    }
+    // No pin left: one per streaming replica on the primary, none on the replicas.
+    for s in &servers {
+        let pins = c.status(s).and_then(|v| v["pins"].as_u64()).unwrap_or(0);
+        let allowed = if s.id == primary.id { 2 } else { 0 };
+        if pins > allowed {
+            t.pins_left += 1;
+            t.violation(format!("round {round}: {} holds {pins} pins", s.id));
+        }
+    }
+    // Every block as the workload left it.
+    let Some((_, addr)) = primary_addr(&c.swblock, &c.info.master) else {
+        t.unconverged += 1;
+        t.violation(format!("round {round}: no NBD address for the primary"));
+        return;
+    };
+    let mut client = match NbdClient::connect(addr, VOLUME, Duration::from_secs(5)) {
+        Ok(cl) => cl,
+        Err(e) => {
+            t.unconverged += 1;
+            t.violation(format!("round {round}: connect to the primary: {e}"));
+            return;
+        }
+    };
+    let h = w.history();
+    const SPAN: u64 = 64;
+    for first in (0..BLOCKS).step_by(SPAN as usize) {
+        let data = match client.read(first * BLOCK as u64, (SPAN as usize * BLOCK) as u32) {
+            Ok(d) => d,
+            Err(e) => {
+                t.unconverged += 1;
+                t.violation(format!("round {round}: read at block {first}: {e}"));
+                return;
+            }
+        };
+        for (i, buf) in data.chunks(BLOCK).enumerate() {
+            let b = first + i as u64;
+            let acked = h.acked[b as usize];
+            let issued = &h.issued[b as usize];
+            match parse(buf) {
+                Ok(None) if acked > 0 => {
+                    t.lost += 1;
+                    t.violation(format!(
+                        "round {round}: block {b} reads zeros, write {acked} was acknowledged"
+                    ));
+                }
+                Ok(None) => {}
+                Ok(Some((bb, id))) if bb != b || issued.binary_search(&id).is_err() => {
+                    t.phantom += 1;
+                    t.violation(format!(
+                        "round {round}: block {b} holds write {id} of block {bb}, never issued here"
+                    ));
+                }
+                Ok(Some((_, id))) if id < acked => {
+                    t.stale += 1;
+                    t.violation(format!(
+                        "round {round}: block {b} holds write {id}, older than acknowledged {acked}"
+                    ));
+                }
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    t.torn += 1;
+                    t.violation(format!("round {round}: block {b}: {e}"));
+                }
+            }
+        }
+    }
+    client.disconnect();
+}
+
+struct Options {
+    seed: u64,
+    rounds: u64,
+    minutes: Option<u64>,
+    json: PathBuf,
+}
+
+fn parse_args(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        seed: 1,
+        rounds: 12,
+        minutes: None,
+        json: workspace_root().join("target").join("nemesis-report.json"),
+    };
+    let mut it = args.iter();
+    let num = |v: Option<&String>, what: &str| -> Result<u64, String> {
+        v.ok_or(format!("{what} needs a value"))?
+            .parse()
+            .map_err(|e| format!("{what}: {e}"))
+    };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => o.rounds = 6,
+            "--seed" => o.seed = num(it.next(), "--seed")?,
+            "--rounds" => o.rounds = num(it.next(), "--rounds")?,
+            "--minutes" => o.minutes = Some(num(it.next(), "--minutes")?),
+            "--json" => o.json = PathBuf::from(it.next().ok_or("--json needs a path")?),
+            other => return Err(format!("nemesis: unknown option {other}")),
+        }
+    }
+    Ok(o)
+}
+
+pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
+    let o = parse_args(args)?;
+    crate::build_bin("server", "swblock")?;
+    let swblock = server::scenarios::swblock_path()?;
+    let dir = workspace_root().join("target").join("nemesis");
+    let _ = Command::new(&swblock)
+        .args(["cluster", "down", "--dir"])
+        .arg(&dir)
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(&swblock)
+        .args(["cluster", "up", "--servers", "3", "--dir"])
+        .arg(&dir)
+        .output()
+        .map_err(|e| format!("cluster up: {e}"))?;
+    let info: ClusterInfo = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "cluster up: {e}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    let c = Cluster {
+        swblock: swblock.clone(),
+        dir: dir.clone(),
+        info,
+    };
+    println!(
+        "nemesis: seed {}, {} rounds{}, network: loopback (no network namespaces yet)",
+        o.seed,
+        o.rounds,
+        o.minutes
+            .map(|m| format!(" or {m} min"))
+            .unwrap_or_default()
+    );
+    c.swblock(&[
+        "block",
+        "create",
+        VOLUME,
+        "--size",
+        "16M",
+        "--rf",
+        "3",
+        "--mode",
+        "sync_quorum",
+        "--master",
+        &c.info.master,
+    ])?;
+    c.converge()?;
+    let w = Arc::new(Workload {
+        history: Mutex::new(History {
+            issued: vec![Vec::new(); BLOCKS as usize],
+            acked: vec![0; BLOCKS as usize],
+            ..History::default()
+        }),
+        stop: AtomicBool::new(false),
+        pause: AtomicBool::new(false),
+        parked: AtomicBool::new(false),
+        next_id: AtomicU64::new(1),
+    });
+    let worker = {
+        let (w, swblock, master, seed) = (
+            Arc::clone(&w),
+            swblock.clone(),
+            c.info.master.clone(),
+            o.seed,
+        );
+        std::thread::spawn(move || run_workload(&w, &swblock, &master, seed))
+    };
+    let mut rng = Rng::new(o.seed);
+    let mut t = Tally::default();
+    let start = Instant::now();
+    let deadline = o.minutes.map(|m| start + Duration::from_secs(m * 60));
+    let mut rounds = 0;
+    for round in 1..=o.rounds.max(1) * if deadline.is_some() { 1000 } else { 1 } {
+        if deadline.is_some_and(|d| Instant::now() >= d) || (deadline.is_none() && round > o.rounds)
+        {
+            break;
+        }
+        std::thread::sleep(rng.millis(1000, 3000));
+        let fault = Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize];
+        t.count(fault);
+        let what = inject(&c, fault, &mut rng).unwrap_or_else(|e| format!("{}: {e}", fault.name()));
+        // Park the workload, then check.
+        w.pause.store(true, Ordering::SeqCst);
+        let park = Instant::now();
+        while !w.parked.load(Ordering::SeqCst) && park.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let before = t.violations();
+        check(&c, &w, &mut t, round);
+        let h = w.history();
+        println!(
+            "round {round:>3}: {what}; converged; {} writes acked in {} flushes so far; {}",
+            h.writes_acked,
+            h.flushes_acked,
+            if t.violations() == before {
+                "ok"
+            } else {
+                "VIOLATIONS"
+            }
+        );
+        drop(h);
+        w.pause.store(false, Ordering::SeqCst);
+        rounds = round;
+    }
+    w.stop.store(true, Ordering::SeqCst);
+    let _ = worker.join();
+    drop(c);
+    let h = w.history();
+    let report = serde_json::json!({
+        "seed": o.seed,
+        "rounds": rounds,
+        "network": "loopback",
+        "volume": {"name": VOLUME, "blocks": BLOCKS, "block_size": BLOCK, "mode": "sync_quorum"},
+        "faults": t.faults.iter().map(|(n, c)| (n.to_string(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
+        "writes_sent": h.writes_sent,
+        "writes_acknowledged": h.writes_acked,
+        "flushes_acknowledged": h.flushes_acked,
+        "write_errors": h.write_errors,
+        "flush_errors": h.flush_errors,
+        "connections": h.connects,
+        "lost": t.lost,
+        "stale_reads": t.stale,
+        "phantom_reads": t.phantom,
+        "torn_blocks": t.torn,
+        "diverged_replicas": t.diverged,
+        "pins_left": t.pins_left,
+        "unconverged": t.unconverged,
+        "split_brain_epochs": serde_json::Value::Null,
+        "longest_convergence_secs": t.longest_convergence.as_secs_f64(),
+        "elapsed_secs": start.elapsed().as_secs_f64(),
+        "violations": t.violations(),
+        "examples": t.examples,
+        "replay": format!("cargo xtask nemesis --seed {} --rounds {rounds}", o.seed),
+    });
+    if let Some(d) = o.json.parent() {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    std::fs::write(&o.json, format!("{report:#}\n"))
+        .map_err(|e| format!("write {}: {e}", o.json.display()))?;
+    println!(
+        "nemesis: {rounds} rounds, {} writes acknowledged in {} flushes, {} violations, longest \
+         convergence {:.1} s; report: {}",
+        h.writes_acked,
+        h.flushes_acked,
+        t.violations(),
+        t.longest_convergence.as_secs_f64(),
+        o.json.display()
+    );
+    if t.violations() == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("logs kept in {}", dir.display());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_name_their_write_and_a_torn_block_is_caught() {
+        let b = pattern(7, 42);
+        assert_eq!(parse(&b), Ok(Some((7, 42))));
+        assert_eq!(parse(&[0u8; BLOCK]), Ok(None));
+        let mut torn = b.clone();
+        torn[2048..].copy_from_slice(&pattern(7, 43)[2048..]);
+        assert!(parse(&torn).is_err());
+        assert!(parse(&[1u8; BLOCK]).is_err());
+        assert_ne!(pattern(7, 42), pattern(8, 42));
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_faults() {
+        let (mut a, mut b) = (Rng::new(9), Rng::new(9));
+        let xs: Vec<u64> = (0..16).map(|_| a.below(5)).collect();
+        let ys: Vec<u64> = (0..16).map(|_| b.below(5)).collect();
+        assert_eq!(xs, ys);
+        assert!(xs.iter().any(|&x| x != xs[0]));
+    }
+}
