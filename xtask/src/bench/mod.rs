@@ -203,7 +203,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| format!("--compare {}: {e}", p.display()))?;
-            report::compare(&text, &text).map_err(|e| format!("--compare {}: {e}", p.display()))?;
+            report::check(&text).map_err(|e| format!("--compare {}: {e}", p.display()))?;
             Some(text)
         }
         None => None,

@@ -248,14 +248,18 @@ struct Row {
     p99: Option<f64>,
 }
 
-/// The rev and the metrics of a JSON report.
-fn rows(json: &str) -> Result<(String, Vec<Row>), String> {
+/// The rev, the quick flag and the metrics of a JSON report.
+fn rows(json: &str) -> Result<(String, bool, Vec<Row>), String> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
     let rev = v
         .get("rev")
         .and_then(|r| r.as_str())
         .unwrap_or("unknown")
         .to_owned();
+    let quick = v
+        .get("quick")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
     let metrics = v
         .get("metrics")
         .and_then(|m| m.as_array())
@@ -284,7 +288,7 @@ fn rows(json: &str) -> Result<(String, Vec<Row>), String> {
                 .and_then(serde_json::Value::as_f64),
         });
     }
-    Ok((rev, out))
+    Ok((rev, quick, out))
 }
 
 fn opt_num(x: Option<f64>) -> String {
@@ -299,17 +303,29 @@ fn opt_met(x: Option<bool>) -> &'static str {
     }
 }
 
+/// Checks that `json` reads as a report `compare` can use.
+pub fn check(json: &str) -> Result<(), String> {
+    rows(json).map(|_| ())
+}
+
 /// The change of every metric from report `old` to report `new` (both JSON text): value old ->
 /// new with the change in percent, ratio old -> new, met old -> new (and the ceiling ratio and
 /// p99 latency where either side has them), then the metrics only one side has.
 pub fn compare(old: &str, new: &str) -> Result<String, String> {
-    let (old_rev, old) = rows(old).map_err(|e| format!("the old report: {e}"))?;
-    let (new_rev, new) = rows(new).map_err(|e| format!("the new report: {e}"))?;
+    let (old_rev, old_quick, old) = rows(old).map_err(|e| format!("the old report: {e}"))?;
+    let (new_rev, new_quick, new) = rows(new).map_err(|e| format!("the new report: {e}"))?;
     let mut out = String::new();
     let _ = writeln!(
         out,
         "compared with {old_rev} (old -> new, this run {new_rev}):"
     );
+    if old_quick != new_quick {
+        let _ = writeln!(
+            out,
+            "  note: the {} report is --quick (small sizes): the two do not compare",
+            if old_quick { "old" } else { "new" }
+        );
+    }
     let mut lines = Vec::new();
     for n in &new {
         let Some(o) = old.iter().find(|o| o.name == n.name) else {
@@ -464,7 +480,7 @@ mod tests {
             {"name": "gone", "unit": "ms", "value": 1, "ratio": 1, "met": true},
             {"name": "catchup", "unit": "MiB/s", "value": null, "ratio": null, "met": false}
         ]}"#;
-        let new = r#"{"rev": "new2", "metrics": [
+        let new = r#"{"rev": "new2", "quick": true, "metrics": [
             {"name": "durable_1", "unit": "ops/s", "value": 150, "ratio": 0.9, "met": true,
              "ceiling_ratio": 0.8, "latency_us": {"p50": 1, "p99": 250, "p999": 900}},
             {"name": "catchup", "unit": "MiB/s", "value": 20, "ratio": 0.3, "met": false},
@@ -490,6 +506,7 @@ mod tests {
         assert!(c.contains("met NO -> NO"), "{c}");
         assert!(out.contains("only in the old report: gone"), "{out}");
         assert!(out.contains("only in this run: added"), "{out}");
+        assert!(out.contains("the new report is --quick"), "{out}");
         assert!(compare("{", new).is_err());
         assert!(compare("{}", new).is_err());
     }
