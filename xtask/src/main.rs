@@ -25,9 +25,13 @@ tasks:
       (or PATH). NAME is `store/scenario`, a bare scenario name, or `cluster` (any cluster/
       name runs the whole cluster scenario, whose steps build on each other). --keep keeps
       the volume files and prints where. Exits 1 if any scenario fails.
-  bench [--quick] [--only NAME[,NAME]] [--json PATH] [--keep]
+  bench [--quick] [--only NAME[,NAME]] [--json PATH] [--compare OLD.json] [--keep]
       Measure the store, recovery and rebuild against baselines measured in the same run
-      (release build); prints a table and writes target/bench-report.json.
+      (release build); prints a table (ratio to the baseline, and to the physical ceiling
+      where there is one) and writes target/bench-report.json (or PATH). --compare prints,
+      after the table, each metric's change against an earlier report (value, ratio, met;
+      metrics only one side has are listed): save one first, e.g.
+      `cp target/bench-report.json /tmp/before.json`.
   sim [--seeds N] [--steps M] [--seed S] [--replicas R] [--heal-steps H] [--quiet] [--verbose]
       Deterministic simulation of a primary, two or three replicas and faults on the real
       crates (release build): N seeds from S (default 100 from 1; --seed alone runs one),

@@ -50,11 +50,78 @@ pub struct Metric {
     pub baseline_what: String,
     /// Sizes, repetitions, spread and anything else a reader needs.
     pub detail: String,
+    /// The physical reference measured in the same run (a plain file, the disk, a socket;
+    /// never another of our own paths nor memory speed), in `unit`; `None` when the metric
+    /// has none. It may be the baseline itself.
+    pub ceiling: Option<f64>,
+    /// What the ceiling is (empty without one).
+    pub ceiling_what: String,
+    /// Per-operation latency percentiles, where the metric records them.
+    pub latency_us: Option<Latency>,
 }
 
 impl Metric {
     pub fn met(&self) -> bool {
         self.ratio.is_finite() && self.target.met(self.ratio)
+    }
+
+    /// `value / ceiling`: for a rate, the fraction of the physical ceiling reached; for a
+    /// time, how many times the physical reference's time it took.
+    pub fn ceiling_ratio(&self) -> Option<f64> {
+        self.ceiling.map(|c| self.value / c)
+    }
+}
+
+/// Latency percentiles of one operation, in microseconds.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub struct Latency {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    /// Operations recorded.
+    pub count: u64,
+}
+
+/// A latency histogram in microseconds: 1 us to 10 minutes, three significant digits.
+pub fn histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
+        .unwrap_or_else(|_| unreachable!("valid histogram bounds"))
+}
+
+/// Records `d` in microseconds (at least 1; longer than the bound counts as the bound).
+pub fn record(h: &mut hdrhistogram::Histogram<u64>, d: Duration) {
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+    h.saturating_record(us);
+}
+
+/// Merges per-thread (or per-round) histograms and takes p50, p99 and p99.9; `None` when
+/// nothing was recorded.
+pub fn latency<'a>(
+    hs: impl IntoIterator<Item = &'a hdrhistogram::Histogram<u64>>,
+) -> Option<Latency> {
+    let mut all = histogram();
+    for h in hs {
+        // Same bounds everywhere, so adding cannot fail; a failure would only lose samples.
+        let _ = all.add(h);
+    }
+    if all.is_empty() {
+        return None;
+    }
+    Some(Latency {
+        p50: all.value_at_quantile(0.5),
+        p99: all.value_at_quantile(0.99),
+        p999: all.value_at_quantile(0.999),
+        count: all.len(),
+    })
+}
+
+impl Latency {
+    /// For the detail line.
+    pub fn describe(&self, op: &str) -> String {
+        format!(
+            "latency per {op} p50 {} us, p99 {} us, p99.9 {} us ({} ops)",
+            self.p50, self.p99, self.p999, self.count
+        )
     }
 }
 
@@ -171,5 +238,24 @@ mod tests {
         assert!(!Target::AtLeast(0.5).met(0.49));
         assert!(Target::AtMost(1.2).met(1.0));
         assert!(!Target::AtMost(1.2).met(1.3));
+    }
+
+    #[test]
+    fn latency_merges_histograms() {
+        let mut a = histogram();
+        let mut b = histogram();
+        for us in 1..=900u64 {
+            record(&mut a, Duration::from_micros(us));
+        }
+        for us in 901..=1000u64 {
+            record(&mut b, Duration::from_micros(us));
+        }
+        record(&mut b, Duration::ZERO); // counted as 1 us
+        let l = latency([&a, &b]).unwrap_or_else(|| unreachable!());
+        assert_eq!(l.count, 1001);
+        assert!((499..=502).contains(&l.p50), "{l:?}");
+        assert!((989..=992).contains(&l.p99), "{l:?}");
+        assert!((998..=1000).contains(&l.p999), "{l:?}");
+        assert!(latency(std::iter::empty()).is_none());
     }
 }

@@ -11,7 +11,8 @@
 //!   `replicated_write` (the live stream under `sync_all`), `net_rejoin` (reported).
 //! - `nbd`: the NBD frontend: `nbd_write` (qemu-img convert into `server`'s NbdServer
 //!   against qemu-nbd).
-//! - `report`: the table, `target/bench-report.json` (hand-written JSON), machine facts.
+//! - `report`: the table, `target/bench-report.json` (hand-written JSON), machine facts, and
+//!   `--compare OLD.json` (each metric's change against an earlier report).
 //! - `raw`, `alloc`: the only `unsafe` (baseline file calls; the counting allocator).
 //!
 //! Benchmarks run in a release build: a debug xtask re-executes itself through
@@ -53,8 +54,8 @@ const ALL: &[&str] = &[
     "nbd_write_replicated",
 ];
 
-const USAGE: &str =
-    "usage: cargo xtask bench [--quick] [--only NAME[,NAME...]] [--json PATH] [--keep]";
+const USAGE: &str = "usage: cargo xtask bench [--quick] [--only NAME[,NAME...]] [--json PATH] \
+                     [--compare OLD.json] [--keep]";
 
 /// Parsed options.
 #[derive(Clone, Debug)]
@@ -62,6 +63,8 @@ struct Options {
     quick: bool,
     only: Option<Vec<String>>,
     json: Option<PathBuf>,
+    /// An earlier report to compare this run with.
+    compare: Option<PathBuf>,
     keep: bool,
 }
 
@@ -70,6 +73,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         quick: false,
         only: None,
         json: None,
+        compare: None,
         keep: false,
     };
     let mut it = args.iter();
@@ -88,6 +92,12 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 o.only = Some(names);
             }
             "--json" => o.json = Some(PathBuf::from(it.next().ok_or("--json needs a path")?)),
+            "--compare" => {
+                o.compare = Some(PathBuf::from(
+                    it.next()
+                        .ok_or("--compare needs an earlier report's path")?,
+                ));
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("bench: unknown option {other}\n{USAGE}")),
         }
@@ -159,14 +169,45 @@ pub struct Shared {
     pub wal_append_mib_s: Option<f64>,
     /// rebuild_full's median time (ms) and peak heap (bytes).
     pub rebuild_full: Option<recovery::RebuildFull>,
+    /// nbd_write's baseline (qemu-nbd on a raw file), MiB/s: nbd_write_replicated's ceiling.
+    pub qemu_nbd_mib_s: Option<f64>,
+}
+
+/// `args` with the paths after `--json` and `--compare` made absolute: the release re-run
+/// starts in the workspace root, not where the user typed them.
+fn absolute_paths(args: &[String]) -> Vec<String> {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let mut out = Vec::with_capacity(args.len());
+    let mut path_next = false;
+    for a in args {
+        if path_next && std::path::Path::new(a).is_relative() {
+            out.push(cwd.join(a).to_string_lossy().into_owned());
+        } else {
+            out.push(a.clone());
+        }
+        path_next = a == "--json" || a == "--compare";
+    }
+    out
 }
 
 /// Runs the benchmark.
 pub fn run(args: &[String]) -> Result<ExitCode, String> {
     if cfg!(debug_assertions) {
-        return crate::reexec_release("bench", args);
+        // Options are checked before the (slow) release build.
+        parse(args)?;
+        return crate::reexec_release("bench", &absolute_paths(args));
     }
     let opts = parse(args)?;
+    // Read the earlier report up front, so a wrong path fails before the measurements.
+    let old = match &opts.compare {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("--compare {}: {e}", p.display()))?;
+            report::check(&text).map_err(|e| format!("--compare {}: {e}", p.display()))?;
+            Some(text)
+        }
+        None => None,
+    };
     let started = Instant::now();
     let ctx = Ctx {
         quick: opts.quick,
@@ -197,8 +238,8 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
             "net_rebuild_full" => net::net_rebuild_full(&ctx)?,
             "replicated_write" => net::replicated_write(&ctx)?,
             "net_rejoin" => net::net_rejoin(&ctx)?,
-            "nbd_write" => nbd::nbd_write(&ctx)?,
-            "nbd_write_replicated" => nbd::nbd_write_replicated(&ctx)?,
+            "nbd_write" => nbd::nbd_write(&ctx, &mut shared)?,
+            "nbd_write_replicated" => nbd::nbd_write_replicated(&ctx, &mut shared)?,
             other => return Err(format!("no measurement for {other}")),
         };
         eprintln!(
@@ -221,7 +262,11 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
-    std::fs::write(&path, rep.json()).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let json = rep.json();
+    if let Some(old) = &old {
+        print!("\n{}", report::compare(old, &json)?);
+    }
+    std::fs::write(&path, &json).map_err(|e| format!("write {}: {e}", path.display()))?;
     println!("report: {} ({:.1}s)", path.display(), wall.as_secs_f64());
     // The benchmark measures; it does not fail on a missed target (CI runs --quick to keep the
     // harness working, and quick numbers say nothing about speed).

@@ -19,7 +19,12 @@ use transport::stream::{DurabilityMode, ReplicaSpec, Replicator, StreamConfig, S
 use v2bridge::LocalReplica;
 
 use super::Ctx;
-use super::measure::{MIB, Metric, Target, interleaved, median, mib_per_s, ms, spread, timed};
+use hdrhistogram::Histogram;
+
+use super::measure::{
+    MIB, Metric, Target, histogram, interleaved, latency, median, mib_per_s, ms, record, spread,
+    timed,
+};
 use super::recovery::{
     CATCHUP_BLOCKS, catchup_primary, catchup_with, check_catchup, create_gated, rebuild_primary,
     rebuild_replica, rebuild_with, same_image,
@@ -157,6 +162,10 @@ pub fn net_catchup(ctx: &Ctx) -> Result<Metric, String> {
         baseline: Some(base),
         ratio: value / base,
         target: Target::AtLeast(0.7),
+        ceiling: Some(base),
+        ceiling_what: "the baseline itself (a plain loopback socket into a file + fdatasync)"
+            .into(),
+        latency_us: None,
         what: format!(
             "engine catch-up over TCP (CatchUpExecutor over BridgeIo and RemoteReplica to a \
              replica server on loopback) of an empty replica to {n} committed 4 KiB entries, \
@@ -202,6 +211,10 @@ pub fn net_rebuild_full(ctx: &Ctx) -> Result<Metric, String> {
         baseline: Some(rate(bm)),
         ratio: bm / sm,
         target: Target::AtLeast(0.7),
+        ceiling: Some(rate(bm)),
+        ceiling_what: "the baseline itself (a plain loopback socket into a file + fdatasync)"
+            .into(),
+        latency_us: None,
         what: format!(
             "engine full rebuild over TCP (RebuildExecutor over BridgeIo and RemoteReplica, base \
              chunks pipelined under the credit window) of a {} MiB volume with every block \
@@ -324,49 +337,65 @@ fn wait_streaming(r: &Replicator, i: usize, joins: u64) -> Result<Duration, Stri
     }
 }
 
-/// 16 writers, each writing a block and flushing; ops/s over `secs`.
-fn replicated_writes(r: &Replicator, primary: &Arc<Volume>, secs: f64) -> Result<f64, String> {
+/// 16 writers, each writing a block and flushing; ops/s over `secs`, and each op's latency
+/// (write, notify, flush; the writers' histograms merged).
+fn replicated_writes(
+    r: &Replicator,
+    primary: &Arc<Volume>,
+    secs: f64,
+) -> Result<(f64, Histogram<u64>), String> {
     let stop = AtomicBool::new(false);
     let ops = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
     let src = source(16);
     let start = Instant::now();
-    std::thread::scope(|s| {
+    let lats = std::thread::scope(|s| {
+        let mut hs = Vec::new();
         for w in 0..16u64 {
             let (stop, ops, failed, src) = (&stop, &ops, &failed, &src);
-            s.spawn(move || {
+            hs.push(s.spawn(move || {
+                let mut lat = histogram();
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let lba = (w * 64 + i % 64) % 4096;
                     let off = (w as usize % 16) * BS;
+                    let t = Instant::now();
                     if primary
                         .write(blockvol::Lba(lba), &src[off..off + BS])
                         .is_err()
                     {
                         failed.fetch_add(1, Ordering::Relaxed);
-                        return;
+                        break;
                     }
                     r.notify();
                     if r.flush().is_err() {
                         failed.fetch_add(1, Ordering::Relaxed);
-                        return;
+                        break;
                     }
+                    record(&mut lat, t.elapsed());
                     ops.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                 }
-            });
+                lat
+            }));
         }
         std::thread::sleep(Duration::from_secs_f64(secs));
         stop.store(true, Ordering::Relaxed);
+        hs.into_iter().map(|h| h.join()).collect::<Vec<_>>()
     });
     let elapsed = start.elapsed().as_secs_f64();
+    let mut lat = histogram();
+    for h in lats {
+        let h = h.map_err(|_| "writer panicked".to_owned())?;
+        lat.add(&h).map_err(|e| format!("merge latencies: {e:?}"))?;
+    }
     if failed.load(Ordering::Relaxed) > 0 {
         return Err(format!(
             "{} writer(s) failed a write or flush",
             failed.load(Ordering::Relaxed)
         ));
     }
-    Ok(ops.load(Ordering::Relaxed) as f64 / elapsed)
+    Ok((ops.load(Ordering::Relaxed) as f64 / elapsed, lat))
 }
 
 /// The reference for replicated writes: rounds of 16 block writes to each of three local
@@ -411,11 +440,22 @@ pub fn replicated_write(ctx: &Ctx) -> Result<Metric, String> {
     let cluster = Streamed::new(ctx, "replicated_write", 4096 * BS as u64, 256 * MIB)?;
     let r = cluster.replicator(DurabilityMode::SyncAll)?;
     let primary = Arc::clone(&cluster.primary);
+    let mut lats = Vec::new();
+    let mut round = 0usize;
     let (b, s) = interleaved(
         ctx.plan(),
         || three_files(ctx, secs),
-        || replicated_writes(&r, &primary, secs),
+        || {
+            let (rate, lat) = replicated_writes(&r, &primary, secs)?;
+            // The warm-up round's latencies are not kept.
+            if round >= ctx.plan().warmup {
+                lats.push(lat);
+            }
+            round += 1;
+            Ok(rate)
+        },
     )?;
+    let lat = latency(&lats);
     // Every replica holds what the last flush acknowledged.
     let last = r.flush().map_err(|e| format!("final flush: {e}"))?;
     for (i, rep) in cluster.replicas.iter().enumerate() {
@@ -442,6 +482,10 @@ pub fn replicated_write(ctx: &Ctx) -> Result<Metric, String> {
         baseline: Some(bm),
         ratio: sm / bm,
         target: Target::AtLeast(0.5),
+        ceiling: Some(bm),
+        ceiling_what: "the baseline itself (the same writes + fdatasyncs on three plain files)"
+            .into(),
+        latency_us: lat,
         what: "16 writer threads, each a 4 KiB Volume::write then Replicator::flush under \
                sync_all with two replicas behind replica servers on loopback (every ack is \
                durable on the primary and both replicas)"
@@ -451,10 +495,15 @@ pub fn replicated_write(ctx: &Ctx) -> Result<Metric, String> {
             .into(),
         detail: format!(
             "{:.1} s per rep; stream {} ops/s, three files {} ops/s; replica 0 got {batches} \
-             batches ({apply_ms:.2} ms each) and {barriers} barriers ({barrier_ms:.2} ms each); both replicas' digests equal the primary's",
+             batches ({apply_ms:.2} ms each) and {barriers} barriers ({barrier_ms:.2} ms each); \
+             both replicas' digests equal the primary's; {}",
             secs,
             spread(&s),
-            spread(&b)
+            spread(&b),
+            lat.map_or_else(
+                || "no latency recorded".into(),
+                |l| l.describe("write+flush")
+            )
         ),
     })
 }
@@ -536,6 +585,9 @@ pub fn net_rejoin(ctx: &Ctx) -> Result<Metric, String> {
         baseline: None,
         ratio: ms(took),
         target: Target::AtMost(f64::INFINITY),
+        ceiling: None,
+        ceiling_what: String::new(),
+        latency_us: None,
         what: format!(
             "a replica that missed {n} 4 KiB entries (sync_quorum, two replicas) rejoins the \
              stream through the engine while one writer keeps writing: from its server's \

@@ -206,11 +206,13 @@ pub fn catchup(ctx: &Ctx, shared: &mut Shared) -> Result<Metric, String> {
         let _ = std::fs::remove_file(&ppath);
         per_size.push((n, median(&s), s, median(&disk)));
     }
-    // The table's value is the slower of the two sizes.
-    let worst = per_size
+    // The table's value is the slower of the two sizes; its ceiling is that size's disk
+    // reference.
+    let (worst, worst_disk) = per_size
         .iter()
-        .map(|(_, m, _, _)| *m)
-        .fold(f64::INFINITY, f64::min);
+        .map(|(_, m, _, disk)| (*m, *disk))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .unwrap_or((f64::NAN, f64::NAN));
     let detail = per_size
         .iter()
         .map(|(n, m, s, disk)| {
@@ -235,6 +237,11 @@ pub fn catchup(ctx: &Ctx, shared: &mut Shared) -> Result<Metric, String> {
         baseline: Some(base),
         ratio: worst / base,
         target: Target::AtLeast(0.4),
+        ceiling: Some(worst_disk),
+        ceiling_what: "the same ring bytes written sequentially with 1 MiB pwrites + fdatasync \
+                       at the slower size (the disk's sequential write speed)"
+            .into(),
+        latency_us: None,
         what: format!(
             "engine catch-up (RecoveryDriver::plan_recovery + CatchUpExecutor over BridgeIo and \
              LocalReplica) of an empty replica volume to a primary holding {} and {} committed \
@@ -440,6 +447,9 @@ fn rebuild_full_inner(ctx: &Ctx) -> Result<(Metric, RebuildFull), String> {
         baseline: Some(rate(bm)),
         ratio: bm / sm,
         target: Target::AtLeast(0.7),
+        ceiling: Some(rate(bm)),
+        ceiling_what: "the baseline itself (a plain file copy with a 1 MiB buffer + fsync)".into(),
+        latency_us: None,
         what: format!(
             "engine rebuild (plan_rebuild + RebuildExecutor over BridgeIo and LocalReplica) of \
              a {} MiB volume with every block written: base image read in chunks, shipped \
@@ -531,6 +541,9 @@ pub fn rebuild_sparse(ctx: &Ctx, shared: &mut Shared) -> Result<Metric, String> 
         baseline: Some(full.ms),
         ratio: sm / full.ms,
         target: Target::AtMost(0.25),
+        ceiling: None,
+        ceiling_what: String::new(),
+        latency_us: None,
         what: format!(
             "the same engine rebuild of a {} MiB volume with {written} of {blocks} blocks \
              ({:.1}%) written, in runs of {} KiB at random positions ({} chunks, {} MiB sent)",
@@ -555,6 +568,9 @@ pub fn rebuild_heap(ctx: &Ctx, shared: &mut Shared) -> Result<Metric, String> {
         baseline: None,
         ratio: mib,
         target: Target::AtMost(16.0),
+        ceiling: None,
+        ceiling_what: String::new(),
+        latency_us: None,
         what: "peak live heap bytes above the level at the start of rebuild_full's rebuild \
                (counting global allocator in the xtask binary), highest over its runs"
             .into(),
@@ -620,6 +636,9 @@ pub fn reconcile_scaling(ctx: &Ctx) -> Result<Metric, String> {
         baseline: Some(bm),
         ratio: sm / bm,
         target: Target::AtMost(12.0),
+        ceiling: None,
+        ceiling_what: String::new(),
+        latency_us: None,
         what: format!(
             "Registry::reconcile of {large} replica assignments into a new registry (creates \
              every sender) plus a second reconcile of the same set at the next epoch (updates \

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 
 use blockvol::{CreateOptions, Lba, Lsn, OpenOptions, Volume};
 
+use hdrhistogram::Histogram;
+
 use super::measure::{
-    MIB, Metric, Target, fmt_num, interleaved, median, mib_per_s, ms, spread, timed,
+    MIB, Metric, Target, fmt_num, histogram, interleaved, latency, median, mib_per_s, ms, record,
+    spread, timed,
 };
 use super::{Ctx, Shared, raw};
 
@@ -152,6 +155,9 @@ pub fn wal_append(ctx: &Ctx, shared: &mut Shared) -> Result<Metric, String> {
         baseline: Some(bm),
         ratio: sm / bm,
         target: Target::AtLeast(0.5),
+        ceiling: None,
+        ceiling_what: String::new(),
+        latency_us: None,
         what: format!(
             "Volume::write of {} MiB as 4 KiB writes at sequential LBAs into a new volume \
              (manual flusher), no sync",
@@ -213,53 +219,91 @@ fn durable_plain_batched(ctx: &Ctx, ops: u64, batch: u64, src: &[u8]) -> Result<
 }
 
 /// `writers` threads, each `ops / writers` times Volume::write of 4 KiB then Volume::sync,
-/// on a new volume. ops/s.
-fn durable_volume(ctx: &Ctx, ops: u64, writers: u64, src: &[u8]) -> Result<f64, String> {
+/// on a new volume. ops/s, and each write+sync's latency (the writers' histograms merged).
+fn durable_volume(
+    ctx: &Ctx,
+    ops: u64,
+    writers: u64,
+    src: &[u8],
+) -> Result<(f64, Histogram<u64>), String> {
     let path = ctx.scratch.path("durable.vol");
     let vol = Arc::new(create(&path, ops * BS as u64, wal_for(ops))?);
     let per = ops / writers;
     let src_blocks = (src.len() / BS) as u64;
     let start = Arc::new(Barrier::new(writers as usize + 1));
-    let d = std::thread::scope(|sc| -> Result<Duration, String> {
+    let (d, lat) = std::thread::scope(|sc| -> Result<(Duration, Histogram<u64>), String> {
         let mut hs = Vec::new();
         for w in 0..writers {
             let vol = Arc::clone(&vol);
             let start = Arc::clone(&start);
-            hs.push(sc.spawn(move || -> Result<(), String> {
+            hs.push(sc.spawn(move || -> Result<Histogram<u64>, String> {
+                let mut lat = histogram();
                 start.wait();
                 for i in 0..per {
                     let lba = w * per + i;
                     let s = ((lba % src_blocks) as usize) * BS;
+                    let t = Instant::now();
                     vol.write(Lba(lba), &src[s..s + BS])
                         .map_err(|e| format!("write {lba}: {e}"))?;
                     vol.sync().map_err(|e| format!("sync: {e}"))?;
+                    record(&mut lat, t.elapsed());
                 }
-                Ok(())
+                Ok(lat)
             }));
         }
         start.wait();
         let t = Instant::now();
+        let mut all = histogram();
         for h in hs {
-            h.join().map_err(|_| "writer panicked".to_string())??;
+            let lat = h.join().map_err(|_| "writer panicked".to_string())??;
+            all.add(&lat)
+                .map_err(|e| format!("merge latencies: {e:?}"))?;
         }
-        Ok(t.elapsed())
+        Ok((t.elapsed(), all))
     })?;
     drop(vol);
     remove(&path);
-    Ok((per * writers) as f64 / d.as_secs_f64())
+    Ok(((per * writers) as f64 / d.as_secs_f64(), lat))
+}
+
+/// Runs `durable_volume` as the subject of an interleaved measurement and keeps the latency
+/// histograms of the recorded rounds (not the warm-up's).
+fn durable_subject<'a>(
+    ctx: &'a Ctx,
+    ops: u64,
+    writers: u64,
+    src: &'a [u8],
+    lats: &'a mut Vec<Histogram<u64>>,
+) -> impl FnMut() -> Result<f64, String> + 'a {
+    let mut round = 0usize;
+    let warmup = ctx.plan().warmup;
+    move || {
+        let (rate, lat) = durable_volume(ctx, ops, writers, src)?;
+        if round >= warmup {
+            lats.push(lat);
+        }
+        round += 1;
+        Ok(rate)
+    }
 }
 
 pub fn durable_1(ctx: &Ctx) -> Result<Metric, String> {
     let ops = ctx.size(1000, 50);
     let src = source(256);
+    let mut lats = Vec::new();
     let (b, s) = interleaved(
         ctx.plan(),
         || durable_plain(ctx, ops, &src),
-        || durable_volume(ctx, ops, 1, &src),
+        durable_subject(ctx, ops, 1, &src, &mut lats),
     )?;
     let (bm, sm) = (median(&b), median(&s));
+    let lat = latency(&lats);
     Ok(Metric {
         name: "durable_1",
+        // The baseline is the disk's own: one pwrite and one fdatasync per write.
+        ceiling: Some(bm),
+        ceiling_what: "the baseline itself (pwrite + fdatasync per 4 KiB on a plain file)".into(),
+        latency_us: lat,
         unit: "ops/s",
         value: sm,
         baseline: Some(bm),
@@ -274,10 +318,14 @@ pub fn durable_1(ctx: &Ctx) -> Result<Metric, String> {
              plain file in the same directory"
         ),
         detail: format!(
-            "{} reps (median); volume {} ops/s, plain {} ops/s",
+            "{} reps (median); volume {} ops/s, plain {} ops/s; {}",
             s.len(),
             spread(&s),
-            spread(&b)
+            spread(&b),
+            lat.map_or_else(
+                || "no latency recorded".into(),
+                |l| l.describe("write+sync")
+            )
         ),
     })
 }
@@ -287,11 +335,13 @@ pub fn durable_16(ctx: &Ctx) -> Result<Metric, String> {
     let ops = ctx.size(4000, 160);
     let base_ops = ctx.size(1000, 50);
     let src = source(256);
+    let mut lats = Vec::new();
     let (b, s) = interleaved(
         ctx.plan(),
         || durable_plain(ctx, base_ops, &src),
-        || durable_volume(ctx, ops, writers, &src),
+        durable_subject(ctx, ops, writers, &src, &mut lats),
     )?;
+    let lat = latency(&lats);
     let (bm, sm) = (median(&b), median(&s));
     // The physical reference: with every writer's 4 KiB batched into one fdatasync, and no
     // coordination at all, the disk itself allows this many ops/s. Group commit cannot beat it.
@@ -307,6 +357,12 @@ pub fn durable_16(ctx: &Ctx) -> Result<Metric, String> {
         baseline: Some(bm),
         ratio: sm / bm,
         target: Target::AtLeast(6.0),
+        ceiling: Some(cm),
+        ceiling_what: format!(
+            "the same writes on a plain file, {writers} per fdatasync, one thread (group \
+             commit's disk ceiling)"
+        ),
+        latency_us: lat,
         what: format!(
             "{writers} writer threads, {} x (Volume::write 4 KiB, then Volume::sync) each, \
              on one new volume (group commit)",
@@ -319,11 +375,15 @@ pub fn durable_16(ctx: &Ctx) -> Result<Metric, String> {
         detail: format!(
             "{} reps (median); volume {} ops/s, plain {} ops/s; physical reference (the same \
              writes on a plain file, {writers} per fdatasync, one thread, no coordination): \
-             {cm:.0} ops/s, i.e. at most {:.2} of the baseline",
+             {cm:.0} ops/s, i.e. at most {:.2} of the baseline; {}",
             s.len(),
             spread(&s),
             spread(&b),
-            cm / bm
+            cm / bm,
+            lat.map_or_else(
+                || "no latency recorded".into(),
+                |l| l.describe("write+sync")
+            )
         ),
     })
 }
@@ -429,6 +489,11 @@ pub fn read_random(ctx: &Ctx) -> Result<Metric, String> {
         baseline: Some(bm),
         ratio: sm / bm,
         target: Target::AtLeast(0.7),
+        ceiling: Some(bm),
+        ceiling_what: "the baseline itself (pread of the same blocks from a plain file in the \
+                       page cache)"
+            .into(),
+        latency_us: None,
         what: format!(
             "{reads} Volume::read_into of one 4 KiB block at random LBAs of a {} MiB volume whose \
              blocks are half in the dirty map (synced WAL, not flushed) and half in the extent",
@@ -520,6 +585,9 @@ pub fn scan_independent_of_wal(ctx: &Ctx) -> Result<Metric, String> {
         baseline: Some(bm),
         ratio: sm / bm,
         target: Target::AtMost(1.2),
+        ceiling: None,
+        ceiling_what: String::new(),
+        latency_us: None,
         what: format!(
             "Volume::scan_from over the newest {gap} entries (4 KiB writes), fully iterated, \
              with {} MiB of history retained ({} entries)",
@@ -605,6 +673,9 @@ pub fn open_recovery(ctx: &Ctx) -> Result<Metric, String> {
         baseline: Some(bm),
         ratio: sm / bm,
         target: Target::AtMost(3.0),
+        ceiling: Some(bm),
+        ceiling_what: "the baseline itself (a cold sequential read of the same WAL bytes)".into(),
+        latency_us: None,
         what: format!(
             "Volume::open of a volume whose {} MiB WAL is full ({entries} 4 KiB entries, nothing \
              flushed): replay, index and dirty-map rebuild, msync, superblock write; the file's \
