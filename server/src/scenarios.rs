@@ -681,12 +681,12 @@ impl Run {
         ok(Command::new(&self.swblock)
             .args(["cluster", "restart", "--master", "--dir"])
             .arg(&self.dir))?;
-        let (p_after, _) = self.primary("v1")?;
+        let (p_after, uri_after) = self.primary("v1")?;
         let epoch_after = self.epoch("v1")?;
-        if p_after != p1 || epoch_after != epoch {
+        if p_after != p1 || epoch_after != epoch || uri_after != uri1 {
             return Err(format!(
-                "the restarted master has v1 at {p_after} epoch {epoch_after}, was {p1} \
-                 epoch {epoch}"
+                "the restarted master has v1 at {p_after} epoch {epoch_after} {uri_after:?}, \
+                 was {p1} epoch {epoch} {uri1:?}"
             ));
         }
         wait_until(

@@ -220,11 +220,16 @@ impl MasterState {
         inventory: Option<Vec<(String, u64, u32)>>,
         now: Instant,
     ) -> Vec<BlockVolumeAssignment> {
+        // A server first heard from since this master started starts from the addresses the
+        // persisted state knows: the heartbeat does not carry the NBD address (only
+        // AllocateBlockVolume's reply does), so a restarted master would otherwise look its
+        // volumes up with no export address.
+        let persisted_addrs = self.persisted.servers.get(id).cloned().unwrap_or_default();
         let rec = self
             .servers
             .entry(id.to_owned())
             .or_insert_with(|| ServerRecord {
-                addrs: addrs.clone(),
+                addrs: persisted_addrs,
                 last_seen: now,
                 dead: false,
                 reported: BTreeMap::new(),
@@ -618,6 +623,21 @@ mod tests {
         assert!(a[0].replica_addrs.is_empty());
         let a = m.heartbeat(&p[1], addrs(1), None, t);
         assert_eq!(a[0].role, BlockRole::Replica.to_wire());
+    }
+
+    #[test]
+    fn a_restarted_master_keeps_the_export_addresses_heartbeats_do_not_carry() {
+        let t = Instant::now();
+        let mut m = three(t);
+        let p = m.place("v", 3).unwrap();
+        m.created(record(&p));
+        let persisted = m.persisted.clone();
+        let mut m = MasterState::new(timing(), persisted, t);
+        // Heartbeats carry gRPC, HTTP and replication addresses, not the NBD address.
+        let mut hb = addrs(0);
+        hb.nbd.clear();
+        m.heartbeat(&p[0], hb, Some(vec![]), t);
+        assert_eq!(m.addrs(&p[0]).map(|a| a.nbd), Some(addrs(0).nbd));
     }
 
     #[test]
