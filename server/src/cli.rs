@@ -46,6 +46,10 @@ pub struct VolumeArgs {
     /// only).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Serve NBD on an address other than loopback (NBD has no authentication here: only on
+    /// a network you trust, such as a test cluster's network namespaces).
+    #[arg(long)]
+    pub nbd_allow_remote: bool,
 }
 
 /// `swblock master`.
@@ -175,7 +179,7 @@ pub fn run_volume(a: VolumeArgs) -> Result<(), Error> {
         repl_listen: a.repl,
         secret,
     })?;
-    let nbd = crate::frontend::start_nbd(Arc::clone(&node), a.nbd)?;
+    let nbd = crate::frontend::start_nbd(Arc::clone(&node), a.nbd, a.nbd_allow_remote)?;
     let nbd_addr = nbd.local_addr();
     let rt = runtime()?;
     rt.block_on(async move {

@@ -48,6 +48,12 @@ pub struct ClusterInfo {
     pub master_pid: u32,
     /// The volume servers.
     pub servers: Vec<ServerEntry>,
+    /// The network namespaces the processes run in (`up --netns`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<crate::netns::Netns>,
+    /// The cluster secret's file (with namespaces: replication leaves loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
 }
 
 impl ClusterInfo {
@@ -146,8 +152,63 @@ pub fn http_get(addr: &str, path: &str) -> Result<String, Error> {
     Ok(body.to_owned())
 }
 
-/// Starts a master and `n` volume servers under `dir` and writes `dir/cluster.json`.
-pub fn up(dir: &Path, n: usize) -> Result<ClusterInfo, Error> {
+/// Starts `args` of the `swblock` executable `exe`, in `host`'s namespace when there are
+/// namespaces, and waits for its ready line.
+fn launch(
+    exe: &Path,
+    netns: Option<&crate::netns::Netns>,
+    host: &str,
+    args: Vec<String>,
+    log: &Path,
+) -> Result<(Child, Vec<(String, String)>), Error> {
+    match netns {
+        None => spawn_ready(exe, &args, log),
+        Some(n) => {
+            let mut full = n.exec_prefix(host);
+            full.push(exe.display().to_string());
+            full.extend(args);
+            spawn_ready(Path::new("ip"), &full, log)
+        }
+    }
+}
+
+/// The arguments of volume server `id` (`addrs`: gRPC, replication, NBD, HTTP).
+fn volume_args(
+    id: &str,
+    data: &Path,
+    master: &str,
+    addrs: [&str; 4],
+    secret: Option<&Path>,
+) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "volume".into(),
+        "--id".into(),
+        id.into(),
+        "--data".into(),
+        data.display().to_string(),
+        "--master".into(),
+        master.into(),
+    ];
+    for (flag, a) in ["--grpc", "--repl", "--nbd", "--http"]
+        .into_iter()
+        .zip(addrs)
+    {
+        v.push(flag.into());
+        v.push(a.into());
+    }
+    if let Some(s) = secret {
+        // Off loopback: replication proves the secret, NBD is served to the test's network.
+        v.push("--secret-file".into());
+        v.push(s.display().to_string());
+        v.push("--nbd-allow-remote".into());
+    }
+    v
+}
+
+/// Starts a master and `n` volume servers under `dir` and writes `dir/cluster.json`; with
+/// `netns` (a name prefix; root only), each in its own network namespace (see
+/// [`crate::netns`]), with a cluster secret.
+pub fn up(dir: &Path, n: usize, netns: Option<&str>) -> Result<ClusterInfo, Error> {
     if n == 0 {
         return Err("a cluster needs at least one server".into());
     }
@@ -163,18 +224,46 @@ pub fn up(dir: &Path, n: usize) -> Result<ClusterInfo, Error> {
         .into());
     }
     let exe = std::env::current_exe()?;
+    let ns = match netns {
+        Some(prefix) => {
+            let hosts: Vec<String> = std::iter::once("m".to_owned())
+                .chain((1..=n).map(|i| i.to_string()))
+                .collect();
+            Some(crate::netns::Netns::create(prefix, &hosts)?)
+        }
+        None => None,
+    };
     let mut children = Vec::new();
     let result = (|| -> Result<ClusterInfo, Error> {
-        let (master, f) = spawn_ready(
+        let secret_file = match &ns {
+            Some(_) => {
+                let mut key = [0u8; 32];
+                getrandom::fill(&mut key).map_err(|e| format!("random secret: {e}"))?;
+                let p = dir.join("secret");
+                std::fs::write(
+                    &p,
+                    key.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                )?;
+                Some(p)
+            }
+            None => None,
+        };
+        let any = |host: &str| {
+            ns.as_ref()
+                .map_or("127.0.0.1:0".to_owned(), |n| format!("{}:0", n.addr(host)))
+        };
+        let (master, f) = launch(
             &exe,
-            &[
+            ns.as_ref(),
+            "m",
+            vec![
                 "master".into(),
                 "--data".into(),
                 dir.join("master").display().to_string(),
                 "--listen".into(),
-                "127.0.0.1:0".into(),
+                any("m"),
                 "--http".into(),
-                "127.0.0.1:0".into(),
+                any("m"),
             ],
             &dir.join("master.log"),
         )?;
@@ -186,17 +275,19 @@ pub fn up(dir: &Path, n: usize) -> Result<ClusterInfo, Error> {
         for i in 1..=n {
             let id = format!("vs{i}");
             let data = dir.join(&id);
-            let (child, f) = spawn_ready(
+            let host = i.to_string();
+            let a = any(&host);
+            let (child, f) = launch(
                 &exe,
-                &[
-                    "volume".into(),
-                    "--id".into(),
-                    id.clone(),
-                    "--data".into(),
-                    data.display().to_string(),
-                    "--master".into(),
-                    master_addr.clone(),
-                ],
+                ns.as_ref(),
+                &host,
+                volume_args(
+                    &id,
+                    &data,
+                    &master_addr,
+                    [&a, &a, &a, &a],
+                    secret_file.as_deref(),
+                ),
                 &dir.join(format!("{id}.log")),
             )?;
             servers.push(ServerEntry {
@@ -215,6 +306,8 @@ pub fn up(dir: &Path, n: usize) -> Result<ClusterInfo, Error> {
             master_http,
             master_pid,
             servers,
+            netns: ns.clone(),
+            secret_file,
         };
         std::fs::write(dir.join("cluster.json"), info.to_json_pretty())?;
         // Ready when the master has heard from every server.
@@ -248,6 +341,9 @@ pub fn up(dir: &Path, n: usize) -> Result<ClusterInfo, Error> {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+            if let Some(n) = &ns {
+                n.destroy();
+            }
             Err(e)
         }
     }
@@ -267,28 +363,21 @@ pub fn restart_server(dir: &Path, id: &str) -> Result<ServerEntry, Error> {
         return Err(format!("server {id} is still running (pid {})", info.servers[i].pid).into());
     }
     let exe = std::env::current_exe()?;
-    let (child, f) = spawn_ready(
+    let old = info.servers[i].clone();
+    // The same addresses: the master learns a server's NBD address only from its answer to
+    // AllocateBlockVolume (the protocol's heartbeat does not carry it), so a server that came
+    // back elsewhere would be looked up at its old export.
+    let (child, f) = launch(
         &exe,
-        &[
-            "volume".into(),
-            "--id".into(),
-            id.to_owned(),
-            "--data".into(),
-            info.servers[i].data.display().to_string(),
-            "--master".into(),
-            info.master.clone(),
-            // The same addresses: the master learns a server's NBD address only from its
-            // answer to AllocateBlockVolume (the protocol's heartbeat does not carry it), so
-            // a server that came back elsewhere would be looked up at its old export.
-            "--grpc".into(),
-            info.servers[i].grpc.clone(),
-            "--repl".into(),
-            info.servers[i].repl.clone(),
-            "--nbd".into(),
-            info.servers[i].nbd.clone(),
-            "--http".into(),
-            info.servers[i].http.clone(),
-        ],
+        info.netns.as_ref(),
+        &crate::netns::Netns::host_of(id),
+        volume_args(
+            id,
+            &old.data,
+            &info.master,
+            [&old.grpc, &old.repl, &old.nbd, &old.http],
+            info.secret_file.as_deref(),
+        ),
         &dir.join(format!("{id}.restarted.log")),
     )?;
     let entry = ServerEntry {
@@ -314,9 +403,11 @@ pub fn restart_master(dir: &Path) -> Result<ClusterInfo, Error> {
         return Err(format!("the master is still running (pid {})", info.master_pid).into());
     }
     let exe = std::env::current_exe()?;
-    let (child, _) = spawn_ready(
+    let (child, _) = launch(
         &exe,
-        &[
+        info.netns.as_ref(),
+        "m",
+        vec![
             "master".into(),
             "--data".into(),
             dir.join("master").display().to_string(),
@@ -351,7 +442,8 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
-/// Stops every process `dir/cluster.json` names: SIGTERM, then SIGKILL after 5 s.
+/// Stops every process `dir/cluster.json` names (SIGCONT first, so a paused one can act on
+/// the rest: SIGTERM, then SIGKILL after 5 s), then removes its network namespaces.
 pub fn down(dir: &Path) -> Result<(), Error> {
     let info = ClusterInfo::load(dir)?;
     let pids: Vec<u32> = info
@@ -362,6 +454,7 @@ pub fn down(dir: &Path) -> Result<(), Error> {
         .collect();
     for &p in &pids {
         if alive(p) {
+            signal(p, "-CONT");
             signal(p, "-TERM");
         }
     }
@@ -381,6 +474,9 @@ pub fn down(dir: &Path) -> Result<(), Error> {
     let left: Vec<u32> = pids.into_iter().filter(|p| alive(*p)).collect();
     if !left.is_empty() {
         return Err(format!("processes {left:?} did not stop").into());
+    }
+    if let Some(n) = &info.netns {
+        n.destroy();
     }
     println!("cluster in {} is down", dir.display());
     Ok(())

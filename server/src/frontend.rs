@@ -154,7 +154,16 @@ impl Exports for NodeExports {
     }
 }
 
-/// Starts the node's NBD server on `addr` (loopback only).
-pub fn start_nbd(node: Arc<Node>, addr: SocketAddr) -> Result<NbdServer, NbdServerError> {
-    NbdServer::start(addr, NbdConfig::default(), Arc::new(NodeExports::new(node)))
+/// Starts the node's NBD server on `addr`: loopback only unless `allow_remote` (NBD has no
+/// authentication here).
+pub fn start_nbd(
+    node: Arc<Node>,
+    addr: SocketAddr,
+    allow_remote: bool,
+) -> Result<NbdServer, NbdServerError> {
+    let config = NbdConfig {
+        allow_remote,
+        ..NbdConfig::default()
+    };
+    NbdServer::start(addr, config, Arc::new(NodeExports::new(node)))
 }

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod master;
 pub mod metrics;
 pub mod nbd;
+pub mod netns;
 pub mod node;
 pub mod proto;
 pub mod scenarios;

@@ -564,7 +564,10 @@ impl Node {
             r.stop();
         }
         if let Some((vol, specs, mode, epoch)) = to_start {
-            let config = StreamConfig::new(mode, &self.cfg.id, epoch);
+            let mut config = StreamConfig::new(mode, &self.cfg.id, epoch);
+            // The replicas' servers demand the cluster secret when there is one (any address
+            // but loopback): the replicator proves it with the same secret.
+            config.client.secret.clone_from(&self.cfg.secret);
             let n = specs.len();
             let r = Replicator::start(vol, specs, config)
                 .map_err(|e| storage(format!("volume {}: replicator", a.path), e))?;

@@ -200,15 +200,27 @@ enum Fault {
     PausePrimary,
     RestartMaster,
     KillPromoted,
+    /// Network namespaces only: the primary's link down past its lease.
+    IsolatePrimary,
+    /// Network namespaces only: a replica's link down.
+    IsolateReplica,
+    /// Network namespaces only: the primary cut from the master (both directions) past its
+    /// lease, while it still reaches its replicas and its clients.
+    SplitPrimaryFromMaster,
 }
 
 impl Fault {
-    const ALL: [Fault; 5] = [
+    const PROCESS: [Fault; 5] = [
         Fault::KillPrimary,
         Fault::KillReplica,
         Fault::PausePrimary,
         Fault::RestartMaster,
         Fault::KillPromoted,
+    ];
+    const NETWORK: [Fault; 3] = [
+        Fault::IsolatePrimary,
+        Fault::IsolateReplica,
+        Fault::SplitPrimaryFromMaster,
     ];
 
     fn name(self) -> &'static str {
@@ -218,6 +230,9 @@ impl Fault {
             Fault::PausePrimary => "pause_primary_past_lease",
             Fault::RestartMaster => "restart_master",
             Fault::KillPromoted => "kill_primary_then_promoted",
+            Fault::IsolatePrimary => "isolate_primary",
+            Fault::IsolateReplica => "isolate_replica",
+            Fault::SplitPrimaryFromMaster => "split_primary_from_master",
         }
     }
 }
@@ -381,12 +396,18 @@ impl Cluster {
 
     fn digest(&self, s: &ServerEntry) -> Result<u128, String> {
         let addr = s.repl.parse().map_err(|e| format!("{}: {e}", s.repl))?;
-        let mut r = transport::net::RemoteReplica::connect(
-            addr,
-            VOLUME,
-            &transport::net::ClientConfig::default(),
-        )
-        .map_err(|e| format!("connect {}: {e}", s.id))?;
+        let secret = self
+            .info
+            .secret_file
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|b| b.trim_ascii().to_vec());
+        let config = transport::net::ClientConfig {
+            secret,
+            ..transport::net::ClientConfig::default()
+        };
+        let mut r = transport::net::RemoteReplica::connect(addr, VOLUME, &config)
+            .map_err(|e| format!("connect {}: {e}", s.id))?;
         r.probe(true)
             .map_err(|e| format!("probe {}: {e}", s.id))?
             .digest
@@ -441,6 +462,36 @@ fn inject(c: &Cluster, fault: Fault, rng: &mut Rng) -> Result<String, String> {
             let d = c.dir.display().to_string();
             c.swblock(&["cluster", "restart", "--dir", &d, "--master"])?;
             Ok("restarted the master".into())
+        }
+        Fault::IsolatePrimary | Fault::IsolateReplica | Fault::SplitPrimaryFromMaster => {
+            let n = c.info.netns.as_ref().ok_or("no network namespaces")?;
+            let victim = if fault == Fault::IsolateReplica {
+                let reps: Vec<ServerEntry> = c
+                    .servers()
+                    .into_iter()
+                    .filter(|s| s.id != primary.id)
+                    .collect();
+                reps.get(rng.below(reps.len() as u64) as usize)
+                    .cloned()
+                    .ok_or("no replica")?
+            } else {
+                primary.clone()
+            };
+            let host = server::netns::Netns::host_of(&victim.id);
+            let hold = if fault == Fault::IsolateReplica {
+                rng.millis(1000, 5000)
+            } else {
+                // Past the lease (4 s) and the master's margin (1 s).
+                rng.millis(6000, 9000)
+            };
+            let cut = |on: bool| match fault {
+                Fault::SplitPrimaryFromMaster => n.split(&host, "m", on),
+                _ => n.isolate(&host, on),
+            };
+            cut(true).map_err(|e| e.to_string())?;
+            std::thread::sleep(hold);
+            cut(false).map_err(|e| e.to_string())?;
+            Ok(format!("{} {}", fault.name(), victim.id))
         }
         Fault::KillPromoted => {
             c.kill(&primary);
@@ -573,6 +624,8 @@ fn check(c: &Cluster, w: &Workload, t: &mut Tally, round: u64) {
 }
 
 struct Options {
+    /// Stay on loopback even where namespaces are available.
+    loopback: bool,
     seed: u64,
     rounds: u64,
     minutes: Option<u64>,
@@ -581,6 +634,7 @@ struct Options {
 
 fn parse_args(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
+        loopback: false,
         seed: 1,
         rounds: 12,
         minutes: None,
@@ -595,6 +649,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => o.rounds = 6,
+            "--loopback" => o.loopback = true,
             "--seed" => o.seed = num(it.next(), "--seed")?,
             "--rounds" => o.rounds = num(it.next(), "--rounds")?,
             "--minutes" => o.minutes = Some(num(it.next(), "--minutes")?),
@@ -615,11 +670,18 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
         .arg(&dir)
         .output();
     let _ = std::fs::remove_dir_all(&dir);
-    let out = Command::new(&swblock)
-        .args(["cluster", "up", "--servers", "3", "--dir"])
-        .arg(&dir)
-        .output()
-        .map_err(|e| format!("cluster up: {e}"))?;
+    let network = if !o.loopback && server::netns::Netns::available() {
+        "netns"
+    } else {
+        "loopback"
+    };
+    let mut up = Command::new(&swblock);
+    up.args(["cluster", "up", "--servers", "3", "--dir"])
+        .arg(&dir);
+    if network == "netns" {
+        up.args(["--netns", &format!("sw{}", std::process::id() % 100_000)]);
+    }
+    let out = up.output().map_err(|e| format!("cluster up: {e}"))?;
     let info: ClusterInfo = serde_json::from_slice(&out.stdout).map_err(|e| {
         format!(
             "cluster up: {e}: {}",
@@ -632,12 +694,17 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
         info,
     };
     println!(
-        "nemesis: seed {}, {} rounds{}, network: loopback (no network namespaces yet)",
+        "nemesis: seed {}, {} rounds{}, network: {}",
         o.seed,
         o.rounds,
         o.minutes
             .map(|m| format!(" or {m} min"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if network == "netns" {
+            "a network namespace per process (link faults on)"
+        } else {
+            "loopback (no network namespaces here: process faults only)"
+        }
     );
     c.swblock(&[
         "block",
@@ -684,7 +751,15 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
             break;
         }
         std::thread::sleep(rng.millis(1000, 3000));
-        let fault = Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize];
+        let kinds: Vec<Fault> = Fault::PROCESS
+            .into_iter()
+            .chain(if network == "netns" {
+                Fault::NETWORK.to_vec()
+            } else {
+                Vec::new()
+            })
+            .collect();
+        let fault = kinds[rng.below(kinds.len() as u64) as usize];
         t.count(fault);
         let what = inject(&c, fault, &mut rng).unwrap_or_else(|e| format!("{}: {e}", fault.name()));
         // Park the workload, then check.
@@ -717,7 +792,7 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
     let report = serde_json::json!({
         "seed": o.seed,
         "rounds": rounds,
-        "network": "loopback",
+        "network": network,
         "volume": {"name": VOLUME, "blocks": BLOCKS, "block_size": BLOCK, "mode": "sync_quorum"},
         "faults": t.faults.iter().map(|(n, c)| (n.to_string(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
         "writes_sent": h.writes_sent,

@@ -45,6 +45,10 @@ enum ClusterCommand {
         /// Where the cluster's data, logs and cluster.json go.
         #[arg(long)]
         dir: PathBuf,
+        /// Run each process in its own network namespace, names starting with this prefix
+        /// (root only; a private 10.77.X.0/24 on a bridge; replication with a cluster secret).
+        #[arg(long)]
+        netns: Option<String>,
     },
     /// Stop the processes DIR/cluster.json names.
     Down {
@@ -75,7 +79,11 @@ fn main() -> ExitCode {
         Command::Master(a) => cli::run_master(a),
         Command::Block { command } => cli::run_block(command),
         Command::Cluster { command } => match command {
-            ClusterCommand::Up { servers, dir } => server::cluster::up(&dir, servers).map(|c| {
+            ClusterCommand::Up {
+                servers,
+                dir,
+                netns,
+            } => server::cluster::up(&dir, servers, netns.as_deref()).map(|c| {
                 println!("{}", c.to_json_pretty());
             }),
             ClusterCommand::Down { dir } => server::cluster::down(&dir),
