@@ -589,6 +589,9 @@ impl Replicator {
         for t in threads {
             let _ = t.join();
         }
+        // Images kept for a resumed rebuild are of no use to a stopped replicator: release them
+        // now, not when the last handle on it goes (a demoted primary must hold no pins).
+        self.shared.kept.release_all();
     }
 }
 

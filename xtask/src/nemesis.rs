@@ -382,7 +382,14 @@ impl Cluster {
                     && reps
                         .iter()
                         .all(|r| r["state"] == "streaming" && r["durable"].as_u64() == Some(head));
-                if ok {
+                // And every other copy knows it is a replica of this epoch (a demoted primary
+                // applies its replica assignment only at its next heartbeat).
+                let epoch = st["epoch"].as_u64();
+                let others_follow = servers.iter().filter(|s| s.id != p.id).all(|s| {
+                    self.status(s)
+                        .is_some_and(|v| v["role"] == "replica" && v["epoch"].as_u64() == epoch)
+                });
+                if ok && others_follow {
                     return Ok((p, start.elapsed()));
                 }
                 last = st.to_string();
