@@ -245,3 +245,35 @@ fn a_restarted_primary_renewed_serves_with_its_replica_set_or_not_at_all() {
     a.shutdown();
     b.shutdown();
 }
+
+#[test]
+fn with_a_cluster_secret_the_replicator_proves_it_to_its_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_secret = |id: &str| {
+        Node::start(NodeConfig {
+            id: id.into(),
+            data: dir.path().join(id),
+            repl_listen: "127.0.0.1:0".parse().unwrap(),
+            secret: Some(b"the cluster secret".to_vec()),
+        })
+        .expect("node")
+    };
+    let a = with_secret("vs1");
+    let b = with_secret("vs2");
+    for n in [&a, &b] {
+        n.allocate("v1", meta(DurabilityMode::SyncAll)).unwrap();
+    }
+    b.apply(&replica("v1", 1)).unwrap();
+    a.apply(&primary("v1", 1, 10_000, &[(&b, "vs2")])).unwrap();
+    let (vol, _) = a.primary("v1").unwrap();
+    vol.write(Lba(3), &block(0x33)).unwrap();
+    a.notify("v1");
+    // Under sync_all the flush needs the replica: the replicator must authenticate.
+    a.flush("v1")
+        .expect("a sync_all flush through a replica that demands the secret");
+    let st = &a.inventory()[0].replica_states[0];
+    assert_eq!(st.state, transport::stream::StreamState::Streaming, "{st:?}");
+    drop(vol);
+    a.shutdown();
+    b.shutdown();
+}
