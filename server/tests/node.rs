@@ -272,7 +272,11 @@ fn with_a_cluster_secret_the_replicator_proves_it_to_its_replicas() {
     a.flush("v1")
         .expect("a sync_all flush through a replica that demands the secret");
     let st = &a.inventory()[0].replica_states[0];
-    assert_eq!(st.state, transport::stream::StreamState::Streaming, "{st:?}");
+    assert_eq!(
+        st.state,
+        transport::stream::StreamState::Streaming,
+        "{st:?}"
+    );
     drop(vol);
     a.shutdown();
     b.shutdown();

@@ -29,6 +29,11 @@ const VOLUME: &str = "nem";
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 4096;
 const MAGIC: &[u8; 8] = b"NEMESIS1";
+/// The last blocks belong to the stale client (a connection held to a primary that is paused
+/// or cut from the master), the rest to the workload.
+const STALE_BLOCKS: u64 = 64;
+/// How long pins beyond the streams' may outlive convergence.
+const PINS_GRACE: Duration = Duration::from_secs(45);
 /// The longest the cluster may take to converge after a heal.
 const CONVERGE_LIMIT: Duration = Duration::from_secs(90);
 
@@ -156,7 +161,7 @@ fn run_workload(w: &Workload, swblock: &Path, master: &str, seed: u64) {
             }
             continue;
         };
-        let block = rng.below(BLOCKS);
+        let block = rng.below(BLOCKS - STALE_BLOCKS);
         let id = w.next_id.fetch_add(1, Ordering::SeqCst);
         {
             // Issued before it is sent: a write may land even if its reply is lost.
@@ -190,6 +195,72 @@ fn run_workload(w: &Workload, swblock: &Path, master: &str, seed: u64) {
             }
         }
     }
+}
+
+/// A client that keeps writing and flushing through one connection to one primary (retrying
+/// the same server, never looking up another) while that primary is paused or cut from the
+/// master: every flush it gets acknowledged is recorded like the workload's, with the time the
+/// acknowledgement arrived.
+struct StaleClient {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Instant>>,
+}
+
+impl StaleClient {
+    fn start(addr: SocketAddr, w: &Arc<Workload>, seed: u64) -> StaleClient {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (w, halt) = (Arc::clone(w), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut rng = Rng::new(seed ^ 0x0057_a1e0);
+            let mut acks = Vec::new();
+            let mut client: Option<NbdClient> = None;
+            while !halt.load(Ordering::SeqCst) {
+                let Some(c) = client.as_mut() else {
+                    // Long timeouts: a request to a paused server waits for it to wake.
+                    match NbdClient::connect(addr, VOLUME, Duration::from_secs(20)) {
+                        Ok(c) => client = Some(c),
+                        Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                    }
+                    continue;
+                };
+                let block = BLOCKS - STALE_BLOCKS + rng.below(STALE_BLOCKS);
+                let id = w.next_id.fetch_add(1, Ordering::SeqCst);
+                w.history().issued[block as usize].push(id);
+                let ok =
+                    c.write(block * BLOCK as u64, &pattern(block, id)).is_ok() && c.flush().is_ok();
+                if ok {
+                    acks.push(Instant::now());
+                    let mut h = w.history();
+                    let a = &mut h.acked[block as usize];
+                    *a = (*a).max(id);
+                } else {
+                    client = None;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            acks
+        });
+        StaleClient { stop, thread }
+    }
+
+    /// Stops it; the times of the acknowledgements it got.
+    fn finish(self) -> Vec<Instant> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// Holds a fault on `old` primary for `hold`, noting when the master names another primary.
+fn hold_and_watch(c: &Cluster, old: &str, hold: Duration) -> Option<Instant> {
+    let end = Instant::now() + hold;
+    let mut promoted = None;
+    while Instant::now() < end {
+        if promoted.is_none() && c.primary().is_some_and(|p| p != old) {
+            promoted = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    promoted
 }
 
 /// The faults the nemesis injects.
@@ -248,6 +319,8 @@ struct Tally {
     diverged: u64,
     pins_left: u64,
     unconverged: u64,
+    /// Flushes a superseded primary acknowledged after another was promoted.
+    split_brain: u64,
     longest_convergence: Duration,
     /// The first few violations, for people.
     examples: Vec<String>,
@@ -269,6 +342,7 @@ impl Tally {
             + self.diverged
             + self.pins_left
             + self.unconverged
+            + self.split_brain
     }
 
     fn count(&mut self, f: Fault) {
@@ -422,8 +496,41 @@ impl Cluster {
     }
 }
 
+/// A stale client on `primary`'s NBD export, once it serves.
+fn stale_client(primary: &ServerEntry, w: &Arc<Workload>, rng: &mut Rng) -> Option<StaleClient> {
+    let addr: SocketAddr = primary.nbd.parse().ok()?;
+    let s = StaleClient::start(addr, w, rng.next());
+    // Let it connect and get a few flushes through while the primary is healthy.
+    std::thread::sleep(Duration::from_millis(300));
+    Some(s)
+}
+
+/// After the fault on `old` healed: a flush it acknowledged after another primary was
+/// promoted is a split brain (its lease had run out before the master promoted anyone).
+fn judge_stale(old: &str, stale: Option<StaleClient>, promoted: Option<Instant>, t: &mut Tally) {
+    let Some(stale) = stale else { return };
+    // Give the old primary time to answer what waited on it, then stop the client.
+    std::thread::sleep(Duration::from_secs(2));
+    let acks = stale.finish();
+    if let Some(p) = promoted {
+        let late = acks.iter().filter(|a| **a > p).count();
+        if late > 0 {
+            t.split_brain += late as u64;
+            t.violation(format!(
+                "{late} flush(es) acknowledged by {old} after another primary was promoted"
+            ));
+        }
+    }
+}
+
 /// Injects `fault`; returns once it is healed.
-fn inject(c: &Cluster, fault: Fault, rng: &mut Rng) -> Result<String, String> {
+fn inject(
+    c: &Cluster,
+    fault: Fault,
+    rng: &mut Rng,
+    w: &Arc<Workload>,
+    t: &mut Tally,
+) -> Result<String, String> {
     let primary = c
         .primary()
         .and_then(|id| c.server(&id))
@@ -452,10 +559,13 @@ fn inject(c: &Cluster, fault: Fault, rng: &mut Rng) -> Result<String, String> {
         }
         Fault::PausePrimary => {
             // Past the lease (4 s) and the master's margin: a replica is promoted meanwhile,
-            // and the paused primary must not acknowledge anything when it wakes.
+            // and the paused primary must not acknowledge anything when it wakes, not even
+            // the requests a client left waiting on it.
+            let stale = stale_client(&primary, w, rng);
             c.signal(primary.pid, "-STOP");
-            std::thread::sleep(rng.millis(6000, 9000));
+            let promoted = hold_and_watch(c, &primary.id, rng.millis(6000, 9000));
             c.signal(primary.pid, "-CONT");
+            judge_stale(&primary.id, stale, promoted, t);
             Ok(format!("paused primary {}", primary.id))
         }
         Fault::RestartMaster => {
@@ -495,9 +605,15 @@ fn inject(c: &Cluster, fault: Fault, rng: &mut Rng) -> Result<String, String> {
                 Fault::SplitPrimaryFromMaster => n.split(&host, "m", on),
                 _ => n.isolate(&host, on),
             };
+            // Cut from the master, the primary still reaches its clients: one keeps writing
+            // to it. (Not for a host taken off the network: its replies could arrive late.)
+            let stale = (fault == Fault::SplitPrimaryFromMaster)
+                .then(|| stale_client(&victim, w, rng))
+                .flatten();
             cut(true).map_err(|e| e.to_string())?;
-            std::thread::sleep(hold);
+            let promoted = hold_and_watch(c, &victim.id, hold);
             cut(false).map_err(|e| e.to_string())?;
+            judge_stale(&victim.id, stale, promoted, t);
             Ok(format!("{} {}", fault.name(), victim.id))
         }
         Fault::KillPromoted => {
@@ -561,14 +677,30 @@ fn check(c: &Cluster, w: &Workload, t: &mut Tally, round: u64) {
             ));
         }
     }
-    // No pin left: one per streaming replica on the primary, none on the replicas.
-    for s in &servers {
-        let pins = c.status(s).and_then(|v| v["pins"].as_u64()).unwrap_or(0);
-        let allowed = if s.id == primary.id { 2 } else { 0 };
-        if pins > allowed {
-            t.pins_left += 1;
-            t.violation(format!("round {round}: {} holds {pins} pins", s.id));
-        }
+    // No pin left: one per streaming replica on the primary, none on the replicas. A demoted
+    // primary reports itself a replica before its shipper threads have ended (one blocked on
+    // a peer that was cut off waits out its reply timeout), so pins get a while to go.
+    let excess = || -> Vec<(String, u64)> {
+        servers
+            .iter()
+            .filter_map(|s| {
+                let pins = c.status(s).and_then(|v| v["pins"].as_u64()).unwrap_or(0);
+                let allowed = if s.id == primary.id { 2 } else { 0 };
+                (pins > allowed).then(|| (s.id.clone(), pins))
+            })
+            .collect()
+    };
+    let since = Instant::now();
+    let mut left = excess();
+    while !left.is_empty() && since.elapsed() < PINS_GRACE {
+        std::thread::sleep(Duration::from_millis(250));
+        left = excess();
+    }
+    for (id, pins) in left {
+        t.pins_left += 1;
+        t.violation(format!(
+            "round {round}: {id} still holds {pins} pins {PINS_GRACE:?} after convergence"
+        ));
     }
     // Every block as the workload left it.
     let Some((_, addr)) = primary_addr(&c.swblock, &c.info.master) else {
@@ -768,7 +900,8 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
             .collect();
         let fault = kinds[rng.below(kinds.len() as u64) as usize];
         t.count(fault);
-        let what = inject(&c, fault, &mut rng).unwrap_or_else(|e| format!("{}: {e}", fault.name()));
+        let what = inject(&c, fault, &mut rng, &w, &mut t)
+            .unwrap_or_else(|e| format!("{}: {e}", fault.name()));
         // Park the workload, then check.
         w.pause.store(true, Ordering::SeqCst);
         let park = Instant::now();
@@ -815,7 +948,7 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
         "diverged_replicas": t.diverged,
         "pins_left": t.pins_left,
         "unconverged": t.unconverged,
-        "split_brain_epochs": serde_json::Value::Null,
+        "split_brain_acks": t.split_brain,
         "longest_convergence_secs": t.longest_convergence.as_secs_f64(),
         "elapsed_secs": start.elapsed().as_secs_f64(),
         "violations": t.violations(),
