@@ -172,6 +172,19 @@ fn launch(
     }
 }
 
+/// The arguments of the cluster's master in `dir`, listening at `listen` and `http`.
+fn master_args(dir: &Path, listen: &str, http: &str) -> Vec<String> {
+    vec![
+        "master".into(),
+        "--data".into(),
+        dir.join("master").display().to_string(),
+        "--listen".into(),
+        listen.into(),
+        "--http".into(),
+        http.into(),
+    ]
+}
+
 /// The arguments of volume server `id` (`addrs`: gRPC, replication, NBD, HTTP).
 fn volume_args(
     id: &str,
@@ -256,15 +269,7 @@ pub fn up(dir: &Path, n: usize, netns: Option<&str>) -> Result<ClusterInfo, Erro
             &exe,
             ns.as_ref(),
             "m",
-            vec![
-                "master".into(),
-                "--data".into(),
-                dir.join("master").display().to_string(),
-                "--listen".into(),
-                any("m"),
-                "--http".into(),
-                any("m"),
-            ],
+            master_args(dir, &any("m"), &any("m")),
             &dir.join("master.log"),
         )?;
         let master_pid = master.id();
@@ -407,15 +412,7 @@ pub fn restart_master(dir: &Path) -> Result<ClusterInfo, Error> {
         &exe,
         info.netns.as_ref(),
         "m",
-        vec![
-            "master".into(),
-            "--data".into(),
-            dir.join("master").display().to_string(),
-            "--listen".into(),
-            info.master.clone(),
-            "--http".into(),
-            info.master_http.clone(),
-        ],
+        master_args(dir, &info.master, &info.master_http),
         &dir.join("master.restarted.log"),
     )?;
     info.master_pid = child.id();
