@@ -187,6 +187,107 @@ fn group_commit_serves_concurrent_writers_with_contiguous_lsns() {
     }
 }
 
+/// Group commit's leader waits (bounded) for the writers the last sync released: a failed
+/// sync in the middle of that must release every writer with an error, none may hang, and a
+/// writer that finds the group gone must still get its sync.
+#[test]
+fn group_commit_failure_releases_a_gathering_group() {
+    let o = CreateOptions {
+        volume_size_bytes: 4 << 20,
+        wal_size_bytes: 4 << 20,
+        block_size: 4096,
+    };
+    let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
+    let v = Arc::new(v);
+    // Every sync takes a while, so a leader has a reason and the time to gather its group.
+    disk.set_sync_hook(Some(Arc::new(|_, _| {
+        std::thread::sleep(std::time::Duration::from_millis(2))
+    })));
+    let threads = 8u64;
+    let round = |v: &Arc<Volume>, base: u64| -> Vec<Result<(Lsn, Lsn), BlockVolError>> {
+        let start = Arc::new(Barrier::new(threads as usize));
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let (v, start) = (v.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let l = v.write(Lba(base + t), &data(base + t, 1, 4096))?;
+                    Ok((l, v.sync()?))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+    };
+    let syncs_before = disk.sync_count();
+    for r in 0..4 {
+        for res in round(&v, r * threads) {
+            let (l, d) = res.expect("healthy round");
+            assert!(d >= l, "sync returned {d} before its write {l} was durable");
+        }
+    }
+    let used = disk.sync_count() - syncs_before;
+    assert!(
+        used < 4 * threads,
+        "{used} syncs for {} concurrent writes: group commit never grouped",
+        4 * threads
+    );
+    disk.fail_next_syncs(1);
+    let results = round(&v, 100);
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    assert!(
+        failed >= 1,
+        "the failed sync reached no writer: {results:?}"
+    );
+    for r in &results {
+        match r {
+            Ok((l, d)) => assert!(d >= l, "sync returned {d} before {l} was durable"),
+            Err(BlockVolError::Poisoned { .. } | BlockVolError::Io { .. }) => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(
+        matches!(v.sync(), Err(BlockVolError::Poisoned { .. })),
+        "a failed msync poisons the volume"
+    );
+}
+
+#[test]
+fn a_lone_writer_after_a_group_syncs_every_write() {
+    let o = CreateOptions {
+        volume_size_bytes: 4 << 20,
+        wal_size_bytes: 4 << 20,
+        block_size: 4096,
+    };
+    let (v, disk) = Volume::create_sim(&o, &manual()).expect("create");
+    let v = Arc::new(v);
+    disk.set_sync_hook(Some(Arc::new(|_, _| {
+        std::thread::sleep(std::time::Duration::from_millis(1))
+    })));
+    let start = Arc::new(Barrier::new(8));
+    let hs: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (v, start) = (v.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for i in 0..10 {
+                    v.write(Lba(t * 10 + i), &data(t, 1, 4096)).expect("write");
+                    v.sync().expect("sync");
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().expect("thread");
+    }
+    // Alone now: the expectation of a group of eight decays at its first sync, so every
+    // later sync is one leader with nobody to wait for, and each write is durable on return.
+    for i in 0..50u64 {
+        let l = v.write(Lba(100 + i), &data(i, 1, 4096)).expect("write");
+        assert!(v.sync().expect("sync") >= l);
+    }
+    assert_eq!(v.status().durable, v.status().head);
+}
+
 #[test]
 fn background_flusher_checkpoints_without_help() {
     let (v, _d) = Volume::create_sim(

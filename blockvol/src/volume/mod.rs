@@ -68,6 +68,8 @@ pub(crate) struct Shared {
     pub cond: Condvar,
     /// Wakes the background flusher.
     pub flusher_cond: Condvar,
+    /// Wakes a group-commit leader whose group has gathered.
+    pub commit_cond: Condvar,
     /// Serializes flush cycles with truncation, base pins and base installs.
     pub flush_lock: Mutex<()>,
     /// Readers of the extent share it; the flusher takes it exclusively per extent write.

@@ -111,11 +111,29 @@ pub(crate) struct State {
     pub stop_flusher: bool,
     pub flush_wanted: bool,
     pub syncing: bool,
+    /// Who is gathering for the next group commit (see `sync`).
+    pub commit: GroupCommit,
     pub space_waiters: usize,
     /// Bumped by truncation and base installs; open scans compare it.
     pub lineage: u64,
     /// A tail the flusher is persisting; pins below it are refused.
     pub tail_moving_to: Option<u64>,
+}
+
+/// Bookkeeping of group commit: how many callers the last sync served and how many have
+/// arrived for the next one, so a leader can give the rest of its group a moment to append.
+#[derive(Debug, Default)]
+pub(crate) struct GroupCommit {
+    /// The head the sync in flight makes durable (meaningful while `syncing`).
+    pub syncing_to: u64,
+    /// Callers waiting for the next sync (not covered by the one in flight).
+    pub arrivals: u32,
+    /// How many callers the last sync served: the size the next group is expected to reach.
+    pub expect: u32,
+    /// A leader is waiting for its group to gather (it has not started the sync).
+    pub forming: bool,
+    /// How long the last sync took.
+    pub last_sync: std::time::Duration,
 }
 
 impl State {

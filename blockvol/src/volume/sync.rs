@@ -1,9 +1,14 @@
 //! Durability of the ring: group commit (`sync`) and early writeback hints.
 
+use std::time::{Duration, Instant};
+
 use super::{Shared, Volume};
 use crate::error::{BlockVolError, Result};
 use crate::format::WAL_OFFSET;
 use crate::types::Lsn;
+
+/// Longest a group-commit leader waits for the rest of its group (see `Shared::sync`).
+const MAX_GATHER: Duration = Duration::from_micros(500);
 
 impl Shared {
     /// msyncs the logical range `[from, to)` of the ring.
@@ -42,25 +47,71 @@ impl Shared {
     }
 
     /// Group commit: one msync covers every waiter; returns the durable LSN.
+    ///
+    /// Callers that find a sync in flight wait for it, and the first of them to find none
+    /// leads the next one. A leader that sees fewer callers gathered than the last sync
+    /// served waits for the rest of them, at most half the last sync's duration and never
+    /// more than `MAX_GATHER`: without that, the writers a sync releases race back, the
+    /// first one leads a sync of one or two entries, and every other sync is half empty.
+    /// The wait gives way as soon as the group is complete, and a group that does not
+    /// complete lowers the expectation for the next one, so a lone writer never waits.
     pub(crate) fn sync(&self) -> Result<u64> {
         let mut st = self.lock_state();
         self.check_usable(&st)?;
         let target = st.head;
+        if st.durable >= target {
+            return Ok(st.durable);
+        }
+        if !(st.syncing && st.commit.syncing_to >= target) {
+            st.commit.arrivals += 1;
+            if st.commit.forming && st.commit.arrivals >= st.commit.expect {
+                self.commit_cond.notify_one();
+            }
+        }
+        let mut gathering: Option<Instant> = None;
         loop {
-            self.check_usable(&st)?;
+            if let Err(e) = self.check_usable(&st) {
+                if gathering.is_some() {
+                    st.commit.forming = false;
+                }
+                return Err(e);
+            }
             if st.durable >= target.min(st.head) {
                 return Ok(st.durable);
             }
-            if st.syncing {
+            if st.syncing || (st.commit.forming && gathering.is_none()) {
                 st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
+            if st.commit.arrivals < st.commit.expect {
+                let budget = (st.commit.last_sync / 2).min(MAX_GATHER);
+                let since = *gathering.get_or_insert_with(Instant::now);
+                let waited = since.elapsed();
+                if waited < budget {
+                    st.commit.forming = true;
+                    st = self
+                        .commit_cond
+                        .wait_timeout(st, budget - waited)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                    continue;
+                }
+                // The group did not complete: expect only the ones that came next time.
+                st.commit.expect = st.commit.arrivals;
+            }
+            st.commit.forming = false;
             st.syncing = true;
+            let group = std::mem::take(&mut st.commit.arrivals);
+            st.commit.syncing_to = st.head;
             let (to_lsn, from, to, lineage) = (st.head, st.synced_pos, st.head_pos, st.lineage);
             drop(st);
+            let started = Instant::now();
             let r = self.sync_wal(from, to);
+            let took = started.elapsed();
             st = self.lock_state();
             st.syncing = false;
+            st.commit.last_sync = took;
+            st.commit.expect = group;
             match r {
                 Ok(()) => {
                     if st.lineage == lineage {
@@ -77,6 +128,9 @@ impl Shared {
                 }
             }
             self.cond.notify_all();
+            // Only the leader's own entry may be beyond what it synced (a truncation in
+            // between): it loops, and leads or joins again.
+            gathering = None;
         }
     }
 }

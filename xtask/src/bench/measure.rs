@@ -9,12 +9,15 @@ pub enum Target {
     AtLeast(f64),
     /// The ratio must be at most this.
     AtMost(f64),
+    /// The fraction of the physical ceiling reached (`value / ceiling`) must be at least
+    /// this: for a metric whose only honest yardstick is the disk or the network itself.
+    CeilingAtLeast(f64),
 }
 
 impl Target {
     pub fn met(self, ratio: f64) -> bool {
         match self {
-            Target::AtLeast(t) => ratio >= t,
+            Target::AtLeast(t) | Target::CeilingAtLeast(t) => ratio >= t,
             Target::AtMost(t) => ratio <= t,
         }
     }
@@ -23,12 +26,13 @@ impl Target {
         match self {
             Target::AtLeast(_) => ">=",
             Target::AtMost(_) => "<=",
+            Target::CeilingAtLeast(_) => "ceiling >=",
         }
     }
 
     pub fn value(self) -> f64 {
         match self {
-            Target::AtLeast(t) | Target::AtMost(t) => t,
+            Target::AtLeast(t) | Target::AtMost(t) | Target::CeilingAtLeast(t) => t,
         }
     }
 }
@@ -62,7 +66,11 @@ pub struct Metric {
 
 impl Metric {
     pub fn met(&self) -> bool {
-        self.ratio.is_finite() && self.target.met(self.ratio)
+        let compared = match self.target {
+            Target::CeilingAtLeast(_) => self.ceiling_ratio().unwrap_or(f64::NAN),
+            Target::AtLeast(_) | Target::AtMost(_) => self.ratio,
+        };
+        compared.is_finite() && self.target.met(compared)
     }
 
     /// `value / ceiling`: for a rate, the fraction of the physical ceiling reached; for a
@@ -238,6 +246,26 @@ mod tests {
         assert!(!Target::AtLeast(0.5).met(0.49));
         assert!(Target::AtMost(1.2).met(1.0));
         assert!(!Target::AtMost(1.2).met(1.3));
+        let mut m = Metric {
+            name: "m",
+            unit: "ops/s",
+            value: 70.0,
+            baseline: Some(10.0),
+            ratio: 7.0,
+            target: Target::CeilingAtLeast(0.6),
+            what: String::new(),
+            baseline_what: String::new(),
+            detail: String::new(),
+            ceiling: Some(100.0),
+            ceiling_what: String::new(),
+            latency_us: None,
+        };
+        // A ceiling target compares value / ceiling (0.7), not the ratio to the baseline.
+        assert!(m.met());
+        m.value = 50.0;
+        assert!(!m.met());
+        m.ceiling = None;
+        assert!(!m.met(), "no ceiling measured: the target cannot be met");
     }
 
     #[test]

@@ -206,12 +206,12 @@ pub fn catchup(ctx: &Ctx, shared: &mut Shared) -> Result<Metric, String> {
         let _ = std::fs::remove_file(&ppath);
         per_size.push((n, median(&s), s, median(&disk)));
     }
-    // The table's value is the slower of the two sizes; its ceiling is that size's disk
-    // reference.
+    // The table's row is the size that reached the smaller fraction of its own disk
+    // reference (the target holds at both sizes only if it holds there).
     let (worst, worst_disk) = per_size
         .iter()
         .map(|(_, m, _, disk)| (*m, *disk))
-        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .min_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)))
         .unwrap_or((f64::NAN, f64::NAN));
     let detail = per_size
         .iter()
@@ -236,17 +236,18 @@ pub fn catchup(ctx: &Ctx, shared: &mut Shared) -> Result<Metric, String> {
         value: worst,
         baseline: Some(base),
         ratio: worst / base,
-        target: Target::AtLeast(0.4),
+        // The worse size against the disk's sequential write speed (issue 14).
+        target: Target::CeilingAtLeast(0.85),
         ceiling: Some(worst_disk),
         ceiling_what: "the same ring bytes written sequentially with 1 MiB pwrites + fdatasync \
-                       at the slower size (the disk's sequential write speed)"
+                       at the size shown (the disk's sequential write speed)"
             .into(),
         latency_us: None,
         what: format!(
             "engine catch-up (RecoveryDriver::plan_recovery + CatchUpExecutor over BridgeIo and \
              LocalReplica) of an empty replica volume to a primary holding {} and {} committed \
              4 KiB entries, from handshake to the final durable barrier; payload MiB/s of the \
-             slower size",
+             size that reached the smaller fraction of its disk reference",
             sizes[0], sizes[1]
         ),
         baseline_what: "wal_append's volume throughput in this run (4 KiB Volume::write at \
