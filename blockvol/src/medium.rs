@@ -77,6 +77,9 @@ pub(crate) trait Medium: Send + Sync {
     /// Starts writing `[off, off + len)` to the media without waiting (a hint: it makes
     /// nothing durable, and failures are ignored).
     fn start_writeback(&self, _off: u64, _len: u64) {}
+    /// Hint: the range is about to be written in full (a mapped one is faulted in for writing
+    /// in one call). Changes no byte; a failure is not reported.
+    fn prepare_write(&self, _off: u64, _len: u64) {}
     /// A name for error messages.
     fn describe(&self) -> String;
     /// The first offset at or after `off` that may hold nonzero data (`None`: only zeros
@@ -389,6 +392,12 @@ impl Medium for FileMedium {
         // The ring is mapped shared: its dirty pages are the file's page cache pages, so
         // starting writeback of the file range covers them.
         sys::start_writeback(&self.file, off, len);
+    }
+
+    fn prepare_write(&self, off: u64, len: u64) {
+        if let Ok(Some(m)) = self.wal_part(off, len) {
+            let _ = self.wal.populate_write(m, len as usize);
+        }
     }
 
     fn describe(&self) -> String {

@@ -223,6 +223,9 @@ pub trait ReplicaTarget: Send {
     fn barrier(&mut self, req: BarrierRequest) -> Result<BarrierReply, TargetError>;
 }
 
+/// Smallest run of frames worth preparing the ring for (`Volume::prepare_append`).
+const PREPARE_MIN_BYTES: usize = 256 << 10;
+
 /// Raises (never lowers) the replica's committed point: it gates the replica's flusher, and
 /// lowering it could only strand entries the flusher already holds back.
 fn raise_committed(vol: &Volume, lsn: Lsn) {
@@ -391,6 +394,12 @@ impl ReplicaTarget for LocalReplica {
         // otherwise never make room for the next chunk: the committed point would only arrive
         // after the entries that need the room (found by the simulator).
         raise_committed(&node.vol, req.committed.min(req.anchor.lsn));
+        // A bulk run (a catch-up chunk) lands in the ring about as it came (frame = header +
+        // payload): fault its pages in for writing in one call. A live stream's few entries
+        // are not worth the system call.
+        if req.frames.len() >= PREPARE_MIN_BYTES {
+            node.vol.prepare_append(req.frames.len() as u64);
+        }
         let mut rest = req.frames.as_slice();
         let (mut applied, mut duplicates) = (0u64, 0u64);
         for _ in 0..req.count {

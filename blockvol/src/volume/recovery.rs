@@ -172,6 +172,7 @@ fn state_from_superblock(sb: &Superblock, opts: &OpenOptions, read_only: bool) -
         flush_wanted: false,
         syncing: false,
         commit: Default::default(),
+        writeback_pos: 0,
         space_waiters: 0,
         lineage: 0,
         tail_moving_to: None,

@@ -113,6 +113,8 @@ pub(crate) struct State {
     pub syncing: bool,
     /// Who is gathering for the next group commit (see `sync`).
     pub commit: GroupCommit,
+    /// How far `start_writeback` has handed the ring to the disk (logical position).
+    pub writeback_pos: u64,
     pub space_waiters: usize,
     /// Bumped by truncation and base installs; open scans compare it.
     pub lineage: u64,
