@@ -6,14 +6,15 @@ use std::sync::Arc;
 use crate::adapter::{FullBasePin, RetentionPin, SnapshotPin, StorageAdapter};
 use crate::error::{EngineError, PinKind, Result, StorageError};
 use crate::history::{
-    EntryId, ProofReason, RebuildReason, RecoverabilityProof, ReplicaHandshake, RetainedHistory,
+    DivergencePoint, EntryId, ProofReason, RebuildReason, RecoverabilityProof, ReplicaHandshake,
+    RetainedHistory,
 };
 use crate::observe::Event;
 use crate::orchestrator::RecoveryOrchestrator;
 use crate::outcome::Outcome;
 use crate::rebuild::RebuildSource;
 use crate::session::InvalidateReason;
-use crate::types::{Demotion, Lsn, ReplicaId, SessionId, SessionKind, SessionPhase};
+use crate::types::{Demotion, Epoch, Lsn, ReplicaId, SessionId, SessionKind, SessionPhase};
 
 /// Everything an executor needs, fixed when the plan is made. The executor never re-derives
 /// policy from storage.
@@ -58,6 +59,9 @@ pub struct CatchUpStep {
     pub target: Lsn,
     /// Whether the replica named its tip and it matched the primary's entry at F.
     pub verified: bool,
+    /// The replica's log left the primary's after `from`: it is first truncated to `from`,
+    /// and its new tip must be this entry (the primary's at `from`).
+    pub truncate_first: Option<EntryId>,
     pin: Option<RetentionPin>,
 }
 
@@ -446,6 +450,82 @@ impl RecoveryDriver {
         }
     }
 
+    /// The last entry the replica's log shares with the primary's, when the replica's tip
+    /// differs and that entry lies below both its head and committed; `None` when the logs
+    /// agree where the usual plans look (then those plans apply), or when the point cannot be
+    /// found from what the replica reported: no epochs, or no common entry at or above both
+    /// the replica's floor (its checkpoint) and the primary's tail (those go to a rebuild as
+    /// before).
+    ///
+    /// Two entries with the same LSN and epoch are the same entry (one primary writes each
+    /// LSN once per epoch), and a shared entry means a shared prefix (log matching), so the
+    /// point is found by binary search over the LSNs, comparing the replica's epoch there
+    /// with the primary's entry. The executor checks the full identity (checksum included)
+    /// after truncating, so a wrong guess fails the session, never the data.
+    fn divergence_point(
+        &self,
+        replica: &ReplicaHandshake,
+        history: &RetainedHistory,
+        primary_at_flushed: Option<EntryId>,
+    ) -> Result<Option<DivergencePoint>> {
+        let (Some(tip), Some(log)) = (replica.tip(), replica.log()) else {
+            return Ok(None);
+        };
+        let f = replica.flushed();
+        let c = history.committed_lsn;
+        if f <= c && primary_at_flushed == Some(tip) {
+            return Ok(None);
+        }
+        let upper = f.min(c).min(history.head_lsn);
+        let lower = log.floor().max(history.tail_lsn);
+        if lower > upper {
+            return Ok(None);
+        }
+        let shared = |lsn: Lsn| -> Result<Option<EntryId>> {
+            if lsn == Lsn::ZERO {
+                return Ok(Some(EntryId {
+                    lsn,
+                    epoch: Epoch(0),
+                    checksum: 0,
+                }));
+            }
+            let mine = log.epoch_at(lsn);
+            Ok(self.entry_at(lsn)?.filter(|p| mine == Some(p.epoch)))
+        };
+        if f > c && shared(upper)?.is_some() {
+            // Ahead of committed and sharing the entry at C: the truncate-only plan.
+            return Ok(None);
+        }
+        let Some(mut point) = shared(lower)? else {
+            return Ok(None);
+        };
+        // `lower` is shared; find the highest shared LSN below the first one that is not.
+        let mut hi = upper;
+        if let Some(p) = shared(hi)? {
+            point = p;
+        } else {
+            let mut lo = lower;
+            while hi.0 - lo.0 > 1 {
+                let mid = Lsn(lo.0 + (hi.0 - lo.0) / 2);
+                match shared(mid)? {
+                    Some(p) => {
+                        lo = mid;
+                        point = p;
+                    }
+                    None => hi = mid,
+                }
+            }
+        }
+        if point.lsn >= upper {
+            return Ok(None);
+        }
+        Ok(Some(DivergencePoint {
+            replica_head: f,
+            replica_tip: tip,
+            point,
+        }))
+    }
+
     /// Plans the recovery of a replica that reports `replica` at its handshake.
     ///
     /// Reads one history snapshot and runs the handshake through the orchestrator. When the
@@ -499,13 +579,42 @@ impl RecoveryDriver {
         } else {
             None
         };
-        let result = self.orchestrator.execute_recovery_in(
-            id,
-            expected,
-            &replica,
-            &history,
-            primary_at_flushed,
-        )?;
+        // A replica whose log left the primary's below both its head and committed (an old
+        // primary's uncommitted tail after a failover) is planned as the replica truncated to
+        // the last entry both logs share, when the epochs it reported allow finding it.
+        let divergence = if verified && !replica.is_incomplete() {
+            self.divergence_point(&replica, &history, primary_at_flushed)?
+        } else {
+            None
+        };
+        let result = match divergence {
+            Some(d) => {
+                self.orchestrator.log().record(
+                    id,
+                    expected,
+                    Event::DivergenceFound {
+                        replica_head: d.replica_head,
+                        point: d.point.lsn,
+                    },
+                );
+                self.orchestrator.execute_recovery_in(
+                    id,
+                    expected,
+                    &ReplicaHandshake::new(d.point.lsn, d.point),
+                    &history,
+                    Some(d.point),
+                    Some(d),
+                )?
+            }
+            None => self.orchestrator.execute_recovery_in(
+                id,
+                expected,
+                &replica,
+                &history,
+                primary_at_flushed,
+                None,
+            )?,
+        };
         // The plan carries the session its handshake ran under, never whatever session the
         // sender holds by now (another thread may have attached one since a zero gap
         // completed, and cancelling this plan must not touch it).
@@ -581,6 +690,7 @@ impl RecoveryDriver {
                         from: replica_flushed,
                         target: committed,
                         verified,
+                        truncate_first: proof.divergence.map(|d| d.point),
                         pin: Some(pin),
                     })
                 }

@@ -540,12 +540,14 @@ impl<'a> CatchUpExecutor<'a> {
         sid: SessionId,
         target: Lsn,
     ) -> std::result::Result<(), ExecFailure> {
-        let mut from = match run.plan.step() {
-            PlanStep::CatchUp(c) => c.from,
-            _ => target,
+        let (mut from, truncation) = match run.plan.step() {
+            // A divergent replica is first truncated to the last shared entry, which its new
+            // tip must then be.
+            PlanStep::CatchUp(c) => (c.from, c.truncate_first.map(|a| (c.from, true, Some(a)))),
+            PlanStep::Truncate(t) => (target, Some((t.to, t.verified, t.anchor))),
+            _ => (target, None),
         };
-        if let PlanStep::Truncate(truncate) = run.plan.step() {
-            let (t, verified, anchor) = (truncate.to, truncate.verified, truncate.anchor);
+        if let Some((t, verified, anchor)) = truncation {
             let tick = run.tick();
             let tip = io
                 .truncate_after(t)

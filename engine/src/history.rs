@@ -82,6 +82,141 @@ pub struct ReplicaHandshake {
     flushed: Lsn,
     tip: Option<EntryId>,
     incomplete: bool,
+    log: Option<ReplicaLog>,
+}
+
+/// Where one epoch's entries begin in a replica's log.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct EpochStart {
+    /// The epoch the entries were written in.
+    pub epoch: Epoch,
+    /// Its first entry in the replica's log (or the replica's floor, for the epoch of the
+    /// entry there).
+    pub first: Lsn,
+}
+
+/// Most epochs a [`ReplicaLog`] carries; a replica with more keeps the newest.
+pub const MAX_EPOCH_STARTS: usize = 16;
+
+/// The epochs of the part of a replica's log it can still truncate: from its floor (the
+/// checkpoint: entries at or below it are in its extent) to its head. With it the engine finds
+/// the last entry the replica shares with the primary (the divergence point), truncates there
+/// and catches up, where a replica whose tip differs would otherwise be rebuilt.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaLog {
+    floor: Lsn,
+    starts: [EpochStart; MAX_EPOCH_STARTS],
+    len: u8,
+}
+
+/// Why a replica's epoch list was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaLogError {
+    /// No epoch was given.
+    Empty,
+    /// The first epoch starts above the floor, so the entry at the floor has no epoch.
+    FloorUncovered {
+        /// The floor.
+        floor: Lsn,
+        /// Where the first epoch starts.
+        first: Lsn,
+    },
+    /// Epochs and their first LSNs must both rise strictly.
+    NotAscending {
+        /// The position in the list.
+        index: usize,
+    },
+}
+
+impl fmt::Display for ReplicaLogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplicaLogError::Empty => f.write_str("no epochs"),
+            ReplicaLogError::FloorUncovered { floor, first } => {
+                write!(
+                    f,
+                    "the first epoch starts at {first}, above the floor {floor}"
+                )
+            }
+            ReplicaLogError::NotAscending { index } => {
+                write!(f, "epoch {index} does not rise above the one before it")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ReplicaLogError {}
+
+impl ReplicaLog {
+    /// The epochs of a replica's log from `floor` to its head, oldest first: each epoch and
+    /// the first LSN of its entries (the first one's LSN at or below the floor). Epochs and
+    /// LSNs must rise strictly. More than [`MAX_EPOCH_STARTS`] keep the newest, and the floor
+    /// rises to the first kept start (the engine then looks no lower).
+    pub fn new(floor: Lsn, starts: &[EpochStart]) -> Result<ReplicaLog, ReplicaLogError> {
+        let first = starts.first().ok_or(ReplicaLogError::Empty)?;
+        if first.first > floor {
+            return Err(ReplicaLogError::FloorUncovered {
+                floor,
+                first: first.first,
+            });
+        }
+        for (i, w) in starts.windows(2).enumerate() {
+            if w[1].epoch <= w[0].epoch || w[1].first <= w[0].first {
+                return Err(ReplicaLogError::NotAscending { index: i + 1 });
+            }
+        }
+        let keep = &starts[starts.len().saturating_sub(MAX_EPOCH_STARTS)..];
+        let floor = if keep.len() < starts.len() {
+            keep[0].first.max(floor)
+        } else {
+            floor
+        };
+        let mut arr = [EpochStart {
+            epoch: Epoch(0),
+            first: Lsn(0),
+        }; MAX_EPOCH_STARTS];
+        arr[..keep.len()].copy_from_slice(keep);
+        Ok(ReplicaLog {
+            floor,
+            starts: arr,
+            len: keep.len() as u8,
+        })
+    }
+
+    /// The lowest LSN the replica can truncate to.
+    pub fn floor(&self) -> Lsn {
+        self.floor
+    }
+
+    /// The epochs, oldest first.
+    pub fn starts(&self) -> &[EpochStart] {
+        &self.starts[..usize::from(self.len)]
+    }
+
+    /// The epoch of the replica's entry at `lsn`, for `lsn` at or above the floor (the caller
+    /// keeps it at or below the replica's head).
+    pub fn epoch_at(&self, lsn: Lsn) -> Option<Epoch> {
+        if lsn < self.floor {
+            return None;
+        }
+        self.starts()
+            .iter()
+            .rev()
+            .find(|s| s.first <= lsn)
+            .map(|s| s.epoch)
+    }
+}
+
+/// Where a replica's log left the primary's, as a plan found it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct DivergencePoint {
+    /// The replica's head at the handshake (F).
+    pub replica_head: Lsn,
+    /// The replica's entry there.
+    pub replica_tip: EntryId,
+    /// The last entry both logs share, as the primary holds it: the replica truncates to it
+    /// (and its new tip must be exactly this entry), then catches up from it.
+    pub point: EntryId,
 }
 
 impl ReplicaHandshake {
@@ -92,7 +227,19 @@ impl ReplicaHandshake {
             flushed,
             tip: Some(tip),
             incomplete: false,
+            log: None,
         }
+    }
+
+    /// Adds the epochs of the replica's truncatable log, so a replica whose tip differs can
+    /// be truncated to the last entry it shares with the primary instead of rebuilt. Ignored
+    /// for a handshake without a tip.
+    #[must_use]
+    pub fn with_log(mut self, log: ReplicaLog) -> Self {
+        if self.tip.is_some() {
+            self.log = Some(log);
+        }
+        self
     }
 
     /// A replica whose store is not a valid copy (for example a base install was
@@ -102,6 +249,7 @@ impl ReplicaHandshake {
             flushed,
             tip: None,
             incomplete: true,
+            log: None,
         }
     }
 
@@ -114,6 +262,7 @@ impl ReplicaHandshake {
             flushed,
             tip: None,
             incomplete: false,
+            log: None,
         }
     }
 
@@ -125,6 +274,11 @@ impl ReplicaHandshake {
     /// The identity of the replica's entry at F, when it reported one.
     pub fn tip(&self) -> Option<EntryId> {
         self.tip
+    }
+
+    /// The epochs of the replica's truncatable log, when it reported them.
+    pub fn log(&self) -> Option<&ReplicaLog> {
+        self.log.as_ref()
     }
 
     /// Whether the replica reported its store as not a valid copy.
@@ -298,6 +452,10 @@ pub struct RecoverabilityProof {
     pub reason: ProofReason,
     /// Whether the replica's log was matched against the primary's.
     pub anchor: AnchorCheck,
+    /// Set when the replica's log left the primary's below both its head and committed: the
+    /// rest of the proof is then for the replica truncated to that point (`replica_flushed_lsn`
+    /// is the point), and the plan truncates there before it catches up.
+    pub divergence: Option<DivergencePoint>,
 }
 
 impl RecoverabilityProof {
@@ -497,6 +655,7 @@ impl RetainedHistory {
             recoverable,
             reason,
             anchor: AnchorCheck::NotChecked,
+            divergence: None,
         }
     }
 

@@ -145,8 +145,9 @@ pub use executor::{
     ExecutorOptions, RebuildExecutor, RebuildIo, RecoveryPath, StepInfo, StepKind, WalChunk,
 };
 pub use history::{
-    AnchorCheck, EntryId, LsnRange, ProofReason, RebuildDecision, RebuildReason,
-    RecoverabilityProof, ReplicaHandshake, RetainedHistory,
+    AnchorCheck, DivergencePoint, EntryId, EpochStart, LsnRange, MAX_EPOCH_STARTS, ProofReason,
+    RebuildDecision, RebuildReason, RecoverabilityProof, ReplicaHandshake, ReplicaLog,
+    ReplicaLogError, RetainedHistory,
 };
 pub use observe::{
     DEFAULT_LOG_CAPACITY, Event, RecoveryEvent, RecoveryLog, RegistryStatus, SenderStatus,

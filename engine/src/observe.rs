@@ -199,6 +199,14 @@ pub enum Event {
     RebuildCompleted,
 
     // Driver.
+    /// The replica's log left the primary's below its head and committed: it is truncated
+    /// to the last shared entry and caught up from there.
+    DivergenceFound {
+        /// The replica's head at the handshake.
+        replica_head: Lsn,
+        /// The last entry both logs share.
+        point: Lsn,
+    },
     /// The plan only truncates the replica.
     PlanTruncateOnly {
         /// The truncation point.
@@ -321,6 +329,7 @@ impl Event {
             Event::RebuildSourceSelected { .. } => "rebuild_source_selected",
             Event::RebuildFailed { .. } => "rebuild_failed",
             Event::RebuildCompleted => "rebuild_completed",
+            Event::DivergenceFound { .. } => "divergence_found",
             Event::PlanTruncateOnly { .. } => "plan_truncate_only",
             Event::PlanCatchup { .. } => "plan_catchup",
             Event::WalPinFailed { .. } => "wal_pin_failed",
@@ -386,6 +395,10 @@ impl Event {
             Event::RebuildCompleted | Event::ExecCompleted | Event::ExecRebuildCompleted => {
                 "in_sync".to_owned()
             }
+            Event::DivergenceFound {
+                replica_head,
+                point,
+            } => format!("replica_head={replica_head} shared_up_to={point}"),
             Event::PlanTruncateOnly { truncate_to } => format!("truncate_to={truncate_to}"),
             Event::PlanCatchup { from, to, pin } => {
                 format!("replay=({from}, {to}] wal_pin={pin}")

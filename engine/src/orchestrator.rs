@@ -2,7 +2,9 @@
 //! change them (assignments, handshakes, epoch changes), each of which logs what it decided.
 
 use crate::error::{EngineError, Result};
-use crate::history::{EntryId, RecoverabilityProof, ReplicaHandshake, RetainedHistory};
+use crate::history::{
+    AnchorCheck, DivergencePoint, EntryId, RecoverabilityProof, ReplicaHandshake, RetainedHistory,
+};
 use crate::observe::{Event, RecoveryLog};
 use crate::outcome::Outcome;
 use crate::registry::{AssignmentIntent, AssignmentResult, Registry};
@@ -140,7 +142,7 @@ impl RecoveryOrchestrator {
         history: &RetainedHistory,
         primary_at_flushed: Option<EntryId>,
     ) -> Result<RecoveryResult> {
-        self.execute_recovery_in(id, None, replica, history, primary_at_flushed)
+        self.execute_recovery_in(id, None, replica, history, primary_at_flushed, None)
     }
 
     /// [`execute_recovery_with_anchor`](Self::execute_recovery_with_anchor) for the session
@@ -155,6 +157,7 @@ impl RecoveryOrchestrator {
         replica: &ReplicaHandshake,
         history: &RetainedHistory,
         primary_at_flushed: Option<EntryId>,
+        divergence: Option<DivergencePoint>,
     ) -> Result<RecoveryResult> {
         // Values from storage are checked before they decide anything.
         history
@@ -205,7 +208,13 @@ impl RecoveryOrchestrator {
         }
         self.log.record(id, Some(sid), Event::Connected);
 
-        let proof = history.prove_with_anchor(replica, primary_at_flushed);
+        let mut proof = history.prove_with_anchor(replica, primary_at_flushed);
+        if let Some(d) = divergence {
+            // `replica` is the replica as it will be once truncated to the point: its entry
+            // there is checked after the truncation, not now.
+            proof.anchor = AnchorCheck::AfterTruncation;
+            proof.divergence = Some(d);
+        }
         let outcome = match sender.record_handshake_with_proof(sid, history, &proof) {
             Ok(v) => v,
             Err(e) => {

@@ -566,7 +566,7 @@ impl Sender {
         id: SessionId,
         hr: &HandshakeResult,
     ) -> Result<Outcome> {
-        self.apply_handshake(id, hr, hr.classify(), false)
+        self.apply_handshake(id, hr, hr.classify(), false, None)
     }
 
     fn apply_handshake(
@@ -575,6 +575,7 @@ impl Sender {
         hr: &HandshakeResult,
         outcome: Outcome,
         proven: bool,
+        truncate_first: Option<Lsn>,
     ) -> Result<Outcome> {
         self.with_session(id, |g| {
             let s = session_mut(g);
@@ -602,6 +603,7 @@ impl Sender {
                         s.truncate_to = Some(c);
                         s.set_range(c, c);
                     } else {
+                        s.truncate_to = truncate_first;
                         s.set_range(f, c);
                     }
                 }
@@ -648,8 +650,25 @@ impl Sender {
                 history: plain.outcome(),
             });
         }
+        // A divergence point is a truncation the catch-up must start with: below both F and
+        // C, at the LSN the rest of the proof treats as the replica's head.
+        let truncate_first = match proof.divergence {
+            Some(d)
+                if d.point.lsn != proof.replica_flushed_lsn
+                    || d.point.lsn >= d.replica_head
+                    || outcome != Outcome::CatchUp =>
+            {
+                return Err(EngineError::ProofMismatch {
+                    replica: self.replica_id.clone(),
+                    claimed: outcome,
+                    history: plain.outcome(),
+                });
+            }
+            Some(d) => Some(d.point.lsn),
+            None => None,
+        };
         let hr = history.make_handshake_result(proof.replica_flushed_lsn);
-        self.apply_handshake(id, &hr, outcome, true)
+        self.apply_handshake(id, &hr, outcome, true, truncate_first)
     }
 
     /// `handshake -> catchup` for non-rebuild sessions; the state becomes `catching_up` and

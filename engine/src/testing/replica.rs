@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::error::TransferError;
 use crate::executor::{BaseChunkProgress, BaseRequest, CatchUpIo, RebuildIo, WalChunk};
-use crate::history::{EntryId, ReplicaHandshake};
+use crate::history::{EntryId, EpochStart, ReplicaHandshake, ReplicaLog};
 use crate::testing::history::{BlockState, ModelEntry};
 use crate::testing::storage::MemStorage;
 use crate::types::{Epoch, Lsn};
@@ -81,6 +81,30 @@ impl ModelReplica {
         match self.tip() {
             Some(tip) => ReplicaHandshake::new(self.head(), tip),
             None => ReplicaHandshake::unverified(self.head()),
+        }
+    }
+
+    /// [`handshake`](Self::handshake) with the epochs of the log it can still truncate (from
+    /// its checkpoint up), so a divergent log can be truncated to where it left the primary's.
+    pub fn handshake_with_log(&self) -> ReplicaHandshake {
+        let hs = self.handshake();
+        let floor = self.checkpoint.max(self.base_lsn);
+        let mut starts: Vec<EpochStart> = Vec::new();
+        let mut lsn = floor;
+        while lsn <= self.head() {
+            if let Some(id) = self.entry_id(lsn)
+                && starts.last().is_none_or(|s| s.epoch != id.epoch)
+            {
+                starts.push(EpochStart {
+                    epoch: id.epoch,
+                    first: lsn,
+                });
+            }
+            lsn = lsn.next();
+        }
+        match ReplicaLog::new(floor, &starts) {
+            Ok(log) => hs.with_log(log),
+            Err(_) => hs,
         }
     }
 
