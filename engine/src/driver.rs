@@ -14,7 +14,7 @@ use crate::orchestrator::RecoveryOrchestrator;
 use crate::outcome::Outcome;
 use crate::rebuild::RebuildSource;
 use crate::session::InvalidateReason;
-use crate::types::{Demotion, Epoch, Lsn, ReplicaId, SessionId, SessionKind, SessionPhase};
+use crate::types::{Demotion, Lsn, ReplicaId, SessionId, SessionKind, SessionPhase};
 
 /// Everything an executor needs, fixed when the plan is made. The executor never re-derives
 /// policy from storage.
@@ -48,6 +48,16 @@ pub enum PlanStep {
     Rebuild(RebuildStep),
     /// The replica cannot be caught up; a rebuild assignment must come first. Holds nothing.
     NeedsRebuild,
+}
+
+/// What the search for a divergence point found.
+enum Divergence {
+    /// No search: no epochs, or the logs agree where the usual plans look.
+    NotSearched,
+    /// The last shared entry, below the replica's head and committed.
+    Found(DivergencePoint),
+    /// The logs differ, but no usable point exists; why.
+    Unusable(String),
 }
 
 /// A catch-up: the range and the WAL pin that keeps it.
@@ -467,37 +477,43 @@ impl RecoveryDriver {
         replica: &ReplicaHandshake,
         history: &RetainedHistory,
         primary_at_flushed: Option<EntryId>,
-    ) -> Result<Option<DivergencePoint>> {
+    ) -> Result<Divergence> {
         let (Some(tip), Some(log)) = (replica.tip(), replica.log()) else {
-            return Ok(None);
+            return Ok(Divergence::NotSearched);
         };
         let f = replica.flushed();
         let c = history.committed_lsn;
         if f <= c && primary_at_flushed == Some(tip) {
-            return Ok(None);
+            return Ok(Divergence::NotSearched);
         }
         let upper = f.min(c).min(history.head_lsn);
         let lower = log.floor().max(history.tail_lsn);
         if lower > upper {
-            return Ok(None);
+            return Ok(Divergence::Unusable(format!(
+                "the replica can truncate no lower than {} and the primary retains entries only \
+                 after {}, above the last LSN both logs could share ({upper})",
+                log.floor(),
+                history.tail_lsn
+            )));
         }
         let shared = |lsn: Lsn| -> Result<Option<EntryId>> {
             if lsn == Lsn::ZERO {
-                return Ok(Some(EntryId {
-                    lsn,
-                    epoch: Epoch(0),
-                    checksum: 0,
-                }));
+                return Ok(Some(EntryId::ORIGIN));
             }
             let mine = log.epoch_at(lsn);
             Ok(self.entry_at(lsn)?.filter(|p| mine == Some(p.epoch)))
         };
         if f > c && shared(upper)?.is_some() {
             // Ahead of committed and sharing the entry at C: the truncate-only plan.
-            return Ok(None);
+            return Ok(Divergence::NotSearched);
         }
         let Some(mut point) = shared(lower)? else {
-            return Ok(None);
+            return Ok(Divergence::Unusable(format!(
+                "the logs already differ at {lower}, the lowest LSN the replica's floor ({}) and \
+                 the primary's tail ({}) allow",
+                log.floor(),
+                history.tail_lsn
+            )));
         };
         // `lower` is shared; find the highest shared LSN below the first one that is not.
         let mut hi = upper;
@@ -517,9 +533,11 @@ impl RecoveryDriver {
             }
         }
         if point.lsn >= upper {
-            return Ok(None);
+            return Ok(Divergence::Unusable(format!(
+                "the entries at {upper} carry the same epoch but are not the same entry"
+            )));
         }
-        Ok(Some(DivergencePoint {
+        Ok(Divergence::Found(DivergencePoint {
             replica_head: f,
             replica_tip: tip,
             point,
@@ -585,7 +603,19 @@ impl RecoveryDriver {
         let divergence = if verified && !replica.is_incomplete() {
             self.divergence_point(&replica, &history, primary_at_flushed)?
         } else {
-            None
+            Divergence::NotSearched
+        };
+        let divergence = match divergence {
+            Divergence::Found(d) => Some(d),
+            Divergence::NotSearched => None,
+            Divergence::Unusable(detail) => {
+                // The usual plans follow (a rebuild, as without the epochs), and the log says
+                // why the point did not help.
+                self.orchestrator
+                    .log()
+                    .record(id, expected, Event::DivergenceUnusable { detail });
+                None
+            }
         };
         let result = match divergence {
             Some(d) => {

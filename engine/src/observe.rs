@@ -207,6 +207,12 @@ pub enum Event {
         /// The last entry both logs share.
         point: Lsn,
     },
+    /// The replica's log differs from the primary's and it listed its epochs, but no entry
+    /// both share is one it can truncate to and the primary still retains after.
+    DivergenceUnusable {
+        /// Why.
+        detail: String,
+    },
     /// The plan only truncates the replica.
     PlanTruncateOnly {
         /// The truncation point.
@@ -330,6 +336,7 @@ impl Event {
             Event::RebuildFailed { .. } => "rebuild_failed",
             Event::RebuildCompleted => "rebuild_completed",
             Event::DivergenceFound { .. } => "divergence_found",
+            Event::DivergenceUnusable { .. } => "divergence_unusable",
             Event::PlanTruncateOnly { .. } => "plan_truncate_only",
             Event::PlanCatchup { .. } => "plan_catchup",
             Event::WalPinFailed { .. } => "wal_pin_failed",
@@ -399,6 +406,7 @@ impl Event {
                 replica_head,
                 point,
             } => format!("replica_head={replica_head} shared_up_to={point}"),
+            Event::DivergenceUnusable { detail } => detail.clone(),
             Event::PlanTruncateOnly { truncate_to } => format!("truncate_to={truncate_to}"),
             Event::PlanCatchup { from, to, pin } => {
                 format!("replay=({from}, {to}] wal_pin={pin}")

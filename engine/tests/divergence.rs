@@ -132,6 +132,16 @@ fn a_divergence_below_the_replicas_checkpoint_is_rebuilt() {
     let plan = driver.plan_recovery(&rid("r1"), hs).unwrap();
     assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
     assert!(plan.proof().unwrap().divergence.is_none());
+    let why = driver
+        .orchestrator()
+        .log()
+        .find("divergence_unusable")
+        .expect("the log says why the point did not help");
+    assert!(
+        why.event.detail().contains("already differ at 12"),
+        "{}",
+        why.event.detail()
+    );
 }
 
 #[test]
@@ -142,6 +152,16 @@ fn a_divergence_below_the_primarys_retention_is_rebuilt() {
     let hs = old.lock().unwrap().handshake_with_log();
     let plan = driver.plan_recovery(&rid("r1"), hs).unwrap();
     assert_eq!(plan.outcome(), Outcome::NeedsRebuild);
+    let why = driver
+        .orchestrator()
+        .log()
+        .find("divergence_unusable")
+        .unwrap();
+    assert!(
+        why.event.detail().contains("already differ at 12"),
+        "{}",
+        why.event.detail()
+    );
 }
 
 #[test]

@@ -27,6 +27,24 @@ fn entry(lsn: u64) -> EntryInfo {
     }
 }
 
+/// A replica log: the floor 40 in epoch 2, epoch 3 from LSN 55.
+fn sample_log() -> engine::ReplicaLog {
+    engine::ReplicaLog::new(
+        engine::Lsn(40),
+        &[
+            engine::EpochStart {
+                epoch: engine::Epoch(2),
+                first: engine::Lsn(31),
+            },
+            engine::EpochStart {
+                epoch: engine::Epoch(3),
+                first: engine::Lsn(55),
+            },
+        ],
+    )
+    .expect("valid log")
+}
+
 fn request(body: Request) -> Message {
     Message::Request {
         id: 9,
@@ -104,6 +122,15 @@ fn samples() -> Vec<Message> {
             checkpoint: Lsn(40),
             epoch: blockvol::Epoch(3),
             install_incomplete: false,
+            log: Some(Box::new(sample_log())),
+        })),
+        reply(Reply::Handshake(HandshakeReply {
+            head: Lsn(0),
+            tip: EntryInfo::ORIGIN,
+            checkpoint: Lsn(0),
+            epoch: blockvol::Epoch(1),
+            install_incomplete: false,
+            log: None,
         })),
         reply(Reply::Probe(ProbeReply {
             head: Lsn(70),
@@ -360,6 +387,41 @@ fn lying_fields_are_typed_errors() {
         body: Request::Handshake,
     });
     assert!(matches!(decode_all(&bad), Err(WireError::BadValue { .. })));
+    // A handshake whose epoch list says more epochs than any replica sends (checked before
+    // anything is read), and one whose epochs fall.
+    let hs = encoded(&reply(Reply::Handshake(HandshakeReply {
+        head: Lsn(70),
+        tip: entry(70),
+        checkpoint: Lsn(40),
+        epoch: blockvol::Epoch(3),
+        install_incomplete: false,
+        log: Some(Box::new(sample_log())),
+    })));
+    // The list is the payload's last 8 + 1 + 2 x 16 bytes; the count is the byte after the
+    // floor.
+    let count_at = hs.len() - 2 * 16 - 1;
+    let mut many = hs.clone();
+    many[count_at] = 200;
+    refresh_crc(&mut many);
+    assert!(matches!(
+        decode_all(&many),
+        Err(WireError::BadValue {
+            field: "handshake.log_epochs",
+            ..
+        })
+    ));
+    let mut falling = hs.clone();
+    // The second epoch (3) becomes 1, below the first (2).
+    let second_epoch_at = hs.len() - 16;
+    falling[second_epoch_at..second_epoch_at + 8].copy_from_slice(&1u64.to_be_bytes());
+    refresh_crc(&mut falling);
+    assert!(matches!(
+        decode_all(&falling),
+        Err(WireError::BadValue {
+            field: "handshake.log",
+            ..
+        })
+    ));
     // Trailing bytes.
     let mut frame = encoded(&Message::Ready);
     frame.extend_from_slice(&[0]);

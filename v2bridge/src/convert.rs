@@ -42,7 +42,11 @@ pub fn handshake(reply: &HandshakeReply) -> ReplicaHandshake {
     if reply.install_incomplete {
         ReplicaHandshake::incomplete(to_engine(reply.head))
     } else {
-        ReplicaHandshake::new(to_engine(reply.head), entry_id(reply.tip))
+        let hs = ReplicaHandshake::new(to_engine(reply.head), entry_id(reply.tip));
+        match &reply.log {
+            Some(log) => hs.with_log(**log),
+            None => hs,
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use blockvol::{
     ApplyOutcome, BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Epoch, Geometry, Lba,
     Lsn, Role, Volume,
 };
+use engine::{EpochStart, ReplicaLog};
 
 /// The recovery session a request belongs to. Within one driver, ordered by epoch, then
 /// session ID.
@@ -52,7 +53,7 @@ impl Lineage {
 }
 
 /// The replica's answer to a handshake.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandshakeReply {
     /// The last LSN held (made durable before replying).
     pub head: Lsn,
@@ -64,6 +65,10 @@ pub struct HandshakeReply {
     pub epoch: Epoch,
     /// A base install was interrupted: the replica is not a valid copy.
     pub install_incomplete: bool,
+    /// The epochs of the log the replica can still truncate (from its checkpoint up), so a
+    /// log that left the primary's is truncated where it did instead of rebuilt; `None` from a
+    /// replica that cannot tell.
+    pub log: Option<Box<ReplicaLog>>,
 }
 
 /// Apply a run of WAL entries.
@@ -226,6 +231,22 @@ pub trait ReplicaTarget: Send {
 /// Smallest run of frames worth preparing the ring for (`Volume::prepare_append`).
 const PREPARE_MIN_BYTES: usize = 256 << 10;
 
+/// The epochs of `vol`'s truncatable log for a handshake; `None` when the volume cannot
+/// list them (the engine then plans as it would without).
+fn replica_log(vol: &Volume) -> Option<Box<ReplicaLog>> {
+    let (floor, starts) = vol.epoch_starts().ok()?;
+    let starts: Vec<EpochStart> = starts
+        .into_iter()
+        .map(|(epoch, first)| EpochStart {
+            epoch: crate::convert::epoch_to_engine(epoch),
+            first: crate::convert::to_engine(first),
+        })
+        .collect();
+    ReplicaLog::new(crate::convert::to_engine(floor), &starts)
+        .ok()
+        .map(Box::new)
+}
+
 /// Raises (never lowers) the replica's committed point: it gates the replica's flusher, and
 /// lowering it could only strand entries the flusher already holds back.
 fn raise_committed(vol: &Volume, lsn: Lsn) {
@@ -360,6 +381,7 @@ impl ReplicaTarget for LocalReplica {
                 checkpoint: st.checkpoint,
                 epoch: st.epoch,
                 install_incomplete: true,
+                log: None,
             });
         }
         let durable = node.vol.sync().map_err(storage)?;
@@ -369,6 +391,7 @@ impl ReplicaTarget for LocalReplica {
             checkpoint: node.vol.status().checkpoint,
             epoch: st.epoch,
             install_incomplete: false,
+            log: replica_log(&node.vol),
         })
     }
 

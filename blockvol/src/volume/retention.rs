@@ -3,7 +3,7 @@
 
 use super::{Shared, State, Volume};
 use crate::error::{BlockVolError, Result};
-use crate::types::{EntryInfo, Lsn, RetentionPolicy};
+use crate::types::{EntryInfo, Epoch, Lsn, RetentionPolicy};
 
 impl Shared {
     fn retention_target(&self, st: &State, cp: u64) -> u64 {
@@ -142,6 +142,34 @@ impl Volume {
             );
             vec![(Lsn(st.tail), Lsn(st.head))]
         }
+    }
+
+    /// The epochs of the log from the checkpoint (the lowest point a truncation can reach)
+    /// to the head: `(checkpoint, [(epoch, first LSN)])`, oldest first, the first pair for the
+    /// entry at the checkpoint itself (the origin's epoch 0 at LSN 0). Entries carry their
+    /// epoch, so this is read from the index, not stored. A log whose epochs fall somewhere
+    /// (which no primary writes) gets an empty list: no epochs, never a wrong one.
+    pub fn epoch_starts(&self) -> Result<(Lsn, Vec<(Epoch, Lsn)>)> {
+        let st = self.shared.lock_state();
+        self.shared.check_installed(&st, "epoch_starts")?;
+        let floor = st.checkpoint;
+        let mut starts: Vec<(Epoch, Lsn)> = Vec::new();
+        for lsn in floor..=st.head {
+            let info = if lsn == 0 {
+                EntryInfo::ORIGIN
+            } else {
+                match st.info_of(lsn) {
+                    Some(i) => i,
+                    None => return Ok((Lsn(floor), Vec::new())),
+                }
+            };
+            match starts.last() {
+                Some((e, _)) if *e == info.epoch => {}
+                Some((e, _)) if *e > info.epoch => return Ok((Lsn(floor), Vec::new())),
+                _ => starts.push((info.epoch, Lsn(lsn))),
+            }
+        }
+        Ok((Lsn(floor), starts))
     }
 
     /// Identity of entry `lsn`, for `lsn` in `[tail, head]`; `Lsn(0)` is the origin.

@@ -29,7 +29,7 @@ use codec::{Reader, Writer};
 /// The first bytes of every connection's first frame payload (`Hello`, `Challenge`).
 pub const MAGIC: [u8; 4] = *b"SWBT";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 12;
 /// The largest frame payload a connection accepts unless configured lower: 16 MiB, enough for
@@ -771,6 +771,21 @@ fn encode_reply(body: &Reply, w: &mut Writer<'_>) -> Result<(), WireError> {
             w.u64(h.checkpoint.0);
             w.u64(h.epoch.0);
             w.bool(h.install_incomplete);
+            match &h.log {
+                Some(log) => {
+                    w.u64(log.floor().0);
+                    // At most MAX_EPOCH_STARTS (16) by construction.
+                    w.u8(log.starts().len() as u8);
+                    for e in log.starts() {
+                        w.u64(e.epoch.0);
+                        w.u64(e.first.0);
+                    }
+                }
+                None => {
+                    w.u64(0);
+                    w.u8(0);
+                }
+            }
         }
         Reply::Probe(p) => {
             w.u64(p.head.0);
@@ -987,6 +1002,37 @@ fn decode_target_error(r: &mut Reader<'_>) -> Result<TargetError, WireError> {
     })
 }
 
+/// A handshake's epoch list: floor u64, count u8 (0: none; at most
+/// [`engine::MAX_EPOCH_STARTS`], checked before anything is read), then `(epoch, first)` pairs,
+/// which must rise (a list that does not is refused, not trimmed).
+fn decode_replica_log(r: &mut Reader<'_>) -> Result<Option<Box<engine::ReplicaLog>>, WireError> {
+    let floor = r.u64("handshake.log_floor")?;
+    let n = usize::from(r.u8("handshake.log_epochs")?);
+    if n == 0 {
+        return Ok(None);
+    }
+    if n > engine::MAX_EPOCH_STARTS {
+        return Err(WireError::BadValue {
+            field: "handshake.log_epochs",
+            detail: format!("{n} epochs, at most {}", engine::MAX_EPOCH_STARTS),
+        });
+    }
+    let mut starts = [engine::EpochStart {
+        epoch: engine::Epoch(0),
+        first: engine::Lsn(0),
+    }; engine::MAX_EPOCH_STARTS];
+    for s in starts.iter_mut().take(n) {
+        s.epoch = engine::Epoch(r.u64("handshake.log_epoch")?);
+        s.first = engine::Lsn(r.u64("handshake.log_first")?);
+    }
+    engine::ReplicaLog::new(engine::Lsn(floor), &starts[..n])
+        .map(|log| Some(Box::new(log)))
+        .map_err(|e| WireError::BadValue {
+            field: "handshake.log",
+            detail: e.to_string(),
+        })
+}
+
 /// Decodes one frame's payload (its header already checked).
 fn decode_payload(kind: FrameType, payload: &[u8]) -> Result<Message, WireError> {
     let mut r = Reader::new(payload);
@@ -1159,6 +1205,7 @@ fn decode_reply(kind: FrameType, r: &mut Reader<'_>) -> Result<Reply, WireError>
             checkpoint: r.lsn("handshake.checkpoint")?,
             epoch: Epoch(r.u64("handshake.epoch")?),
             install_incomplete: r.bool("handshake.install_incomplete")?,
+            log: decode_replica_log(r)?,
         }),
         FrameType::ProbeRep => Reply::Probe(ProbeReply {
             head: r.lsn("probe.head")?,
