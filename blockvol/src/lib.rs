@@ -174,7 +174,7 @@ pub use scan::{WalPin, WalScan};
 pub use sim::{CrashMode, SimDisk, SyncHook, SyncPoint};
 pub use types::{
     ApplyOutcome, CreateOptions, Digest, EntryInfo, Epoch, FlushGate, FlusherMode, Geometry, Lba,
-    Lsn, OpenOptions, RetentionPolicy, Role, Status,
+    Lsn, OpenOptions, RetentionPolicy, Role, ScrubReport, Status,
 };
 pub use volume::Volume;
 

@@ -29,6 +29,7 @@ impl Shared {
             flags |= SB_FLAG_REPAIRED;
         }
         Superblock {
+            version: crate::format::FORMAT_VERSION,
             flags,
             seq: 0,
             volume_id: self.volume_id,
@@ -119,6 +120,7 @@ impl Shared {
 /// The superblock of a freshly created volume.
 pub(super) fn initial_superblock(geo: &Geometry, volume_id: [u8; 16]) -> Superblock {
     Superblock {
+        version: crate::format::FORMAT_VERSION,
         flags: 0,
         seq: 0,
         volume_id,
