@@ -61,6 +61,7 @@
 //! - `scan`: [`WalPin`] and [`WalScan`].
 //! - `base`: [`BasePin`], [`BaseReader`], [`BaseChunk`], [`BaseInstall`].
 //! - `walk`: the recovery walk over the ring, shared with [`inspect`].
+//! - `upgrade`: [`upgrade_file`], converting a version 1 file (no extent checksums) in place.
 //! - [`inspect`]: read-only inspection used by the `blockvol` command line.
 //! - `medium`: the storage under a volume (a file, the same file read-only, or a simulated
 //!   disk); `sys`: the only module with `unsafe` (the WAL memory map, `posix_fallocate`,
@@ -163,6 +164,7 @@ mod scan;
 mod sim;
 mod sys;
 mod types;
+mod upgrade;
 mod volume;
 mod walk;
 
@@ -176,6 +178,7 @@ pub use types::{
     ApplyOutcome, CreateOptions, Digest, EntryInfo, Epoch, FlushGate, FlusherMode, Geometry, Lba,
     Lsn, OpenOptions, RetentionPolicy, Role, ScrubReport, Status,
 };
+pub use upgrade::{UpgradeOutcome, upgrade_file};
 pub use volume::Volume;
 
 #[cfg(test)]

@@ -55,7 +55,8 @@ use append::AppendMode;
 use append::{check_entry_len, max_entry_for};
 pub(crate) use csum::CsumBatch;
 pub(crate) use state::{FenceRec, State};
-use superblock::{SbWriter, format_superblocks, initial_superblock, pick_superblock, read_slots};
+use superblock::{SbWriter, format_superblocks, initial_superblock};
+pub(crate) use superblock::{pick_superblock, read_slots};
 
 /// Largest buffer the flusher, digest and zeroing use at once.
 const IO_CHUNK: usize = 1 << 20;
