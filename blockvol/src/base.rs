@@ -272,7 +272,6 @@ impl std::fmt::Debug for BaseReader<'_> {
     }
 }
 
-
 impl BaseReader<'_> {
     /// Starts the reader at `lba` instead of 0 (an install resuming there): the blocks below
     /// are neither read nor counted. Only before the first chunk; past the end it yields

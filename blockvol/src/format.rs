@@ -500,9 +500,10 @@ impl Superblock {
     /// File offset of the checksum region: the first `CSUM_REGION_ALIGN` boundary at or after
     /// the end of the extent (meaningful for version 2).
     pub fn csum_offset(&self) -> u64 {
-        let end = self
-            .extent_offset
-            .saturating_add(self.volume_blocks.saturating_mul(u64::from(self.block_size)));
+        let end = self.extent_offset.saturating_add(
+            self.volume_blocks
+                .saturating_mul(u64::from(self.block_size)),
+        );
         end.div_ceil(CSUM_REGION_ALIGN)
             .saturating_mul(CSUM_REGION_ALIGN)
     }

@@ -89,6 +89,11 @@
 //! 5. Only entries stamped with the current generation (salted with the volume id), with valid
 //!    CRCs and the exact expected LSN are ever replayed.
 //! 6. A failed sync poisons the volume: later writes and syncs fail with `Poisoned`.
+//! 7. (Format version 2.) Every block read from the extent matches its checksum, or the read
+//!    fails with `ChecksumMismatch` (counted in `Status::checksum_errors`) and returns no
+//!    bytes. Whatever writes extent blocks writes their checksums before the extent sync that
+//!    covers both, so they disagree after a crash only for blocks recovery rewrites (the flush
+//!    up to the mark) or an incomplete install resends.
 //!
 //! # Data flow
 //!
@@ -118,8 +123,8 @@
 //! **Flush.** Under the flush lock, the flusher takes the entries in `(checkpoint, limit]`
 //! (limit = durable, gated by committed and by base fences). If the limit is above the
 //! persisted flush mark it first persists a higher mark (the flush intent: one superblock
-//! sync). It writes each block unless a newer entry in the same batch rewrites it, fdatasyncs
-//! the extent, persists the new checkpoint and tail in the other superblock slot, then drops
+//! sync). It writes each block unless a newer entry in the same batch rewrites it, then the
+//! written blocks' checksums, fdatasyncs the extent (and the checksum region), persists the new checkpoint and tail in the other superblock slot, then drops
 //! the now-redundant dirty references and pops recycled entries from the index. The
 //! background flusher's superblocks also announce the current gate limit as the flush mark,
 //! and its cycles are pipelined (each flushes up to what the previous one announced), so it

@@ -368,9 +368,7 @@ impl Medium for FileMedium {
         match self.wal_part(off, buf.len() as u64)? {
             Some(m) => self.wal.read(m, buf),
             None => match &self.csum {
-                Some((map, start, n))
-                    if off >= *start && off - start + buf.len() as u64 <= *n =>
-                {
+                Some((map, start, n)) if off >= *start && off - start + buf.len() as u64 <= *n => {
                     map.read((off - start) as usize, buf)
                 }
                 _ => self.file.read_exact_at(buf, off),

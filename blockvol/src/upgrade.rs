@@ -144,8 +144,11 @@ pub(crate) fn upgrade_medium(m: &dyn Medium) -> Result<UpgradeOutcome> {
         }
     }
     // The checksums are durable before any superblock names the version that has them.
-    m.sync_range(sb.extent_offset, new.csum_offset() + new.csum_len() - sb.extent_offset)
-        .map_err(io_err("fdatasync checksums"))?;
+    m.sync_range(
+        sb.extent_offset,
+        new.csum_offset() + new.csum_len() - sb.extent_offset,
+    )
+    .map_err(io_err("fdatasync checksums"))?;
     // Commit: the older slot first (a torn write leaves the version 1 slot in charge), then
     // the other, so no version 1 slot is left to fall back to.
     let offs = [SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET];

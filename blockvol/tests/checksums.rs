@@ -30,7 +30,8 @@ fn flushed(lbas: &[u64]) -> (Volume, SimDisk) {
     let o = tiny();
     let (v, d) = Volume::create_sim(&o, &manual()).expect("create");
     for &l in lbas {
-        v.write(Lba(l), &data(900 + l, 1, o.block_size)).expect("write");
+        v.write(Lba(l), &data(900 + l, 1, o.block_size))
+            .expect("write");
     }
     v.force_flush().expect("flush");
     (v, d)
@@ -43,7 +44,10 @@ fn a_damaged_block_fails_the_read_is_counted_and_a_rewrite_heals_it() {
     let (v, d) = flushed(&[3, 4, 5]);
     let sb = superblock(&d.written_image());
     // One flipped byte in block 4.
-    d.corrupt(sb.extent_offset + 4 * bs + 17, &[0x5A ^ d.peek(sb.extent_offset + 4 * bs + 17, 1)[0]]);
+    d.corrupt(
+        sb.extent_offset + 4 * bs + 17,
+        &[0x5A ^ d.peek(sb.extent_offset + 4 * bs + 17, 1)[0]],
+    );
     let stored = block_csum(4, &data(904, 1, o.block_size));
     let mut buf = vec![0xEEu8; 3 * bs as usize];
     match v.read_into(Lba(3), &mut buf) {
@@ -58,11 +62,20 @@ fn a_damaged_block_fails_the_read_is_counted_and_a_rewrite_heals_it() {
         }
         other => panic!("expected a checksum mismatch, got {other:?}"),
     }
-    assert!(buf.iter().all(|b| *b == 0), "no byte of the failed read is handed out");
+    assert!(
+        buf.iter().all(|b| *b == 0),
+        "no byte of the failed read is handed out"
+    );
     assert_eq!(v.status().checksum_errors, 1);
     // Neighbours read fine; the damaged block fails every time and counts every time.
-    assert_eq!(v.read(Lba(3), 1).expect("block 3"), data(903, 1, o.block_size));
-    assert_eq!(v.read(Lba(5), 1).expect("block 5"), data(905, 1, o.block_size));
+    assert_eq!(
+        v.read(Lba(3), 1).expect("block 3"),
+        data(903, 1, o.block_size)
+    );
+    assert_eq!(
+        v.read(Lba(5), 1).expect("block 5"),
+        data(905, 1, o.block_size)
+    );
     assert!(matches!(
         v.read(Lba(4), 1),
         Err(BlockVolError::ChecksumMismatch { lba: Lba(4), .. })
@@ -100,7 +113,9 @@ fn zero_blocks_trims_and_the_checksum_region_itself_are_verified() {
     assert_eq!(d.peek(csum(40), 4), vec![0; 4]);
     assert_eq!(
         d.peek(csum(10), 4),
-        block_csum(10, &data(910, 1, o.block_size)).to_le_bytes().to_vec()
+        block_csum(10, &data(910, 1, o.block_size))
+            .to_le_bytes()
+            .to_vec()
     );
     assert_scrub_clean(&v, "after the trim");
     // A never-written block that gains a byte, a trimmed one whose checksum gains a byte, and
@@ -140,7 +155,10 @@ fn a_base_image_never_ships_a_damaged_block() {
         }
     }
     assert!(
-        matches!(failure, Some(BlockVolError::ChecksumMismatch { lba: Lba(30), .. })),
+        matches!(
+            failure,
+            Some(BlockVolError::ChecksumMismatch { lba: Lba(30), .. })
+        ),
         "{failure:?}"
     );
     assert!(!shipped.contains(&Lba(30)), "the damaged block was shipped");
@@ -150,7 +168,10 @@ fn a_base_image_never_ships_a_damaged_block() {
     let mut failed = false;
     while let Some(f) = frames.next_frame() {
         if let Err(e) = f {
-            assert!(matches!(e, BlockVolError::ChecksumMismatch { lba: Lba(30), .. }));
+            assert!(matches!(
+                e,
+                BlockVolError::ChecksumMismatch { lba: Lba(30), .. }
+            ));
             failed = true;
         }
     }
@@ -176,7 +197,10 @@ fn a_base_image_over_holes_checks_their_checksums() {
     let pin = v.pin_base(v.status().head).expect("pin");
     let r: Result<Vec<_>, _> = pin.reader(1 << 16).collect();
     assert!(
-        matches!(r, Err(BlockVolError::ChecksumMismatch { lba: Lba(100), .. })),
+        matches!(
+            r,
+            Err(BlockVolError::ChecksumMismatch { lba: Lba(100), .. })
+        ),
         "{r:?}"
     );
     assert!(v.status().checksum_errors >= 1);
@@ -229,16 +253,28 @@ fn a_version_1_file_opens_read_only_and_upgrade_converts_it() {
         Err(BlockVolError::NeedsUpgrade { .. })
     ));
     v.close().expect("close");
-    assert_eq!(std::fs::read(&path).expect("read"), before, "nothing was written");
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        before,
+        "nothing was written"
+    );
     // The command line says so too.
     let o = run(&["write", s(&path), "--lba", "0"], Some(&data(1, 1, 4096)));
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("blockvol upgrade"), "{}", stderr(&o));
     let o = run(&["info", s(&path)], None);
-    assert!(stdout(&o).contains("version 1 (no extent checksums"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("version 1 (no extent checksums"),
+        "{}",
+        stdout(&o)
+    );
     let o = run(&["check", s(&path)], None);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
-    assert!(stdout(&o).contains("extent: not checked (format version 1"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("extent: not checked (format version 1"),
+        "{}",
+        stdout(&o)
+    );
     let o = run(&["scrub", s(&path)], None);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     // Upgrade: the file becomes exactly what the current code wrote (the checksums computed
@@ -260,7 +296,10 @@ fn a_version_1_file_opens_read_only_and_upgrade_converts_it() {
     let sb = superblock(&after);
     assert_eq!(sb.version, FORMAT_VERSION);
     let region = sb.csum_offset() as usize..after.len();
-    assert!(after[region.clone()] == current[region], "the checksum region differs");
+    assert!(
+        after[region.clone()] == current[region],
+        "the checksum region differs"
+    );
     assert!(after[2 * SB_SLOT_SIZE as usize..] == current[2 * SB_SLOT_SIZE as usize..]);
     for slot in [0u64, SB_SLOT_SIZE] {
         let r = slot as usize..(slot + SB_SLOT_SIZE) as usize;
@@ -285,7 +324,11 @@ fn a_version_1_file_opens_read_only_and_upgrade_converts_it() {
     assert_eq!(std::fs::read(&path).expect("read"), again);
     let o = run(&["upgrade", s(&path)], None);
     assert_eq!(o.status.code(), Some(0));
-    assert!(stdout(&o).contains("already format version"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("already format version"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
@@ -295,12 +338,17 @@ fn cli_upgrade_check_and_scrub() {
     let p = s(&path);
     let o = run(&["upgrade", p], None);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert!(stdout(&o).contains("upgraded from format version 1 to 2"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("upgraded from format version 1 to 2"),
+        "{}",
+        stdout(&o)
+    );
     let o = run(&["check", p], None);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     // The last writes are still in the WAL: their blocks are not read from the extent.
     assert!(
-        stdout(&o).contains("extent: 244 blocks verified against their checksums (12 newer in the WAL)"),
+        stdout(&o)
+            .contains("extent: 244 blocks verified against their checksums (12 newer in the WAL)"),
         "{}",
         stdout(&o)
     );
@@ -312,7 +360,11 @@ fn cli_upgrade_check_and_scrub() {
         "{}",
         stdout(&o)
     );
-    assert!(stderr(&o).contains("scrub: 256/256 blocks (100%)"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("scrub: 256/256 blocks (100%)"),
+        "{}",
+        stderr(&o)
+    );
     // Damage block 6's data (written, flushed at the first flush).
     let sb = superblock(&std::fs::read(&path).expect("read"));
     common::cli::damage(&path, sb.extent_offset + 6 * 4096 + 99);
@@ -322,7 +374,11 @@ fn cli_upgrade_check_and_scrub() {
     assert!(stdout(&o).contains("\"damaged_count\":1"), "{}", stdout(&o));
     let o = run(&["check", p], None);
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
-    assert!(stdout(&o).contains("extent: CORRUPT: 1 of 244 blocks fail their checksums: lba 6"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("extent: CORRUPT: 1 of 244 blocks fail their checksums: lba 6"),
+        "{}",
+        stdout(&o)
+    );
     let o = run(&["read", p, "--lba", "6", "--blocks", "1"], None);
     assert_eq!(o.status.code(), Some(2));
     assert!(o.stdout.is_empty(), "no data is written out");
@@ -395,18 +451,31 @@ fn upgrade_crash_windows() {
                 (CrashMode::RandomSectorsTorn, p.index * 2 + 1),
             ] {
                 out.lock().unwrap().push((
-                    format!("image {n}, {} sync #{} of {}+{}, {mode:?}", if p.after { "after" } else { "before" }, p.index, p.offset, p.len),
+                    format!(
+                        "image {n}, {} sync #{} of {}+{}, {mode:?}",
+                        if p.after { "after" } else { "before" },
+                        p.index,
+                        p.offset,
+                        p.len
+                    ),
                     d.crash_image_with(seed, mode),
                 ));
             }
         })));
         assert!(matches!(
             Volume::upgrade_sim(&disk).expect("upgrade"),
-            UpgradeOutcome::Upgraded { from_version: 1, .. }
+            UpgradeOutcome::Upgraded {
+                from_version: 1,
+                ..
+            }
         ));
         disk.set_sync_hook(None);
         let mut images = std::mem::take(&mut *images.lock().unwrap());
-        assert_eq!(images.len(), 3 * 2 * 4, "three syncs, before and after, four modes");
+        assert_eq!(
+            images.len(),
+            3 * 2 * 4,
+            "three syncs, before and after, four modes"
+        );
         images.push((
             "finished".into(),
             disk.crash_image_with(0, CrashMode::DurableOnly),
@@ -429,7 +498,11 @@ fn upgrade_crash_windows() {
             }
             let v = Volume::open_sim(&d, &manual()).unwrap_or_else(|e| panic!("{what}: {e}"));
             assert_eq!(v.status().head, Lsn(ops.len() as u64), "{what}");
-            assert_eq!(v.digest().unwrap_or_else(|e| panic!("{what}: {e}")), want, "{what}");
+            assert_eq!(
+                v.digest().unwrap_or_else(|e| panic!("{what}: {e}")),
+                want,
+                "{what}"
+            );
             assert_scrub_clean(&v, &what);
         }
     }
@@ -439,4 +512,3 @@ fn upgrade_crash_windows() {
     );
     assert!(checked[0] > 0 && checked[1] > 0, "{checked:?}");
 }
-

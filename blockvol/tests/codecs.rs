@@ -2,8 +2,8 @@
 //! typed error (never a panic).
 
 use blockvol::format::{
-    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, FORMAT_VERSION, SB_COUNTER_LIMIT, SB_SLOT_SIZE,
-    Superblock,
+    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, FORMAT_VERSION, SB_COUNTER_LIMIT,
+    SB_SLOT_SIZE, Superblock,
 };
 use blockvol::{BaseChunk, BlockVolError, EntryKind, Lba, Lsn, Role, WalEntry};
 use proptest::prelude::*;

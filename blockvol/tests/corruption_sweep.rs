@@ -78,7 +78,10 @@ fn classify(k: &Known, off: u64) -> Region {
         };
     }
     if off >= k.extent_offset {
-        assert!(off < k.extent_end(), "no gap between extent and checksums here");
+        assert!(
+            off < k.extent_end(),
+            "no gap between extent and checksums here"
+        );
         return if k.shadowed[k.lba_of(off) as usize] {
             Region::ExtentShadowed
         } else {
@@ -174,9 +177,7 @@ fn flip_mask(off: u64) -> u8 {
 
 fn report(name: &str, tallies: &std::collections::BTreeMap<Region, Tally>) -> u64 {
     let mut total = 0;
-    eprintln!(
-        "corruption sweep ({name}): region, offsets tried, refused, exact, shorter prefix"
-    );
+    eprintln!("corruption sweep ({name}): region, offsets tried, refused, exact, shorter prefix");
     for (r, t) in tallies {
         eprintln!(
             "  {r:?}: {} tried, {} refused, {} exact, {} shorter prefix",
@@ -233,7 +234,9 @@ fn every_flipped_byte_of_a_closed_volume_is_refused_or_reads_exactly() {
                 Region::Extent | Region::Csum,
             ) => {
                 if Some(lba.0) != block_of(&k, off) {
-                    Err(format!("the mismatch names lba {lba}, not the damaged block"))
+                    Err(format!(
+                        "the mismatch names lba {lba}, not the damaged block"
+                    ))
                 } else if *counted != 1 {
                     Err(format!("checksum_errors is {counted}, expected 1"))
                 } else {

@@ -22,9 +22,7 @@ use std::sync::atomic::Ordering;
 
 use super::{IO_CHUNK, Shared, Volume};
 use crate::error::{BlockVolError, Result};
-use crate::format::{
-    CSUM_REGION_ALIGN, CSUM_SIZE, block_csum, get_u32, put_u32, verify_block,
-};
+use crate::format::{CSUM_REGION_ALIGN, CSUM_SIZE, block_csum, get_u32, put_u32, verify_block};
 use crate::types::{Lba, ScrubReport};
 
 /// Checksums per page of the checksum region.

@@ -478,9 +478,7 @@ impl Volume {
             wal_size_bytes: s.wal_size(),
             install_incomplete: st.install_incomplete,
             poisoned: st.poisoned.is_some(),
-            checksum_errors: s
-                .checksum_errors
-                .load(std::sync::atomic::Ordering::Relaxed),
+            checksum_errors: s.checksum_errors.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

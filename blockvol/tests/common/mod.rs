@@ -162,6 +162,10 @@ pub fn assert_scrub_clean(v: &blockvol::Volume, what: &str) {
         "{what}: blocks fail their checksums: {:?}",
         r.damaged
     );
-    assert_eq!(r.checked + r.skipped, blocks, "{what}: scrub did not cover the volume");
+    assert_eq!(
+        r.checked + r.skipped,
+        blocks,
+        "{what}: scrub did not cover the volume"
+    );
     assert_eq!(v.status().checksum_errors, 0, "{what}");
 }
