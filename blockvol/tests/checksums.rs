@@ -387,6 +387,9 @@ fn cli_upgrade_check_and_scrub() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+/// Crash images a sync hook records, each with where it was taken.
+type Images = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A crash at every sync point of an upgrade (the checksum region's sync, then each
 /// superblock slot's) leaves either a version 1 file that upgrades again, or a version 2 file
 /// whose every checksum is right. The version 1 image is itself taken in the middle of a
@@ -441,7 +444,7 @@ fn upgrade_crash_windows() {
             Volume::open_sim(&disk, &manual()),
             Err(BlockVolError::NeedsUpgrade { version: 1, .. })
         ));
-        let images: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::new(Mutex::new(Vec::new()));
+        let images: Images = Arc::new(Mutex::new(Vec::new()));
         let out = images.clone();
         disk.set_sync_hook(Some(Arc::new(move |d: &SimDisk, p: &SyncPoint| {
             for (mode, seed) in [

@@ -41,17 +41,17 @@ pub(crate) struct CsumBatch {
 impl CsumBatch {
     /// The buffered page `idx`, read from the region the first time it is touched.
     fn page<'a>(&'a mut self, s: &Shared, idx: u64) -> Result<&'a mut Vec<u8>> {
-        if !self.pages.contains_key(&idx) {
-            let mut buf = vec![0u8; CSUM_REGION_ALIGN as usize];
-            let off = s.csum_offset + idx * CSUM_REGION_ALIGN;
-            s.medium.read_at(off, &mut buf).map_err(|e| {
-                BlockVolError::io("read checksums", format!("file offset {off}"), e)
-            })?;
-            self.pages.insert(idx, buf);
+        match self.pages.entry(idx) {
+            std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let mut buf = vec![0u8; CSUM_REGION_ALIGN as usize];
+                let off = s.csum_offset + idx * CSUM_REGION_ALIGN;
+                s.medium.read_at(off, &mut buf).map_err(|err| {
+                    BlockVolError::io("read checksums", format!("file offset {off}"), err)
+                })?;
+                Ok(e.insert(buf))
+            }
         }
-        self.pages
-            .get_mut(&idx)
-            .ok_or_else(|| BlockVolError::InvalidArgument("checksum page vanished".into()))
     }
 
     fn set(&mut self, s: &Shared, lba: u64, v: u32) -> Result<()> {
@@ -262,7 +262,7 @@ impl Volume {
                 }
                 s.check_installed(&st, "scrub")?;
                 for l in lba..lba + n {
-                    if st.dirty.get(&l).is_some() {
+                    if st.dirty.contains_key(&l) {
                         report.skipped += 1;
                         continue;
                     }
