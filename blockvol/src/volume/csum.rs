@@ -140,13 +140,18 @@ impl Shared {
             .zero_range(self.extent_offset, end - self.extent_offset)
     }
 
+    /// Reads the stored checksums of `raw.len() / 4` blocks from `lba` into `raw`.
+    fn read_csum_bytes(&self, lba: u64, raw: &mut [u8]) -> Result<()> {
+        let off = self.csum_offset + lba * CSUM_SIZE;
+        self.medium
+            .read_at(off, raw)
+            .map_err(|e| BlockVolError::io("read checksums", format!("file offset {off}"), e))
+    }
+
     /// The stored checksums of `out.len()` blocks from `lba`.
     fn read_csums(&self, lba: u64, out: &mut [u32]) -> Result<()> {
         let mut raw = vec![0u8; out.len() * CSUM_SIZE as usize];
-        let off = self.csum_offset + lba * CSUM_SIZE;
-        self.medium
-            .read_at(off, &mut raw)
-            .map_err(|e| BlockVolError::io("read checksums", format!("file offset {off}"), e))?;
+        self.read_csum_bytes(lba, &mut raw)?;
         for (i, c) in out.iter_mut().enumerate() {
             *c = get_u32(&raw, i * CSUM_SIZE as usize);
         }
@@ -155,20 +160,28 @@ impl Shared {
 
     /// Verifies blocks `data` holds, read from the extent at `lba`: every damaged block as
     /// `(lba, stored, computed)`, each counted in `checksum_errors`. Nothing for a file
-    /// without checksums.
+    /// without checksums. No allocation for reads of up to 64 blocks (the common read path).
     pub(crate) fn damaged_blocks(&self, lba: u64, data: &[u8]) -> Result<Vec<(u64, u32, u32)>> {
         if !self.checksums {
             return Ok(Vec::new());
         }
         let bs = self.block_size() as usize;
         let n = data.len() / bs;
-        let mut stored = vec![0u32; n];
-        self.read_csums(lba, &mut stored)?;
+        let mut small = [0u8; 64 * CSUM_SIZE as usize];
+        let mut big = Vec::new();
+        let raw: &mut [u8] = if n * CSUM_SIZE as usize <= small.len() {
+            &mut small[..n * CSUM_SIZE as usize]
+        } else {
+            big.resize(n * CSUM_SIZE as usize, 0);
+            &mut big
+        };
+        self.read_csum_bytes(lba, raw)?;
         let mut bad = Vec::new();
-        for (i, (b, c)) in data.chunks_exact(bs).zip(&stored).enumerate() {
+        for (i, b) in data.chunks_exact(bs).enumerate() {
             let l = lba + i as u64;
-            if let Err(found) = verify_block(l, b, *c) {
-                bad.push((l, *c, found));
+            let c = get_u32(raw, i * CSUM_SIZE as usize);
+            if let Err(found) = verify_block(l, b, c) {
+                bad.push((l, c, found));
             }
         }
         if !bad.is_empty() {
