@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::error::{BlockVolError, Result};
 use crate::format::{
     CHUNK_HEADER_SIZE, CHUNK_MAGIC, CHUNK_OFF_BLOCKS, CHUNK_OFF_CRC, CHUNK_OFF_DATA_LEN,
-    CHUNK_OFF_LBA, CHUNK_OFF_MAGIC, get_u32, get_u64, put_u32, put_u64,
+    CHUNK_OFF_LBA, CHUNK_OFF_MAGIC, get_u32, get_u64, is_zero, put_u32, put_u64,
 };
 use crate::types::{EntryInfo, Geometry, Lba, Lsn};
 use crate::volume::{FenceRec, Shared, Volume};
@@ -272,16 +272,6 @@ impl std::fmt::Debug for BaseReader<'_> {
     }
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    // Compare eight bytes at a time; block sizes are multiples of 512, so the remainder is
-    // empty in practice.
-    let mut words = b.chunks_exact(8);
-    let body = words
-        .by_ref()
-        .all(|c| u64::from_ne_bytes(<[u8; 8]>::try_from(c).unwrap_or([1; 8])) == 0);
-    body && words.remainder().iter().all(|x| *x == 0)
-}
-
 impl BaseReader<'_> {
     /// Starts the reader at `lba` instead of 0 (an install resuming there): the blocks below
     /// are neither read nor counted. Only before the first chunk; past the end it yields
@@ -342,6 +332,8 @@ impl BaseReader<'_> {
             Some(_) => self.next_lba,
         };
         if data_lba > self.next_lba {
+            // A hole reads as zeros: its checksums must say so, or data was lost.
+            s.verify_zero_run(self.next_lba, data_lba - self.next_lba)?;
             self.bytes_scanned += (data_lba - self.next_lba) * bs;
             self.next_lba = data_lba;
             if self.next_lba >= vb {
@@ -371,6 +363,8 @@ impl BaseReader<'_> {
                 .map_err(|e| BlockVolError::io("read extent", format!("file offset {data}"), e))?;
             pos = hole;
         }
+        // Never ship a damaged block to a replica as good data.
+        s.verify_extent(self.next_lba, &self.window)?;
         self.win_lba = self.next_lba;
         self.win_blocks = n;
         self.cursor = 0;
@@ -552,7 +546,7 @@ impl BaseInstall {
             return Ok(());
         }
         let s = self.shared.clone();
-        if let Err(e) = s.medium.sync_range(s.extent_offset, s.extent_len()) {
+        if let Err(e) = s.sync_data() {
             let err = BlockVolError::io("fdatasync extent", s.medium.describe(), e);
             let mut st = s.lock_state();
             s.poison(&mut st, err.to_string());
@@ -618,6 +612,11 @@ impl BaseInstall {
         s.medium
             .write_at(off, chunk.data)
             .map_err(|e| BlockVolError::io("write extent", format!("file offset {off}"), e))?;
+        // The checksums go with the blocks; the next resume point's (or finish's) extent sync
+        // makes both durable, and chunks after the last resume point are resent on a resume.
+        let mut csums = crate::volume::CsumBatch::default();
+        csums.set_blocks(s, chunk.lba, chunk.data)?;
+        csums.commit(s)?;
         self.bytes_written += chunk.data.len() as u64;
         let end = chunk.lba + u64::from(chunk.blocks);
         if chunk.lba < self.high {
@@ -637,7 +636,7 @@ impl BaseInstall {
     /// base LSN and clears the incomplete mark, all durably.
     pub fn finish(mut self) -> Result<()> {
         let s = self.shared.clone();
-        if let Err(e) = s.medium.sync_range(s.extent_offset, s.extent_len()) {
+        if let Err(e) = s.sync_data() {
             let err = BlockVolError::io("fdatasync extent", s.medium.describe(), e);
             let mut st = s.lock_state();
             s.poison(&mut st, err.to_string());
@@ -942,8 +941,7 @@ impl Volume {
         if resume == 0 {
             // The first resume point's fdatasync makes this zeroing durable before any point
             // is recorded, so a resumed install never finds stale data in an elided zero run.
-            s.medium
-                .zero_range(s.extent_offset, s.extent_len())
+            s.zero_data()
                 .map_err(|e| BlockVolError::io("zero extent", s.medium.describe(), e))?;
         } else {
             log::info!(

@@ -261,6 +261,30 @@ pub enum BlockVolError {
         /// The CRC of the bytes received.
         found: u32,
     },
+    /// A block read from the extent does not match its stored checksum: the bytes are never
+    /// returned. Counted in `Status::checksum_errors`.
+    #[error(
+        "extent block lba {lba} failed its checksum: stored {expected:#010x}, computed {found:#010x} (the block is damaged; its data is not returned)"
+    )]
+    ChecksumMismatch {
+        /// The damaged block.
+        lba: Lba,
+        /// The checksum stored in the checksum region (0: the block must be all zeros).
+        expected: u32,
+        /// The checksum of the bytes read.
+        found: u32,
+    },
+    /// The file is an older format without extent checksums: it opens read-only
+    /// (`Volume::open_read_only`), and `blockvol upgrade` converts it.
+    #[error(
+        "{path} is volume format version {version}, which has no extent checksums: it can only be opened read-only; convert it with `blockvol upgrade {path}`"
+    )]
+    NeedsUpgrade {
+        /// The file.
+        path: String,
+        /// Its format version.
+        version: u32,
+    },
     /// The volume file could not be fully allocated: its file system (or quota) has no room
     /// for the holes of a sparse file, or for a new volume. Nothing was written; a read-write
     /// open refuses a file it cannot allocate, because a store into a hole of the mapped WAL

@@ -8,8 +8,12 @@
 use crate::error::{BlockVolError, Result};
 use crate::types::Role;
 
-/// Current format version, stored in each superblock slot.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version, stored in each superblock slot. Version 2 added the extent
+/// checksum region (docs/format.md section 5.1).
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest format version this code reads. A version 1 file (no extent checksums) opens
+/// read-only; `blockvol upgrade` converts it.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 
 // ---- File regions -------------------------------------------------------------------------
 
@@ -29,6 +33,10 @@ pub const MIN_WAL_SIZE: u64 = 64 * 1024;
 pub const MIN_BLOCK_SIZE: u32 = 512;
 /// Largest block size.
 pub const MAX_BLOCK_SIZE: u32 = 65536;
+/// Bytes of one extent block's checksum in the checksum region (version 2).
+pub const CSUM_SIZE: u64 = 4;
+/// The checksum region starts on, and its length is a multiple of, this alignment.
+pub const CSUM_REGION_ALIGN: u64 = 4096;
 
 // ---- Superblock slot ----------------------------------------------------------------------
 
@@ -235,6 +243,8 @@ pub(crate) fn header_count(h: &EntryHeader) -> u64 {
 /// The decoded contents of one superblock slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
+    /// Format version (`MIN_FORMAT_VERSION..=FORMAT_VERSION`); 2 has extent checksums.
+    pub version: u32,
     /// Flags (`SB_FLAG_*`).
     pub flags: u32,
     /// Sequence number; the newest valid slot wins.
@@ -289,7 +299,7 @@ impl Superblock {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; SB_SLOT_SIZE as usize];
         b[SB_OFF_MAGIC..SB_OFF_MAGIC + 8].copy_from_slice(&SB_MAGIC);
-        put_u32(&mut b, SB_OFF_VERSION, FORMAT_VERSION);
+        put_u32(&mut b, SB_OFF_VERSION, self.version);
         put_u32(&mut b, SB_OFF_FLAGS, self.flags);
         put_u64(&mut b, SB_OFF_SEQ, self.seq);
         b[SB_OFF_VOLUME_ID..SB_OFF_VOLUME_ID + 16].copy_from_slice(&self.volume_id);
@@ -343,7 +353,7 @@ impl Superblock {
             )));
         }
         let version = get_u32(buf, SB_OFF_VERSION);
-        if version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(bad(format!("unsupported format version {version}")));
         }
         let flags = get_u32(buf, SB_OFF_FLAGS);
@@ -356,6 +366,7 @@ impl Superblock {
         let mut volume_id = [0u8; 16];
         volume_id.copy_from_slice(&buf[SB_OFF_VOLUME_ID..SB_OFF_VOLUME_ID + 16]);
         let sb = Superblock {
+            version,
             flags,
             seq: get_u64(buf, SB_OFF_SEQ),
             volume_id,
@@ -420,10 +431,7 @@ impl Superblock {
                 self.extent_offset
             ));
         }
-        self.volume_blocks
-            .checked_mul(u64::from(self.block_size))
-            .and_then(|b| b.checked_add(self.extent_offset))
-            .ok_or("volume size overflows")?;
+        self.checked_file_len().ok_or("volume size overflows")?;
         if self.tail_lsn > self.checkpoint {
             return Err(format!(
                 "tail lsn {} is beyond the checkpoint {}",
@@ -484,10 +492,91 @@ impl Superblock {
         Ok(())
     }
 
-    /// Total file length this superblock describes.
-    pub fn file_len(&self) -> u64 {
-        self.extent_offset + self.volume_blocks * u64::from(self.block_size)
+    /// Whether the file has an extent checksum region (version 2 and later).
+    pub fn has_checksums(&self) -> bool {
+        self.version >= 2
     }
+
+    /// File offset of the checksum region: the first `CSUM_REGION_ALIGN` boundary at or after
+    /// the end of the extent (meaningful for version 2).
+    pub fn csum_offset(&self) -> u64 {
+        let end = self.extent_offset.saturating_add(
+            self.volume_blocks
+                .saturating_mul(u64::from(self.block_size)),
+        );
+        end.div_ceil(CSUM_REGION_ALIGN)
+            .saturating_mul(CSUM_REGION_ALIGN)
+    }
+
+    /// Length of the checksum region (0 for version 1).
+    pub fn csum_len(&self) -> u64 {
+        if self.has_checksums() {
+            csum_region_len(self.volume_blocks)
+        } else {
+            0
+        }
+    }
+
+    fn checked_file_len(&self) -> Option<u64> {
+        let end = self
+            .volume_blocks
+            .checked_mul(u64::from(self.block_size))?
+            .checked_add(self.extent_offset)?;
+        if !self.has_checksums() {
+            return Some(end);
+        }
+        end.checked_next_multiple_of(CSUM_REGION_ALIGN)?
+            .checked_add(self.volume_blocks.checked_mul(CSUM_SIZE)?)?
+            .checked_next_multiple_of(CSUM_REGION_ALIGN)
+    }
+
+    /// Total file length this superblock describes: superblock slots, WAL, extent and (version
+    /// 2) the checksum region.
+    pub fn file_len(&self) -> u64 {
+        self.checked_file_len().unwrap_or(u64::MAX)
+    }
+}
+
+/// Bytes of the checksum region of a volume of `volume_blocks` blocks: `CSUM_SIZE` per block,
+/// rounded up to `CSUM_REGION_ALIGN`.
+pub fn csum_region_len(volume_blocks: u64) -> u64 {
+    (volume_blocks.saturating_mul(CSUM_SIZE))
+        .div_ceil(CSUM_REGION_ALIGN)
+        .saturating_mul(CSUM_REGION_ALIGN)
+}
+
+/// The checksum stored for block `lba` holding `data`: XXH3-64 of the block seeded with the
+/// LBA (so a block written to the wrong address fails), folded to 32 bits; never 0, which is
+/// reserved for "the block is all zeros" (what a fresh, trimmed or zeroed block reads as, so a
+/// new volume's zero-filled region needs no initialisation).
+pub fn block_csum(lba: u64, data: &[u8]) -> u32 {
+    let h = xxhash_rust::xxh3::xxh3_64_with_seed(data, lba);
+    match (h ^ (h >> 32)) as u32 {
+        0 => 1,
+        c => c,
+    }
+}
+
+/// Whether `data`, read from block `lba`, matches the stored checksum `stored`: 0 requires an
+/// all-zero block, anything else must equal [`block_csum`]. `Err(computed)` on a mismatch.
+pub fn verify_block(lba: u64, data: &[u8], stored: u32) -> std::result::Result<(), u32> {
+    if stored == 0 {
+        if is_zero(data) {
+            return Ok(());
+        }
+        return Err(block_csum(lba, data));
+    }
+    let c = block_csum(lba, data);
+    if c == stored { Ok(()) } else { Err(c) }
+}
+
+/// Whether every byte of `b` is zero (eight bytes at a time).
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(8);
+    let body = words
+        .by_ref()
+        .all(|c| u64::from_ne_bytes(<[u8; 8]>::try_from(c).unwrap_or([1; 8])) == 0);
+    body && words.remainder().iter().all(|x| *x == 0)
 }
 
 /// Which slot to use, given the decode results of slots A and B: the valid one with the

@@ -61,6 +61,7 @@
 //! - `scan`: [`WalPin`] and [`WalScan`].
 //! - `base`: [`BasePin`], [`BaseReader`], [`BaseChunk`], [`BaseInstall`].
 //! - `walk`: the recovery walk over the ring, shared with [`inspect`].
+//! - `upgrade`: [`upgrade_file`], converting a version 1 file (no extent checksums) in place.
 //! - [`inspect`]: read-only inspection used by the `blockvol` command line.
 //! - `medium`: the storage under a volume (a file, the same file read-only, or a simulated
 //!   disk); `sys`: the only module with `unsafe` (the WAL memory map, `posix_fallocate`,
@@ -88,6 +89,11 @@
 //! 5. Only entries stamped with the current generation (salted with the volume id), with valid
 //!    CRCs and the exact expected LSN are ever replayed.
 //! 6. A failed sync poisons the volume: later writes and syncs fail with `Poisoned`.
+//! 7. (Format version 2.) Every block read from the extent matches its checksum, or the read
+//!    fails with `ChecksumMismatch` (counted in `Status::checksum_errors`) and returns no
+//!    bytes. Whatever writes extent blocks writes their checksums before the extent sync that
+//!    covers both, so they disagree after a crash only for blocks recovery rewrites (the flush
+//!    up to the mark) or an incomplete install resends.
 //!
 //! # Data flow
 //!
@@ -117,8 +123,8 @@
 //! **Flush.** Under the flush lock, the flusher takes the entries in `(checkpoint, limit]`
 //! (limit = durable, gated by committed and by base fences). If the limit is above the
 //! persisted flush mark it first persists a higher mark (the flush intent: one superblock
-//! sync). It writes each block unless a newer entry in the same batch rewrites it, fdatasyncs
-//! the extent, persists the new checkpoint and tail in the other superblock slot, then drops
+//! sync). It writes each block unless a newer entry in the same batch rewrites it, then the
+//! written blocks' checksums, fdatasyncs the extent (and the checksum region), persists the new checkpoint and tail in the other superblock slot, then drops
 //! the now-redundant dirty references and pops recycled entries from the index. The
 //! background flusher's superblocks also announce the current gate limit as the flush mark,
 //! and its cycles are pipelined (each flushes up to what the previous one announced), so it
@@ -163,6 +169,7 @@ mod scan;
 mod sim;
 mod sys;
 mod types;
+mod upgrade;
 mod volume;
 mod walk;
 
@@ -174,8 +181,9 @@ pub use scan::{WalPin, WalScan};
 pub use sim::{CrashMode, SimDisk, SyncHook, SyncPoint};
 pub use types::{
     ApplyOutcome, CreateOptions, Digest, EntryInfo, Epoch, FlushGate, FlusherMode, Geometry, Lba,
-    Lsn, OpenOptions, RetentionPolicy, Role, Status,
+    Lsn, OpenOptions, RetentionPolicy, Role, ScrubReport, Status,
 };
+pub use upgrade::{UpgradeOutcome, upgrade_file};
 pub use volume::Volume;
 
 #[cfg(test)]

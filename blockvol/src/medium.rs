@@ -94,7 +94,8 @@ pub(crate) trait Medium: Send + Sync {
     }
 }
 
-/// A real volume file: exclusively locked, fully allocated, WAL region mapped.
+/// A real volume file: exclusively locked, fully allocated, WAL region mapped, and the
+/// checksum region (version 2) mapped for reading.
 pub(crate) struct FileMedium {
     file: File,
     path: PathBuf,
@@ -102,6 +103,23 @@ pub(crate) struct FileMedium {
     wal: MappedRegion,
     wal_offset: u64,
     wal_len: u64,
+    /// `(map, file offset, length)` of the checksum region: every extent read looks up its
+    /// blocks' checksums, and a copy out of the map costs no system call. Only reads go
+    /// through it; writes are positioned writes into the same page cache.
+    csum: Option<(MappedRegion, u64, u64)>,
+}
+
+/// Where a volume file's regions lie, for `FileMedium::open`.
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct Layout {
+    /// Total length the superblock describes.
+    pub len: u64,
+    /// File offset of the WAL ring.
+    pub wal_offset: u64,
+    /// Bytes in the ring.
+    pub wal_len: u64,
+    /// `(file offset, length)` of the checksum region, when the format has one.
+    pub csum: Option<(u64, u64)>,
 }
 
 impl FileMedium {
@@ -109,14 +127,8 @@ impl FileMedium {
     /// length the superblock describes; a created file is preallocated to it, and an existing
     /// one with holes (a sparse copy) is allocated before anything is mapped, so no store
     /// through the map can fault on a hole.
-    pub(crate) fn open(
-        path: &Path,
-        create: bool,
-        len: u64,
-        wal_offset: u64,
-        wal_len: u64,
-    ) -> Result<FileMedium> {
-        let r = FileMedium::open_inner(path, create, len, wal_offset, wal_len);
+    pub(crate) fn open(path: &Path, create: bool, layout: Layout) -> Result<FileMedium> {
+        let r = FileMedium::open_inner(path, create, layout);
         if create
             && let Err(e) = &r
             && !matches!(e, BlockVolError::Io { op: "create", .. })
@@ -128,13 +140,13 @@ impl FileMedium {
         r
     }
 
-    fn open_inner(
-        path: &Path,
-        create: bool,
-        len: u64,
-        wal_offset: u64,
-        wal_len: u64,
-    ) -> Result<FileMedium> {
+    fn open_inner(path: &Path, create: bool, layout: Layout) -> Result<FileMedium> {
+        let Layout {
+            len,
+            wal_offset,
+            wal_len,
+            csum,
+        } = layout;
         let ctx = || path.display().to_string();
         let file = if create {
             std::fs::OpenOptions::new()
@@ -177,6 +189,19 @@ impl FileMedium {
         })?;
         let wal = MappedRegion::map(&file, wal_offset, wal_usize)
             .map_err(|e| BlockVolError::io("mmap wal", ctx(), e))?;
+        let csum = match csum {
+            Some((off, n)) if n > 0 => {
+                let n_usize = usize::try_from(n).map_err(|_| {
+                    BlockVolError::InvalidArgument(format!(
+                        "checksum region of {n} bytes cannot be mapped"
+                    ))
+                })?;
+                let map = MappedRegion::map(&file, off, n_usize)
+                    .map_err(|e| BlockVolError::io("mmap checksums", ctx(), e))?;
+                Some((map, off, n))
+            }
+            _ => None,
+        };
         Ok(FileMedium {
             file,
             path: path.to_path_buf(),
@@ -184,6 +209,7 @@ impl FileMedium {
             wal,
             wal_offset,
             wal_len,
+            csum,
         })
     }
 
@@ -344,7 +370,12 @@ impl Medium for FileMedium {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         match self.wal_part(off, buf.len() as u64)? {
             Some(m) => self.wal.read(m, buf),
-            None => self.file.read_exact_at(buf, off),
+            None => match &self.csum {
+                Some((map, start, n)) if off >= *start && off - start + buf.len() as u64 <= *n => {
+                    map.read((off - start) as usize, buf)
+                }
+                _ => self.file.read_exact_at(buf, off),
+            },
         }
     }
 

@@ -340,6 +340,21 @@ pub struct Status {
     pub install_incomplete: bool,
     /// A sync or write failed; writes are refused.
     pub poisoned: bool,
+    /// Extent blocks whose checksum did not match their contents (reads, base image readers,
+    /// scrubs) since the volume was opened. Never returned as data.
+    pub checksum_errors: u64,
+}
+
+/// What [`crate::Volume::scrub_range`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Blocks read from the extent and verified against their checksums.
+    pub checked: u64,
+    /// Blocks not read because their newest data is in the WAL (not yet flushed; the WAL
+    /// entry carries its own checksums).
+    pub skipped: u64,
+    /// Blocks whose contents do not match their checksums, in LBA order.
+    pub damaged: Vec<Lba>,
 }
 
 /// What `apply` did with an entry.

@@ -18,7 +18,9 @@ use common::cli::{
 use common::data;
 
 /// File length of a `create` volume: superblocks, 64 KiB WAL, 1 MiB extent.
-const FILE_LEN: u64 = 8192 + 65536 + 1048576;
+/// Superblocks, a 64 KiB WAL, a 1 MiB extent of 4 KiB blocks and its checksum region (256
+/// checksums of 4 bytes: one page).
+const FILE_LEN: u64 = 8192 + 65536 + 1048576 + 4096;
 const BS: u32 = 4096;
 
 fn block(tag: u64) -> Vec<u8> {

@@ -2,7 +2,8 @@
 //! typed error (never a panic).
 
 use blockvol::format::{
-    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, SB_COUNTER_LIMIT, SB_SLOT_SIZE, Superblock,
+    ENTRY_HEADER_SIZE, ENTRY_MAGIC_DISK, EntryHeader, FORMAT_VERSION, SB_COUNTER_LIMIT,
+    SB_SLOT_SIZE, Superblock,
 };
 use blockvol::{BaseChunk, BlockVolError, EntryKind, Lba, Lsn, Role, WalEntry};
 use proptest::prelude::*;
@@ -57,6 +58,8 @@ fn superblock() -> impl Strategy<Value = Superblock> {
                 // Every third slot is written during a resumable base install.
                 let installing = seq % 3 == 0;
                 Superblock {
+                    // Every other slot is an older-format (version 1) one.
+                    version: if seq % 2 == 0 { 1 } else { FORMAT_VERSION },
                     flags: u32::from(installing),
                     seq,
                     volume_id: id,

@@ -1,7 +1,7 @@
 //! The corruption sweep: a valid volume with known contents, one byte flipped at *every* offset
 //! of its file (both superblock slots, WAL headers, payloads, padding, recycled ring bytes, the
-//! extent), each copy opened and read in full. The flip mask varies with the offset (one bit,
-//! all bits, a pseudo-random byte).
+//! extent, the checksum region), each copy opened and read in full. The flip mask varies with
+//! the offset (one bit, all bits, a pseudo-random byte).
 //! Never a panic, never wrong data with success. The exact rule per region:
 //!
 //! **Cleanly closed volume** (every entry synced; the superblock's durable mark is the head):
@@ -16,7 +16,10 @@
 //! | padding body, skipped ring end | opens; exact original data (ignored by design) |
 //! | WAL bytes outside the retained range (recycled laps, never written) | opens; exact original data |
 //! | extent block whose newest version is in the WAL | opens; exact original data (the WAL copy is read) |
-//! | other extent bytes | opens; the read returns the damaged byte at exactly that offset and nothing else changes (the extent has no checksums: docs/format.md 12) |
+//! | other extent bytes | opens, and the read fails with `ChecksumMismatch` naming exactly that block, counted in `checksum_errors` (docs/format.md 5.1) |
+//! | checksum of a block whose newest version is in the WAL | opens; exact original data (the extent copy and its checksum are not read) |
+//! | other checksum bytes | as other extent bytes: `ChecksumMismatch` naming the block the checksum belongs to |
+//! | checksum region zero fill (after the last block's checksum) | opens; exact original data (never read) |
 //!
 //! **Volume left by a process crash** (the last entries synced one by one, the final two
 //! unsynced, the superblock's durable mark behind): a typed error, or a prefix state whose head
@@ -48,6 +51,9 @@ enum Region {
     WalOutsideRetained,
     ExtentShadowed,
     Extent,
+    CsumShadowed,
+    Csum,
+    CsumFill,
 }
 
 fn classify(k: &Known, off: u64) -> Region {
@@ -61,7 +67,21 @@ fn classify(k: &Known, off: u64) -> Region {
             Region::SbCrc
         };
     }
+    if off >= k.csum_used_end() {
+        return Region::CsumFill;
+    }
+    if off >= k.csum_offset {
+        return if k.shadowed[k.csum_lba_of(off) as usize] {
+            Region::CsumShadowed
+        } else {
+            Region::Csum
+        };
+    }
     if off >= k.extent_offset {
+        assert!(
+            off < k.extent_end(),
+            "no gap between extent and checksums here"
+        );
         return if k.shadowed[k.lba_of(off) as usize] {
             Region::ExtentShadowed
         } else {
@@ -103,8 +123,8 @@ fn offsets(k: &Known) -> Vec<u64> {
 enum Outcome {
     /// Opened; the recovered head and the digest of everything read.
     Opened { head: u64, digest: Digest },
-    /// A typed error.
-    Refused(BlockVolError),
+    /// A typed error, and the volume's `checksum_errors` afterwards (0 when the open failed).
+    Refused(BlockVolError, u64),
 }
 
 fn open_and_read(img: Vec<u8>) -> Outcome {
@@ -114,18 +134,29 @@ fn open_and_read(img: Vec<u8>) -> Outcome {
             let head = v.status().head.0;
             match v.digest() {
                 Ok(digest) => Outcome::Opened { head, digest },
-                Err(e) => Outcome::Refused(e),
+                Err(e) => Outcome::Refused(e, v.status().checksum_errors),
             }
         }
-        Err(e) => Outcome::Refused(e),
+        Err(e) => Outcome::Refused(e, 0),
     }
 }
 
 fn is_typed_corruption(e: &BlockVolError) -> bool {
     matches!(
         e,
-        BlockVolError::Corrupt { .. } | BlockVolError::NoValidSuperblock { .. }
+        BlockVolError::Corrupt { .. }
+            | BlockVolError::NoValidSuperblock { .. }
+            | BlockVolError::ChecksumMismatch { .. }
     )
+}
+
+/// The block whose data or checksum holds file offset `off`, for the checksummed regions.
+fn block_of(k: &Known, off: u64) -> Option<u64> {
+    match classify(k, off) {
+        Region::Extent => Some(k.lba_of(off)),
+        Region::Csum => Some(k.csum_lba_of(off)),
+        _ => None,
+    }
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -133,7 +164,6 @@ struct Tally {
     tried: u64,
     refused: u64,
     exact: u64,
-    damaged_byte_read: u64,
     shorter_prefix: u64,
 }
 
@@ -147,13 +177,11 @@ fn flip_mask(off: u64) -> u8 {
 
 fn report(name: &str, tallies: &std::collections::BTreeMap<Region, Tally>) -> u64 {
     let mut total = 0;
-    eprintln!(
-        "corruption sweep ({name}): region, offsets tried, refused, exact, damaged byte read, shorter prefix"
-    );
+    eprintln!("corruption sweep ({name}): region, offsets tried, refused, exact, shorter prefix");
     for (r, t) in tallies {
         eprintln!(
-            "  {r:?}: {} tried, {} refused, {} exact, {} damaged byte read, {} shorter prefix",
-            t.tried, t.refused, t.exact, t.damaged_byte_read, t.shorter_prefix
+            "  {r:?}: {} tried, {} refused, {} exact, {} shorter prefix",
+            t.tried, t.refused, t.exact, t.shorter_prefix
         );
         total += t.tried;
     }
@@ -190,39 +218,45 @@ fn every_flipped_byte_of_a_closed_volume_is_refused_or_reads_exactly() {
                 continue;
             }
         };
-        // The damaged-extent image: the original with this one byte flipped, when the read
-        // goes to the extent.
-        let damaged_digest = (region == Region::Extent).then(|| {
-            let mut m = k.model.image.clone();
-            m[(off - k.extent_offset) as usize] ^= mask;
-            Digest::of_image(&m)
-        });
         let verdict: Result<(), String> = match (&outcome, region) {
-            (Outcome::Refused(e), _) if !is_typed_corruption(e) => {
+            (Outcome::Refused(e, _), _) if !is_typed_corruption(e) => {
                 Err(format!("refused with an unexpected error: {e}"))
             }
             (
-                Outcome::Refused(BlockVolError::Corrupt { region: "wal", .. }),
+                Outcome::Refused(BlockVolError::Corrupt { region: "wal", .. }, _),
                 Region::WalHeader | Region::WalPayload | Region::PaddingHeader,
             ) => {
                 t.refused += 1;
                 Ok(())
             }
-            (Outcome::Refused(e), _) => Err(format!("refused although it must open: {e}")),
+            (
+                Outcome::Refused(BlockVolError::ChecksumMismatch { lba, .. }, counted),
+                Region::Extent | Region::Csum,
+            ) => {
+                if Some(lba.0) != block_of(&k, off) {
+                    Err(format!(
+                        "the mismatch names lba {lba}, not the damaged block"
+                    ))
+                } else if *counted != 1 {
+                    Err(format!("checksum_errors is {counted}, expected 1"))
+                } else {
+                    t.refused += 1;
+                    Ok(())
+                }
+            }
+            (Outcome::Refused(e, _), _) => Err(format!("refused although it must open: {e}")),
             (
                 Outcome::Opened { .. },
                 Region::WalHeader | Region::WalPayload | Region::PaddingHeader,
             ) => Err("damage to a synced entry went undetected".into()),
-            (Outcome::Opened { head, digest }, Region::Extent) => {
-                if *head != k.head {
-                    Err(format!("head {head}, expected {}", k.head))
-                } else if Some(*digest) == damaged_digest {
-                    t.damaged_byte_read += 1;
-                    Ok(())
+            (Outcome::Opened { digest, .. }, Region::Extent | Region::Csum) => Err(format!(
+                "damage to a flushed block or its checksum went undetected ({} data)",
+                if *digest == k.digest {
+                    "the original"
                 } else {
-                    Err("the read differs from the original with the damaged byte".into())
+                    "WRONG"
                 }
-            }
+            )),
             (Outcome::Opened { head, digest }, _) => {
                 if *head == k.head && *digest == k.digest {
                     t.exact += 1;
@@ -263,6 +297,9 @@ fn every_flipped_byte_of_a_closed_volume_is_refused_or_reads_exactly() {
         Region::WalOutsideRetained,
         Region::ExtentShadowed,
         Region::Extent,
+        Region::CsumShadowed,
+        Region::Csum,
+        Region::CsumFill,
     ] {
         assert!(
             tallies.get(&r).is_some_and(|t| t.tried > 0),
@@ -294,16 +331,13 @@ fn every_flipped_byte_of_a_crashed_volume_is_refused_or_a_prefix_keeping_acknowl
             }
         };
         let verdict: Result<(), String> = match &outcome {
-            Outcome::Refused(e) if is_typed_corruption(e) => {
+            Outcome::Refused(e, _) if is_typed_corruption(e) => {
                 t.refused += 1;
                 Ok(())
             }
-            Outcome::Refused(e) => Err(format!("unexpected error: {e}")),
+            Outcome::Refused(e, _) => Err(format!("unexpected error: {e}")),
             Outcome::Opened { head, digest } => {
-                let mut model = common::Model::at(&k.opts, &k.ops, *head);
-                if region == Region::Extent {
-                    model.image[(off - k.extent_offset) as usize] ^= mask;
-                }
+                let model = common::Model::at(&k.opts, &k.ops, *head);
                 let inside_next = k
                     .entries
                     .iter()
@@ -322,8 +356,6 @@ fn every_flipped_byte_of_a_crashed_volume_is_refused_or_a_prefix_keeping_acknowl
                 } else {
                     if *head < k.head {
                         t.shorter_prefix += 1;
-                    } else if region == Region::Extent {
-                        t.damaged_byte_read += 1;
                     } else {
                         t.exact += 1;
                     }
@@ -343,13 +375,20 @@ fn every_flipped_byte_of_a_crashed_volume_is_refused_or_a_prefix_keeping_acknowl
         failures[..failures.len().min(40)].join("\n")
     );
     assert!(total > 5000, "only {total} offsets were tried");
+    for r in [Region::Extent, Region::Csum] {
+        assert!(
+            tallies.get(&r).is_some_and(|t| t.refused > 0),
+            "damage to {r:?} was never refused"
+        );
+    }
 }
 
 /// Media errors come in sectors: each 512-byte sector of the closed volume zeroed, then filled
-/// with 0xFF. The same rules, applied to every byte of the sector: a sector touching a
-/// retained entry header or payload, or a padding header, must be refused; otherwise the volume
-/// opens and reads the original data, except that extent bytes of blocks not shadowed by the
-/// WAL read as damaged.
+/// with 0xFF. The same rules, applied to every byte of the sector: a sector changing a
+/// retained entry header or payload, or a padding header, must be refused as corrupt; one
+/// changing a flushed block (not shadowed by the WAL) or its checksum must fail the read with
+/// `ChecksumMismatch` naming such a block; otherwise the volume opens and reads exactly the
+/// original data.
 #[test]
 fn every_damaged_sector_of_a_closed_volume_is_refused_or_reads_exactly() {
     let k = known_volume(true);
@@ -364,29 +403,33 @@ fn every_damaged_sector_of_a_closed_volume_is_refused_or_reads_exactly() {
                 continue;
             }
             tried += 1;
-            let must_refuse = (a..b).any(|o| {
-                img[o as usize] != k.image[o as usize]
-                    && matches!(
-                        classify(&k, o),
-                        Region::WalHeader | Region::WalPayload | Region::PaddingHeader
-                    )
+            let changed: Vec<u64> = (a..b)
+                .filter(|o| img[*o as usize] != k.image[*o as usize])
+                .collect();
+            let must_refuse = changed.iter().any(|o| {
+                matches!(
+                    classify(&k, *o),
+                    Region::WalHeader | Region::WalPayload | Region::PaddingHeader
+                )
             });
-            let mut expected = k.model.image.clone();
-            for o in a.max(k.extent_offset)..b.max(k.extent_offset) {
-                if classify(&k, o) == Region::Extent {
-                    expected[(o - k.extent_offset) as usize] = fill;
-                }
-            }
+            let damaged: Vec<u64> = changed.iter().filter_map(|o| block_of(&k, *o)).collect();
             let what = format!("sector {sector} filled with {fill:#04x}");
             match catch_unwind(AssertUnwindSafe(|| open_and_read(img))) {
                 Err(_) => failures.push(format!("{what}: panic")),
-                Ok(Outcome::Refused(e)) if must_refuse && is_typed_corruption(&e) => refused += 1,
-                Ok(Outcome::Refused(e)) => failures.push(format!("{what}: refused: {e}")),
-                Ok(Outcome::Opened { .. }) if must_refuse => {
-                    failures.push(format!("{what}: damage to a synced entry went undetected"))
+                Ok(Outcome::Refused(e, _)) if must_refuse && is_typed_corruption(&e) => {
+                    refused += 1
+                }
+                Ok(Outcome::Refused(BlockVolError::ChecksumMismatch { lba, .. }, counted))
+                    if damaged.contains(&lba.0) && counted >= 1 =>
+                {
+                    refused += 1
+                }
+                Ok(Outcome::Refused(e, _)) => failures.push(format!("{what}: refused: {e}")),
+                Ok(Outcome::Opened { .. }) if must_refuse || !damaged.is_empty() => {
+                    failures.push(format!("{what}: the damage went undetected"))
                 }
                 Ok(Outcome::Opened { head, digest }) => {
-                    if head != k.head || digest != Digest::of_image(&expected) {
+                    if head != k.head || digest != k.digest {
                         failures.push(format!("{what}: opened with head {head} and wrong data"));
                     }
                 }
@@ -424,6 +467,38 @@ fn real_file_opens_and_the_check_agree_with_the_sweep() {
         let wal_corrupt = ins.wal.as_ref().is_some_and(|w| w.corruption.is_some());
         let slot_damaged = ins.slots.iter().any(|s| s.result.is_err());
         let what = format!("offset {off} ({:?})", classify(&k, off));
+        // The command line's check scrubs the extent through a read-only open: it must find
+        // exactly the block the read refuses.
+        let scrubbed = Volume::open_read_only(&path)
+            .and_then(|v| v.scrub_range(blockvol::Lba(0), k.volume_blocks()))
+            .ok();
+        let sim = match sim {
+            Outcome::Refused(BlockVolError::ChecksumMismatch { lba, .. }, _) => {
+                assert_eq!(
+                    scrubbed.map(|r| r.damaged),
+                    Some(vec![lba]),
+                    "{what}: the scrub disagrees with the read"
+                );
+                // Opens, then the read fails the same way.
+                let v = Volume::open(&path, &manual()).expect("open");
+                assert!(
+                    matches!(
+                        v.digest(),
+                        Err(BlockVolError::ChecksumMismatch { lba: l, .. }) if l == lba
+                    ),
+                    "{what}: the file reads differently from the simulated disk"
+                );
+                assert_eq!(v.status().checksum_errors, 1, "{what}");
+                drop(v);
+                std::fs::remove_file(&path).expect("remove copy");
+                tried += 1;
+                continue;
+            }
+            other => other,
+        };
+        if let Some(r) = &scrubbed {
+            assert!(r.damaged.is_empty(), "{what}: the scrub reports {r:?}");
+        }
         match Volume::open(&path, &manual()) {
             Ok(v) => {
                 let Outcome::Opened { head, digest } = sim else {
@@ -445,7 +520,7 @@ fn real_file_opens_and_the_check_agree_with_the_sweep() {
             }
             Err(e) => {
                 assert!(
-                    matches!(sim, Outcome::Refused(_)),
+                    matches!(sim, Outcome::Refused(..)),
                     "{what}: the file refused ({e}), the simulated disk opened"
                 );
                 assert!(

@@ -361,6 +361,7 @@ fn crash_plan_interrupted_install_resumes_to_the_image() {
             }
             inst.finish().expect("finish");
             assert_eq!(v.digest().expect("digest"), want, "{what}: from {from}");
+            common::assert_scrub_clean(&v, &what);
             c2.lock().expect("counts")[if from.0 > 0 { 2 } else { 1 }] += 1;
         }
     })));

@@ -249,6 +249,7 @@ fn check_flush_image(
         v.digest().unwrap(),
         Digest::of_image(&image_at(ops, s.head))
     );
+    common::assert_scrub_clean(&v, what);
     let cp = s.checkpoint;
     {
         let snap = v.pin_snapshot().expect("snapshot");

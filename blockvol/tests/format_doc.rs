@@ -77,6 +77,10 @@ fn value_of(name: &str) -> Option<u64> {
         CHUNK_OFF_DATA_LEN,
         CHUNK_OFF_CRC,
         CHUNK_HEADER_SIZE,
+        CSUM_SIZE,
+        CSUM_REGION_ALIGN,
+        MIN_FORMAT_VERSION,
+        FORMAT_VERSION,
     )
 }
 

@@ -42,6 +42,8 @@ fn acceptable(e: &BlockVolError) -> bool {
             | BlockVolError::FileTooShort { .. }
             | BlockVolError::Io { .. }
             | BlockVolError::InvalidArgument(_)
+            // A version field edited to 1: an older format, refused for a read-write open.
+            | BlockVolError::NeedsUpgrade { version: 1, .. }
     )
 }
 

@@ -60,7 +60,12 @@ fn file_is_preallocated_locked_and_reopens_with_its_data() {
     let o = small();
     let v = Volume::create(&path, &o, &manual()).expect("create");
     let meta = std::fs::metadata(&path).expect("stat");
-    assert_eq!(meta.len(), 8192 + o.wal_size_bytes + o.volume_size_bytes);
+    // Superblocks, WAL, extent, then the checksum region (4 bytes a block, whole pages).
+    let csum = (o.volume_size_bytes / u64::from(o.block_size) * 4).div_ceil(4096) * 4096;
+    assert_eq!(
+        meta.len(),
+        8192 + o.wal_size_bytes + o.volume_size_bytes + csum
+    );
     {
         use std::os::unix::fs::MetadataExt;
         assert!(

@@ -1,8 +1,8 @@
 //! `blockvol`: create, inspect and poke volume files.
 //!
-//! Exit codes (also in `--help`, see [`EXIT_CODES`]): 0 success (for `check`: clean), 1
-//! corruption found by `check` or `dump-wal`, 2 usage error or any failure that is not
-//! corruption.
+//! Exit codes (also in `--help`, see [`EXIT_CODES`]): 0 success (for `check` and `scrub`:
+//! clean), 1 corruption found by `check`, `scrub` or `dump-wal`, 2 usage error or any failure
+//! that is not corruption.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -10,16 +10,19 @@ use std::process::ExitCode;
 
 use blockvol::format::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_WAL_SIZE, WAL_SIZE_ALIGN, entry_size};
 use blockvol::inspect::{Inspection, inspect};
-use blockvol::{CreateOptions, Lba, Lsn, OpenOptions, RetentionPolicy, Volume};
+use blockvol::{
+    BlockVolError, CreateOptions, Lba, Lsn, OpenOptions, RetentionPolicy, UpgradeOutcome, Volume,
+    upgrade_file,
+};
 use clap::{Parser, Subcommand};
 
 /// The exit codes, printed by `--help` (of the program and of every command).
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  success (check: the file is clean)
-  1  check or dump-wal found corruption: a damaged superblock slot or WAL entry, a file
-     shorter than its superblock's geometry (a torn tail, where a crash cut the log short, is
-     not corruption)
+  0  success (check, scrub: the file is clean)
+  1  check, scrub or dump-wal found corruption: a damaged superblock slot or WAL entry, an
+     extent block that fails its checksum, a file shorter than its superblock's geometry (a
+     torn tail, where a crash cut the log short, is not corruption)
   2  usage error, or a failure that is not corruption: the path could not be opened or read (an
      I/O error, a directory, FIFO or device instead of a regular file, the volume locked by
      another process, no space to allocate it), or the operation was refused";
@@ -65,10 +68,36 @@ enum Cmd {
     /// Verify every checksum (read-only); exit 0 clean, 1 corrupt, 2 error
     ///
     /// Opens the file read-only and never changes it. Damage (a bad superblock slot or WAL
-    /// entry, a file shorter than its geometry) is corruption, exit 1; a torn tail (the end of
-    /// a log cut short by a crash) is not. Anything else that fails is exit 2.
+    /// entry, an extent block that fails its checksum, a file shorter than its geometry) is
+    /// corruption, exit 1; a torn tail (the end of a log cut short by a crash) is not.
+    /// Anything else that fails is exit 2. A version 1 file has no extent checksums: its
+    /// extent is not checked (run `blockvol upgrade`).
     #[command(after_help = EXIT_CODES)]
     Check { path: PathBuf },
+    /// Verify every flushed extent block against its checksum (read-only); exit 0 clean, 1
+    /// damaged, 2 error
+    ///
+    /// Opens the file read-only (recovery in memory, as `read`) and reads the whole extent,
+    /// skipping blocks whose newest data is in the WAL (the WAL has its own checksums, which
+    /// the open verified). Progress goes to stderr; the summary (blocks checked, damaged LBAs,
+    /// duration) to stdout, as JSON with --json. A file whose WAL or superblocks are damaged
+    /// (the open refuses it) is damaged too, exit 1; a version 1 file (no checksums) is an
+    /// error, exit 2.
+    #[command(after_help = EXIT_CODES)]
+    Scrub {
+        path: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a version 1 file (no extent checksums) to the current format, in place
+    ///
+    /// Computes every block's checksum from the extent, appends the checksum region and then
+    /// rewrites the superblocks with the new version; a crash before that last step leaves a
+    /// valid version 1 file, and the command can simply run again. A current file is left
+    /// untouched. The file must not be open elsewhere.
+    #[command(after_help = EXIT_CODES)]
+    Upgrade { path: PathBuf },
     /// Write whole blocks read from stdin at an LBA
     ///
     /// One write takes at most the blocks from the LBA to the end of the volume, and at most
@@ -213,8 +242,9 @@ fn info(path: &Path, json: bool) -> ExitCode {
     let slot_name = if *slot == 0 { "A" } else { "B" };
     if json {
         println!(
-            "{{\"path\":{},\"volume_id\":\"{}\",\"slot\":\"{slot_name}\",\"seq\":{},\"block_size\":{},\"volume_blocks\":{},\"volume_bytes\":{},\"wal_size\":{},\"generation\":{},\"checkpoint\":{},\"tail\":{},\"head\":{},\"entries\":{},\"epoch\":{},\"role\":{},\"install_incomplete\":{},\"repaired\":{},\"corrupt\":{}}}",
+            "{{\"path\":{},\"format_version\":{},\"volume_id\":\"{}\",\"slot\":\"{slot_name}\",\"seq\":{},\"block_size\":{},\"volume_blocks\":{},\"volume_bytes\":{},\"wal_size\":{},\"generation\":{},\"checkpoint\":{},\"tail\":{},\"head\":{},\"entries\":{},\"epoch\":{},\"role\":{},\"install_incomplete\":{},\"repaired\":{},\"corrupt\":{}}}",
             json_str(&path.display().to_string()),
+            sb.version,
             hex(&sb.volume_id),
             sb.seq,
             sb.block_size,
@@ -235,6 +265,14 @@ fn info(path: &Path, json: bool) -> ExitCode {
     } else {
         println!("path:        {}", path.display());
         println!("volume id:   {}", hex(&sb.volume_id));
+        if sb.has_checksums() {
+            println!("format:      version {} (extent checksums)", sb.version);
+        } else {
+            println!(
+                "format:      version {} (no extent checksums: opens read-only; run `blockvol upgrade`)",
+                sb.version
+            );
+        }
         println!("superblock:  slot {slot_name}, seq {}", sb.seq);
         println!(
             "geometry:    {} blocks of {} bytes ({} bytes), WAL {} bytes",
@@ -321,12 +359,169 @@ fn report_check(path: &Path, ins: &Inspection) -> ExitCode {
             }
         }
     }
+    let extent_skip = if !sb.has_checksums() {
+        Some(format!(
+            "format version {} has no extent checksums; run `blockvol upgrade`",
+            sb.version
+        ))
+    } else if corrupt {
+        Some("the file is damaged elsewhere".to_string())
+    } else {
+        ins.wal_not_checked()
+    };
+    match extent_skip {
+        Some(why) => println!("extent: not checked ({why})"),
+        None => match scrub(path, false) {
+            Ok(r) if r.damaged.is_empty() => println!(
+                "extent: {} blocks verified against their checksums ({} newer in the WAL)",
+                r.checked, r.skipped
+            ),
+            Ok(r) => {
+                corrupt = true;
+                println!(
+                    "extent: CORRUPT: {} of {} blocks fail their checksums: lba {}",
+                    r.damaged.len(),
+                    r.checked,
+                    lba_list(&r.damaged, 20)
+                );
+            }
+            Err(e) => return fail(e),
+        },
+    }
     if corrupt {
         println!("{}: CORRUPT", path.display());
         ExitCode::from(1)
     } else {
         println!("{}: clean", path.display());
         ExitCode::SUCCESS
+    }
+}
+
+/// `lbas` as text, at most `max` of them.
+fn lba_list(lbas: &[Lba], max: usize) -> String {
+    let mut s: Vec<String> = lbas.iter().take(max).map(|l| l.to_string()).collect();
+    if lbas.len() > max {
+        s.push(format!("... ({} more)", lbas.len() - max));
+    }
+    s.join(", ")
+}
+
+/// Scrubs the whole extent through a read-only open, in steps, with progress on stderr when
+/// `progress`.
+fn scrub(path: &Path, progress: bool) -> blockvol::Result<blockvol::ScrubReport> {
+    let v = Volume::open_read_only(path)?;
+    let total = v.geometry().volume_blocks;
+    let step = 4096u64;
+    let mut report = blockvol::ScrubReport::default();
+    let mut last_pct = u64::MAX;
+    let mut lba = 0;
+    while lba < total {
+        let n = step.min(total - lba);
+        let r = v.scrub_range(Lba(lba), n)?;
+        report.checked += r.checked;
+        report.skipped += r.skipped;
+        report.damaged.extend(r.damaged);
+        lba += n;
+        let pct = lba * 100 / total;
+        if progress && (pct / 5 != last_pct / 5 || lba == total) {
+            last_pct = pct;
+            eprintln!(
+                "scrub: {lba}/{total} blocks ({pct}%), {} damaged",
+                report.damaged.len()
+            );
+        }
+    }
+    v.close()?;
+    Ok(report)
+}
+
+/// The largest number of damaged LBAs `scrub --json` lists (all are counted).
+const SCRUB_JSON_MAX_LBAS: usize = 10_000;
+
+fn scrub_cmd(path: &Path, json: bool) -> ExitCode {
+    let started = std::time::Instant::now();
+    let r = match scrub(path, true) {
+        Ok(r) => r,
+        Err(
+            e @ (BlockVolError::Corrupt { .. }
+            | BlockVolError::NoValidSuperblock { .. }
+            | BlockVolError::FileTooShort { .. }),
+        ) => {
+            eprintln!("blockvol: CORRUPT: {e} (run `blockvol check` for details)");
+            if json {
+                println!(
+                    "{{\"path\":{},\"clean\":false,\"error\":{}}}",
+                    json_str(&path.display().to_string()),
+                    json_str(&e.to_string())
+                );
+            }
+            return ExitCode::from(1);
+        }
+        Err(e) => return fail(e),
+    };
+    let ms = started.elapsed().as_millis();
+    if json {
+        let lbas: Vec<String> = r
+            .damaged
+            .iter()
+            .take(SCRUB_JSON_MAX_LBAS)
+            .map(|l| l.to_string())
+            .collect();
+        println!(
+            "{{\"path\":{},\"clean\":{},\"checked\":{},\"skipped\":{},\"damaged_count\":{},\"damaged\":[{}],\"damaged_truncated\":{},\"duration_ms\":{ms}}}",
+            json_str(&path.display().to_string()),
+            r.damaged.is_empty(),
+            r.checked,
+            r.skipped,
+            r.damaged.len(),
+            lbas.join(","),
+            r.damaged.len() > SCRUB_JSON_MAX_LBAS,
+        );
+    } else if r.damaged.is_empty() {
+        println!(
+            "{}: clean: {} blocks verified ({} newer in the WAL) in {ms} ms",
+            path.display(),
+            r.checked,
+            r.skipped
+        );
+    } else {
+        println!(
+            "{}: DAMAGED: {} of {} blocks fail their checksums: lba {}",
+            path.display(),
+            r.damaged.len(),
+            r.checked,
+            lba_list(&r.damaged, 100)
+        );
+    }
+    if r.damaged.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn upgrade_cmd(path: &Path) -> ExitCode {
+    match upgrade_file(path) {
+        Ok(UpgradeOutcome::Upgraded {
+            from_version,
+            to_version,
+            blocks,
+            nonzero_blocks,
+        }) => {
+            println!(
+                "{}: upgraded from format version {from_version} to {to_version}: {blocks} blocks checksummed ({nonzero_blocks} holding data)",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(UpgradeOutcome::AlreadyCurrent { version }) => {
+            println!(
+                "{}: already format version {version}; nothing changed",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 
@@ -534,6 +729,8 @@ fn main() -> ExitCode {
             }
         }
         Cmd::DumpWal { path, from, json } => dump_wal(&path, from, json),
+        Cmd::Scrub { path, json } => scrub_cmd(&path, json),
+        Cmd::Upgrade { path } => upgrade_cmd(&path),
         Cmd::Digest { path } => {
             let r = Volume::open_read_only(&path).and_then(|v| {
                 let d = v.digest()?;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::csum::CsumBatch;
 use super::{Shared, State, Volume};
 use crate::error::{BlockVolError, Result};
 use crate::format::{
@@ -99,9 +100,12 @@ impl Shared {
         Ok(())
     }
 
+    /// Writes the items' blocks into the extent and their checksums into the checksum region
+    /// (not yet durable: the caller's `sync_data` covers both).
     fn apply_ops(&self, items: &[FlushItem], stamp: u64) -> Result<()> {
         let bs = self.block_size();
         let mut buf = Vec::new();
+        let mut csums = CsumBatch::default();
         for it in items {
             let e = &it.entry;
             if e.kind == KIND_WRITE {
@@ -118,14 +122,19 @@ impl Shared {
                     self.medium.write_at(off, &buf[a..b]).map_err(|err| {
                         BlockVolError::io("write extent", format!("file offset {off}"), err)
                     })?;
+                    csums.set_blocks(self, e.lba + first, &buf[a..b])?;
                 } else {
                     self.medium.zero_range(off, n * bs).map_err(|err| {
                         BlockVolError::io("zero extent", format!("file offset {off}"), err)
                     })?;
+                    csums.zero_blocks(self, e.lba + first, n)?;
                 }
             }
         }
-        Ok(())
+        // The blocks being flushed are in the dirty map until the new checkpoint is durable,
+        // so no reader verifies them against the checksums before this write lands.
+        let _w = self.extent_write();
+        csums.commit(self)
     }
 
     /// One flush cycle up to `limit_req` (caller holds `flush_lock`). Returns the checkpoint.
@@ -166,11 +175,9 @@ impl Shared {
                     self.persist_flush_intent(limit, announce)?;
                 }
                 let r = self.apply_ops(&ops, stamp).and_then(|()| {
-                    self.medium
-                        .sync_range(self.extent_offset, self.extent_len())
-                        .map_err(|e| {
-                            BlockVolError::io("fdatasync extent", self.medium.describe(), e)
-                        })
+                    self.sync_data().map_err(|e| {
+                        BlockVolError::io("fdatasync extent", self.medium.describe(), e)
+                    })
                 });
                 if let Err(e) = r {
                     // Part of the batch may already be in the extent, beyond the checkpoint:
@@ -224,8 +231,7 @@ impl Shared {
         };
         if !ops.is_empty() {
             self.apply_ops(&ops, stamp)?;
-            self.medium
-                .sync_range(self.extent_offset, self.extent_len())
+            self.sync_data()
                 .map_err(|e| BlockVolError::io("fdatasync extent", self.medium.describe(), e))?;
         }
         let mut st = self.lock_state();

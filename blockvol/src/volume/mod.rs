@@ -14,6 +14,8 @@
 //! - `append`: reserving ring space and appending entries; the client writes;
 //! - `sync`: group commit and writeback hints;
 //! - `read`: reads and the digest;
+//! - `csum`: the extent checksums: verifying blocks read from the extent, batched checksum
+//!   updates for the flusher and base installs, and `scrub_range`;
 //! - `flush`: flush cycles, the flush intent, recovery's redo, the background flusher;
 //! - `pins`: WAL pin records and their revocation;
 //! - `recovery`: `open_medium`, the recovery every open runs;
@@ -21,6 +23,7 @@
 //! - `sim_hooks` (feature `testing`): simulated-disk volumes and test hooks.
 
 mod append;
+mod csum;
 mod flush;
 mod pins;
 mod read;
@@ -40,17 +43,20 @@ use std::time::Duration;
 
 use crate::error::{BlockVolError, Result};
 use crate::format::{
-    ENTRY_HEADER_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_WAL_SIZE, WAL_OFFSET, WAL_SIZE_ALIGN,
+    ENTRY_HEADER_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_WAL_SIZE, Superblock, WAL_OFFSET,
+    WAL_SIZE_ALIGN,
 };
-use crate::medium::{FileMedium, Medium, ReadOnlyFileMedium};
+use crate::medium::{FileMedium, Layout, Medium, ReadOnlyFileMedium};
 use crate::types::{
     CreateOptions, Epoch, FlushGate, FlusherMode, Geometry, Lba, Lsn, OpenOptions, Role, Status,
 };
 
 use append::AppendMode;
 use append::{check_entry_len, max_entry_for};
+pub(crate) use csum::CsumBatch;
 pub(crate) use state::{FenceRec, State};
-use superblock::{SbWriter, format_superblocks, initial_superblock, pick_superblock, read_slots};
+use superblock::{SbWriter, format_superblocks, initial_superblock};
+pub(crate) use superblock::{pick_superblock, read_slots};
 
 /// Largest buffer the flusher, digest and zeroing use at once.
 const IO_CHUNK: usize = 1 << 20;
@@ -60,6 +66,15 @@ pub(crate) struct Shared {
     pub medium: Arc<dyn Medium>,
     pub geo: Geometry,
     pub extent_offset: u64,
+    /// File offset of the checksum region (version 2; see `checksums`).
+    pub csum_offset: u64,
+    /// Bytes in the checksum region (0 for a version 1 file).
+    pub csum_len: u64,
+    /// The file has extent checksums (format version 2): every extent read verifies them and
+    /// every extent write updates them. A version 1 file opens read-only, unverified.
+    pub checksums: bool,
+    /// Extent blocks that failed their checksum (reads, base readers, scrubs) since the open.
+    pub checksum_errors: std::sync::atomic::AtomicU64,
     pub volume_id: [u8; 16],
     pub gate: FlushGate,
     pub wal_full_timeout: Duration,
@@ -187,6 +202,30 @@ impl std::fmt::Debug for Volume {
     }
 }
 
+/// Where the regions of the file `sb` describes lie.
+fn layout(sb: &Superblock) -> Layout {
+    Layout {
+        len: sb.file_len(),
+        wal_offset: WAL_OFFSET,
+        wal_len: sb.wal_size,
+        csum: sb
+            .has_checksums()
+            .then(|| (sb.csum_offset(), sb.csum_len())),
+    }
+}
+
+/// Refuses a read-write open of a file older than the current format: it has no extent
+/// checksums, and this code would write a file that claims them. Nothing is written.
+fn check_writable_version(sb: &Superblock, what: &str) -> Result<()> {
+    if sb.version < crate::format::FORMAT_VERSION {
+        return Err(BlockVolError::NeedsUpgrade {
+            path: what.to_string(),
+            version: sb.version,
+        });
+    }
+    Ok(())
+}
+
 /// Checks creation options and derives the geometry.
 fn validate_create(o: &CreateOptions) -> Result<Geometry> {
     let bs = o.block_size;
@@ -260,7 +299,7 @@ impl Volume {
         let path = path.as_ref();
         let geo = validate_create(create)?;
         let sb = initial_superblock(&geo, random_id());
-        let medium = FileMedium::open(path, true, sb.file_len(), WAL_OFFSET, geo.wal_size_bytes)?;
+        let medium = FileMedium::open(path, true, layout(&sb))?;
         let r = (|| {
             format_superblocks(&medium, &sb)?;
             medium
@@ -306,7 +345,9 @@ impl Volume {
         };
         drop(probe);
         let (_, sb) = pick_superblock(&slots, probe_len, &ctx)?;
-        let medium = FileMedium::open(path, false, sb.file_len(), WAL_OFFSET, sb.wal_size)?;
+        // An older format is refused before the read-write open, which could allocate holes.
+        check_writable_version(&sb, &ctx)?;
+        let medium = FileMedium::open(path, false, layout(&sb))?;
         let slots = read_slots(&|o, b| medium.read_at(o, b), medium.len(), &ctx)?;
         Volume::open_medium(Arc::new(medium), &slots, open, false)
     }
@@ -337,6 +378,16 @@ impl Volume {
             ..OpenOptions::default()
         };
         Volume::open_medium(Arc::new(medium), &slots, &opts, true)
+    }
+
+    /// The file's format version: 2 has extent checksums; 1 (opened read-only) has none, and
+    /// `blockvol upgrade` converts it.
+    pub fn format_version(&self) -> u32 {
+        if self.shared.checksums {
+            crate::format::FORMAT_VERSION
+        } else {
+            1
+        }
     }
 
     /// Whether the volume was opened with [`Volume::open_read_only`].
@@ -429,6 +480,7 @@ impl Volume {
             wal_size_bytes: s.wal_size(),
             install_incomplete: st.install_incomplete,
             poisoned: st.poisoned.is_some(),
+            checksum_errors: s.checksum_errors.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

@@ -22,7 +22,9 @@ impl Volume {
     }
 
     /// Reads `buf.len()` bytes (whole blocks) at `lba`: newest data from the dirty map (the
-    /// WAL), everything else from the extent.
+    /// WAL), everything else from the extent, verified against its checksums (format version
+    /// 2): a damaged block fails the read with `ChecksumMismatch`, counted in
+    /// `Status::checksum_errors`, and `buf` is zeroed.
     pub fn read_into(&self, lba: Lba, buf: &mut [u8]) -> Result<()> {
         let blocks = self.blocks_of(buf.len())?;
         self.check_range(lba, blocks)?;
@@ -52,9 +54,15 @@ impl Volume {
         }
         for (first, n) in misses {
             let off = s.extent_offset + (lba.0 + first as u64) * bs as u64;
+            let run = &mut buf[first * bs..(first + n) * bs];
             s.medium
-                .read_at(off, &mut buf[first * bs..(first + n) * bs])
+                .read_at(off, run)
                 .map_err(|e| BlockVolError::io("read extent", format!("file offset {off}"), e))?;
+            if let Err(e) = s.verify_extent(lba.0 + first as u64, run) {
+                // Never hand out damaged bytes, not even in the caller's buffer.
+                buf.fill(0);
+                return Err(e);
+            }
         }
         Ok(())
     }

@@ -42,6 +42,9 @@ impl Volume {
         read_only: bool,
     ) -> Result<Volume> {
         let (slot, sb) = pick_superblock(slots, medium.len(), &medium.describe())?;
+        if !read_only {
+            super::check_writable_version(&sb, &medium.describe())?;
+        }
         let mut st = state_from_superblock(&sb, opts, read_only);
         // The slot the next superblock write must avoid, and its sequence number.
         let mut writer = SbWriter { seq: sb.seq, slot };
@@ -348,6 +351,10 @@ fn assemble(
             wal_size_bytes: sb.wal_size,
         },
         extent_offset: sb.extent_offset,
+        csum_offset: sb.csum_offset(),
+        csum_len: sb.csum_len(),
+        checksums: sb.has_checksums(),
+        checksum_errors: std::sync::atomic::AtomicU64::new(0),
         volume_id: sb.volume_id,
         gate: opts.flush_gate,
         wal_full_timeout: opts.wal_full_timeout,

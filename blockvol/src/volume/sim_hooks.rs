@@ -53,6 +53,19 @@ impl Volume {
             })
     }
 
+    /// Converts the version 1 volume on a simulated disk to the current format in place
+    /// (feature `testing`; the disk must already hold the new geometry, checksum region
+    /// included: a version 1 file may be longer than its geometry). See [`crate::upgrade_file`].
+    pub fn upgrade_sim(disk: &crate::sim::SimDisk) -> Result<crate::UpgradeOutcome> {
+        if !disk.claim() {
+            return Err(BlockVolError::Locked {
+                path: "simulated disk".into(),
+            });
+        }
+        let m = crate::sim::SimMedium::new(disk.clone());
+        crate::upgrade::upgrade_medium(&m)
+    }
+
     /// Opens a volume on a simulated disk (feature `testing`), running recovery.
     pub fn open_sim(disk: &crate::sim::SimDisk, open: &OpenOptions) -> Result<Volume> {
         if !disk.claim() {

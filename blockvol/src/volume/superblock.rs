@@ -29,6 +29,7 @@ impl Shared {
             flags |= SB_FLAG_REPAIRED;
         }
         Superblock {
+            version: crate::format::FORMAT_VERSION,
             flags,
             seq: 0,
             volume_id: self.volume_id,
@@ -119,6 +120,7 @@ impl Shared {
 /// The superblock of a freshly created volume.
 pub(super) fn initial_superblock(geo: &Geometry, volume_id: [u8; 16]) -> Superblock {
     Superblock {
+        version: crate::format::FORMAT_VERSION,
         flags: 0,
         seq: 0,
         volume_id,
@@ -160,7 +162,7 @@ pub(super) fn format_superblocks(m: &dyn Medium, sb: &Superblock) -> Result<()> 
 
 /// Reads both superblock slots of a medium of `len` bytes. A slot the medium is too short to
 /// hold is not read (`pick_superblock` rejects it, saying why).
-pub(super) fn read_slots(
+pub(crate) fn read_slots(
     read: &dyn Fn(u64, &mut [u8]) -> std::io::Result<()>,
     len: u64,
     what: &str,
@@ -180,7 +182,7 @@ pub(super) fn read_slots(
 
 /// Decodes both slots of a medium of `len` bytes and picks the newest valid one; then checks
 /// that the medium holds the geometry it describes (`FileTooShort`, naming `what`).
-pub(super) fn pick_superblock(
+pub(crate) fn pick_superblock(
     slots: &[Vec<u8>; 2],
     len: u64,
     what: &str,

@@ -110,6 +110,9 @@ pub fn check_image(
         model.digest(),
         "{what}: contents differ from the model at lsn {head}"
     );
+    // Every flushed block agrees with its checksum (the digest read them; the scrub checks
+    // every one the extent holds, and that nothing was counted).
+    super::assert_scrub_clean(&v, what);
     // The retained range scans contiguously and matches the model's operations.
     let mut expect = s.retained_start.0;
     for e in v.scan_from(s.retained_start).expect("scan") {

@@ -50,6 +50,8 @@ pub struct Known {
     /// The slot recovery uses (0 = A, 1 = B).
     pub newest_slot: usize,
     pub extent_offset: u64,
+    /// File offset of the checksum region (4 bytes per block, then zero fill to the page end).
+    pub csum_offset: u64,
     pub file_len: u64,
     /// Contents at `head`.
     pub digest: Digest,
@@ -68,6 +70,26 @@ impl Known {
     /// The block an extent offset belongs to.
     pub fn lba_of(&self, off: u64) -> u64 {
         (off - self.extent_offset) / u64::from(self.opts.block_size)
+    }
+
+    /// Blocks in the volume.
+    pub fn volume_blocks(&self) -> u64 {
+        self.opts.volume_size_bytes / u64::from(self.opts.block_size)
+    }
+
+    /// End of the extent.
+    pub fn extent_end(&self) -> u64 {
+        self.extent_offset + self.opts.volume_size_bytes
+    }
+
+    /// End of the checksums in use (the region's zero fill follows, up to the file end).
+    pub fn csum_used_end(&self) -> u64 {
+        self.csum_offset + 4 * self.volume_blocks()
+    }
+
+    /// The block whose checksum a checksum-region offset belongs to.
+    pub fn csum_lba_of(&self, off: u64) -> u64 {
+        (off - self.csum_offset) / 4
     }
 }
 
@@ -208,6 +230,7 @@ pub fn known_volume(closed: bool) -> Known {
         fills,
         newest_slot,
         extent_offset: sb.extent_offset,
+        csum_offset: sb.csum_offset(),
         shadowed,
         ops,
         opts,

@@ -122,3 +122,50 @@ impl Model {
         &self.image[lba as usize * bs..(lba + blocks) as usize * bs]
     }
 }
+
+/// Rewrites a current-format volume image the way format version 1 (no extent checksums) wrote
+/// it, for the upgrade tests: every valid superblock slot says version 1 (its CRC recomputed;
+/// the bytes are otherwise identical, since version 2 changed nothing else), and the checksum
+/// region is cut off (`truncate`), or, where the medium cannot shrink (a simulated disk),
+/// overwritten with junk beyond the version 1 geometry (a version 1 file may be longer than
+/// its geometry), so an upgrade that skipped writing it fails.
+pub fn as_version_1(img: &mut Vec<u8>, truncate: bool) {
+    use blockvol::format::{SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET, SB_SLOT_SIZE, Superblock};
+    let mut v1_len = None;
+    for off in [SB_SLOT_A_OFFSET, SB_SLOT_B_OFFSET] {
+        let r = off as usize..(off + SB_SLOT_SIZE) as usize;
+        if let Ok(mut sb) = Superblock::decode(&img[r.clone()], off) {
+            sb.version = 1;
+            img[r].copy_from_slice(&sb.encode());
+            v1_len = Some(sb.file_len());
+        }
+    }
+    let v1_len = v1_len.expect("a valid superblock") as usize;
+    if truncate {
+        img.truncate(v1_len);
+    } else {
+        for (i, b) in img[v1_len..].iter_mut().enumerate() {
+            *b = 0xA5 ^ (i as u8);
+        }
+    }
+}
+
+/// Scrubs the whole volume and asserts every flushed block matches its checksum, and that no
+/// read so far failed one (`checksum_errors` is 0).
+pub fn assert_scrub_clean(v: &blockvol::Volume, what: &str) {
+    let blocks = v.geometry().volume_blocks;
+    let r = v
+        .scrub_range(blockvol::Lba(0), blocks)
+        .unwrap_or_else(|e| panic!("{what}: scrub failed: {e}"));
+    assert!(
+        r.damaged.is_empty(),
+        "{what}: blocks fail their checksums: {:?}",
+        r.damaged
+    );
+    assert_eq!(
+        r.checked + r.skipped,
+        blocks,
+        "{what}: scrub did not cover the volume"
+    );
+    assert_eq!(v.status().checksum_errors, 0, "{what}");
+}
