@@ -274,6 +274,20 @@ pub enum BlockVolError {
         /// The checksum of the bytes read.
         found: u32,
     },
+    /// A peer's copy offered to repair a damaged block matches neither the block's stored
+    /// checksum nor its extent bytes: it is another version of the block (or damaged too), so
+    /// nothing was written.
+    #[error(
+        "the copy offered for extent block lba {lba} matches neither its stored checksum {stored:#010x} (the copy's is {offered:#010x}) nor its extent bytes: not this block's version, nothing written"
+    )]
+    RepairMismatch {
+        /// The block.
+        lba: Lba,
+        /// The checksum stored in the checksum region.
+        stored: u32,
+        /// The checksum of the copy offered.
+        offered: u32,
+    },
     /// The file is an older format without extent checksums: it opens read-only
     /// (`Volume::open_read_only`), and `blockvol upgrade` converts it.
     #[error(

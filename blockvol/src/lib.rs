@@ -181,7 +181,7 @@ pub use scan::{WalPin, WalScan};
 pub use sim::{CrashMode, SimDisk, SyncHook, SyncPoint};
 pub use types::{
     ApplyOutcome, CreateOptions, Digest, EntryInfo, Epoch, FlushGate, FlusherMode, Geometry, Lba,
-    Lsn, OpenOptions, RetentionPolicy, Role, ScrubReport, Status,
+    Lsn, OpenOptions, RepairOutcome, RetentionPolicy, Role, ScrubReport, Status,
 };
 pub use upgrade::{UpgradeOutcome, upgrade_file};
 pub use volume::Volume;

@@ -343,6 +343,9 @@ pub struct Status {
     /// Extent blocks whose checksum did not match their contents (reads, base image readers,
     /// scrubs) since the volume was opened. Never returned as data.
     pub checksum_errors: u64,
+    /// Extent blocks (or their checksums) rewritten from a peer's verified copy since the
+    /// volume was opened ([`crate::Volume::repair_block`]).
+    pub blocks_repaired: u64,
 }
 
 /// What [`crate::Volume::scrub_range`] found.
@@ -355,6 +358,21 @@ pub struct ScrubReport {
     pub skipped: u64,
     /// Blocks whose contents do not match their checksums, in LBA order.
     pub damaged: Vec<Lba>,
+}
+
+/// What [`crate::Volume::repair_block`] did with a peer's copy of a block.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RepairOutcome {
+    /// The block verified already: nothing was written.
+    NotDamaged,
+    /// The block's newest data is in the WAL (it will be flushed, with its checksum, from
+    /// there): nothing was written.
+    NewerInWal,
+    /// The copy matched the stored checksum: the extent block was rewritten and synced.
+    ExtentRewritten,
+    /// The copy equals the extent block byte for byte, so the stored checksum was the damaged
+    /// part: the checksum was rewritten and synced.
+    ChecksumRewritten,
 }
 
 /// What `apply` did with an entry.

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use blockvol::format::{CSUM_SIZE, FORMAT_VERSION, SB_SLOT_SIZE, Superblock, block_csum};
 use blockvol::{
-    BlockVolError, CrashMode, Lba, Lsn, SimDisk, SyncPoint, UpgradeOutcome, Volume, upgrade_file,
+    BlockVolError, CrashMode, Lba, Lsn, RepairOutcome, SimDisk, SyncPoint, UpgradeOutcome, Volume,
+    upgrade_file,
 };
 use common::cli::{run, s, stderr, stdout};
 use common::{Model, Op, as_version_1, assert_scrub_clean, data, manual, small, tiny};
@@ -97,6 +98,82 @@ fn a_damaged_block_fails_the_read_is_counted_and_a_rewrite_heals_it() {
     let r = v.scrub_range(Lba(0), 64).expect("scrub");
     assert_eq!((r.checked, r.damaged.len()), (64, 0));
     assert_eq!(v.status().checksum_errors, 3, "nothing new was counted");
+}
+
+#[test]
+fn repair_takes_only_the_blocks_own_version_and_survives_a_crash() {
+    let o = tiny();
+    let bs = u64::from(o.block_size);
+    let (v, d) = flushed(&[3, 4, 5, 6]);
+    let sb = superblock(&d.written_image());
+    let good = |l: u64| data(900 + l, 1, o.block_size);
+    let csum = |l: u64| sb.csum_offset() + l * CSUM_SIZE;
+    // Block 4's data and block 5's checksum are damaged.
+    d.corrupt(
+        sb.extent_offset + 4 * bs + 9,
+        &[0xFF ^ d.peek(sb.extent_offset + 4 * bs + 9, 1)[0]],
+    );
+    d.corrupt(csum(5), &[1, 2, 3, 4]);
+    let before = d.written_image();
+    // Refused: a block that is fine, another version of the block, a wrong length, and
+    // anything out of range; none of them writes a byte.
+    assert_eq!(
+        v.repair_block(Lba(3), &good(4)).expect("fine"),
+        RepairOutcome::NotDamaged
+    );
+    let other = data(77, 1, o.block_size);
+    match v.repair_block(Lba(4), &other) {
+        Err(BlockVolError::RepairMismatch {
+            lba,
+            stored,
+            offered,
+        }) => {
+            assert_eq!(lba, Lba(4));
+            assert_eq!(stored, block_csum(4, &good(4)));
+            assert_eq!(offered, block_csum(4, &other));
+        }
+        r => panic!("another version of block 4 was taken: {r:?}"),
+    }
+    assert!(matches!(
+        v.repair_block(Lba(4), &good(4)[..100]),
+        Err(BlockVolError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        v.repair_block(Lba(64), &good(4)),
+        Err(BlockVolError::OutOfRange { .. })
+    ));
+    assert!(
+        d.written_image() == before,
+        "a refused repair wrote nothing"
+    );
+    assert_eq!(v.status().blocks_repaired, 0);
+    // The block's own version repairs the extent; the equal bytes repair the checksum.
+    assert_eq!(
+        v.repair_block(Lba(4), &good(4)).expect("extent"),
+        RepairOutcome::ExtentRewritten
+    );
+    assert_eq!(
+        v.repair_block(Lba(5), &good(5)).expect("checksum"),
+        RepairOutcome::ChecksumRewritten
+    );
+    assert_eq!(v.read(Lba(4), 1).expect("healed"), good(4));
+    assert_eq!(v.read(Lba(5), 1).expect("healed"), good(5));
+    assert_scrub_clean(&v, "after the repairs");
+    assert_eq!(v.status().blocks_repaired, 2);
+    // Both repairs were synced: a crash right after keeps them.
+    let crashed = SimDisk::from_image(d.crash_image_with(1, CrashMode::DurableOnly));
+    let v2 = Volume::open_sim(&crashed, &manual()).expect("reopen");
+    assert!(v2.read(Lba(4), 1).expect("durable") == good(4));
+    assert!(v2.read(Lba(5), 1).expect("durable") == good(5));
+    assert_scrub_clean(&v2, "after a crash");
+    // A block whose newest version is in the WAL is left to the flusher.
+    d.corrupt(sb.extent_offset + 6 * bs, &[0xAB]);
+    v.write(Lba(6), &data(1906, 1, o.block_size))
+        .expect("rewrite");
+    assert_eq!(
+        v.repair_block(Lba(6), &good(6)).expect("newer"),
+        RepairOutcome::NewerInWal
+    );
 }
 
 #[test]

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use super::{IO_CHUNK, Shared, Volume};
 use crate::error::{BlockVolError, Result};
 use crate::format::{CSUM_REGION_ALIGN, CSUM_SIZE, block_csum, get_u32, put_u32, verify_block};
-use crate::types::{Lba, ScrubReport};
+use crate::types::{Lba, RepairOutcome, ScrubReport};
 
 /// Checksums per page of the checksum region.
 const PER_PAGE: u64 = CSUM_REGION_ALIGN / CSUM_SIZE;
@@ -299,5 +299,83 @@ impl Volume {
             lba += n;
         }
         Ok(report)
+    }
+
+    /// Repairs extent block `lba` from `copy`, a peer's verified copy of it.
+    ///
+    /// The stored checksum decides, so no peer can change what the block holds: a copy whose
+    /// checksum equals the stored one replaces the damaged extent block; a copy equal to the
+    /// extent block byte for byte shows that the stored checksum was the damaged part, and the
+    /// checksum is rewritten; any other copy (another version of the block, or damaged too) is
+    /// `RepairMismatch` and nothing is written. A block that verifies is left alone
+    /// (`NotDamaged`), and one whose newest data is in the WAL too (`NewerInWal`): the flusher
+    /// rewrites it and its checksum from there. The write is synced before this returns; a
+    /// crash before that leaves the block as damaged as it was (a torn block still fails).
+    ///
+    /// Holds the flush lock and the extent write lock, so neither the flusher nor a reader
+    /// sees the block mid-repair.
+    pub fn repair_block(&self, lba: Lba, copy: &[u8]) -> Result<RepairOutcome> {
+        let s = &self.shared;
+        if !s.checksums {
+            return Err(BlockVolError::NeedsUpgrade {
+                path: s.medium.describe(),
+                version: self.format_version(),
+            });
+        }
+        self.check_range(lba, 1)?;
+        let bs = s.block_size() as usize;
+        if copy.len() != bs {
+            return Err(BlockVolError::InvalidArgument(format!(
+                "a repair copy of {} bytes; one block is {bs}",
+                copy.len()
+            )));
+        }
+        let _f = s.flush_guard();
+        let _w = s.extent_write();
+        {
+            let st = s.lock_state();
+            s.check_usable(&st)?;
+            s.check_installed(&st, "repair")?;
+            if st.dirty.contains_key(&lba.0) {
+                return Ok(RepairOutcome::NewerInWal);
+            }
+        }
+        let off = s.extent_offset + lba.0 * bs as u64;
+        let mut local = vec![0u8; bs];
+        s.medium
+            .read_at(off, &mut local)
+            .map_err(|e| BlockVolError::io("read extent", format!("file offset {off}"), e))?;
+        let mut stored = [0u32; 1];
+        s.read_csums(lba.0, &mut stored)?;
+        let stored = stored[0];
+        if verify_block(lba.0, &local, stored).is_ok() {
+            return Ok(RepairOutcome::NotDamaged);
+        }
+        let outcome = if verify_block(lba.0, copy, stored).is_ok() {
+            s.medium
+                .write_at(off, copy)
+                .map_err(|e| BlockVolError::io("write extent", format!("file offset {off}"), e))?;
+            RepairOutcome::ExtentRewritten
+        } else if local == copy {
+            let mut batch = CsumBatch::default();
+            batch.set_blocks(s, lba.0, copy)?;
+            batch.commit(s)?;
+            RepairOutcome::ChecksumRewritten
+        } else {
+            return Err(BlockVolError::RepairMismatch {
+                lba,
+                stored,
+                offered: block_csum(lba.0, copy),
+            });
+        };
+        s.sync_data()
+            .map_err(|e| BlockVolError::io("sync repaired block", s.medium.describe(), e))?;
+        s.blocks_repaired.fetch_add(1, Ordering::Relaxed);
+        log::warn!(
+            "{}: extent block lba {} repaired from a peer's copy ({outcome:?})",
+            s.medium.describe(),
+            lba.0
+        );
+        Ok(outcome)
     }
 }

@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub checksums: bool,
     /// Extent blocks that failed their checksum (reads, base readers, scrubs) since the open.
     pub checksum_errors: std::sync::atomic::AtomicU64,
+    /// Blocks repaired from a peer's copy since the open.
+    pub blocks_repaired: std::sync::atomic::AtomicU64,
     pub volume_id: [u8; 16],
     pub gate: FlushGate,
     pub wal_full_timeout: Duration,
@@ -481,6 +483,7 @@ impl Volume {
             install_incomplete: st.install_incomplete,
             poisoned: st.poisoned.is_some(),
             checksum_errors: s.checksum_errors.load(std::sync::atomic::Ordering::Relaxed),
+            blocks_repaired: s.blocks_repaired.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

@@ -355,6 +355,7 @@ fn assemble(
         csum_len: sb.csum_len(),
         checksums: sb.has_checksums(),
         checksum_errors: std::sync::atomic::AtomicU64::new(0),
+        blocks_repaired: std::sync::atomic::AtomicU64::new(0),
         volume_id: sb.volume_id,
         gate: opts.flush_gate,
         wal_full_timeout: opts.wal_full_timeout,
