@@ -218,6 +218,26 @@ fn samples() -> Vec<Message> {
             scanned: 1 << 20,
             sent: 64,
         })),
+        request(Request::Scrub {
+            from: blockvol::Lba(512),
+            count: 256,
+        }),
+        request(Request::ReadBlock(blockvol::Lba(7))),
+        request(Request::Repair {
+            lineage: lineage(),
+            lba: blockvol::Lba(7),
+            data: vec![3; 4096],
+        }),
+        reply(Reply::Scrub(blockvol::ScrubReport {
+            checked: 250,
+            skipped: 6,
+            damaged: vec![blockvol::Lba(600), blockvol::Lba(701)],
+        })),
+        reply(Reply::Block(blockvol::Lba(7), vec![3; 4096])),
+        reply(Reply::Repair(
+            lineage(),
+            blockvol::RepairOutcome::ChecksumRewritten,
+        )),
     ]
 }
 
@@ -431,6 +451,49 @@ fn lying_fields_are_typed_errors() {
         decode_all(&frame),
         Err(WireError::TrailingBytes { .. })
     ));
+}
+
+#[test]
+fn scrub_and_repair_frames_are_bounded_before_anything_is_allocated() {
+    let bad = |msg: &Message, patch: &dyn Fn(&mut BytesMut), field: &str| {
+        let mut f = encoded(msg);
+        patch(&mut f);
+        refresh_crc(&mut f);
+        match decode_all(&f) {
+            Err(WireError::BadValue { field: got, .. }) => assert_eq!(got, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    };
+    let scrub = request(Request::Scrub {
+        from: blockvol::Lba(0),
+        count: 1,
+    });
+    let n = encoded(&scrub).len();
+    for count in [0u32, transport::wire::MAX_SCRUB_BLOCKS + 1, u32::MAX] {
+        bad(
+            &scrub,
+            &|f: &mut BytesMut| f[n - 4..n].copy_from_slice(&count.to_be_bytes()),
+            "scrub.count",
+        );
+    }
+    // A reply claiming more damaged blocks than any request may name.
+    let rep = reply(Reply::Scrub(blockvol::ScrubReport {
+        checked: 1,
+        skipped: 0,
+        damaged: vec![blockvol::Lba(1)],
+    }));
+    let n = encoded(&rep).len();
+    bad(
+        &rep,
+        &|f: &mut BytesMut| f[n - 12..n - 8].copy_from_slice(&u32::MAX.to_be_bytes()),
+        "scrub.damaged",
+    );
+    let rep = reply(Reply::Repair(
+        lineage(),
+        blockvol::RepairOutcome::NotDamaged,
+    ));
+    let n = encoded(&rep).len();
+    bad(&rep, &|f: &mut BytesMut| f[n - 1] = 9, "repair.outcome");
 }
 
 fn refresh_crc(frame: &mut [u8]) {

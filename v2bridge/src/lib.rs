@@ -77,5 +77,6 @@ pub use io::{
 pub use storage::{BlockVolStorage, ImageKeeper};
 pub use target::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
-    HandshakeReply, Lineage, LocalReplica, ReplicaTarget, TargetError, TruncateRequest,
+    HandshakeReply, Lineage, LocalReplica, MAX_TRACKED_DAMAGE, ReplicaTarget, ScrubStats,
+    TargetError, TruncateRequest,
 };

@@ -13,12 +13,12 @@
 //! registry, which is why the driver is part of the lineage: a primary pushes catch-ups, a
 //! rebuilding replica pulls its own rebuild.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use blockvol::{
     ApplyOutcome, BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Epoch, Geometry, Lba,
-    Lsn, Role, Volume,
+    Lsn, RepairOutcome, Role, ScrubReport, Volume,
 };
 use engine::{EpochStart, ReplicaLog};
 
@@ -283,8 +283,38 @@ fn storage(e: BlockVolError) -> TargetError {
     }
 }
 
+/// What scrubbing found on one copy of a volume, and what was repaired.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScrubStats {
+    /// Blocks the last scrub of their range found damaged and nothing has repaired since
+    /// (at most [`MAX_TRACKED_DAMAGE`] are tracked; `found` counts them all).
+    pub damaged: u64,
+    /// Damaged blocks found by scrubs since the volume was opened (a block found in two
+    /// passes counts twice).
+    pub found: u64,
+    /// Blocks repaired from a peer's copy since the volume was opened.
+    pub repaired: u64,
+    /// Complete passes over the volume.
+    pub passes: u64,
+    /// When the last complete pass ended, in seconds since the Unix epoch (0: never).
+    pub last_pass_unix: u64,
+}
+
+/// Most damaged blocks one copy tracks by address.
+pub const MAX_TRACKED_DAMAGE: usize = 65_536;
+
+#[derive(Default)]
+struct ScrubTrack {
+    damaged: BTreeSet<u64>,
+    found: u64,
+    repaired: u64,
+    passes: u64,
+    last_pass_unix: u64,
+}
+
 struct Node {
     vol: Arc<Volume>,
+    scrub: ScrubTrack,
     /// The newest lineage accepted from each driver.
     newest: BTreeMap<u64, Lineage>,
     /// An install in progress and the session that began it: only that session may send its
@@ -312,9 +342,87 @@ impl LocalReplica {
         LocalReplica {
             node: Arc::new(Mutex::new(Node {
                 vol,
+                scrub: ScrubTrack::default(),
                 newest: BTreeMap::new(),
                 install: None,
             })),
+        }
+    }
+
+    /// Verifies the flushed blocks of `[from, from + count)` against their checksums (see
+    /// [`Volume::scrub_range`]) and records what it found: the range's damaged blocks replace
+    /// what was known of it, and a range that ends at the volume's last block completes a pass.
+    /// The replica's lock is not held while the blocks are read, so applies go on.
+    pub fn scrub(&self, from: Lba, count: u64) -> Result<ScrubReport, TargetError> {
+        let vol = self.volume();
+        let report = vol.scrub_range(from, count).map_err(storage)?;
+        let blocks = vol.geometry().volume_blocks;
+        let end = from.0.saturating_add(count);
+        let mut node = self.lock();
+        let t = &mut node.scrub;
+        let stale: Vec<u64> = t.damaged.range(from.0..end).copied().collect();
+        for l in stale {
+            t.damaged.remove(&l);
+        }
+        for l in &report.damaged {
+            if t.damaged.len() < MAX_TRACKED_DAMAGE {
+                t.damaged.insert(l.0);
+            }
+        }
+        t.found += report.damaged.len() as u64;
+        if end >= blocks {
+            t.passes += 1;
+            t.last_pass_unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+        }
+        Ok(report)
+    }
+
+    /// Block `lba` as this copy holds it, verified (a damaged block is an error, never data).
+    pub fn read_block(&self, lba: Lba) -> Result<Vec<u8>, TargetError> {
+        self.volume().read(lba, 1).map_err(storage)
+    }
+
+    /// Repairs block `lba` from `copy`, a peer's verified copy, for a primary at `epoch` (the
+    /// volume's own epoch: a request from another epoch is fenced). The stored checksum
+    /// decides whether the copy is this block's version ([`Volume::repair_block`]); nothing
+    /// is written otherwise.
+    pub fn repair(
+        &self,
+        epoch: Epoch,
+        lba: Lba,
+        copy: &[u8],
+    ) -> Result<RepairOutcome, TargetError> {
+        let vol = self.volume();
+        let at = vol.status().epoch;
+        if epoch != at {
+            return Err(TargetError::Fenced(format!(
+                "repair at epoch {epoch}, the volume is at epoch {at}"
+            )));
+        }
+        let outcome = vol.repair_block(lba, copy).map_err(storage)?;
+        let mut node = self.lock();
+        node.scrub.damaged.remove(&lba.0);
+        if matches!(
+            outcome,
+            RepairOutcome::ExtentRewritten | RepairOutcome::ChecksumRewritten
+        ) {
+            node.scrub.repaired += 1;
+        }
+        Ok(outcome)
+    }
+
+    /// What scrubbing found on this copy.
+    pub fn scrub_stats(&self) -> ScrubStats {
+        let node = self.lock();
+        let t = &node.scrub;
+        ScrubStats {
+            damaged: t.damaged.len() as u64,
+            found: t.found,
+            repaired: t.repaired,
+            passes: t.passes,
+            last_pass_unix: t.last_pass_unix,
         }
     }
 

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use blockvol::{EntryInfo, Lba, Lsn};
+use blockvol::{EntryInfo, Lba, Lsn, RepairOutcome, ScrubReport};
 use v2bridge::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BaseBeginRequest, BaseChunkRequest,
     HandshakeReply, Lineage, ReplicaTarget, TargetError, TruncateRequest,
@@ -267,6 +267,36 @@ impl RemoteReplica {
     pub fn probe(&mut self, digest: bool) -> Result<ProbeReply, TargetError> {
         match self.call(Request::Probe { digest })? {
             Reply::Probe(p) => Ok(p),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Verifies `count` blocks from `from` on the peer's copy (at most
+    /// [`crate::wire::MAX_SCRUB_BLOCKS`]); the peer records what it found.
+    pub fn scrub(&mut self, from: Lba, count: u32) -> Result<ScrubReport, TargetError> {
+        match self.call(Request::Scrub { from, count })? {
+            Reply::Scrub(r) => Ok(r),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Block `lba` of the peer's copy, verified there; `block_size` bytes or an error.
+    pub fn read_block(&mut self, lba: Lba, block_size: usize) -> Result<Vec<u8>, TargetError> {
+        match self.call(Request::ReadBlock(lba))? {
+            Reply::Block(l, data) if l == lba && data.len() == block_size => Ok(data),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Offers the peer `data`, this side's verified copy of block `lba`, to repair its copy.
+    pub fn repair(
+        &mut self,
+        lineage: Lineage,
+        lba: Lba,
+        data: Vec<u8>,
+    ) -> Result<RepairOutcome, TargetError> {
+        match self.call(Request::Repair { lineage, lba, data })? {
+            Reply::Repair(l, o) if l == lineage => Ok(o),
             other => Err(self.unexpected(&other)),
         }
     }

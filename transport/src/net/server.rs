@@ -947,6 +947,11 @@ fn dispatch(replica: &mut LocalReplica, body: Request) -> Result<Reply, TargetEr
             let l = r.lineage;
             Reply::Barrier(l, replica.barrier(r)?)
         }
+        Request::Scrub { from, count } => Reply::Scrub(replica.scrub(from, u64::from(count))?),
+        Request::ReadBlock(lba) => Reply::Block(lba, replica.read_block(lba)?),
+        Request::Repair { lineage, lba, data } => {
+            Reply::Repair(lineage, replica.repair(lineage.epoch, lba, &data)?)
+        }
         _ => return Err(TargetError::Protocol("not a replica request".into())),
     })
 }

@@ -221,7 +221,23 @@ frame_types! {
     BaseBegunRep = 0x2e,
     /// Reply to any request the replica refused or failed.
     ErrorRep = 0x2f,
+    /// Request: verify a range of the copy's flushed blocks against their checksums.
+    ScrubReq = 0x30,
+    /// Request: one block, verified.
+    ReadBlockReq = 0x31,
+    /// Request: repair a damaged block from the sender's verified copy.
+    RepairReq = 0x32,
+    /// Reply to `ScrubReq`: blocks checked, skipped, and the damaged ones.
+    ScrubRep = 0x40,
+    /// Reply to `ReadBlockReq`: the block.
+    BlockRep = 0x41,
+    /// Reply to `RepairReq`: what the repair did.
+    RepairRep = 0x42,
 }
+
+/// Most blocks one `ScrubReq` may name (16 MiB of 4 KiB blocks): it bounds the time one
+/// request holds a connection and the size of its reply.
+pub const MAX_SCRUB_BLOCKS: u32 = 4096;
 
 /// What a client says first.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -402,6 +418,24 @@ pub enum Request {
     },
     /// [`FrameType::ImageReadReq`]: at most this many data bytes.
     ImageRead(u32),
+    /// [`FrameType::ScrubReq`].
+    Scrub {
+        /// The first block.
+        from: Lba,
+        /// How many (at most [`MAX_SCRUB_BLOCKS`]).
+        count: u32,
+    },
+    /// [`FrameType::ReadBlockReq`].
+    ReadBlock(Lba),
+    /// [`FrameType::RepairReq`].
+    Repair {
+        /// The sender's lineage: its epoch must be the copy's.
+        lineage: Lineage,
+        /// The block.
+        lba: Lba,
+        /// The sender's verified copy of it.
+        data: Vec<u8>,
+    },
 }
 
 impl Request {
@@ -434,7 +468,10 @@ impl Request {
             | Request::Release(_)
             | Request::ReadWal { .. }
             | Request::ImageOpen { .. }
-            | Request::ImageRead(_) => None,
+            | Request::ImageRead(_)
+            | Request::Scrub { .. }
+            | Request::ReadBlock(_) => None,
+            Request::Repair { lineage, .. } => Some(*lineage),
             Request::Apply(r) => Some(r.lineage),
             Request::Truncate(r) => Some(r.lineage),
             Request::BaseBegin(r) => Some(r.lineage),
@@ -462,6 +499,9 @@ impl Request {
             Request::ReadWal { .. } => FrameType::ReadWalReq,
             Request::ImageOpen { .. } => FrameType::ImageOpenReq,
             Request::ImageRead(_) => FrameType::ImageReadReq,
+            Request::Scrub { .. } => FrameType::ScrubReq,
+            Request::ReadBlock(_) => FrameType::ReadBlockReq,
+            Request::Repair { .. } => FrameType::RepairReq,
         }
     }
 }
@@ -518,6 +558,12 @@ pub enum Reply {
     },
     /// [`FrameType::ImageChunkRep`].
     ImageChunk(ImageChunkReply),
+    /// [`FrameType::ScrubRep`].
+    Scrub(blockvol::ScrubReport),
+    /// [`FrameType::BlockRep`]: the block's bytes.
+    Block(Lba, Vec<u8>),
+    /// [`FrameType::RepairRep`].
+    Repair(Lineage, blockvol::RepairOutcome),
 }
 
 impl Reply {
@@ -532,7 +578,10 @@ impl Reply {
             | Reply::Done
             | Reply::Wal { .. }
             | Reply::ImageOpen { .. }
-            | Reply::ImageChunk(_) => None,
+            | Reply::ImageChunk(_)
+            | Reply::Scrub(_)
+            | Reply::Block(..) => None,
+            Reply::Repair(l, _) => Some(*l),
             Reply::Apply(l, _)
             | Reply::Truncate(l, _)
             | Reply::Ack(l)
@@ -561,6 +610,9 @@ impl Reply {
             Reply::Wal { .. } => FrameType::WalRep,
             Reply::ImageOpen { .. } => FrameType::ImageOpenRep,
             Reply::ImageChunk(_) => FrameType::ImageChunkRep,
+            Reply::Scrub(_) => FrameType::ScrubRep,
+            Reply::Block(..) => FrameType::BlockRep,
+            Reply::Repair(..) => FrameType::RepairRep,
         }
     }
 }
@@ -758,6 +810,16 @@ fn encode_request(body: &Request, w: &mut Writer<'_>) -> Result<(), WireError> {
             w.u64(lsn.0);
             w.u64(from.0);
         }
+        Request::Scrub { from, count } => {
+            w.u64(from.0);
+            w.u32(*count);
+        }
+        Request::ReadBlock(lba) => w.u64(lba.0),
+        Request::Repair { lineage, lba, data } => {
+            w.lineage(lineage);
+            w.u64(lba.0);
+            w.bytes(data)?;
+        }
         Request::ImageRead(max) => w.u32(*max),
     }
     Ok(())
@@ -894,6 +956,27 @@ fn encode_reply(body: &Reply, w: &mut Writer<'_>) -> Result<(), WireError> {
             }
             w.u64(c.scanned);
             w.u64(c.sent);
+        }
+        Reply::Scrub(r) => {
+            w.u64(r.checked);
+            w.u64(r.skipped);
+            w.u32(
+                u32::try_from(r.damaged.len()).map_err(|_| WireError::BadValue {
+                    field: "scrub.damaged",
+                    detail: format!("{} blocks", r.damaged.len()),
+                })?,
+            );
+            for l in &r.damaged {
+                w.u64(l.0);
+            }
+        }
+        Reply::Block(lba, data) => {
+            w.u64(lba.0);
+            w.bytes(data)?;
+        }
+        Reply::Repair(l, o) => {
+            w.lineage(l);
+            w.u8(repair_code(*o));
         }
     }
     Ok(())
@@ -1078,7 +1161,10 @@ fn decode_payload(kind: FrameType, payload: &[u8]) -> Result<Message, WireError>
         | FrameType::ReleaseReq
         | FrameType::ReadWalReq
         | FrameType::ImageOpenReq
-        | FrameType::ImageReadReq => {
+        | FrameType::ImageReadReq
+        | FrameType::ScrubReq
+        | FrameType::ReadBlockReq
+        | FrameType::RepairReq => {
             let id = r.u64("request.id")?;
             let volume = r.string("request.volume", MAX_VOLUME_NAME)?;
             check_volume_name(&volume)?;
@@ -1100,7 +1186,10 @@ fn decode_payload(kind: FrameType, payload: &[u8]) -> Result<Message, WireError>
         | FrameType::DoneRep
         | FrameType::WalRep
         | FrameType::ImageOpenRep
-        | FrameType::ImageChunkRep => {
+        | FrameType::ImageChunkRep
+        | FrameType::ScrubRep
+        | FrameType::BlockRep
+        | FrameType::RepairRep => {
             let id = r.u64("reply.id")?;
             let body = decode_reply(kind, &mut r)?;
             Message::Reply { id, body }
@@ -1188,6 +1277,23 @@ fn decode_request(kind: FrameType, r: &mut Reader<'_>) -> Result<Request, WireEr
             from: Lba(r.u64("image_open.from")?),
         },
         FrameType::ImageReadReq => Request::ImageRead(r.u32("image_read.max_bytes")?),
+        FrameType::ScrubReq => {
+            let from = Lba(r.u64("scrub.from")?);
+            let count = r.u32("scrub.count")?;
+            if count == 0 || count > MAX_SCRUB_BLOCKS {
+                return Err(WireError::BadValue {
+                    field: "scrub.count",
+                    detail: format!("{count} blocks, 1 to {MAX_SCRUB_BLOCKS}"),
+                });
+            }
+            Request::Scrub { from, count }
+        }
+        FrameType::ReadBlockReq => Request::ReadBlock(Lba(r.u64("read_block.lba")?)),
+        FrameType::RepairReq => Request::Repair {
+            lineage: r.lineage()?,
+            lba: Lba(r.u64("repair.lba")?),
+            data: r.bytes("repair.data")?,
+        },
         other => {
             return Err(WireError::BadValue {
                 field: "type",
@@ -1306,6 +1412,36 @@ fn decode_reply(kind: FrameType, r: &mut Reader<'_>) -> Result<Reply, WireError>
                 scanned: r.u64("image_chunk.scanned")?,
                 sent: r.u64("image_chunk.sent")?,
             })
+        }
+        FrameType::ScrubRep => {
+            let checked = r.u64("scrub.checked")?;
+            let skipped = r.u64("scrub.skipped")?;
+            let n = r.u32("scrub.damaged")?;
+            if n > MAX_SCRUB_BLOCKS {
+                return Err(WireError::BadValue {
+                    field: "scrub.damaged",
+                    detail: format!("{n} blocks, at most {MAX_SCRUB_BLOCKS}"),
+                });
+            }
+            let mut damaged = Vec::with_capacity((n as usize).min(r.remaining() / 8));
+            for _ in 0..n {
+                damaged.push(Lba(r.u64("scrub.damaged_lba")?));
+            }
+            Reply::Scrub(blockvol::ScrubReport {
+                checked,
+                skipped,
+                damaged,
+            })
+        }
+        FrameType::BlockRep => Reply::Block(Lba(r.u64("block.lba")?), r.bytes("block.data")?),
+        FrameType::RepairRep => {
+            let l = r.lineage()?;
+            let code = r.u8("repair.outcome")?;
+            let o = repair_outcome(code).ok_or_else(|| WireError::BadValue {
+                field: "repair.outcome",
+                detail: format!("unknown outcome {code}"),
+            })?;
+            Reply::Repair(l, o)
         }
         other => {
             return Err(WireError::BadValue {
@@ -1436,4 +1572,23 @@ impl Decoder {
         let payload = frame.split_off(HEADER_LEN);
         Ok(Some((header.kind, payload)))
     }
+}
+
+fn repair_code(o: blockvol::RepairOutcome) -> u8 {
+    match o {
+        blockvol::RepairOutcome::NotDamaged => 1,
+        blockvol::RepairOutcome::NewerInWal => 2,
+        blockvol::RepairOutcome::ExtentRewritten => 3,
+        blockvol::RepairOutcome::ChecksumRewritten => 4,
+    }
+}
+
+fn repair_outcome(code: u8) -> Option<blockvol::RepairOutcome> {
+    Some(match code {
+        1 => blockvol::RepairOutcome::NotDamaged,
+        2 => blockvol::RepairOutcome::NewerInWal,
+        3 => blockvol::RepairOutcome::ExtentRewritten,
+        4 => blockvol::RepairOutcome::ChecksumRewritten,
+        _ => return None,
+    })
 }
