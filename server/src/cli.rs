@@ -50,6 +50,14 @@ pub struct VolumeArgs {
     /// a network you trust, such as a test cluster's network namespaces).
     #[arg(long)]
     pub nbd_allow_remote: bool,
+    /// MiB per second a scrub pass reads from this server's copies (each in-sync replica
+    /// reads as much); 0 turns scrubbing off.
+    #[arg(long, default_value_t = 32)]
+    pub scrub_rate_mib: u64,
+    /// Seconds from the start of one scrub pass over a volume to the next (the first starts
+    /// this long after the server, at most 10 minutes).
+    #[arg(long, default_value_t = 86_400.0)]
+    pub scrub_interval_s: f64,
 }
 
 /// `swblock master`.
@@ -178,6 +186,12 @@ pub fn run_volume(a: VolumeArgs) -> Result<(), Error> {
         data: a.data.clone(),
         repl_listen: a.repl,
         secret,
+        scrub: crate::scrub::ScrubConfig {
+            rate_bytes: a.scrub_rate_mib.saturating_mul(1 << 20),
+            interval: Duration::try_from_secs_f64(a.scrub_interval_s)
+                .map_err(|e| format!("--scrub-interval-s {}: {e}", a.scrub_interval_s))?,
+            ..crate::scrub::ScrubConfig::default()
+        },
     })?;
     let nbd = crate::frontend::start_nbd(Arc::clone(&node), a.nbd, a.nbd_allow_remote)?;
     let nbd_addr = nbd.local_addr();

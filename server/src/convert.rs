@@ -65,17 +65,26 @@ pub fn volume_info(v: &VolumeInfo, data_addr: &str) -> master_pb::BlockVolumeInf
         has_lease: v.has_lease,
         replica_data_addr: data_addr.to_owned(),
         replica_ctrl_addr: data_addr.to_owned(),
-        health_score: if v.replica_degraded || v.needs_rebuild {
-            0.5
-        } else {
-            1.0
-        },
+        health_score: health_score(v),
         replica_degraded: v.replica_degraded,
         durability_mode: v.mode.as_str().to_owned(),
         needs_rebuild: Some(v.needs_rebuild),
         replica_ready: Some(v.role == BlockRole::Replica && !v.needs_rebuild),
+        scrub_errors: i64::try_from(v.scrub.damaged).unwrap_or(i64::MAX),
+        last_scrub_time: i64::try_from(v.scrub.last_pass_unix).unwrap_or(i64::MAX),
         ..Default::default()
     }
+}
+
+/// 1.0 for a healthy copy; half for a degraded replica set or a copy that needs a rebuild;
+/// 0.1 less per block scrubbing found damaged and nothing repaired, at most 0.5 less.
+pub fn health_score(v: &VolumeInfo) -> f64 {
+    let base = if v.replica_degraded || v.needs_rebuild {
+        0.5
+    } else {
+        1.0
+    };
+    base - (0.1 * v.scrub.damaged.min(5) as f64)
 }
 
 /// The volume name a request names: a name, or a path to `NAME.vol` (the protocol's `path`

@@ -143,6 +143,14 @@ pub fn volume_json(v: &VolumeInfo) -> serde_json::Value {
         "wal_size_bytes": v.wal_size_bytes,
         "pins": v.pins,
         "needs_rebuild": v.needs_rebuild,
+        "checksum_errors": v.checksum_errors,
+        "scrub": {
+            "damaged": v.scrub.damaged,
+            "found": v.scrub.found,
+            "repaired": v.scrub.repaired,
+            "passes": v.scrub.passes,
+            "last_pass_unix": v.scrub.last_pass_unix,
+        },
         "replicas": v.replica_states.iter().map(|r| replica_json(v.head, r)).collect::<Vec<_>>(),
     })
 }

@@ -20,4 +20,5 @@ pub mod netns;
 pub mod node;
 pub mod proto;
 pub mod scenarios;
+pub mod scrub;
 pub mod volume_server;

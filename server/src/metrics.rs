@@ -148,6 +148,12 @@ pub fn render(io: &IoMetrics, inventory: &[VolumeInfo]) -> String {
     let recoveries = Family::<Labels, Counter>::default();
     let rebuild_bytes = Family::<Labels, Counter>::default();
     let barriers = Family::<Labels, Counter>::default();
+    let scrub_damaged = gauge_family();
+    let scrub_last = gauge_family();
+    let scrub_found = Family::<Labels, Counter>::default();
+    let scrub_repaired = Family::<Labels, Counter>::default();
+    let scrub_passes = Family::<Labels, Counter>::default();
+    let checksum_errors = Family::<Labels, Counter>::default();
     for v in inventory {
         let l = volume(&v.name);
         let as_i64 = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
@@ -162,6 +168,14 @@ pub fn render(io: &IoMetrics, inventory: &[VolumeInfo]) -> String {
             v.wal_used_bytes as f64 / v.wal_size_bytes as f64
         };
         wal_used.get_or_create(&l).set(used);
+        scrub_damaged.get_or_create(&l).set(as_i64(v.scrub.damaged));
+        scrub_last
+            .get_or_create(&l)
+            .set(as_i64(v.scrub.last_pass_unix));
+        scrub_found.get_or_create(&l).inc_by(v.scrub.found);
+        scrub_repaired.get_or_create(&l).inc_by(v.scrub.repaired);
+        scrub_passes.get_or_create(&l).inc_by(v.scrub.passes);
+        checksum_errors.get_or_create(&l).inc_by(v.checksum_errors);
         for r in &v.replica_states {
             let mut rl = l.clone();
             rl.push(("replica", r.id.clone()));
@@ -198,6 +212,36 @@ pub fn render(io: &IoMetrics, inventory: &[VolumeInfo]) -> String {
         "swblock_volume_has_lease",
         "1 when this server is the volume's primary with a valid lease.",
         lease,
+    );
+    reg.register(
+        "swblock_scrub_damaged_blocks",
+        "Blocks of this copy the last scrub of their range found damaged and nothing repaired.",
+        scrub_damaged,
+    );
+    reg.register(
+        "swblock_scrub_last_pass_unix_seconds",
+        "When the last complete scrub pass over this copy ended (0: never).",
+        scrub_last,
+    );
+    reg.register(
+        "swblock_scrub_found_blocks",
+        "Damaged blocks scrubs found on this copy (since the volume was opened).",
+        scrub_found,
+    );
+    reg.register(
+        "swblock_scrub_repaired_blocks",
+        "Blocks of this copy repaired from a peer's copy (since the volume was opened).",
+        scrub_repaired,
+    );
+    reg.register(
+        "swblock_scrub_passes",
+        "Complete scrub passes over this copy (since the volume was opened).",
+        scrub_passes,
+    );
+    reg.register(
+        "swblock_checksum_errors",
+        "Extent blocks that failed their checksum on any read (since the volume was opened).",
+        checksum_errors,
     );
     reg.register(
         "swblock_wal_used_ratio",
@@ -289,6 +333,14 @@ mod tests {
                 last_path: "catch_up",
                 recovery: None,
             }],
+            scrub: v2bridge::ScrubStats {
+                damaged: 1,
+                found: 3,
+                repaired: 2,
+                passes: 4,
+                last_pass_unix: 1_790_000_000,
+            },
+            checksum_errors: 6,
         }
     }
 
@@ -321,6 +373,12 @@ mod tests {
             "swblock_recoveries_total{volume=\"v1\",replica=\"v1/vs2\",path=\"rebuild\"} 1",
             "swblock_recoveries_total{volume=\"v1\",replica=\"v1/vs2\",path=\"truncate\"} 0",
             "swblock_rebuild_bytes_total{volume=\"v1\",replica=\"v1/vs2\"} 8192",
+            "swblock_scrub_damaged_blocks{volume=\"v1\"} 1",
+            "swblock_scrub_found_blocks_total{volume=\"v1\"} 3",
+            "swblock_scrub_repaired_blocks_total{volume=\"v1\"} 2",
+            "swblock_scrub_passes_total{volume=\"v1\"} 4",
+            "swblock_scrub_last_pass_unix_seconds{volume=\"v1\"} 1790000000",
+            "swblock_checksum_errors_total{volume=\"v1\"} 6",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");

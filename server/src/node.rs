@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,8 @@ pub struct NodeConfig {
     pub repl_listen: SocketAddr,
     /// The cluster secret of the replication transport (none: loopback only).
     pub secret: Option<Vec<u8>>,
+    /// How the volumes are scrubbed.
+    pub scrub: crate::scrub::ScrubConfig,
 }
 
 /// A volume's creation parameters and durability mode, kept beside its file.
@@ -246,6 +249,11 @@ pub struct VolumeInfo {
     pub needs_rebuild: bool,
     /// Per replica of a primary: its stream state, counters and running recovery.
     pub replica_states: Vec<transport::stream::ReplicaStatus>,
+    /// What scrubbing found on this copy (`scrub_errors` = `damaged`, `last_scrub_time` =
+    /// `last_pass_unix` in the heartbeat).
+    pub scrub: v2bridge::ScrubStats,
+    /// Extent blocks that failed their checksum on any read since the volume was opened.
+    pub checksum_errors: u64,
 }
 
 /// Facts a master reads before promoting this server's copy of a volume.
@@ -273,6 +281,8 @@ pub struct Node {
     repl_addr: SocketAddr,
     state: Mutex<BTreeMap<String, Ctl>>,
     io: crate::metrics::IoMetrics,
+    scrub_stop: Arc<AtomicBool>,
+    scrubber: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -364,14 +374,70 @@ impl Node {
             .map_err(|e| storage("replication listener", e))?;
         let repl_addr = repl.local_addr();
         log::info!("server {}: replication on {repl_addr}", cfg.id);
-        Ok(Arc::new(Node {
+        let scrub = cfg.scrub.clone();
+        let node = Arc::new(Node {
             cfg,
             volumes,
             repl: Mutex::new(Some(repl)),
             repl_addr,
             state: Mutex::new(state),
             io: crate::metrics::IoMetrics::default(),
-        }))
+            scrub_stop: Arc::new(AtomicBool::new(false)),
+            scrubber: Mutex::new(None),
+        });
+        if scrub.rate_bytes > 0 {
+            let h = crate::scrub::spawn(Arc::downgrade(&node), scrub, Arc::clone(&node.scrub_stop))
+                .map_err(|e| storage("scrubber thread", e))?;
+            *node.scrubber.lock().unwrap_or_else(PoisonError::into_inner) = Some(h);
+        }
+        Ok(node)
+    }
+
+    /// What a scrub of `name` works with now: this copy, its role and epoch, and the
+    /// replicas the live stream holds in sync.
+    pub(crate) fn scrub_target(&self, name: &str) -> Option<crate::scrub::ScrubTarget> {
+        let local = self.volumes.get(name).ok()?;
+        let st = self.lock();
+        let c = st.get(name)?;
+        let in_sync: Vec<String> = c
+            .replicator
+            .as_ref()
+            .map(|r| r.status())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.state == StreamState::Streaming)
+            .map(|r| r.id)
+            .collect();
+        Some(crate::scrub::ScrubTarget {
+            local,
+            role: c.role,
+            epoch: c.epoch,
+            peers: c
+                .replicas
+                .iter()
+                .filter(|r| in_sync.contains(&r.id))
+                .cloned()
+                .collect(),
+        })
+    }
+
+    /// How this server connects to its peers' replication servers.
+    pub(crate) fn client_config(&self) -> transport::net::ClientConfig {
+        transport::net::ClientConfig {
+            node: self.cfg.id.clone(),
+            secret: self.cfg.secret.clone(),
+            ..transport::net::ClientConfig::default()
+        }
+    }
+
+    /// Runs one scrub pass over `name` now, at `cfg`'s rate (`None`: this server does not
+    /// scrub it, a replica's primary does).
+    pub fn scrub_now(
+        &self,
+        name: &str,
+        cfg: &crate::scrub::ScrubConfig,
+    ) -> Result<Option<crate::scrub::PassReport>, String> {
+        crate::scrub::run_pass(self, name, cfg, &self.scrub_stop)
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Ctl>> {
@@ -687,6 +753,12 @@ impl Node {
                     replica_degraded: states.iter().any(|r| r.state != StreamState::Streaming),
                     needs_rebuild: s.install_incomplete,
                     replica_states: states,
+                    scrub: self
+                        .volumes
+                        .get(name)
+                        .map(|l| l.scrub_stats())
+                        .unwrap_or_default(),
+                    checksum_errors: s.checksum_errors,
                 }
             })
             .collect()
@@ -719,6 +791,17 @@ impl Node {
 
     /// Stops every replicator and the replication server, and closes the volumes.
     pub fn shutdown(&self) {
+        self.scrub_stop.store(true, Ordering::SeqCst);
+        let scrubber = self
+            .scrubber
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(h) = scrubber
+            && h.thread().id() != std::thread::current().id()
+        {
+            let _ = h.join();
+        }
         let replicators: Vec<Arc<Replicator>> = self
             .lock()
             .values_mut()

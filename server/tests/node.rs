@@ -17,6 +17,7 @@ fn node(dir: &std::path::Path, id: &str) -> Arc<Node> {
         data: dir.join(id),
         repl_listen: "127.0.0.1:0".parse().unwrap(),
         secret: None,
+        scrub: server::scrub::ScrubConfig::default(),
     })
     .expect("node")
 }
@@ -255,6 +256,7 @@ fn with_a_cluster_secret_the_replicator_proves_it_to_its_replicas() {
             data: dir.path().join(id),
             repl_listen: "127.0.0.1:0".parse().unwrap(),
             secret: Some(b"the cluster secret".to_vec()),
+            scrub: server::scrub::ScrubConfig::default(),
         })
         .expect("node")
     };
@@ -278,6 +280,162 @@ fn with_a_cluster_secret_the_replicator_proves_it_to_its_replicas() {
         "{st:?}"
     );
     drop(vol);
+    a.shutdown();
+    b.shutdown();
+}
+
+/// Extent and checksum-region offsets of a version 2 volume file.
+fn layout(path: &std::path::Path) -> (u64, u64) {
+    use blockvol::format::{SB_SLOT_SIZE, Superblock, choose_superblock};
+    let img = std::fs::read(path).unwrap();
+    let a = Superblock::decode(&img[..SB_SLOT_SIZE as usize], 0);
+    let b = Superblock::decode(
+        &img[SB_SLOT_SIZE as usize..2 * SB_SLOT_SIZE as usize],
+        SB_SLOT_SIZE,
+    );
+    let sb = choose_superblock(&a, &b).expect("a superblock").1;
+    (sb.extent_offset, sb.csum_offset())
+}
+
+/// Flips the byte at `offset` of `path` behind the server's back (the page cache the server
+/// reads through sees it at once).
+fn flip(path: &std::path::Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    f.write_all_at(&[b[0] ^ 0x5A], offset).unwrap();
+}
+
+#[test]
+fn a_scrub_pass_repairs_each_copy_from_the_other_and_reports_a_block_damaged_on_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "vs1");
+    let b = node(dir.path(), "vs2");
+    for n in [&a, &b] {
+        n.allocate("v1", meta(DurabilityMode::SyncAll)).unwrap();
+    }
+    b.apply(&replica("v1", 1)).unwrap();
+    a.apply(&primary("v1", 1, 60_000, &[(&b, "vs2")])).unwrap();
+    let (vol, _) = a.primary("v1").unwrap();
+    for i in 0..64u64 {
+        vol.write(Lba(i), &block(i as u8 + 1)).unwrap();
+    }
+    a.notify("v1");
+    a.flush("v1").expect("flush");
+    vol.force_flush().expect("primary extent");
+    // One more write carries the committed point to the replica, whose flusher follows it.
+    vol.write(Lba(100), &block(0xEE)).unwrap();
+    a.notify("v1");
+    a.flush("v1").expect("flush");
+    vol.force_flush().expect("primary extent");
+    wait_for("the replica's checkpoint", || {
+        b.inventory()[0].checkpoint >= 64
+    });
+    let pa = a.data_dir().join("v1.vol");
+    let pb = b.data_dir().join("v1.vol");
+    let (ext, csum) = layout(&pa);
+    assert_eq!(layout(&pb), (ext, csum), "same geometry, same layout");
+    // Primary: block 3's data and block 4's checksum; replica: block 5; both: block 9.
+    flip(&pa, ext + 3 * 4096 + 100);
+    flip(&pa, csum + 4 * 4 + 1);
+    flip(&pb, ext + 5 * 4096 + 7);
+    flip(&pa, ext + 9 * 4096);
+    flip(&pb, ext + 9 * 4096 + 4095);
+    assert!(vol.read(Lba(3), 1).is_err(), "the damage is seen");
+    let cfg = server::scrub::ScrubConfig {
+        rate_bytes: 1 << 30,
+        ..server::scrub::ScrubConfig::default()
+    };
+    let r = a
+        .scrub_now("v1", &cfg)
+        .expect("pass")
+        .expect("the primary scrubs");
+    assert_eq!(r.checked, 1024, "every block of the 4 MiB volume");
+    assert_eq!((r.damaged_here, r.damaged_peers), (3, 2), "{r:?}");
+    assert_eq!((r.repaired_here, r.repaired_peers), (2, 1), "{r:?}");
+    let mut lost: Vec<(String, u64)> = r
+        .unrepairable
+        .iter()
+        .map(|(c, l)| (c.clone(), l.0))
+        .collect();
+    lost.sort();
+    assert_eq!(lost, vec![("v1/vs2".to_owned(), 9), ("vs1".to_owned(), 9)]);
+    // Repaired blocks read back as written on both copies; block 9 fails on both, never
+    // returning invented bytes.
+    let mut remote = transport::net::RemoteReplica::connect(
+        b.repl_addr(),
+        "v1",
+        &transport::net::ClientConfig::default(),
+    )
+    .unwrap();
+    for i in 0..64u64 {
+        let want = block(i as u8 + 1);
+        if i == 9 {
+            assert!(vol.read(Lba(9), 1).is_err());
+            assert!(remote.read_block(Lba(9), 4096).is_err());
+            continue;
+        }
+        assert_eq!(vol.read(Lba(i), 1).unwrap(), want, "primary block {i}");
+        assert_eq!(
+            remote.read_block(Lba(i), 4096).unwrap(),
+            want,
+            "replica block {i}"
+        );
+    }
+    let (sa, sb) = (
+        a.inventory()[0].scrub.clone(),
+        b.inventory()[0].scrub.clone(),
+    );
+    assert_eq!(
+        (sa.damaged, sa.found, sa.repaired, sa.passes),
+        (1, 3, 2, 1),
+        "{sa:?}"
+    );
+    assert_eq!(
+        (sb.damaged, sb.found, sb.repaired, sb.passes),
+        (1, 2, 1, 1),
+        "{sb:?}"
+    );
+    assert!(sa.last_pass_unix > 0 && sb.last_pass_unix > 0);
+    // The heartbeat reports what is still damaged.
+    let hb = server::convert::volume_info(&a.inventory()[0], "x");
+    assert_eq!(
+        (hb.scrub_errors, hb.last_scrub_time),
+        (1, sa.last_pass_unix as i64)
+    );
+    assert!(hb.health_score < 1.0);
+    // Rewriting block 9 heals it everywhere; the next pass finds nothing.
+    vol.write(Lba(9), &block(10)).unwrap();
+    a.notify("v1");
+    a.flush("v1").expect("flush");
+    vol.force_flush().expect("primary extent");
+    vol.write(Lba(101), &block(0xEF)).unwrap();
+    a.notify("v1");
+    a.flush("v1").expect("flush");
+    // The replica learns a commit with the next entry: block 9's is the one before the head.
+    wait_for("the replica's flush of block 9", || {
+        b.inventory()[0].checkpoint >= vol.status().head.0 - 1
+    });
+    let r = a
+        .scrub_now("v1", &cfg)
+        .expect("pass")
+        .expect("the primary scrubs");
+    assert_eq!(
+        (r.damaged_here, r.damaged_peers, r.unrepairable.len()),
+        (0, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(a.inventory()[0].scrub.damaged, 0);
+    assert_eq!(b.inventory()[0].scrub.damaged, 0);
+    assert_eq!(remote.read_block(Lba(9), 4096).unwrap(), block(10));
+    remote.close("done");
+    // A replica does not scrub on its own: its primary does.
+    assert_eq!(b.scrub_now("v1", &cfg), Ok(None));
     a.shutdown();
     b.shutdown();
 }
