@@ -54,6 +54,10 @@ pub struct ClusterInfo {
     /// The cluster secret's file (with namespaces: replication leaves loopback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<PathBuf>,
+    /// Seconds between scrub passes of the volume servers (`up --scrub-interval-s`; none:
+    /// the servers' default), kept so a restarted server scrubs as the others do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub_interval_s: Option<u64>,
 }
 
 impl ClusterInfo {
@@ -192,6 +196,7 @@ fn volume_args(
     master: &str,
     addrs: [&str; 4],
     secret: Option<&Path>,
+    scrub_interval_s: Option<u64>,
 ) -> Vec<String> {
     let mut v: Vec<String> = vec![
         "volume".into(),
@@ -215,13 +220,23 @@ fn volume_args(
         v.push(s.display().to_string());
         v.push("--nbd-allow-remote".into());
     }
+    if let Some(s) = scrub_interval_s {
+        v.push("--scrub-interval-s".into());
+        v.push(s.to_string());
+    }
     v
 }
 
 /// Starts a master and `n` volume servers under `dir` and writes `dir/cluster.json`; with
 /// `netns` (a name prefix; root only), each in its own network namespace (see
-/// [`crate::netns`]), with a cluster secret.
-pub fn up(dir: &Path, n: usize, netns: Option<&str>) -> Result<ClusterInfo, Error> {
+/// [`crate::netns`]), with a cluster secret; with `scrub_interval_s`, the servers scrub their
+/// volumes that often (`swblock volume --scrub-interval-s`).
+pub fn up(
+    dir: &Path,
+    n: usize,
+    netns: Option<&str>,
+    scrub_interval_s: Option<u64>,
+) -> Result<ClusterInfo, Error> {
     if n == 0 {
         return Err("a cluster needs at least one server".into());
     }
@@ -292,6 +307,7 @@ pub fn up(dir: &Path, n: usize, netns: Option<&str>) -> Result<ClusterInfo, Erro
                     &master_addr,
                     [&a, &a, &a, &a],
                     secret_file.as_deref(),
+                    scrub_interval_s,
                 ),
                 &dir.join(format!("{id}.log")),
             )?;
@@ -313,6 +329,7 @@ pub fn up(dir: &Path, n: usize, netns: Option<&str>) -> Result<ClusterInfo, Erro
             servers,
             netns: ns.clone(),
             secret_file,
+            scrub_interval_s,
         };
         std::fs::write(dir.join("cluster.json"), info.to_json_pretty())?;
         // Ready when the master has heard from every server.
@@ -382,6 +399,7 @@ pub fn restart_server(dir: &Path, id: &str) -> Result<ServerEntry, Error> {
             &info.master,
             [&old.grpc, &old.repl, &old.nbd, &old.http],
             info.secret_file.as_deref(),
+            info.scrub_interval_s,
         ),
         &dir.join(format!("{id}.restarted.log")),
     )?;

@@ -56,7 +56,7 @@ pub struct StepReport {
 }
 
 /// The steps in order.
-pub const STEPS: [&str; 8] = [
+pub const STEPS: [&str; 9] = [
     "up",
     "qemu_io_patterns",
     "image_roundtrip",
@@ -65,6 +65,7 @@ pub const STEPS: [&str; 8] = [
     "failover",
     "old_primary_returns",
     "lease_expiry",
+    "scrub_repair",
 ];
 
 /// What a step found when it passed.
@@ -133,6 +134,9 @@ impl Drop for Run {
 }
 
 const V1_BYTES: usize = 64 << 20;
+/// The cluster's servers scrub every volume this often (a pass over v1 takes 2 s at the
+/// default 32 MiB/s), so scrubs run during the failovers and restarts of every step.
+const SCRUB_INTERVAL_S: u64 = 3;
 const V2_BYTES: usize = 16 << 20;
 
 fn output(cmd: &mut Command) -> Result<Output, Error> {
@@ -382,6 +386,7 @@ impl Run {
             "failover" => self.failover(),
             "old_primary_returns" => self.old_primary_returns(),
             "lease_expiry" => self.lease_expiry(),
+            "scrub_repair" => self.scrub_repair(),
             other => Err(format!("no step {other}")),
         }
     }
@@ -715,6 +720,99 @@ impl Run {
             8 << 10,
         ))
     }
+
+    /// The last step: bytes flipped behind the servers' backs in every copy of v1 (a block's
+    /// data on the primary and on one replica, a block's data and another's checksum on the
+    /// other replica) are found by the servers' own scrubs and repaired from a good copy;
+    /// every copy then holds the oracle's bytes.
+    fn scrub_repair(&mut self) -> Result<Found, Error> {
+        let (p1, uri1) = self.primary("v1")?;
+        let primary = self.server(&p1)?;
+        // Fresh data at 40 MiB, flushed, then one more write so the replicas learn the
+        // commit and flush it to their extents too.
+        let (good, text) = qemu_io(&uri1, &["write -P 0x5c 40M 64k".into(), "flush".into()])?;
+        if !good {
+            return Err(format!("qemu-io: {text}"));
+        }
+        put(&mut self.v1, 40 << 20, 64 << 10, 0x5c);
+        let head = self.volume_status(&primary, "v1")?["head"]
+            .as_u64()
+            .unwrap_or(0);
+        let (good, text) = qemu_io(&uri1, &["write -P 0x5d 41M 4k".into(), "flush".into()])?;
+        if !good {
+            return Err(format!("qemu-io: {text}"));
+        }
+        put(&mut self.v1, 41 << 20, 4 << 10, 0x5d);
+        let st = self.wait_in_sync(&primary, "v1")?;
+        let replicas: Vec<ServerEntry> = st["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["id"].as_str()?.split('/').nth(1).map(str::to_owned))
+            .map(|id| self.server(&id))
+            .collect::<Result<_, _>>()?;
+        if replicas.len() != 2 {
+            return Err(format!("v1 has {} replicas: {st}", replicas.len()));
+        }
+        let copies: Vec<&ServerEntry> = std::iter::once(&primary).chain(&replicas).collect();
+        for c in &copies {
+            wait_until(
+                &format!("{}'s extent to hold LSN {head}", c.id),
+                Duration::from_secs(30),
+                || Ok(self.volume_status(c, "v1")?["checkpoint"].as_u64() >= Some(head)),
+            )?;
+        }
+        let block = |off: u64| off / 4096;
+        let (a, b, c) = (
+            block(40 << 20),
+            block((40 << 20) + 8192),
+            block((40 << 20) + 16384),
+        );
+        let file = |s: &ServerEntry| s.data.join("v1.vol");
+        let (ext, csum) = volume_layout(&file(&primary))?;
+        // Block a: the primary and the second replica; block b: the first replica; block
+        // c's checksum: the second replica. Every block keeps one good copy.
+        flip_byte(&file(&primary), ext + a * 4096 + 11)?;
+        flip_byte(&file(&replicas[1]), ext + a * 4096 + 4000)?;
+        flip_byte(&file(&replicas[0]), ext + b * 4096)?;
+        flip_byte(&file(&replicas[1]), csum + c * 4 + 2)?;
+        let want_repaired = [(&primary, 1u64), (&replicas[0], 1), (&replicas[1], 2)];
+        let mut last = String::new();
+        wait_until(
+            "the scrubs to repair every copy",
+            Duration::from_secs(90),
+            || {
+                let mut done = true;
+                last.clear();
+                for (s, n) in want_repaired {
+                    let v = self.volume_status(s, "v1")?;
+                    let sc = &v["scrub"];
+                    last.push_str(&format!("{}: {sc} ", s.id));
+                    done &= sc["repaired"].as_u64() >= Some(n) && sc["damaged"] == 0;
+                }
+                Ok(done)
+            },
+        )
+        .map_err(|e| format!("{e}; last {last}"))?;
+        self.read_back(&uri1, &self.v1, "scrubbed")?;
+        let want = blockvol::Digest::of_image(&self.v1).0;
+        for s in &copies {
+            let got = self.digest(s, "v1")?;
+            if got != want {
+                return Err(format!(
+                    "after the repairs v1 is {} on {}, oracle {}",
+                    hex(&got),
+                    s.id,
+                    hex(&want)
+                ));
+            }
+        }
+        Ok(found(
+            format!("4 flipped bytes on 3 copies repaired by scrubs ({last})"),
+            "scrub, ReadBlockReq/RepairReq, repair_block",
+            3 * 4096,
+        ))
+    }
 }
 
 fn hex(d: &u128) -> String {
@@ -728,7 +826,9 @@ pub fn run(swblock: &Path, work: &Path) -> Vec<StepReport> {
     let mut reports = Vec::new();
     let start = Instant::now();
     let up = ok(Command::new(swblock)
-        .args(["cluster", "up", "--servers", "3", "--dir"])
+        .args(["cluster", "up", "--servers", "3", "--scrub-interval-s"])
+        .arg(SCRUB_INTERVAL_S.to_string())
+        .arg("--dir")
         .arg(&dir))
     .and_then(|out| {
         serde_json::from_str::<ClusterInfo>(&out).map_err(|e| format!("cluster.json: {e}"))
@@ -817,4 +917,35 @@ pub fn swblock_path() -> Result<PathBuf, Error> {
          swblock` or set SWBLOCK_BIN"
             .into(),
     )
+}
+
+/// The extent and checksum-region offsets of the volume file at `path` (format version 2).
+fn volume_layout(path: &Path) -> Result<(u64, u64), Error> {
+    use blockvol::format::{SB_SLOT_SIZE, Superblock, choose_superblock};
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut img = vec![0u8; 2 * SB_SLOT_SIZE as usize];
+    f.read_exact_at(&mut img, 0)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let a = Superblock::decode(&img[..SB_SLOT_SIZE as usize], 0);
+    let b = Superblock::decode(&img[SB_SLOT_SIZE as usize..], SB_SLOT_SIZE);
+    let sb = choose_superblock(&a, &b)
+        .ok_or_else(|| format!("{}: no valid superblock", path.display()))?
+        .1;
+    Ok((sb.extent_offset, sb.csum_offset()))
+}
+
+/// Flips the byte at `offset` of `path` behind the server's back (media damage: the server
+/// reads through the same page cache).
+fn flip_byte(path: &Path, offset: u64) -> Result<(), Error> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset)
+        .and_then(|()| f.write_all_at(&[b[0] ^ 0x5A], offset))
+        .map_err(|e| format!("{} at {offset}: {e}", path.display()))
 }

@@ -49,6 +49,9 @@ enum ClusterCommand {
         /// (root only; a private 10.77.X.0/24 on a bridge; replication with a cluster secret).
         #[arg(long)]
         netns: Option<String>,
+        /// Seconds between the volume servers' scrub passes (default: theirs, a day).
+        #[arg(long)]
+        scrub_interval_s: Option<u64>,
     },
     /// Stop the processes DIR/cluster.json names.
     Down {
@@ -83,7 +86,8 @@ fn main() -> ExitCode {
                 servers,
                 dir,
                 netns,
-            } => server::cluster::up(&dir, servers, netns.as_deref()).map(|c| {
+                scrub_interval_s,
+            } => server::cluster::up(&dir, servers, netns.as_deref(), scrub_interval_s).map(|c| {
                 println!("{}", c.to_json_pretty());
             }),
             ClusterCommand::Down { dir } => server::cluster::down(&dir),
