@@ -605,15 +605,21 @@ impl RecoveryDriver {
         } else {
             Divergence::NotSearched
         };
+        let mut unusable = None;
         let divergence = match divergence {
             Divergence::Found(d) => Some(d),
             Divergence::NotSearched => None,
             Divergence::Unusable(detail) => {
-                // The usual plans follow (a rebuild, as without the epochs), and the log says
-                // why the point did not help.
-                self.orchestrator
-                    .log()
-                    .record(id, expected, Event::DivergenceUnusable { detail });
+                // The usual plans follow (a rebuild, as without the epochs); the proof and
+                // the log say why the point did not help.
+                self.orchestrator.log().record(
+                    id,
+                    expected,
+                    Event::DivergenceUnusable {
+                        detail: detail.clone(),
+                    },
+                );
+                unusable = Some(detail);
                 None
             }
         };
@@ -649,6 +655,8 @@ impl RecoveryDriver {
         // sender holds by now (another thread may have attached one since a zero gap
         // completed, and cancelling this plan must not touch it).
         let sid = result.session_id;
+        let mut result = result;
+        result.proof.divergence_unusable = unusable;
         let step = match result.outcome {
             Outcome::ZeroGap => PlanStep::InSync,
             Outcome::NeedsRebuild => PlanStep::NeedsRebuild,

@@ -456,6 +456,11 @@ pub struct RecoverabilityProof {
     /// rest of the proof is then for the replica truncated to that point (`replica_flushed_lsn`
     /// is the point), and the plan truncates there before it catches up.
     pub divergence: Option<DivergencePoint>,
+    /// Set when the replica's log differs from the primary's and the epochs it reported did
+    /// not give a point to truncate at: why (below its floor, outside the primary's
+    /// retention, the same LSN and epoch naming different entries). The plan is then the one
+    /// without a point (a rebuild for a divergent tip).
+    pub divergence_unusable: Option<String>,
 }
 
 impl RecoverabilityProof {
@@ -656,6 +661,7 @@ impl RetainedHistory {
             reason,
             anchor: AnchorCheck::NotChecked,
             divergence: None,
+            divergence_unusable: None,
         }
     }
 

@@ -142,6 +142,11 @@ fn a_divergence_below_the_replicas_checkpoint_is_rebuilt() {
         "{}",
         why.event.detail()
     );
+    assert_eq!(
+        plan.proof().unwrap().divergence_unusable.as_deref(),
+        Some(why.event.detail().as_str()),
+        "the proof says why too"
+    );
 }
 
 #[test]
@@ -161,6 +166,11 @@ fn a_divergence_below_the_primarys_retention_is_rebuilt() {
         why.event.detail().contains("already differ at 12"),
         "{}",
         why.event.detail()
+    );
+    assert_eq!(
+        plan.proof().unwrap().divergence_unusable.as_deref(),
+        Some(why.event.detail().as_str()),
+        "the proof says why too"
     );
 }
 
