@@ -550,7 +550,8 @@ pub fn csum_region_len(volume_blocks: u64) -> u64 {
 /// reserved for "the block is all zeros" (what a fresh, trimmed or zeroed block reads as, so a
 /// new volume's zero-filled region needs no initialisation).
 pub fn block_csum(lba: u64, data: &[u8]) -> u32 {
-    let h = xxhash_rust::xxh3::xxh3_64_with_seed(data, lba);
+    // XXH3-64 (twox-hash picks its AVX2 or SSE2 form at run time; the value is the same).
+    let h = twox_hash::XxHash3_64::oneshot_with_seed(lba, data);
     match (h ^ (h >> 32)) as u32 {
         0 => 1,
         c => c,
