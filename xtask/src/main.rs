@@ -39,13 +39,17 @@ tasks:
       failures with --quiet), the totals, faults by kind, recoveries by path and failure
       causes (--verbose adds an example of each); a failing seed prints its violation, its
       last events and the command that replays it. Exits 1 if any seed fails.
-  nemesis [--quick] [--seed S] [--rounds N] [--minutes M] [--json PATH]
-      A master and three volume servers as processes (loopback), a workload writing
+  nemesis [--quick] [--seed S] [--rounds N] [--minutes M] [--faults F[,F]] [--loopback]
+          [--json PATH]
+      A master and three volume servers as processes (as root each in a network namespace
+      of its own, otherwise or with --loopback on loopback), a workload writing
       self-describing blocks through NBD, and seeded faults (kill -9 and restart of a primary
       or replica, a primary paused past its lease, the master killed and restarted, a
-      primary killed and then the replica promoted in its place), each followed by a check:
-      every acknowledged write reads back (or a newer one), copies equal, no pin left,
-      convergence within 90 s. N rounds (default 12, --quick 6) or M minutes. Writes
+      primary killed and then the replica promoted in its place; in namespaces also a host
+      isolated, the primary cut from the master, the cluster split in halves), each followed
+      by a check: every acknowledged write reads back (or a newer one), copies equal, no pin
+      left, no flush acknowledged by a superseded primary, convergence within 90 s. N rounds
+      (default 12, --quick 6) or M minutes; --faults keeps only the named faults. Writes
       target/nemesis-report.json; exits 1 on any violation.
   fuzz TARGET|all|list [--secs N] [--sanitizer none|address]
       Run cargo-fuzz targets from fuzz/ (outside the workspace; needs `cargo install

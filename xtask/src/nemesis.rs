@@ -278,6 +278,9 @@ enum Fault {
     /// Network namespaces only: the primary cut from the master (both directions) past its
     /// lease, while it still reaches its replicas and its clients.
     SplitPrimaryFromMaster,
+    /// Network namespaces only: the four hosts split into two halves of two (the primary
+    /// with the master or with one replica) past the lease.
+    SplitHalves,
 }
 
 impl Fault {
@@ -288,10 +291,11 @@ impl Fault {
         Fault::RestartMaster,
         Fault::KillPromoted,
     ];
-    const NETWORK: [Fault; 3] = [
+    const NETWORK: [Fault; 4] = [
         Fault::IsolatePrimary,
         Fault::IsolateReplica,
         Fault::SplitPrimaryFromMaster,
+        Fault::SplitHalves,
     ];
 
     fn name(self) -> &'static str {
@@ -304,6 +308,7 @@ impl Fault {
             Fault::IsolatePrimary => "isolate_primary",
             Fault::IsolateReplica => "isolate_replica",
             Fault::SplitPrimaryFromMaster => "split_primary_from_master",
+            Fault::SplitHalves => "split_halves",
         }
     }
 }
@@ -616,6 +621,48 @@ fn inject(
             judge_stale(&victim.id, stale, promoted, t);
             Ok(format!("{} {}", fault.name(), victim.id))
         }
+        Fault::SplitHalves => {
+            let n = c.info.netns.as_ref().ok_or("no network namespaces")?;
+            let host = server::netns::Netns::host_of;
+            let others: Vec<String> = std::iter::once("m".to_owned())
+                .chain(
+                    c.servers()
+                        .iter()
+                        .filter(|s| s.id != primary.id)
+                        .map(|s| host(&s.id)),
+                )
+                .collect();
+            let partner = others[rng.below(others.len() as u64) as usize].clone();
+            let near = [host(&primary.id), partner.clone()];
+            let far: Vec<String> = others.into_iter().filter(|h| *h != partner).collect();
+            let cut = |on: bool| -> Result<(), String> {
+                for a in &near {
+                    for b in &far {
+                        n.split(a, b, on).map_err(|e| e.to_string())?;
+                    }
+                }
+                Ok(())
+            };
+            // The primary keeps reaching its clients: one writes to it throughout, and what it
+            // acknowledges after another primary was promoted is a split brain.
+            let stale = stale_client(&primary, w, rng);
+            let hold = rng.millis(6000, 9000);
+            let result = cut(true);
+            let promoted = hold_and_watch(
+                c,
+                &primary.id,
+                if result.is_ok() { hold } else { Duration::ZERO },
+            );
+            // Healed whatever happened (a failed cut may have left some routes).
+            let healed = cut(false);
+            judge_stale(&primary.id, stale, promoted, t);
+            result.and(healed)?;
+            Ok(format!(
+                "split {{{}}} from {{{}}}",
+                near.join(", "),
+                far.join(", ")
+            ))
+        }
         Fault::KillPromoted => {
             c.kill(&primary);
             // Wait (bounded) for the promotion, then kill the promoted server too: two of
@@ -769,6 +816,8 @@ struct Options {
     rounds: u64,
     minutes: Option<u64>,
     json: PathBuf,
+    /// Only these faults (`--faults a,b`), by name.
+    faults: Option<Vec<String>>,
 }
 
 fn parse_args(args: &[String]) -> Result<Options, String> {
@@ -778,6 +827,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         rounds: 12,
         minutes: None,
         json: workspace_root().join("target").join("nemesis-report.json"),
+        faults: None,
     };
     let mut it = args.iter();
     let num = |v: Option<&String>, what: &str| -> Result<u64, String> {
@@ -793,6 +843,22 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             "--rounds" => o.rounds = num(it.next(), "--rounds")?,
             "--minutes" => o.minutes = Some(num(it.next(), "--minutes")?),
             "--json" => o.json = PathBuf::from(it.next().ok_or("--json needs a path")?),
+            "--faults" => {
+                let list = it.next().ok_or("--faults needs fault names")?;
+                let names: Vec<String> = list.split(',').map(str::to_owned).collect();
+                let known: Vec<&str> = Fault::PROCESS
+                    .iter()
+                    .chain(Fault::NETWORK.iter())
+                    .map(|f| f.name())
+                    .collect();
+                if let Some(bad) = names.iter().find(|n| !known.contains(&n.as_str())) {
+                    return Err(format!(
+                        "nemesis: unknown fault {bad}; known: {}",
+                        known.join(", ")
+                    ));
+                }
+                o.faults = Some(names);
+            }
             other => return Err(format!("nemesis: unknown option {other}")),
         }
     }
@@ -897,7 +963,18 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
             } else {
                 Vec::new()
             })
+            .filter(|f| {
+                o.faults
+                    .as_ref()
+                    .is_none_or(|l| l.iter().any(|n| n == f.name()))
+            })
             .collect();
+        if kinds.is_empty() {
+            return Err(format!(
+                "none of the faults {:?} can run here ({network})",
+                o.faults
+            ));
+        }
         let fault = kinds[rng.below(kinds.len() as u64) as usize];
         t.count(fault);
         let what = inject(&c, fault, &mut rng, &w, &mut t)
@@ -953,7 +1030,15 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
         "elapsed_secs": start.elapsed().as_secs_f64(),
         "violations": t.violations(),
         "examples": t.examples,
-        "replay": format!("cargo xtask nemesis --seed {} --rounds {rounds}", o.seed),
+        "replay": format!(
+            "cargo xtask nemesis --seed {} --rounds {rounds}{}{}",
+            o.seed,
+            o.faults
+                .as_ref()
+                .map(|f| format!(" --faults {}", f.join(",")))
+                .unwrap_or_default(),
+            if o.loopback { " --loopback" } else { "" }
+        ),
     });
     if let Some(d) = o.json.parent() {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
