@@ -281,6 +281,9 @@ enum Fault {
     /// Network namespaces only: the four hosts split into two halves of two (the primary
     /// with the master or with one replica) past the lease.
     SplitHalves,
+    /// Root only: a server's data directory (a small file system of its own) filled to the
+    /// last byte, and half the time the server killed and restarted while it is full.
+    FillDisk,
 }
 
 impl Fault {
@@ -291,11 +294,12 @@ impl Fault {
         Fault::RestartMaster,
         Fault::KillPromoted,
     ];
-    const NETWORK: [Fault; 4] = [
+    const NETWORK: [Fault; 5] = [
         Fault::IsolatePrimary,
         Fault::IsolateReplica,
         Fault::SplitPrimaryFromMaster,
         Fault::SplitHalves,
+        Fault::FillDisk,
     ];
 
     fn name(self) -> &'static str {
@@ -309,6 +313,7 @@ impl Fault {
             Fault::IsolateReplica => "isolate_replica",
             Fault::SplitPrimaryFromMaster => "split_primary_from_master",
             Fault::SplitHalves => "split_halves",
+            Fault::FillDisk => "fill_disk",
         }
     }
 }
@@ -663,6 +668,39 @@ fn inject(
                 far.join(", ")
             ))
         }
+        Fault::FillDisk => {
+            let servers = c.servers();
+            let victim = servers
+                .get(rng.below(servers.len() as u64) as usize)
+                .cloned()
+                .ok_or("no server")?;
+            let filler = victim.data.join("filler");
+            let filled = fill(&filler);
+            let restarted = rng.below(2) == 0;
+            let outcome = (|| -> Result<(), String> {
+                filled.as_ref().map_err(Clone::clone)?;
+                if restarted {
+                    c.kill(&victim);
+                    std::thread::sleep(rng.millis(200, 2000));
+                    c.restart(&victim.id)?;
+                }
+                std::thread::sleep(rng.millis(2000, 6000));
+                Ok(())
+            })();
+            // Freed whatever happened.
+            let _ = std::fs::remove_file(&filler);
+            outcome?;
+            Ok(format!(
+                "filled {}'s disk ({} MiB){}",
+                victim.id,
+                filled.unwrap_or(0) >> 20,
+                if restarted {
+                    ", killed and restarted it full"
+                } else {
+                    ""
+                }
+            ))
+        }
         Fault::KillPromoted => {
             c.kill(&primary);
             // Wait (bounded) for the promotion, then kill the promoted server too: two of
@@ -690,6 +728,82 @@ fn inject(
                 primary.id,
                 second.map_or("(none in 30 s)".into(), |s| s.id)
             ))
+        }
+    }
+}
+
+/// Writes zeros to `path` until its file system has no byte left; the bytes written.
+fn fill(path: &Path) -> Result<u64, String> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let big = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    for chunk in [&big[..], &big[..4096]] {
+        loop {
+            match f.write(chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
+    }
+    let _ = f.sync_all();
+    Ok(written)
+}
+
+/// The small file systems (tmpfs) the servers' data directories are mounted on, unmounted
+/// when dropped (after the cluster, which is declared later, is down).
+struct Mounts(Vec<PathBuf>);
+
+impl Mounts {
+    /// Mounts a `size_mib` tmpfs on `dir/vs1`..`dir/vs{n}`.
+    fn create(dir: &Path, n: usize, size_mib: u64) -> Result<Mounts, String> {
+        let mut m = Mounts(Vec::new());
+        for i in 1..=n {
+            let p = dir.join(format!("vs{i}"));
+            std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let out = Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size_mib}m"),
+                    "swblock-nemesis",
+                ])
+                .arg(&p)
+                .output()
+                .map_err(|e| format!("mount: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "mount tmpfs on {}: {}",
+                    p.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            m.0.push(p);
+        }
+        Ok(m)
+    }
+
+    /// Unmounts whatever an earlier, interrupted run left mounted under `dir`.
+    fn clear(dir: &Path) {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let prefix = dir.display().to_string();
+        for line in mounts.lines() {
+            if let Some(p) = line.split_whitespace().nth(1)
+                && p.starts_with(&prefix)
+            {
+                let _ = Command::new("umount").args(["-l", p]).output();
+            }
+        }
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = Command::new("umount").arg("-l").arg(p).output();
         }
     }
 }
@@ -874,11 +988,19 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
         .args(["cluster", "down", "--dir"])
         .arg(&dir)
         .output();
+    Mounts::clear(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     let network = if !o.loopback && server::netns::Netns::available() {
         "netns"
     } else {
         "loopback"
+    };
+    // As root, every server's data directory is a small file system of its own (a 16 MiB
+    // volume and its 64 MiB WAL fit with room), so a fault can fill it.
+    let mounts = if network == "netns" {
+        Some(Mounts::create(&dir, 3, 160)?)
+    } else {
+        None
     };
     let mut up = Command::new(&swblock);
     up.args(["cluster", "up", "--servers", "3", "--dir"])
@@ -1005,6 +1127,7 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
     w.stop.store(true, Ordering::SeqCst);
     let _ = worker.join();
     drop(c);
+    drop(mounts);
     let h = w.history();
     let report = serde_json::json!({
         "seed": o.seed,
