@@ -144,6 +144,12 @@ pub fn volume_json(v: &VolumeInfo) -> serde_json::Value {
         "pins": v.pins,
         "needs_rebuild": v.needs_rebuild,
         "checksum_errors": v.checksum_errors,
+        "acks": v.acks.iter().map(|a| serde_json::json!({
+            "epoch": a.epoch,
+            "count": a.count,
+            "first_unix_ms": a.first_unix_ms,
+            "last_unix_ms": a.last_unix_ms,
+        })).collect::<Vec<_>>(),
         "scrub": {
             "damaged": v.scrub.damaged,
             "found": v.scrub.found,

@@ -341,6 +341,7 @@ mod tests {
                 last_pass_unix: 1_790_000_000,
             },
             checksum_errors: 6,
+            acks: Vec::new(),
         }
     }
 

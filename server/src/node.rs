@@ -153,7 +153,28 @@ struct Ctl {
     /// volume as `NAME.replicas`), if any: a lease renewal, which carries no replica set, may
     /// make this server primary only at that epoch.
     replicas_epoch: Option<u64>,
+    /// The flushes this server acknowledged for the volume, per epoch (since it started).
+    acks: BTreeMap<u64, AckSpan>,
 }
+
+/// The flushes a server acknowledged for a volume at one epoch: how many, the first and the
+/// last (wall clock, milliseconds since the Unix epoch). Two servers acknowledging at the same
+/// epoch, or a server acknowledging at an epoch after another acknowledged at a newer one, is
+/// a split brain; the nemesis reads these from `/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckSpan {
+    /// The epoch.
+    pub epoch: u64,
+    /// Flushes acknowledged.
+    pub count: u64,
+    /// The first one.
+    pub first_unix_ms: u64,
+    /// The last one.
+    pub last_unix_ms: u64,
+}
+
+/// Most epochs a volume keeps `AckSpan`s for (the oldest go first).
+const MAX_ACK_EPOCHS: usize = 64;
 
 /// The replica set of a primary's last full assignment: `epoch=E` then `replica=ID@ADDR` lines.
 fn encode_replicas(epoch: u64, specs: &[ReplicaSpec]) -> String {
@@ -254,6 +275,8 @@ pub struct VolumeInfo {
     pub scrub: v2bridge::ScrubStats,
     /// Extent blocks that failed their checksum on any read since the volume was opened.
     pub checksum_errors: u64,
+    /// The flushes this server acknowledged for the volume, per epoch, oldest first.
+    pub acks: Vec<AckSpan>,
 }
 
 /// Facts a master reads before promoting this server's copy of a volume.
@@ -514,6 +537,7 @@ impl Node {
                 replicator: None,
                 replicas: Vec::new(),
                 replicas_epoch: None,
+                acks: BTreeMap::new(),
             },
         );
         log::info!("volume {name}: created at {}", path.display());
@@ -699,6 +723,22 @@ impl Node {
         };
         // A lease that ran out while the flush waited: the acknowledgement is withheld.
         self.check_io(name)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if let Some(c) = self.lock().get_mut(name) {
+            let span = c.acks.entry(c.epoch).or_insert(AckSpan {
+                epoch: c.epoch,
+                count: 0,
+                first_unix_ms: now,
+                last_unix_ms: now,
+            });
+            span.count += 1;
+            span.last_unix_ms = now;
+            while c.acks.len() > MAX_ACK_EPOCHS {
+                c.acks.pop_first();
+            }
+        }
         Ok(lsn)
     }
 
@@ -759,6 +799,7 @@ impl Node {
                         .map(|l| l.scrub_stats())
                         .unwrap_or_default(),
                     checksum_errors: s.checksum_errors,
+                    acks: c.acks.values().copied().collect(),
                 }
             })
             .collect()
@@ -921,6 +962,7 @@ fn open_volume(dir: &Path, name: &str) -> Result<Ctl, NodeError> {
         replicator: None,
         replicas,
         replicas_epoch,
+        acks: BTreeMap::new(),
     })
 }
 

@@ -331,6 +331,11 @@ struct Tally {
     unconverged: u64,
     /// Flushes a superseded primary acknowledged after another was promoted.
     split_brain: u64,
+    /// Per (server, epoch): the first and last flush the server says it acknowledged
+    /// (`/status` `acks`, wall-clock ms), merged over the run.
+    acks: std::collections::BTreeMap<(String, u64), (u64, u64)>,
+    /// Epochs in which the servers' own records show two primaries acknowledging.
+    split_epochs: std::collections::BTreeSet<u64>,
     longest_convergence: Duration,
     /// The first few violations, for people.
     examples: Vec<String>,
@@ -353,6 +358,7 @@ impl Tally {
             + self.pins_left
             + self.unconverged
             + self.split_brain
+            + self.split_epochs.len() as u64
     }
 
     fn count(&mut self, f: Fault) {
@@ -808,8 +814,66 @@ impl Drop for Mounts {
     }
 }
 
+/// Reads every server's record of the flushes it acknowledged, per epoch, and flags a split
+/// brain: two servers acknowledging at one epoch, or a server acknowledging at an epoch after
+/// another server had acknowledged at a newer one (all processes share this machine's clock).
+fn judge_acks(c: &Cluster, t: &mut Tally, round: u64) {
+    for s in c.servers() {
+        let Some(st) = c.status(&s) else { continue };
+        for a in st["acks"].as_array().into_iter().flatten() {
+            let (Some(e), Some(first), Some(last)) = (
+                a["epoch"].as_u64(),
+                a["first_unix_ms"].as_u64(),
+                a["last_unix_ms"].as_u64(),
+            ) else {
+                continue;
+            };
+            let span = t.acks.entry((s.id.clone(), e)).or_insert((first, last));
+            span.0 = span.0.min(first);
+            span.1 = span.1.max(last);
+        }
+    }
+    for (epoch, what) in split_brains(&t.acks) {
+        if t.split_epochs.insert(epoch) {
+            t.violation(format!("round {round}: split brain: {what}"));
+        }
+    }
+}
+
+/// The epochs (with what happened) in which the acknowledgement spans per (server, epoch)
+/// show a split brain: two servers at one epoch, or a server acknowledging at an epoch after
+/// another had acknowledged at a newer one.
+fn split_brains(
+    acks: &std::collections::BTreeMap<(String, u64), (u64, u64)>,
+) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    for ((a, ea), (a_first, a_last)) in acks {
+        for ((b, eb), (b_first, _)) in acks {
+            if a < b && ea == eb {
+                out.push((
+                    *ea,
+                    format!(
+                        "{a} and {b} both acknowledged flushes at epoch {ea} (from {a_first} \
+                         and {b_first} ms)"
+                    ),
+                ));
+            } else if ea < eb && a_last > b_first {
+                out.push((
+                    *ea,
+                    format!(
+                        "{a} acknowledged a flush at epoch {ea} at {a_last} ms, after {b} had \
+                         acknowledged one at epoch {eb} at {b_first} ms"
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Checks the cluster after a heal (the workload parked).
 fn check(c: &Cluster, w: &Workload, t: &mut Tally, round: u64) {
+    judge_acks(c, t, round);
     let (primary, took) = match c.converge() {
         Ok(p) => p,
         Err(e) => {
@@ -1149,6 +1213,12 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
         "pins_left": t.pins_left,
         "unconverged": t.unconverged,
         "split_brain_acks": t.split_brain,
+        "split_brain_epochs": t.split_epochs,
+        "ack_spans": t
+            .acks
+            .iter()
+            .map(|((s, e), (f, l))| serde_json::json!({"server": s, "epoch": e, "first_unix_ms": f, "last_unix_ms": l}))
+            .collect::<Vec<_>>(),
         "longest_convergence_secs": t.longest_convergence.as_secs_f64(),
         "elapsed_secs": start.elapsed().as_secs_f64(),
         "violations": t.violations(),
@@ -1189,6 +1259,35 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_brains_are_found_in_the_servers_acknowledgement_spans() {
+        let spans = |v: &[(&str, u64, u64, u64)]| {
+            v.iter()
+                .map(|(s, e, f, l)| (((*s).to_owned(), *e), (*f, *l)))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        // A clean handover: vs1 at epoch 1 until 1000, vs2 at epoch 2 from 5000, vs1 back as
+        // primary at epoch 3 later still.
+        let clean = spans(&[
+            ("vs1", 1, 10, 1000),
+            ("vs2", 2, 5000, 9000),
+            ("vs1", 3, 9500, 9900),
+        ]);
+        assert!(split_brains(&clean).is_empty());
+        // The old primary acknowledged after the new one had.
+        let late = spans(&[("vs1", 1, 10, 6000), ("vs2", 2, 5000, 9000)]);
+        let found = split_brains(&late);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, 1);
+        assert!(found[0].1.contains("after vs2"), "{}", found[0].1);
+        // Two primaries at one epoch, whenever.
+        let twice = spans(&[("vs1", 4, 10, 20), ("vs3", 4, 30, 40)]);
+        assert_eq!(
+            split_brains(&twice).iter().map(|f| f.0).collect::<Vec<_>>(),
+            vec![4]
+        );
+    }
 
     #[test]
     fn blocks_name_their_write_and_a_torn_block_is_caught() {
