@@ -439,3 +439,76 @@ fn a_scrub_pass_repairs_each_copy_from_the_other_and_reports_a_block_damaged_on_
     a.shutdown();
     b.shutdown();
 }
+
+/// Issue 15's divergence-point test between two servers over TCP: the old primary comes back
+/// with 20 entries the new primary never had, below the new primary's committed point; it is
+/// truncated where the logs part and caught up with the new primary's 30 entries, with no
+/// image moved, and holds the new primary's bytes.
+#[test]
+fn an_old_primary_with_a_divergent_tail_is_truncated_at_the_divergence_point_not_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "vs1");
+    let b = node(dir.path(), "vs2");
+    // best_effort: the new primary commits without its replica, so the old primary's tail
+    // ends below the new committed point (the case a truncation to committed cannot fix).
+    for n in [&a, &b] {
+        n.allocate("v1", meta(DurabilityMode::BestEffort)).unwrap();
+    }
+    b.apply(&replica("v1", 1)).unwrap();
+    a.apply(&primary("v1", 1, 60_000, &[(&b, "vs2")])).unwrap();
+    let (va, _) = a.primary("v1").unwrap();
+    for i in 0..64u64 {
+        va.write(Lba(i), &block(i as u8 + 1)).unwrap();
+    }
+    a.notify("v1");
+    a.flush("v1").unwrap();
+    wait_for("the replica at 64", || b.inventory()[0].head >= 64);
+    // The replica's server goes away; the primary takes 20 writes nobody else gets.
+    b.shutdown();
+    drop(b);
+    for i in 0..20u64 {
+        va.write(Lba(200 + i), &block(0xA0)).unwrap();
+    }
+    va.sync().unwrap();
+    assert_eq!(va.status().head.0, 84);
+    drop(va);
+    // Failover: vs2 comes back and is promoted at epoch 2; vs1 is its replica, kept away
+    // until the new primary has committed 30 writes of its own.
+    let b = node(dir.path(), "vs2");
+    a.apply(&replica("v1", 2)).unwrap();
+    b.apply(&primary("v1", 2, 60_000, &[])).unwrap();
+    let (vb, _) = b.primary("v1").unwrap();
+    for i in 0..30u64 {
+        vb.write(Lba(300 + i), &block(0xB0)).unwrap();
+    }
+    b.flush("v1").unwrap();
+    assert_eq!(vb.status().head.0, 94);
+    // Now with vs1 as its replica (a full assignment at the same epoch).
+    b.apply(&primary("v1", 2, 60_000, &[(&a, "vs1")])).unwrap();
+    b.notify("v1");
+    wait_for("vs1 in sync at 94", || {
+        b.inventory()[0].replica_states.first().is_some_and(|r| {
+            r.state == transport::stream::StreamState::Streaming && r.durable.0 >= 94
+        })
+    });
+    let r = b.inventory()[0].replica_states[0].clone();
+    assert_eq!(
+        (r.rebuilds, r.base_bytes_sent),
+        (0, 0),
+        "no image moved: {r:?}"
+    );
+    assert!(r.catch_ups >= 1, "{r:?}");
+    // vs1 holds vs2's bytes: its 20 writes are gone, vs2's 30 are there.
+    assert_eq!(replica_digest(&a), vb.digest().unwrap());
+    let mut remote = transport::net::RemoteReplica::connect(
+        a.repl_addr(),
+        "v1",
+        &transport::net::ClientConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(remote.read_block(Lba(200), 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(remote.read_block(Lba(300), 4096).unwrap(), block(0xB0));
+    remote.close("done");
+    a.shutdown();
+    b.shutdown();
+}
