@@ -409,14 +409,7 @@ impl Medium for FileMedium {
         if sys::zero_range(&self.file, off, len)? {
             return Ok(());
         }
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], off + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeros(&self.file, off, len)
     }
 
     fn start_writeback(&self, off: u64, len: u64) {
@@ -442,4 +435,17 @@ impl Medium for FileMedium {
     fn next_hole(&self, off: u64) -> io::Result<u64> {
         sys::seek_hole(&self.file, off)
     }
+}
+
+/// Writes `len` zero bytes at `off` of `file`, 1 MiB at a time (where a file system cannot
+/// zero a range itself).
+pub(crate) fn write_zeros(file: &File, off: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], off + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }

@@ -198,14 +198,7 @@ impl Medium for PlainFile {
     }
 
     fn zero_range(&self, off: u64, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], off + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        crate::medium::write_zeros(&self.file, off, len)
     }
 
     fn describe(&self) -> String {

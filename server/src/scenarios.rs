@@ -920,7 +920,7 @@ pub fn swblock_path() -> Result<PathBuf, Error> {
 }
 
 /// The extent and checksum-region offsets of the volume file at `path` (format version 2).
-fn volume_layout(path: &Path) -> Result<(u64, u64), Error> {
+pub fn volume_layout(path: &Path) -> Result<(u64, u64), Error> {
     use blockvol::format::{SB_SLOT_SIZE, Superblock, choose_superblock};
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -937,7 +937,7 @@ fn volume_layout(path: &Path) -> Result<(u64, u64), Error> {
 
 /// Flips the byte at `offset` of `path` behind the server's back (media damage: the server
 /// reads through the same page cache).
-fn flip_byte(path: &Path, offset: u64) -> Result<(), Error> {
+pub fn flip_byte(path: &Path, offset: u64) -> Result<(), Error> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .read(true)

@@ -284,31 +284,12 @@ fn with_a_cluster_secret_the_replicator_proves_it_to_its_replicas() {
     b.shutdown();
 }
 
-/// Extent and checksum-region offsets of a version 2 volume file.
 fn layout(path: &std::path::Path) -> (u64, u64) {
-    use blockvol::format::{SB_SLOT_SIZE, Superblock, choose_superblock};
-    let img = std::fs::read(path).unwrap();
-    let a = Superblock::decode(&img[..SB_SLOT_SIZE as usize], 0);
-    let b = Superblock::decode(
-        &img[SB_SLOT_SIZE as usize..2 * SB_SLOT_SIZE as usize],
-        SB_SLOT_SIZE,
-    );
-    let sb = choose_superblock(&a, &b).expect("a superblock").1;
-    (sb.extent_offset, sb.csum_offset())
+    server::scenarios::volume_layout(path).unwrap()
 }
 
-/// Flips the byte at `offset` of `path` behind the server's back (the page cache the server
-/// reads through sees it at once).
 fn flip(path: &std::path::Path, offset: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, offset).unwrap();
-    f.write_all_at(&[b[0] ^ 0x5A], offset).unwrap();
+    server::scenarios::flip_byte(path, offset).unwrap();
 }
 
 #[test]
