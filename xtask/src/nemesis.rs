@@ -99,6 +99,9 @@ struct History {
     issued: Vec<Vec<u64>>,
     /// Per block: the highest write ID a flush acknowledged (0: none).
     acked: Vec<u64>,
+    /// Writes sent to a superseded primary after another server had taken over as primary:
+    /// none of them may ever be read back.
+    superseded: std::collections::BTreeSet<u64>,
     writes_sent: u64,
     writes_acked: u64,
     flushes_acked: u64,
@@ -203,7 +206,15 @@ fn run_workload(w: &Workload, swblock: &Path, master: &str, seed: u64) {
 /// acknowledgement arrived.
 struct StaleClient {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<Instant>>,
+    thread: std::thread::JoinHandle<StaleRecord>,
+}
+
+/// What a stale client did: when each acknowledgement arrived, and each write it sent (ID,
+/// when it was sent).
+#[derive(Default)]
+struct StaleRecord {
+    acks: Vec<Instant>,
+    writes: Vec<(u64, Instant)>,
 }
 
 impl StaleClient {
@@ -212,7 +223,7 @@ impl StaleClient {
         let (w, halt) = (Arc::clone(w), Arc::clone(&stop));
         let thread = std::thread::spawn(move || {
             let mut rng = Rng::new(seed ^ 0x0057_a1e0);
-            let mut acks = Vec::new();
+            let mut rec = StaleRecord::default();
             let mut client: Option<NbdClient> = None;
             while !halt.load(Ordering::SeqCst) {
                 let Some(c) = client.as_mut() else {
@@ -226,10 +237,11 @@ impl StaleClient {
                 let block = BLOCKS - STALE_BLOCKS + rng.below(STALE_BLOCKS);
                 let id = w.next_id.fetch_add(1, Ordering::SeqCst);
                 w.history().issued[block as usize].push(id);
+                rec.writes.push((id, Instant::now()));
                 let ok =
                     c.write(block * BLOCK as u64, &pattern(block, id)).is_ok() && c.flush().is_ok();
                 if ok {
-                    acks.push(Instant::now());
+                    rec.acks.push(Instant::now());
                     let mut h = w.history();
                     let a = &mut h.acked[block as usize];
                     *a = (*a).max(id);
@@ -238,29 +250,52 @@ impl StaleClient {
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
-            acks
+            rec
         });
         StaleClient { stop, thread }
     }
 
-    /// Stops it; the times of the acknowledgements it got.
-    fn finish(self) -> Vec<Instant> {
+    /// Stops it; what it did.
+    fn finish(self) -> StaleRecord {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().unwrap_or_default()
     }
 }
 
-/// Holds a fault on `old` primary for `hold`, noting when the master names another primary.
-fn hold_and_watch(c: &Cluster, old: &str, hold: Duration) -> Option<Instant> {
+/// When, during a fault on the old primary, another primary was named and took over.
+#[derive(Copy, Clone, Default)]
+struct Takeover {
+    /// The master named another primary.
+    promoted: Option<Instant>,
+    /// Another server reported itself primary (it holds the newer epoch from then on: the old
+    /// primary's epoch can change nothing on it).
+    took_over: Option<Instant>,
+}
+
+/// Holds a fault on `old` primary for `hold`, noting when the master names another primary
+/// and when that server says it is primary.
+fn hold_and_watch(c: &Cluster, old: &str, hold: Duration) -> Takeover {
     let end = Instant::now() + hold;
-    let mut promoted = None;
+    let mut seen = Takeover::default();
     while Instant::now() < end {
-        if promoted.is_none() && c.primary().is_some_and(|p| p != old) {
-            promoted = Some(Instant::now());
+        if seen.promoted.is_none() && c.primary().is_some_and(|p| p != old) {
+            seen.promoted = Some(Instant::now());
+        }
+        if seen.took_over.is_none() {
+            let asked = Instant::now();
+            let other_primary = c.servers().iter().filter(|s| s.id != old).any(|s| {
+                c.status(s)
+                    .is_some_and(|v| v["role"] == "primary" && v["has_lease"] == true)
+            });
+            if other_primary {
+                // The status was read some time in [asked, now]: the earlier bound is the
+                // safe one to judge writes sent after it.
+                seen.took_over = Some(asked.max(seen.promoted.unwrap_or(asked)));
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    promoted
+    seen
 }
 
 /// The faults the nemesis injects.
@@ -329,6 +364,13 @@ struct Tally {
     diverged: u64,
     pins_left: u64,
     unconverged: u64,
+    /// Writes a stale client sent to a superseded primary after another had taken over.
+    superseded_sent: u64,
+    /// Such writes read back: a write of a superseded epoch was applied.
+    superseded_applied: u64,
+    /// Checker attempts that failed to observe (a refused or cut read-back) and were retried
+    /// after converging again.
+    check_retries: u64,
     /// Flushes a superseded primary acknowledged after another was promoted.
     split_brain: u64,
     /// Per (server, epoch): the first and last flush the server says it acknowledged
@@ -358,6 +400,7 @@ impl Tally {
             + self.pins_left
             + self.unconverged
             + self.split_brain
+            + self.superseded_applied
             + self.split_epochs.len() as u64
     }
 
@@ -523,12 +566,24 @@ fn stale_client(primary: &ServerEntry, w: &Arc<Workload>, rng: &mut Rng) -> Opti
 
 /// After the fault on `old` healed: a flush it acknowledged after another primary was
 /// promoted is a split brain (its lease had run out before the master promoted anyone).
-fn judge_stale(old: &str, stale: Option<StaleClient>, promoted: Option<Instant>, t: &mut Tally) {
+///
+/// A write it sent after another server had taken over (reported itself primary with a lease)
+/// must never be read back: that server refuses the old epoch, and the old primary's own tail
+/// is cut at the divergence point when it rejoins. The checker looks for them in every later
+/// read-back.
+fn judge_stale(old: &str, stale: Option<StaleClient>, seen: Takeover, w: &Workload, t: &mut Tally) {
     let Some(stale) = stale else { return };
     // Give the old primary time to answer what waited on it, then stop the client.
     std::thread::sleep(Duration::from_secs(2));
-    let acks = stale.finish();
-    if let Some(p) = promoted {
+    let StaleRecord { acks, writes } = stale.finish();
+    if let Some(at) = seen.took_over {
+        let mut h = w.history();
+        for (id, _) in writes.iter().filter(|(_, sent)| *sent > at) {
+            h.superseded.insert(*id);
+        }
+        t.superseded_sent += writes.iter().filter(|(_, sent)| *sent > at).count() as u64;
+    }
+    if let Some(p) = seen.promoted {
         let late = acks.iter().filter(|a| **a > p).count();
         if late > 0 {
             t.split_brain += late as u64;
@@ -581,7 +636,7 @@ fn inject(
             c.signal(primary.pid, "-STOP");
             let promoted = hold_and_watch(c, &primary.id, rng.millis(6000, 9000));
             c.signal(primary.pid, "-CONT");
-            judge_stale(&primary.id, stale, promoted, t);
+            judge_stale(&primary.id, stale, promoted, w, t);
             Ok(format!("paused primary {}", primary.id))
         }
         Fault::RestartMaster => {
@@ -629,7 +684,7 @@ fn inject(
             cut(true).map_err(|e| e.to_string())?;
             let promoted = hold_and_watch(c, &victim.id, hold);
             cut(false).map_err(|e| e.to_string())?;
-            judge_stale(&victim.id, stale, promoted, t);
+            judge_stale(&victim.id, stale, promoted, w, t);
             Ok(format!("{} {}", fault.name(), victim.id))
         }
         Fault::SplitHalves => {
@@ -666,7 +721,7 @@ fn inject(
             );
             // Healed whatever happened (a failed cut may have left some routes).
             let healed = cut(false);
-            judge_stale(&primary.id, stale, promoted, t);
+            judge_stale(&primary.id, stale, promoted, w, t);
             result.and(healed)?;
             Ok(format!(
                 "split {{{}}} from {{{}}}",
@@ -872,32 +927,87 @@ fn split_brains(
 }
 
 /// Checks the cluster after a heal (the workload parked).
+/// How many times the checker converges again after a read-back or digest request failed on
+/// the wire (a lease that ran out between convergence and the read: the primary rightly
+/// refuses NBD then). Only a failure on every attempt is a violation; data read back is judged
+/// once, whatever attempt read it.
+const CHECK_ATTEMPTS: u32 = 3;
+
+/// What one attempt of the checker read from a converged cluster.
+struct Observed {
+    primary: ServerEntry,
+    took: Duration,
+    digests: Vec<(String, u128)>,
+    data: Vec<u8>,
+}
+
+/// Converges, then reads every copy's digest and every block from the primary. An error is
+/// a failure to observe (connection refused or cut), not a judgement of the data.
+fn observe(c: &Cluster) -> Result<Observed, String> {
+    let (primary, took) = c.converge()?;
+    let mut digests = Vec::new();
+    for s in c.servers() {
+        digests.push((s.id.clone(), c.digest(&s)?));
+    }
+    let (_, addr) = primary_addr(&c.swblock, &c.info.master)
+        .ok_or_else(|| "no NBD address for the primary".to_owned())?;
+    let mut client = NbdClient::connect(addr, VOLUME, Duration::from_secs(5))
+        .map_err(|e| format!("connect to the primary: {e}"))?;
+    const SPAN: u64 = 64;
+    let mut data = Vec::with_capacity(BLOCKS as usize * BLOCK);
+    for first in (0..BLOCKS).step_by(SPAN as usize) {
+        let d = client
+            .read(first * BLOCK as u64, (SPAN as usize * BLOCK) as u32)
+            .map_err(|e| format!("read at block {first}: {e}"))?;
+        data.extend_from_slice(&d);
+    }
+    client.disconnect();
+    Ok(Observed {
+        primary,
+        took,
+        digests,
+        data,
+    })
+}
+
 fn check(c: &Cluster, w: &Workload, t: &mut Tally, round: u64) {
     judge_acks(c, t, round);
-    let (primary, took) = match c.converge() {
-        Ok(p) => p,
-        Err(e) => {
-            t.unconverged += 1;
-            t.violation(format!("round {round}: {e}"));
-            return;
+    let mut attempt = 0;
+    let seen = loop {
+        attempt += 1;
+        match observe(c) {
+            Ok(o) => break o,
+            Err(e) if attempt < CHECK_ATTEMPTS => {
+                t.check_retries += 1;
+                eprintln!(
+                    "round {round}: checker attempt {attempt} failed ({e}); converging again"
+                );
+            }
+            Err(e) => {
+                t.unconverged += 1;
+                t.violation(format!("round {round}: after {attempt} attempts: {e}"));
+                return;
+            }
         }
     };
+    let Observed {
+        primary,
+        took,
+        digests,
+        data,
+    } = seen;
     t.longest_convergence = t.longest_convergence.max(took);
     // Every copy has the primary's bytes.
     let servers = c.servers();
-    let digests: Vec<(String, Result<u128, String>)> = servers
-        .iter()
-        .map(|s| (s.id.clone(), c.digest(s)))
-        .collect();
     let want = digests
         .iter()
         .find(|(id, _)| *id == primary.id)
-        .and_then(|(_, d)| d.clone().ok());
+        .map(|(_, d)| *d);
     for (id, d) in &digests {
-        if d.as_ref().ok() != want.as_ref() {
+        if Some(*d) != want {
             t.diverged += 1;
             t.violation(format!(
-                "round {round}: copy on {id} has digest {d:?}, the primary {} has {want:?}",
+                "round {round}: copy on {id} has digest {d:032x}, the primary {} has {want:?}",
                 primary.id
             ));
         }
@@ -928,63 +1038,45 @@ fn check(c: &Cluster, w: &Workload, t: &mut Tally, round: u64) {
         ));
     }
     // Every block as the workload left it.
-    let Some((_, addr)) = primary_addr(&c.swblock, &c.info.master) else {
-        t.unconverged += 1;
-        t.violation(format!("round {round}: no NBD address for the primary"));
-        return;
-    };
-    let mut client = match NbdClient::connect(addr, VOLUME, Duration::from_secs(5)) {
-        Ok(cl) => cl,
-        Err(e) => {
-            t.unconverged += 1;
-            t.violation(format!("round {round}: connect to the primary: {e}"));
-            return;
-        }
-    };
     let h = w.history();
-    const SPAN: u64 = 64;
-    for first in (0..BLOCKS).step_by(SPAN as usize) {
-        let data = match client.read(first * BLOCK as u64, (SPAN as usize * BLOCK) as u32) {
-            Ok(d) => d,
-            Err(e) => {
-                t.unconverged += 1;
-                t.violation(format!("round {round}: read at block {first}: {e}"));
-                return;
+    for (i, buf) in data.chunks(BLOCK).enumerate() {
+        let b = i as u64;
+        let acked = h.acked[i];
+        let issued = &h.issued[i];
+        match parse(buf) {
+            Ok(None) if acked > 0 => {
+                t.lost += 1;
+                t.violation(format!(
+                    "round {round}: block {b} reads zeros, write {acked} was acknowledged"
+                ));
             }
-        };
-        for (i, buf) in data.chunks(BLOCK).enumerate() {
-            let b = first + i as u64;
-            let acked = h.acked[b as usize];
-            let issued = &h.issued[b as usize];
-            match parse(buf) {
-                Ok(None) if acked > 0 => {
-                    t.lost += 1;
-                    t.violation(format!(
-                        "round {round}: block {b} reads zeros, write {acked} was acknowledged"
-                    ));
-                }
-                Ok(None) => {}
-                Ok(Some((bb, id))) if bb != b || issued.binary_search(&id).is_err() => {
-                    t.phantom += 1;
-                    t.violation(format!(
-                        "round {round}: block {b} holds write {id} of block {bb}, never issued here"
-                    ));
-                }
-                Ok(Some((_, id))) if id < acked => {
-                    t.stale += 1;
-                    t.violation(format!(
-                        "round {round}: block {b} holds write {id}, older than acknowledged {acked}"
-                    ));
-                }
-                Ok(Some(_)) => {}
-                Err(e) => {
-                    t.torn += 1;
-                    t.violation(format!("round {round}: block {b}: {e}"));
-                }
+            Ok(None) => {}
+            Ok(Some((bb, id))) if bb != b || issued.binary_search(&id).is_err() => {
+                t.phantom += 1;
+                t.violation(format!(
+                    "round {round}: block {b} holds write {id} of block {bb}, never issued here"
+                ));
+            }
+            Ok(Some((_, id))) if h.superseded.contains(&id) => {
+                t.superseded_applied += 1;
+                t.violation(format!(
+                    "round {round}: block {b} holds write {id}, sent to a superseded primary \
+                     after another had taken over"
+                ));
+            }
+            Ok(Some((_, id))) if id < acked => {
+                t.stale += 1;
+                t.violation(format!(
+                    "round {round}: block {b} holds write {id}, older than acknowledged {acked}"
+                ));
+            }
+            Ok(Some(_)) => {}
+            Err(e) => {
+                t.torn += 1;
+                t.violation(format!("round {round}: block {b}: {e}"));
             }
         }
     }
-    client.disconnect();
 }
 
 struct Options {
@@ -1212,6 +1304,9 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
         "diverged_replicas": t.diverged,
         "pins_left": t.pins_left,
         "unconverged": t.unconverged,
+        "check_retries": t.check_retries,
+        "superseded_writes_sent": t.superseded_sent,
+        "superseded_writes_applied": t.superseded_applied,
         "split_brain_acks": t.split_brain,
         "split_brain_epochs": t.split_epochs,
         "ack_spans": t
