@@ -145,6 +145,7 @@ mod net;
 pub mod oracle;
 pub mod rng;
 mod runner;
+pub mod stream;
 mod world;
 
 use std::collections::BTreeMap;

@@ -24,7 +24,10 @@ use engine::{
     RecoveryDriver, ReplicaAssignment, ReplicaId, SessionKind,
 };
 use v2bridge::convert::{handshake, to_engine};
-use v2bridge::{ApplyRequest, BarrierRequest, BlockVolStorage, BridgeIo, Lineage, ReplicaTarget};
+use v2bridge::{
+    ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BlockVolStorage, BridgeIo, Lineage,
+    ReplicaTarget,
+};
 
 use crate::net::{ClientConfig, RemoteReplica};
 
@@ -491,36 +494,35 @@ impl Replicator {
             )));
         }
         let mut st = sh.lock();
-        let needed = mode.replicas_required(st.slots.len());
         let start = Instant::now();
-        loop {
-            let durable = st
+        let committed = loop {
+            let slots: Vec<(&StreamState, Lsn)> = st
                 .slots
                 .iter()
-                .filter(|s| s.status.state == StreamState::Streaming && s.status.durable >= lsn)
-                .count();
-            if durable >= needed {
-                break;
-            }
-            // Replicas that can still make it: those not degraded.
-            let out: Vec<String> = st
-                .slots
-                .iter()
-                .filter_map(|s| match &s.status.state {
-                    StreamState::Degraded(why) => Some(format!("{}: {why}", s.spec.id)),
-                    _ => None,
-                })
+                .map(|s| (&s.status.state, s.status.durable))
                 .collect();
-            let available = st.slots.len() - out.len();
-            if available < needed {
-                return Err(FlushError::ReplicasUnavailable {
-                    mode: mode.as_str(),
-                    lsn,
-                    needed,
-                    available,
-                    detail: out.join("; "),
-                });
-            }
+            let (durable, needed) = match verdict(mode, &slots, lsn) {
+                Verdict::Met { committed, .. } => break committed,
+                Verdict::Unavailable { needed, available } => {
+                    // Which are out, and why.
+                    let out: Vec<String> = st
+                        .slots
+                        .iter()
+                        .filter_map(|s| match &s.status.state {
+                            StreamState::Degraded(why) => Some(format!("{}: {why}", s.spec.id)),
+                            _ => None,
+                        })
+                        .collect();
+                    return Err(FlushError::ReplicasUnavailable {
+                        mode: mode.as_str(),
+                        lsn,
+                        needed,
+                        available,
+                        detail: out.join("; "),
+                    });
+                }
+                Verdict::Wait { durable, needed } => (durable, needed),
+            };
             let waited = start.elapsed();
             if waited >= sh.config.flush_timeout || st.stop {
                 return Err(FlushError::Timeout {
@@ -537,20 +539,6 @@ impl Replicator {
                 .wait_timeout(st, left.min(Duration::from_millis(200)))
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
-        }
-        // The committed point is what the mode proved: the needed-th highest durable replica
-        // LSN (capped by the primary's own), or the primary's for best effort.
-        let committed = if needed == 0 {
-            lsn
-        } else {
-            let mut d: Vec<Lsn> = st
-                .slots
-                .iter()
-                .filter(|s| s.status.state == StreamState::Streaming)
-                .map(|s| s.status.durable)
-                .collect();
-            d.sort_unstable_by(|a, b| b.cmp(a));
-            d.get(needed - 1).copied().unwrap_or(Lsn(0)).min(lsn)
         };
         drop(st);
         if committed > sh.primary.status().committed {
@@ -606,9 +594,9 @@ fn ship(sh: &Shared, i: usize) {
     let mut backoff = sh.config.min_backoff;
     while !sh.stopped() {
         sh.update(i, |s| s.state = StreamState::Joining);
-        let result = join(sh, i).and_then(|(conn, lineage, tip)| {
+        let result = join(sh, i).and_then(|link| {
             backoff = sh.config.min_backoff;
-            stream(sh, i, conn, lineage, tip)
+            stream(sh, i, link)
         });
         let Err(why) = result else {
             return;
@@ -632,24 +620,75 @@ fn replica_id(spec: &ReplicaSpec) -> Result<ReplicaId, String> {
     ReplicaId::new(&spec.id).map_err(|e| e.to_string())
 }
 
+// ---- the stream's protocol, driven by a caller -------------------------------------------------
+//
+// The pieces below are everything the stream decides: how a replica joins (through the
+// engine), what a batch is and how its reply is checked, what a barrier asks and proves, and
+// when a flush may be acknowledged. The `Replicator` drives them from its shipper threads over
+// TCP; the deterministic simulator (`swblock::sim::stream`) drives the very same functions
+// from its event loop over simulated connections carrying the real codec's frames.
+
+/// What a join needs of the primary side.
+pub struct JoinCtx<'a> {
+    /// The primary's volume.
+    pub primary: &'a Arc<Volume>,
+    /// Its storage adapter (the driver's).
+    pub storage: &'a Arc<BlockVolStorage>,
+    /// The engine driver the join plans through.
+    pub driver: &'a RecoveryDriver,
+    /// The lineage driver of this run of the stream.
+    pub run_driver: &'a str,
+    /// The primary's epoch.
+    pub epoch: u64,
+    /// Options of the recoveries a join runs.
+    pub recovery: ExecutorOptions,
+    /// Every replica of the volume (an assignment names them all).
+    pub replicas: &'a [ReplicaSpec],
+}
+
+/// What a join tells its caller as it goes (every method has a default that does nothing).
+pub trait JoinHooks {
+    /// Between two steps of a recovery (a caller that stops cancels the session here).
+    fn on_step(&self, _replica: &ReplicaId, _step: &engine::StepInfo) {}
+    /// A recovery starts on `path` with `entries_total` entries to apply; the counters it
+    /// should report progress into, if any.
+    fn started(&self, _path: &'static str, _entries_total: u64) -> Option<Arc<v2bridge::Progress>> {
+        None
+    }
+    /// A recovery on `path` finished.
+    fn recovered(&self, _path: &'static str) {}
+    /// A rebuild is planned (its plan holds its own image) or finished.
+    fn rebuild_planned(&self) {}
+    /// A rebuild ended (well or not) having sent and skipped these image bytes.
+    fn rebuild_bytes(&self, _sent: u64, _resumed: u64) {}
+}
+
+/// Hooks that do nothing.
+pub struct NoHooks;
+
+impl JoinHooks for NoHooks {}
+
 /// The assignment that names every replica of the volume, asking for `kind` on replica `i`.
-fn assign(sh: &Shared, i: usize, kind: SessionKind) -> Result<(), String> {
-    let specs: Vec<ReplicaSpec> = sh.lock().slots.iter().map(|s| s.spec.clone()).collect();
-    let mut replicas = Vec::with_capacity(specs.len());
-    for spec in &specs {
+fn assign_replica(ctx: &JoinCtx<'_>, i: usize, kind: SessionKind) -> Result<(), String> {
+    let mut replicas = Vec::with_capacity(ctx.replicas.len());
+    for spec in ctx.replicas {
         let addr = spec.addr.to_string();
         replicas.push(ReplicaAssignment {
             replica_id: replica_id(spec)?,
             endpoint: Endpoint::new(&addr, &addr, 1),
         });
     }
+    let spec = ctx
+        .replicas
+        .get(i)
+        .ok_or_else(|| format!("no replica {i}"))?;
     let intent = AssignmentIntent {
         replicas,
-        epoch: Epoch(sh.config.epoch),
-        recovery_targets: [(replica_id(&specs[i])?, kind)].into(),
+        epoch: Epoch(ctx.epoch),
+        recovery_targets: [(replica_id(spec)?, kind)].into(),
         catch_up_budget: None,
     };
-    let res = sh
+    let res = ctx
         .driver
         .orchestrator()
         .process_assignment(&intent)
@@ -660,61 +699,49 @@ fn assign(sh: &Shared, i: usize, kind: SessionKind) -> Result<(), String> {
     Ok(())
 }
 
-/// Connects and brings the replica to a point the stream can continue from, through the
-/// engine; returns the connection, the lineage to stream under and the replica's tip.
-fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), String> {
-    let spec = sh.lock().slots[i].spec.clone();
-    let id = replica_id(&spec)?;
-    let connect = || {
-        RemoteReplica::connect(spec.addr, &spec.volume, &sh.config.client)
-            .map_err(|e| e.to_string())
-    };
-    let mut conn = connect()?;
-    assign(sh, i, SessionKind::CatchUp)?;
+/// A replica that joined: the link to stream on, and the path its join took (`in_sync`,
+/// `prefix`, `catch_up`, `truncate` or `rebuild`).
+pub struct Joined<T> {
+    /// The link.
+    pub link: Link<T>,
+    /// The join's path.
+    pub path: &'static str,
+}
+
+/// Brings replica `i` over `conn` to a point the stream can continue from, through the
+/// engine: a zero gap joins at once, a gap the primary's WAL covers is caught up, a divergent
+/// tail is truncated, anything else is rebuilt from an image. Then checks where the replica
+/// stands against the primary and returns the link to stream on.
+pub fn join_replica<T: ReplicaTarget>(
+    ctx: &JoinCtx<'_>,
+    i: usize,
+    conn: T,
+    hooks: &dyn JoinHooks,
+) -> Result<Joined<T>, String> {
+    let spec = ctx
+        .replicas
+        .get(i)
+        .ok_or_else(|| format!("no replica {i}"))?;
+    let id = replica_id(spec)?;
+    let mut conn = conn;
+    assign_replica(ctx, i, SessionKind::CatchUp)?;
     let hs = conn.handshake().map_err(|e| format!("handshake: {e}"))?;
-    let plan = sh
+    let plan = ctx
         .driver
         .plan_recovery(&id, handshake(&hs))
         .map_err(|e| format!("plan: {e}"))?;
     let sid = plan.session_id().ok_or("plan without a session")?.get();
-    let lineage = |sid: u64| Lineage::new(&sh.run_driver, blockvol::Epoch(sh.config.epoch), sid);
-    // A replicator that stops cancels the join's session, so a long recovery ends at its next
-    // step instead of holding `stop` up.
-    // It also logs a long recovery's progress, at most every `PROGRESS_LOG_EVERY`.
-    let last_log = std::cell::Cell::new(Instant::now());
-    let stop_hook = |step: &engine::StepInfo| {
-        if sh.stopped() {
-            sh.driver
-                .cancel_session(&id, step.session_id, "replicator stopped");
-        }
-        if last_log.get().elapsed() >= PROGRESS_LOG_EVERY {
-            last_log.set(Instant::now());
-            if let Some(p) = sh.lock().slots[i].live.as_ref().map(Live::progress) {
-                log::info!("replica {}: {p}", spec.id);
-            }
-        }
-    };
-    // The recovery's live counters, cleared however the join ends.
-    let track = |path: &'static str, entries_total: u64| {
-        let counters = Arc::new(v2bridge::Progress::default());
-        sh.lock().slots[i].live = Some(Live {
-            path,
-            started: Instant::now(),
-            counters: Arc::clone(&counters),
-            entries_total,
-        });
-        counters
-    };
-    let _clear = ClearLive(sh, i);
-    let committed = to_engine(sh.primary.status().committed);
+    let lineage = |sid: u64| Lineage::new(ctx.run_driver, blockvol::Epoch(ctx.epoch), sid);
+    let on_step = |step: &engine::StepInfo| hooks.on_step(&id, step);
+    let committed = to_engine(ctx.primary.status().committed);
     // A replica ahead of the committed point whose tip is the primary's own entry holds a
     // prefix of the primary's log (every run it applied was anchored on the primary's entry
     // before it): nothing of it needs truncating, and the stream continues from its tip. This
     // matters after a primary restart, whose committed point restarts at its checkpoint: the
     // engine's plan would truncate entries that flushes acknowledged under sync_all.
     let verified_prefix = matches!(plan.step(), PlanStep::Truncate(_))
-        && hs.head <= sh.primary.status().head
-        && sh.primary.entry_info(hs.head).is_ok_and(|e| e == hs.tip);
+        && hs.head <= ctx.primary.status().head
+        && ctx.primary.entry_info(hs.head).is_ok_and(|e| e == hs.tip);
     if verified_prefix {
         log::info!(
             "replica {} is ahead of committed {committed} on the primary's own log (tip {}): \
@@ -722,66 +749,466 @@ fn join(sh: &Shared, i: usize) -> Result<(RemoteReplica, Lineage, EntryInfo), St
             spec.id,
             hs.head
         );
-        sh.driver
+        ctx.driver
             .cancel_plan(plan, "replica holds a prefix of the primary's log");
-        return finish_join(sh, i, conn, lineage(sid), "prefix");
+        return Link::open(ctx.primary, conn, lineage(sid)).map(|link| Joined {
+            link,
+            path: "prefix",
+        });
     }
-    let (conn, lineage, path) = match plan.step() {
-        PlanStep::InSync => (conn, lineage(sid), "in_sync"),
+    // A catch-up or truncation whose failure only an image can repair (a truncation below the
+    // replica's checkpoint, a log that diverged below the truncation point, entries the
+    // primary no longer holds) goes on to the rebuild in the same join: the engine's verdict
+    // would otherwise be lost, since every join starts with a catch-up assignment.
+    let conn = match plan.step() {
+        PlanStep::InSync => {
+            return Link::open(ctx.primary, conn, lineage(sid)).map(|link| Joined {
+                link,
+                path: "in_sync",
+            });
+        }
         step @ (PlanStep::CatchUp(_) | PlanStep::Truncate(_)) => {
             let path = if matches!(step, PlanStep::Truncate(_)) {
                 "truncate"
             } else {
                 "catch_up"
             };
-            let counters = track(path, committed.0.saturating_sub(hs.head.0));
-            let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed)
-                .with_progress(counters);
-            CatchUpExecutor::new(&sh.driver, plan)
-                .with_options(sh.config.recovery)
-                .with_on_step(stop_hook)
-                .execute(&mut io)
-                .map_err(|e| format!("{path}: {e}"))?;
-            sh.update(i, |s| match path {
-                "truncate" => s.truncations += 1,
-                _ => s.catch_ups += 1,
-            });
-            (io.into_target(), lineage(sid), path)
+            let mut io = BridgeIo::new(Arc::clone(ctx.storage), conn, lineage(sid), committed);
+            if let Some(c) = hooks.started(path, committed.0.saturating_sub(hs.head.0)) {
+                io = io.with_progress(c);
+            }
+            let done = CatchUpExecutor::new(ctx.driver, plan)
+                .with_options(ctx.recovery)
+                .with_on_step(on_step)
+                .execute(&mut io);
+            match done {
+                Ok(_) => {
+                    hooks.recovered(path);
+                    return Link::open(ctx.primary, io.into_target(), lineage(sid))
+                        .map(|link| Joined { link, path });
+                }
+                Err(engine::EngineError::ExecutionFailed { failure, .. })
+                    if failure.requires_rebuild() =>
+                {
+                    log::warn!(
+                        "replica {}: {path} failed ({failure}): rebuilding it from an image",
+                        spec.id
+                    );
+                    io.into_target()
+                }
+                Err(e) => return Err(format!("{path}: {e}")),
+            }
         }
         PlanStep::NeedsRebuild | PlanStep::Rebuild(_) => {
             drop(plan);
-            assign(sh, i, SessionKind::Rebuild)?;
-            let plan = sh
-                .driver
-                .plan_rebuild(&id)
-                .map_err(|e| format!("plan rebuild: {e}"))?;
-            // The plan holds its own image now (the same one as a kept image when the primary
-            // kept it in place): kept images have done their work.
-            sh.kept.release_all();
-            let sid = plan.session_id().ok_or("rebuild without a session")?.get();
-            let counters = track("rebuild", 0);
-            let mut io = BridgeIo::new(Arc::clone(&sh.storage), conn, lineage(sid), committed)
-                .with_progress(counters);
-            let done = RebuildExecutor::new(&sh.driver, plan)
-                .with_options(sh.config.recovery)
-                .with_on_step(stop_hook)
-                .execute(&mut io);
-            {
-                let mut st = sh.lock();
-                let s = &mut st.slots[i].status;
-                s.base_bytes_sent = s.base_bytes_sent.saturating_add(io.stats.base_bytes_sent);
-                s.base_bytes_resumed = s
-                    .base_bytes_resumed
-                    .saturating_add(io.stats.base_bytes_resumed);
-            }
-            done.map_err(|e| format!("rebuild: {e}"))?;
-            sh.update(i, |s| s.rebuilds += 1);
-            // Finished: the image it let go of is not needed again.
-            sh.kept.release_all();
-            (io.into_target(), lineage(sid), "rebuild")
+            conn
         }
     };
-    finish_join(sh, i, conn, lineage, path)
+    assign_replica(ctx, i, SessionKind::Rebuild)?;
+    let plan = ctx
+        .driver
+        .plan_rebuild(&id)
+        .map_err(|e| format!("plan rebuild: {e}"))?;
+    hooks.rebuild_planned();
+    let sid = plan.session_id().ok_or("rebuild without a session")?.get();
+    let mut io = BridgeIo::new(Arc::clone(ctx.storage), conn, lineage(sid), committed);
+    if let Some(c) = hooks.started("rebuild", 0) {
+        io = io.with_progress(c);
+    }
+    let done = RebuildExecutor::new(ctx.driver, plan)
+        .with_options(ctx.recovery)
+        .with_on_step(on_step)
+        .execute(&mut io);
+    hooks.rebuild_bytes(io.stats.base_bytes_sent, io.stats.base_bytes_resumed);
+    done.map_err(|e| format!("rebuild: {e}"))?;
+    hooks.recovered("rebuild");
+    hooks.rebuild_planned();
+    let path = "rebuild";
+    Link::open(ctx.primary, io.into_target(), lineage(sid)).map(|link| Joined { link, path })
+}
+
+/// One replica in the stream: its connection, the lineage it streams under, the last entry it
+/// applied (`tip`) and the last it reported durable. While the link exists, the primary's WAL
+/// after the replica's durable point is kept (a slow replica holds the primary back instead of
+/// falling out of its WAL and needing an image); dropping the link lets it go.
+pub struct Link<T> {
+    conn: T,
+    lineage: Lineage,
+    tip: EntryInfo,
+    durable: Lsn,
+    pin: blockvol::WalPin,
+}
+
+/// A batch ready to send: the request, and the last entry it carries.
+pub struct Batch {
+    /// The request.
+    pub request: ApplyRequest,
+    /// The last entry in it.
+    pub last: EntryInfo,
+}
+
+impl<T: ReplicaTarget> Link<T> {
+    /// After a join: checks where the replica stands against the primary (its handshake) and
+    /// opens the link there. The stream continues from the replica's tip only if the primary
+    /// holds that very entry: the first batch is anchored on the primary's own entry, and the
+    /// durability credited is for a prefix of the primary's log.
+    pub fn open(primary: &Volume, conn: T, lineage: Lineage) -> Result<Link<T>, String> {
+        let mut conn = conn;
+        let hs = conn
+            .handshake()
+            .map_err(|e| format!("handshake after join: {e}"))?;
+        if hs.install_incomplete {
+            return Err("replica still incomplete after its join".into());
+        }
+        let primary_head = primary.status().head;
+        if hs.head > primary_head {
+            return Err(format!(
+                "replica reports head {} beyond the primary's {primary_head} after its join",
+                hs.head
+            ));
+        }
+        let primary_tip = if hs.head.0 == 0 {
+            EntryInfo::ORIGIN
+        } else {
+            primary
+                .entry_info(hs.head)
+                .map_err(|e| format!("primary entry at {}: {e}", hs.head))?
+        };
+        if primary_tip != hs.tip {
+            return Err(format!(
+                "replica tip {:?} differs from the primary's entry {primary_tip:?} after its join",
+                hs.tip
+            ));
+        }
+        let pin = primary
+            .pin_wal(hs.head)
+            .map_err(|e| format!("pin the WAL after {}: {e}", hs.head))?;
+        Ok(Link {
+            conn,
+            lineage,
+            tip: primary_tip,
+            durable: hs.head,
+            pin,
+        })
+    }
+
+    /// The connection.
+    pub fn conn(&mut self) -> &mut T {
+        &mut self.conn
+    }
+
+    /// The connection, to look at.
+    pub fn connection(&self) -> &T {
+        &self.conn
+    }
+
+    /// The lineage the link streams under.
+    pub fn lineage(&self) -> Lineage {
+        self.lineage
+    }
+
+    /// The last entry the replica applied.
+    pub fn tip(&self) -> EntryInfo {
+        self.tip
+    }
+
+    /// The last entry the replica reported durable.
+    pub fn durable(&self) -> Lsn {
+        self.durable
+    }
+
+    /// The next batch after the tip, of at most `max_entries` entries and about `max_bytes`
+    /// (at least one entry); `None` when the replica has every entry. `frames` is a buffer
+    /// the caller may reuse.
+    pub fn next_batch(
+        &self,
+        primary: &Volume,
+        max_entries: u32,
+        max_bytes: usize,
+        frames: &mut Vec<u8>,
+    ) -> Result<Option<Batch>, String> {
+        let tip = self.tip;
+        let mut scan = primary
+            .scan_from(Lsn(tip.lsn.0 + 1))
+            .map_err(|e| format!("scan after {}: {e}", tip.lsn))?;
+        frames.clear();
+        let mut count = 0u32;
+        let mut last = tip;
+        while count < max_entries && frames.len() < max_bytes {
+            let Some(item) = scan.next_encoded(frames) else {
+                break;
+            };
+            let info = item.map_err(|e| format!("read entry after {}: {e}", last.lsn))?;
+            if info.lsn.0 != last.lsn.0 + 1 {
+                return Err(format!("primary WAL gap: {} after {}", info.lsn, last.lsn));
+            }
+            last = info;
+            count += 1;
+        }
+        drop(scan);
+        if count == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Batch {
+            request: ApplyRequest {
+                lineage: self.lineage,
+                committed: primary.status().committed,
+                anchor: tip,
+                count,
+                frames: std::mem::take(frames),
+            },
+            last,
+        }))
+    }
+
+    /// The replica's reply to a batch ending at `last`: it must have applied exactly up to
+    /// it. The tip moves there.
+    pub fn applied(&mut self, last: EntryInfo, reply: &ApplyReply) -> Result<(), String> {
+        if reply.applied_to != last.lsn {
+            return Err(format!(
+                "replica applied to {}, batch ended at {}",
+                reply.applied_to, last.lsn
+            ));
+        }
+        self.tip = last;
+        Ok(())
+    }
+
+    /// The barrier that asks the replica to make everything up to the tip durable.
+    pub fn barrier_request(&self, primary: &Volume) -> BarrierRequest {
+        BarrierRequest {
+            lineage: self.lineage,
+            target: self.tip.lsn,
+            expected_tip: Some(self.tip),
+            committed: primary.status().committed,
+        }
+    }
+
+    /// The replica's reply to the barrier `asked`: it must be durable at the barrier's target
+    /// with the very entry the barrier named. The durable point moves there (and the WAL the
+    /// primary keeps for it with it); returns it.
+    pub fn barrier_done(
+        &mut self,
+        primary: &Volume,
+        asked: &BarrierRequest,
+        reply: &BarrierReply,
+    ) -> Result<Lsn, String> {
+        let want = asked.expected_tip.unwrap_or(self.tip);
+        if reply.durable < asked.target || reply.tip != want {
+            return Err(format!(
+                "barrier at {}: replica durable at {} with tip {:?}, expected {want:?}",
+                asked.target, reply.durable, reply.tip
+            ));
+        }
+        // A barrier never moves the durable point past what the replica was sent.
+        let durable = reply.durable.min(self.tip.lsn);
+        if durable > self.durable {
+            self.durable = durable;
+        }
+        if self.durable > self.pin.lsn() {
+            self.pin = primary
+                .pin_wal(self.durable)
+                .map_err(|e| format!("pin the WAL after {}: {e}", self.durable))?;
+        }
+        Ok(self.durable)
+    }
+
+    /// Ships the next batch over the connection and waits for its reply; the reply, or `None`
+    /// when there was nothing to ship.
+    pub fn ship(
+        &mut self,
+        primary: &Volume,
+        max_entries: u32,
+        max_bytes: usize,
+        frames: &mut Vec<u8>,
+    ) -> Result<Option<ApplyReply>, String> {
+        let Some(batch) = self.next_batch(primary, max_entries, max_bytes, frames)? else {
+            return Ok(None);
+        };
+        let anchor = batch.request.anchor.lsn;
+        let reply = self
+            .conn
+            .apply(batch.request)
+            .map_err(|e| format!("apply after {anchor}: {e}"))?;
+        self.applied(batch.last, &reply)?;
+        Ok(Some(reply))
+    }
+
+    /// A barrier at the tip over the connection; the durable point it proved.
+    pub fn barrier(&mut self, primary: &Volume) -> Result<Lsn, String> {
+        let req = self.barrier_request(primary);
+        let reply = self
+            .conn
+            .barrier(req)
+            .map_err(|e| format!("barrier at {}: {e}", req.target))?;
+        self.barrier_done(primary, &req, &reply)
+    }
+}
+
+/// What a flush may answer now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The mode is met: acknowledge, and raise the primary's committed point to `committed`.
+    Met {
+        /// What the mode proved: the needed-th highest durable point of the streaming
+        /// replicas (capped by the flush's LSN), or the flush's LSN for best effort.
+        committed: Lsn,
+        /// The replicas counted (indexes into the slots given).
+        counted: Vec<usize>,
+    },
+    /// Not yet: `durable` of `needed` replicas are durable at the flush's LSN.
+    Wait {
+        /// Replicas durable at the LSN.
+        durable: usize,
+        /// Replicas required.
+        needed: usize,
+    },
+    /// It cannot be met: fewer replicas than needed are out of the degraded state.
+    Unavailable {
+        /// Replicas required.
+        needed: usize,
+        /// Replicas not degraded.
+        available: usize,
+    },
+}
+
+/// Whether a flush at `lsn` under `mode` may be acknowledged, given every replica's state and
+/// durable point. Only a streaming replica counts, and only for what its barriers proved.
+pub fn verdict(mode: DurabilityMode, slots: &[(&StreamState, Lsn)], lsn: Lsn) -> Verdict {
+    let needed = mode.replicas_required(slots.len());
+    let counted: Vec<usize> = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, (st, d))| **st == StreamState::Streaming && *d >= lsn)
+        .map(|(i, _)| i)
+        .collect();
+    if counted.len() >= needed {
+        let committed = if needed == 0 {
+            lsn
+        } else {
+            let mut d: Vec<Lsn> = slots
+                .iter()
+                .filter(|(st, _)| **st == StreamState::Streaming)
+                .map(|(_, d)| *d)
+                .collect();
+            d.sort_unstable_by(|a, b| b.cmp(a));
+            d.get(needed - 1).copied().unwrap_or(Lsn(0)).min(lsn)
+        };
+        return Verdict::Met { committed, counted };
+    }
+    let available = slots
+        .iter()
+        .filter(|(st, _)| !matches!(st, StreamState::Degraded(_)))
+        .count();
+    if available < needed {
+        return Verdict::Unavailable { needed, available };
+    }
+    Verdict::Wait {
+        durable: counted.len(),
+        needed,
+    }
+}
+
+// ---- the threaded shell ----------------------------------------------------------------------
+
+/// The Replicator's join hooks: cancel on stop, progress, counters, kept images.
+struct ShipperHooks<'a> {
+    sh: &'a Shared,
+    i: usize,
+    spec_id: String,
+    last_log: std::cell::Cell<Instant>,
+}
+
+impl JoinHooks for ShipperHooks<'_> {
+    fn on_step(&self, replica: &ReplicaId, step: &engine::StepInfo) {
+        // A replicator that stops cancels the join's session, so a long recovery ends at its
+        // next step instead of holding `stop` up.
+        if self.sh.stopped() {
+            self.sh
+                .driver
+                .cancel_session(replica, step.session_id, "replicator stopped");
+        }
+        // It also logs a long recovery's progress, at most every `PROGRESS_LOG_EVERY`.
+        if self.last_log.get().elapsed() >= PROGRESS_LOG_EVERY {
+            self.last_log.set(Instant::now());
+            if let Some(p) = self.sh.lock().slots[self.i]
+                .live
+                .as_ref()
+                .map(Live::progress)
+            {
+                log::info!("replica {}: {p}", self.spec_id);
+            }
+        }
+    }
+
+    fn started(&self, path: &'static str, entries_total: u64) -> Option<Arc<v2bridge::Progress>> {
+        let counters = Arc::new(v2bridge::Progress::default());
+        self.sh.lock().slots[self.i].live = Some(Live {
+            path,
+            started: Instant::now(),
+            counters: Arc::clone(&counters),
+            entries_total,
+        });
+        Some(counters)
+    }
+
+    fn recovered(&self, path: &'static str) {
+        self.sh.update(self.i, |s| match path {
+            "truncate" => s.truncations += 1,
+            "rebuild" => s.rebuilds += 1,
+            _ => s.catch_ups += 1,
+        });
+    }
+
+    fn rebuild_planned(&self) {
+        // The plan holds its own image now (the same one as a kept image when the primary
+        // kept it in place), or the rebuild finished: kept images have done their work.
+        self.sh.kept.release_all();
+    }
+
+    fn rebuild_bytes(&self, sent: u64, resumed: u64) {
+        let mut st = self.sh.lock();
+        let s = &mut st.slots[self.i].status;
+        s.base_bytes_sent = s.base_bytes_sent.saturating_add(sent);
+        s.base_bytes_resumed = s.base_bytes_resumed.saturating_add(resumed);
+    }
+}
+
+/// Connects and joins replica `i` through the engine; returns its link.
+fn join(sh: &Shared, i: usize) -> Result<Link<RemoteReplica>, String> {
+    let specs: Vec<ReplicaSpec> = sh.lock().slots.iter().map(|s| s.spec.clone()).collect();
+    let spec = specs[i].clone();
+    let conn = RemoteReplica::connect(spec.addr, &spec.volume, &sh.config.client)
+        .map_err(|e| e.to_string())?;
+    let ctx = JoinCtx {
+        primary: &sh.primary,
+        storage: &sh.storage,
+        driver: &sh.driver,
+        run_driver: &sh.run_driver,
+        epoch: sh.config.epoch,
+        recovery: sh.config.recovery,
+        replicas: &specs,
+    };
+    let hooks = ShipperHooks {
+        sh,
+        i,
+        spec_id: spec.id.clone(),
+        last_log: std::cell::Cell::new(Instant::now()),
+    };
+    // The recovery's live counters are cleared however the join ends.
+    let _clear = ClearLive(sh, i);
+    let Joined { link, path } = join_replica(&ctx, i, conn, &hooks)?;
+    sh.update(i, |s| {
+        s.state = StreamState::Streaming;
+        s.shipped = link.tip().lsn;
+        s.durable = link.durable();
+        s.joins += 1;
+        s.last_path = path;
+        if matches!(path, "catch_up" | "truncate" | "rebuild") {
+            s.recoveries += 1;
+        }
+    });
+    Ok(link)
 }
 
 /// How often a long recovery logs its progress.
@@ -796,74 +1223,11 @@ impl Drop for ClearLive<'_> {
     }
 }
 
-/// After a join: checks where the replica stands against the primary and marks it streaming.
-fn finish_join(
-    sh: &Shared,
-    i: usize,
-    conn: RemoteReplica,
-    lineage: Lineage,
-    path: &'static str,
-) -> Result<(RemoteReplica, Lineage, EntryInfo), String> {
-    let mut conn = conn;
-    // Where the replica stands now: the stream continues after exactly this entry.
-    let hs = conn
-        .handshake()
-        .map_err(|e| format!("handshake after join: {e}"))?;
-    if hs.install_incomplete {
-        return Err("replica still incomplete after its join".into());
-    }
-    // The stream continues from the replica's tip only if the primary holds that very entry:
-    // the first batch is anchored on the primary's own entry, and the durability credited
-    // below is for a prefix of the primary's log.
-    let primary_head = sh.primary.status().head;
-    if hs.head > primary_head {
-        return Err(format!(
-            "replica reports head {} beyond the primary's {primary_head} after its join",
-            hs.head
-        ));
-    }
-    let primary_tip = if hs.head.0 == 0 {
-        EntryInfo::ORIGIN
-    } else {
-        sh.primary
-            .entry_info(hs.head)
-            .map_err(|e| format!("primary entry at {}: {e}", hs.head))?
-    };
-    if primary_tip != hs.tip {
-        return Err(format!(
-            "replica tip {:?} differs from the primary's entry {primary_tip:?} after its join",
-            hs.tip
-        ));
-    }
-    sh.update(i, |s| {
-        s.state = StreamState::Streaming;
-        s.shipped = hs.head;
-        s.durable = hs.head;
-        s.joins += 1;
-        s.last_path = path;
-        if matches!(path, "catch_up" | "truncate" | "rebuild") {
-            s.recoveries += 1;
-        }
-    });
-    Ok((conn, lineage, primary_tip))
-}
-
-/// Streams entries after `tip` and answers flushes with barriers until something fails.
-fn stream(
-    sh: &Shared,
-    i: usize,
-    mut conn: RemoteReplica,
-    lineage: Lineage,
-    mut tip: EntryInfo,
-) -> Result<(), String> {
+/// Streams entries after the link's tip and answers flushes with barriers until something
+/// fails.
+fn stream(sh: &Shared, i: usize, mut link: Link<RemoteReplica>) -> Result<(), String> {
     let mut frames = Vec::new();
-    // Keep the primary's WAL after the replica's durable point while the replica streams: a
-    // replica that is slow holds the primary back (backpressure) instead of falling out of
-    // the WAL and needing an image. A replica out of the stream holds nothing.
-    let mut pin = sh
-        .primary
-        .pin_wal(tip.lsn)
-        .map_err(|e| format!("pin the WAL after {}: {e}", tip.lsn))?;
+    let cfg = &sh.config;
     loop {
         // Wait for entries to ship, a flush to answer, or stop.
         let flush_want = {
@@ -873,8 +1237,8 @@ fn stream(
                     return Ok(());
                 }
                 let head = sh.primary.status().head;
-                let durable = st.slots[i].status.durable;
-                if head > tip.lsn || (st.flush_want > durable && tip.lsn > durable) {
+                let (tip, durable) = (link.tip().lsn, link.durable());
+                if head > tip || (st.flush_want > durable && tip > durable) {
                     break st.flush_want;
                 }
                 st = sh
@@ -884,105 +1248,40 @@ fn stream(
                     .0;
             }
         };
-        let head = sh.primary.status().head;
-        if head > tip.lsn {
-            tip = ship_batch(sh, i, &mut conn, lineage, tip, &mut frames)?;
+        if sh.primary.status().head > link.tip().lsn {
+            let asked = Instant::now();
+            if let Some(reply) = link.ship(
+                &sh.primary,
+                cfg.max_batch_entries,
+                cfg.max_batch_bytes,
+                &mut frames,
+            )? {
+                let tip = link.tip().lsn;
+                let took = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
+                sh.update(i, |s| {
+                    s.shipped = tip;
+                    s.streamed = s.streamed.saturating_add(reply.applied);
+                    s.duplicates = s.duplicates.saturating_add(reply.duplicates);
+                    s.batches += 1;
+                    s.apply_micros = s.apply_micros.saturating_add(took);
+                });
+            }
         }
-        let durable = sh.lock().slots[i].status.durable;
         // A barrier once everything a waiting flush covers is shipped (or everything there
         // is): one barrier answers every flush that arrived before it.
         let head = sh.primary.status().head;
-        if flush_want > durable && (tip.lsn >= flush_want || tip.lsn >= head) {
+        let tip = link.tip().lsn;
+        if flush_want > link.durable() && (tip >= flush_want || tip >= head) {
             let asked = Instant::now();
-            let reply = conn
-                .barrier(BarrierRequest {
-                    lineage,
-                    target: tip.lsn,
-                    expected_tip: Some(tip),
-                    committed: sh.primary.status().committed,
-                })
-                .map_err(|e| format!("barrier at {}: {e}", tip.lsn))?;
-            if reply.durable < tip.lsn || reply.tip != tip {
-                return Err(format!(
-                    "barrier at {}: replica durable at {} with tip {:?}, expected {tip:?}",
-                    tip.lsn, reply.durable, reply.tip
-                ));
-            }
+            let durable = link.barrier(&sh.primary)?;
             let waited = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
             sh.update(i, |s| {
-                s.durable = reply.durable;
+                s.durable = durable;
                 s.barriers += 1;
                 s.barrier_micros = s.barrier_micros.saturating_add(waited);
             });
-            if reply.durable > pin.lsn() {
-                let newer = sh
-                    .primary
-                    .pin_wal(reply.durable)
-                    .map_err(|e| format!("pin the WAL after {}: {e}", reply.durable))?;
-                pin = newer;
-            }
         }
     }
-}
-
-/// Ships the next batch after `tip`; returns the new tip.
-fn ship_batch(
-    sh: &Shared,
-    i: usize,
-    conn: &mut RemoteReplica,
-    lineage: Lineage,
-    tip: EntryInfo,
-    frames: &mut Vec<u8>,
-) -> Result<EntryInfo, String> {
-    let cfg = &sh.config;
-    let mut scan = sh
-        .primary
-        .scan_from(Lsn(tip.lsn.0 + 1))
-        .map_err(|e| format!("scan after {}: {e}", tip.lsn))?;
-    frames.clear();
-    let mut count = 0u32;
-    let mut last = tip;
-    while count < cfg.max_batch_entries && frames.len() < cfg.max_batch_bytes {
-        let Some(item) = scan.next_encoded(frames) else {
-            break;
-        };
-        let info = item.map_err(|e| format!("read entry after {}: {e}", last.lsn))?;
-        if info.lsn.0 != last.lsn.0 + 1 {
-            return Err(format!("primary WAL gap: {} after {}", info.lsn, last.lsn));
-        }
-        last = info;
-        count += 1;
-    }
-    drop(scan);
-    if count == 0 {
-        return Ok(tip);
-    }
-    let asked = Instant::now();
-    let reply = conn
-        .apply(ApplyRequest {
-            lineage,
-            committed: sh.primary.status().committed,
-            anchor: tip,
-            count,
-            frames: std::mem::take(frames),
-        })
-        .map_err(|e| format!("apply after {}: {e}", tip.lsn))?;
-    if reply.applied_to != last.lsn {
-        return Err(format!(
-            "replica applied to {}, batch ended at {}",
-            reply.applied_to, last.lsn
-        ));
-    }
-    sh.update(i, |s| {
-        s.shipped = last.lsn;
-        s.streamed = s.streamed.saturating_add(reply.applied);
-        s.duplicates = s.duplicates.saturating_add(reply.duplicates);
-        s.batches += 1;
-        s.apply_micros = s
-            .apply_micros
-            .saturating_add(u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX));
-    });
-    Ok(last)
 }
 
 #[cfg(test)]

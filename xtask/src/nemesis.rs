@@ -267,8 +267,8 @@ impl StaleClient {
 struct Takeover {
     /// The master named another primary.
     promoted: Option<Instant>,
-    /// Another server reported itself primary (it holds the newer epoch from then on: the old
-    /// primary's epoch can change nothing on it).
+    /// Another server reported itself primary and every server but the old primary reported
+    /// its epoch (from then on the old primary's epoch can change nothing on them).
     took_over: Option<Instant>,
 }
 
@@ -282,15 +282,27 @@ fn hold_and_watch(c: &Cluster, old: &str, hold: Duration) -> Takeover {
             seen.promoted = Some(Instant::now());
         }
         if seen.took_over.is_none() {
+            // Taken over once another server is primary with a lease and every server but the
+            // old primary is at that server's epoch: none of them accepts the old epoch then,
+            // so a write sent to the old primary afterwards lives on its own copy only, which
+            // is cut back at the divergence point when it rejoins.
             let asked = Instant::now();
-            let other_primary = c.servers().iter().filter(|s| s.id != old).any(|s| {
-                c.status(s)
-                    .is_some_and(|v| v["role"] == "primary" && v["has_lease"] == true)
-            });
-            if other_primary {
+            let others: Vec<serde_json::Value> = c
+                .servers()
+                .iter()
+                .filter(|s| s.id != old)
+                .filter_map(|s| c.status(s))
+                .collect();
+            let new_epoch = others
+                .iter()
+                .find(|v| v["role"] == "primary" && v["has_lease"] == true)
+                .and_then(|v| v["epoch"].as_u64());
+            let all_moved = others.len() == 2
+                && new_epoch.is_some_and(|e| others.iter().all(|v| v["epoch"].as_u64() == Some(e)));
+            if all_moved {
                 // The status was read some time in [asked, now]: the earlier bound is the
                 // safe one to judge writes sent after it.
-                seen.took_over = Some(asked.max(seen.promoted.unwrap_or(asked)));
+                seen.took_over = Some(asked);
             }
         }
         std::thread::sleep(Duration::from_millis(100));

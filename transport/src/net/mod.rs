@@ -14,5 +14,5 @@ pub use pull::{RemotePrimary, RemoteSource};
 pub(crate) use reaper::Reaper;
 pub use server::{
     HANDSHAKE_MAX_FRAME, MAX_LEASE, MAX_LEASES_PER_CONNECTION, ReplicaServer, ServerConfig,
-    ServerError, ServerStats, Volumes,
+    ServerError, ServerStats, Volumes, serve_replica_request,
 };

@@ -900,6 +900,14 @@ fn serve_requests(conn: &mut Conn, shared: &Shared, side: &mut PrimarySide) -> E
     }
 }
 
+/// Serves one replica-side request against `replica` exactly as a connection of the replica
+/// server does: a refusal becomes `Reply::Error` echoing the request's lineage. The
+/// deterministic simulator serves the frames of its simulated connections through this.
+pub fn serve_replica_request(replica: &mut LocalReplica, body: Request) -> Reply {
+    let lineage = body.lineage();
+    dispatch(replica, body).unwrap_or_else(|e| Reply::Error(lineage, e))
+}
+
 fn dispatch(replica: &mut LocalReplica, body: Request) -> Result<Reply, TargetError> {
     Ok(match body {
         Request::Handshake => Reply::Handshake(replica.handshake()?),
