@@ -24,7 +24,12 @@ fn seeds_pass_in_every_mode_and_exercise_every_path() {
             _ => DurabilityMode::SyncQuorum,
         };
         let r = run(seed, Some(mode), None);
-        assert!(r.violations.is_empty(), "seed {seed} ({}): {:?}", r.mode, r.violations);
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed} ({}): {:?}",
+            r.mode,
+            r.violations
+        );
         for (k, v) in r.joins {
             *joins.entry(k).or_insert(0u64) += v;
         }
@@ -36,10 +41,16 @@ fn seeds_pass_in_every_mode_and_exercise_every_path() {
     }
     // The paths ran: flushes acknowledged and checked in crash images, frames corrupted and
     // replayed, failovers, and joins by every path.
-    assert!(acked > 1000 && checks > 1000, "acked {acked}, checked {checks}");
+    assert!(
+        acked > 1000 && checks > 1000,
+        "acked {acked}, checked {checks}"
+    );
     assert!(corrupted > 50 && replayed > 50 && failovers > 60);
     for path in ["in_sync", "prefix", "catch_up", "truncate", "rebuild"] {
-        assert!(joins.get(path).copied().unwrap_or(0) > 0, "no {path} join: {joins:?}");
+        assert!(
+            joins.get(path).copied().unwrap_or(0) > 0,
+            "no {path} join: {joins:?}"
+        );
     }
 }
 
@@ -56,7 +67,11 @@ fn fires(bug: StreamBug, mode: Option<DurabilityMode>, needle: &str) -> u64 {
 
 #[test]
 fn counting_a_replica_durable_without_a_barrier_is_caught_in_its_crash_image() {
-    fires(StreamBug::AckOnApply, Some(DurabilityMode::SyncAll), "crash image after a flush");
+    fires(
+        StreamBug::AckOnApply,
+        Some(DurabilityMode::SyncAll),
+        "crash image after a flush",
+    );
 }
 
 #[test]
@@ -66,7 +81,11 @@ fn acknowledging_without_a_lease_is_caught() {
 
 #[test]
 fn promoting_the_shortest_log_loses_acknowledged_writes_and_is_caught() {
-    fires(StreamBug::PromoteShortest, Some(DurabilityMode::SyncQuorum), "promoted: block");
+    fires(
+        StreamBug::PromoteShortest,
+        Some(DurabilityMode::SyncQuorum),
+        "promoted: block",
+    );
 }
 
 #[test]
@@ -77,4 +96,26 @@ fn a_replica_that_never_rejoins_fails_liveness() {
 #[test]
 fn a_server_that_does_not_fence_a_superseded_epoch_is_caught() {
     fires(StreamBug::NoFence, None, "accepted a request");
+}
+
+#[test]
+fn ranking_candidates_by_head_alone_loses_acknowledged_writes_and_is_caught() {
+    // `server::master` ranks by head alone (its evidence has no last entry epoch, D52): a
+    // longer log of an older epoch can beat a shorter one holding acknowledged writes.
+    fires(
+        StreamBug::PromoteByHeadOnly,
+        Some(DurabilityMode::SyncQuorum),
+        "promoted: block",
+    );
+}
+
+#[test]
+fn a_primary_that_keeps_its_checkpoint_as_committed_point_is_caught() {
+    // Regression for the bug the simulator found: a restarted primary whose committed point
+    // stayed at its checkpoint truncated or rebuilt acknowledged entries off a replica.
+    fires(
+        StreamBug::CommittedFromCheckpoint,
+        Some(DurabilityMode::SyncQuorum),
+        "older than acknowledged",
+    );
 }

@@ -672,6 +672,11 @@ impl BaseInstall {
         st.checkpoint = base;
         st.flush_mark = base;
         st.durable = base;
+        // The committed point it was told belonged to the log the image replaced: the image
+        // is the whole history now. Left above the head, it outlived the log it described,
+        // and a copy promoted later planned its replicas against entries it never held (found
+        // by the network simulator, D52).
+        st.committed = base;
         st.head_pos = 0;
         st.tail_pos = 0;
         st.synced_pos = 0;

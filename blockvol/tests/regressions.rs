@@ -1013,3 +1013,39 @@ fn g1_persisted_role_and_epoch_survive_reopen_and_a_primary_comes_back_fenced() 
     v.write_in_epoch(Epoch(3), Lba(0), &data(4, 1, o.block_size))
         .expect("write at the current epoch");
 }
+
+/// Found by the network simulator (D52): a replica told a committed point by its old primary
+/// kept it through a base install of an older image, above its new head; promoted later, it
+/// planned its replicas against entries it never held and none of them could ever be
+/// rebuilt. Finishing an install sets the committed point to the image's LSN.
+#[test]
+fn a_finished_install_sets_the_committed_point_to_its_base() {
+    let o = tiny();
+    let bs = o.block_size;
+    let (p, _pd) = Volume::create_sim(&o, &manual()).expect("primary");
+    for i in 0..10u64 {
+        p.write(Lba(i), &data(i, 1, bs)).expect("write");
+    }
+    let (r, _rd) = Volume::create_sim(&o, &manual()).expect("replica");
+    r.assign(Role::Replica, Epoch(0)).expect("assign");
+    for i in 1..=20u64 {
+        r.apply(&WalEntry {
+            lsn: Lsn(i),
+            epoch: Epoch(0),
+            kind: EntryKind::Write {
+                lba: Lba(i),
+                data: data(7000 + i, 1, bs),
+            },
+        })
+        .expect("apply");
+    }
+    r.set_committed(Lsn(20));
+    let base = p.pin_base(Lsn(10)).expect("pin base");
+    let mut inst = r.begin_base_install(base.install_spec()).expect("begin");
+    for c in base.reader(4096) {
+        inst.write_chunk(&c.expect("chunk")).expect("write chunk");
+    }
+    inst.finish().expect("finish");
+    let s = r.status();
+    assert_eq!((s.head, s.committed), (Lsn(10), Lsn(10)));
+}

@@ -146,6 +146,10 @@ struct Ctl {
     role: BlockRole,
     epoch: u64,
     lease_until: Option<Instant>,
+    /// `lease_until`, shared with the volume's replicator: it starts no recovery of a replica
+    /// (and cancels a running one) once the lease has run out, since another server may have
+    /// been promoted meanwhile and the replica be its copy.
+    lease_gate: Arc<Mutex<Option<Instant>>>,
     replicator: Option<Arc<Replicator>>,
     /// The replica set the replicator streams to (IDs and data addresses).
     replicas: Vec<ReplicaSpec>,
@@ -306,6 +310,16 @@ pub struct Node {
     io: crate::metrics::IoMetrics,
     scrub_stop: Arc<AtomicBool>,
     scrubber: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Ctl {
+    fn set_lease(&mut self, until: Option<Instant>) {
+        self.lease_until = until;
+        *self
+            .lease_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = until;
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -534,6 +548,7 @@ impl Node {
                 role: BlockRole::None,
                 epoch: 0,
                 lease_until: None,
+                lease_gate: Arc::default(),
                 replicator: None,
                 replicas: Vec::new(),
                 replicas_epoch: None,
@@ -600,7 +615,7 @@ impl Node {
                 let same_set = specs == ctl.replicas || addressless;
                 if a.epoch == ctl.epoch && ctl.role == BlockRole::Primary && same_set {
                     // A renewal (or the same assignment again): only the lease moves.
-                    ctl.lease_until = Some(now + lease);
+                    ctl.set_lease(Some(now + lease));
                     return Ok(());
                 }
                 // An assignment that names no replicas is a renewal at the epoch whose full
@@ -633,9 +648,15 @@ impl Node {
                 };
                 ctl.role = BlockRole::Primary;
                 ctl.epoch = a.epoch;
-                ctl.lease_until = Some(now + lease);
+                ctl.set_lease(Some(now + lease));
                 ctl.replicas = specs.clone();
-                to_start = Some((Arc::clone(&ctl.vol), specs, ctl.meta.mode, a.epoch));
+                to_start = Some((
+                    Arc::clone(&ctl.vol),
+                    specs,
+                    ctl.meta.mode,
+                    a.epoch,
+                    Arc::clone(&ctl.lease_gate),
+                ));
             } else {
                 ctl.vol
                     .assign(blockvol_role(conv.role), Epoch(a.epoch))
@@ -645,7 +666,7 @@ impl Node {
                 to_stop = ctl.replicator.take();
                 ctl.role = conv.role;
                 ctl.epoch = a.epoch;
-                ctl.lease_until = None;
+                ctl.set_lease(None);
                 ctl.replicas.clear();
                 ctl.replicas_epoch = None;
             }
@@ -653,8 +674,13 @@ impl Node {
         if let Some(r) = to_stop {
             r.stop();
         }
-        if let Some((vol, specs, mode, epoch)) = to_start {
+        if let Some((vol, specs, mode, epoch, gate)) = to_start {
             let mut config = StreamConfig::new(mode, &self.cfg.id, epoch);
+            config.lease = Some(transport::stream::LeaseGate::new(move || {
+                gate.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .is_some_and(|t| t > Instant::now())
+            }));
             // The replicas' servers demand the cluster secret when there is one (any address
             // but loopback): the replicator proves it with the same secret.
             config.client.secret.clone_from(&self.cfg.secret);
@@ -959,6 +985,7 @@ fn open_volume(dir: &Path, name: &str) -> Result<Ctl, NodeError> {
         role: block_role(s.role),
         epoch: s.epoch.0,
         lease_until: None,
+        lease_gate: Arc::default(),
         replicator: None,
         replicas,
         replicas_epoch,

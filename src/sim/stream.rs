@@ -58,8 +58,8 @@ use blockvol::{
 use bytes::BytesMut;
 use engine::{ExecutorOptions, RecoveryDriver};
 use transport::stream::{
-    DurabilityMode, JoinCtx, Link, NoHooks, ReplicaSpec, StreamState, Verdict, join_replica,
-    verdict,
+    DurabilityMode, JoinCtx, Link, NoHooks, ReplicaSpec, StreamState, Verdict, barrier_due,
+    join_replica, proven, verdict,
 };
 use transport::wire::{self, Message, Reply, Request};
 use v2bridge::{
@@ -86,6 +86,8 @@ const FLUSH_TIMEOUT_MS: u64 = 3000;
 const MIN_BACKOFF_MS: u64 = 20;
 const MAX_BACKOFF_MS: u64 = 1000;
 const MAX_BATCH_ENTRIES: u32 = 8;
+/// The stream's `barrier_window`: a quarter of what the replicas' WALs hold.
+const BARRIER_WINDOW: u64 = 16;
 const MAX_FRAME: u32 = 1 << 20;
 
 /// A deliberately broken piece of the shell, to show that a check fires.
@@ -97,10 +99,15 @@ pub enum StreamBug {
     IgnoreLease,
     /// The master promotes the candidate with the shortest log.
     PromoteShortest,
+    /// The master ranks candidates by head alone, as `server::master` does.
+    PromoteByHeadOnly,
     /// A replica that fails never joins again.
     NeverRejoin,
     /// Servers hear of a new epoch but do not fence their volumes with it.
     NoFence,
+    /// A primary starts its stream at the committed point its volume opened with (its
+    /// checkpoint), not at its durable head.
+    CommittedFromCheckpoint,
 }
 
 /// How one run goes.
@@ -221,12 +228,33 @@ struct Conn {
 }
 
 enum Ev {
-    ToServer { conn: u64, bytes: Vec<u8>, replay: bool },
-    ToClient { conn: u64, bytes: Vec<u8> },
-    HbToMaster { node: usize, sent: u64, last: (u64, u64) },
-    HbToNode { node: usize, inc: u64, sent: u64, epoch: u64, primary: usize },
-    Restart { node: usize },
-    Heal { a: usize, b: usize },
+    ToServer {
+        conn: u64,
+        bytes: Vec<u8>,
+        replay: bool,
+    },
+    ToClient {
+        conn: u64,
+        bytes: Vec<u8>,
+    },
+    HbToMaster {
+        node: usize,
+        sent: u64,
+    },
+    HbToNode {
+        node: usize,
+        inc: u64,
+        sent: u64,
+        epoch: u64,
+        primary: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    Heal {
+        a: usize,
+        b: usize,
+    },
 }
 
 /// Per-seed fault settings (swarm testing: a seed switches some off).
@@ -250,6 +278,8 @@ struct Net {
     stats: StreamSimReport,
     /// Per server: the newest epoch the master told it (the simulator's own record).
     told: Vec<u64>,
+    /// Print what the replicas do.
+    trace: bool,
     /// Requests of a superseded epoch a server accepted (violations).
     stale_accepted: Vec<String>,
 }
@@ -366,7 +396,22 @@ impl Net {
         }
         let stale = body.lineage().filter(|l| l.epoch.0 < self.told[to]);
         let kind = format!("{:?}", std::mem::discriminant(&body));
+        let begin = match &body {
+            Request::BaseBegin(b) if self.trace => Some((b.lineage, b.base_lsn)),
+            _ => None,
+        };
         let reply = transport::net::serve_replica_request(&mut replica, body);
+        if let Some((l, lsn)) = begin {
+            eprintln!(
+                "t={} s{to} base begin at {lsn} lineage {l:?} (replay {replay}): {}",
+                self.now,
+                if matches!(reply, Reply::Error(..)) {
+                    "refused"
+                } else {
+                    "accepted"
+                }
+            );
+        }
         // No write of a superseded epoch is applied: a server the master told about epoch E
         // refuses every mutating request of a lineage below E.
         if let Some(l) = stale
@@ -574,8 +619,13 @@ enum Wait {
 }
 
 enum ShipState {
-    Backoff { until: u64 },
-    Streaming { link: Link<SimConn>, wait: Option<Wait> },
+    Backoff {
+        until: u64,
+    },
+    Streaming {
+        link: Link<SimConn>,
+        wait: Option<Wait>,
+    },
 }
 
 struct Shipper {
@@ -621,8 +671,8 @@ struct Ack {
 struct Master {
     epoch: u64,
     primary: usize,
-    /// Per server: when it was last heard, and its (last entry's epoch, head).
-    heard: Vec<Option<(u64, (u64, u64))>>,
+    /// Per server: when it was last heard.
+    heard: Vec<Option<u64>>,
     /// (epoch, time) of every promotion.
     promotions: Vec<(u64, u64)>,
 }
@@ -647,6 +697,8 @@ pub struct StreamSim {
     took_over: BTreeMap<u64, u64>,
     check_every: u64,
     healing: bool,
+    /// `SWBLOCK_NETSIM_TRACE` set: every decision goes to stderr.
+    trace: bool,
 }
 
 fn open_options() -> OpenOptions {
@@ -721,6 +773,7 @@ impl StreamSim {
                 ..StreamSimReport::default()
             },
             told: vec![1; SERVERS],
+            trace: std::env::var_os("SWBLOCK_NETSIM_TRACE").is_some(),
             stale_accepted: Vec::new(),
         };
         let check_every = *rng.pick(&[1, 2, 4]).unwrap_or(&1);
@@ -732,7 +785,7 @@ impl StreamSim {
             master: Master {
                 epoch: 1,
                 primary: 0,
-                heard: vec![Some((0, (0, 0))); SERVERS],
+                heard: vec![Some(0); SERVERS],
                 promotions: vec![(1, 0)],
             },
             runs: BTreeMap::new(),
@@ -746,6 +799,7 @@ impl StreamSim {
             took_over: BTreeMap::new(),
             check_every,
             healing: false,
+            trace: std::env::var_os("SWBLOCK_NETSIM_TRACE").is_some(),
         };
         sim.start_run(0, 1, LEASE_MS);
         for n in 0..SERVERS {
@@ -753,6 +807,12 @@ impl StreamSim {
             sim.schedule_heartbeat(n, t);
         }
         Ok(sim)
+    }
+
+    fn trace(&self, what: impl FnOnce() -> String) {
+        if self.trace {
+            eprintln!("t={} {}", self.now(), what());
+        }
     }
 
     fn now(&self) -> u64 {
@@ -783,9 +843,11 @@ impl StreamSim {
 
     fn start_run(&mut self, node: usize, epoch: u64, lease_until: u64) {
         let vol = self.vol(node);
+        if !self.bug(StreamBug::CommittedFromCheckpoint) {
+            transport::stream::restore_committed(&vol);
+        }
         let storage = Arc::new(BlockVolStorage::new(Arc::clone(&vol)));
-        let driver =
-            RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn engine::StorageAdapter>);
+        let driver = RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn engine::StorageAdapter>);
         self.next_run += 1;
         let others: Vec<usize> = (0..SERVERS).filter(|n| *n != node).collect();
         let inc = self.net.borrow().nodes[node].incarnation;
@@ -844,28 +906,17 @@ impl StreamSim {
         if !self.alive(node) {
             return;
         }
-        let vol = self.vol(node);
-        let st = vol.status();
-        // Promotion evidence: the epoch of the last entry, then the head.
-        let last_epoch = vol.entry_info(st.head).map_or(0, |e| e.epoch.0);
         let mut net = self.net.borrow_mut();
         if !net.up(node, MASTER) {
             return;
         }
         let lat = net.latency();
-        net.at(
-            now + lat,
-            Ev::HbToMaster {
-                node,
-                sent: now,
-                last: (last_epoch, st.head.0),
-            },
-        );
+        net.at(now + lat, Ev::HbToMaster { node, sent: now });
     }
 
-    fn master_heard(&mut self, node: usize, sent: u64, last: (u64, u64)) {
+    fn master_heard(&mut self, node: usize, sent: u64) {
         let now = self.now();
-        self.master.heard[node] = Some((now, last));
+        self.master.heard[node] = Some(now);
         let (epoch, primary) = (self.master.epoch, self.master.primary);
         let mut net = self.net.borrow_mut();
         if !net.up(node, MASTER) {
@@ -889,32 +940,76 @@ impl StreamSim {
     fn master_tick(&mut self) {
         let now = self.now();
         let p = self.master.primary;
-        let last = self.master.heard[p].map_or(0, |h| h.0);
+        let last = self.master.heard[p].unwrap_or(0);
         if now <= last + LEASE_MS + MARGIN_MS {
             return;
         }
-        let candidates: Vec<(usize, (u64, u64))> = (0..SERVERS)
+        // Evidence is collected live, as the master's `CollectEvidence` does: every other
+        // server it can reach answers with its epoch, head and committed point, and whether it
+        // may be promoted (no unfinished base install).
+        let answers: Vec<(usize, (u64, u64))> = (0..SERVERS)
             .filter(|n| *n != p)
             .filter_map(|n| {
-                self.master.heard[n]
-                    .filter(|h| h.0 + LEASE_MS >= now)
-                    .map(|h| (n, h.1))
+                let net = self.net.borrow();
+                if !net.nodes[n].alive || !net.up(n, MASTER) {
+                    return None;
+                }
+                let vol = &net.nodes[n].vol;
+                let st = vol.status();
+                // Ranked by the epoch of the last entry, then the head (raft's rule): a longer
+                // log of an older epoch must not beat a shorter one of the newer epoch, which
+                // may hold writes acknowledged in it. `server::master` ranks by head alone
+                // (its evidence message has no field for the last entry's epoch): see D52.
+                let last_epoch = vol.entry_info(st.head).map_or(0, |e| e.epoch.0);
+                (st.epoch.0 == self.master.epoch && !st.install_incomplete)
+                    .then_some((n, (last_epoch, st.head.0)))
             })
             .collect();
+        // Enough answers that one holds every acknowledged write (`answers_needed` of the
+        // master): under sync_quorum with two replicas, both.
+        let needed = match self.mode {
+            DurabilityMode::SyncQuorum => {
+                let replicas = SERVERS - 1;
+                let rf = replicas + 1;
+                let quorum = rf / 2 + 1;
+                rf.saturating_sub(quorum - 1).clamp(1, replicas)
+            }
+            _ => 1,
+        };
+        if answers.len() < needed {
+            return;
+        }
+        let candidates = answers;
         let pick = if self.bug(StreamBug::PromoteShortest) {
             candidates.iter().min_by_key(|c| (c.1, c.0))
+        } else if self.bug(StreamBug::PromoteByHeadOnly) {
+            candidates
+                .iter()
+                .max_by_key(|c| (c.1.1, std::cmp::Reverse(c.0)))
         } else {
-            candidates.iter().max_by_key(|c| (c.1, std::cmp::Reverse(c.0)))
+            candidates
+                .iter()
+                .max_by_key(|c| (c.1, std::cmp::Reverse(c.0)))
         };
         let Some(&(new, _)) = pick else {
             return;
         };
         self.master.epoch += 1;
         self.master.primary = new;
+        self.trace(|| {
+            format!(
+                "master: promote s{new} at epoch {} from {candidates:?}",
+                self.master.epoch
+            )
+        });
         self.master.promotions.push((self.master.epoch, now));
         self.net.borrow_mut().stats.failovers += 1;
         // What the mode still promises: a flush one of whose counted replicas is a candidate.
-        let cands: BTreeSet<usize> = candidates.iter().map(|c| c.0).collect();
+        let cands: BTreeSet<usize> = if self.mode == DurabilityMode::BestEffort {
+            BTreeSet::new()
+        } else {
+            candidates.iter().map(|c| c.0).collect()
+        };
         self.acks
             .retain(|a| a.counted.iter().any(|n| cands.contains(n)));
     }
@@ -932,6 +1027,7 @@ impl StreamSim {
         if primary == node {
             let fresh = self.runs.get(&node).is_none_or(|r| r.epoch < epoch);
             if fresh {
+                self.trace(|| format!("s{node} becomes primary at epoch {epoch}"));
                 self.end_run(node);
                 if vol.assign(Role::Primary, BvEpoch(epoch)).is_err() {
                     return;
@@ -986,6 +1082,11 @@ impl StreamSim {
         let Some(run) = self.runs.get(&node) else {
             return;
         };
+        // The lease is the I/O gate (as the volume server's NBD export has it): a primary
+        // whose lease ran out takes no writes.
+        if run.lease_until <= self.now() && !self.bug(StreamBug::IgnoreLease) {
+            return;
+        }
         let (run_id, epoch) = (run.id, run.epoch);
         let Ok(lsn) = vol.write_in_epoch(BvEpoch(epoch), Lba(block), &pattern(block, id)) else {
             flush_if_half_full(&vol);
@@ -1041,6 +1142,7 @@ impl StreamSim {
 
     fn fail(&mut self, node: usize, i: usize, why: String) {
         let now = self.now();
+        self.trace(|| format!("s{node} shipper {i} fails: {why}"));
         let never = self.bug(StreamBug::NeverRejoin);
         if let Some(run) = self.runs.get_mut(&node) {
             let s = &mut run.shippers[i];
@@ -1084,6 +1186,12 @@ impl StreamSim {
                 if now < *until {
                     return Ok(());
                 }
+                // As the stream's lease gate: no join without the lease.
+                if run.lease_until <= now
+                    && !self.opts.bug.is_some_and(|b| b == StreamBug::IgnoreLease)
+                {
+                    return Err("the primary holds no lease: joins wait".into());
+                }
                 run.shippers[i].status = StreamState::Joining;
                 let conn = self.net.borrow_mut().connect(node, target);
                 let sc = SimConn {
@@ -1110,6 +1218,12 @@ impl StreamSim {
                             wait: None,
                         };
                         *self.net.borrow_mut().stats.joins.entry(j.path).or_default() += 1;
+                        if self.trace {
+                            eprintln!(
+                                "t={now} s{node} joined s{target} by {} at {:?}",
+                                j.path, run.shippers[i].durable
+                            );
+                        }
                         Ok(())
                     }
                     Err(e) => {
@@ -1132,7 +1246,8 @@ impl StreamSim {
                 }
                 let head = vol.status().head;
                 let (tip, durable) = (link.tip().lsn, link.durable());
-                if head > tip {
+                let barrier = barrier_due(tip, durable, flush_want, head, BARRIER_WINDOW);
+                if head > tip && !(barrier && tip.0 - durable.0 >= BARRIER_WINDOW) {
                     let mut frames = Vec::new();
                     if let Some(batch) =
                         link.next_batch(&vol, MAX_BATCH_ENTRIES, 1 << 20, &mut frames)?
@@ -1148,10 +1263,14 @@ impl StreamSim {
                             last,
                             deadline: now + REPLY_TIMEOUT_MS,
                         });
+                    } else if self.trace {
+                        eprintln!(
+                            "t={now} s{node} -> s{target}: head {head} > tip {tip} but no batch"
+                        );
                     }
                     return Ok(());
                 }
-                if flush_want > durable && tip > durable {
+                if barrier {
                     let req = link.barrier_request(&vol);
                     let id = self
                         .net
@@ -1219,6 +1338,7 @@ impl StreamSim {
         let Message::Reply { id: got, body } = msg else {
             return Err("not a reply".into());
         };
+
         match (wait.take(), body) {
             (Some(Wait::Apply { id, last, .. }), Reply::Apply(_, r)) if id == got => {
                 link.applied(last, &r)?;
@@ -1230,12 +1350,26 @@ impl StreamSim {
             (Some(Wait::Barrier { id, req, .. }), Reply::Barrier(_, r)) if id == got => {
                 let d = link.barrier_done(&vol, &req, &r)?;
                 s.durable = s.durable.max(d);
+                // The committed point moves to what the mode proves now, flush or not.
+                let slots: Vec<(&StreamState, Lsn)> = run
+                    .shippers
+                    .iter()
+                    .map(|s| (&s.status, s.durable))
+                    .collect();
+                let point = proven(self.mode, &slots, vol.status().durable);
+                if point > vol.status().committed {
+                    vol.set_committed(point);
+                }
                 Ok(())
             }
             (_, Reply::Error(_, e)) => Err(format!("refused: {e}")),
             (w, other) => Err(format!(
                 "reply {got} {other:?} does not answer {}",
-                if w.is_some() { "the request" } else { "anything" }
+                if w.is_some() {
+                    "the request"
+                } else {
+                    "anything"
+                }
             )),
         }
     }
@@ -1248,8 +1382,11 @@ impl StreamSim {
         };
         let mut done = Vec::new();
         for (k, p) in run.pending.iter().enumerate() {
-            let slots: Vec<(&StreamState, Lsn)> =
-                run.shippers.iter().map(|s| (&s.status, s.durable)).collect();
+            let slots: Vec<(&StreamState, Lsn)> = run
+                .shippers
+                .iter()
+                .map(|s| (&s.status, s.durable))
+                .collect();
             match verdict(self.mode, &slots, p.lsn) {
                 Verdict::Met { committed, counted } => {
                     if now < run.lease_until || ignore_lease {
@@ -1283,7 +1420,14 @@ impl StreamSim {
     }
 
     /// A flush at `lsn` was acknowledged by `node` (run `run_id`, `epoch`), counting `counted`.
-    fn acknowledged(&mut self, node: usize, run_id: u64, epoch: u64, lsn: Lsn, counted: Vec<usize>) {
+    fn acknowledged(
+        &mut self,
+        node: usize,
+        run_id: u64,
+        epoch: u64,
+        lsn: Lsn,
+        counted: Vec<usize>,
+    ) {
         let now = self.now();
         self.net.borrow_mut().stats.acked += 1;
         if let Some((e, t)) = self
@@ -1303,6 +1447,7 @@ impl StreamSim {
                 ids[w.block as usize] = ids[w.block as usize].max(*id);
             }
         }
+        self.trace(|| format!("s{node} acks flush at {lsn} epoch {epoch} counting {counted:?}"));
         let check = self.rng.below(self.check_every) == 0;
         self.acks.push(Ack {
             counted: counted.clone(),
@@ -1345,7 +1490,9 @@ impl StreamSim {
             let need = want[b as usize];
             match parse(&buf) {
                 Ok(None) if need > 0 => {
-                    self.violate(format!("{what}: block {b} is zeros, write {need} was acknowledged"));
+                    self.violate(format!(
+                        "{what}: block {b} is zeros, write {need} was acknowledged"
+                    ));
                 }
                 Ok(None) => {}
                 Ok(Some((bb, id))) if bb != b || !self.issued[b as usize].contains(&id) => {
@@ -1389,6 +1536,9 @@ impl StreamSim {
             }
             net.nodes[node].alive = false;
             net.stats.crashes += 1;
+            if self.trace {
+                eprintln!("t={now} crash s{node}");
+            }
             let back = now + 100 + net.rng.below(4000);
             net.at(back, Ev::Restart { node });
         }
@@ -1413,10 +1563,19 @@ impl StreamSim {
             Ok(v) => Arc::new(v),
             Err(e) => {
                 drop(net);
-                self.violate(format!("s{node}'s crash image ({mode:?}) does not open: {e}"));
+                self.violate(format!(
+                    "s{node}'s crash image ({mode:?}) does not open: {e}"
+                ));
                 return;
             }
         };
+        if self.trace {
+            let st = vol.status();
+            eprintln!(
+                "t={} restart s{node} ({mode:?}): head {} checkpoint {} epoch {}",
+                net.now, st.head, st.checkpoint, st.epoch.0
+            );
+        }
         let n = &mut net.nodes[node];
         n.incarnation += 1;
         n.replica = LocalReplica::new(Arc::clone(&vol));
@@ -1475,7 +1634,11 @@ impl StreamSim {
 
     fn deliver(&mut self, ev: Ev) {
         match ev {
-            Ev::ToServer { conn, bytes, replay } => {
+            Ev::ToServer {
+                conn,
+                bytes,
+                replay,
+            } => {
                 let mut net = self.net.borrow_mut();
                 if !net.server_reachable(conn) && !replay {
                     net.stats.dropped += 1;
@@ -1483,7 +1646,9 @@ impl StreamSim {
                 }
                 if replay {
                     // Served only while the replica's process runs and the link is up.
-                    let Some(c) = net.conns.get(&conn) else { return };
+                    let Some(c) = net.conns.get(&conn) else {
+                        return;
+                    };
                     let (from, to, inc) = (c.from, c.to, c.server_inc);
                     if !net.nodes[to].alive || net.nodes[to].incarnation != inc || !net.up(from, to)
                     {
@@ -1497,7 +1662,9 @@ impl StreamSim {
                     return;
                 }
                 let bytes = net.encode(&reply);
-                let Some(c) = net.conns.get(&conn) else { return };
+                let Some(c) = net.conns.get(&conn) else {
+                    return;
+                };
                 let (from, to, last) = (c.from, c.to, c.last_to_client);
                 if !net.up(from, to) {
                     net.stats.dropped += 1;
@@ -1510,7 +1677,7 @@ impl StreamSim {
                 net.at(t, Ev::ToClient { conn, bytes });
             }
             Ev::ToClient { conn, bytes } => self.on_reply(conn, bytes),
-            Ev::HbToMaster { node, sent, last } => self.master_heard(node, sent, last),
+            Ev::HbToMaster { node, sent } => self.master_heard(node, sent),
             Ev::HbToNode {
                 node,
                 inc,
@@ -1612,7 +1779,9 @@ impl StreamSim {
         let start = self.now();
         let mut converged = false;
         while self.now() < start + self.opts.liveness_ms {
-            if self.rng.chance(300) {
+            // Writes go on for the first 5 s (one request in flight per replica cannot keep
+            // up with any write rate over 200 ms links, so convergence is judged after them).
+            if self.now() < start + 5_000 && self.rng.chance(300) {
                 self.client_write();
             }
             self.client_flush();
@@ -1630,13 +1799,25 @@ impl StreamSim {
                 .map(|r| {
                     r.shippers
                         .iter()
-                        .map(|s| format!("s{}: {:?} durable {}", s.node, s.status, s.durable))
+                        .map(|s| {
+                            let link = match &s.state {
+                                ShipState::Streaming { link, wait } => format!(
+                                    " (tip {}, link durable {}, waiting {})",
+                                    link.tip().lsn,
+                                    link.durable(),
+                                    wait.is_some()
+                                ),
+                                ShipState::Backoff { until } => format!(" (backoff until {until})"),
+                            };
+                            format!("s{}: {:?} durable {}{link}", s.node, s.status, s.durable)
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
+            let want = self.runs.get(&p).map(|r| r.flush_want);
             self.violate(format!(
                 "no convergence within {} simulated ms of healing (primary s{p}, runs on {:?}, \
-                 head {}): {}",
+                 head {}, flush wanted {want:?}): {}",
                 self.opts.liveness_ms,
                 self.runs.keys().collect::<Vec<_>>(),
                 self.vol(p).status().head,

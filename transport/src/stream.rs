@@ -23,7 +23,7 @@ use engine::{
     AssignmentIntent, CatchUpExecutor, Endpoint, Epoch, ExecutorOptions, PlanStep, RebuildExecutor,
     RecoveryDriver, ReplicaAssignment, ReplicaId, SessionKind,
 };
-use v2bridge::convert::{handshake, to_engine};
+use v2bridge::convert::{handshake, to_blockvol, to_engine};
 use v2bridge::{
     ApplyReply, ApplyRequest, BarrierReply, BarrierRequest, BlockVolStorage, BridgeIo, Lineage,
     ReplicaTarget,
@@ -90,6 +90,11 @@ pub struct StreamConfig {
     pub max_batch_entries: u32,
     /// Most encoded bytes in one batch.
     pub max_batch_bytes: usize,
+    /// Entries a replica may hold beyond its last barrier before the stream asks for one
+    /// unasked (and the primary's committed point moves to what the mode then proves): the
+    /// replicas' flushers are gated at the committed point, so without it a writer that does
+    /// not flush fills their WALs with entries nobody commits.
+    pub barrier_window: u64,
     /// Longest a flush waits for its replicas.
     pub flush_timeout: Duration,
     /// Wait before a failed replica is joined again (doubles up to `max_backoff`).
@@ -102,6 +107,34 @@ pub struct StreamConfig {
     /// pin the same image and the replica resumes its install where it stopped (zero: not
     /// kept). The primary's flusher stays fenced at that image meanwhile, so its WAL grows.
     pub image_linger: Duration,
+    /// Whether the primary holds its lease (none: always). Without it no join starts and a
+    /// running one is cancelled at its next step: the master may have promoted another server
+    /// meanwhile, and the replica be its copy, which a truncation or a rebuild from here would
+    /// destroy. Shipping entries goes on: the replicas' lineage fencing refuses them once
+    /// they know the newer epoch.
+    pub lease: Option<LeaseGate>,
+}
+
+/// Tells the stream whether its primary holds its lease (see [`StreamConfig::lease`]).
+#[derive(Clone)]
+pub struct LeaseGate(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl LeaseGate {
+    /// A gate asking `held`.
+    pub fn new(held: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        LeaseGate(Arc::new(held))
+    }
+
+    /// Whether the lease is held now.
+    pub fn held(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for LeaseGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LeaseGate").field(&self.held()).finish()
+    }
 }
 
 impl StreamConfig {
@@ -117,11 +150,13 @@ impl StreamConfig {
             },
             max_batch_entries: 256,
             max_batch_bytes: 4 << 20,
+            barrier_window: 4096,
             flush_timeout: Duration::from_secs(30),
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_secs(2),
             recovery: ExecutorOptions::default(),
             image_linger: Duration::from_secs(30),
+            lease: None,
         }
     }
 }
@@ -381,6 +416,7 @@ impl Replicator {
         replicas: Vec<ReplicaSpec>,
         config: StreamConfig,
     ) -> std::io::Result<Replicator> {
+        restore_committed(&primary);
         let storage = Arc::new(BlockVolStorage::new(Arc::clone(&primary)));
         let kept = crate::net::Reaper::start("replicator-images")?;
         let slots = replicas
@@ -593,6 +629,17 @@ impl Drop for Replicator {
 fn ship(sh: &Shared, i: usize) {
     let mut backoff = sh.config.min_backoff;
     while !sh.stopped() {
+        if let Some(gate) = &sh.config.lease
+            && !gate.held()
+        {
+            sh.update(i, |s| {
+                s.state = StreamState::Degraded("the primary holds no lease: joins wait".into());
+            });
+            let st = sh.lock();
+            let _ = sh.work.wait_timeout_while(st, backoff, |st| !st.stop);
+            backoff = (backoff * 2).min(sh.config.max_backoff);
+            continue;
+        }
         sh.update(i, |s| s.state = StreamState::Joining);
         let result = join(sh, i).and_then(|link| {
             backoff = sh.config.min_backoff;
@@ -627,6 +674,22 @@ fn replica_id(spec: &ReplicaSpec) -> Result<ReplicaId, String> {
 // when a flush may be acknowledged. The `Replicator` drives them from its shipper threads over
 // TCP; the deterministic simulator (`swblock::sim::stream`) drives the very same functions
 // from its event loop over simulated connections carrying the real codec's frames.
+
+/// Raises a primary's committed point to its durable head when its stream starts.
+///
+/// blockvol does not persist the committed point: a volume opens with it at its checkpoint,
+/// and a replica promoted to primary has whatever its last primary told it. Everything at or
+/// below the durable head is this primary's own history from now on, and flushes before a
+/// restart may have acknowledged all of it. Left lower, a join plans the replicas against the
+/// lower point and truncates (or, when the truncation reaches into a replica's extent,
+/// rebuilds) acknowledged entries off a replica that holds them, leaving fewer copies than the
+/// mode promised. Found by the network simulator (D52).
+pub fn restore_committed(primary: &Volume) {
+    let st = primary.status();
+    if st.durable > st.committed {
+        primary.set_committed(st.durable);
+    }
+}
 
 /// What a join needs of the primary side.
 pub struct JoinCtx<'a> {
@@ -751,7 +814,7 @@ pub fn join_replica<T: ReplicaTarget>(
         );
         ctx.driver
             .cancel_plan(plan, "replica holds a prefix of the primary's log");
-        return Link::open(ctx.primary, conn, lineage(sid)).map(|link| Joined {
+        return Link::open(ctx.primary, conn, lineage(sid), Lsn(0)).map(|link| Joined {
             link,
             path: "prefix",
         });
@@ -762,7 +825,7 @@ pub fn join_replica<T: ReplicaTarget>(
     // would otherwise be lost, since every join starts with a catch-up assignment.
     let conn = match plan.step() {
         PlanStep::InSync => {
-            return Link::open(ctx.primary, conn, lineage(sid)).map(|link| Joined {
+            return Link::open(ctx.primary, conn, lineage(sid), Lsn(0)).map(|link| Joined {
                 link,
                 path: "in_sync",
             });
@@ -784,8 +847,13 @@ pub fn join_replica<T: ReplicaTarget>(
             match done {
                 Ok(_) => {
                     hooks.recovered(path);
-                    return Link::open(ctx.primary, io.into_target(), lineage(sid))
-                        .map(|link| Joined { link, path });
+                    return Link::open(
+                        ctx.primary,
+                        io.into_target(),
+                        lineage(sid),
+                        to_blockvol(committed),
+                    )
+                    .map(|link| Joined { link, path });
                 }
                 Err(engine::EngineError::ExecutionFailed { failure, .. })
                     if failure.requires_rebuild() =>
@@ -824,7 +892,13 @@ pub fn join_replica<T: ReplicaTarget>(
     hooks.recovered("rebuild");
     hooks.rebuild_planned();
     let path = "rebuild";
-    Link::open(ctx.primary, io.into_target(), lineage(sid)).map(|link| Joined { link, path })
+    Link::open(
+        ctx.primary,
+        io.into_target(),
+        lineage(sid),
+        to_blockvol(committed),
+    )
+    .map(|link| Joined { link, path })
 }
 
 /// One replica in the stream: its connection, the lineage it streams under, the last entry it
@@ -852,7 +926,16 @@ impl<T: ReplicaTarget> Link<T> {
     /// opens the link there. The stream continues from the replica's tip only if the primary
     /// holds that very entry: the first batch is anchored on the primary's own entry, and the
     /// durability credited is for a prefix of the primary's log.
-    pub fn open(primary: &Volume, conn: T, lineage: Lineage) -> Result<Link<T>, String> {
+    ///
+    /// `proven` is what the join's recovery proved durable on the replica with a barrier (its
+    /// target); `Lsn(0)` when no recovery ran. Beyond it, only the replica's checkpoint is
+    /// known durable until a barrier of the stream proves more.
+    pub fn open(
+        primary: &Volume,
+        conn: T,
+        lineage: Lineage,
+        proven: Lsn,
+    ) -> Result<Link<T>, String> {
         let mut conn = conn;
         let hs = conn
             .handshake()
@@ -880,6 +963,13 @@ impl<T: ReplicaTarget> Link<T> {
                 hs.tip
             ));
         }
+        // A handshake reports the replica's head, not what of it is synced: only its
+        // checkpoint (in its extent) and what the join's own barrier proved are known durable
+        // until a barrier of the stream proves more. Crediting the head after a join that ran
+        // no recovery let a flush count a replica whose entries a crash could still take
+        // (found by the network simulator, D52).
+        // The WAL is kept from the replica's head: the stream ships what follows it.
+        let durable = hs.checkpoint.max(proven).min(hs.head);
         let pin = primary
             .pin_wal(hs.head)
             .map_err(|e| format!("pin the WAL after {}: {e}", hs.head))?;
@@ -887,7 +977,7 @@ impl<T: ReplicaTarget> Link<T> {
             conn,
             lineage,
             tip: primary_tip,
-            durable: hs.head,
+            durable,
             pin,
         })
     }
@@ -1109,6 +1199,32 @@ pub fn verdict(mode: DurabilityMode, slots: &[(&StreamState, Lsn)], lsn: Lsn) ->
     }
 }
 
+/// The point the mode proves durable now: the needed-th highest durable point of the streaming
+/// replicas, capped by the primary's own durable point (`primary`), or the primary's for best
+/// effort. A primary's committed point may be raised to it at any time, flush or not.
+pub fn proven(mode: DurabilityMode, slots: &[(&StreamState, Lsn)], primary: Lsn) -> Lsn {
+    let needed = mode.replicas_required(slots.len());
+    if needed == 0 {
+        return primary;
+    }
+    let mut d: Vec<Lsn> = slots
+        .iter()
+        .filter(|(st, _)| **st == StreamState::Streaming)
+        .map(|(_, d)| *d)
+        .collect();
+    d.sort_unstable_by(|a, b| b.cmp(a));
+    d.get(needed - 1).copied().unwrap_or(Lsn(0)).min(primary)
+}
+
+/// Whether a link should ask its replica for a barrier now: a flush waits for entries the
+/// replica holds beyond its durable point and everything the flush covers (or everything
+/// there is) is shipped, or the replica holds `window` entries beyond its last barrier.
+pub fn barrier_due(tip: Lsn, durable: Lsn, flush_want: Lsn, head: Lsn, window: u64) -> bool {
+    tip > durable
+        && ((flush_want > durable && (tip >= flush_want || tip >= head))
+            || tip.0 - durable.0 >= window)
+}
+
 // ---- the threaded shell ----------------------------------------------------------------------
 
 /// The Replicator's join hooks: cancel on stop, progress, counters, kept images.
@@ -1127,6 +1243,10 @@ impl JoinHooks for ShipperHooks<'_> {
             self.sh
                 .driver
                 .cancel_session(replica, step.session_id, "replicator stopped");
+        } else if self.sh.config.lease.as_ref().is_some_and(|g| !g.held()) {
+            self.sh
+                .driver
+                .cancel_session(replica, step.session_id, "the primary's lease ran out");
         }
         // It also logs a long recovery's progress, at most every `PROGRESS_LOG_EVERY`.
         if self.last_log.get().elapsed() >= PROGRESS_LOG_EVERY {
@@ -1238,7 +1358,8 @@ fn stream(sh: &Shared, i: usize, mut link: Link<RemoteReplica>) -> Result<(), St
                 }
                 let head = sh.primary.status().head;
                 let (tip, durable) = (link.tip().lsn, link.durable());
-                if head > tip || (st.flush_want > durable && tip > durable) {
+                if head > tip || barrier_due(tip, durable, st.flush_want, head, cfg.barrier_window)
+                {
                     break st.flush_want;
                 }
                 st = sh
@@ -1268,18 +1389,33 @@ fn stream(sh: &Shared, i: usize, mut link: Link<RemoteReplica>) -> Result<(), St
             }
         }
         // A barrier once everything a waiting flush covers is shipped (or everything there
-        // is): one barrier answers every flush that arrived before it.
+        // is): one barrier answers every flush that arrived before it. Also one unasked every
+        // `barrier_window` entries, after which the committed point moves to what the mode
+        // proves, so the replicas' flushers can make room.
         let head = sh.primary.status().head;
         let tip = link.tip().lsn;
-        if flush_want > link.durable() && (tip >= flush_want || tip >= head) {
+        if barrier_due(tip, link.durable(), flush_want, head, cfg.barrier_window) {
             let asked = Instant::now();
             let durable = link.barrier(&sh.primary)?;
             let waited = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
-            sh.update(i, |s| {
+            let mut st = sh.lock();
+            {
+                let s = &mut st.slots[i].status;
                 s.durable = durable;
                 s.barriers += 1;
                 s.barrier_micros = s.barrier_micros.saturating_add(waited);
-            });
+            }
+            let slots: Vec<(&StreamState, Lsn)> = st
+                .slots
+                .iter()
+                .map(|s| (&s.status.state, s.status.durable))
+                .collect();
+            let point = proven(cfg.mode, &slots, sh.primary.status().durable);
+            drop(st);
+            sh.acks.notify_all();
+            if point > sh.primary.status().committed {
+                sh.primary.set_committed(point);
+            }
         }
     }
 }

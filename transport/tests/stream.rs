@@ -555,3 +555,167 @@ fn a_rebuild_over_a_link_that_keeps_breaking_converges_by_resuming() {
     assert_eq!(rhead, head);
     assert_eq!(Digest(digest), c.oracle_digest(), "replica bytes");
 }
+
+/// Found by the network simulator (issue 13): a replica whose log diverged from a new
+/// primary's below the replica's own checkpoint cannot be truncated at the divergence point
+/// (the entries are in its extent already). The engine says only an image can repair it, but
+/// every join starts with a catch-up assignment, so the verdict was lost and the stream tried
+/// the same truncation forever: the replica never came back. A join now goes on to the
+/// rebuild, and the replica ends with the new primary's bytes.
+#[test]
+fn a_replica_divergent_below_its_checkpoint_is_rebuilt_within_the_join() {
+    use engine::{ExecutorOptions, RecoveryDriver};
+    use transport::stream::{JoinCtx, NoHooks, join_replica};
+    use v2bridge::{BlockVolStorage, LocalReplica};
+
+    let dir = tempfile::tempdir().unwrap();
+    let block = |v: u8| vec![v; BLOCK];
+    let join = |primary: &Arc<Volume>, epoch: u64, replica: LocalReplica| {
+        let storage = Arc::new(BlockVolStorage::new(Arc::clone(primary)));
+        let driver = RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn engine::StorageAdapter>);
+        let specs = vec![ReplicaSpec {
+            id: "vol1/r".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            volume: "vol1".into(),
+        }];
+        let ctx = JoinCtx {
+            primary,
+            storage: &storage,
+            driver: &driver,
+            run_driver: "p",
+            epoch,
+            recovery: ExecutorOptions::default(),
+            replicas: &specs,
+        };
+        join_replica(&ctx, 0, replica, &NoHooks)
+    };
+    // Epoch 1: five entries on the primary and the replica; then a copy of the primary's file
+    // (the server that will be promoted, holding exactly those five).
+    let p_path = dir.path().join("p.vol");
+    let p = Arc::new(create(&p_path, Role::Primary));
+    let r = Arc::new(create(&dir.path().join("r.vol"), Role::Replica));
+    for i in 0..5u8 {
+        p.write(blockvol::Lba(u64::from(i)), &block(i + 1)).unwrap();
+    }
+    p.sync().unwrap();
+    p.set_committed(Lsn(5));
+    assert_eq!(
+        join(&p, 1, LocalReplica::new(Arc::clone(&r))).unwrap().path,
+        "catch_up"
+    );
+    let p2_path = dir.path().join("p2.vol");
+    let p = Arc::try_unwrap(p).ok().unwrap();
+    p.close().unwrap();
+    std::fs::copy(&p_path, &p2_path).unwrap();
+    let p = Arc::new(Volume::open(&p_path, &volume_options(FlushGate::Committed)).unwrap());
+    p.assign(Role::Primary, blockvol::Epoch(1)).unwrap();
+    // Five more at epoch 1, committed on the replica and flushed into its extent.
+    for i in 5..10u8 {
+        p.write(blockvol::Lba(u64::from(i)), &block(i + 1)).unwrap();
+    }
+    p.sync().unwrap();
+    p.set_committed(Lsn(10));
+    let j = join(&p, 1, LocalReplica::new(Arc::clone(&r))).unwrap();
+    assert_eq!((j.path, j.link.durable()), ("catch_up", Lsn(10)));
+    drop(j);
+    r.force_flush().unwrap();
+    assert_eq!(r.status().checkpoint, Lsn(10));
+    // The copy is promoted at epoch 2 and writes other entries 6..8.
+    let p2 = Arc::new(Volume::open(&p2_path, &volume_options(FlushGate::Committed)).unwrap());
+    p2.assign(Role::Primary, blockvol::Epoch(2)).unwrap();
+    r.assign(Role::Replica, blockvol::Epoch(2)).unwrap();
+    for i in 5..8u8 {
+        p2.write(blockvol::Lba(u64::from(i)), &block(100 + i))
+            .unwrap();
+    }
+    p2.sync().unwrap();
+    assert!(p2.status().committed < Lsn(10));
+    // The replica's tail 6..10 diverges from the new primary's below its checkpoint: the join
+    // rebuilds it, and it reads back the new primary's bytes.
+    let mut j = join(&p2, 2, LocalReplica::new(Arc::clone(&r))).expect("the join");
+    assert_eq!(j.path, "rebuild");
+    // The stream carries on from the link's tip to the new primary's head.
+    let mut frames = Vec::new();
+    while j
+        .link
+        .ship(&p2, 64, 1 << 20, &mut frames)
+        .unwrap()
+        .is_some()
+    {}
+    assert_eq!(j.link.barrier(&p2).unwrap(), p2.status().head);
+    // The rebuild's first request arriving again (a duplicated frame, found by the network
+    // simulator) is refused: carried out, it would wipe the copy the stream just counted.
+    let lineage = j.link.lineage();
+    let replayed = v2bridge::ReplicaTarget::begin_base(
+        j.link.conn(),
+        v2bridge::BaseBeginRequest {
+            lineage,
+            base_lsn: Lsn(5),
+            base_entry: p2.entry_info(Lsn(5)).unwrap(),
+            geometry: r.geometry(),
+        },
+    );
+    assert!(
+        matches!(replayed, Err(v2bridge::TargetError::Fenced(_))),
+        "{replayed:?}"
+    );
+    assert!(!r.status().install_incomplete);
+    for lba in 0..10u64 {
+        assert_eq!(
+            r.read(blockvol::Lba(lba), 1).unwrap(),
+            p2.read(blockvol::Lba(lba), 1).unwrap(),
+            "block {lba}"
+        );
+    }
+}
+
+/// Found by the network simulator (D52): a join that ran no recovery (the replica already
+/// held a prefix of the primary's log) credited the replica durable at the head its handshake
+/// reported, which may include entries it never synced; a flush could then count it without a
+/// barrier and a crash of the replica lose what was acknowledged. Only its checkpoint counts
+/// until the stream's barrier proves more.
+#[test]
+fn a_join_without_a_recovery_credits_only_what_the_replica_proved_durable() {
+    use engine::{ExecutorOptions, RecoveryDriver};
+    use transport::stream::{JoinCtx, NoHooks, join_replica};
+    use v2bridge::{BlockVolStorage, LocalReplica};
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(create(&dir.path().join("p.vol"), Role::Primary));
+    let r = Arc::new(create(&dir.path().join("r.vol"), Role::Replica));
+    for i in 0..8u64 {
+        p.write(blockvol::Lba(i), &vec![i as u8 + 1; BLOCK])
+            .unwrap();
+    }
+    p.sync().unwrap();
+    // The replica holds all 8 entries, applied but not synced.
+    for e in p.scan_from(Lsn(1)).unwrap() {
+        r.apply(&e.unwrap()).unwrap();
+    }
+    assert_eq!(r.status().head, Lsn(8));
+    assert!(r.status().durable < Lsn(8));
+    let storage = Arc::new(BlockVolStorage::new(Arc::clone(&p)));
+    let driver = RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn engine::StorageAdapter>);
+    let specs = vec![ReplicaSpec {
+        id: "vol1/r".into(),
+        addr: "127.0.0.1:1".parse().unwrap(),
+        volume: "vol1".into(),
+    }];
+    let ctx = JoinCtx {
+        primary: &p,
+        storage: &storage,
+        driver: &driver,
+        run_driver: "p",
+        epoch: 1,
+        recovery: ExecutorOptions::default(),
+        replicas: &specs,
+    };
+    let mut j = join_replica(&ctx, 0, LocalReplica::new(Arc::clone(&r)), &NoHooks).unwrap();
+    assert!(matches!(j.path, "prefix" | "in_sync"), "{}", j.path);
+    assert_eq!(j.link.tip().lsn, Lsn(8));
+    assert_eq!(j.link.durable(), r.status().checkpoint);
+    assert!(j.link.durable() < Lsn(8));
+    // The stream's barrier proves the rest.
+    assert_eq!(j.link.barrier(&p).unwrap(), Lsn(8));
+    assert_eq!(j.link.durable(), Lsn(8));
+}

@@ -320,6 +320,12 @@ struct Node {
     /// An install in progress and the session that began it: only that session may send its
     /// chunks and finish it.
     install: Option<(Lineage, BaseInstall)>,
+    /// The last session that moved past its start: it applied entries or finished an install.
+    /// A truncation or an install begun by that same session afterwards can only be a copy of
+    /// its earlier request arriving again (a duplicated frame, a retransmission): refused,
+    /// since carrying it out would drop or wipe entries the session has since written and a
+    /// primary may have counted durable (found by the network simulator, D52).
+    settled: Option<Lineage>,
 }
 
 /// An in-process replica over a blockvol volume (opened with `FlushGate::Committed`, so it can
@@ -345,6 +351,7 @@ impl LocalReplica {
                 scrub: ScrubTrack::default(),
                 newest: BTreeMap::new(),
                 install: None,
+                settled: None,
             })),
         }
     }
@@ -437,6 +444,17 @@ impl LocalReplica {
 }
 
 impl Node {
+    /// Refuses `what` from `lineage` if that session already moved past its start.
+    fn not_settled(&self, lineage: Lineage, what: &str) -> Result<(), TargetError> {
+        if self.settled == Some(lineage) {
+            return Err(TargetError::Fenced(format!(
+                "{what} from session {lineage:?}, which already applied entries or finished its \
+                 install: a repeated request, refused"
+            )));
+        }
+        Ok(())
+    }
+
     /// Accepts `lineage` if it is not older than the newest accepted one; a newer epoch is
     /// persisted on the volume (the primary's session is the authority for its epoch).
     fn admit(&mut self, lineage: Lineage) -> Result<(), TargetError> {
@@ -560,6 +578,7 @@ impl ReplicaTarget for LocalReplica {
         // never past what was verified, so a divergent tail always stays truncatable.
         let head = node.vol.status().head;
         raise_committed(&node.vol, req.committed.min(head));
+        node.settled = Some(req.lineage);
         Ok(ApplyReply {
             applied_to: head,
             applied,
@@ -570,6 +589,7 @@ impl ReplicaTarget for LocalReplica {
     fn truncate(&mut self, req: TruncateRequest) -> Result<EntryInfo, TargetError> {
         let mut node = self.lock();
         node.admit(req.lineage)?;
+        node.not_settled(req.lineage, "a truncation")?;
         // Truncation only ever drops an uncommitted tail, and a sender's committed point is at
         // least the one this replica was told. A request below it (a late message from a run of
         // a server that no longer exists: lineages are fenced per run, or a primary that lost
@@ -592,6 +612,7 @@ impl ReplicaTarget for LocalReplica {
     fn begin_base(&mut self, req: BaseBeginRequest) -> Result<Lba, TargetError> {
         let mut node = self.lock();
         node.admit(req.lineage)?;
+        node.not_settled(req.lineage, "a base install")?;
         // Abandon a half-finished install before starting over; if another session began it,
         // that session's next chunk or finish is refused (its image is gone).
         if let Some((owner, _)) = node.install.take()
@@ -647,6 +668,7 @@ impl ReplicaTarget for LocalReplica {
             return Err(TargetError::Protocol("finish without an install".into()));
         };
         install.finish().map_err(storage)?;
+        node.settled = Some(lineage);
         Ok(node.vol.status().head)
     }
 

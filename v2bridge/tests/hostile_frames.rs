@@ -323,7 +323,7 @@ fn every_request_with_edge_scalars_is_answered_typed() {
     let g = fx.vol.geometry();
     let r = &mut fx.replica;
     let mut answered = 0;
-    for &x in &edges {
+    for (i, &x) in edges.iter().enumerate() {
         let reply = r.handshake();
         assert!(reply.is_ok(), "{reply:?}");
         for res in [
@@ -371,9 +371,12 @@ fn every_request_with_edge_scalars_is_answered_typed() {
             answered += 1;
         }
         // A base install begun with the volume's own geometry and an edge LSN: accepted only
-        // below the superblock counter limit, finished, and the replica goes on.
+        // below the superblock counter limit, finished, and the replica goes on. Each under a
+        // session of its own (from another driver, so the edge session above stays current):
+        // a session that already applied entries or finished an install may not begin one.
+        let installer = Lineage::new("installer", Epoch(EPOCH), 1 + i as u64);
         let begun = r.begin_base(BaseBeginRequest {
-            lineage: lineage(EPOCH),
+            lineage: installer,
             base_lsn: Lsn(x),
             base_entry: EntryInfo {
                 lsn: Lsn(x),
@@ -388,7 +391,7 @@ fn every_request_with_edge_scalars_is_answered_typed() {
             "base at {x}: {begun:?}"
         );
         if begun.is_ok() {
-            assert_eq!(r.finish_base(lineage(EPOCH)).expect("finish"), Lsn(x));
+            assert_eq!(r.finish_base(installer).expect("finish"), Lsn(x));
         }
     }
     // Stale lineages are fenced once a newer one was seen; a newer epoch is accepted.

@@ -131,3 +131,47 @@ fn a_base_install_belongs_to_the_session_that_began_it() {
         .unwrap();
     assert_eq!(replica.finish_base(puller).unwrap(), blockvol::Lsn(10));
 }
+
+/// Found by the network simulator (D52): a request arriving twice (a duplicated frame, a
+/// retransmission on a connection given up on) must not be carried out again once its session
+/// moved on. A truncation repeated after the session applied entries would drop them, and a
+/// primary may have counted them durable. Refused, and nothing changes.
+#[test]
+fn a_truncation_repeated_after_its_session_applied_entries_is_refused() {
+    use v2bridge::{ApplyRequest, Lineage, ReplicaTarget, TruncateRequest};
+    let dir = tempdir();
+    let (p, _storage) = primary(dir.path());
+    write_blocks(&p, 0..20, 0);
+    commit(&p, lsn(20));
+    let replica = replica_volume(dir.path(), "r1");
+    seed_replica(&p, &replica, 10);
+    let mut target = local(&replica);
+    let l = Lineage::new(DRIVER, blockvol::Epoch(1), 1);
+    let truncate = TruncateRequest {
+        lineage: l,
+        after: blsn(10),
+        committed: blsn(10),
+    };
+    target.truncate(truncate).expect("the truncation");
+    let mut frames = Vec::new();
+    let entries = scan(&p, 11, 20);
+    for e in &entries {
+        e.encode_into(&mut frames).unwrap();
+    }
+    target
+        .apply(ApplyRequest {
+            lineage: l,
+            committed: blsn(10),
+            anchor: p.entry_info(blsn(10)).unwrap(),
+            count: entries.len() as u32,
+            frames,
+        })
+        .expect("the apply");
+    assert_eq!(replica.status().head, blsn(20));
+    let again = target.truncate(truncate);
+    assert!(
+        matches!(again, Err(v2bridge::TargetError::Fenced(_))),
+        "{again:?}"
+    );
+    assert_eq!(replica.status().head, blsn(20));
+}

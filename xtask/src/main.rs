@@ -32,7 +32,7 @@ tasks:
       after the table, each metric's change against an earlier report (value, ratio, met;
       metrics only one side has are listed): save one first, e.g.
       `cp target/bench-report.json /tmp/before.json`.
-  sim [--seeds N] [--steps M] [--seed S] [--replicas R] [--heal-steps H] [--quiet] [--verbose]
+  sim [--network] [--seeds N] [--steps M] [--seed S] [--replicas R] [--heal-steps H] [--quiet] [--verbose]
       Deterministic simulation of a primary, two or three replicas and faults on the real
       crates (release build): N seeds from S (default 100 from 1; --seed alone runs one),
       M faulty steps each (default 300) then a healed phase. Prints one line per seed (only

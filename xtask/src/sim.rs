@@ -18,6 +18,13 @@ struct Args {
     replicas: Option<usize>,
     quiet: bool,
     verbose: bool,
+    /// `--network`: the network simulator (`swblock::sim::stream`) instead.
+    network: bool,
+    steps_given: bool,
+    /// `--bug NAME` (network simulator): a bug switch, to see a check fire.
+    bug: Option<String>,
+    /// `--mode NAME` (network simulator): the durability mode of every seed.
+    mode: Option<String>,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -29,6 +36,10 @@ fn parse(args: &[String]) -> Result<Args, String> {
         replicas: None,
         quiet: false,
         verbose: false,
+        network: false,
+        steps_given: false,
+        bug: None,
+        mode: None,
     };
     let mut seed_given = false;
     let mut it = args.iter();
@@ -44,7 +55,13 @@ fn parse(args: &[String]) -> Result<Args, String> {
                 a.first = num(it.next(), "--seed")?;
                 seed_given = true;
             }
-            "--steps" => a.steps = num(it.next(), "--steps")?,
+            "--steps" => {
+                a.steps = num(it.next(), "--steps")?;
+                a.steps_given = true;
+            }
+            "--network" => a.network = true,
+            "--bug" => a.bug = Some(it.next().ok_or("--bug needs a name")?.clone()),
+            "--mode" => a.mode = Some(it.next().ok_or("--mode needs a name")?.clone()),
             "--heal-steps" => a.heal = Some(num(it.next(), "--heal-steps")?),
             "--replicas" => a.replicas = Some(num(it.next(), "--replicas")? as usize),
             "--quiet" => a.quiet = true,
@@ -75,6 +92,9 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         return crate::reexec_release("sim", args);
     }
     let a = parse(args)?;
+    if a.network {
+        return run_network(&a);
+    }
     let started = Instant::now();
     let mut total = Stats::default();
     let mut failed = Vec::new();
@@ -187,6 +207,133 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         }
     }
     println!("{}", table("operations", &total.ops));
+    if failed.is_empty() {
+        println!("all {} seeds passed", a.seeds);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} seeds failed:", failed.len());
+        for c in &failed {
+            println!("  {c}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `--network`: the transport's stream, codec and replica handler over the simulated network
+/// (`swblock::sim::stream`), one seed after another.
+fn run_network(a: &Args) -> Result<ExitCode, String> {
+    use swblock::sim::stream::{StreamBug, StreamSimOptions, run_stream_seed};
+    use transport::stream::DurabilityMode;
+    let bug = match a.bug.as_deref() {
+        None => None,
+        Some("ack_on_apply") => Some(StreamBug::AckOnApply),
+        Some("ignore_lease") => Some(StreamBug::IgnoreLease),
+        Some("promote_shortest") => Some(StreamBug::PromoteShortest),
+        Some("promote_by_head_only") => Some(StreamBug::PromoteByHeadOnly),
+        Some("never_rejoin") => Some(StreamBug::NeverRejoin),
+        Some("no_fence") => Some(StreamBug::NoFence),
+        Some("committed_from_checkpoint") => Some(StreamBug::CommittedFromCheckpoint),
+        Some(other) => return Err(format!("sim: unknown bug {other}")),
+    };
+    let mode = match a.mode.as_deref() {
+        None => None,
+        Some("best_effort") => Some(DurabilityMode::BestEffort),
+        Some("sync_all") => Some(DurabilityMode::SyncAll),
+        Some("sync_quorum") => Some(DurabilityMode::SyncQuorum),
+        Some(other) => return Err(format!("sim: unknown mode {other}")),
+    };
+    let started = Instant::now();
+    let steps = if a.steps_given {
+        a.steps
+    } else {
+        StreamSimOptions::new(0).steps
+    };
+    println!(
+        "sim --network: seeds {}..={} ({} seeds), {steps} faulty steps each",
+        a.first,
+        a.first + a.seeds - 1,
+        a.seeds
+    );
+    let mut failed = Vec::new();
+    let mut totals: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    let mut joins: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    let mut modes: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    for seed in a.first..a.first + a.seeds {
+        if a.quiet && (seed - a.first).is_multiple_of(1000) {
+            eprintln!("sim --network: seeds from {seed} ...");
+        }
+        let mut o = StreamSimOptions::new(seed);
+        o.steps = steps;
+        o.bug = bug;
+        o.mode = mode;
+        let t = Instant::now();
+        let r = run_stream_seed(o).map_err(|e| format!("seed {seed}: {e}"))?;
+        let ok = r.violations.is_empty();
+        if !a.quiet || !ok {
+            println!(
+                "seed={seed} {} mode={} sim_ms={} writes={} acked={} failed_flushes={} frames={} \
+                 corrupted={} replayed={} failovers={} crashes={} cuts={} joins={:?} {:.3}s",
+                if ok { "ok" } else { "FAIL" },
+                r.mode,
+                r.sim_ms,
+                r.writes,
+                r.acked,
+                r.flush_failed,
+                r.frames,
+                r.corrupted,
+                r.replayed,
+                r.failovers,
+                r.crashes,
+                r.cuts,
+                r.joins,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        if !ok {
+            for v in &r.violations {
+                println!("  VIOLATION {v}");
+            }
+            let mut rerun = format!("cargo xtask sim --network --seed {seed} --steps {steps}");
+            for (flag, v) in [("--bug", &a.bug), ("--mode", &a.mode)] {
+                if let Some(v) = v {
+                    rerun.push_str(&format!(" {flag} {v}"));
+                }
+            }
+            println!("  rerun: {rerun}");
+            failed.push(rerun);
+        }
+        *modes.entry(r.mode).or_default() += 1;
+        for (k, v) in [
+            ("sim_ms", r.sim_ms),
+            ("writes", r.writes),
+            ("acked", r.acked),
+            ("failed_flushes", r.flush_failed),
+            ("frames", r.frames),
+            ("corrupted", r.corrupted),
+            ("replayed", r.replayed),
+            ("dropped", r.dropped),
+            ("failovers", r.failovers),
+            ("crashes", r.crashes),
+            ("cuts", r.cuts),
+            ("join_failures", r.join_failures),
+            ("durability_checks", r.durability_checks),
+            ("superseded_writes", r.superseded_writes),
+        ] {
+            *totals.entry(k).or_default() += v;
+        }
+        for (k, v) in r.joins {
+            *joins.entry(k).or_default() += v;
+        }
+    }
+    println!("---");
+    println!(
+        "{} (seeds={}, time={:.1}s)",
+        table("totals", &totals),
+        a.seeds,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", table("modes", &modes));
+    println!("{}", table("joins by path", &joins));
     if failed.is_empty() {
         println!("all {} seeds passed", a.seeds);
         Ok(ExitCode::SUCCESS)
