@@ -625,6 +625,8 @@ enum ShipState {
     Streaming {
         link: Link<SimConn>,
         wait: Option<Wait>,
+        /// Joined holding entries no barrier proved: one is asked for first.
+        fresh: bool,
     },
 }
 
@@ -1213,9 +1215,11 @@ impl StreamSim {
                         s.status = StreamState::Streaming;
                         s.durable = j.link.durable();
                         s.backoff = MIN_BACKOFF_MS;
+                        let fresh = j.link.tip().lsn > j.link.durable();
                         s.state = ShipState::Streaming {
                             link: j.link,
                             wait: None,
+                            fresh,
                         };
                         *self.net.borrow_mut().stats.joins.entry(j.path).or_default() += 1;
                         if self.trace {
@@ -1232,7 +1236,7 @@ impl StreamSim {
                     }
                 }
             }
-            ShipState::Streaming { link, wait } => {
+            ShipState::Streaming { link, wait, fresh } => {
                 let conn = link.connection().conn;
                 if let Some(w) = wait {
                     let deadline = match w {
@@ -1246,7 +1250,22 @@ impl StreamSim {
                 }
                 let head = vol.status().head;
                 let (tip, durable) = (link.tip().lsn, link.durable());
-                let barrier = barrier_due(tip, durable, flush_want, head, BARRIER_WINDOW);
+                let barrier = *fresh || barrier_due(tip, durable, flush_want, head, BARRIER_WINDOW);
+                if *fresh {
+                    *fresh = false;
+                    let req = link.barrier_request(&vol);
+                    let id = self
+                        .net
+                        .borrow_mut()
+                        .send(conn, Request::Barrier(req))
+                        .ok_or("connection dead")?;
+                    *wait = Some(Wait::Barrier {
+                        id,
+                        req,
+                        deadline: now + REPLY_TIMEOUT_MS,
+                    });
+                    return Ok(());
+                }
                 if head > tip && !(barrier && tip.0 - durable.0 >= BARRIER_WINDOW) {
                     let mut frames = Vec::new();
                     if let Some(batch) =
@@ -1331,7 +1350,7 @@ impl StreamSim {
             return Ok(());
         };
         let s = &mut run.shippers[i];
-        let ShipState::Streaming { link, wait } = &mut s.state else {
+        let ShipState::Streaming { link, wait, .. } = &mut s.state else {
             return Ok(());
         };
         let msg = msg.ok_or("connection closed")?;
@@ -1801,7 +1820,7 @@ impl StreamSim {
                         .iter()
                         .map(|s| {
                             let link = match &s.state {
-                                ShipState::Streaming { link, wait } => format!(
+                                ShipState::Streaming { link, wait, .. } => format!(
                                     " (tip {}, link durable {}, waiting {})",
                                     link.tip().lsn,
                                     link.durable(),

@@ -1348,6 +1348,12 @@ impl Drop for ClearLive<'_> {
 fn stream(sh: &Shared, i: usize, mut link: Link<RemoteReplica>) -> Result<(), String> {
     let mut frames = Vec::new();
     let cfg = &sh.config;
+    // A replica that joined holding entries no barrier proved (an `in_sync` or `prefix`
+    // join) is asked for one at once: its durable point is known without waiting for the next
+    // flush.
+    if link.tip().lsn > link.durable() {
+        barrier(sh, i, &mut link)?;
+    }
     loop {
         // Wait for entries to ship, a flush to answer, or stop.
         let flush_want = {
@@ -1395,29 +1401,36 @@ fn stream(sh: &Shared, i: usize, mut link: Link<RemoteReplica>) -> Result<(), St
         let head = sh.primary.status().head;
         let tip = link.tip().lsn;
         if barrier_due(tip, link.durable(), flush_want, head, cfg.barrier_window) {
-            let asked = Instant::now();
-            let durable = link.barrier(&sh.primary)?;
-            let waited = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
-            let mut st = sh.lock();
-            {
-                let s = &mut st.slots[i].status;
-                s.durable = durable;
-                s.barriers += 1;
-                s.barrier_micros = s.barrier_micros.saturating_add(waited);
-            }
-            let slots: Vec<(&StreamState, Lsn)> = st
-                .slots
-                .iter()
-                .map(|s| (&s.status.state, s.status.durable))
-                .collect();
-            let point = proven(cfg.mode, &slots, sh.primary.status().durable);
-            drop(st);
-            sh.acks.notify_all();
-            if point > sh.primary.status().committed {
-                sh.primary.set_committed(point);
-            }
+            barrier(sh, i, &mut link)?;
         }
     }
+}
+
+/// A barrier at the link's tip: the replica's durable point, and the primary's committed
+/// point to what the mode then proves.
+fn barrier(sh: &Shared, i: usize, link: &mut Link<RemoteReplica>) -> Result<(), String> {
+    let asked = Instant::now();
+    let durable = link.barrier(&sh.primary)?;
+    let waited = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let mut st = sh.lock();
+    {
+        let s = &mut st.slots[i].status;
+        s.durable = durable;
+        s.barriers += 1;
+        s.barrier_micros = s.barrier_micros.saturating_add(waited);
+    }
+    let slots: Vec<(&StreamState, Lsn)> = st
+        .slots
+        .iter()
+        .map(|s| (&s.status.state, s.status.durable))
+        .collect();
+    let point = proven(sh.config.mode, &slots, sh.primary.status().durable);
+    drop(st);
+    sh.acks.notify_all();
+    if point > sh.primary.status().committed {
+        sh.primary.set_committed(point);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1158,6 +1158,28 @@ pub fn nemesis(args: &[String]) -> Result<ExitCode, String> {
         .output();
     Mounts::clear(&dir);
     let _ = std::fs::remove_dir_all(&dir);
+    // Interrupted (SIGINT, SIGTERM, SIGHUP), it takes the cluster down before it goes: the
+    // processes, the namespaces and their bridge, the mounts.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .map_err(|e| format!("signal handlers: {e}"))?;
+    {
+        let (sw, d) = (swblock.clone(), dir.clone());
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                eprintln!("nemesis: signal {sig}: taking the cluster down");
+                let _ = Command::new(&sw)
+                    .args(["cluster", "down", "--dir"])
+                    .arg(&d)
+                    .output();
+                Mounts::clear(&d);
+                std::process::exit(128 + sig);
+            }
+        });
+    }
     let network = if !o.loopback && server::netns::Netns::available() {
         "netns"
     } else {
