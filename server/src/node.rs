@@ -849,7 +849,11 @@ impl Node {
         Ok(Evidence {
             epoch: c.epoch,
             committed: s.committed.0,
-            head: s.head.0,
+            // The durable head, not the head: entries this copy has not synced are not
+            // evidence (a crash between the answer and the promotion drops them, and the
+            // promoted copy then truncates a replica that holds them durably, acknowledged
+            // writes with them; found by the network simulator, D52).
+            head: s.durable.0,
             checkpoint: s.checkpoint.0,
             eligible: reason.is_empty(),
             reason,

@@ -108,6 +108,9 @@ pub enum StreamBug {
     /// A primary starts its stream at the committed point its volume opened with (its
     /// checkpoint), not at its durable head.
     CommittedFromCheckpoint,
+    /// A primary back from a restart keeps its epoch (and writes other entries under LSNs a
+    /// replica holds at it).
+    SameEpochAfterRestart,
 }
 
 /// How one run goes.
@@ -240,6 +243,9 @@ enum Ev {
     HbToMaster {
         node: usize,
         sent: u64,
+        /// The volume's epoch, and the epoch of the primary run it serves, if any.
+        epoch: u64,
+        serving: Option<u64>,
     },
     HbToNode {
         node: usize,
@@ -908,17 +914,39 @@ impl StreamSim {
         if !self.alive(node) {
             return;
         }
+        let epoch = self.vol(node).status().epoch.0;
+        let serving = self.runs.get(&node).map(|r| r.epoch);
         let mut net = self.net.borrow_mut();
         if !net.up(node, MASTER) {
             return;
         }
         let lat = net.latency();
-        net.at(now + lat, Ev::HbToMaster { node, sent: now });
+        net.at(
+            now + lat,
+            Ev::HbToMaster {
+                node,
+                sent: now,
+                epoch,
+                serving,
+            },
+        );
     }
 
-    fn master_heard(&mut self, node: usize, sent: u64) {
+    fn master_heard(&mut self, node: usize, sent: u64, epoch: u64, serving: Option<u64>) {
         let now = self.now();
         self.master.heard[node] = Some(now);
+        // The primary back at the volume's epoch but not serving it restarted (as
+        // `server::master` does): the next epoch, so the LSNs it writes now never name other
+        // entries than a replica holds at the old one.
+        if node == self.master.primary
+            && epoch == self.master.epoch
+            && serving != Some(self.master.epoch)
+            && !self.bug(StreamBug::SameEpochAfterRestart)
+        {
+            self.master.epoch += 1;
+            self.master.promotions.push((self.master.epoch, now));
+            self.trace(|| format!("master: s{node} restarted, epoch {}", self.master.epoch));
+        }
         let (epoch, primary) = (self.master.epoch, self.master.primary);
         let mut net = self.net.borrow_mut();
         if !net.up(node, MASTER) {
@@ -962,9 +990,11 @@ impl StreamSim {
                 // log of an older epoch must not beat a shorter one of the newer epoch, which
                 // may hold writes acknowledged in it. `server::master` ranks by head alone
                 // (its evidence message has no field for the last entry's epoch): see D52.
-                let last_epoch = vol.entry_info(st.head).map_or(0, |e| e.epoch.0);
+                // The durable head, as the volume server answers: unsynced entries are not
+                // evidence.
+                let last_epoch = vol.entry_info(st.durable).map_or(0, |e| e.epoch.0);
                 (st.epoch.0 == self.master.epoch && !st.install_incomplete)
-                    .then_some((n, (last_epoch, st.head.0)))
+                    .then_some((n, (last_epoch, st.durable.0)))
             })
             .collect();
         // Enough answers that one holds every acknowledged write (`answers_needed` of the
@@ -1696,7 +1726,12 @@ impl StreamSim {
                 net.at(t, Ev::ToClient { conn, bytes });
             }
             Ev::ToClient { conn, bytes } => self.on_reply(conn, bytes),
-            Ev::HbToMaster { node, sent } => self.master_heard(node, sent),
+            Ev::HbToMaster {
+                node,
+                sent,
+                epoch,
+                serving,
+            } => self.master_heard(node, sent, epoch, serving),
             Ev::HbToNode {
                 node,
                 inc,

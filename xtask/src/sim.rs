@@ -233,6 +233,7 @@ fn run_network(a: &Args) -> Result<ExitCode, String> {
         Some("never_rejoin") => Some(StreamBug::NeverRejoin),
         Some("no_fence") => Some(StreamBug::NoFence),
         Some("committed_from_checkpoint") => Some(StreamBug::CommittedFromCheckpoint),
+        Some("same_epoch_after_restart") => Some(StreamBug::SameEpochAfterRestart),
         Some(other) => return Err(format!("sim: unknown bug {other}")),
     };
     let mode = match a.mode.as_deref() {

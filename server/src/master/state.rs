@@ -271,6 +271,38 @@ impl MasterState {
                 q.push(a);
             }
         }
+        // A primary back fenced at the volume's epoch restarted: it may have lost entries it
+        // had not synced, and the LSNs it writes next would then name other entries than a
+        // replica that received the lost ones holds at the same epoch (two entries, one LSN
+        // and epoch: promotion evidence and the divergence point both assume that cannot
+        // be). It gets the next epoch, and its replicas with it (found by the network
+        // simulator, D52).
+        let restarted: Vec<VolumeRecord> = self
+            .persisted
+            .volumes
+            .iter()
+            .filter(|(name, v)| {
+                v.primary == id
+                    && !self.failing_over.contains_key(*name)
+                    && reported
+                        .get(*name)
+                        .is_some_and(|(e, r)| *e == v.epoch && *r != BlockRole::Primary.to_wire())
+            })
+            .map(|(_, v)| VolumeRecord {
+                epoch: v.epoch + 1,
+                ..v.clone()
+            })
+            .collect();
+        for rec in restarted {
+            log::warn!(
+                "volume {}: primary {id} restarted; epoch {} -> {}",
+                rec.name,
+                rec.epoch - 1,
+                rec.epoch
+            );
+            self.queue_epoch(&rec);
+            self.persisted.volumes.insert(rec.name.clone(), rec);
+        }
         let mut out = self.pending.remove(id).unwrap_or_default();
         for (name, v) in &self.persisted.volumes {
             let in_set = v.primary == id || v.replicas.iter().any(|r| r == id);
@@ -659,7 +691,21 @@ mod tests {
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].role, BlockRole::Primary.to_wire());
         assert_eq!(a[0].replica_addrs.len(), 2, "{a:?}");
-        assert_eq!(a[0].epoch, 1);
+        // At the next epoch: it may have lost unsynced entries, and must not write other
+        // entries under LSNs a replica holds at the old epoch. Its replicas follow.
+        assert_eq!(a[0].epoch, 2);
+        for (i, r) in p.iter().enumerate().skip(1) {
+            let a = m.heartbeat(r, addrs(i as u16), None, t + Duration::from_secs(2));
+            assert!(
+                a.iter()
+                    .any(|x| x.epoch == 2 && x.role == BlockRole::Replica.to_wire()),
+                "{a:?}"
+            );
+        }
+        // Serving at the new epoch: renewals, no further bump.
+        let serving = vec![("v".to_owned(), 2, BlockRole::Primary.to_wire())];
+        let a = m.heartbeat(&p[0], addrs(0), Some(serving), t + Duration::from_secs(3));
+        assert_eq!((a[0].epoch, a[0].replica_addrs.len()), (2, 0));
     }
 
     #[test]
