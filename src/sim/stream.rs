@@ -1281,22 +1281,10 @@ impl StreamSim {
                 let head = vol.status().head;
                 let (tip, durable) = (link.tip().lsn, link.durable());
                 let barrier = *fresh || barrier_due(tip, durable, flush_want, head, BARRIER_WINDOW);
-                if *fresh {
-                    *fresh = false;
-                    let req = link.barrier_request(&vol);
-                    let id = self
-                        .net
-                        .borrow_mut()
-                        .send(conn, Request::Barrier(req))
-                        .ok_or("connection dead")?;
-                    *wait = Some(Wait::Barrier {
-                        id,
-                        req,
-                        deadline: now + REPLY_TIMEOUT_MS,
-                    });
-                    return Ok(());
-                }
-                if head > tip && !(barrier && tip.0 - durable.0 >= BARRIER_WINDOW) {
+                // Ship first, unless a barrier is owed first: right after a join that proved
+                // nothing, or with the window full.
+                let owed = *fresh || (barrier && tip.0 - durable.0 >= BARRIER_WINDOW);
+                if head > tip && !owed {
                     let mut frames = Vec::new();
                     if let Some(batch) =
                         link.next_batch(&vol, MAX_BATCH_ENTRIES, 1 << 20, &mut frames)?
@@ -1320,6 +1308,7 @@ impl StreamSim {
                     return Ok(());
                 }
                 if barrier {
+                    *fresh = false;
                     let req = link.barrier_request(&vol);
                     let id = self
                         .net

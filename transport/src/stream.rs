@@ -1173,18 +1173,10 @@ pub fn verdict(mode: DurabilityMode, slots: &[(&StreamState, Lsn)], lsn: Lsn) ->
         .map(|(i, _)| i)
         .collect();
     if counted.len() >= needed {
-        let committed = if needed == 0 {
-            lsn
-        } else {
-            let mut d: Vec<Lsn> = slots
-                .iter()
-                .filter(|(st, _)| **st == StreamState::Streaming)
-                .map(|(_, d)| *d)
-                .collect();
-            d.sort_unstable_by(|a, b| b.cmp(a));
-            d.get(needed - 1).copied().unwrap_or(Lsn(0)).min(lsn)
+        return Verdict::Met {
+            committed: proven(mode, slots, lsn),
+            counted,
         };
-        return Verdict::Met { committed, counted };
     }
     let available = slots
         .iter()
