@@ -1347,7 +1347,12 @@ fn stream(sh: &Shared, i: usize, mut link: Link<RemoteReplica>) -> Result<(), St
         barrier(sh, i, &mut link)?;
     }
     loop {
-        // Wait for entries to ship, a flush to answer, or stop.
+        // Wait for entries to ship, a flush to answer, or stop. A replica left holding
+        // entries no barrier proved when the stream goes quiet (writes with no flush after
+        // them) is asked for one after half a second idle, so its durable point and the
+        // committed point catch up without a flush (the nemesis saw convergence wait forever
+        // on one such entry).
+        let mut idle = false;
         let flush_want = {
             let mut st = sh.lock();
             loop {
@@ -1356,15 +1361,18 @@ fn stream(sh: &Shared, i: usize, mut link: Link<RemoteReplica>) -> Result<(), St
                 }
                 let head = sh.primary.status().head;
                 let (tip, durable) = (link.tip().lsn, link.durable());
-                if head > tip || barrier_due(tip, durable, st.flush_want, head, cfg.barrier_window)
+                if head > tip
+                    || barrier_due(tip, durable, st.flush_want, head, cfg.barrier_window)
+                    || (idle && tip > durable)
                 {
                     break st.flush_want;
                 }
-                st = sh
+                let (g, waited) = sh
                     .work
                     .wait_timeout(st, Duration::from_millis(500))
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
+                    .unwrap_or_else(PoisonError::into_inner);
+                st = g;
+                idle = waited.timed_out();
             }
         };
         if sh.primary.status().head > link.tip().lsn {
@@ -1392,7 +1400,9 @@ fn stream(sh: &Shared, i: usize, mut link: Link<RemoteReplica>) -> Result<(), St
         // proves, so the replicas' flushers can make room.
         let head = sh.primary.status().head;
         let tip = link.tip().lsn;
-        if barrier_due(tip, link.durable(), flush_want, head, cfg.barrier_window) {
+        if barrier_due(tip, link.durable(), flush_want, head, cfg.barrier_window)
+            || (idle && tip >= head && tip > link.durable())
+        {
             barrier(sh, i, &mut link)?;
         }
     }
