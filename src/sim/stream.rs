@@ -449,18 +449,8 @@ impl Net {
             body,
         };
         let bytes = self.encode(&msg);
-        if self.faults.enabled && self.rng.chance(self.faults.replay_per_mille) {
-            let t = self.now + 1 + self.rng.below(2000);
-            self.at(
-                t,
-                Ev::ToServer {
-                    conn,
-                    bytes: bytes.clone(),
-                    replay: true,
-                },
-            );
-            self.stats.replayed += 1;
-        }
+        let now = self.now;
+        self.maybe_replay(conn, &bytes, now);
         let Some(reply) = self.serve(conn, &bytes, false) else {
             return Err(reset("connection closed by the replica (bad frame)"));
         };
@@ -488,6 +478,23 @@ impl Net {
         }
     }
 
+    /// Sometimes (by seed) schedules a replay of `bytes` on `conn`'s dead connection, up to
+    /// 2 s after `after`: the replica serves it again and its reply is lost.
+    fn maybe_replay(&mut self, conn: u64, bytes: &[u8], after: u64) {
+        if self.faults.enabled && self.rng.chance(self.faults.replay_per_mille) {
+            let t = after + 1 + self.rng.below(2000);
+            self.at(
+                t,
+                Ev::ToServer {
+                    conn,
+                    bytes: bytes.to_vec(),
+                    replay: true,
+                },
+            );
+            self.stats.replayed += 1;
+        }
+    }
+
     /// Sends a request on `conn` without waiting; its ID.
     fn send(&mut self, conn: u64, body: Request) -> Option<u64> {
         let c = self.conns.get_mut(&conn)?;
@@ -511,18 +518,7 @@ impl Net {
         let c = self.conns.get_mut(&conn)?;
         let t = (self.now + lat).max(c.last_to_server);
         c.last_to_server = t;
-        if self.faults.enabled && self.rng.chance(self.faults.replay_per_mille) {
-            let r = t + 1 + self.rng.below(2000);
-            self.at(
-                r,
-                Ev::ToServer {
-                    conn,
-                    bytes: bytes.clone(),
-                    replay: true,
-                },
-            );
-            self.stats.replayed += 1;
-        }
+        self.maybe_replay(conn, &bytes, t);
         self.at(
             t,
             Ev::ToServer {
@@ -704,7 +700,6 @@ pub struct StreamSim {
     /// When a server first acted as primary of each epoch.
     took_over: BTreeMap<u64, u64>,
     check_every: u64,
-    healing: bool,
     /// `SWBLOCK_NETSIM_TRACE` set: every decision goes to stderr.
     trace: bool,
 }
@@ -806,7 +801,6 @@ impl StreamSim {
             superseded: BTreeSet::new(),
             took_over: BTreeMap::new(),
             check_every,
-            healing: false,
             trace: std::env::var_os("SWBLOCK_NETSIM_TRACE").is_some(),
         };
         sim.start_run(0, 1, LEASE_MS);
@@ -1810,7 +1804,6 @@ impl StreamSim {
             self.advance(dt);
         }
         // Healed: no more faults, every host back.
-        self.healing = true;
         {
             let mut net = self.net.borrow_mut();
             net.faults.enabled = false;
