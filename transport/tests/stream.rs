@@ -564,31 +564,11 @@ fn a_rebuild_over_a_link_that_keeps_breaking_converges_by_resuming() {
 /// rebuild, and the replica ends with the new primary's bytes.
 #[test]
 fn a_replica_divergent_below_its_checkpoint_is_rebuilt_within_the_join() {
-    use engine::{ExecutorOptions, RecoveryDriver};
-    use transport::stream::{JoinCtx, NoHooks, join_replica};
-    use v2bridge::{BlockVolStorage, LocalReplica};
+    use v2bridge::LocalReplica;
 
     let dir = tempfile::tempdir().unwrap();
     let block = |v: u8| vec![v; BLOCK];
-    let join = |primary: &Arc<Volume>, epoch: u64, replica: LocalReplica| {
-        let storage = Arc::new(BlockVolStorage::new(Arc::clone(primary)));
-        let driver = RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn engine::StorageAdapter>);
-        let specs = vec![ReplicaSpec {
-            id: "vol1/r".into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            volume: "vol1".into(),
-        }];
-        let ctx = JoinCtx {
-            primary,
-            storage: &storage,
-            driver: &driver,
-            run_driver: "p",
-            epoch,
-            recovery: ExecutorOptions::default(),
-            replicas: &specs,
-        };
-        join_replica(&ctx, 0, replica, &NoHooks)
-    };
+    let join = join_local;
     // Epoch 1: five entries on the primary and the replica; then a copy of the primary's file
     // (the server that will be promoted, holding exactly those five).
     let p_path = dir.path().join("p.vol");
@@ -676,10 +656,6 @@ fn a_replica_divergent_below_its_checkpoint_is_rebuilt_within_the_join() {
 /// until the stream's barrier proves more.
 #[test]
 fn a_join_without_a_recovery_credits_only_what_the_replica_proved_durable() {
-    use engine::{ExecutorOptions, RecoveryDriver};
-    use transport::stream::{JoinCtx, NoHooks, join_replica};
-    use v2bridge::{BlockVolStorage, LocalReplica};
-
     let dir = tempfile::tempdir().unwrap();
     let p = Arc::new(create(&dir.path().join("p.vol"), Role::Primary));
     let r = Arc::new(create(&dir.path().join("r.vol"), Role::Replica));
@@ -694,23 +670,7 @@ fn a_join_without_a_recovery_credits_only_what_the_replica_proved_durable() {
     }
     assert_eq!(r.status().head, Lsn(8));
     assert!(r.status().durable < Lsn(8));
-    let storage = Arc::new(BlockVolStorage::new(Arc::clone(&p)));
-    let driver = RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn engine::StorageAdapter>);
-    let specs = vec![ReplicaSpec {
-        id: "vol1/r".into(),
-        addr: "127.0.0.1:1".parse().unwrap(),
-        volume: "vol1".into(),
-    }];
-    let ctx = JoinCtx {
-        primary: &p,
-        storage: &storage,
-        driver: &driver,
-        run_driver: "p",
-        epoch: 1,
-        recovery: ExecutorOptions::default(),
-        replicas: &specs,
-    };
-    let mut j = join_replica(&ctx, 0, LocalReplica::new(Arc::clone(&r)), &NoHooks).unwrap();
+    let mut j = join_local(&p, 1, v2bridge::LocalReplica::new(Arc::clone(&r))).unwrap();
     assert!(matches!(j.path, "prefix" | "in_sync"), "{}", j.path);
     assert_eq!(j.link.tip().lsn, Lsn(8));
     assert_eq!(j.link.durable(), r.status().checkpoint);
@@ -718,4 +678,31 @@ fn a_join_without_a_recovery_credits_only_what_the_replica_proved_durable() {
     // The stream's barrier proves the rest.
     assert_eq!(j.link.barrier(&p).unwrap(), Lsn(8));
     assert_eq!(j.link.durable(), Lsn(8));
+}
+
+/// Joins `replica` to `primary` at `epoch` in process, through the stream's own join.
+fn join_local(
+    primary: &Arc<Volume>,
+    epoch: u64,
+    replica: v2bridge::LocalReplica,
+) -> Result<transport::stream::Joined<v2bridge::LocalReplica>, String> {
+    use transport::stream::{JoinCtx, NoHooks, join_replica};
+    let storage = Arc::new(v2bridge::BlockVolStorage::new(Arc::clone(primary)));
+    let driver =
+        engine::RecoveryDriver::new(Arc::clone(&storage) as Arc<dyn engine::StorageAdapter>);
+    let specs = vec![ReplicaSpec {
+        id: "vol1/r".into(),
+        addr: "127.0.0.1:1".parse().unwrap(),
+        volume: "vol1".into(),
+    }];
+    let ctx = JoinCtx {
+        primary,
+        storage: &storage,
+        driver: &driver,
+        run_driver: "p",
+        epoch,
+        recovery: engine::ExecutorOptions::default(),
+        replicas: &specs,
+    };
+    join_replica(&ctx, 0, replica, &NoHooks)
 }
