@@ -292,6 +292,8 @@ pub struct Evidence {
     pub committed: u64,
     /// Last durable LSN in its WAL.
     pub head: u64,
+    /// The epoch of the entry at `head` (0 for an empty log).
+    pub last_entry_epoch: u64,
     /// Checkpoint.
     pub checkpoint: u64,
     /// Whether it may be promoted.
@@ -846,6 +848,18 @@ impl Node {
         } else if !matches!(c.role, BlockRole::Replica | BlockRole::Primary) {
             reason = format!("role {:?}", c.role);
         }
+        // The epoch of the last durable entry ranks candidates first (D53): without it a
+        // deposed primary's longer log of an older epoch could win over a shorter one holding
+        // newer acknowledged writes.
+        let last_entry_epoch = match c.vol.entry_info(s.durable) {
+            Ok(e) => e.epoch.0,
+            Err(e) => {
+                if reason.is_empty() {
+                    reason = format!("the epoch of entry {} is unknown: {e}", s.durable.0);
+                }
+                0
+            }
+        };
         Ok(Evidence {
             epoch: c.epoch,
             committed: s.committed.0,
@@ -854,6 +868,7 @@ impl Node {
             // promoted copy then truncates a replica that holds them durably, acknowledged
             // writes with them; found by the network simulator, D52).
             head: s.durable.0,
+            last_entry_epoch,
             checkpoint: s.checkpoint.0,
             eligible: reason.is_empty(),
             reason,

@@ -117,6 +117,7 @@ impl VolumeServer for VolumeService {
             eligible: ev.eligible,
             reason: ev.reason,
             health_score: if ev.eligible { 1.0 } else { 0.0 },
+            last_entry_epoch: ev.last_entry_epoch,
             ..Default::default()
         }))
     }

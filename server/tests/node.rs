@@ -188,11 +188,17 @@ fn a_restarted_primary_comes_back_fenced_with_its_data() {
     assert_eq!(inv[0].epoch, 1);
     assert!(a.check_io("v1").is_err());
     let ev = a.evidence("v1", 1).unwrap();
-    assert_eq!(ev.head, 1);
+    assert_eq!((ev.head, ev.last_entry_epoch), (1, 1));
     // Assigned again, it serves the same bytes.
     a.apply(&primary("v1", 2, 10_000, &[])).unwrap();
     let (vol, _) = a.primary("v1").unwrap();
     assert_eq!(vol.digest().unwrap(), want);
+    // Its next entry is of epoch 2, and the evidence says so.
+    vol.write(Lba(8), &block(0x5b)).unwrap();
+    a.flush("v1").unwrap();
+    let ev = a.evidence("v1", 2).unwrap();
+    assert_eq!((ev.head, ev.last_entry_epoch), (2, 2));
+    drop(vol);
     a.shutdown();
     // Deleting removes its files.
     a.delete("v1").unwrap();

@@ -1,9 +1,10 @@
 //! Our `.proto` files are a subset of SeaweedFS's (branch `feature/sw-block`): every package,
 //! message, field, enum and RPC we declare exists upstream with the same name, number, type,
 //! label and presence, and the messages we keep are whole except for the fields we list as
-//! left out. Both sets are parsed with `protox`; upstream is the copy in `proto/upstream/`
-//! (so a clean clone can run this), which is also checked against the shared reference copy
-//! when one lies beside the workspace.
+//! left out. The one exception is the fields of our own listed in `OURS_ONLY`, numbered from
+//! 1000 and checked absent upstream. Both sets are parsed with `protox`; upstream is the copy
+//! in `proto/upstream/` (so a clean clone can run this), which is also checked against the
+//! shared reference copy when one lies beside the workspace.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,20 @@ const LEFT_OUT: [(&str, &[u32]); 2] = [
     ),
     ("master_pb.HeartbeatResponse", &[1, 3, 4, 5, 7]),
 ];
+
+/// Fields of our own, numbered from 1000 and absent upstream: `(message, number, name)`. An
+/// upstream peer skips them as unknown fields; one of ours reads them as 0 from an upstream peer.
+const OURS_ONLY: [(&str, u32, &str); 1] = [(
+    "volume_server_pb.QueryBlockPromotionEvidenceResponse",
+    1001,
+    "last_entry_epoch",
+)];
+
+fn ours_only(message: &str, number: i32) -> bool {
+    OURS_ONLY
+        .iter()
+        .any(|(m, n, _)| *m == message && i64::from(*n) == i64::from(number))
+}
 
 fn proto_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("proto")
@@ -68,6 +83,17 @@ fn compare_message(ours: &MessageDescriptor, up: &MessageDescriptor, errors: &mu
     let (o, u): (&DescriptorProto, &DescriptorProto) =
         (ours.descriptor_proto(), up.descriptor_proto());
     for f in &o.field {
+        if ours_only(name, f.number()) {
+            if let Some(uf) = u.field.iter().find(|uf| uf.number == f.number) {
+                errors.push(format!(
+                    "{name}: our own field {} = {} collides with upstream's {}",
+                    f.name(),
+                    f.number(),
+                    uf.name()
+                ));
+            }
+            continue;
+        }
         let Some(uf) = u.field.iter().find(|uf| uf.number == f.number) else {
             errors.push(format!(
                 "{name}: field {} = {} not upstream",
@@ -208,6 +234,49 @@ fn every_declaration_of_ours_exists_upstream_unchanged() {
         counted.get("fields").is_some_and(|&n| n > 100),
         "{counted:?}"
     );
+}
+
+#[test]
+fn our_own_fields_are_declared_as_listed_numbered_from_1000_and_absent_upstream() {
+    let (ours, up) = (ours(), upstream());
+    for (message, number, name) in OURS_ONLY {
+        assert!(
+            number >= 1000,
+            "{message}.{name}: our own numbers start at 1000"
+        );
+        let m = ours
+            .get_message_by_name(message)
+            .unwrap_or_else(|| panic!("{message} not declared"));
+        let f = m
+            .get_field(number)
+            .unwrap_or_else(|| panic!("{message}: no field {number}"));
+        assert_eq!(f.name(), name, "{message}.{number}");
+        let um = up
+            .get_message_by_name(message)
+            .unwrap_or_else(|| panic!("{message} not upstream"));
+        assert!(
+            um.get_field(number).is_none(),
+            "{message}.{number} upstream"
+        );
+        assert!(
+            um.get_field_by_name(name).is_none(),
+            "{message}.{name} upstream"
+        );
+    }
+    // Every field numbered from 1000 is listed.
+    for m in ours.all_messages() {
+        for f in m.fields().filter(|f| f.number() >= 1000) {
+            assert!(
+                OURS_ONLY
+                    .iter()
+                    .any(|(msg, n, _)| *msg == m.full_name() && *n == f.number()),
+                "{}.{} = {} is not in OURS_ONLY",
+                m.full_name(),
+                f.name(),
+                f.number()
+            );
+        }
+    }
 }
 
 #[test]

@@ -248,9 +248,11 @@ impl Master {
                 Ok(ev) => {
                     let ev = ev.into_inner();
                     log::info!(
-                        "volume {volume}: {id} at epoch {} head {} committed {} eligible {} {}",
+                        "volume {volume}: {id} at epoch {} head {} (of epoch {}) committed {} \
+                         eligible {} {}",
                         ev.epoch,
                         ev.wal_head_lsn,
+                        ev.last_entry_epoch,
                         ev.committed_lsn,
                         ev.eligible,
                         ev.reason
@@ -259,6 +261,7 @@ impl Master {
                         server: id.clone(),
                         epoch: ev.epoch,
                         head: ev.wal_head_lsn,
+                        last_entry_epoch: ev.last_entry_epoch,
                         committed: ev.committed_lsn,
                         eligible: ev.eligible,
                     });

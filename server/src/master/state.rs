@@ -11,10 +11,13 @@
 //!   (the margin covers the delay between the master granting a lease and the server
 //!   receiving it, from which the server counts).
 //! - **The promoted copy holds every committed write.** Candidates are the live replicas that
-//!   report themselves eligible at the volume's epoch; the one with the highest durable head
-//!   (then committed point) wins. Under `sync_all` every acknowledged flush is on every replica;
-//!   under `sync_quorum` on a majority, so the highest head among any majority-sized set of
-//!   answers holds it; under `best_effort` nothing more can be promised.
+//!   report themselves eligible at the volume's epoch. They rank as raft's voters do: by the
+//!   epoch of their last durable entry, then by their durable head (then committed point).
+//!   Under `sync_all` every acknowledged flush is on every replica; under `sync_quorum` on a
+//!   majority, so the best-ranked among any majority-sized set of answers holds it; under
+//!   `best_effort` nothing more can be promised. Ranking by head alone would lose writes: a
+//!   deposed primary that never rejoined keeps a long tail of its older epoch, and could win
+//!   over a shorter log holding the newer epoch's acknowledged writes (D53).
 //! - **The old primary comes back as a replica** of the new epoch (the new primary's
 //!   replicator then truncates what it never committed and catches it up, or rebuilds it).
 
@@ -124,6 +127,8 @@ pub struct Candidate {
     pub epoch: u64,
     /// Its durable head.
     pub head: u64,
+    /// The epoch of the entry at `head` (0: not reported, as by an upstream volume server).
+    pub last_entry_epoch: u64,
     /// Its committed point.
     pub committed: u64,
     /// Whether it says it may be promoted.
@@ -414,7 +419,7 @@ impl MasterState {
         }
         let best = eligible
             .into_iter()
-            .max_by_key(|c| (c.head, c.committed))?
+            .max_by_key(|c| (c.last_entry_epoch, c.head, c.committed))?
             .server
             .clone();
         let epoch = v.epoch + 1;
@@ -743,6 +748,7 @@ mod tests {
                 server: p[1].clone(),
                 epoch: 1,
                 head: 90,
+                last_entry_epoch: 1,
                 committed: 90,
                 eligible: true,
             },
@@ -750,6 +756,7 @@ mod tests {
                 server: p[2].clone(),
                 epoch: 1,
                 head: 100,
+                last_entry_epoch: 1,
                 committed: 95,
                 eligible: true,
             },
@@ -795,6 +802,7 @@ mod tests {
             server: p[1].clone(),
             epoch: 1,
             head: 10,
+            last_entry_epoch: 1,
             committed: 10,
             eligible: true,
         }];
@@ -808,10 +816,49 @@ mod tests {
             server: p[2].clone(),
             epoch: 1,
             head: 12,
+            last_entry_epoch: 1,
             committed: 10,
             eligible: true,
         });
         assert_eq!(m.promote("v", &two), Some(p[2].clone()));
+    }
+
+    #[test]
+    fn a_longer_log_of_an_older_epoch_loses_to_a_shorter_one_of_a_newer_epoch() {
+        // Epoch 3 of an RF-3 `sync_quorum` volume, primary p[0]. p[1] is the primary of epoch
+        // 2 that never rejoined: its log ends in a long tail of epoch-2 entries nobody
+        // acknowledged (head 120). p[2] followed epoch 3 and holds its acknowledged writes
+        // (head 100, entries of epoch 3). Ranked by head, p[1] would win and the new primary
+        // would truncate p[2]'s acknowledged writes away.
+        let t = Instant::now();
+        let mut m = three(t);
+        let p = m.place("v", 3).unwrap();
+        m.created(VolumeRecord {
+            durability_mode: "sync_quorum".into(),
+            epoch: 3,
+            ..record(&p)
+        });
+        let candidate = |server: &String, head, last_entry_epoch| Candidate {
+            server: server.clone(),
+            epoch: 3,
+            head,
+            last_entry_epoch,
+            committed: 90,
+            eligible: true,
+        };
+        let answers = vec![candidate(&p[1], 120, 2), candidate(&p[2], 100, 3)];
+        assert_eq!(m.promote("v", &answers), Some(p[2].clone()));
+        assert_eq!(m.volume("v").unwrap().epoch, 4);
+        // Within one epoch the longer durable log wins, as before.
+        let mut m = three(t);
+        let p = m.place("v", 3).unwrap();
+        m.created(VolumeRecord {
+            durability_mode: "sync_quorum".into(),
+            epoch: 3,
+            ..record(&p)
+        });
+        let answers = vec![candidate(&p[1], 120, 3), candidate(&p[2], 100, 3)];
+        assert_eq!(m.promote("v", &answers), Some(p[1].clone()));
     }
 
     #[test]
@@ -824,6 +871,7 @@ mod tests {
             server: p[1].clone(),
             epoch: 1,
             head: 10,
+            last_entry_epoch: 1,
             committed: 10,
             eligible: false,
         }];
@@ -832,6 +880,7 @@ mod tests {
             server: p[1].clone(),
             epoch: 0,
             head: 10,
+            last_entry_epoch: 1,
             committed: 10,
             eligible: true,
         }];
