@@ -184,7 +184,7 @@ pub use types::{
     Lsn, OpenOptions, RepairOutcome, RetentionPolicy, Role, ScrubReport, Status,
 };
 pub use upgrade::{UpgradeOutcome, upgrade_file};
-pub use volume::Volume;
+pub use volume::{ApplyRun, Volume};
 
 #[cfg(test)]
 mod tests {

@@ -73,19 +73,6 @@ impl MappedRegion {
         Ok(())
     }
 
-    /// Faults the pages of a byte range in for writing ahead of the stores that will fill
-    /// them (`MADV_POPULATE_WRITE`): one call instead of a page fault per page in the middle
-    /// of the copies. Changes no byte. Kernels before 5.14 refuse it; the caller treats it as
-    /// a hint.
-    pub(crate) fn populate_write(&self, off: usize, len: usize) -> io::Result<()> {
-        self.check(off, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.map
-            .advise_range(memmap2::Advice::PopulateWrite, off, len)
-    }
-
     /// `msync(MS_SYNC)` of a byte range of the map (rounded out to pages by memmap2).
     pub(crate) fn flush_range(&self, off: usize, len: usize) -> io::Result<()> {
         self.check(off, len)?;
@@ -205,4 +192,61 @@ pub(crate) fn start_writeback(file: &File, off: u64, len: u64) {
     // `file`, which is borrowed for the duration of the call.
     let _ =
         unsafe { libc::sync_file_range(file.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+/// Most slices one `pwritev` takes (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+/// Writes `bufs` one after another at `off` of `file` with positioned vectored writes
+/// (`pwritev`), retrying short writes and interrupts: the same bytes as one `pwrite` per slice,
+/// in as few system calls as `IOV_MAX` allows.
+pub(crate) fn write_vectored_at(file: &File, mut off: u64, bufs: &[&[u8]]) -> io::Result<()> {
+    // Skip empty slices; `first` is the slice being written, `done` the bytes of it written.
+    let bufs: Vec<&[u8]> = bufs.iter().copied().filter(|b| !b.is_empty()).collect();
+    let (mut first, mut done) = (0usize, 0usize);
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(IOV_MAX.min(bufs.len()));
+    while first < bufs.len() {
+        iov.clear();
+        for (i, b) in bufs[first..].iter().take(IOV_MAX).enumerate() {
+            let b = if i == 0 { &b[done..] } else { b };
+            iov.push(libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            });
+        }
+        let o = libc::off64_t::try_from(off)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset overflows"))?;
+        // `iov.len()` is at most IOV_MAX, which fits a c_int.
+        let count = iov.len() as libc::c_int;
+        // SAFETY: every iovec points into a slice of `bufs`, borrowed for the whole call, with
+        // its exact length; the kernel only reads them. The descriptor is owned by `file`.
+        let rc = unsafe { libc::pwritev64(file.as_raw_fd(), iov.as_ptr(), count, o) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if rc == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
+        }
+        let mut n = rc as usize;
+        off += n as u64;
+        while n > 0 && first < bufs.len() {
+            let left = bufs[first].len() - done;
+            if n >= left {
+                n -= left;
+                first += 1;
+                done = 0;
+            } else {
+                done += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }

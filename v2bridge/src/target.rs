@@ -228,8 +228,9 @@ pub trait ReplicaTarget: Send {
     fn barrier(&mut self, req: BarrierRequest) -> Result<BarrierReply, TargetError>;
 }
 
-/// Smallest run of frames worth preparing the ring for (`Volume::prepare_append`).
-const PREPARE_MIN_BYTES: usize = 256 << 10;
+/// Smallest run of frames applied as one (`Volume::apply_encoded_run`): a catch-up chunk, not
+/// a live stream's few entries, which land in pages the map already holds.
+const RUN_MIN_BYTES: usize = 256 << 10;
 
 /// The epochs of `vol`'s truncatable log for a handshake; `None` when the volume cannot
 /// list them (the engine then plans as it would without).
@@ -543,36 +544,43 @@ impl ReplicaTarget for LocalReplica {
         // otherwise never make room for the next chunk: the committed point would only arrive
         // after the entries that need the room (found by the simulator).
         raise_committed(&node.vol, req.committed.min(req.anchor.lsn));
-        // A bulk run (a catch-up chunk) lands in the ring about as it came (frame = header +
-        // payload): fault its pages in for writing in one call. A live stream's few entries
-        // are not worth the system call.
-        if req.frames.len() >= PREPARE_MIN_BYTES {
-            node.vol.prepare_append(req.frames.len() as u64);
-        }
-        let mut rest = req.frames.as_slice();
-        let (mut applied, mut duplicates) = (0u64, 0u64);
-        for _ in 0..req.count {
-            // Checked and applied in place: the frame's bytes go straight into the ring.
-            let (outcome, used) = node.vol.apply_encoded(rest).map_err(|e| match e {
-                e @ BlockVolError::Decode { .. } => TargetError::BadFrame(e.to_string()),
-                other => storage(other),
-            })?;
-            rest = &rest[used..];
-            match outcome {
-                ApplyOutcome::Applied => applied += 1,
-                ApplyOutcome::Duplicate => duplicates += 1,
+        let bad = |e: BlockVolError| match e {
+            e @ BlockVolError::Decode { .. } => TargetError::BadFrame(e.to_string()),
+            other => storage(other),
+        };
+        let (applied, duplicates) = if req.frames.len() >= RUN_MIN_BYTES {
+            // A bulk run (a catch-up chunk): placed under one lock and written to the ring in
+            // vectored positioned writes, not copied into the map page fault by page fault
+            // (D54). Same checks and outcome as one `apply_encoded` per entry.
+            let r = node
+                .vol
+                .apply_encoded_run(&req.frames, u64::from(req.count))
+                .map_err(bad)?;
+            (r.applied, r.duplicates)
+        } else {
+            let mut rest = req.frames.as_slice();
+            let (mut applied, mut duplicates) = (0u64, 0u64);
+            for _ in 0..req.count {
+                // Checked and applied in place: the frame's bytes go straight into the ring.
+                let (outcome, used) = node.vol.apply_encoded(rest).map_err(bad)?;
+                rest = &rest[used..];
+                match outcome {
+                    ApplyOutcome::Applied => applied += 1,
+                    ApplyOutcome::Duplicate => duplicates += 1,
+                }
             }
-        }
+            if !rest.is_empty() {
+                return Err(TargetError::BadFrame(format!(
+                    "{} bytes left after {} entries",
+                    rest.len(),
+                    req.count
+                )));
+            }
+            (applied, duplicates)
+        };
         // Hand this batch to the disk now; the barrier's sync then waits for the last batch
         // only instead of writing the whole catch-up at once.
         node.vol.start_writeback();
-        if !rest.is_empty() {
-            return Err(TargetError::BadFrame(format!(
-                "{} bytes left after {} entries",
-                rest.len(),
-                req.count
-            )));
-        }
         // Only now is the log verified up to its head (anchor matched, every entry applied or
         // identical): the flusher may move entries up to the sender's committed point, but
         // never past what was verified, so a divergent tail always stays truncatable.

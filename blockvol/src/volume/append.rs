@@ -44,6 +44,86 @@ pub(super) fn check_entry_len(payload_len: usize, wal_size: u64) -> Result<u64> 
     Ok(size)
 }
 
+/// What one attempt to append found.
+enum Placed {
+    /// Appended (or an identical duplicate) at this LSN.
+    Done(u64, ApplyOutcome),
+    /// The ring lacks room: `need` bytes, `free` free.
+    NoSpace { need: u64, free: u64 },
+}
+
+/// Bytes of an entry for the ring: its header (copied, built on the stack) or its payload
+/// (borrowed from the caller).
+enum Chunk<'h, 'a> {
+    Header(&'h [u8; ENTRY_HEADER_SIZE]),
+    Payload(&'a [u8]),
+}
+
+/// A run's progress through `Shared::apply_run`.
+#[derive(Default)]
+pub(crate) struct RunProgress {
+    /// Entries done (applied or duplicates).
+    pub(crate) entries: u64,
+    pub(crate) applied: u64,
+    pub(crate) duplicates: u64,
+    /// Bytes of the buffer they used.
+    pub(crate) used: usize,
+}
+
+/// Entry bytes placed in the ring but not yet written: `(logical position, slice)` in
+/// position order, headers kept here, payloads borrowed.
+#[derive(Default)]
+pub(crate) struct Staged<'a> {
+    headers: Vec<[u8; ENTRY_HEADER_SIZE]>,
+    /// `(logical position, where the bytes are)`.
+    parts: Vec<(u64, Part<'a>)>,
+}
+
+enum Part<'a> {
+    /// Index into `Staged::headers`.
+    Header(usize),
+    Payload(&'a [u8]),
+}
+
+impl<'a> Staged<'a> {
+    fn header(&mut self, pos: u64, h: &[u8; ENTRY_HEADER_SIZE]) {
+        self.parts.push((pos, Part::Header(self.headers.len())));
+        self.headers.push(*h);
+    }
+
+    fn payload(&mut self, pos: u64, p: &'a [u8]) {
+        self.parts.push((pos, Part::Payload(p)));
+    }
+
+    /// Writes the staged bytes into `s`'s ring: one vectored write per stretch that is
+    /// contiguous in the file (a padding's unwritten body or the ring's end breaks one).
+    fn write(&self, s: &Shared) -> std::io::Result<()> {
+        let mut bufs: Vec<&[u8]> = Vec::new();
+        let (mut start, mut end) = (0u64, 0u64);
+        for (pos, part) in &self.parts {
+            let b: &[u8] = match part {
+                Part::Header(i) => &self.headers[*i],
+                Part::Payload(p) => p,
+            };
+            let off = s.wal_file_off(*pos);
+            if bufs.is_empty() || off != end {
+                if !bufs.is_empty() {
+                    s.medium.write_vectored_at(start, &bufs)?;
+                    bufs.clear();
+                }
+                start = off;
+                end = off;
+            }
+            bufs.push(b);
+            end += b.len() as u64;
+        }
+        if !bufs.is_empty() {
+            s.medium.write_vectored_at(start, &bufs)?;
+        }
+        Ok(())
+    }
+}
+
 impl Shared {
     /// `(bytes skipped or padded before the entry, total bytes needed)` for an entry of
     /// `size` bytes placed at `head_pos`.
@@ -75,73 +155,12 @@ impl Shared {
         let mut waiting_since: Option<Instant> = None;
         let mut st = self.lock_state();
         loop {
-            self.check_usable(&st)?;
-            self.check_installed(&st, "append")?;
-            let (lsn, epoch) = match &mode {
-                AppendMode::Client { epoch } => {
-                    if !st.role.is_writable() {
-                        return Err(BlockVolError::WrongRole {
-                            op: "write",
-                            role: st.role,
-                            epoch: st.epoch,
-                        });
-                    }
-                    if let Some(e) = epoch
-                        && *e != st.epoch
-                    {
-                        return Err(BlockVolError::StaleEpoch {
-                            given: *e,
-                            current: st.epoch,
-                        });
-                    }
-                    (st.head + 1, st.epoch)
-                }
-                AppendMode::Apply { lsn, epoch, info } => {
-                    if !st.role.accepts_apply() {
-                        return Err(BlockVolError::WrongRole {
-                            op: "apply",
-                            role: st.role,
-                            epoch: st.epoch,
-                        });
-                    }
-                    if *lsn <= st.head {
-                        return match st.info_of(*lsn) {
-                            Some(local) if local == *info => Ok((*lsn, ApplyOutcome::Duplicate)),
-                            Some(local) => Err(BlockVolError::Divergent {
-                                lsn: Lsn(*lsn),
-                                local,
-                                incoming: *info,
-                            }),
-                            None => Err(BlockVolError::Duplicate {
-                                lsn: Lsn(*lsn),
-                                retained_start: Lsn(st.tail + 1),
-                            }),
-                        };
-                    }
-                    if *lsn != st.head + 1 {
-                        return Err(BlockVolError::Gap {
-                            expected: Lsn(st.head + 1),
-                            found: Lsn(*lsn),
-                        });
-                    }
-                    if *epoch > st.epoch {
-                        return Err(BlockVolError::EntryEpochAhead {
-                            lsn: Lsn(*lsn),
-                            entry_epoch: *epoch,
-                            volume_epoch: st.epoch,
-                        });
-                    }
-                    (*lsn, *epoch)
-                }
+            let (need, free) = match self
+                .try_append(&mut st, kind, lba, blocks, payload, crc, size, &mode, None)?
+            {
+                Placed::Done(lsn, outcome) => return Ok((lsn, outcome)),
+                Placed::NoSpace { need, free } => (need, free),
             };
-            let (skip, need) = self.placement(st.head_pos, size);
-            let free = self.wal_size() - (st.head_pos - st.tail_pos);
-            if need <= free {
-                self.append_locked(
-                    &mut st, kind, lba, blocks, payload, crc, lsn, epoch.0, skip, size,
-                )?;
-                return Ok((lsn, ApplyOutcome::Applied));
-            }
             let since = *waiting_since.get_or_insert_with(Instant::now);
             let waited = since.elapsed();
             if waited >= self.wal_full_timeout {
@@ -175,25 +194,193 @@ impl Shared {
         }
     }
 
+    /// One attempt to append an entry of `size` ring bytes with the state lock held: checks
+    /// the role, epoch and (for `Apply`) the LSN, then places and copies it if the ring has
+    /// room. With `staged`, the entry's bytes are added to it instead of written: the caller
+    /// writes them before it releases the lock (`Staged::write`).
     #[allow(clippy::too_many_arguments)]
-    fn append_locked(
+    fn try_append<'a>(
         &self,
         st: &mut State,
         kind: u8,
         lba: u64,
         blocks: u32,
-        payload: &[u8],
+        payload: &'a [u8],
+        crc: u32,
+        size: u64,
+        mode: &AppendMode,
+        staged: Option<&mut Staged<'a>>,
+    ) -> Result<Placed> {
+        self.check_usable(st)?;
+        self.check_installed(st, "append")?;
+        let (lsn, epoch) = match mode {
+            AppendMode::Client { epoch } => {
+                if !st.role.is_writable() {
+                    return Err(BlockVolError::WrongRole {
+                        op: "write",
+                        role: st.role,
+                        epoch: st.epoch,
+                    });
+                }
+                if let Some(e) = epoch
+                    && *e != st.epoch
+                {
+                    return Err(BlockVolError::StaleEpoch {
+                        given: *e,
+                        current: st.epoch,
+                    });
+                }
+                (st.head + 1, st.epoch)
+            }
+            AppendMode::Apply { lsn, epoch, info } => {
+                if !st.role.accepts_apply() {
+                    return Err(BlockVolError::WrongRole {
+                        op: "apply",
+                        role: st.role,
+                        epoch: st.epoch,
+                    });
+                }
+                if *lsn <= st.head {
+                    return match st.info_of(*lsn) {
+                        Some(local) if local == *info => {
+                            Ok(Placed::Done(*lsn, ApplyOutcome::Duplicate))
+                        }
+                        Some(local) => Err(BlockVolError::Divergent {
+                            lsn: Lsn(*lsn),
+                            local,
+                            incoming: *info,
+                        }),
+                        None => Err(BlockVolError::Duplicate {
+                            lsn: Lsn(*lsn),
+                            retained_start: Lsn(st.tail + 1),
+                        }),
+                    };
+                }
+                if *lsn != st.head + 1 {
+                    return Err(BlockVolError::Gap {
+                        expected: Lsn(st.head + 1),
+                        found: Lsn(*lsn),
+                    });
+                }
+                if *epoch > st.epoch {
+                    return Err(BlockVolError::EntryEpochAhead {
+                        lsn: Lsn(*lsn),
+                        entry_epoch: *epoch,
+                        volume_epoch: st.epoch,
+                    });
+                }
+                (*lsn, *epoch)
+            }
+        };
+        let (skip, need) = self.placement(st.head_pos, size);
+        let free = self.wal_size() - (st.head_pos - st.tail_pos);
+        if need > free {
+            return Ok(Placed::NoSpace { need, free });
+        }
+        self.append_locked(
+            st, kind, lba, blocks, payload, crc, lsn, epoch.0, skip, size, staged,
+        )?;
+        Ok(Placed::Done(lsn, ApplyOutcome::Applied))
+    }
+
+    /// Applies up to `count` replicated entries in wire form from the front of `buf` (see
+    /// `Volume::apply_encoded_run`) under one hold of the state lock, their bytes written to
+    /// the ring with vectored positioned writes before the lock is released, so no reader sees
+    /// the new head before its bytes. Stops early, after writing what it placed, at an entry
+    /// that does not fit the free ring (the caller then appends it the waiting way) or at an
+    /// error (returned with the entries before it applied, as one `apply` each would leave
+    /// them).
+    pub(crate) fn apply_run(&self, buf: &[u8], count: u64, out: &mut RunProgress) -> Result<()> {
+        let mut staged = Staged::default();
+        let mut st = self.lock_state();
+        let mut rest = &buf[out.used..];
+        let mut r = Ok(());
+        while out.entries < count {
+            let e = match self.decode_apply(rest) {
+                Ok(e) => e,
+                Err(err) => {
+                    r = Err(err);
+                    break;
+                }
+            };
+            let size = match self.check_entry_len(e.payload.len()) {
+                Ok(size) => size,
+                Err(err) => {
+                    r = Err(err);
+                    break;
+                }
+            };
+            let mode = AppendMode::Apply {
+                lsn: e.info.lsn.0,
+                epoch: e.info.epoch,
+                info: e.info,
+            };
+            match self.try_append(
+                &mut st,
+                e.kind,
+                e.lba,
+                e.blocks,
+                e.payload,
+                e.info.content_crc,
+                size,
+                &mode,
+                Some(&mut staged),
+            ) {
+                Ok(Placed::Done(_, outcome)) => {
+                    match outcome {
+                        ApplyOutcome::Applied => out.applied += 1,
+                        ApplyOutcome::Duplicate => out.duplicates += 1,
+                    }
+                    out.entries += 1;
+                    out.used += e.used;
+                    rest = &rest[e.used..];
+                }
+                Ok(Placed::NoSpace { .. }) => break,
+                Err(err) => {
+                    r = Err(err);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = staged.write(self) {
+            // Entries are in the index whose bytes did not reach the ring: the volume cannot
+            // go on (the next open rebuilds the index from what the ring holds).
+            let err = BlockVolError::io("write wal", "a run of applied entries".to_owned(), e);
+            self.poison(&mut st, err.to_string());
+            return Err(err);
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_locked<'a>(
+        &self,
+        st: &mut State,
+        kind: u8,
+        lba: u64,
+        blocks: u32,
+        payload: &'a [u8],
         crc: u32,
         lsn: u64,
         epoch: u64,
         skip: u64,
         size: u64,
+        mut staged: Option<&mut Staged<'a>>,
     ) -> Result<()> {
         let header = ENTRY_HEADER_SIZE as u64;
         let start = st.head_pos;
         let mut pos = start;
         let hint = st.durable;
         let mut hdr = [0u8; ENTRY_HEADER_SIZE];
+        let mut put = |pos: u64, c: Chunk<'_, 'a>| -> std::io::Result<()> {
+            match (staged.as_deref_mut(), c) {
+                (Some(s), Chunk::Header(h)) => s.header(pos, h),
+                (Some(s), Chunk::Payload(p)) => s.payload(pos, p),
+                (None, Chunk::Header(h)) => self.medium.write_at(self.wal_file_off(pos), h)?,
+                (None, Chunk::Payload(p)) => self.medium.write_at(self.wal_file_off(pos), p)?,
+            }
+            Ok(())
+        };
         let r = (|| -> std::io::Result<()> {
             if skip >= header {
                 EntryHeader {
@@ -209,7 +396,7 @@ impl Shared {
                     content_crc: 0,
                 }
                 .encode_into(ENTRY_MAGIC_DISK, &mut hdr);
-                self.medium.write_at(self.wal_file_off(pos), &hdr)?;
+                put(pos, Chunk::Header(&hdr))?;
             }
             pos += skip;
             EntryHeader {
@@ -225,10 +412,9 @@ impl Shared {
                 content_crc: crc,
             }
             .encode_into(ENTRY_MAGIC_DISK, &mut hdr);
-            self.medium.write_at(self.wal_file_off(pos), &hdr)?;
+            put(pos, Chunk::Header(&hdr))?;
             if !payload.is_empty() {
-                self.medium
-                    .write_at(self.wal_file_off(pos + header), payload)?;
+                put(pos + header, Chunk::Payload(payload))?;
             }
             Ok(())
         })();

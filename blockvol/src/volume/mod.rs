@@ -35,6 +35,7 @@ mod sim_hooks;
 mod state;
 mod superblock;
 mod sync;
+pub use replica::ApplyRun;
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -103,6 +104,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    pub(crate) fn check_range(&self, lba: Lba, blocks: u64) -> Result<()> {
+        let vb = self.geo.volume_blocks;
+        if blocks == 0 || lba.0.checked_add(blocks).is_none_or(|e| e > vb) {
+            return Err(BlockVolError::OutOfRange {
+                lba,
+                blocks,
+                volume_blocks: vb,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn blocks_of(&self, len: usize) -> Result<u64> {
+        let bs = self.geo.block_size;
+        if len == 0 || !(len as u64).is_multiple_of(u64::from(bs)) {
+            return Err(BlockVolError::Misaligned {
+                len: len as u64,
+                block_size: bs,
+            });
+        }
+        Ok(len as u64 / u64::from(bs))
+    }
+
     pub(crate) fn lock_state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
@@ -412,26 +436,11 @@ impl Volume {
     }
 
     fn check_range(&self, lba: Lba, blocks: u64) -> Result<()> {
-        let vb = self.shared.geo.volume_blocks;
-        if blocks == 0 || lba.0.checked_add(blocks).is_none_or(|e| e > vb) {
-            return Err(BlockVolError::OutOfRange {
-                lba,
-                blocks,
-                volume_blocks: vb,
-            });
-        }
-        Ok(())
+        self.shared.check_range(lba, blocks)
     }
 
     fn blocks_of(&self, len: usize) -> Result<u64> {
-        let bs = self.shared.geo.block_size;
-        if len == 0 || !(len as u64).is_multiple_of(u64::from(bs)) {
-            return Err(BlockVolError::Misaligned {
-                len: len as u64,
-                block_size: bs,
-            });
-        }
-        Ok(len as u64 / u64::from(bs))
+        self.shared.blocks_of(len)
     }
 
     /// Persists a new role and epoch. An epoch below the current one is refused.

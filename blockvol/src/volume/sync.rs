@@ -174,28 +174,4 @@ impl Volume {
         };
         s.start_writeback(from, to);
     }
-
-    /// Prepares the ring for about `bytes` more bytes of appends (a bulk appender's next
-    /// batch): the pages they will land in are faulted in for writing in one call instead of
-    /// one fault per page in the middle of the copies. Changes no byte and no state; a hint
-    /// whose failure is not reported.
-    pub fn prepare_append(&self, bytes: u64) {
-        let s = &self.shared;
-        let head_pos = {
-            let st = s.lock_state();
-            if st.closed || st.poisoned.is_some() || st.read_only {
-                return;
-            }
-            st.head_pos
-        };
-        let w = s.wal_size();
-        let len = bytes.min(w);
-        let p = head_pos % w;
-        if p + len <= w {
-            s.medium.prepare_write(WAL_OFFSET + p, len);
-        } else {
-            s.medium.prepare_write(WAL_OFFSET + p, w - p);
-            s.medium.prepare_write(WAL_OFFSET, len - (w - p));
-        }
-    }
 }

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use blockvol::{CreateOptions, FlushGate, Lba, OpenOptions, Role, Volume};
@@ -77,12 +78,17 @@ pub(super) fn io_for<T: ReplicaTarget>(
     target: T,
     session: Option<engine::SessionId>,
 ) -> Result<BridgeIo<T>, String> {
+    // Every run gets a driver name of its own, as every `Replicator` does: each run's driver
+    // starts its sessions at 1, and a replica refuses a second install or truncation from a
+    // session it already saw settle (a repeated request, D52).
+    static RUN: AtomicU64 = AtomicU64::new(0);
     let session = session.ok_or("plan has no session")?;
     let committed = to_engine(storage.volume().status().committed);
+    let driver = format!("bench#{}", RUN.fetch_add(1, Ordering::Relaxed));
     Ok(BridgeIo::new(
         Arc::clone(storage),
         target,
-        Lineage::new("bench", blockvol::Epoch(1), session.get()),
+        Lineage::new(&driver, blockvol::Epoch(1), session.get()),
         committed,
     ))
 }
