@@ -284,6 +284,45 @@ fn best_effort_acknowledges_on_the_primary_alone() {
     assert_eq!(c.primary.status().committed, last);
 }
 
+/// Writes with no flush after them leave the replica holding entries no barrier proved: no
+/// flush asks for one and the barrier window is far off. Once the stream is idle the link asks
+/// for one itself, so the replica's durable point reaches the head without a flush (a
+/// 10-minute nemesis run stalled its convergence on such a write). The primary's committed
+/// point stays where the last flush left it: its own copy of those entries is not synced.
+#[test]
+fn a_quiet_stream_proves_its_last_entries_without_a_flush() {
+    let mut c = Cluster::new(1);
+    let r = c.replicator(DurabilityMode::SyncAll);
+    wait_streaming(&r, 0, 1);
+    c.write(5);
+    r.notify();
+    let flushed = r.flush().expect("first flush");
+    let before = r.status()[0].barriers;
+    let last = c.write(3);
+    r.notify();
+    assert!(last > flushed);
+    // Bounded wait for the idle barrier (it comes after half a second without work).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = &r.status()[0];
+        if s.durable == last {
+            assert!(s.barriers > before, "proved without a barrier? {s:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the quiet stream never proved its last entries: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The replica's copy reads back what the primary holds, without a flush.
+    let (head, digest) = c.probe(0);
+    assert_eq!(head, last);
+    assert_eq!(Digest(digest), c.oracle_digest());
+    assert_eq!(c.primary.status().committed, flushed);
+    r.stop();
+}
+
 #[test]
 fn a_replica_that_missed_entries_rejoins_under_a_steady_writer() {
     let mut c = Cluster::new(2);
