@@ -233,6 +233,8 @@ impl<'a> BaseReader<'a> {
             win_lba: 0,
             win_blocks: 0,
             cursor: 0,
+            segs: Vec::new(),
+            seg: 0,
             bytes_scanned: 0,
             bytes_sent: 0,
             failed: false,
@@ -261,6 +263,11 @@ pub struct BaseReader<'a> {
     win_lba: u64,
     win_blocks: u64,
     cursor: u64,
+    /// The window's data segments, `[first, end)` block indices in the window, in order and
+    /// apart; the blocks between them are holes.
+    segs: Vec<(u64, u64)>,
+    /// The segment `cursor` is in.
+    seg: usize,
     bytes_scanned: u64,
     bytes_sent: u64,
     failed: bool,
@@ -342,32 +349,50 @@ impl BaseReader<'_> {
         }
         let n = self.chunk_blocks.min(vb - self.next_lba);
         self.window.resize((n * bs) as usize, 0);
-        // Read only the data segments of the window; holes inside it are zeros.
+        // Read only the blocks the file system holds data for: each data segment, widened to
+        // whole blocks. The blocks between segments are holes, known to read as zeros: they
+        // are neither filled, nor hashed, nor scanned for runs (D55), only their stored
+        // checksums checked.
         let start = s.extent_offset + self.next_lba * bs;
         let end = start + n * bs;
+        self.segs.clear();
         let mut pos = start;
         while pos < end {
             let seek = |e| BlockVolError::io("seek data", format!("file offset {pos}"), e);
             let data = match s.medium.next_data(pos).map_err(seek)? {
                 Some(d) if d < end => d.max(pos),
-                _ => end,
+                _ => break,
             };
-            self.window[(pos - start) as usize..(data - start) as usize].fill(0);
-            if data >= end {
-                break;
-            }
             let hole = s.medium.next_hole(data).map_err(seek)?.clamp(data + 1, end);
-            let buf = &mut self.window[(data - start) as usize..(hole - start) as usize];
-            s.medium
-                .read_at(data, buf)
-                .map_err(|e| BlockVolError::io("read extent", format!("file offset {data}"), e))?;
-            pos = hole;
+            let a = (data - start) / bs;
+            let b = (hole - start).div_ceil(bs);
+            match self.segs.last_mut() {
+                Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                _ => self.segs.push((a, b)),
+            }
+            pos = start + b * bs;
         }
-        // Never ship a damaged block to a replica as good data.
-        s.verify_extent(self.next_lba, &self.window)?;
+        let mut gap_from = 0;
+        for &(a, b) in &self.segs {
+            let buf = &mut self.window[(a * bs) as usize..(b * bs) as usize];
+            let off = start + a * bs;
+            s.medium
+                .read_at(off, buf)
+                .map_err(|e| BlockVolError::io("read extent", format!("file offset {off}"), e))?;
+            // Never ship a damaged block to a replica as good data.
+            s.verify_extent(self.next_lba + a, buf)?;
+            if a > gap_from {
+                s.verify_zero_run(self.next_lba + gap_from, a - gap_from)?;
+            }
+            gap_from = b;
+        }
+        if n > gap_from {
+            s.verify_zero_run(self.next_lba + gap_from, n - gap_from)?;
+        }
         self.win_lba = self.next_lba;
         self.win_blocks = n;
         self.cursor = 0;
+        self.seg = 0;
         self.next_lba += n;
         self.bytes_scanned += n * bs;
         Ok(true)
@@ -380,21 +405,27 @@ impl BaseReader<'_> {
             let block = |w: &Vec<u8>, i: u64| -> bool {
                 is_zero(&w[i as usize * bs..(i as usize + 1) * bs])
             };
-            while self.cursor < self.win_blocks && block(&self.window, self.cursor) {
-                self.cursor += 1;
-            }
-            if self.cursor < self.win_blocks {
-                let first = self.cursor;
-                while self.cursor < self.win_blocks && !block(&self.window, self.cursor) {
+            // Runs lie inside the window's data segments (the blocks between are holes).
+            while self.seg < self.segs.len() {
+                let (a, b) = self.segs[self.seg];
+                self.cursor = self.cursor.max(a);
+                while self.cursor < b && block(&self.window, self.cursor) {
                     self.cursor += 1;
                 }
-                let run = first as usize * bs..self.cursor as usize * bs;
-                self.bytes_sent += run.len() as u64;
-                return Ok(Some((
-                    self.win_lba + first,
-                    (self.cursor - first) as u32,
-                    run,
-                )));
+                if self.cursor < b {
+                    let first = self.cursor;
+                    while self.cursor < b && !block(&self.window, self.cursor) {
+                        self.cursor += 1;
+                    }
+                    let run = first as usize * bs..self.cursor as usize * bs;
+                    self.bytes_sent += run.len() as u64;
+                    return Ok(Some((
+                        self.win_lba + first,
+                        (self.cursor - first) as u32,
+                        run,
+                    )));
+                }
+                self.seg += 1;
             }
             if !self.load_window()? {
                 return Ok(None);

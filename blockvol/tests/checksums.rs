@@ -256,31 +256,55 @@ fn a_base_image_never_ships_a_damaged_block() {
 }
 
 /// On a real file the base reader skips holes without reading them; a checksum claiming data
-/// in a hole (the data was lost) fails it as well.
+/// in a hole (the data was lost) fails it as well: in a stretch of holes (block 100 of a
+/// small volume), and in a hole beside data in the same read window (block 8003 of a 64 MiB
+/// volume, next to block 8000, far enough into the file and into its window that no
+/// read-ahead caches it and turns it into data; D55).
 #[test]
 fn a_base_image_over_holes_checks_their_checksums() {
-    let o = small();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("holes.vol");
-    let v = Volume::create(&path, &o, &manual()).expect("create");
-    v.write(Lba(0), &data(1, 1, o.block_size)).expect("write");
-    v.write(Lba(200), &data(2, 1, o.block_size)).expect("write");
-    v.force_flush().expect("flush");
-    v.close().expect("close");
-    let sb = superblock(&std::fs::read(&path).expect("read"));
-    // Block 100 was never written: claim it held data.
-    common::cli::damage(&path, sb.csum_offset() + 100 * CSUM_SIZE);
-    let v = Volume::open(&path, &manual()).expect("open");
-    let pin = v.pin_base(v.status().head).expect("pin");
-    let r: Result<Vec<_>, _> = pin.reader(1 << 16).collect();
-    assert!(
-        matches!(
-            r,
-            Err(BlockVolError::ChecksumMismatch { lba: Lba(100), .. })
-        ),
-        "{r:?}"
-    );
-    assert!(v.status().checksum_errors >= 1);
+    let big = blockvol::CreateOptions {
+        volume_size_bytes: 64 << 20,
+        wal_size_bytes: 1 << 20,
+        block_size: 4096,
+    };
+    for (o, written, damaged) in [(small(), [0u64, 200], 100u64), (big, [8000, 9000], 8003)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("holes.vol");
+        let v = Volume::create(&path, &o, &manual()).expect("create");
+        for lba in written {
+            v.write(Lba(lba), &data(lba, 1, o.block_size))
+                .expect("write");
+        }
+        v.force_flush().expect("flush");
+        v.close().expect("close");
+        // Only the superblocks are read: reading the whole file would put the holes' zero
+        // pages in the page cache, and the file system would then report them as data.
+        let head = {
+            use std::io::Read;
+            let mut b = vec![0u8; 2 * SB_SLOT_SIZE as usize];
+            std::fs::File::open(&path)
+                .and_then(|mut f| f.read_exact(&mut b))
+                .expect("read superblocks");
+            b
+        };
+        let sb = superblock(&head);
+        // The block was never written: claim it held data.
+        common::cli::damage(&path, sb.csum_offset() + damaged * CSUM_SIZE);
+        let v = Volume::open(&path, &manual()).expect("open");
+        let pin = v.pin_base(v.status().head).expect("pin");
+        // Windows of 4 MiB: the kernel's read-ahead behind one window (128 KiB by default)
+        // caches only the start of the next, whose zero pages then count as data.
+        let r: Result<Vec<_>, _> = pin.reader(4 << 20).collect();
+        assert!(
+            matches!(
+                r,
+                Err(BlockVolError::ChecksumMismatch { lba: Lba(l), .. }) if l == damaged
+            ),
+            "block {damaged}: {:?}",
+            r.as_ref().map(Vec::len)
+        );
+        assert!(v.status().checksum_errors >= 1);
+    }
 }
 
 /// A version 1 file: a copy of a current one with its superblocks saying version 1 and no
