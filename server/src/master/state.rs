@@ -831,13 +831,17 @@ mod tests {
         // (head 100, entries of epoch 3). Ranked by head, p[1] would win and the new primary
         // would truncate p[2]'s acknowledged writes away.
         let t = Instant::now();
-        let mut m = three(t);
-        let p = m.place("v", 3).unwrap();
-        m.created(VolumeRecord {
-            durability_mode: "sync_quorum".into(),
-            epoch: 3,
-            ..record(&p)
-        });
+        let epoch_3 = || {
+            let mut m = three(t);
+            let p = m.place("v", 3).unwrap();
+            m.created(VolumeRecord {
+                durability_mode: "sync_quorum".into(),
+                epoch: 3,
+                ..record(&p)
+            });
+            (m, p)
+        };
+        let (mut m, p) = epoch_3();
         let candidate = |server: &String, head, last_entry_epoch| Candidate {
             server: server.clone(),
             epoch: 3,
@@ -850,13 +854,7 @@ mod tests {
         assert_eq!(m.promote("v", &answers), Some(p[2].clone()));
         assert_eq!(m.volume("v").unwrap().epoch, 4);
         // Within one epoch the longer durable log wins, as before.
-        let mut m = three(t);
-        let p = m.place("v", 3).unwrap();
-        m.created(VolumeRecord {
-            durability_mode: "sync_quorum".into(),
-            epoch: 3,
-            ..record(&p)
-        });
+        let (mut m, p) = epoch_3();
         let answers = vec![candidate(&p[1], 120, 3), candidate(&p[2], 100, 3)];
         assert_eq!(m.promote("v", &answers), Some(p[1].clone()));
     }
