@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use blockvol::{
-    ApplyOutcome, BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Epoch, Geometry, Lba,
-    Lsn, RepairOutcome, Role, ScrubReport, Volume,
+    BaseInstall, BaseInstallSpec, BlockVolError, EntryInfo, Epoch, Geometry, Lba, Lsn,
+    RepairOutcome, Role, ScrubReport, Volume,
 };
 use engine::{EpochStart, ReplicaLog};
 
@@ -227,10 +227,6 @@ pub trait ReplicaTarget: Send {
     /// Makes everything durable.
     fn barrier(&mut self, req: BarrierRequest) -> Result<BarrierReply, TargetError>;
 }
-
-/// Smallest run of frames applied as one (`Volume::apply_encoded_run`): a catch-up chunk, not
-/// a live stream's few entries, which land in pages the map already holds.
-const RUN_MIN_BYTES: usize = 256 << 10;
 
 /// The epochs of `vol`'s truncatable log for a handshake; `None` when the volume cannot
 /// list them (the engine then plans as it would without).
@@ -544,40 +540,17 @@ impl ReplicaTarget for LocalReplica {
         // otherwise never make room for the next chunk: the committed point would only arrive
         // after the entries that need the room (found by the simulator).
         raise_committed(&node.vol, req.committed.min(req.anchor.lsn));
-        let bad = |e: BlockVolError| match e {
-            e @ BlockVolError::Decode { .. } => TargetError::BadFrame(e.to_string()),
-            other => storage(other),
-        };
-        let (applied, duplicates) = if req.frames.len() >= RUN_MIN_BYTES {
-            // A bulk run (a catch-up chunk): placed under one lock and written to the ring in
-            // vectored positioned writes, not copied into the map page fault by page fault
-            // (D54). Same checks and outcome as one `apply_encoded` per entry.
-            let r = node
-                .vol
-                .apply_encoded_run(&req.frames, u64::from(req.count))
-                .map_err(bad)?;
-            (r.applied, r.duplicates)
-        } else {
-            let mut rest = req.frames.as_slice();
-            let (mut applied, mut duplicates) = (0u64, 0u64);
-            for _ in 0..req.count {
-                // Checked and applied in place: the frame's bytes go straight into the ring.
-                let (outcome, used) = node.vol.apply_encoded(rest).map_err(bad)?;
-                rest = &rest[used..];
-                match outcome {
-                    ApplyOutcome::Applied => applied += 1,
-                    ApplyOutcome::Duplicate => duplicates += 1,
-                }
-            }
-            if !rest.is_empty() {
-                return Err(TargetError::BadFrame(format!(
-                    "{} bytes left after {} entries",
-                    rest.len(),
-                    req.count
-                )));
-            }
-            (applied, duplicates)
-        };
+        // Placed under one lock and written to the ring in vectored positioned writes, not
+        // copied into the map page fault by page fault (D54). Same checks and outcome as one
+        // `apply_encoded` per entry; an error comes back with the entries before it applied.
+        let r = node
+            .vol
+            .apply_encoded_run(&req.frames, u64::from(req.count))
+            .map_err(|e| match e {
+                e @ BlockVolError::Decode { .. } => TargetError::BadFrame(e.to_string()),
+                other => storage(other),
+            })?;
+        let (applied, duplicates) = (r.applied, r.duplicates);
         // Hand this batch to the disk now; the barrier's sync then waits for the last batch
         // only instead of writing the whole catch-up at once.
         node.vol.start_writeback();
